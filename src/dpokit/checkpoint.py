@@ -1,0 +1,118 @@
+"""Checkpoints: atomic saves of everything a resumed run needs, pruning, and loading back.
+
+``checkpoints/step-N/`` is a Hugging Face model folder (config.json, model.safetensors,
+tokenizer files) plus ``optimizer.pt``, ``scheduler.pt``, ``rng_state_<rank>.pt`` and
+``trainer_state.json`` (step, epoch, position in the epoch's batches). A save is written to
+``step-N.tmp`` and renamed once complete, so a killed run never leaves a half checkpoint that
+looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where the run is: optimizer steps done, epoch, and global batches done in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoints_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(
+    accelerator,
+    checkpoints_dir: Path,
+    state: TrainState,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    keep: int | None,
+) -> Path:
+    """Write ``step-N`` atomically (all processes call this), then keep the newest ``keep``."""
+    final = checkpoints_dir / f"step-{state.step}"
+    tmp = checkpoints_dir / f"step-{state.step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep is not None:
+            for old in list_checkpoints(checkpoints_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(spec: str, output_dir: Path) -> Path:
+    """``latest`` -> the newest complete checkpoint of ``output_dir``; otherwise a folder path."""
+    if spec == "latest":
+        found = list_checkpoints(output_dir / "checkpoints")
+        if not found:
+            raise FileNotFoundError(f"resume_from_checkpoint=latest but {output_dir / 'checkpoints'} holds no checkpoint")
+        return found[-1]
+    path = Path(spec)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a dpokit checkpoint (no {STATE_FILE}); give a checkpoints/step-N folder")
+    return path
+
+
+def load_train_state(checkpoint: Path) -> TrainState:
+    return TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
+
+
+def load_optimizer_and_rng(checkpoint: Path, optimizer, scheduler, process_index: int) -> None:
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+    rng_file = checkpoint / f"rng_state_{process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))

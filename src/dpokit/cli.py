@@ -1,0 +1,64 @@
+"""``dpokit`` command line: thin parsing around the library; problems a user can fix are one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dpokit import __version__
+
+TRAIN_EPILOG = """\
+examples:
+  dpokit train examples/quickstart.yaml
+  dpokit train my.yaml learning_rate=5e-7 max_steps=200 output_dir=runs/try2
+  dpokit train my.yaml loss.loss_type=[sigmoid,sft] loss.loss_weights=[1.0,0.2]
+  accelerate launch --num_processes 2 -m dpokit train my.yaml
+
+Overrides are key=value, with the section (training.learning_rate=...) or without it
+(learning_rate=...); values are read as YAML. Every key is listed in the README's config tour.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpokit", description="Align causal LMs on preference pairs (DPO and relatives).")
+    parser.add_argument("--version", action="version", version=f"dpokit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train",
+        help="train a model on preference pairs",
+        description="Train a policy on preference pairs from a YAML config plus key=value overrides.",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", nargs="?", help="YAML config file (optional when every key is given as an override)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=5e-7 max_steps=200")
+    return parser
+
+
+def _split_config_and_overrides(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config, *overrides]
+    return config, overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    from dpokit.config import ConfigError, load_config
+    from dpokit.data.sources import DataError
+
+    try:
+        if args.command == "train":
+            from dpokit.train import train
+
+            path, overrides = _split_config_and_overrides(args.config, args.overrides)
+            train(load_config(path, overrides))
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"dpokit: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("dpokit: interrupted; resume with resume_from_checkpoint=latest", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""The run configuration: a typed schema, YAML loading, ``key=value`` overrides, validation.
+
+A config is a YAML file with five sections (``model``, ``data``, ``training``, ``loss``,
+``run``). Every key also works at the top level and on the command line without its section
+(``learning_rate=5e-7``), because key names are unique across sections. Names follow Hugging
+Face ``TrainingArguments`` and TRL ``DPOConfig`` where the concept is the same.
+
+Errors never come as a traceback: :class:`ConfigError` names the key, what was wrong and,
+for an unknown key, the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message says which key and how."""
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin:tiny-qwen2"
+    """Hub id, local folder, or ``builtin:tiny-qwen2`` (a tiny model dpokit builds itself)."""
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str | None = None
+    """``sdpa``, ``eager``, ``flash_attention_2``, ... ; None lets transformers choose."""
+    trust_remote_code: bool = False
+    ref_model_name_or_path: str | None = None
+    """Reference model; None means a frozen copy of the starting policy."""
+    ref_revision: str | None = None
+
+
+@dataclass
+class DataSource:
+    """One dataset: a local file (.jsonl/.json/.parquet/.csv) or a hub id."""
+
+    path: str = ""
+    name: str | None = None
+    """Hub subset, as ``load_dataset(path, name=...)``."""
+    split: str = "train"
+
+
+@dataclass
+class DataConfig:
+    train: DataSource = field(default_factory=DataSource)
+    eval: DataSource | None = None
+    """A separate eval dataset; None splits ``eval_fraction`` off the train data."""
+    eval_fraction: float = 0.0
+    max_length: int = 1024
+    """Longest prompt + reply, in tokens, of either side of a pair."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """Pairs over ``max_length``: ``truncate`` cuts the prompt from the left and the replies
+    from the right (keeping their end-of-turn token); ``drop`` removes them."""
+    num_proc: int | None = None
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = 1e-6
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    """Takes precedence over ``warmup_ratio`` when above 0."""
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    """Optimizer steps; above 0 it overrides ``num_train_epochs``."""
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    """0 disables clipping (the norm is still reported)."""
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    logps_chunk_size: int = 1024
+    """Reply tokens per output-layer chunk when computing log-probs (memory vs. speed)."""
+
+
+LossName = Literal["sigmoid", "ipo", "hinge", "robust", "sft", "simpo"]
+
+
+@dataclass
+class LossConfig:
+    loss_type: list[LossName] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = None
+    """One weight per loss in ``loss_type``; None means 1.0 each."""
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    """Probability that a pair's label is flipped (cDPO / robust DPO); in [0, 0.5)."""
+    length_normalize: bool | None = None
+    """Average log-prob per reply token instead of the sum, for pairwise losses. None: on for
+    ``ipo`` and ``simpo`` (as TRL and the SimPO paper), off for the others."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/dpo"
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    """Evaluate every N optimizer steps; None evaluates only at the end."""
+    save_steps: int | None = 500
+    """Checkpoint every N optimizer steps; None saves only ``final/``."""
+    save_total_limit: int | None = 2
+    report_to: list[Literal["none", "tensorboard", "wandb"]] = field(default_factory=lambda: ["none"])
+    resume_from_checkpoint: str | None = None
+    """A ``checkpoints/step-N`` folder, or ``latest`` for the newest in ``output_dir``."""
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "loss": LossConfig,
+    "run": RunConfig,
+}
+# key -> section, for the plain (section-less) spelling.
+_KEY_SECTION = {f.name: s for s, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)}
+assert len(_KEY_SECTION) == sum(len(dataclasses.fields(c)) for c in _SECTION_CLASSES.values()), (
+    "config key names must be unique across sections"
+)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=2, cutoff=0.6)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _unknown_key(key: str, where: str, candidates: list[str]) -> ConfigError:
+    return ConfigError(f"unknown config key '{key}'{where}.{_suggest(key.split('.')[-1], candidates)}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``, converting where it is unambiguous."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"'{key}' cannot be null")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"'{key}' must be one of {list(args)}, got {value!r}.{_suggest(str(value), [str(a) for a in args])}")
+    if origin is list:
+        (item_tp,) = args
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(items)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and tp is DataSource:
+            return DataSource(path=value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in the schema, not user input
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(f"{prefix}{key}", "", names)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _nest(flat: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """Put section-less keys into their section; keep sectioned ones as they are."""
+    nested: dict[str, dict[str, Any]] = {s: {} for s in _SECTION_CLASSES}
+    for key, value in flat.items():
+        if key in _SECTION_CLASSES:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"section '{key}' in {source} must be a mapping of keys, got {value!r}")
+            nested[key].update(value)
+        elif key in _KEY_SECTION:
+            nested[_KEY_SECTION[key]][key] = value
+        else:
+            raise _unknown_key(key, f" in {source}", list(_KEY_SECTION) + list(_SECTION_CLASSES))
+    return nested
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value); the value is parsed as YAML (``5e-7``, ``[a, b]``, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. learning_rate=5e-7)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 5e-7 as a string (it wants 5.0e-7); numbers are what a user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def _apply_override(tree: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+    if path[0] not in _SECTION_CLASSES:
+        if path[0] not in _KEY_SECTION:
+            raise _unknown_key(".".join(path), f" in override '{text}'", list(_KEY_SECTION) + list(_SECTION_CLASSES))
+        path = [_KEY_SECTION[path[0]], *path]
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part in ("train", "eval"):  # DataSource shorthand
+            child = {"path": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or none), apply ``key=value`` overrides, fill defaults, validate."""
+    source = str(path) if path else "the command line"
+    raw = _read_yaml(Path(path)) if path else {}
+    tree = _nest(raw, source)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _apply_override(tree, keys, value, text)
+    sections = {name: _build(cls, tree[name], prefix=f"{name}.") for name, cls in _SECTION_CLASSES.items()}
+    config = Config(**sections)
+    validate(config, base_dir=Path(path).parent if path else None)
+    return config
+
+
+def validate(config: Config, base_dir: Path | None = None) -> None:
+    """Cross-field checks; resolves relative data paths against the config file's folder."""
+    d, t, lo, r = config.data, config.training, config.loss, config.run
+    if not d.train.path:
+        raise ConfigError("data.train is not set: give a .jsonl/.json/.parquet/.csv file or a hub dataset id")
+    for source in (d.train, d.eval):
+        if source is not None and base_dir is not None:
+            candidate = base_dir / source.path
+            if not Path(source.path).exists() and candidate.exists():
+                source.path = str(candidate)
+    if not 0.0 <= d.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    if d.max_length < 2:
+        raise ConfigError(f"data.max_length must be at least 2, got {d.max_length}")
+    positive = {
+        "training.per_device_train_batch_size": t.per_device_train_batch_size,
+        "training.per_device_eval_batch_size": t.per_device_eval_batch_size,
+        "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "training.logps_chunk_size": t.logps_chunk_size,
+        "run.logging_steps": r.logging_steps,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    for key in ("eval_steps", "save_steps", "save_total_limit"):
+        value = getattr(r, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"run.{key} must be at least 1 or null, got {value}")
+    if t.learning_rate < 0:
+        raise ConfigError(f"training.learning_rate must be >= 0, got {t.learning_rate}")
+    if not 0.0 <= t.warmup_ratio <= 1.0:
+        raise ConfigError(f"training.warmup_ratio must be in [0, 1], got {t.warmup_ratio}")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        raise ConfigError("set training.max_steps > 0 or training.num_train_epochs > 0")
+    if not lo.loss_type:
+        raise ConfigError("loss.loss_type is empty: name at least one of sigmoid, ipo, hinge, robust, sft, simpo")
+    if len(set(lo.loss_type)) != len(lo.loss_type):
+        raise ConfigError(f"loss.loss_type lists a loss twice: {lo.loss_type}")
+    if lo.loss_weights is not None and len(lo.loss_weights) != len(lo.loss_type):
+        raise ConfigError(
+            f"loss.loss_weights has {len(lo.loss_weights)} weights for {len(lo.loss_type)} losses "
+            f"{lo.loss_type}: give one weight per loss"
+        )
+    if lo.beta <= 0:
+        raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")
+    if not 0.0 <= lo.label_smoothing < 0.5:
+        raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
+    if "none" in r.report_to and len(r.report_to) > 1:
+        raise ConfigError(f"run.report_to mixes 'none' with trackers: {r.report_to}")
+
+
+def needs_reference(config: Config) -> bool:
+    """Whether any configured loss compares against a reference model."""
+    return any(name not in ("simpo", "sft") for name in config.loss.loss_type)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,133 @@
+"""Reply log-probabilities from a causal LM, without a ``[B, T, V]`` logits tensor.
+
+The model's decoder gives hidden states ``[R, T, H]``. Only the positions that predict reply
+tokens are kept (``N`` of them over the whole batch), the output layer is applied to those in
+chunks of ``chunk_size`` rows, and each chunk's log-softmax is reduced at once to the one number
+needed (the target's log-prob), in float32. The backward pass recomputes each chunk's logits, so
+memory stays at ``O(chunk_size * V)`` whatever the batch.
+
+The naive computation it must equal (tests prove it): ``model(...).logits`` on the padded batch,
+``log_softmax``, ``gather`` the next token, sum over reply tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(h @ Wᵀ)[target] per row, chunked over rows, with a hand-written backward.
+
+    forward: hidden [N, H], weight [V, H], targets [N] -> token_logps [N] (float32)
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 in gradcheck
+        out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            logits = (hidden[start:end] @ weight.T).to(acc)
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            out[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            h = hidden[start:end]
+            logits = (h @ weight.T).to(lse.dtype)
+            # d(logit_t - lse)/d logits = onehot(t) - softmax
+            grad_logits = -torch.exp(logits - lse[start:end, None])
+            grad_logits.scatter_add_(1, targets[start:end, None], torch.ones_like(grad_logits[:, :1]))
+            grad_logits *= grad_out[start:end, None]
+            if need_h:
+                grad_h[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w += grad_logits.T @ h.to(lse.dtype)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
+
+
+def _token_logps_generic(
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int, softcap: float | None
+) -> torch.Tensor:
+    """Any output layer (bias, soft-capping): chunked, each chunk recomputed in backward."""
+
+    def one_chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        return logits.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(one_chunk, h, t, use_reentrant=False))
+        else:
+            parts.append(one_chunk(h, t))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def token_logps(
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024, softcap: float | None = None
+) -> torch.Tensor:
+    """Log-prob of each target token. hidden: [N, H], targets: [N] -> [N] float32."""
+    plain_linear = isinstance(head, nn.Linear) and head.bias is None and not softcap
+    if plain_linear:
+        return _ChunkedTokenLogps.apply(hidden, head.weight, targets, chunk_size)
+    return _token_logps_generic(hidden, head, targets, chunk_size, softcap)
+
+
+class ReplyLogProbs(nn.Module):
+    """Wraps a causal LM so that its forward returns summed reply log-probs per sequence.
+
+    This wrapper is what the training loop hands to Accelerate, so DDP (and later sharding)
+    sees one forward that covers both the decoder and the output layer.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        pred_rows: torch.Tensor,
+        pred_cols: torch.Tensor,
+        targets: torch.Tensor,
+        seq_index: torch.Tensor,
+        num_seqs: int,
+    ) -> torch.Tensor:
+        """Summed log-probs of the reply tokens of each sequence.
+
+        Args:
+            input_ids, attention_mask, position_ids: [R, T] model inputs (mask may be None).
+            pred_rows, pred_cols: [N] where the hidden state predicting each reply token sits.
+            targets: [N] the reply token ids.
+            seq_index: [N] which sequence (0..num_seqs-1) each reply token belongs to.
+
+        Returns:
+            [num_seqs] float32 summed log-probs.
+        """
+        decoder = self.model.get_decoder()
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        selected = hidden[pred_rows, pred_cols]  # [N, H]
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        logps = token_logps(selected, self.model.get_output_embeddings(), targets, self.chunk_size, softcap)
+        return torch.zeros(num_seqs, dtype=torch.float32, device=logps.device).index_add(0, seq_index, logps)

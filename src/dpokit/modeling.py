@@ -1,0 +1,96 @@
+"""Loading the policy, the reference and the tokenizer from a hub id, a folder or a builtin."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from dpokit.config import ConfigError, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A ``builtin:`` name becomes its cached local folder (built on first use); others pass through."""
+    if name_or_path.startswith("builtin:"):
+        from dpokit.tiny import resolve_builtin
+
+        try:
+            return resolve_builtin(name_or_path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return name_or_path
+
+
+def _from_pretrained(loader, path: str, what: str, **kwargs):
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"could not load the {what} from '{path}': {first_line}\n"
+            "Give a local folder with config.json and weights, a Hugging Face hub id reachable "
+            "from this machine, or builtin:tiny-qwen2."
+        ) from None
+
+
+def load_tokenizer(config: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(config.name_or_path)
+    tokenizer = _from_pretrained(
+        AutoTokenizer, path, "tokenizer", revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, revision: str | None = None) -> nn.Module:
+    """The causal LM at ``name_or_path`` (default: the policy's) with the configured dtype/attention."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path or config.name_or_path)
+    kwargs = dict(
+        revision=revision if name_or_path else config.revision,
+        dtype=DTYPES[config.dtype],
+        trust_remote_code=config.trust_remote_code,
+    )
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    model = _from_pretrained(AutoModelForCausalLM, path, "model", **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def load_reference(config: ModelConfig, policy: nn.Module) -> nn.Module:
+    """A frozen reference: the model at ``ref_model_name_or_path``, or a copy of the starting policy."""
+    if config.ref_model_name_or_path:
+        reference = load_causal_lm(config, config.ref_model_name_or_path, config.ref_revision)
+    else:
+        reference = copy.deepcopy(policy)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout (as TRL does for DPO): the policy and reference must score alike."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, 0.0)
+    for module in model.modules():  # attention layers that copied the rate at init
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

@@ -1,0 +1,320 @@
+"""Plots and the end-of-run summary, read from a run's ``metrics.jsonl``.
+
+A run logs one JSON object per line. Train rows carry TRL-named metrics (``loss``,
+``rewards/accuracies``, ``learning_rate``, ...); eval rows carry ``step``, ``epoch`` and
+the same names under an ``eval/`` prefix. Any key may be missing from any row.
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    write_plots(rows, run_dir / "plots")     # loss.png, overview.png, ...
+    print(summarize(rows, run_dir))
+
+Plotting uses ``matplotlib.figure.Figure`` with the Agg canvas directly: no pyplot, no
+global backend switch, safe to call from a training process or a notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+EVAL_PREFIX = "eval/"
+DPI = 110
+EMA_MIN_POINTS = 20  # smooth train curves only when there are more points than this
+UNSMOOTHED = {"learning_rate"}  # schedules are exact: never smoothed
+
+TRAIN_COLOR = "#1f77b4"
+EVAL_COLOR = "#d62728"
+# chosen/rejected chart: four distinct colours
+CHOSEN_COLOR = "#2ca02c"
+REJECTED_COLOR = "#9467bd"
+EVAL_CHOSEN_COLOR = "#17becf"
+EVAL_REJECTED_COLOR = "#ff7f0e"
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Read ``metrics.jsonl`` into a list of dicts, in file order.
+
+    Blank lines are skipped. A line that is not a JSON object is dropped: silently when
+    it is the last line (a run killed mid-write), with a warning anywhere else (a resumed
+    run appending after a torn line). A missing file raises ``FileNotFoundError``.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    rows: list[dict] = []
+    for k, (lineno, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif k != len(numbered) - 1:
+            warnings.warn(f"{path}:{lineno}: not a JSON object, line skipped", stacklevel=2)
+    return rows
+
+
+# ---------------------------------------------------------------------------- series
+
+
+def _number(v) -> float | None:
+    """``v`` as a finite float, or None (missing, NaN, inf, bool, string...)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _is_eval(row: dict) -> bool:
+    return any(k.startswith(EVAL_PREFIX) for k in row)
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) for ``key``, sorted by step.
+
+    Rows without a numeric step or value are skipped. When a step appears twice (a run
+    resumed from an earlier checkpoint logs those steps again) the later row wins.
+    """
+    by_step: dict[float, float] = {}
+    for row in rows:
+        step, value = _number(row.get("step")), _number(row.get(key))
+        if step is not None and value is not None:
+            by_step[step] = value
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def _ema(values: list[float], span: int) -> list[float]:
+    """Exponential moving average, started at the first value."""
+    alpha = 2.0 / (span + 1.0)
+    out, acc = [], values[0]
+    for v in values:
+        acc = alpha * v + (1.0 - alpha) * acc
+        out.append(acc)
+    return out
+
+
+# ---------------------------------------------------------------------------- plotting
+
+# A chart: file stem, title, y label, and its lines as (metric key, label, colour).
+# Keys starting with "eval/" are drawn as markers + dashed line; others as train curves.
+_LOSS = ("loss", "Loss", "loss",
+         [("loss", "train", TRAIN_COLOR), ("eval/loss", "eval", EVAL_COLOR)])
+_ACC = ("rewards_accuracies", "Preference accuracy", "rewards/accuracies",
+        [("rewards/accuracies", "train", TRAIN_COLOR),
+         ("eval/rewards/accuracies", "eval", EVAL_COLOR)])
+_MARGINS = ("rewards_margins", "Reward margin (chosen - rejected)", "rewards/margins",
+            [("rewards/margins", "train", TRAIN_COLOR),
+             ("eval/rewards/margins", "eval", EVAL_COLOR)])
+_CHOSEN_REJECTED = ("rewards_chosen_rejected", "Rewards: chosen vs rejected", "reward",
+                    [("rewards/chosen", "train chosen", CHOSEN_COLOR),
+                     ("rewards/rejected", "train rejected", REJECTED_COLOR),
+                     ("eval/rewards/chosen", "eval chosen", EVAL_CHOSEN_COLOR),
+                     ("eval/rewards/rejected", "eval rejected", EVAL_REJECTED_COLOR)])
+_LR = ("learning_rate", "Learning rate", "learning rate",
+       [("learning_rate", "train", TRAIN_COLOR)])
+_GRAD = ("grad_norm", "Gradient norm (before clipping)", "grad norm",
+         [("grad_norm", "train", TRAIN_COLOR)])
+
+CHARTS = [_LOSS, _ACC, _MARGINS, _CHOSEN_REJECTED, _LR, _GRAD]
+OVERVIEW = [_LOSS, _ACC, _MARGINS, _CHOSEN_REJECTED]
+
+
+def _chart_data(train_rows, eval_rows, lines):
+    """[(key, label, colour, steps, values)] for the lines of a chart that have data."""
+    out = []
+    for key, label, color in lines:
+        steps, values = _series(eval_rows if key.startswith(EVAL_PREFIX) else train_rows, key)
+        if steps:
+            out.append((key, label, color, steps, values))
+    return out
+
+
+def _draw(ax, title, ylabel, data):
+    """Draw one chart's lines on ``ax``; train faint raw + EMA, eval markers + line."""
+    for key, label, color, steps, values in data:
+        if key.startswith(EVAL_PREFIX):
+            ax.plot(steps, values, color=color, linestyle="--", linewidth=1.4,
+                    marker="o", markersize=4, label=label, zorder=3)
+        elif key not in UNSMOOTHED and len(values) > EMA_MIN_POINTS:
+            ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.3, zorder=1)
+            span = max(5, len(values) // 20)
+            ax.plot(steps, _ema(values, span), color=color, linewidth=1.6,
+                    label=label, zorder=2)
+        else:
+            ax.plot(steps, values, color=color, linewidth=1.6, label=label, zorder=2)
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if len(data) > 1 or any(k.startswith(EVAL_PREFIX) for k, *_ in data):
+        ax.legend(loc="best", fontsize=8, framealpha=0.8)
+
+
+def _new_figure(figsize):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    """Write the figure atomically (temp file + rename), so a reader never sees half a PNG."""
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=DPI)
+    os.replace(tmp, path)
+
+
+def write_plots(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
+    """Write PNG charts of ``rows`` into ``out_dir`` (created) and return their paths.
+
+    Charts, each against step, train and eval on the same axes: ``loss.png``,
+    ``rewards_accuracies.png``, ``rewards_margins.png``, ``rewards_chosen_rejected.png``,
+    ``learning_rate.png``, ``grad_norm.png``, and ``overview.png`` (2x2 of the first
+    four). A chart with no data is skipped (overview: when none of its panels has data).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_rows = [r for r in rows if not _is_eval(r)]
+    eval_rows = [r for r in rows if _is_eval(r)]
+
+    written: list[Path] = []
+    for stem, title, ylabel, lines in CHARTS:
+        data = _chart_data(train_rows, eval_rows, lines)
+        if not data:
+            continue
+        fig = _new_figure((7.0, 4.2))
+        _draw(fig.add_subplot(1, 1, 1), title, ylabel, data)
+        path = out_dir / f"{stem}.png"
+        _save(fig, path)
+        written.append(path)
+
+    panels = [(c, _chart_data(train_rows, eval_rows, c[3])) for c in OVERVIEW]
+    if any(data for _, data in panels):
+        fig = _new_figure((12.0, 8.0))
+        for i, ((_, title, ylabel, _), data) in enumerate(panels):
+            ax = fig.add_subplot(2, 2, i + 1)
+            if data:
+                _draw(ax, title, ylabel, data)
+            else:
+                ax.set_title(title, fontsize=11)
+                ax.text(0.5, 0.5, "no data", ha="center", va="center",
+                        transform=ax.transAxes, color="gray")
+                ax.set_xticks([])
+                ax.set_yticks([])
+        last = max((line[3][-1] for _, data in panels for line in data), default=None)
+        suptitle = "dpokit training overview"
+        if last is not None:
+            suptitle += f"  (step {_fmt(last)})"
+        fig.suptitle(suptitle, fontsize=13)
+        path = out_dir / "overview.png"
+        _save(fig, path)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def _fmt(x) -> str:
+    """Compact number: integers as integers, else 4 significant digits."""
+    if x is None:
+        return "-"
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    if x.is_integer() and abs(x) < 1e15:
+        return f"{int(x):,}" if abs(x) >= 10_000 else str(int(x))
+    if 1_000 <= abs(x) < 1e15:
+        return f"{x:,.0f}"
+    return f"{x:.4g}"
+
+
+def _fmt_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+
+
+def _last(rows: list[dict], key: str):
+    _, values = _series(rows, key)
+    return values[-1] if values else None
+
+
+def summarize(rows: list[dict], run_dir: str | os.PathLike,
+              total_seconds: float | None = None) -> str:
+    """A short plain-text end-of-run summary (no colour codes), aligned in two columns.
+
+    Shows steps, the last train loss / accuracy / margin, the last eval loss / accuracy /
+    margin if any eval ran, mean tokens/s, total time, and the run's paths. Missing
+    metrics are left out. Total time is the sum of the rows' ``seconds`` (train) and
+    ``eval/seconds`` (if logged) unless ``total_seconds`` (e.g. wall clock) is given.
+    """
+    run_dir = Path(run_dir)
+    train_rows = [r for r in rows if not _is_eval(r)]
+    eval_rows = [r for r in rows if _is_eval(r)]
+    items: list[tuple[str, str]] = []
+
+    steps = [s for s in (_number(r.get("step")) for r in rows) if s is not None]
+    if steps:
+        text = _fmt(max(steps))
+        epochs = [e for e in (_number(r.get("epoch")) for r in rows) if e is not None]
+        if epochs:
+            text += f"  (epoch {_fmt(max(epochs))})"
+        items.append(("steps", text))
+
+    for key, label in [("loss", "train loss"), ("rewards/accuracies", "train accuracy"),
+                       ("rewards/margins", "train margin")]:
+        v = _last(train_rows, key)
+        if v is not None:
+            items.append((label, _fmt(v)))
+    for key, label in [("eval/loss", "eval loss"), ("eval/rewards/accuracies", "eval accuracy"),
+                       ("eval/rewards/margins", "eval margin")]:
+        v = _last(eval_rows, key)
+        if v is not None:
+            items.append((label, _fmt(v)))
+
+    # Throughput: total tokens / total seconds when both are logged, else the mean of the
+    # logged rates. Dedup by step so a resumed run does not count redone steps twice.
+    _, tokens = _series(train_rows, "tokens")
+    _, secs = _series(train_rows, "seconds")
+    _, rates = _series(train_rows, "tokens_per_second")
+    if tokens and secs and len(tokens) == len(secs) and sum(secs) > 0:
+        items.append(("mean tokens/s", _fmt(sum(tokens) / sum(secs))))
+    elif rates:
+        items.append(("mean tokens/s", _fmt(sum(rates) / len(rates))))
+
+    if total_seconds is None and secs:
+        total_seconds = sum(secs) + sum(_series(eval_rows, "eval/seconds")[1])
+    if total_seconds is not None:
+        items.append(("total time", _fmt_duration(total_seconds)))
+
+    items += [("run dir", str(run_dir)), ("final model", str(run_dir / "final")),
+              ("metrics", str(run_dir / "metrics.jsonl")), ("plots", str(run_dir / "plots"))]
+
+    width = max(len(k) for k, _ in items)
+    lines = ["dpokit run summary"] if rows else ["dpokit run summary (no metrics logged)"]
+    lines += [f"  {k.ljust(width)}  {v}" for k, v in items]
+    return "\n".join(lines)
+
+
+def make_report(run_dir: str | os.PathLike) -> str:
+    """Read ``run_dir/metrics.jsonl``, write ``run_dir/plots/*.png``, return the summary."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    rows = read_metrics(metrics) if metrics.exists() else []
+    write_plots(rows, run_dir / "plots")
+    return summarize(rows, run_dir)

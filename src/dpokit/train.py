@@ -1,0 +1,271 @@
+"""The training loop: read it top to bottom.
+
+``train(config)`` loads the tokenizer, data, policy and reference, then for every optimizer step
+takes one global batch of pairs, splits this process's share into micro-batches, scores replies
+with the policy (and the reference), backpropagates the preference loss, clips, steps, and logs.
+Accelerate supplies the processes (``accelerate launch -m dpokit train cfg.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+
+from dpokit import checkpoint as ckpt
+from dpokit.config import Config, ConfigError, needs_reference, save_config
+from dpokit.data.batching import Batch, eval_batches, global_batches, local_micro_batches, padded_batch
+from dpokit.data.pipeline import load_data
+from dpokit.data.tokenize import TokenizedPair
+from dpokit.logps import ReplyLogProbs
+from dpokit.losses import PairLogps, preference_loss
+from dpokit.modeling import count_parameters, disable_dropout, load_causal_lm, load_reference, load_tokenizer
+
+
+def score_batch(policy, reference, batch: Batch, config: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair loss [P] and per-pair statistics for one micro-batch."""
+    inputs = batch.model_inputs()
+    seq_logps = policy(**inputs)  # [2P]: chosen, rejected interleaved
+    ref_chosen = ref_rejected = None
+    if reference is not None:
+        with torch.no_grad():
+            ref_logps = reference(**inputs)
+        ref_chosen, ref_rejected = ref_logps[0::2], ref_logps[1::2]
+    tokens = batch.seq_tokens.to(seq_logps.dtype)
+    logps = PairLogps(
+        chosen=seq_logps[0::2],
+        rejected=seq_logps[1::2],
+        chosen_tokens=tokens[0::2],
+        rejected_tokens=tokens[1::2],
+        ref_chosen=ref_chosen,
+        ref_rejected=ref_rejected,
+    )
+    lo = config.loss
+    loss, stats = preference_loss(
+        logps, lo.loss_type, lo.loss_weights, lo.beta, lo.label_smoothing, lo.length_normalize, lo.simpo_gamma
+    )
+    stats["loss"] = loss.detach()
+    return loss, stats
+
+
+def _mean_stats(per_pair: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> dict[str, float]:
+    """Average per-pair statistics over micro-batches and processes (equal counts per process)."""
+    keys = per_pair[0].keys()
+    local = {k: torch.cat([s[k].float() for s in per_pair]) for k in keys}
+    return {k: accelerator.gather(v).mean().item() for k, v in local.items()}
+
+
+def evaluate(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int) -> dict:
+    """Eval metrics over all ``pairs`` (split over processes), prefixed ``eval/``."""
+    was_training = policy.training
+    policy.eval()
+    rows = []
+    with torch.no_grad():
+        for idx in eval_batches(len(pairs), config.training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes):
+            batch = padded_batch([pairs[i] for i in idx], pad_id).to(accelerator.device)
+            _, stats = score_batch(policy, reference, batch, config)
+            rows.append({k: v.float().cpu() for k, v in stats.items()})
+    policy.train(was_training)
+    gathered = gather_object(rows)
+    return {f"eval/{k}": torch.cat([r[k] for r in gathered]).mean().item() for k in gathered[0]}
+
+
+def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (as Hugging Face's Trainer)."""
+    t = config.training
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+
+
+def plan_steps(num_pairs: int, global_batch_size: int, config: Config) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    per_epoch = num_pairs // global_batch_size
+    if per_epoch == 0:
+        raise ConfigError(
+            f"{num_pairs} training pairs cannot fill one global batch of {global_batch_size} "
+            "(per_device_train_batch_size x processes x gradient_accumulation_steps): use a smaller batch or more data"
+        )
+    t = config.training
+    total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
+    return per_epoch, total
+
+
+class MetricsLog:
+    """Appends rows to ``metrics.jsonl`` (main process) and forwards them to trackers."""
+
+    def __init__(self, path: Path, accelerator: Accelerator, keep_until_step: int | None):
+        self.path, self.accelerator = path, accelerator
+        if accelerator.is_main_process and keep_until_step is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and _row_step(ln) <= keep_until_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif accelerator.is_main_process:
+            path.write_text("")
+
+    def write(self, row: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn line from a killed run: drop it
+
+
+def save_final(final: Path, model, tokenizer) -> None:
+    """The trained model in Hugging Face format, written beside and renamed into place."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def _has_accelerator_device() -> bool:
+    """CUDA/XPU/MPS present; without one, processes started by torchrun or accelerate use gloo on CPU."""
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+def train(config: Config) -> Path:
+    """Run one training job; returns the run directory."""
+    t, r = config.training, config.run
+    trackers = [x for x in r.report_to if x != "none"]
+    out = Path(r.output_dir)
+    accelerator = Accelerator(log_with=trackers or None, project_dir=str(out), cpu=not _has_accelerator_device())
+    set_seed(t.seed)
+    say = accelerator.print
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+
+    tokenizer = load_tokenizer(config.model)
+    with accelerator.main_process_first():
+        data = load_data(config.data, tokenizer, t.seed, log=say)
+    pad_id = tokenizer.pad_token_id
+
+    resume_from = ckpt.find_checkpoint(r.resume_from_checkpoint, out) if r.resume_from_checkpoint else None
+    policy = load_causal_lm(config.model)
+    reference = load_reference(config.model, policy) if needs_reference(config) else None
+    if resume_from is not None:  # the reference stays the starting model; the policy continues
+        policy = load_causal_lm(config.model, str(resume_from))
+    disable_dropout(policy)
+    if t.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    total_params, trainable = count_parameters(policy)
+    say(f"policy: {total_params / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); "
+        f"reference: {'none (reference-free loss)' if reference is None else 'frozen copy' if not config.model.ref_model_name_or_path else config.model.ref_model_name_or_path}")
+
+    world = accelerator.num_processes
+    global_batch = t.per_device_train_batch_size * world * t.gradient_accumulation_steps
+    per_epoch, total_steps = plan_steps(len(data.train), global_batch, config)
+    warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
+
+    from transformers import get_scheduler
+
+    scorer = ReplyLogProbs(policy, t.logps_chunk_size)
+    optimizer = _optimizer(scorer, config)
+    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    ref_scorer = ReplyLogProbs(reference.to(accelerator.device), t.logps_chunk_size) if reference is not None else None
+    unwrapped = accelerator.unwrap_model(scorer)
+
+    state = ckpt.TrainState()
+    if resume_from is not None:
+        state = ckpt.load_train_state(resume_from)
+        ckpt.load_optimizer_and_rng(resume_from, optimizer, scheduler, accelerator.process_index)
+        say(f"resumed from {resume_from} at step {state.step}")
+    if trackers:
+        accelerator.init_trackers("dpokit", config={k: str(v) for k, v in config.to_dict().items()})
+    log = MetricsLog(out / "metrics.jsonl", accelerator, keep_until_step=state.step if resume_from else None)
+    say(f"training: {len(data.train)} pairs, {per_epoch} steps/epoch, {total_steps} steps, "
+        f"global batch {global_batch} = {t.per_device_train_batch_size} x {world} processes x {t.gradient_accumulation_steps} accumulation")
+
+    progress = None
+    if r.progress_bar and accelerator.is_local_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=state.step, desc="train", dynamic_ncols=True)
+
+    def run_eval() -> dict | None:
+        if not data.eval:
+            return None
+        metrics = evaluate(unwrapped, ref_scorer, data.eval, config, accelerator, pad_id)
+        log.write({"step": state.step, "epoch": round(state.step / per_epoch, 4), **metrics})
+        return metrics
+
+    window: list[dict] = []
+    window_tokens, window_start = 0, time.perf_counter()
+    while state.step < total_steps:
+        batches = global_batches(len(data.train), global_batch, t.seed, state.epoch)
+        while state.batch_in_epoch < len(batches) and state.step < total_steps:
+            micro = local_micro_batches(batches[state.batch_in_epoch], accelerator.process_index, world, t.per_device_train_batch_size)
+            step_stats, step_tokens = [], 0
+            for k, idx in enumerate(micro):
+                batch = padded_batch([data.train[i] for i in idx], pad_id).to(accelerator.device)
+                step_tokens += batch.num_real_tokens
+                with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(scorer):
+                    loss, stats = score_batch(scorer, ref_scorer, batch, config)
+                    accelerator.backward(loss.mean() / len(micro))
+                step_stats.append(stats)
+            grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch += 1
+
+            window.append({**_mean_stats(step_stats, accelerator), "grad_norm": float(grad_norm), "learning_rate": lr})
+            window_tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
+            if state.step % r.logging_steps == 0 or state.step == total_steps:
+                seconds = time.perf_counter() - window_start
+                row = {"step": state.step, "epoch": round(state.step / per_epoch, 4)}
+                row.update({k: sum(w[k] for w in window) / len(window) for k in window[0] if k != "learning_rate"})
+                row.update(learning_rate=lr, tokens=window_tokens, tokens_per_second=window_tokens / seconds, seconds=seconds)
+                log.write(row)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
+                                         margin=f"{row['rewards/margins']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+                window, window_tokens, window_start = [], 0, time.perf_counter()
+            if progress is not None:
+                progress.update(1)
+            if r.eval_steps and state.step % r.eval_steps == 0 and state.step < total_steps:
+                run_eval()
+            if r.save_steps and state.step % r.save_steps == 0 and state.step < total_steps:
+                ckpt.save_checkpoint(accelerator, out / "checkpoints", state, unwrapped.model, tokenizer, optimizer, scheduler, r.save_total_limit)
+        if state.batch_in_epoch >= len(batches):
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    if progress is not None:
+        progress.close()
+
+    run_eval()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final(out / "final", unwrapped.model, tokenizer)
+        from dpokit.report import read_metrics, summarize, write_plots
+
+        rows = read_metrics(out / "metrics.jsonl")
+        write_plots(rows, out / "plots")
+        say(summarize(rows, out))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out

@@ -1,0 +1,74 @@
+"""Shared test fixtures. Each fixture builds what it needs itself: no network, no hub."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+# ----------------------------------------------------------------------------- chat tokenizer
+
+# Qwen2's ChatML template without tool calls: a default system message when none is given.
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message['role'] == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+_WORDS = (
+    "the a an cat dog bird sky sea model answer question reply helpful assistant user system "
+    "why how what is are was blue green red big small good bad better worse because light "
+    "water sun moon learns from human preference pairs which one you I we they say said "
+    "hello hi thanks please sure here explain short long story poem about write tell me"
+).split()
+
+
+def _sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 14))]
+        words[0] = words[0].capitalize()
+        out.append(" ".join(words) + rng.choice([".", "?", "!", ", 42.", " (7)."]))
+    return out
+
+
+def build_chat_tokenizer():
+    """A tiny byte-level BPE ``PreTrainedTokenizerFast`` with ChatML specials and chat template.
+
+    Specials: ``<|endoftext|>`` (pad, id 0), ``<|im_start|>`` (id 1), ``<|im_end|>`` (eos, id 2).
+    Byte-level, so any text encodes; no BOS is added.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_sentences(400), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """Session-wide tiny ChatML tokenizer (see :func:`build_chat_tokenizer`); do not mutate it."""
+    return build_chat_tokenizer()

@@ -1,0 +1,104 @@
+"""Config: YAML + overrides, defaults, and errors that name the key and the fix."""
+
+import pytest
+import yaml
+
+from dpokit.config import ConfigError, DataSource, load_config, needs_reference, save_config
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    (tmp_path / "pairs.jsonl").write_text("")
+    return path
+
+
+BASE = """
+model:
+  name_or_path: some/model
+data:
+  train: pairs.jsonl
+  max_length: 256
+training:
+  learning_rate: 1.0e-6
+"""
+
+
+def test_sections_defaults_and_relative_paths(tmp_path):
+    cfg = load_config(write(tmp_path, BASE))
+    assert cfg.model.name_or_path == "some/model"
+    assert cfg.data.train == DataSource(path=str(tmp_path / "pairs.jsonl"))
+    assert cfg.data.max_length == 256
+    assert cfg.training.per_device_train_batch_size == 8  # default filled
+    assert cfg.loss.loss_type == ["sigmoid"]
+
+
+def test_plain_and_dotted_overrides(tmp_path):
+    cfg = load_config(
+        write(tmp_path, BASE),
+        ["learning_rate=5e-7", "training.max_steps=200", "output_dir=runs/try2", "loss_type=[sigmoid,sft]",
+         "loss.loss_weights=[1.0,0.2]", "data.eval.path=ev.jsonl", "data.eval.split=test", "gradient_checkpointing=true"],
+    )
+    assert cfg.training.learning_rate == 5e-7
+    assert cfg.training.max_steps == 200
+    assert cfg.run.output_dir == "runs/try2"
+    assert cfg.loss.loss_type == ["sigmoid", "sft"]
+    assert cfg.loss.loss_weights == [1.0, 0.2]
+    assert cfg.data.eval == DataSource(path="ev.jsonl", split="test")
+    assert cfg.training.gradient_checkpointing is True
+
+
+def test_flat_keys_at_top_level_of_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, "train: pairs.jsonl\nbeta: 0.3\nloss_type: ipo\n"))
+    assert cfg.loss.beta == 0.3 and cfg.loss.loss_type == ["ipo"]
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rat'.*Did you mean 'learning_rate'"):
+        load_config(write(tmp_path, BASE), ["learning_rat=1e-5"])
+    with pytest.raises(ConfigError, match="'training.per_device_batch_size'.*per_device_train_batch_size"):
+        load_config(write(tmp_path, BASE + "  per_device_batch_size: 4\n"))
+
+
+def test_wrong_types_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'training.learning_rate' must be a number, got 'fast'"):
+        load_config(write(tmp_path, BASE), ["learning_rate=fast"])
+    with pytest.raises(ConfigError, match="'training.max_steps' must be an integer"):
+        load_config(write(tmp_path, BASE), ["max_steps=1.5"])
+    with pytest.raises(ConfigError, match=r"'loss.loss_type\[0\]' must be one of .*Did you mean 'sigmoid'"):
+        load_config(write(tmp_path, BASE), ["loss_type=sigmod"])
+    with pytest.raises(ConfigError, match="'training.gradient_checkpointing' must be true or false"):
+        load_config(write(tmp_path, BASE), ["gradient_checkpointing=3"])
+
+
+def test_cross_field_validation(tmp_path):
+    with pytest.raises(ConfigError, match="2 weights for 1 losses"):
+        load_config(write(tmp_path, BASE), ["loss_weights=[1.0,2.0]"])
+    with pytest.raises(ConfigError, match="label_smoothing must be in"):
+        load_config(write(tmp_path, BASE), ["label_smoothing=0.5"])
+    with pytest.raises(ConfigError, match="data.train is not set"):
+        load_config(None, ["beta=0.1"])
+    with pytest.raises(ConfigError, match="per_device_train_batch_size must be at least 1"):
+        load_config(write(tmp_path, BASE), ["per_device_train_batch_size=0"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed"))
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(write(tmp_path, BASE), ["learning_rate"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["loss_type=[sigmoid,sft]"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+    assert "per_device_train_batch_size" in yaml.safe_load((tmp_path / "resolved.yaml").read_text())["training"]
+
+
+def test_reference_needed_only_for_reference_losses(tmp_path):
+    assert needs_reference(load_config(write(tmp_path, BASE)))
+    assert not needs_reference(load_config(write(tmp_path, BASE), ["loss_type=[simpo,sft]"]))

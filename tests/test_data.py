@@ -1,0 +1,471 @@
+"""The data path: files -> rows -> pairs -> token ids -> train/eval, and its error messages."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dpokit.config import DataConfig, DataSource
+from dpokit.data.formats import Pair, to_pairs
+from dpokit.data.pipeline import load_data, split_eval
+from dpokit.data.sources import DataError, load_rows
+from dpokit.data.tokenize import (
+    TokenizedPair,
+    end_of_turn_marker,
+    fit_length,
+    render_chat,
+    tokenize_pairs,
+)
+
+# ----------------------------------------------------------------------------- rows
+
+
+def standard_rows(n: int = 3) -> list[dict]:
+    return [
+        {
+            "prompt": f"Why is the sky blue? ({i})",
+            "chosen": " Because the sun light is small and blue light is better.",
+            "rejected": f" The sky is green {i}.",
+        }
+        for i in range(n)
+    ]
+
+
+def explicit_rows(n: int = 3) -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"Tell me a short story about a cat ({i})."}],
+            "chosen": [{"role": "assistant", "content": "A small cat said hello to the moon."}],
+            "rejected": [{"role": "assistant", "content": f"No {i}."}],
+        }
+        for i in range(n)
+    ]
+
+
+def implicit_rows(n: int = 3) -> list[dict]:
+    rows = []
+    for i in range(n):
+        shared = [
+            {"role": "system", "content": "You are a helpful assistant who says short things."},
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello, how can I help?"},
+            {"role": "user", "content": f"Explain why the sea is blue ({i})."},
+        ]
+        rows.append(
+            {
+                "chosen": shared + [{"role": "assistant", "content": "Water takes red light, so blue is what you see."}],
+                "rejected": copy.deepcopy(shared) + [{"role": "assistant", "content": "Because the sea is big."}],
+                "score_chosen": 8.0,
+            }
+        )
+    return rows
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def test_jsonl_json_parquet_csv_round_trip(tmp_path):
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = implicit_rows(4)
+    jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    (tmp_path / "split.json").write_text(json.dumps({"train": rows, "test": rows[:1]}))
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    pd.DataFrame(standard_rows(4)).to_csv(tmp_path / "d.csv", index=False)
+
+    assert load_rows(DataSource(jsonl)) == rows
+    assert load_rows(DataSource(str(tmp_path / "list.json"))) == rows
+    assert load_rows(DataSource(str(tmp_path / "split.json"))) == rows
+    assert load_rows(DataSource(str(tmp_path / "split.json"), split="test")) == rows[:1]
+    assert load_rows(DataSource(str(tmp_path / "lines.json"))) == rows
+    assert load_rows(DataSource(str(tmp_path / "d.parquet"))) == rows
+    assert load_rows(DataSource(str(tmp_path / "d.csv"))) == standard_rows(4)
+    # Every file type gives the same pairs.
+    pairs = to_pairs(load_rows(DataSource(str(tmp_path / "d.parquet"))), "d.parquet")[0]
+    assert pairs == to_pairs(rows, "x")[0]
+    csv_pairs = to_pairs(load_rows(DataSource(str(tmp_path / "d.csv"))), "d.csv")[0]
+    assert csv_pairs == to_pairs(standard_rows(4), "x")[0]
+
+
+def test_saved_to_disk_folder(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(standard_rows(3)).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(standard_rows(2))}).save_to_disk(str(tmp_path / "dd"))
+    assert load_rows(DataSource(str(tmp_path / "ds"))) == standard_rows(3)
+    assert load_rows(DataSource(str(tmp_path / "dd"), split="test")) == standard_rows(2)
+    with pytest.raises(DataError, match="splits \\['test'\\], not 'train'"):
+        load_rows(DataSource(str(tmp_path / "dd")))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="not a dataset saved with datasets' save_to_disk"):
+        load_rows(DataSource(str(tmp_path / "plain")))
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(standard_rows(1)[0]) + "\n\n" + '{"prompt": "x", "chosen": \n')
+    with pytest.raises(DataError) as e:
+        load_rows(DataSource(str(path)))
+    msg = str(e.value)
+    assert str(path) in msg and "line 3" in msg and "not valid JSON" in msg and "fix or remove" in msg
+
+    path.write_text('["a list", "not an object"]\n')
+    with pytest.raises(DataError, match="line 1: expected a JSON object"):
+        load_rows(DataSource(str(path)))
+
+
+def test_missing_empty_and_bad_files(tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match=f"data file {missing} does not exist"):
+        load_rows(DataSource(missing))
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl has no rows"):
+        load_rows(DataSource(str(tmp_path / "empty.jsonl")))
+    (tmp_path / "obj.json").write_text(json.dumps({"data": standard_rows(1)}))
+    with pytest.raises(DataError, match="under the split name 'train'"):
+        load_rows(DataSource(str(tmp_path / "obj.json")))
+    (tmp_path / "bad.json").write_text("[{")
+    with pytest.raises(DataError, match="bad.json: not valid JSON"):
+        load_rows(DataSource(str(tmp_path / "bad.json")))
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="could not read it as Parquet"):
+        load_rows(DataSource(str(tmp_path / "bad.parquet")))
+    (tmp_path / "header.csv").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(DataError, match="has no rows"):
+        load_rows(DataSource(str(tmp_path / "header.csv")))
+
+
+def test_hub_failure_is_a_clear_error(tmp_path):
+    code = textwrap.dedent(
+        """
+        from dpokit.config import DataSource
+        from dpokit.data.sources import DataError, load_rows
+        try:
+            load_rows(DataSource("no-such-org/no-such-dataset"))
+        except DataError as e:
+            print("DataError:", e)
+        """
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "DataError: could not load 'no-such-org/no-such-dataset' from the Hugging Face Hub" in out.stdout, out.stderr
+    assert "No local file or folder" in out.stdout
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_standard_shape():
+    pairs, dropped = to_pairs(standard_rows(3), "s.jsonl")
+    assert dropped == {}
+    assert pairs[1] == Pair("Why is the sky blue? (1)", " Because the sun light is small and blue light is better.", " The sky is green 1.")
+    assert not pairs[0].is_chat
+
+
+def test_conversational_explicit_shape():
+    pairs, _ = to_pairs(explicit_rows(2), "c.jsonl")
+    assert pairs[0].is_chat
+    assert pairs[0].prompt == [{"role": "user", "content": "Tell me a short story about a cat (0)."}]
+    assert pairs[0].chosen == [{"role": "assistant", "content": "A small cat said hello to the moon."}]
+    # ultrafeedback_binarized style: string prompt, replies repeating the prompt turn.
+    row = {
+        "prompt": "Write a poem.",
+        "chosen": [{"role": "user", "content": "Write a poem."}, {"role": "assistant", "content": "Blue sea."}],
+        "rejected": [{"role": "user", "content": "Write a poem."}, {"role": "assistant", "content": "No."}],
+        "messages": [],
+    }
+    (pair,), _ = to_pairs([row], "uf")
+    assert pair == Pair([{"role": "user", "content": "Write a poem."}], [{"role": "assistant", "content": "Blue sea."}], [{"role": "assistant", "content": "No."}])
+
+
+def test_conversational_implicit_shape_multi_turn_with_system():
+    pairs, dropped = to_pairs(implicit_rows(2), "i.jsonl")
+    assert dropped == {}
+    p = pairs[1]
+    assert [m["role"] for m in p.prompt] == ["system", "user", "assistant", "user"]
+    assert p.prompt[-1]["content"] == "Explain why the sea is blue (1)."
+    assert p.chosen == [{"role": "assistant", "content": "Water takes red light, so blue is what you see."}]
+    assert p.rejected == [{"role": "assistant", "content": "Because the sea is big."}]
+
+
+def test_identical_replies_are_dropped_and_counted():
+    std = standard_rows(3)
+    std[1]["rejected"] = std[1]["chosen"]
+    pairs, dropped = to_pairs(std, "s")
+    assert len(pairs) == 2 and dropped == {"chosen_equals_rejected": 1}
+    imp = implicit_rows(3)
+    imp[0]["rejected"] = imp[0]["chosen"]
+    imp[2]["rejected"] = imp[2]["chosen"]
+    pairs, dropped = to_pairs(imp, "i")
+    assert len(pairs) == 1 and dropped == {"chosen_equals_rejected": 2}
+
+
+def _error(rows, origin="data/train.jsonl") -> str:
+    with pytest.raises(DataError) as e:
+        to_pairs(rows, origin)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "make_rows, row, field, edit, expected",
+    [
+        (standard_rows, 17, "chosen", lambda r: r.pop("chosen"), "'chosen' is missing (each row needs prompt, chosen and rejected"),
+        (standard_rows, 5, "rejected", lambda r: r.update(rejected=None), "'rejected' is null"),
+        (standard_rows, 3, "prompt", lambda r: r.update(prompt=["x"]), "'prompt' must be a string like in the first row"),
+        (standard_rows, 2, "chosen", lambda r: r.update(chosen="  "), "'chosen' is empty"),
+        (standard_rows, 1, "prompt", lambda r: r.pop("prompt"), "'prompt' is missing (string chosen/rejected need a 'prompt' column"),
+        (explicit_rows, 9, "chosen", lambda r: r["chosen"][0].update(content=[{"type": "text"}]), "'chosen' message 1: 'content' must be a string, got list"),
+        (explicit_rows, 4, "rejected", lambda r: r.update(rejected="text"), "'rejected' must be a list of {\"role\", \"content\"} messages"),
+        (explicit_rows, 6, "chosen", lambda r: r.update(chosen=[]), "'chosen' has no reply messages"),
+        (explicit_rows, 7, "rejected", lambda r: r["rejected"][0].update(content=""), "'rejected' reply is empty"),
+        (explicit_rows, 8, "chosen", lambda r: r["chosen"][0].update(role="user"), "'chosen' reply must start with an assistant message"),
+        (explicit_rows, 2, "prompt", lambda r: r["prompt"][0].pop("role"), "'prompt' message 1: 'role' must be a string, got nothing"),
+        (implicit_rows, 11, "chosen", lambda r: r["chosen"][0].update(content="Different."), "'chosen' and 'rejected' share no leading messages"),
+        (implicit_rows, 12, "rejected", lambda r: r.update(rejected=r["rejected"][:-1]), "'rejected' has nothing after the 4 prompt message(s)"),
+        (implicit_rows, 13, "chosen", lambda r: r.update(chosen="text"), "'chosen' must be a list of"),
+    ],
+)
+def test_row_errors_name_file_row_and_field(make_rows, row, field, edit, expected):
+    rows = make_rows(20)
+    edit(rows[row - 1])
+    msg = _error(rows)
+    assert msg.startswith(f"data/train.jsonl, row {row}: '{field}'"), msg
+    assert expected in msg, msg
+
+
+def test_undetectable_first_row():
+    msg = _error([{"question": "q", "answer": "a"}])
+    assert msg.startswith("data/train.jsonl, row 1: 'chosen' is missing") and "this row has columns: answer, question" in msg
+    msg = _error([{"prompt": "q", "chosen": 3, "rejected": 4}])
+    assert "row 1: 'chosen' must be a string or a list" in msg
+
+
+# ----------------------------------------------------------------------------- tokenize
+
+
+def test_end_of_turn_marker_and_rendered_texts_chatml(chat_tokenizer):
+    assert end_of_turn_marker(chat_tokenizer) == "<|im_end|>"
+    (pair,), _ = to_pairs(explicit_rows(1), "c")
+    prompt, chosen, rejected = render_chat(pair, chat_tokenizer, "<|im_end|>")
+    assert prompt == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nTell me a short story about a cat (0).<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert chosen == "A small cat said hello to the moon.<|im_end|>" and rejected == "No 0.<|im_end|>"
+
+
+def test_chat_reply_boundary(chat_tokenizer):
+    tok = chat_tokenizer
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    pairs, _ = to_pairs(implicit_rows(3), "i")
+    (tp, *_), stats = tokenize_pairs(pairs, tok, max_length=4096, truncation="drop")
+    assert stats.kept == 3 and stats.truncated == 0
+    for reply_ids, reply in ((tp.chosen_ids, pairs[0].chosen), (tp.rejected_ids, pairs[0].rejected)):
+        assert reply_ids[-1] == im_end
+        assert tok.decode(reply_ids) == reply[0]["content"] + "<|im_end|>"  # no trailing newline
+        full = tok.apply_chat_template(pairs[0].prompt + reply, tokenize=False)
+        full_ids = tok(full, add_special_tokens=False)["input_ids"]
+        assert tp.prompt_ids + reply_ids == full_ids[: len(tp.prompt_ids) + len(reply_ids)]
+        assert tok.decode(full_ids[len(tp.prompt_ids) + len(reply_ids) :]) == "\n"
+    prompt_text = tok.decode(tp.prompt_ids)
+    assert prompt_text.startswith("<|im_start|>system\nYou are a helpful assistant who says short things.<|im_end|>")
+    assert prompt_text.endswith("<|im_start|>assistant\n")
+
+
+def test_standard_pairs_get_eos_and_bos(chat_tokenizer):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = chat_tokenizer
+    pairs, _ = to_pairs(standard_rows(2), "s")
+    (tp, _), _ = tokenize_pairs(pairs, tok, max_length=4096, truncation="drop")
+    assert tp.prompt_ids == tok(pairs[0].prompt)["input_ids"]
+    assert tp.chosen_ids == tok(pairs[0].chosen, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tp.rejected_ids[-1] == tok.eos_token_id
+
+    backend = copy.deepcopy(tok.backend_tokenizer)
+    backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    bos_tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>")
+    (bp, _), _ = tokenize_pairs(pairs, bos_tok, max_length=4096, truncation="drop")
+    assert bp.prompt_ids == [0] + tp.prompt_ids and bp.chosen_ids == tp.chosen_ids
+    # Truncating the prompt from the left keeps the BOS first.
+    long_prompt = [Pair("Why is the sky blue? " * 10, "Because.", "No.")]
+    (full,), _ = tokenize_pairs(long_prompt, bos_tok, max_length=4096, truncation="drop")
+    max_length = len(full.prompt_ids) + max(len(full.chosen_ids), len(full.rejected_ids)) - 2
+    (cut,), stats = tokenize_pairs(long_prompt, bos_tok, max_length=max_length, truncation="truncate")
+    assert stats.truncated == 1
+    assert cut.prompt_ids == [0] + full.prompt_ids[3:] and (cut.chosen_ids, cut.rejected_ids) == (full.chosen_ids, full.rejected_ids)
+
+
+def test_conversational_data_needs_a_chat_template(chat_tokenizer):
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = None
+    pairs, _ = to_pairs(explicit_rows(1), "c")
+    with pytest.raises(DataError, match="tokenizer has no chat template"):
+        tokenize_pairs(pairs, tok, 512, "drop")
+    tokenize_pairs(to_pairs(standard_rows(1), "s")[0], tok, 512, "drop")  # strings need no template
+
+
+def test_template_that_rewrites_the_prompt_is_an_error(chat_tokenizer):
+    tok = copy.deepcopy(chat_tokenizer)
+    # Renders the user turn differently once an assistant turn follows it.
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "(' (answered)' if m['role'] == 'user' and not loop.last else '') + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    pairs, _ = to_pairs(explicit_rows(1), "c")
+    with pytest.raises(DataError, match="pair 1: the chat template does not put the reply at the end"):
+        tokenize_pairs(pairs, tok, 512, "drop")
+
+
+def test_template_render_error_is_a_data_error(chat_tokenizer):
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    pairs, _ = to_pairs(implicit_rows(1), "i")
+    with pytest.raises(DataError, match=r"pair 1: the chat template cannot render messages with roles \[system, user.*System role not supported"):
+        tokenize_pairs(pairs, tok, 512, "drop")
+
+
+def test_template_without_end_marker_uses_eos(chat_tokenizer):
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['role'] != 'assistant' %}{{ '\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    assert end_of_turn_marker(tok) == ""
+    pairs, _ = to_pairs(explicit_rows(1), "c")
+    (tp,), _ = tokenize_pairs(pairs, tok, 512, "drop")
+    assert tp.chosen_ids[-1] == tok.eos_token_id
+    assert tok.decode(tp.chosen_ids[:-1]) == "A small cat said hello to the moon."
+
+
+def _long_pairs(n: int, words: int) -> list[Pair]:
+    body = " ".join(["the sky is blue because light"] * words)
+    return [Pair(f"Question {i}: " + body, "Sure, " + body, "No.") for i in range(n)]
+
+
+def test_fit_length_rule():
+    tp = TokenizedPair(list(range(10)), [100, 101, 102, 103, 999], [200, 999])
+    assert fit_length(tp, 15, "drop") == (tp, False)  # 10 + 5 fits exactly
+    assert fit_length(tp, 14, "drop") == (None, False)
+    cut, truncated = fit_length(tp, 14, "truncate")
+    # prompt keeps max(14 - 5, min(10, 7)) = 9 tokens from the right; replies fit as they are
+    assert truncated and cut == TokenizedPair(list(range(1, 10)), [100, 101, 102, 103, 999], [200, 999])
+    cut, _ = fit_length(TokenizedPair(list(range(10)), list(range(100, 120)) + [999], [200, 999]), 12, "truncate")
+    # the reply is longer than max_length: prompt keeps min(10, 6) = 6, replies get 6 with EOT last
+    assert cut.prompt_ids == [4, 5, 6, 7, 8, 9]
+    assert cut.chosen_ids == [100, 101, 102, 103, 104, 999] and cut.rejected_ids == [200, 999]
+
+
+def test_truncation_drop_and_truncate_counts(chat_tokenizer):
+    tok = chat_tokenizer
+    short = to_pairs(standard_rows(3), "s")[0]
+    pairs = short[:1] + _long_pairs(2, 30) + short[1:]
+    max_length = 64
+    kept, stats = tokenize_pairs(pairs, tok, max_length, "drop")
+    assert (stats.total, stats.kept, stats.dropped_too_long, stats.truncated) == (5, 3, 2, 0)
+    full, _ = tokenize_pairs(pairs, tok, 100_000, "drop")
+    assert kept == [full[0], full[3], full[4]]
+
+    cut, stats = tokenize_pairs(pairs, tok, max_length, "truncate")
+    assert (stats.total, stats.kept, stats.dropped_too_long, stats.truncated) == (5, 5, 0, 2)
+    assert cut[0] == full[0] and cut[3:] == full[3:]
+    for tp, orig in zip(cut[1:3], full[1:3]):
+        assert len(tp.prompt_ids) + max(len(tp.chosen_ids), len(tp.rejected_ids)) <= max_length
+        assert tp.prompt_ids == orig.prompt_ids[-len(tp.prompt_ids) :]  # cut from the left
+        assert tp.chosen_ids[-1] == tok.eos_token_id  # EOT kept last
+        assert tp.chosen_ids[:-1] == orig.chosen_ids[: len(tp.chosen_ids) - 1]  # cut from the right
+        assert tp.rejected_ids == orig.rejected_ids  # already short
+
+
+def test_chat_truncation_keeps_im_end(chat_tokenizer):
+    tok = chat_tokenizer
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    row = implicit_rows(1)[0]
+    row["chosen"][-1]["content"] = " ".join(["blue light from the sun"] * 40)
+    pairs, _ = to_pairs([row], "i")
+    (tp,), stats = tokenize_pairs(pairs, tok, 80, "truncate")
+    assert stats.truncated == 1
+    assert len(tp.prompt_ids) == 40 and len(tp.chosen_ids) == 40 and tp.chosen_ids[-1] == im_end
+    assert tp.rejected_ids[-1] == im_end
+
+
+def test_num_proc_gives_identical_output(chat_tokenizer):
+    pairs = to_pairs(implicit_rows(12), "i")[0] + _long_pairs(4, 30)
+    one = tokenize_pairs(pairs, chat_tokenizer, 150, "drop")
+    many = tokenize_pairs(pairs, chat_tokenizer, 150, "drop", num_proc=2)
+    assert one[1].kept == 12 and one[1].dropped_too_long == 4
+    assert one == many
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_load_data_eval_fraction_split_is_deterministic(tmp_path, chat_tokenizer):
+    path = write_jsonl(tmp_path / "train.jsonl", standard_rows(40))
+    config = DataConfig(train=DataSource(path), eval_fraction=0.1, max_length=512)
+    lines: list[str] = []
+    a = load_data(config, chat_tokenizer, seed=1, log=lines.append)
+    b = load_data(config, chat_tokenizer, seed=1, log=lambda _: None)
+    c = load_data(config, chat_tokenizer, seed=2, log=lambda _: None)
+    assert len(a.eval) == 4 and len(a.train) == 36
+    assert a.train == b.train and a.eval == b.eval
+    assert a.eval != c.eval
+    everything = load_data(DataConfig(train=DataSource(path), max_length=512), chat_tokenizer, seed=1, log=lambda _: None)
+    assert everything.eval is None
+    assert sorted(map(repr, a.train + a.eval)) == sorted(map(repr, everything.train))
+    assert any("40 rows -> 40 pairs (dropped: none), 0 truncated" in line for line in lines), lines
+    assert any("4 pairs (eval_fraction=0.1, seed=1)" in line for line in lines), lines
+
+
+def test_split_eval_bounds():
+    train, held = split_eval(list(range(5)), 0.01, seed=0)
+    assert len(held) == 1 and len(train) == 4 and sorted(train + held) == list(range(5))
+    assert train == sorted(train)  # original order kept
+    with pytest.raises(DataError, match="leaves nothing to train on"):
+        split_eval([1], 0.5, seed=0)
+
+
+def test_load_data_separate_eval_and_counts(tmp_path, chat_tokenizer):
+    rows = standard_rows(6)
+    rows[2]["rejected"] = rows[2]["chosen"]
+    rows[4]["prompt"] = " ".join(["why is the sky blue"] * 200)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    evalp = write_jsonl(tmp_path / "eval.jsonl", implicit_rows(2))
+    config = DataConfig(train=DataSource(train), eval=DataSource(evalp), eval_fraction=0.5, max_length=128, truncation="drop")
+    lines: list[str] = []
+    data = load_data(config, chat_tokenizer, seed=0, log=lines.append)
+    assert len(data.train) == 4 and len(data.eval) == 2
+    assert data.stats["train"].dropped == {"chosen_equals_rejected": 1}
+    assert data.stats["train"].tokenize.dropped_too_long == 1
+    assert lines[0] == f"data: train {train}: 6 rows -> 4 pairs (dropped: 1 chosen_equals_rejected, 1 too_long), 0 truncated"
+    assert lines[1].startswith(f"data: eval {evalp}: 2 rows -> 2 pairs")
+
+
+def test_load_data_with_no_surviving_pair(tmp_path, chat_tokenizer):
+    rows = standard_rows(2)
+    for r in rows:
+        r["rejected"] = r["chosen"]
+    path = write_jsonl(tmp_path / "same.jsonl", rows)
+    with pytest.raises(DataError, match=f"no usable pair in {path}: .*2 chosen_equals_rejected"):
+        load_data(DataConfig(train=DataSource(path)), chat_tokenizer, seed=0, log=lambda _: None)

@@ -1,0 +1,99 @@
+"""Each loss against values computed by hand (with math, not torch)."""
+
+import math
+
+import pytest
+import torch
+
+from dpokit.losses import PairLogps, preference_loss
+
+
+def logsig(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+# policy chosen/rejected, reference chosen/rejected summed log-probs; token counts 4 and 2
+LOGPS = PairLogps(
+    chosen=torch.tensor([-10.0]), rejected=torch.tensor([-12.0]),
+    chosen_tokens=torch.tensor([4.0]), rejected_tokens=torch.tensor([2.0]),
+    ref_chosen=torch.tensor([-11.0]), ref_rejected=torch.tensor([-11.5]),
+)
+H = (-10 - -12) - (-11 - -11.5)  # 1.5
+H_AVG = (-10 / 4 - -12 / 2) - (-11 / 4 - -11.5 / 2)  # 3.5 - 3.0 = 0.5
+
+
+def loss_of(**kw) -> float:
+    loss, _ = preference_loss(LOGPS, **kw)
+    return loss.item()
+
+
+def test_sigmoid():
+    assert loss_of(loss_type=["sigmoid"], beta=0.1) == pytest.approx(-logsig(0.15), abs=1e-6)
+
+
+def test_sigmoid_label_smoothing_cdpo():
+    expected = -0.8 * logsig(0.15) - 0.2 * logsig(-0.15)
+    assert loss_of(loss_type=["sigmoid"], beta=0.1, label_smoothing=0.2) == pytest.approx(expected, abs=1e-6)
+
+
+def test_robust():
+    expected = (-0.8 * logsig(0.15) + 0.2 * logsig(-0.15)) / 0.6
+    assert loss_of(loss_type=["robust"], beta=0.1, label_smoothing=0.2) == pytest.approx(expected, abs=1e-6)
+
+
+def test_ipo_is_length_normalized_by_default():
+    assert loss_of(loss_type=["ipo"], beta=0.1) == pytest.approx((H_AVG - 5.0) ** 2, abs=1e-5)
+    assert loss_of(loss_type=["ipo"], beta=0.1, length_normalize=False) == pytest.approx((H - 5.0) ** 2, abs=1e-5)
+
+
+def test_hinge():
+    assert loss_of(loss_type=["hinge"], beta=0.1) == pytest.approx(1 - 0.15, abs=1e-6)
+    assert loss_of(loss_type=["hinge"], beta=1.0) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_length_normalized_sigmoid():
+    assert loss_of(loss_type=["sigmoid"], beta=0.1, length_normalize=True) == pytest.approx(-logsig(0.05), abs=1e-6)
+
+
+def test_simpo_needs_no_reference():
+    free = PairLogps(chosen=LOGPS.chosen, rejected=LOGPS.rejected, chosen_tokens=LOGPS.chosen_tokens, rejected_tokens=LOGPS.rejected_tokens)
+    loss, stats = preference_loss(free, ["simpo"], beta=2.0, simpo_gamma=0.5)
+    # avg chosen -2.5, avg rejected -6 -> 2.0 * 3.5 - 0.5 = 6.5
+    assert loss.item() == pytest.approx(-logsig(6.5), abs=1e-6)
+    assert stats["rewards/chosen"].item() == pytest.approx(2.0 * -2.5)
+    assert stats["rewards/margins"].item() == pytest.approx(2.0 * 3.5)
+
+
+def test_sft_is_per_token_nll_of_chosen():
+    assert loss_of(loss_type=["sft"]) == pytest.approx(10 / 4)
+
+
+def test_weighted_combination_rpo():
+    expected = 1.0 * -logsig(0.15) + 0.2 * 2.5
+    assert loss_of(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2], beta=0.1) == pytest.approx(expected, abs=1e-6)
+
+
+def test_reward_statistics_follow_trl():
+    _, stats = preference_loss(LOGPS, ["sigmoid"], beta=0.1)
+    assert stats["rewards/chosen"].item() == pytest.approx(0.1 * 1.0)
+    assert stats["rewards/rejected"].item() == pytest.approx(0.1 * -0.5)
+    assert stats["rewards/margins"].item() == pytest.approx(0.15)
+    assert stats["rewards/accuracies"].item() == 1.0
+    assert stats["logps/chosen"].item() == -10.0 and stats["logps/rejected"].item() == -12.0
+
+
+def test_pairwise_loss_without_reference_is_an_error():
+    free = PairLogps(chosen=LOGPS.chosen, rejected=LOGPS.rejected, chosen_tokens=LOGPS.chosen_tokens, rejected_tokens=LOGPS.rejected_tokens)
+    with pytest.raises(ValueError, match="reference"):
+        preference_loss(free, ["sigmoid"])
+
+
+def test_sigmoid_gradient_direction():
+    chosen = torch.tensor([-10.0], requires_grad=True)
+    rejected = torch.tensor([-12.0], requires_grad=True)
+    lp = PairLogps(chosen, rejected, torch.tensor([4.0]), torch.tensor([2.0]), torch.tensor([-11.0]), torch.tensor([-11.5]))
+    loss, _ = preference_loss(lp, ["sigmoid"], beta=0.1)
+    loss.sum().backward()
+    # dL/d chosen = -β σ(-βh)
+    assert chosen.grad.item() == pytest.approx(-0.1 / (1 + math.exp(0.15)), abs=1e-6)
+    assert rejected.grad.item() == pytest.approx(0.1 / (1 + math.exp(0.15)), abs=1e-6)

@@ -1,0 +1,156 @@
+import json
+import math
+import warnings
+
+import pytest
+
+from dpokit.report import make_report, read_metrics, summarize, write_plots
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ALL_CHARTS = {"loss.png", "rewards_accuracies.png", "rewards_margins.png",
+              "rewards_chosen_rejected.png", "learning_rate.png", "grad_norm.png",
+              "overview.png"}
+
+
+def synthetic_rows(n_steps=60, eval_every=10):
+    rows = []
+    for step in range(1, n_steps + 1):
+        t = step / n_steps
+        noise = 0.05 * math.sin(step * 1.7)
+        row = {
+            "step": step, "epoch": round(2 * t, 3),
+            "loss": 0.69 - 0.4 * t + noise,
+            "learning_rate": 1e-6 * min(1.0, step / 10),
+            "grad_norm": 1.5 - t + abs(noise),
+            "rewards/chosen": 0.5 * t + noise, "rewards/rejected": -0.8 * t - noise,
+            "rewards/accuracies": 0.5 + 0.4 * t + noise,
+            "rewards/margins": 1.3 * t + 2 * noise,
+            "logps/chosen": -50.0, "logps/rejected": -55.0,
+            "tokens": 4000, "tokens_per_second": 12000.0, "seconds": 4000 / 12000.0,
+        }
+        if step % 7 == 0:  # robust to missing keys
+            del row["grad_norm"], row["rewards/chosen"]
+        rows.append(row)
+        if step % eval_every == 0:
+            rows.append({"step": step, "epoch": round(2 * t, 3),
+                         "eval/loss": 0.7 - 0.3 * t, "eval/rewards/accuracies": 0.5 + 0.3 * t,
+                         "eval/rewards/margins": t, "eval/rewards/chosen": 0.3 * t,
+                         "eval/rewards/rejected": -0.7 * t})
+    rows[-1]["eval/rewards/accuracies"] = 0.8125
+    return rows
+
+
+def assert_png(path, min_bytes=5_000):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert min_bytes < len(data) < 2_000_000, (path, len(data))
+
+
+def test_write_plots_all_charts(tmp_path):
+    out = tmp_path / "plots"
+    paths = write_plots(synthetic_rows(), out)
+    assert {p.name for p in paths} == ALL_CHARTS
+    assert {p.name for p in out.iterdir()} == ALL_CHARTS  # no temp files left behind
+    for p in paths:
+        assert_png(p)
+    assert_png(out / "overview.png", min_bytes=30_000)
+
+
+def test_write_plots_skips_charts_without_data(tmp_path):
+    # train only, no grad_norm, no learning rate, no chosen/rejected rewards
+    rows = [{"step": s, "loss": 1.0 / s, "rewards/accuracies": 0.5} for s in range(1, 6)]
+    rows.append({"step": 6})  # a row with nothing plottable
+    paths = write_plots(rows, tmp_path)
+    assert {p.name for p in paths} == {"loss.png", "rewards_accuracies.png", "overview.png"}
+    for p in paths:
+        assert_png(p, min_bytes=2_000)
+
+
+def test_write_plots_eval_only_and_empty(tmp_path):
+    rows = [{"step": 10, "epoch": 1, "eval/loss": 0.6}, {"step": 20, "epoch": 2, "eval/loss": 0.5}]
+    assert {p.name for p in write_plots(rows, tmp_path / "a")} == {"loss.png", "overview.png"}
+    assert write_plots([], tmp_path / "b") == []
+
+
+def test_write_plots_tolerates_bad_values(tmp_path):
+    rows = [{"step": 1, "loss": float("nan")}, {"step": 2, "loss": None},
+            {"step": 3, "loss": "oops"}, {"loss": 0.5}, {"step": 4, "loss": 0.4},
+            {"step": 5, "loss": float("inf"), "grad_norm": float("nan")}]
+    names = {p.name for p in write_plots(rows, tmp_path)}
+    assert names == {"loss.png", "overview.png"}
+
+
+def test_read_metrics_truncated_last_line(tmp_path):
+    rows = synthetic_rows(5, eval_every=5)
+    path = tmp_path / "metrics.jsonl"
+    text = "\n".join(json.dumps(r) for r in rows)
+    path.write_text(text + "\n\n   \n" + '{"step": 6, "loss": 0.4')  # killed mid-write
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_metrics(path) == rows
+
+
+def test_read_metrics_torn_middle_line_warns(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "lo{"step": 2, "loss": 0.6}\n'
+                    '{"step": 3, "loss": 0.5}\n')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:2"):
+        rows = read_metrics(path)
+    assert [r["step"] for r in rows] == [1, 3]
+
+
+def test_summarize(tmp_path):
+    rows = synthetic_rows()
+    text = summarize(rows, tmp_path / "run")
+    assert "\x1b" not in text
+    assert "0.8125" in text  # final eval accuracy
+    for needle in ["steps", "train loss", "train accuracy", "train margin", "eval loss",
+                   "eval accuracy", "eval margin", "mean tokens/s", "12,000", "total time",
+                   "20.0s", str(tmp_path / "run"), str(tmp_path / "run" / "final"),
+                   str(tmp_path / "run" / "metrics.jsonl"), str(tmp_path / "run" / "plots")]:
+        assert needle in text, needle
+    # values start in the same column
+    body = text.splitlines()[1:]
+    cols = {len(line) - len(line[2:].split("  ", 1)[1].lstrip()) for line in body}
+    assert len(cols) == 1, text
+    # last train loss at 4 significant digits
+    last_loss = rows[-2]["loss"]
+    assert f"{last_loss:.4g}" in text
+
+
+def test_summarize_train_only_and_empty(tmp_path):
+    text = summarize([{"step": 3, "loss": 0.123456789}], tmp_path)
+    assert "0.1235" in text and "eval" not in text and "tokens/s" not in text
+    assert str(tmp_path / "final") in summarize([], tmp_path)
+    assert "1h 01m 01s" in summarize([], tmp_path, total_seconds=3661)
+
+
+def test_summarize_resumed_run_counts_steps_once(tmp_path):
+    # killed at step 3, resumed from a checkpoint at step 1: steps 2 and 3 logged twice
+    rows = [{"step": s, "loss": 1.0, "tokens": 100, "seconds": 1.0} for s in (1, 2, 3, 2, 3, 4)]
+    rows[-1]["loss"] = 0.25
+    text = summarize(rows, tmp_path)
+    assert "4.0s" in text
+    assert "0.25" in text
+
+
+def test_make_report(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in synthetic_rows(30)) + "\n")
+    text = make_report(tmp_path)
+    assert (tmp_path / "plots" / "overview.png").exists()
+    assert "eval accuracy" in text
+
+
+def test_train_curves_smoothed_but_not_learning_rate(tmp_path, monkeypatch):
+    import dpokit.report as report
+
+    calls = []
+    real = report._ema
+    monkeypatch.setattr(report, "_ema", lambda v, span: calls.append(len(v)) or real(v, span))
+    rows = [{"step": s, "loss": 1.0 / s, "learning_rate": 1e-5 * s} for s in range(1, 31)]
+    write_plots(rows, tmp_path)
+    assert calls == [30, 30]  # loss.png and the overview's loss panel, never learning_rate
+    calls.clear()
+    write_plots(rows[:20], tmp_path)  # 20 points or fewer: raw only
+    assert calls == []

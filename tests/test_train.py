@@ -1,0 +1,135 @@
+"""End-to-end training runs with a tiny model built in the test."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpokit.config import load_config
+from dpokit.quickstart_data import generate_pairs
+from dpokit.tiny import build_tiny_model
+from dpokit.train import train
+
+METRIC_KEYS = {
+    "step", "epoch", "loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected",
+    "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "tokens",
+    "tokens_per_second", "seconds",
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    build_tiny_model(root / "model", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, seed=0)
+    for name, n, seed in (("train", 48, 1), ("eval", 12, 2)):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for row in generate_pairs(n, seed):
+                f.write(json.dumps(row) + "\n")
+    return root
+
+
+def run_config(workdir: Path, out: str, *overrides: str):
+    return load_config(None, [
+        f"model.name_or_path={workdir / 'model'}", f"data.train={workdir / 'train.jsonl'}",
+        f"data.eval={workdir / 'eval.jsonl'}", f"output_dir={workdir / out}", "max_length=128",
+        "learning_rate=1e-3", "max_steps=4", "per_device_train_batch_size=4", "per_device_eval_batch_size=8",
+        "logging_steps=1", "seed=3", "progress_bar=false", "save_steps=null", *overrides,
+    ])
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_run_directory_is_complete(workdir):
+    out = train(run_config(workdir, "full", "save_steps=2", "save_total_limit=1", "eval_steps=2"))
+    rows = read_rows(out)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert METRIC_KEYS <= set(train_rows[0])
+    assert [r["step"] for r in eval_rows] == [2, 4]
+    assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"} <= set(eval_rows[0])
+    assert all(r["tokens"] > 0 and r["tokens_per_second"] > 0 for r in train_rows)
+    # checkpoints: newest only (limit 1), complete, loadable
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-2"]
+    for name in ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state_0.pt"):
+        assert (out / "checkpoints" / "step-2" / name).is_file(), name
+    assert (out / "config.yaml").is_file()
+    for name in ("loss.png", "rewards_accuracies.png", "rewards_margins.png", "rewards_chosen_rejected.png"):
+        assert (out / "plots" / name).is_file(), name
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert (out / "final" / "generation_config.json").is_file()
+    assert model(torch.tensor([tokenizer("hello")["input_ids"]])).logits.isfinite().all()
+    start = load_file(workdir / "model" / "model.safetensors")
+    end = load_file(out / "final" / "model.safetensors")
+    assert any(not torch.equal(start[k], end[k]) for k in start), "training changed no weight"
+
+
+def test_gradient_accumulation_equals_larger_batch(workdir):
+    big = train(run_config(workdir, "accum1", "per_device_train_batch_size=4", "gradient_accumulation_steps=1"))
+    small = train(run_config(workdir, "accum2", "per_device_train_batch_size=2", "gradient_accumulation_steps=2"))
+    a, b = [r for r in read_rows(big) if "loss" in r], [r for r in read_rows(small) if "loss" in r]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-4), (ra["step"], key)
+    wa, wb = load_file(big / "final" / "model.safetensors"), load_file(small / "final" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["[sigmoid,sft]", "[simpo]", "[ipo]", "[hinge]", "[robust]"])
+def test_every_loss_trains(workdir, loss_type):
+    out = train(run_config(workdir, f"loss-{loss_type.strip('[]').replace(',', '-')}", f"loss_type={loss_type}",
+                           "max_steps=2", "label_smoothing=0.1" if "robust" in loss_type else "beta=0.1"))
+    rows = [r for r in read_rows(out) if "loss" in r]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_resume_continues_exactly(workdir):
+    run_dir = train(run_config(workdir, "resume", "save_steps=2"))
+    uninterrupted = [r for r in read_rows(run_dir) if "loss" in r]
+    # resume from the step-2 checkpoint, as a run killed after step 2 would; steps 3-4 are redone
+    train(run_config(workdir, "resume", "save_steps=2", f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"))
+    resumed = [r for r in read_rows(run_dir) if "loss" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for ra, rb in zip(uninterrupted, resumed, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "learning_rate"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
+
+
+def test_two_processes_match_one(workdir):
+    """2 CPU processes (gloo) with half the per-device batch give the same curve as 1 process.
+
+    `accelerate launch` starts several processes only through its multi-process launcher
+    (--multi_gpu, which is torchrun); on a machine without GPUs dpokit makes them gloo CPU processes.
+    """
+    one = train(run_config(workdir, "dp1", "per_device_train_batch_size=4"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+        "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=29533", "-m", "dpokit", "train",
+        f"model.name_or_path={workdir / 'model'}", f"data.train={workdir / 'train.jsonl'}", f"data.eval={workdir / 'eval.jsonl'}",
+        f"output_dir={workdir / 'dp2'}", "max_length=128", "learning_rate=1e-3", "max_steps=4",
+        "per_device_train_batch_size=2", "per_device_eval_batch_size=8", "logging_steps=1", "seed=3",
+        "progress_bar=false", "save_steps=null",
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = read_rows(one), read_rows(workdir / "dp2")
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra["step"] == rb["step"]
+        for key in ra:
+            if key.endswith(("loss", "margins", "accuracies", "logps/chosen", "grad_norm")):
+                assert ra[key] == pytest.approx(rb[key], abs=1e-4), (ra["step"], key)

@@ -72,3 +72,11 @@ def build_chat_tokenizer():
 def chat_tokenizer():
     """Session-wide tiny ChatML tokenizer (see :func:`build_chat_tokenizer`); do not mutate it."""
     return build_chat_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    """A tiny model and quickstart-shaped train/eval files for end-to-end runs (see runs.py)."""
+    from runs import make_workdir
+
+    return make_workdir(tmp_path_factory.mktemp("train"))

@@ -10,41 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpokit.config import load_config
-from dpokit.quickstart_data import generate_pairs
-from dpokit.tiny import build_tiny_model
 from dpokit.train import train
-
-METRIC_KEYS = {
-    "step", "epoch", "loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected",
-    "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "tokens",
-    "tokens_per_second", "seconds",
-}
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    build_tiny_model(root / "model", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, seed=0)
-    for name, n, seed in (("train", 48, 1), ("eval", 12, 2)):
-        with open(root / f"{name}.jsonl", "w") as f:
-            for row in generate_pairs(n, seed):
-                f.write(json.dumps(row) + "\n")
-    return root
-
-
-def run_config(workdir: Path, out: str, *overrides: str):
-    return load_config(None, [
-        f"model.name_or_path={workdir / 'model'}", f"data.train={workdir / 'train.jsonl'}",
-        f"data.eval={workdir / 'eval.jsonl'}", f"output_dir={workdir / out}", "max_length=128",
-        "learning_rate=1e-3", "max_steps=4", "per_device_train_batch_size=4", "per_device_eval_batch_size=8",
-        "logging_steps=1", "seed=3", "progress_bar=false", "save_steps=null", *overrides,
-    ])
-
-
-def read_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
+from runs import METRIC_KEYS, read_rows, run_config
 
 def test_run_directory_is_complete(workdir):
     out = train(run_config(workdir, "full", "save_steps=2", "save_total_limit=1", "eval_steps=2"))

@@ -116,6 +116,8 @@ class RunConfig:
     logging_steps: int = 10
     eval_steps: int | None = None
     """Evaluate every N optimizer steps; None evaluates only at the end."""
+    eval_on_start: bool = False
+    """Also evaluate before the first step, so curves start from the reference's numbers."""
     save_steps: int | None = 500
     """Checkpoint every N optimizer steps; None saves only ``final/``."""
     save_total_limit: int | None = 2

@@ -150,6 +150,9 @@ def train(config: Config) -> Path:
     accelerator = Accelerator(log_with=trackers or None, project_dir=str(out), cpu=not _has_accelerator_device())
     set_seed(t.seed)
     say = accelerator.print
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # dpokit shows its own progress; weight-loading bars are noise
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +185,9 @@ def train(config: Config) -> Path:
 
     scorer = ReplyLogProbs(policy, t.logps_chunk_size)
     optimizer = _optimizer(scorer, config)
-    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    # transformers' "constant" ignores warmup; its warmup variant is what a user asking for both means
+    schedule = "constant_with_warmup" if t.lr_scheduler_type == "constant" else t.lr_scheduler_type
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
     ref_scorer = ReplyLogProbs(reference.to(accelerator.device), t.logps_chunk_size) if reference is not None else None
     unwrapped = accelerator.unwrap_model(scorer)
@@ -211,6 +216,8 @@ def train(config: Config) -> Path:
         log.write({"step": state.step, "epoch": round(state.step / per_epoch, 4), **metrics})
         return metrics
 
+    if r.eval_on_start and state.step == 0:
+        run_eval()
     window: list[dict] = []
     window_tokens, window_start = 0, time.perf_counter()
     while state.step < total_steps:

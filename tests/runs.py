@@ -1,0 +1,39 @@
+"""Shared pieces of the end-to-end tests: a tiny model + data folder, configs, metrics rows."""
+
+import json
+from pathlib import Path
+
+from dpokit.config import load_config
+from dpokit.quickstart_data import generate_pairs
+from dpokit.tiny import build_tiny_model
+
+METRIC_KEYS = {
+    "step", "epoch", "loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected",
+    "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "tokens",
+    "tokens_per_second", "seconds",
+}
+
+
+def make_workdir(root: Path) -> Path:
+    """A tiny Qwen2 model (hidden 32, 2 layers) and 48 train / 12 eval quickstart pairs under ``root``."""
+    build_tiny_model(root / "model", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, seed=0)
+    for name, n, seed in (("train", 48, 1), ("eval", 12, 2)):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for row in generate_pairs(n, seed):
+                f.write(json.dumps(row) + "\n")
+    return root
+
+
+def run_config(workdir: Path, out: str, *overrides: str):
+    return load_config(None, [
+        f"model.name_or_path={workdir / 'model'}", f"data.train={workdir / 'train.jsonl'}",
+        f"data.eval={workdir / 'eval.jsonl'}", f"output_dir={workdir / out}", "max_length=128",
+        "learning_rate=1e-3", "max_steps=4", "per_device_train_batch_size=4", "per_device_eval_batch_size=8",
+        "logging_steps=1", "seed=3", "progress_bar=false", "save_steps=null", *overrides,
+    ])
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+

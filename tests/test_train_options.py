@@ -138,6 +138,18 @@ def test_tensorboard_tracker_writes_events(workdir):
     assert events, "no tensorboard event file written"
 
 
+def test_missing_tracker_package_is_an_error_not_a_silent_no_op(monkeypatch):
+    import importlib.util
+
+    from dpokit.config import ConfigError
+    from dpokit.train import check_trackers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="report_to=wandb needs the 'wandb' package: pip install wandb"):
+        check_trackers(["wandb"])
+
+
 def test_too_little_data_for_one_batch_is_a_clear_error(workdir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", f"model.name_or_path={workdir / 'model'}", f"data.train={workdir / 'eval.jsonl'}",
@@ -167,3 +179,23 @@ def test_overrides_reach_the_saved_config(workdir):
     out = train(run_config(workdir, "saved", "max_steps=1", "eval=null", "beta=0.25"))
     saved = load_config(out / "config.yaml")
     assert saved.loss.beta == 0.25 and saved.training.max_steps == 1
+
+
+def test_activation_checkpointing_recomputes_layers_in_backward():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dpokit.modeling import enable_activation_checkpointing
+
+    def mlp_calls(checkpointing: bool) -> int:
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2)).train()
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        calls, mlp = [], model.model.layers[0].mlp
+        forward = mlp.forward
+        mlp.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+        model(torch.randint(0, 50, (2, 8))).logits.sum().backward()
+        return len(calls)
+
+    assert mlp_calls(False) == 1
+    assert mlp_calls(True) == 2  # forward, then recomputed during backward

@@ -94,3 +94,12 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():  # attention layers that copied the rate at init
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation (gradient) checkpointing, under either transformers spelling."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

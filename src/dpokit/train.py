@@ -26,7 +26,14 @@ from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
 from dpokit.losses import PairLogps, preference_loss
-from dpokit.modeling import count_parameters, disable_dropout, load_causal_lm, load_reference, load_tokenizer
+from dpokit.modeling import (
+    count_parameters,
+    disable_dropout,
+    enable_activation_checkpointing,
+    load_causal_lm,
+    load_reference,
+    load_tokenizer,
+)
 
 
 def score_batch(policy, reference, batch: Batch, config: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -136,6 +143,18 @@ def save_final(final: Path, model, tokenizer) -> None:
     tmp.rename(final)
 
 
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_trackers(trackers: list[str]) -> None:
+    """Accelerate drops a tracker whose package is missing with only a warning; refuse instead."""
+    import importlib.util
+
+    for name in trackers:
+        if not any(importlib.util.find_spec(pkg) for pkg in TRACKER_PACKAGES[name]):
+            raise ConfigError(f"report_to={name} needs the '{TRACKER_PACKAGES[name][0]}' package: pip install {TRACKER_PACKAGES[name][0]}")
+
+
 def _has_accelerator_device() -> bool:
     """CUDA/XPU/MPS present; without one, processes started by torchrun or accelerate use gloo on CPU."""
     xpu = getattr(torch, "xpu", None)
@@ -147,6 +166,7 @@ def train(config: Config) -> Path:
     t, r = config.training, config.run
     trackers = [x for x in r.report_to if x != "none"]
     out = Path(r.output_dir)
+    check_trackers(trackers)
     accelerator = Accelerator(log_with=trackers or None, project_dir=str(out), cpu=not _has_accelerator_device())
     set_seed(t.seed)
     say = accelerator.print
@@ -170,7 +190,7 @@ def train(config: Config) -> Path:
         policy = load_causal_lm(config.model, str(resume_from))
     disable_dropout(policy)
     if t.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(policy)
     policy.train()
     total_params, trainable = count_parameters(policy)
     say(f"policy: {total_params / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); "

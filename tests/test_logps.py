@@ -104,3 +104,35 @@ def test_token_logps_with_bias_and_softcap_uses_generic_path():
     capped = 30.0 * torch.tanh(logits / 30.0)
     expected = torch.log_softmax(capped, -1).gather(1, targets[:, None]).squeeze(1)
     torch.testing.assert_close(token_logps(hidden, head, targets, chunk_size=4, softcap=30.0), expected)
+
+
+def test_full_data_path_matches_naive_on_multi_turn_chats(chat_tokenizer):
+    """Rows -> chat template -> tokenized pairs -> engine log-probs == HF forward on the padded batch."""
+    from dpokit.data.formats import to_pairs
+    from dpokit.data.tokenize import tokenize_pairs
+
+    def msg(role, content):
+        return {"role": role, "content": content}
+
+    rows = [
+        {"prompt": [msg("system", "Be brief."), msg("user", "Why is the sky blue?"), msg("assistant", "Light scatters."),
+                    msg("user", "Explain more please.")],
+         "chosen": [msg("assistant", "Blue light scatters more because it is short.")],
+         "rejected": [msg("assistant", "No.")]},
+        {"prompt": [msg("user", "Hi")], "chosen": [msg("assistant", "Hello, how can I help?")],
+         "rejected": [msg("assistant", "Say hi to the dog and the bird and the sea and the sun.")]},
+        {"chosen": [msg("user", "Tell me a short story"), msg("assistant", "A cat learns from a dog."),
+                    msg("user", "Longer"), msg("assistant", "A small cat learns a good answer from the big dog.")],
+         "rejected": [msg("user", "Tell me a short story"), msg("assistant", "A cat learns from a dog."),
+                      msg("user", "Longer"), msg("assistant", "Why?")]},
+    ]
+    explicit, _ = to_pairs(rows[:2], "explicit")
+    implicit, _ = to_pairs(rows[2:], "implicit")  # a dataset has one shape; the implicit-prompt one here
+    pairs = explicit + implicit
+    tokenized, _ = tokenize_pairs(pairs, chat_tokenizer, max_length=512, truncation="drop")
+    assert all(t.chosen_ids[-1] == chat_tokenizer.convert_tokens_to_ids("<|im_end|>") for t in tokenized)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    ours = ReplyLogProbs(model, chunk_size=16)(**padded_batch(tokenized, chat_tokenizer.pad_token_id).model_inputs())
+    torch.testing.assert_close(ours, naive_logps(model, tokenized), atol=1e-4, rtol=0)

@@ -102,3 +102,19 @@ def test_saved_config_round_trips(tmp_path):
 def test_reference_needed_only_for_reference_losses(tmp_path):
     assert needs_reference(load_config(write(tmp_path, BASE)))
     assert not needs_reference(load_config(write(tmp_path, BASE), ["loss_type=[simpo,sft]"]))
+
+
+def test_prefix_sharing_with_flash_attention_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="prefix_sharing=false"):
+        load_config(write(tmp_path, BASE), ["attn_implementation=flash_attention_2"])
+    cfg = load_config(write(tmp_path, BASE), ["attn_implementation=flash_attention_2", "prefix_sharing=false"])
+    assert cfg.training.padding_free
+
+
+def test_layout_switches():
+    from dpokit.config import TrainingConfig, batch_layout
+
+    assert batch_layout(TrainingConfig()) == "prefix_packed"
+    assert batch_layout(TrainingConfig(prefix_sharing=False)) == "packed"
+    assert batch_layout(TrainingConfig(padding_free=False)) == "prefix_padded"
+    assert batch_layout(TrainingConfig(padding_free=False, prefix_sharing=False)) == "padded"

@@ -330,7 +330,7 @@ def test_template_that_rewrites_the_prompt_is_an_error(chat_tokenizer):
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
     pairs, _ = to_pairs(explicit_rows(1), "c")
-    with pytest.raises(DataError, match="pair 1: the chat template does not put the reply at the end"):
+    with pytest.raises(DataError, match="c, row 1: 'chosen': the chat template does not put the reply at the end"):
         tokenize_pairs(pairs, tok, 512, "drop")
 
 
@@ -342,7 +342,7 @@ def test_template_render_error_is_a_data_error(chat_tokenizer):
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
     pairs, _ = to_pairs(implicit_rows(1), "i")
-    with pytest.raises(DataError, match=r"pair 1: the chat template cannot render messages with roles \[system, user.*System role not supported"):
+    with pytest.raises(DataError, match=r"i, row 1: 'prompt': the chat template cannot render messages with roles \[system, user.*System role not supported"):
         tokenize_pairs(pairs, tok, 512, "drop")
 
 
@@ -458,7 +458,7 @@ def test_load_data_separate_eval_and_counts(tmp_path, chat_tokenizer):
     assert len(data.train) == 4 and len(data.eval) == 2
     assert data.stats["train"].dropped == {"chosen_equals_rejected": 1}
     assert data.stats["train"].tokenize.dropped_too_long == 1
-    assert lines[0] == f"data: train {train}: 6 rows -> 4 pairs (dropped: 1 chosen_equals_rejected, 1 too_long), 0 truncated"
+    assert lines[0] == f"data: train {train}: 6 rows -> 4 pairs (dropped: 1 chosen_equals_rejected, 1 too_long), 0 truncated; format standard (detected)"
     assert lines[1].startswith(f"data: eval {evalp}: 2 rows -> 2 pairs")
 
 

@@ -43,28 +43,77 @@ class ModelConfig:
     ref_revision: str | None = None
 
 
+FormatName = Literal[
+    "auto", "standard", "standard-implicit", "conversational", "conversational-implicit",
+    "ultrafeedback", "hh-rlhf", "align-anything", "sharegpt",
+]
+"""Dataset shapes :mod:`dpokit.data.formats` reads (``auto``: detected from the first row)."""
+
+
+@dataclass
+class Columns:
+    """Which column of a dataset holds each part of a pair, e.g. ``{prompt: question, chosen: good}``.
+
+    Unset parts keep their usual column name; the renamed row then goes through format
+    detection like any other row."""
+
+    prompt: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    system: str | None = None
+
+
 @dataclass
 class DataSource:
-    """One dataset: a local file (.jsonl/.json/.parquet/.csv) or a hub id."""
+    """One dataset: a local file (.jsonl/.json/.parquet/.csv), a saved dataset folder, or a hub id."""
 
     path: str = ""
     name: str | None = None
     """Hub subset, as ``load_dataset(path, name=...)``."""
     split: str = "train"
+    revision: str | None = None
+    """Hub dataset revision (branch, tag or commit); None is the default branch."""
+    weight: float = 1.0
+    """Share of this source in a mix: its pairs are used ``round(weight * n)`` times in all
+    (at least once): whole copies, then a seed-determined subset (see the README)."""
+    format: FormatName | None = None
+    """Overrides ``data.format`` for this source."""
+    columns: Columns | None = None
+    """Overrides ``data.columns`` for this source."""
 
 
 @dataclass
 class DataConfig:
-    train: DataSource = field(default_factory=DataSource)
-    eval: DataSource | None = None
-    """A separate eval dataset; None splits ``eval_fraction`` off the train data."""
+    train: DataSource | list[DataSource] = field(default_factory=DataSource)
+    """One dataset, or a list of them mixed by their ``weight``."""
+    eval: DataSource | list[DataSource] | None = None
+    """A separate eval dataset (or list); None splits ``eval_fraction`` off the train data."""
     eval_fraction: float = 0.0
     max_length: int = 1024
     """Longest prompt + reply, in tokens, of either side of a pair."""
     truncation: Literal["truncate", "drop"] = "truncate"
-    """Pairs over ``max_length``: ``truncate`` cuts the prompt from the left and the replies
-    from the right (keeping their end-of-turn token); ``drop`` removes them."""
+    """Pairs over ``max_length``: ``truncate`` drops the oldest whole turns of a multi-turn prompt
+    (the system message stays), then cuts the prompt from the left and the replies from the right
+    (keeping their end-of-turn token); ``drop`` removes them."""
     num_proc: int | None = None
+    format: FormatName = "auto"
+    """Dataset shape; ``auto`` detects it from the first row of each source."""
+    columns: Columns | None = None
+    """Rename columns before detection, e.g. ``{prompt: question, chosen: good, rejected: bad}``."""
+    system_prompt: str | None = None
+    """System message for conversational pairs that have none (a ``system`` column wins)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A bad row: ``raise`` stops with its file, row and field; ``skip`` drops it, counted by reason."""
+    cache: bool = True
+    """Keep tokenized pairs under ``$DPOKIT_CACHE/datasets`` (default ``~/.cache/dpokit``),
+    keyed by data, tokenizer and these settings, so the next run skips tokenization."""
+
+
+def data_sources(value: DataSource | list[DataSource] | None) -> list[DataSource]:
+    """``data.train`` / ``data.eval`` as a list of sources (empty for None)."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
 
 
 @dataclass
@@ -88,6 +137,16 @@ class TrainingConfig:
     adam_epsilon: float = 1e-8
     seed: int = 42
     gradient_checkpointing: bool = False
+    padding_free: bool = True
+    """Pack each micro-batch's sequences into one row with restarting positions: no padding."""
+    prefix_sharing: bool = True
+    """One sequence per pair (prompt once, then chosen, then rejected) with a mask that keeps
+    rejected tokens from seeing chosen ones: the prompt is computed once, not twice."""
+    precompute_ref_log_probs: bool = True
+    """Score every pair with the reference once before training (cached on disk) and free the
+    reference model; false keeps it in memory and scores each micro-batch on the fly."""
+    torch_compile: bool = False
+    """Compile the decoder with ``torch.compile`` (dynamic shapes: packed rows vary in length)."""
     logps_chunk_size: int = 1024
     """Reply tokens per output-layer chunk when computing log-probs (memory vs. speed)."""
 
@@ -314,13 +373,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate(config: Config, base_dir: Path | None = None) -> None:
     """Cross-field checks; resolves relative data paths against the config file's folder."""
     d, t, lo, r = config.data, config.training, config.loss, config.run
-    if not d.train.path:
+    train_sources = data_sources(d.train)
+    if not train_sources or not all(s.path for s in train_sources):
         raise ConfigError("data.train is not set: give a .jsonl/.json/.parquet/.csv file or a hub dataset id")
-    for source in (d.train, d.eval):
-        if source is not None and base_dir is not None:
-            candidate = base_dir / source.path
-            if not Path(source.path).exists() and candidate.exists():
-                source.path = str(candidate)
+    for key, sources in (("data.train", train_sources), ("data.eval", data_sources(d.eval))):
+        for i, source in enumerate(sources):
+            where = f"{key}[{i}]" if len(sources) > 1 else key
+            if not source.path:
+                raise ConfigError(f"{where}.path is not set: give a .jsonl/.json/.parquet/.csv file or a hub dataset id")
+            if not source.weight > 0:
+                raise ConfigError(f"{where}.weight must be > 0 (the share of this source in the mix), got {source.weight}")
+            if base_dir is not None:
+                candidate = base_dir / source.path
+                if not Path(source.path).exists() and candidate.exists():
+                    source.path = str(candidate)
+    if d.num_proc is not None and d.num_proc < 1:
+        raise ConfigError(f"data.num_proc must be at least 1 or null, got {d.num_proc}")
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     if d.max_length < 2:
@@ -358,8 +426,20 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
         raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")
     if not 0.0 <= lo.label_smoothing < 0.5:
         raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
+    if t.prefix_sharing and config.model.attn_implementation and "flash_attention" in config.model.attn_implementation:
+        raise ConfigError(
+            f"training.prefix_sharing needs a custom attention mask, which {config.model.attn_implementation} "
+            "cannot take: set prefix_sharing=false (padding-free packing still works with it) or use sdpa"
+        )
     if "none" in r.report_to and len(r.report_to) > 1:
         raise ConfigError(f"run.report_to mixes 'none' with trackers: {r.report_to}")
+
+
+def batch_layout(training: TrainingConfig) -> str:
+    """The batch layout the two switches select (see :mod:`dpokit.data.batching`)."""
+    if training.prefix_sharing:
+        return "prefix_packed" if training.padding_free else "prefix_padded"
+    return "packed" if training.padding_free else "padded"
 
 
 def needs_reference(config: Config) -> bool:

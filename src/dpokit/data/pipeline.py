@@ -1,14 +1,22 @@
-"""The data path in one call: sources -> formats -> tokenize -> train/eval split, with counts."""
+"""The data path in one call: sources -> formats -> tokenize (cached) -> mix -> train/eval split.
+
+Each dataset (``data.train`` may list several) is read, normalized and tokenized on its own, or
+loaded from the cache (:mod:`dpokit.data.cache`). Then, with no ``data.eval``, an
+``eval_fraction`` of all train pairs is held out by seed, and each train source's remaining
+pairs are weighted (:func:`weighted`) and concatenated in config order.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from dpokit.config import DataConfig, DataSource
-from dpokit.data.formats import to_pairs
-from dpokit.data.sources import DataError, describe, load_rows
+from dpokit.config import DataConfig, DataSource, data_sources
+from dpokit.data import cache
+from dpokit.data.formats import column_map, normalize
+from dpokit.data.sources import DataError, Problems, open_source
 from dpokit.data.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
 
 
@@ -19,15 +27,41 @@ class SourceStats:
     origin: str
     rows: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    """Rows or pairs dropped per reason, except ``too_long`` (in ``tokenize``)."""
     tokenize: TokenizeStats = field(default_factory=TokenizeStats)
+    format: str = ""
+    detected: bool = True
+    problems: Problems = field(default_factory=Problems)
+    """Bad rows skipped under ``data.on_error: skip``: counts per reason and the first messages."""
+    notes: list[str] = field(default_factory=list)
+    cached: str | None = None
+    """The cache file the pairs came from, or None when they were tokenized in this run."""
 
     def summary(self) -> str:
-        """Return one line of counts, e.g. ``train.jsonl: 100 rows -> 97 pairs (dropped: ...), 3 truncated``."""
+        """One line of counts, e.g. ``train.jsonl: 100 rows -> 97 pairs (dropped: ...), 3 truncated; format standard (detected)``."""
         drops = dict(self.dropped)
         if self.tokenize.dropped_too_long:
             drops["too_long"] = self.tokenize.dropped_too_long
         dropped = ", ".join(f"{n} {reason}" for reason, n in drops.items()) or "none"
-        return f"{self.origin}: {self.rows} rows -> {self.tokenize.kept} pairs (dropped: {dropped}), {self.tokenize.truncated} truncated"
+        how = " (detected)" if self.detected else " (data.format)"
+        cached = ", from cache" if self.cached else ""
+        return (f"{self.origin}: {self.rows} rows -> {self.tokenize.kept} pairs (dropped: {dropped}), "
+                f"{self.tokenize.truncation_summary()}; format {self.format}{how}{cached}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form without the per-pair lengths (the cache stores those apart)."""
+        out = dataclasses.asdict(self)
+        out["tokenize"].pop("lengths")
+        out.pop("cached")
+        return out
+
+    @classmethod
+    def from_dict(cls, info: dict[str, Any], lengths: list[tuple[int, int, int]]) -> SourceStats:
+        info = dict(info)
+        tok = dict(info.pop("tokenize"))
+        tok_problems = Problems(**tok.pop("problems"))
+        tokenize = TokenizeStats(**tok, problems=tok_problems, lengths=list(lengths))
+        return cls(**{**info, "tokenize": tokenize, "problems": Problems(**info["problems"])})
 
 
 @dataclass
@@ -37,21 +71,67 @@ class PreparedData:
     train: list[TokenizedPair]
     eval: list[TokenizedPair] | None
     stats: dict[str, SourceStats]
-    """``"train"`` and, when ``data.eval`` is set, ``"eval"``."""
+    """Keyed ``"train"`` and ``"eval"``, or ``"train[0]"``, ``"train[1]"``, ... for lists of sources."""
 
 
-def prepare_source(source: DataSource, config: DataConfig, tokenizer: Any) -> tuple[list[TokenizedPair], SourceStats]:
-    """Return the tokenized pairs of one dataset and its counts; :class:`DataError` if none survive."""
-    origin = describe(source)
-    rows = load_rows(source)
-    pairs, dropped = to_pairs(rows, origin)
-    tokenized, tstats = tokenize_pairs(pairs, tokenizer, config.max_length, config.truncation, config.num_proc)
-    stats = SourceStats(origin, rows=len(rows), dropped=dropped, tokenize=tstats)
+def _settings(source: DataSource, config: DataConfig) -> dict[str, Any]:
+    """Everything besides the data and the tokenizer that changes the tokenized pairs."""
+    return {
+        "format": source.format or config.format,
+        "columns": column_map(source.columns if source.columns is not None else config.columns),
+        "system_prompt": config.system_prompt,
+        "max_length": config.max_length,
+        "truncation": config.truncation,
+    }
+
+
+def prepare_source(
+    source: DataSource, config: DataConfig, tokenizer: Any, tokenizer_id: str | None = None
+) -> tuple[list[TokenizedPair], SourceStats]:
+    """Return the tokenized pairs of one dataset and its counts; :class:`DataError` if none survive.
+
+    With ``config.cache`` the result is read from, or written to, the cache;
+    ``tokenizer_id`` (from :func:`dpokit.data.cache.tokenizer_fingerprint`) saves recomputing it.
+    ``on_error`` is not part of the key: data without bad rows gives the same pairs either way,
+    so an entry written under ``skip`` (``dpokit data inspect``) serves a ``raise`` run unless
+    it skipped rows; then the data is read again, to stop at the first bad row.
+    """
+    opened = open_source(source)
+    settings = _settings(source, config)
+    key = None
+    if config.cache:
+        key = cache.cache_key(opened.identity, tokenizer_id or cache.tokenizer_fingerprint(tokenizer), settings)
+        hit = cache.load(key)
+        if hit is not None and (config.on_error == "skip" or not hit[1]["problems"]["counts"]):
+            pairs, info, lengths = hit
+            stats = SourceStats.from_dict(info, lengths)
+            stats.origin, stats.cached = opened.origin, str(cache.cache_path(key))
+            return pairs, stats
+    rows = opened.read(config.on_error)
+    result = normalize(
+        rows.rows, opened.origin, format=settings["format"], columns=settings["columns"],
+        system_prompt=config.system_prompt, on_error=config.on_error, lines=rows.lines,
+    )
+    tokenized, tstats = tokenize_pairs(result.pairs, tokenizer, config.max_length, config.truncation, config.num_proc, config.on_error)
+    problems = Problems()
+    dropped: dict[str, int] = {}
+    for part in (rows.problems.counts, result.dropped, tstats.problems.counts):
+        for reason, n in part.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    for part in (rows.problems, result.problems, tstats.problems):
+        problems.extend(part)
+    notes = []
+    if config.system_prompt and result.pairs and not result.pairs[0].is_chat:
+        notes.append(f"data.system_prompt is not used for {opened.origin}: its pairs are plain text ({result.format}), which has no roles")
+    stats = SourceStats(opened.origin, rows=len(rows.rows) + rows.problems.total, dropped=dropped, tokenize=tstats,
+                        format=result.format, detected=result.detected, problems=problems, notes=notes)
     if not tokenized:
         raise DataError(
-            f"no usable pair in {origin}: {stats.summary()}. "
+            f"no usable pair in {opened.origin}: {stats.summary()}. "
             "Check that chosen and rejected differ, or raise data.max_length / use data.truncation=truncate"
         )
+    if key is not None:
+        cache.save(key, tokenized, stats.to_dict(), tstats.lengths)
     return tokenized, stats
 
 
@@ -72,20 +152,77 @@ def split_eval(items: list[Any], fraction: float, seed: int) -> tuple[list[Any],
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
+def weighted_count(n: int, weight: float) -> int:
+    """How many pairs a source of ``n`` pairs contributes at ``weight``: ``round(weight * n)``, at least 1."""
+    return 0 if n == 0 else max(1, round(weight * n))
+
+
+def weighted(items: list[Any], weight: float, seed: int, index: int) -> list[Any]:
+    """``items`` used ``weighted_count(len(items), weight)`` times in all, deterministically by seed.
+
+    The count is split into whole copies of ``items`` and a remainder: that many items drawn
+    without replacement by ``(seed, index)`` (``index``: the source's place in the list),
+    kept in their original order. Weight 1 returns ``items`` unchanged; 0.5 keeps a seeded
+    half; 2.5 gives every item twice and a seeded half once more.
+    """
+    n = len(items)
+    count = weighted_count(n, weight)
+    if count == n:
+        return list(items)
+    whole, extra = divmod(count, n)
+    picked = sorted(random.Random(seed * 1_000_003 + index).sample(range(n), extra))
+    return list(items) * whole + [items[j] for j in picked]
+
+
+def _log_source(log: Callable[[str], Any], label: str, stats: SourceStats) -> None:
+    log(f"data: {label} {stats.summary()}")
+    for note in stats.notes:
+        log(f"data: note: {note}")
+    if stats.problems:
+        shown = len(stats.problems.examples)
+        log(f"data: {label}: skipped {stats.problems.total} bad rows (data.on_error=skip); the first {shown}:")
+        for message in stats.problems.examples:
+            log(f"  {message}")
+
+
 def load_data(config: DataConfig, tokenizer: Any, seed: int, log: Callable[[str], Any] = print) -> PreparedData:
     """Read, normalize and tokenize ``config.train`` (and ``config.eval``) into a :class:`PreparedData`.
 
     Without ``config.eval``, ``config.eval_fraction > 0`` splits eval pairs off the train pairs
-    by ``seed``; with neither, ``eval`` is None. Logs one line of counts per dataset.
+    by ``seed`` (before weighting, so no eval pair is trained on); with neither, ``eval`` is None.
+    Each source's pairs are then :func:`weighted` by its ``weight``. Logs one line of counts per
+    dataset, the first few skipped rows, and the mix.
     """
-    train, train_stats = prepare_source(config.train, config, tokenizer)
-    stats = {"train": train_stats}
-    log(f"data: train {train_stats.summary()}")
+    tokenizer_id = cache.tokenizer_fingerprint(tokenizer) if config.cache else None
+    train_sources, eval_sources = data_sources(config.train), data_sources(config.eval)
+    stats: dict[str, SourceStats] = {}
+
+    def prepare(kind: str, sources: list[DataSource]) -> list[list[TokenizedPair]]:
+        parts = []
+        for i, source in enumerate(sources):
+            label = kind if len(sources) == 1 else f"{kind}[{i}]"
+            pairs, stats[label] = prepare_source(source, config, tokenizer, tokenizer_id)
+            _log_source(log, label, stats[label])
+            parts.append(pairs)
+        return parts
+
+    train_parts = prepare("train", train_sources)
     evaluation = None
-    if config.eval is not None:
-        evaluation, stats["eval"] = prepare_source(config.eval, config, tokenizer)
-        log(f"data: eval {stats['eval'].summary()}")
+    if eval_sources:
+        eval_parts = prepare("eval", eval_sources)
+        evaluation = [p for i, (s, part) in enumerate(zip(eval_sources, eval_parts)) for p in weighted(part, s.weight, seed, i)]
     elif config.eval_fraction > 0:
-        train, evaluation = split_eval(train, config.eval_fraction, seed)
-        log(f"data: eval split off the train data: {len(evaluation)} pairs (eval_fraction={config.eval_fraction}, seed={seed}); {len(train)} left to train")
+        tagged = [(i, pair) for i, part in enumerate(train_parts) for pair in part]
+        kept, held = split_eval(tagged, config.eval_fraction, seed)
+        evaluation = [pair for _, pair in held]
+        train_parts = [[pair for j, pair in kept if j == i] for i in range(len(train_parts))]
+        log(f"data: eval split off the train data: {len(evaluation)} pairs (eval_fraction={config.eval_fraction}, seed={seed}); {len(kept)} left to train")
+    train: list[TokenizedPair] = []
+    shares = []
+    for i, (source, part) in enumerate(zip(train_sources, train_parts)):
+        mixed = weighted(part, source.weight, seed, i)
+        shares.append(f"{'train' if len(train_sources) == 1 else f'train[{i}]'} {len(part)} x {source.weight:g} -> {len(mixed)}")
+        train.extend(mixed)
+    if len(train_sources) > 1 or any(s.weight != 1 for s in train_sources):
+        log(f"data: mix: {', '.join(shares)}; {len(train)} train pairs")
     return PreparedData(train=train, eval=evaluation, stats=stats)

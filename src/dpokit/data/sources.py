@@ -2,55 +2,150 @@
 
 Everything here returns plain Python rows (``list[dict]``); what the rows mean is the job of
 :mod:`dpokit.data.formats`. Bad input raises :class:`DataError` with the file, the line or
-row, and what to do, never a parser traceback.
+row, and what to do, never a parser traceback. Under ``data.on_error: skip`` a bad line of a
+``.jsonl`` file is counted in a :class:`Problems` instead.
+
+:func:`open_source` separates finding a dataset from reading its rows: the opened source has an
+``identity`` (path, size and modification time of a file; fingerprint of a hub or saved
+dataset) that keys the tokenization cache, so a cached dataset is never parsed again.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dpokit.config import DataSource
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+MAX_SHOWN = 5
+"""How many problem messages :class:`Problems` keeps to show."""
+
+SKIP_HINT = "Fix or remove that row, or set data.on_error=skip to drop bad rows (they are counted by reason)"
 
 
 class DataError(ValueError):
     """A dataset problem a user can fix; the message names the file, the row and what to do."""
 
 
-def describe(source: DataSource) -> str:
-    """Return a short human name for ``source``, used as the origin in error messages."""
+class RowError(DataError):
+    """A problem with one row (or pair); ``reason`` is the short name it is counted under."""
+
+    def __init__(self, message: str, reason: str = "invalid"):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # keep the reason across process pools
+        return (RowError, (str(self), self.reason))
+
+
+@dataclass
+class Problems:
+    """Rows dropped under ``data.on_error: skip``: how many per reason, and the first messages."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+    """The first :data:`MAX_SHOWN` messages, each naming the file, row and field."""
+
+    def add(self, reason: str, message: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.examples) < MAX_SHOWN:
+            self.examples.append(message)
+
+    def extend(self, other: Problems) -> None:
+        for reason, n in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + n
+        self.examples.extend(other.examples[: MAX_SHOWN - len(self.examples)])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+
+@dataclass
+class Rows:
+    """Rows of one dataset; ``lines[i]`` is row ``i``'s line number in a ``.jsonl`` file."""
+
+    rows: list[dict[str, Any]]
+    lines: list[int] | None = None
+    problems: Problems = field(default_factory=Problems)
+    """Lines that could not be read (only under ``on_error="skip"``)."""
+
+    def where(self, index: int) -> str:
+        """``"line 7"`` for a .jsonl file, else ``"row 7"`` (1-based) for row ``index``."""
+        return f"line {self.lines[index]}" if self.lines is not None else f"row {index + 1}"
+
+
+@dataclass
+class OpenedSource:
+    """A dataset found but not read yet: ``identity`` says exactly which data it is."""
+
+    source: DataSource
+    origin: str
+    identity: dict[str, Any]
+    _read: Callable[[str], Rows]
+
+    def read(self, on_error: str = "raise") -> Rows:
+        """All rows, in order; raises :class:`DataError` when there are none."""
+        rows = self._read(on_error)
+        if not rows.rows:
+            skipped = f" ({rows.problems.total} unreadable lines skipped)" if rows.problems else ""
+            raise DataError(f"{self.origin} has no rows{skipped}: give a dataset with at least one preference pair")
+        return rows
+
+
+def describe(source: DataSource | list[DataSource]) -> str:
+    """Return a short human name for ``source`` (or a list of them), used as the origin in messages."""
+    if isinstance(source, list):
+        return " + ".join(describe(s) for s in source)
     if _is_local(source.path):
         return source.path
     subset = f", name={source.name}" if source.name else ""
-    return f"{source.path} (hub dataset{subset}, split={source.split})"
+    revision = f", revision={source.revision}" if source.revision else ""
+    return f"{source.path} (hub dataset{subset}, split={source.split}{revision})"
 
 
-def load_rows(source: DataSource) -> list[dict[str, Any]]:
-    """Return every row of ``source`` as a dict, in file order.
+def open_source(source: DataSource) -> OpenedSource:
+    """Find ``source`` and say what it is, without reading its rows (a hub dataset is loaded).
 
     ``source.path`` is a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a folder written by
     ``datasets``' ``save_to_disk``, or else a Hugging Face hub dataset id loaded with
-    ``load_dataset(path, name=source.name, split=source.split)``. Raises :class:`DataError`
-    for a missing file, a malformed one, or a dataset with no rows.
+    ``load_dataset(path, name=source.name, split=source.split, revision=source.revision)``.
+    Raises :class:`DataError` for a missing file or an unloadable dataset.
     """
     path = Path(source.path)
     suffix = path.suffix.lower()
+    origin = describe(source)
     if suffix in FILE_SUFFIXES:
         if not path.is_file():
             raise DataError(f"data file {source.path} does not exist (check the path in data.train / data.eval)")
+        stat = path.stat()
+        identity = {"kind": "file", "path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "split": source.split}
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
-        rows = readers[suffix](path, source.split)
-    elif path.is_dir():
-        rows = _read_saved_dataset(path, source.split)
+        return OpenedSource(source, origin, identity, lambda on_error: readers[suffix](path, source.split, on_error))
+    if path.is_dir():
+        dataset = _load_saved_dataset(path, source.split)
+        identity = {"kind": "saved", "path": str(path.resolve()), "split": source.split, "fingerprint": dataset._fingerprint}
     else:
-        rows = _read_hub(source)
-    if not rows:
-        raise DataError(f"{describe(source)} has no rows: give a dataset with at least one preference pair")
-    return rows
+        dataset = _load_hub(source)
+        identity = {"kind": "hub", "path": source.path, "name": source.name, "split": source.split,
+                    "revision": source.revision, "fingerprint": dataset._fingerprint}
+    return OpenedSource(source, origin, identity, lambda on_error: Rows(dataset.to_list()))
+
+
+def load_rows(source: DataSource) -> list[dict[str, Any]]:
+    """Return every row of ``source`` as a dict, in file order (see :func:`open_source`).
+
+    Raises :class:`DataError` for a missing file, a malformed one, or a dataset with no rows.
+    """
+    return open_source(source).read().rows
 
 
 def _is_local(path: str) -> bool:
@@ -60,25 +155,31 @@ def _is_local(path: str) -> bool:
 # ----------------------------------------------------------------------------- local files
 
 
-def _parse_jsonl(text: str, path: Path) -> list[dict[str, Any]]:
-    rows = []
+def _parse_jsonl(text: str, path: Path, on_error: str = "raise") -> Rows:
+    out = Rows([], lines=[])
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}). "
-                "Each line of a .jsonl file must be one JSON object; fix or remove that line."
-            ) from None
+            message = (f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}). "
+                       "Each line of a .jsonl file must be one JSON object")
+            if on_error != "skip":
+                raise RowError(f"{message}; fix or remove that line, or set data.on_error=skip to drop bad lines "
+                               "(they are counted)", "malformed_json") from None
+            out.problems.add("malformed_json", message)
+            continue
         if not isinstance(row, dict):
-            raise DataError(
-                f"{path}, line {number}: expected a JSON object like "
-                f'{{"prompt": ..., "chosen": ..., "rejected": ...}}, got {type(row).__name__}'
-            )
-        rows.append(row)
-    return rows
+            message = (f"{path}, line {number}: expected a JSON object like "
+                       f'{{"prompt": ..., "chosen": ..., "rejected": ...}}, got {type(row).__name__}')
+            if on_error != "skip":
+                raise RowError(message, "not_an_object")
+            out.problems.add("not_an_object", message)
+            continue
+        out.rows.append(row)
+        out.lines.append(number)
+    return out
 
 
 def _read_text(path: Path) -> str:
@@ -88,18 +189,18 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
 
 
-def _read_jsonl(path: Path, split: str) -> list[dict[str, Any]]:
-    return _parse_jsonl(_read_text(path), path)
+def _read_jsonl(path: Path, split: str, on_error: str = "raise") -> Rows:
+    return _parse_jsonl(_read_text(path), path, on_error)
 
 
-def _read_json(path: Path, split: str) -> list[dict[str, Any]]:
+def _read_json(path: Path, split: str, on_error: str = "raise") -> Rows:
     """A list of objects, or ``{"<split>": [objects]}``; JSON Lines saved as ``.json`` also works."""
     text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one object per line, as `datasets` writes .json files
-            return _parse_jsonl(text, path)
+            return _parse_jsonl(text, path, on_error)
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(data, dict):
         if isinstance(data.get(split), list):
@@ -114,19 +215,19 @@ def _read_json(path: Path, split: str) -> list[dict[str, Any]]:
     for number, row in enumerate(data, start=1):
         if not isinstance(row, dict):
             raise DataError(f"{path}, row {number}: expected a JSON object, got {type(row).__name__}")
-    return data
+    return Rows(data)
 
 
-def _read_parquet(path: Path, split: str) -> list[dict[str, Any]]:
+def _read_parquet(path: Path, split: str, on_error: str = "raise") -> Rows:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        return Rows(pq.read_table(path).to_pylist())
     except Exception as e:  # pyarrow raises several types for a broken file
         raise DataError(f"{path}: could not read it as Parquet ({e})") from None
 
 
-def _read_csv(path: Path, split: str) -> list[dict[str, Any]]:
+def _read_csv(path: Path, split: str, on_error: str = "raise") -> Rows:
     """CSV cells are strings: a CSV can only hold the string (standard) shape."""
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: drop an Excel BOM
         try:
@@ -137,13 +238,13 @@ def _read_csv(path: Path, split: str) -> list[dict[str, Any]]:
     for number, row in enumerate(rows, start=1):
         if None in row:  # more cells than header columns
             raise DataError(f"{path}, row {number}: has more cells than the header has columns")
-    return rows
+    return Rows(rows)
 
 
 # ----------------------------------------------------------------------------- datasets
 
 
-def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
+def _load_saved_dataset(path: Path, split: str):
     """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
     if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         raise DataError(
@@ -157,19 +258,18 @@ def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
         if split not in loaded:
             raise DataError(f"{path} has splits {list(loaded)}, not '{split}': set data.train.split")
         loaded = loaded[split]
-    return loaded.to_list()
+    return loaded
 
 
-def _read_hub(source: DataSource) -> list[dict[str, Any]]:
+def _load_hub(source: DataSource):
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source.path, name=source.name, split=source.split)
+        return datasets.load_dataset(source.path, name=source.name, split=source.split, revision=source.revision)
     except Exception as e:  # network, auth, unknown id, unknown split: all end up here
         raise DataError(
             f"could not load '{source.path}' from the Hugging Face Hub "
-            f"(name={source.name}, split={source.split}): {type(e).__name__}: {e}. "
+            f"(name={source.name}, split={source.split}, revision={source.revision}): {type(e).__name__}: {e}. "
             f"No local file or folder named '{source.path}' exists either; give a "
             ".jsonl/.json/.parquet/.csv file, or check the dataset id, subset, split and your network."
         ) from None
-    return dataset.to_list()

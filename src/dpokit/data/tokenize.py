@@ -9,17 +9,22 @@ Conversational pairs are rendered with the tokenizer's chat template; the reply 
 part of ``template(prompt + reply)`` after ``template(prompt, add_generation_prompt=True)``,
 cut right after the end-of-turn marker (whitespace the template writes after the marker,
 such as ChatML's newline, belongs to no one and is not trained on).
+
+Pairs longer than ``max_length`` are dropped (``truncation="drop"``) or fitted
+(``"truncate"``): a multi-turn prompt first loses its oldest whole turns (a system message
+stays), then the prompt is cut from the left and the replies from the right, each reply keeping
+its end-of-turn token. :class:`TokenizeStats` counts what each step did.
 """
 
 from __future__ import annotations
 
 import math
 import multiprocessing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from dpokit.data.formats import Message, Pair
-from dpokit.data.sources import DataError
+from dpokit.data.sources import DataError, Problems, RowError
 
 _SENTINEL = "\u2063dpokit-sentinel-reply\u2063"
 
@@ -36,19 +41,37 @@ class TokenizedPair:
 
 @dataclass
 class TokenizeStats:
-    """Counts from :func:`tokenize_pairs`: ``kept = total - dropped_too_long``; ``truncated`` of the kept."""
+    """Counts from :func:`tokenize_pairs`: ``kept = total - dropped_too_long - problems.total``.
+
+    Of the kept pairs, ``truncated`` were shortened (``truncation="truncate"``), by one or more
+    of: ``turns_dropped`` (the prompt lost its oldest whole turns), ``prompt_cut`` (prompt
+    tokens cut from the left), ``replies_cut`` (reply tokens cut from the right).
+    """
 
     total: int = 0
     kept: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
+    turns_dropped: int = 0
+    prompt_cut: int = 0
+    replies_cut: int = 0
+    problems: Problems = field(default_factory=Problems)
+    """Pairs the chat template could not render (only under ``on_error="skip"``)."""
+    lengths: list[tuple[int, int, int]] = field(default_factory=list)
+    """``(prompt, chosen, rejected)`` token counts of every rendered pair before any truncation."""
 
     def add(self, other: TokenizeStats) -> None:
-        """Add ``other``'s counts into this one."""
-        self.total += other.total
-        self.kept += other.kept
-        self.truncated += other.truncated
-        self.dropped_too_long += other.dropped_too_long
+        """Add ``other``'s counts into this one (``other`` comes after it)."""
+        for name in ("total", "kept", "truncated", "dropped_too_long", "turns_dropped", "prompt_cut", "replies_cut"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.problems.extend(other.problems)
+        self.lengths.extend(other.lengths)
+
+    def truncation_summary(self) -> str:
+        """``"3 truncated (2 dropped old turns, 1 cut the prompt, 1 cut replies)"``, or ``"0 truncated"``."""
+        parts = [f"{n} {what}" for n, what in ((self.turns_dropped, "dropped old turns"), (self.prompt_cut, "cut the prompt"),
+                                               (self.replies_cut, "cut replies")) if n]
+        return f"{self.truncated} truncated" + (f" ({', '.join(parts)})" if parts else "")
 
 
 # ----------------------------------------------------------------------------- chat templates
@@ -80,12 +103,17 @@ def end_of_turn_marker(tokenizer: Any) -> str:
     return text.split(_SENTINEL)[-1].rstrip()
 
 
-def _apply_template(tokenizer: Any, messages: list[Message], generation_prompt: bool, where: str) -> str:
+def _apply_template(tokenizer: Any, messages: list[Message], generation_prompt: bool, where: str, field: str) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as e:  # jinja errors, "roles must alternate", ...
         roles = ", ".join(m["role"] for m in messages)
-        raise DataError(f"{where}: the chat template cannot render messages with roles [{roles}]: {e}") from None
+        raise RowError(
+            f"{where}: '{field}': the chat template cannot render messages with roles [{roles}]: {e}. "
+            "Use a tokenizer whose chat template accepts these roles (for a template without a system "
+            "role, leave data.system_prompt unset)",
+            "template_error",
+        ) from None
 
 
 def render_chat(pair: Pair, tokenizer: Any, marker: str, where: str = "pair") -> tuple[str, str, str]:
@@ -95,21 +123,27 @@ def render_chat(pair: Pair, tokenizer: Any, marker: str, where: str = "pair") ->
     reply text runs from there to the end of ``marker``'s last occurrence (all of it when
     ``marker`` is ``""``). ``prompt_text + reply_text`` is a prefix of the rendered conversation.
     """
-    prompt = _apply_template(tokenizer, pair.prompt, True, where)
+    prompt = _apply_template(tokenizer, pair.prompt, True, where, "prompt")
     replies = []
-    for reply in (pair.chosen, pair.rejected):
-        full = _apply_template(tokenizer, pair.prompt + reply, False, where)
+    for field, reply in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        full = _apply_template(tokenizer, pair.prompt + reply, False, where, field)
         if not full.startswith(prompt):
-            raise DataError(
-                f"{where}: the chat template does not put the reply at the end: the conversation with "
-                "the reply does not start with the prompt rendered with add_generation_prompt=True "
-                "(templates that rewrite earlier turns, e.g. strip reasoning, are not supported yet)"
+            raise RowError(
+                f"{where}: '{field}': the chat template does not put the reply at the end: the conversation "
+                "with the reply does not start with the prompt rendered with add_generation_prompt=True "
+                "(templates that rewrite earlier turns, e.g. strip reasoning, are not supported yet). "
+                "Use a tokenizer whose template renders earlier turns the same with or without a reply",
+                "reply_not_at_end",
             )
         rest = full[len(prompt) :]
         if marker:
             end = rest.rfind(marker)
             if end < 0:
-                raise DataError(f"{where}: the chat template does not end the reply with its end-of-turn marker {marker!r}")
+                raise RowError(
+                    f"{where}: '{field}': the chat template does not end the reply with its end-of-turn "
+                    f"marker {marker!r}; use a template that closes every assistant turn the same way",
+                    "no_end_marker",
+                )
             rest = rest[: end + len(marker)]
         replies.append(rest)
     return prompt, replies[0], replies[1]
@@ -124,14 +158,28 @@ def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]]
 
 
-def _encode_pairs(pairs: Sequence[Pair], tokenizer: Any, marker: str | None, first: int) -> list[TokenizedPair]:
-    """Return the untruncated :class:`TokenizedPair` of each pair; ``first`` numbers them in errors."""
-    prompts, chosen, rejected, special, add_eos = [], [], [], [], []
+def _encode_pairs(
+    pairs: Sequence[Pair], tokenizer: Any, marker: str | None, first: int, on_error: str = "raise", problems: Problems | None = None
+) -> list[TokenizedPair | None]:
+    """Return the untruncated :class:`TokenizedPair` of each pair; ``first`` numbers them in errors.
+
+    A pair the chat template cannot render raises :class:`RowError`, or under ``on_error="skip"``
+    is counted in ``problems`` and comes back as None.
+    """
+    prompts, chosen, rejected, special, add_eos, rendered = [], [], [], [], [], []
     for i, pair in enumerate(pairs, start=first):
         if pair.is_chat:
-            texts = render_chat(pair, tokenizer, marker or "", where=f"pair {i}")
+            try:
+                texts = render_chat(pair, tokenizer, marker or "", where=pair.where or f"pair {i}")
+            except RowError as e:
+                if on_error != "skip" or problems is None:
+                    raise RowError(f"{e} (or set data.on_error=skip to drop such pairs, counted)", e.reason) from None
+                problems.add(e.reason, str(e))
+                rendered.append(False)
+                continue
         else:
             texts = (pair.prompt, pair.chosen, pair.rejected)
+        rendered.append(True)
         for column, text in zip((prompts, chosen, rejected), texts):
             column.append(text)
         special.append(not pair.is_chat)  # a chat template writes its own BOS
@@ -140,19 +188,20 @@ def _encode_pairs(pairs: Sequence[Pair], tokenizer: Any, marker: str | None, fir
     if any(add_eos) and eos is None:
         raise DataError("the tokenizer has no eos_token, needed to end each reply: set tokenizer.eos_token")
     # Batch calls per flag value: fast tokenizers encode a batch in parallel.
-    prompt_ids = [None] * len(pairs)
+    prompt_ids = [None] * len(prompts)
     for flag in (True, False):
         idx = [i for i, s in enumerate(special) if s == flag]
         for i, ids in zip(idx, _encode(tokenizer, [prompts[i] for i in idx], add_special_tokens=flag)):
             prompt_ids[i] = ids
     chosen_ids = _encode(tokenizer, chosen, add_special_tokens=False)
     rejected_ids = _encode(tokenizer, rejected, add_special_tokens=False)
-    out = []
+    encoded = []
     for p, c, r, e in zip(prompt_ids, chosen_ids, rejected_ids, add_eos):
         if e:
             c, r = c + [eos], r + [eos]
-        out.append(TokenizedPair(p, c, r))
-    return out
+        encoded.append(TokenizedPair(p, c, r))
+    it = iter(encoded)
+    return [next(it) if ok else None for ok in rendered]
 
 
 def _cut_left(ids: list[int], keep: int, bos: int | None) -> list[int]:
@@ -171,38 +220,87 @@ def _cut_right(ids: list[int], keep: int) -> list[int]:
     return ids[: keep - 1] + ids[-1:]
 
 
+def _prompt_budget(prompt_len: int, longest: int, max_length: int) -> int:
+    """Prompt tokens a too-long pair keeps: ``max(max_length - longest_reply, min(prompt_len, max_length // 2))``."""
+    return max(max_length - longest, min(prompt_len, max_length // 2))
+
+
+def _fit(pair: TokenizedPair, max_length: int, truncation: str, bos: int | None) -> tuple[TokenizedPair | None, bool, bool]:
+    """:func:`fit_length`, saying which parts were cut: ``(pair or None, prompt_cut, replies_cut)``."""
+    longest = max(len(pair.chosen_ids), len(pair.rejected_ids))
+    if len(pair.prompt_ids) + longest <= max_length:
+        return pair, False, False
+    if truncation == "drop":
+        return None, False, False
+    if truncation != "truncate":
+        raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
+    prompt = _cut_left(pair.prompt_ids, _prompt_budget(len(pair.prompt_ids), longest, max_length), bos)
+    budget = max_length - len(prompt)
+    chosen, rejected = _cut_right(pair.chosen_ids, budget), _cut_right(pair.rejected_ids, budget)
+    replies_cut = len(chosen) < len(pair.chosen_ids) or len(rejected) < len(pair.rejected_ids)
+    return TokenizedPair(prompt, chosen, rejected), len(prompt) < len(pair.prompt_ids), replies_cut
+
+
 def fit_length(pair: TokenizedPair, max_length: int, truncation: str, bos: int | None = None) -> tuple[TokenizedPair | None, bool]:
     """Return ``(pair or None, truncated)`` with ``len(prompt) + max(len(replies)) <= max_length``.
 
     A pair that fits comes back unchanged. Otherwise ``"drop"`` returns None, and
     ``"truncate"`` keeps the last ``max(max_length - longest_reply, min(len(prompt), max_length // 2))``
     prompt tokens (a leading ``bos`` stays) and cuts each reply from the right to the rest,
-    keeping its final end-of-turn token.
+    keeping its final end-of-turn token. (Dropping whole old turns first needs the messages:
+    :func:`tokenize_pairs` does it.)
     """
-    longest = max(len(pair.chosen_ids), len(pair.rejected_ids))
-    if len(pair.prompt_ids) + longest <= max_length:
-        return pair, False
-    if truncation == "drop":
-        return None, False
-    if truncation != "truncate":
-        raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
-    keep = max(max_length - longest, min(len(pair.prompt_ids), max_length // 2))
-    prompt = _cut_left(pair.prompt_ids, keep, bos)
-    budget = max_length - len(prompt)
-    return TokenizedPair(prompt, _cut_right(pair.chosen_ids, budget), _cut_right(pair.rejected_ids, budget)), True
+    fitted, prompt_cut, replies_cut = _fit(pair, max_length, truncation, bos)
+    return fitted, prompt_cut or replies_cut
+
+
+def _drop_old_turns(pair: Pair, encoded: TokenizedPair, tokenizer: Any, marker: str | None, max_length: int, number: int) -> TokenizedPair | None:
+    """Re-encode a too-long chat ``pair`` without its oldest whole turns, or None if that is not needed.
+
+    The prompt's budget is the one :func:`fit_length` gives it; turns (a user message and what
+    follows it up to the next user message) are removed oldest first until the prompt fits, a
+    leading system message always staying. If even the last turn alone is over budget, the
+    pair comes back with only that turn (its tokens get cut after).
+    """
+    longest = max(len(encoded.chosen_ids), len(encoded.rejected_ids))
+    budget = _prompt_budget(len(encoded.prompt_ids), longest, max_length)
+    if len(encoded.prompt_ids) <= budget:
+        return None
+    head = pair.prompt[:1] if pair.prompt[0]["role"] == "system" else []
+    body = pair.prompt[len(head) :]
+    best = None
+    for start in (k for k in range(1, len(body)) if body[k]["role"] == "user"):
+        shorter = Pair(head + body[start:], pair.chosen, pair.rejected, where=pair.where)
+        (best,) = _encode_pairs([shorter], tokenizer, marker, number)
+        if len(best.prompt_ids) <= budget:
+            break
+    return best
 
 
 def _tokenize_chunk(args: tuple) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize and fit one chunk of pairs; top-level so a process pool can run it."""
-    pairs, tokenizer, max_length, truncation, marker, first = args
+    pairs, tokenizer, max_length, truncation, marker, first, on_error = args
     stats = TokenizeStats(total=len(pairs))
+    bos = tokenizer.bos_token_id
     out = []
-    for encoded in _encode_pairs(pairs, tokenizer, marker, first):
-        fitted, truncated = fit_length(encoded, max_length, truncation, tokenizer.bos_token_id)
+    for i, (pair, encoded) in enumerate(zip(pairs, _encode_pairs(pairs, tokenizer, marker, first, on_error, stats.problems))):
+        if encoded is None:
+            continue
+        stats.lengths.append((len(encoded.prompt_ids), len(encoded.chosen_ids), len(encoded.rejected_ids)))
+        turns_dropped = False
+        too_long = len(encoded.prompt_ids) + max(len(encoded.chosen_ids), len(encoded.rejected_ids)) > max_length
+        if too_long and truncation == "truncate" and pair.is_chat:
+            shorter = _drop_old_turns(pair, encoded, tokenizer, marker, max_length, first + i)
+            if shorter is not None:
+                encoded, turns_dropped = shorter, True
+        fitted, prompt_cut, replies_cut = _fit(encoded, max_length, truncation, bos)
         if fitted is None:
             stats.dropped_too_long += 1
             continue
-        stats.truncated += truncated
+        stats.turns_dropped += turns_dropped
+        stats.prompt_cut += prompt_cut
+        stats.replies_cut += replies_cut
+        stats.truncated += turns_dropped or prompt_cut or replies_cut
         out.append(fitted)
     stats.kept = len(out)
     return out, stats
@@ -214,22 +312,25 @@ def tokenize_pairs(
     max_length: int,
     truncation: str,
     num_proc: int | None = None,
+    on_error: str = "raise",
 ) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize ``pairs`` and apply the length rule; return the kept pairs in order and counts.
 
     A pair is too long when ``len(prompt) + max(len(chosen), len(rejected)) > max_length``;
-    ``truncation`` is ``"drop"`` or ``"truncate"`` (see :func:`fit_length`). ``num_proc > 1``
-    spreads the work over a process pool; the output is identical to ``num_proc=None``.
-    Raises :class:`DataError` for conversational pairs when the tokenizer has no usable chat
-    template, or when the template cannot render a pair.
+    ``truncation`` is ``"drop"`` or ``"truncate"`` (old whole turns first, then see
+    :func:`fit_length`). ``num_proc > 1`` spreads the work over a process pool; the output is
+    identical to ``num_proc=None``. Raises :class:`DataError` for conversational pairs when the
+    tokenizer has no usable chat template, and :class:`RowError` (naming the pair's file and row)
+    when the template cannot render a pair; under ``on_error="skip"`` such pairs are counted in
+    ``stats.problems`` instead.
     """
     if truncation not in ("truncate", "drop"):
         raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
     marker = end_of_turn_marker(tokenizer) if any(p.is_chat for p in pairs) else None
     if not num_proc or num_proc <= 1 or len(pairs) < 2 * num_proc:
-        return _tokenize_chunk((list(pairs), tokenizer, max_length, truncation, marker, 1))
+        return _tokenize_chunk((list(pairs), tokenizer, max_length, truncation, marker, 1, on_error))
     size = math.ceil(len(pairs) / (4 * num_proc))
-    chunks = [(list(pairs[s : s + size]), tokenizer, max_length, truncation, marker, s + 1) for s in range(0, len(pairs), size)]
+    chunks = [(list(pairs[s : s + size]), tokenizer, max_length, truncation, marker, s + 1, on_error) for s in range(0, len(pairs), size)]
     # spawn, not fork: the parent may hold torch and tokenizers threads, which fork can deadlock.
     with multiprocessing.get_context("spawn").Pool(num_proc) as pool:
         results = pool.map(_tokenize_chunk, chunks)

@@ -80,3 +80,17 @@ def workdir(tmp_path_factory):
     from runs import make_workdir
 
     return make_workdir(tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Reference tables and built models go to a fresh cache, not the user's."""
+    import os
+
+    previous = os.environ.get("DPOKIT_CACHE")
+    os.environ["DPOKIT_CACHE"] = str(tmp_path_factory.mktemp("dpokit-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DPOKIT_CACHE", None)
+    else:
+        os.environ["DPOKIT_CACHE"] = previous

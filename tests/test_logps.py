@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from dpokit.data.batching import padded_batch
+from dpokit.data.batching import LAYOUTS, make_batch, padded_batch
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs, token_logps
 
@@ -58,23 +58,27 @@ def naive_logps(model, pairs: list[TokenizedPair]) -> torch.Tensor:
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch,tie", [("qwen2", True), ("llama", False)])
-@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
-def test_reply_logps_match_naive(arch, tie, chunk_size):
+@pytest.mark.parametrize("chunk_size", [7, 1024])
+def test_reply_logps_match_naive(layout, attn, arch, tie, chunk_size):
     model = tiny_lm(arch, tie=tie)
+    model.config._attn_implementation = attn
     pairs = ragged_pairs()
-    batch = padded_batch(pairs)
+    batch = make_batch(pairs, layout)
     ours = ReplyLogProbs(model, chunk_size)(**batch.model_inputs())
     expected = naive_logps(model, pairs)
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
     assert batch.seq_tokens.tolist() == [len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
 
 
-def test_reply_logps_gradients_match_naive():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reply_logps_gradients_match_naive(layout):
     model_a, model_b = tiny_lm(seed=1).train(), tiny_lm(seed=1).train()
     pairs = ragged_pairs(seed=3)
     weights = torch.linspace(-1, 1, 2 * len(pairs))
-    (ReplyLogProbs(model_a, chunk_size=5)(**padded_batch(pairs).model_inputs()) * weights).sum().backward()
+    (ReplyLogProbs(model_a, chunk_size=5)(**make_batch(pairs, layout).model_inputs()) * weights).sum().backward()
     (naive_logps(model_b, pairs) * weights).sum().backward()
     for (name, pa), (_, pb) in zip(model_a.named_parameters(), model_b.named_parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, atol=1e-4, rtol=1e-4, msg=name)
@@ -134,5 +138,38 @@ def test_full_data_path_matches_naive_on_multi_turn_chats(chat_tokenizer):
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
-    ours = ReplyLogProbs(model, chunk_size=16)(**padded_batch(tokenized, chat_tokenizer.pad_token_id).model_inputs())
-    torch.testing.assert_close(ours, naive_logps(model, tokenized), atol=1e-4, rtol=0)
+    expected = naive_logps(model, tokenized)
+    for layout in LAYOUTS:
+        ours = ReplyLogProbs(model, chunk_size=16)(**make_batch(tokenized, layout, chat_tokenizer.pad_token_id).model_inputs())
+        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0, msg=layout)
+
+
+def test_layouts_remove_padding_and_shared_prompts():
+    pairs = ragged_pairs(n=6)
+    prompt = sum(len(p.prompt_ids) for p in pairs)
+    replies = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    padded, packed = make_batch(pairs, "padded"), make_batch(pairs, "packed")
+    shared = make_batch(pairs, "prefix_packed")
+    assert packed.input_ids.shape == (1, 2 * prompt + replies) and packed.attention_mask is None
+    assert packed.num_real_tokens == padded.num_real_tokens == 2 * prompt + replies
+    assert padded.input_ids.numel() > padded.num_real_tokens  # the padded layout pads
+    assert shared.input_ids.shape == (1, prompt + replies) and shared.num_real_tokens == prompt + replies
+    assert make_batch(pairs, "prefix_padded").input_ids.shape[0] == len(pairs)
+
+
+def test_prefix_mask_hides_chosen_from_rejected():
+    pair = TokenizedPair([5, 6], [7, 8], [9])
+    mask = make_batch([pair], "prefix_packed").attention_mask[0, 0] == 0  # True where attention is allowed
+    # columns: 0-1 prompt, 2-3 chosen, 4 rejected
+    assert mask[4].tolist() == [True, True, False, False, True]
+    assert mask[3].tolist() == [True, True, True, True, False]
+    assert make_batch([pair], "prefix_packed").position_ids[0].tolist() == [0, 1, 2, 3, 2]
+
+
+@pytest.mark.parametrize("layout", ["packed", "prefix_packed"])
+def test_packed_rows_respect_the_token_budget_and_stay_exact(layout):
+    model = tiny_lm()
+    pairs = ragged_pairs(n=6)
+    batch = make_batch(pairs, layout, row_tokens=60)
+    assert batch.input_ids.shape[0] > 1 and batch.input_ids.shape[1] <= 60
+    torch.testing.assert_close(ReplyLogProbs(model)(**batch.model_inputs()), naive_logps(model, pairs), atol=1e-4, rtol=0)

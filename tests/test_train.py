@@ -50,9 +50,11 @@ def test_gradient_accumulation_equals_larger_batch(workdir):
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen"):
             assert ra[key] == pytest.approx(rb[key], abs=1e-4), (ra["step"], key)
+    # Adam divides by sqrt(v): entries with near-zero gradients turn round-off into visible
+    # differences, so weights agree to a tenth of one step (lr 1e-3); grad_norm above is the sharp check
     wa, wb = load_file(big / "final" / "model.safetensors"), load_file(small / "final" / "model.safetensors")
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("loss_type", ["[sigmoid,sft]", "[simpo]", "[ipo]", "[hinge]", "[robust]"])

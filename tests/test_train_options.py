@@ -199,3 +199,57 @@ def test_activation_checkpointing_recomputes_layers_in_backward():
 
     assert mlp_calls(False) == 1
     assert mlp_calls(True) == 2  # forward, then recomputed during backward
+
+
+@pytest.mark.parametrize("padding_free,prefix_sharing", [(False, False), (True, False), (False, True)])
+def test_batch_layouts_train_identically(workdir, padding_free, prefix_sharing):
+    default = train_rows(train(run_config(workdir, "layout-default", "max_steps=3")))  # packed + prefix-shared
+    other = train(run_config(workdir, f"layout-{padding_free}-{prefix_sharing}", "max_steps=3",
+                             f"padding_free={str(padding_free).lower()}", f"prefix_sharing={str(prefix_sharing).lower()}"))
+    for a, b in zip(default, train_rows(other), strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
+    # padding-free layouts process fewer tokens for the same pairs
+    assert (train_rows(other)[0]["tokens"] > default[0]["tokens"]) == (not prefix_sharing)
+
+
+def test_precomputed_reference_equals_live_reference(workdir):
+    live = read_rows(train(run_config(workdir, "ref-live", "max_steps=3", "precompute_ref_log_probs=false", "eval_steps=3")))
+    cached = read_rows(train(run_config(workdir, "ref-table", "max_steps=3", "eval_steps=3")))
+    for a, b in zip(live, cached, strict=True):
+        for key in a:
+            if key.split("/")[-1] in ("loss", "margins", "chosen", "rejected", "accuracies"):
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
+def test_reference_tables_are_cached_and_keyed_by_data(workdir, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    train(run_config(workdir, "refcache-1", "max_steps=1"))
+    assert "reference: train log-probs of 48 pairs computed" in capsys.readouterr().out
+    train(run_config(workdir, "refcache-2", "max_steps=1"))
+    assert "reference: train log-probs of 48 pairs loaded from" in capsys.readouterr().out
+    train(run_config(workdir, "refcache-3", "max_steps=1", "max_length=40"))  # other tokens: a miss
+    assert "reference: train log-probs of 48 pairs computed" in capsys.readouterr().out
+
+
+def test_precomputed_reference_never_copies_the_policy(workdir, monkeypatch):
+    import dpokit.train
+
+    def no_second_model(*args, **kwargs):
+        raise AssertionError("a reference model was loaded or copied")
+
+    monkeypatch.setattr(dpokit.train, "load_reference", no_second_model)
+    rows = train_rows(train(run_config(workdir, "ref-nocopy", "max_steps=2")))
+    assert rows[0]["rewards/margins"] == 0.0  # step 1: the policy is still the reference
+
+
+def test_torch_compile_trains_the_same(workdir):
+    from torch._dynamo.utils import counters
+
+    eager = train_rows(train(run_config(workdir, "compile-off", "max_steps=2", "eval=null")))
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = train_rows(train(run_config(workdir, "compile-on", "max_steps=2", "eval=null", "torch_compile=true")))
+    assert counters["stats"]["unique_graphs"] > graphs_before, "nothing was compiled"
+    for a, b in zip(eager, compiled, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-3)

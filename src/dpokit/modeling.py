@@ -65,12 +65,16 @@ def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, revisio
     return model
 
 
-def load_reference(config: ModelConfig, policy: nn.Module) -> nn.Module:
-    """A frozen reference: the model at ``ref_model_name_or_path``, or a copy of the starting policy."""
+def load_reference(config: ModelConfig, policy: nn.Module | None = None) -> nn.Module:
+    """A frozen reference: the model at ``ref_model_name_or_path``; else a copy of ``policy`` (the
+    starting policy, still unchanged), or else the starting model loaded again."""
     if config.ref_model_name_or_path:
         reference = load_causal_lm(config, config.ref_model_name_or_path, config.ref_revision)
-    else:
+    elif policy is not None:
         reference = copy.deepcopy(policy)
+    else:
+        reference = load_causal_lm(config)
+    disable_dropout(reference)
     reference.eval()
     reference.requires_grad_(False)
     return reference

@@ -20,12 +20,22 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from dpokit import checkpoint as ckpt
-from dpokit.config import Config, ConfigError, needs_reference, save_config
-from dpokit.data.batching import Batch, eval_batches, global_batches, local_micro_batches, padded_batch
+from dpokit.config import Config, ConfigError, batch_layout, needs_reference, save_config
+from dpokit.data.batching import Batch, eval_batches, global_batches, local_micro_batches, make_batch
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
 from dpokit.losses import PairLogps, preference_loss
+from dpokit.reference import (
+    LiveReference,
+    NoReference,
+    Reference,
+    TableReference,
+    as_reference,
+    cached_table,
+    compute_table,
+    fingerprint_model,
+)
 from dpokit.modeling import (
     count_parameters,
     disable_dropout,
@@ -36,23 +46,20 @@ from dpokit.modeling import (
 )
 
 
-def score_batch(policy, reference, batch: Batch, config: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair loss [P] and per-pair statistics for one micro-batch."""
-    inputs = batch.model_inputs()
-    seq_logps = policy(**inputs)  # [2P]: chosen, rejected interleaved
-    ref_chosen = ref_rejected = None
-    if reference is not None:
-        with torch.no_grad():
-            ref_logps = reference(**inputs)
-        ref_chosen, ref_rejected = ref_logps[0::2], ref_logps[1::2]
+def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair loss [P] and per-pair statistics for one micro-batch.
+
+    ``ref_logps``: [2P] reference log-probs (chosen, rejected interleaved), or None.
+    """
+    seq_logps = policy(**batch.model_inputs())  # [2P]: chosen, rejected interleaved
     tokens = batch.seq_tokens.to(seq_logps.dtype)
     logps = PairLogps(
         chosen=seq_logps[0::2],
         rejected=seq_logps[1::2],
         chosen_tokens=tokens[0::2],
         rejected_tokens=tokens[1::2],
-        ref_chosen=ref_chosen,
-        ref_rejected=ref_rejected,
+        ref_chosen=None if ref_logps is None else ref_logps[0::2],
+        ref_rejected=None if ref_logps is None else ref_logps[1::2],
     )
     lo = config.loss
     loss, stats = preference_loss(
@@ -69,19 +76,62 @@ def _mean_stats(per_pair: list[dict[str, torch.Tensor]], accelerator: Accelerato
     return {k: accelerator.gather(v).mean().item() for k, v in local.items()}
 
 
+def _batch(pairs: list[TokenizedPair], config: Config, pad_id: int, scorer: ReplyLogProbs) -> Batch:
+    """A micro-batch in the configured layout. Packed rows hold at most 2 x max_length tokens
+    (one prefix-shared pair always fits), so attention over a row never grows with the batch."""
+    layout = batch_layout(config.training)
+    return make_batch(pairs, layout, pad_id, mask_dtype=scorer.model.dtype, row_tokens=2 * config.data.max_length)
+
+
 def evaluate(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int) -> dict:
-    """Eval metrics over all ``pairs`` (split over processes), prefixed ``eval/``."""
+    """Eval metrics over all ``pairs`` (split over processes), prefixed ``eval/``.
+
+    ``reference``: a :class:`dpokit.reference.Reference`, a live :class:`ReplyLogProbs`, or None.
+    """
+    reference = as_reference(reference)
     was_training = policy.training
     policy.eval()
     rows = []
     with torch.no_grad():
         for idx in eval_batches(len(pairs), config.training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes):
-            batch = padded_batch([pairs[i] for i in idx], pad_id).to(accelerator.device)
-            _, stats = score_batch(policy, reference, batch, config)
+            batch = _batch([pairs[i] for i in idx], config, pad_id, policy).to(accelerator.device)
+            _, stats = score_batch(policy, reference.logps(batch, idx), batch, config)
             rows.append({k: v.float().cpu() for k, v in stats.items()})
     policy.train(was_training)
     gathered = gather_object(rows)
     return {f"eval/{k}": torch.cat([r[k] for r in gathered]).mean().item() for k in gathered[0]}
+
+
+def prepare_references(config: Config, policy, resumed: bool, data, accelerator, pad_id: int, say) -> tuple[Reference, Reference]:
+    """(train reference, eval reference), from tables computed once or a live frozen model.
+
+    Without a separate reference and without resuming, the reference is the starting policy
+    itself: its tables are computed from ``policy`` before any update, and no copy is made.
+    """
+    if not needs_reference(config):
+        return NoReference(), NoReference()
+    t = config.training
+    own_policy = not config.model.ref_model_name_or_path and not resumed
+    if not t.precompute_ref_log_probs:
+        live = LiveReference(ReplyLogProbs(load_reference(config.model, policy if own_policy else None).to(accelerator.device), t.logps_chunk_size))
+        return live, live
+    model = policy if own_policy else load_reference(config.model)
+    was_training = model.training
+    model.eval()
+    scorer = ReplyLogProbs(model.to(accelerator.device), t.logps_chunk_size)
+    fingerprint = fingerprint_model(model)
+
+    def build(pairs: list[TokenizedPair]) -> Batch:
+        return _batch(pairs, config, pad_id, scorer)
+
+    def table(pairs: list[TokenizedPair], what: str) -> TableReference:
+        compute = lambda: compute_table(scorer, pairs, build, t.per_device_eval_batch_size, accelerator)  # noqa: E731
+        return TableReference(cached_table(fingerprint, pairs, compute, accelerator, what, log=say))
+
+    train_ref = table(data.train, "train")
+    eval_ref = table(data.eval, "eval") if data.eval else NoReference()
+    model.train(was_training)
+    return train_ref, eval_ref
 
 
 def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -155,10 +205,18 @@ def check_trackers(trackers: list[str]) -> None:
             raise ConfigError(f"report_to={name} needs the '{TRACKER_PACKAGES[name][0]}' package: pip install {TRACKER_PACKAGES[name][0]}")
 
 
-def _has_accelerator_device() -> bool:
+def has_accelerator_device() -> bool:
     """CUDA/XPU/MPS present; without one, processes started by torchrun or accelerate use gloo on CPU."""
     xpu = getattr(torch, "xpu", None)
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+def _describe_reference(config: Config) -> str:
+    if not needs_reference(config):
+        return "none (reference-free loss)"
+    source = config.model.ref_model_name_or_path or "the starting policy"
+    how = "log-probs precomputed once, model not kept" if config.training.precompute_ref_log_probs else "frozen model kept in memory"
+    return f"{source} ({how})"
 
 
 def train(config: Config) -> Path:
@@ -167,7 +225,7 @@ def train(config: Config) -> Path:
     trackers = [x for x in r.report_to if x != "none"]
     out = Path(r.output_dir)
     check_trackers(trackers)
-    accelerator = Accelerator(log_with=trackers or None, project_dir=str(out), cpu=not _has_accelerator_device())
+    accelerator = Accelerator(log_with=trackers or None, project_dir=str(out), cpu=not has_accelerator_device())
     set_seed(t.seed)
     say = accelerator.print
     from transformers.utils import logging as hf_logging
@@ -184,17 +242,17 @@ def train(config: Config) -> Path:
     pad_id = tokenizer.pad_token_id
 
     resume_from = ckpt.find_checkpoint(r.resume_from_checkpoint, out) if r.resume_from_checkpoint else None
-    policy = load_causal_lm(config.model)
-    reference = load_reference(config.model, policy) if needs_reference(config) else None
-    if resume_from is not None:  # the reference stays the starting model; the policy continues
-        policy = load_causal_lm(config.model, str(resume_from))
+    # a resumed policy continues from its checkpoint; the reference stays the starting model
+    policy = load_causal_lm(config.model, str(resume_from) if resume_from else None)
     disable_dropout(policy)
+    total_params, trainable = count_parameters(policy)
+    say(f"policy: {total_params / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); reference: {_describe_reference(config)}")
+    train_ref, eval_ref = prepare_references(config, policy, resume_from is not None, data, accelerator, pad_id, say)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
+    if t.torch_compile:
+        policy.get_decoder().compile(dynamic=True)  # in place: parameter names and saving unchanged
     policy.train()
-    total_params, trainable = count_parameters(policy)
-    say(f"policy: {total_params / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); "
-        f"reference: {'none (reference-free loss)' if reference is None else 'frozen copy' if not config.model.ref_model_name_or_path else config.model.ref_model_name_or_path}")
 
     world = accelerator.num_processes
     global_batch = t.per_device_train_batch_size * world * t.gradient_accumulation_steps
@@ -209,7 +267,6 @@ def train(config: Config) -> Path:
     schedule = "constant_with_warmup" if t.lr_scheduler_type == "constant" else t.lr_scheduler_type
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
-    ref_scorer = ReplyLogProbs(reference.to(accelerator.device), t.logps_chunk_size) if reference is not None else None
     unwrapped = accelerator.unwrap_model(scorer)
 
     state = ckpt.TrainState()
@@ -232,24 +289,25 @@ def train(config: Config) -> Path:
     def run_eval() -> dict | None:
         if not data.eval:
             return None
-        metrics = evaluate(unwrapped, ref_scorer, data.eval, config, accelerator, pad_id)
+        metrics = evaluate(unwrapped, eval_ref, data.eval, config, accelerator, pad_id)
         log.write({"step": state.step, "epoch": round(state.step / per_epoch, 4), **metrics})
         return metrics
 
     if r.eval_on_start and state.step == 0:
         run_eval()
     window: list[dict] = []
-    window_tokens, window_start = 0, time.perf_counter()
+    window_tokens, window_seconds = 0, 0.0  # training time only: evals and saves are not counted
     while state.step < total_steps:
         batches = global_batches(len(data.train), global_batch, t.seed, state.epoch)
         while state.batch_in_epoch < len(batches) and state.step < total_steps:
+            step_start = time.perf_counter()
             micro = local_micro_batches(batches[state.batch_in_epoch], accelerator.process_index, world, t.per_device_train_batch_size)
             step_stats, step_tokens = [], 0
             for k, idx in enumerate(micro):
-                batch = padded_batch([data.train[i] for i in idx], pad_id).to(accelerator.device)
+                batch = _batch([data.train[i] for i in idx], config, pad_id, unwrapped).to(accelerator.device)
                 step_tokens += batch.num_real_tokens
                 with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(scorer):
-                    loss, stats = score_batch(scorer, ref_scorer, batch, config)
+                    loss, stats = score_batch(scorer, train_ref.logps(batch, idx), batch, config)
                     accelerator.backward(loss.mean() / len(micro))
                 step_stats.append(stats)
             grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
@@ -262,16 +320,16 @@ def train(config: Config) -> Path:
 
             window.append({**_mean_stats(step_stats, accelerator), "grad_norm": float(grad_norm), "learning_rate": lr})
             window_tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
+            window_seconds += time.perf_counter() - step_start
             if state.step % r.logging_steps == 0 or state.step == total_steps:
-                seconds = time.perf_counter() - window_start
                 row = {"step": state.step, "epoch": round(state.step / per_epoch, 4)}
                 row.update({k: sum(w[k] for w in window) / len(window) for k in window[0] if k != "learning_rate"})
-                row.update(learning_rate=lr, tokens=window_tokens, tokens_per_second=window_tokens / seconds, seconds=seconds)
+                row.update(learning_rate=lr, tokens=window_tokens, tokens_per_second=window_tokens / window_seconds, seconds=window_seconds)
                 log.write(row)
                 if progress is not None:
                     progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
                                          margin=f"{row['rewards/margins']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
-                window, window_tokens, window_start = [], 0, time.perf_counter()
+                window, window_tokens, window_seconds = [], 0, 0.0
             if progress is not None:
                 progress.update(1)
             if r.eval_steps and state.step % r.eval_steps == 0 and state.step < total_steps:

@@ -1,33 +1,51 @@
-"""Micro-batches of tokenized pairs, and the order in which pairs are visited.
+"""Micro-batches of tokenized pairs, in one of four exact layouts, and the order of pairs.
 
-Layout (padded): pair ``i`` becomes two rows, ``2i`` = prompt + chosen and ``2i + 1`` =
-prompt + rejected, right-padded to the longest row. Sequence ``2i`` is the chosen side of pair
-``i`` and ``2i + 1`` the rejected side, in every layout, so the log-prob code and the losses never
-care how rows were arranged. Only reply tokens are scored: for each, the batch records where the
-hidden state predicting it sits (``pred_rows``, ``pred_cols``), the token (``targets``) and its
-sequence (``seq_index``).
+Every layout scores the same thing: sequence ``2i`` is the chosen side of pair ``i`` and
+``2i + 1`` its rejected side, so the log-prob code and the losses never care how rows were
+arranged. Only reply tokens are scored: for each, the batch records where the hidden state
+predicting it sits (``pred_rows``, ``pred_cols``), the token (``targets``) and its sequence
+(``seq_index``).
+
+Layouts (``make_batch``):
+
+``padded``         two rows per pair (prompt + chosen, prompt + rejected), right-padded; the naive
+                   layout every other one is tested against.
+``packed``         every sequence of the micro-batch back to back in one row, positions restarting
+                   at 0 for each; no padding at all. Attention stays within a sequence because
+                   transformers builds a block-diagonal mask from the restarting positions (and
+                   flash-attention's varlen kernel reads the same positions).
+``prefix_padded``  one row per pair: prompt once, then chosen, then rejected; rejected positions
+                   restart after the prompt and rejected tokens cannot see chosen ones (a 4D mask).
+``prefix_packed``  the prefix-shared pairs back to back in one row, with one 4D mask.
+
+Prefix sharing computes each prompt once instead of twice (Wang & Hegde 2024); packing removes
+padding. The first rejected token is predicted by the last prompt token, exactly as in the padded
+layout, because that hidden state only ever sees the prompt.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from dpokit.data.tokenize import TokenizedPair
 
+LAYOUTS = ("padded", "packed", "prefix_padded", "prefix_packed")
 
 @dataclass
 class Batch:
     """One micro-batch of ``num_pairs`` pairs.
 
-    input_ids, attention_mask, position_ids: [R, T]
+    input_ids, position_ids: [R, T]
+    attention_mask: [R, T] of 0/1 (padded), None (packed: positions mark the sequences), or an
+        additive float mask [R, 1, T, T] (prefix-shared layouts; 0 = attend, dtype min = blocked)
     pred_rows, pred_cols, targets, seq_index: [N], one entry per reply token
     seq_tokens: [2 * num_pairs] reply tokens per sequence (chosen, rejected interleaved)
     """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     position_ids: torch.Tensor
     pred_rows: torch.Tensor
     pred_cols: torch.Tensor
@@ -59,40 +77,141 @@ class Batch:
         )
 
 
-def padded_batch(pairs: list[TokenizedPair], pad_token_id: int = 0) -> Batch:
-    """Right-padded batch, two rows per pair (see module docstring)."""
-    sequences = []
-    for pair in pairs:
-        sequences.append((pair.prompt_ids, pair.chosen_ids))
-        sequences.append((pair.prompt_ids, pair.rejected_ids))
-    width = max(len(p) + len(r) for p, r in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    rows, cols, targets, seq_index, seq_tokens = [], [], [], [], []
-    for s, (prompt, reply) in enumerate(sequences):
-        ids = list(prompt) + list(reply)
-        input_ids[s, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[s, : len(ids)] = 1
-        # token at position j is predicted by the hidden state at j - 1
-        start = len(prompt)
-        rows += [s] * len(reply)
-        cols += range(start - 1, start - 1 + len(reply))
-        targets += reply
-        seq_index += [s] * len(reply)
-        seq_tokens.append(len(reply))
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+@dataclass
+class _Row:
+    """One row under construction. ``group``/``branch`` per token decide attention: a token sees
+    earlier tokens of its own group whose branch is 0 (shared prompt) or its own branch."""
+
+    ids: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    group: list[int] = field(default_factory=list)
+    branch: list[int] = field(default_factory=list)
+    pred_cols: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    seq_index: list[int] = field(default_factory=list)
+
+    def extend(self, ids: list[int], start_pos: int, group: int, branch: int) -> int:
+        """Append ``ids`` at positions ``start_pos..``; returns the column of the first one."""
+        col = len(self.ids)
+        self.ids += ids
+        self.pos += range(start_pos, start_pos + len(ids))
+        self.group += [group] * len(ids)
+        self.branch += [branch] * len(ids)
+        return col
+
+    def score(self, reply: list[int], first_col: int, predictor_of_first: int, seq: int) -> None:
+        """Record the reply tokens placed from ``first_col`` on; the first one is predicted by
+        ``predictor_of_first``, each later one by the token before it."""
+        self.pred_cols += [predictor_of_first] + list(range(first_col, first_col + len(reply) - 1))
+        self.targets += reply
+        self.seq_index += [seq] * len(reply)
+
+
+def _add_sequence(row: _Row, prompt: list[int], reply: list[int], seq: int) -> None:
+    prompt_col = row.extend(list(prompt), 0, group=seq, branch=0)
+    reply_col = row.extend(list(reply), len(prompt), group=seq, branch=0)
+    row.score(list(reply), reply_col, prompt_col + len(prompt) - 1, seq)
+
+
+def _add_shared_pair(row: _Row, pair: TokenizedPair, index: int) -> None:
+    p = len(pair.prompt_ids)
+    last_prompt = row.extend(list(pair.prompt_ids), 0, group=index, branch=0) + p - 1
+    chosen_col = row.extend(list(pair.chosen_ids), p, group=index, branch=1)
+    rejected_col = row.extend(list(pair.rejected_ids), p, group=index, branch=2)
+    row.score(list(pair.chosen_ids), chosen_col, last_prompt, 2 * index)
+    row.score(list(pair.rejected_ids), rejected_col, last_prompt, 2 * index + 1)
+
+
+def _block_mask(rows: list[_Row], width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [R, 1, T, T] mask: causal, within a group, prompt branch shared, others private."""
+    blocked = torch.finfo(dtype).min
+    mask = torch.full((len(rows), 1, width, width), blocked, dtype=dtype)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for r, row in enumerate(rows):
+        n = len(row.ids)
+        group = torch.tensor(row.group)
+        branch = torch.tensor(row.branch)
+        same_group = group[:, None] == group[None, :]
+        visible_branch = (branch[None, :] == 0) | (branch[:, None] == branch[None, :])
+        allowed = same_group & visible_branch & causal[:n, :n]
+        mask[r, 0, :n, :n] = torch.where(allowed, 0.0, blocked)
+        mask[r, 0, n:, :] = 0.0  # padding queries: attend anywhere (their outputs are never used)
+    return mask
+
+
+def _assemble(rows: list[_Row], num_pairs: int, pad_token_id: int, mask: str, mask_dtype: torch.dtype) -> Batch:
+    width = max(len(row.ids) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.long)
+    pred_rows, seq_tokens = [], [0] * (2 * num_pairs)
+    for r, row in enumerate(rows):
+        input_ids[r, : len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
+        position_ids[r, : len(row.pos)] = torch.tensor(row.pos, dtype=torch.long)
+        real[r, : len(row.ids)] = 1
+        pred_rows += [r] * len(row.targets)
+        for seq in row.seq_index:
+            seq_tokens[seq] += 1
+    attention_mask = {"2d": real, "none": None, "4d": None}[mask]
+    if mask == "4d":
+        attention_mask = _block_mask(rows, width, mask_dtype)
     return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        pred_rows=torch.tensor(rows, dtype=torch.long),
-        pred_cols=torch.tensor(cols, dtype=torch.long),
-        targets=torch.tensor(targets, dtype=torch.long),
-        seq_index=torch.tensor(seq_index, dtype=torch.long),
+        pred_rows=torch.tensor(pred_rows, dtype=torch.long),
+        pred_cols=torch.tensor([c for row in rows for c in row.pred_cols], dtype=torch.long),
+        targets=torch.tensor([t for row in rows for t in row.targets], dtype=torch.long),
+        seq_index=torch.tensor([s for row in rows for s in row.seq_index], dtype=torch.long),
         seq_tokens=torch.tensor(seq_tokens, dtype=torch.long),
-        num_pairs=len(pairs),
-        num_real_tokens=int(attention_mask.sum()),
+        num_pairs=num_pairs,
+        num_real_tokens=int(real.sum()),
     )
+
+
+def _pick_row(rows: list[_Row], length: int, row_tokens: int | None) -> _Row:
+    """First row with room for ``length`` more tokens (``row_tokens`` None: one row for all)."""
+    for row in rows:
+        if row_tokens is None or len(row.ids) + length <= row_tokens:
+            return row
+    rows.append(_Row())
+    return rows[-1]
+
+
+def make_batch(
+    pairs: list[TokenizedPair],
+    layout: str = "padded",
+    pad_token_id: int = 0,
+    mask_dtype: torch.dtype = torch.float32,
+    row_tokens: int | None = None,
+) -> Batch:
+    """A micro-batch of ``pairs`` in ``layout`` (see the module docstring).
+
+    ``mask_dtype``: dtype of the additive 4D mask of the prefix layouts (the model's dtype).
+    ``row_tokens``: for the packed layouts, start a new row rather than grow one past this many
+    tokens (attention over a packed row costs its length squared); a longer sequence gets a row
+    of its own. None packs everything in one row.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown batch layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    rows: list[_Row] = []
+    if layout in ("padded", "packed"):
+        for i, pair in enumerate(pairs):
+            for side, reply in ((0, pair.chosen_ids), (1, pair.rejected_ids)):
+                length = len(pair.prompt_ids) + len(reply)
+                row = _pick_row(rows, length, row_tokens) if layout == "packed" else rows.append(_Row()) or rows[-1]
+                _add_sequence(row, pair.prompt_ids, reply, 2 * i + side)
+        return _assemble(rows, len(pairs), pad_token_id, "2d" if layout == "padded" else "none", mask_dtype)
+    for i, pair in enumerate(pairs):
+        length = len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+        row = _pick_row(rows, length, row_tokens) if layout == "prefix_packed" else rows.append(_Row()) or rows[-1]
+        _add_shared_pair(row, pair, i)
+    return _assemble(rows, len(pairs), pad_token_id, "4d", mask_dtype)
+
+
+def padded_batch(pairs: list[TokenizedPair], pad_token_id: int = 0) -> Batch:
+    """The naive layout: two right-padded rows per pair."""
+    return make_batch(pairs, "padded", pad_token_id)
 
 
 def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:

@@ -1,0 +1,138 @@
+"""Reference log-probs: from a live frozen model, or computed once and cached on disk.
+
+A reference model is only needed for its summed reply log-probs on the training pairs, which
+never change. So by default dpokit scores every pair once before training, in a no-grad pass
+with the same batch layout, keeps the results as a table ``[N, 2]`` (chosen, rejected) and frees
+the reference: training then holds one model, not two. Tables are cached on disk under a key
+made of a fingerprint of the reference weights, its dtype and attention implementation, and
+the token ids of the pairs, so a second run with the same reference and data skips the pass.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Callable
+
+import torch
+import xxhash
+from accelerate.utils import gather_object
+
+from dpokit.data.batching import Batch, eval_batches
+from dpokit.data.tokenize import TokenizedPair
+from dpokit.logps import ReplyLogProbs
+
+
+class Reference(ABC):
+    """Reference log-probs for micro-batches: ``logps(batch, pair_indices)`` -> [2P] or None."""
+
+    @abstractmethod
+    def logps(self, batch: Batch, pair_indices: list[int]) -> torch.Tensor | None: ...
+
+
+class NoReference(Reference):
+    """Reference-free losses (SimPO, SFT)."""
+
+    def logps(self, batch: Batch, pair_indices: list[int]) -> None:
+        return None
+
+
+class LiveReference(Reference):
+    """A frozen model scored on each micro-batch, in the batch's own layout."""
+
+    def __init__(self, scorer: ReplyLogProbs):
+        self.scorer = scorer
+
+    def logps(self, batch: Batch, pair_indices: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.scorer(**batch.model_inputs())
+
+
+class TableReference(Reference):
+    """Precomputed log-probs: ``table[i]`` = (chosen, rejected) of pair ``i``."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table  # [N, 2] float32, on the CPU
+
+    def logps(self, batch: Batch, pair_indices: list[int]) -> torch.Tensor:
+        return self.table[pair_indices].reshape(-1).to(batch.input_ids.device)  # [2P] interleaved
+
+
+def as_reference(reference) -> Reference:
+    """Accept a :class:`Reference`, a bare :class:`ReplyLogProbs` (live), or None (no reference)."""
+    if reference is None:
+        return NoReference()
+    if isinstance(reference, ReplyLogProbs):
+        return LiveReference(reference)
+    return reference
+
+
+def fingerprint_model(model: torch.nn.Module) -> str:
+    """Content hash of every parameter and buffer (name, dtype, shape, bytes) plus the attention
+    implementation: equal fingerprints score equally."""
+    h = xxhash.xxh3_128()
+    h.update(str(getattr(model.config, "_attn_implementation", "")).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_pairs(pairs: list[TokenizedPair]) -> str:
+    """Hash of every pair's token ids, in order."""
+    h = xxhash.xxh3_128()
+    for pair in pairs:
+        for part in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            h.update(len(part).to_bytes(4, "little"))
+            h.update(torch.tensor(part, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def compute_table(
+    scorer: ReplyLogProbs, pairs: list[TokenizedPair], build: Callable[[list[TokenizedPair]], Batch], batch_size: int, accelerator
+) -> torch.Tensor:
+    """Score all ``pairs`` (striped over processes, batched by ``build``) with no grad; every
+    process gets the whole [N, 2] table."""
+    parts = []
+    with torch.no_grad():
+        for idx in eval_batches(len(pairs), batch_size, accelerator.process_index, accelerator.num_processes):
+            logps = scorer(**build([pairs[i] for i in idx]).to(accelerator.device).model_inputs())
+            parts.append((idx, logps.float().cpu().view(-1, 2)))
+    table = torch.zeros(len(pairs), 2)
+    for idx, values in gather_object(parts):
+        table[idx] = values
+    return table
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DPOKIT_CACHE") or Path.home() / ".cache" / "dpokit") / "reference"
+
+
+def cached_table(
+    model_fingerprint: str,
+    pairs: list[TokenizedPair],
+    compute,
+    accelerator,
+    what: str,
+    log=print,
+) -> torch.Tensor:
+    """The [N, 2] table for ``pairs`` from the disk cache, or ``compute()`` it and store it."""
+    key = xxhash.xxh3_128(f"{model_fingerprint}:{fingerprint_pairs(pairs)}".encode()).hexdigest()
+    path = cache_dir() / f"{key}.pt"
+    if path.is_file():
+        table = torch.load(path, weights_only=True)
+        if table.shape == (len(pairs), 2):
+            log(f"reference: {what} log-probs of {len(pairs)} pairs loaded from {path}")
+            return table
+    start = time.perf_counter()
+    table = compute()
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(table, tmp)
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    log(f"reference: {what} log-probs of {len(pairs)} pairs computed in {time.perf_counter() - start:.1f}s, cached at {path}")
+    return table

@@ -32,7 +32,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", nargs="?", help="YAML config file (optional when every key is given as an override)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=5e-7 max_steps=200")
+    _add_use_parsers(sub)
+    _add_data_parser(sub)
     return parser
+
+
+def _add_use_parsers(sub) -> None:
+    """``eval``, ``compare``, ``chat``: using a trained model (see :mod:`dpokit.cli_use`)."""
+    from dpokit.cli_use import add_parsers
+
+    add_parsers(sub)
+
+
+def _add_data_parser(sub) -> None:
+    """``data inspect`` / ``data convert`` (see :mod:`dpokit.data_cli`)."""
+    from dpokit.data_cli import add_parser
+
+    add_parser(sub)
 
 
 def _split_config_and_overrides(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -52,6 +68,14 @@ def main(argv: list[str] | None = None) -> None:
 
             path, overrides = _split_config_and_overrides(args.config, args.overrides)
             train(load_config(path, overrides))
+        elif args.command in ("eval", "compare", "chat"):
+            from dpokit.cli_use import run
+
+            run(args)
+        elif args.command == "data":
+            from dpokit.data_cli import run as run_data
+
+            run_data(args)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"dpokit: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,183 @@
+"""``dpokit chat``: talk to a model in the terminal, through its chat template, tokens streamed.
+
+Each line read is a user message, except the commands:
+
+- ``/system TEXT``: set the system prompt (``/system`` alone removes it); the history stays;
+- ``/reset``: clear the conversation (the system prompt stays);
+- ``/save FILE``: write the conversation as a JSON list of ``{"role", "content"}`` messages
+  (the system prompt first), ready to use as a prompt in ``dpokit compare --prompts``;
+- ``/help``; ``/exit`` (end of input and Ctrl-C at the prompt exit too).
+
+Lines come from stdin, so a pipe drives it as well as a terminal. When the conversation no
+longer fits the model's context, the oldest exchanges are dropped (and that is said).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import IO
+
+import torch
+
+from dpokit.config import ConfigError
+from dpokit.data.formats import Message
+from dpokit.generate import SamplingSettings, encode_prompt, generation_device, has_chat_template, new_tokens, prepare_for_generation
+from dpokit.resolve import load_model, load_model_tokenizer, model_config, resolve_model, write_text_atomic
+
+HELP = (
+    "commands: /system TEXT (set the system prompt; /system alone removes it), /reset (clear the "
+    "conversation), /save FILE (write it as JSON), /help, /exit"
+)
+
+
+@dataclass
+class Conversation:
+    """The system prompt (or None) and the user/assistant turns so far."""
+
+    system: str | None = None
+    turns: list[Message] = field(default_factory=list)
+
+    def messages(self) -> list[Message]:
+        """What the chat template renders: the system message first when there is one."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.turns
+
+
+def _streamer(tokenizer, out: IO[str]):
+    """A ``TextStreamer`` that writes the reply's text to ``out`` as it is generated."""
+    from transformers import TextStreamer
+
+    class _ToStream(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
+
+    return _ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def _fit_context(conversation: Conversation, tokenizer, limit: int | None, max_new_tokens: int, out: IO[str]) -> list[int] | None:
+    """Prompt ids of the conversation, dropping the oldest exchanges to leave room for the reply
+    within ``limit`` positions; None (and the last message removed) when even it alone is too long."""
+    ids = encode_prompt(conversation.messages(), tokenizer)
+    dropped = 0
+    while limit and len(ids) + max_new_tokens > limit and len(conversation.turns) > 1:
+        del conversation.turns[:2]  # the oldest user message and its reply
+        dropped += 1
+        ids = encode_prompt(conversation.messages(), tokenizer)
+    if dropped:
+        out.write(f"(dropped the {dropped} oldest exchange(s) to fit the model's context of {limit} tokens)\n")
+    if limit and len(ids) + max_new_tokens > limit:
+        conversation.turns.pop()
+        out.write(f"(that message is too long for the model's context of {limit} tokens with "
+                  f"max_new_tokens {max_new_tokens}; say something shorter)\n")
+        return None
+    return ids
+
+
+def reply(model, tokenizer, conversation: Conversation, settings: SamplingSettings, out: IO[str]) -> str | None:
+    """Generate and stream the assistant's answer to the conversation; append it and return it
+    (None when the conversation could not fit the context)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    ids = _fit_context(conversation, tokenizer, limit, settings.max_new_tokens, out)
+    if ids is None:
+        return None
+    input_ids = torch.tensor([ids], device=next(model.parameters()).device)
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                streamer=_streamer(tokenizer, out))
+    text = tokenizer.decode(new_tokens(output[0, len(ids):], model.generation_config.eos_token_id), skip_special_tokens=True).strip()
+    conversation.turns.append({"role": "assistant", "content": text})
+    return text
+
+
+def command(line: str, conversation: Conversation, out: IO[str]) -> bool:
+    """Carry out one ``/command``; return False for ``/exit``."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    if name == "/exit":
+        return False
+    if name == "/system":
+        conversation.system = arg or None
+        out.write(f"(system prompt {'set' if arg else 'removed'})\n")
+    elif name == "/reset":
+        conversation.turns.clear()
+        out.write("(conversation cleared)\n")
+    elif name == "/save":
+        _save(conversation, arg, out)
+    elif name == "/help":
+        out.write(HELP + "\n")
+    else:
+        out.write(f"unknown command {name}; {HELP}\n")
+    return True
+
+
+def _save(conversation: Conversation, path: str, out: IO[str]) -> None:
+    if not path:
+        out.write("usage: /save FILE\n")
+        return
+    try:
+        write_text_atomic(path, json.dumps(conversation.messages(), indent=2, ensure_ascii=False) + "\n")
+    except OSError as e:
+        out.write(f"could not save to {path}: {e.strerror or e}; the conversation is kept\n")
+        return
+    n = len(conversation.messages())
+    out.write(f"(saved {n} message{'' if n == 1 else 's'} to {path})\n")
+
+
+def _read_line(stdin: IO[str], out: IO[str], interactive: bool) -> str | None:
+    """The next line without its newline; None at end of input (or Ctrl-C at the prompt)."""
+    try:
+        if interactive:
+            return input("> ")
+        line = stdin.readline()
+        return line.rstrip("\r\n") if line else None
+    except (EOFError, KeyboardInterrupt):
+        out.write("\n")
+        return None
+
+
+def chat_loop(model, tokenizer, conversation: Conversation, settings: SamplingSettings, stdin: IO[str], out: IO[str],
+              interactive: bool = False) -> Conversation:
+    """Read lines until ``/exit`` or end of input, answering each user message; returns the conversation."""
+    prepare_for_generation(model, tokenizer, settings)
+    torch.manual_seed(settings.seed)
+    while (line := _read_line(stdin, out, interactive)) is not None:
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not command(line, conversation, out):
+                break
+            continue
+        conversation.turns.append({"role": "user", "content": line})
+        try:
+            reply(model, tokenizer, conversation, settings, out)
+        except KeyboardInterrupt:
+            conversation.turns.pop()  # the unanswered message
+            out.write("\n(interrupted; that message was dropped)\n")
+    return conversation
+
+
+def chat(model: str, system: str | None = None, settings: SamplingSettings = SamplingSettings(), dtype: str | None = None,
+         stdin: IO[str] | None = None, stdout: IO[str] | None = None) -> Conversation:
+    """Load ``model`` (any MODEL form, see :mod:`dpokit.resolve`) and chat on stdin/stdout."""
+    settings.check()
+    stdin, out = stdin or sys.stdin, stdout or sys.stdout
+    resolved = resolve_model(model)
+    config = model_config(resolved, dtype)
+    tokenizer = load_model_tokenizer(resolved, config)
+    if not has_chat_template(tokenizer):
+        raise ConfigError(
+            f"the tokenizer of {resolved.path} has no chat template: dpokit chat needs a chat/instruct model "
+            "(or a tokenizer_config.json with a chat_template)"
+        )
+    lm = load_model(resolved, config).to(generation_device())
+    interactive = stdin is sys.stdin and stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    out.write(f"chatting with {resolved.path} ({settings.describe()}); {HELP}\n")
+    return chat_loop(lm, tokenizer, Conversation(system=system or None), settings, stdin, out, interactive)

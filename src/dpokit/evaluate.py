@@ -1,0 +1,215 @@
+"""``dpokit eval``: preference metrics of a policy against a reference on a preference dataset.
+
+The numbers come from the training loop's own code, :func:`dpokit.train.evaluate` (same
+batching, same reply log-probs, same loss statistics), so on a run's eval data they equal the
+``eval/...`` rows of its ``metrics.jsonl``. Two wrappers record each scorer's per-sequence
+log-probs on the way through, which gives the reference's numbers without a second pass.
+
+Metrics (means over pairs; ``π`` the policy, ``ref`` the reference, log-probs summed over reply
+tokens):
+
+- ``eval/rewards/accuracies``: share of pairs where the implicit reward
+  ``β·(log π − log ref)`` of the chosen reply beats the rejected one's (SimPO/SFT-only runs:
+  ``β·avg log π``, as in training);
+- ``eval/rewards/margins``, ``eval/rewards/chosen``, ``eval/rewards/rejected``, ``eval/loss``;
+- ``eval/logps/chosen``, ``eval/logps/rejected``: the policy's mean log-probs;
+- ``eval/logps/accuracies``: share of pairs where ``log π(chosen) > log π(rejected)``;
+- ``eval/ref_logps/chosen``, ``eval/ref_logps/rejected``, ``eval/ref_logps/accuracies``: the
+  same three for the reference alone (its implicit reward against itself is always 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dpokit.config import Config, ConfigError, DataSource, needs_reference
+from dpokit.data.pipeline import load_data
+from dpokit.data.sources import describe
+from dpokit.data.tokenize import TokenizedPair
+from dpokit.logps import ReplyLogProbs
+from dpokit.resolve import ResolvedModel, default_reference, load_model, load_model_tokenizer, model_config, resolve_model
+
+
+class RecordingScorer(ReplyLogProbs):
+    """A :class:`ReplyLogProbs` that also keeps each output: [2P] summed reply log-probs per
+    batch, chosen and rejected interleaved (the layout of :class:`dpokit.data.batching.Batch`)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__(model, chunk_size)
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, **inputs) -> torch.Tensor:
+        logps = super().forward(**inputs)
+        self.outputs.append(logps.detach().float().cpu())
+        return logps
+
+
+def logp_preference(outputs: list[torch.Tensor], prefix: str) -> dict[str, float]:
+    """Mean chosen/rejected log-probs and the share of pairs with log p(chosen) > log p(rejected).
+
+    outputs: recorded [2P] tensors (chosen, rejected interleaved) -> ``{prefix}chosen``,
+    ``{prefix}rejected``, ``{prefix}accuracies``.
+    """
+    logps = torch.cat(outputs)
+    chosen, rejected = logps[0::2], logps[1::2]
+    return {
+        f"{prefix}chosen": chosen.mean().item(),
+        f"{prefix}rejected": rejected.mean().item(),
+        f"{prefix}accuracies": (chosen > rejected).float().mean().item(),
+    }
+
+
+@dataclass
+class EvalReport:
+    """What ``dpokit eval`` found: metric name -> value (see the module docstring), and where from."""
+
+    model: str
+    reference: str
+    data: str
+    pairs: int
+    metrics: dict[str, float]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        """A small aligned table: one row per quantity, policy and reference columns."""
+        m = self.metrics
+        rows = [
+            ("reward accuracy", m["eval/rewards/accuracies"], None),
+            ("reward margin", m["eval/rewards/margins"], None),
+            ("log-prob chosen", m["eval/logps/chosen"], m["eval/ref_logps/chosen"]),
+            ("log-prob rejected", m["eval/logps/rejected"], m["eval/ref_logps/rejected"]),
+            ("log-prob accuracy", m["eval/logps/accuracies"], m["eval/ref_logps/accuracies"]),
+            ("loss", m["eval/loss"], None),
+        ]
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        lines = [f"{'':<18} {'policy':>12} {'reference':>12}"]
+        lines += [f"{name:<18} {fmt(p):>12} {fmt(r):>12}" for name, p, r in rows]
+        lines.append(f"{self.pairs} pairs from {self.data}")
+        lines.append(f"policy:    {self.model}\nreference: {self.reference}")
+        return "\n".join(lines)
+
+
+def eval_config(model: ResolvedModel, data: str | None, split: str, batch_size: int | None,
+                max_length: int | None, beta: float | None) -> Config:
+    """The run's config (or the defaults), with ``data`` as its only dataset when given and the
+    command-line overrides applied."""
+    if model.run_config is None and data is None:
+        raise ConfigError(f"{model.path} is not a dpokit run, so it has no eval data: pass --data FILE_OR_HUB_ID")
+    for flag, value, least in (("--batch-size", batch_size, 1), ("--max-length", max_length, 2)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be at least {least}, got {value}")
+    if beta is not None and beta <= 0:
+        raise ConfigError(f"--beta must be > 0, got {beta}")
+    config = model.run_config if model.run_config is not None else Config()
+    config = dataclasses.replace(config)  # shallow: the sections below are replaced, not mutated
+    if data is not None:
+        config.data = dataclasses.replace(config.data, train=DataSource(path=data, split=split), eval=None, eval_fraction=0.0)
+    if max_length is not None:
+        config.data = dataclasses.replace(config.data, max_length=max_length)
+    if batch_size is not None:
+        config.training = dataclasses.replace(config.training, per_device_eval_batch_size=batch_size)
+    if beta is not None:
+        config.loss = dataclasses.replace(config.loss, beta=beta)
+    return config
+
+
+def eval_pairs(config: Config, tokenizer, from_run: bool, log: Callable[[str], object]) -> tuple[list[TokenizedPair], str]:
+    """Tokenized eval pairs and a name for them: the run's eval data (``data.eval``, or the
+    ``eval_fraction`` split with the run's seed) when ``from_run``, else all of ``data.train``."""
+    d, seed = config.data, config.training.seed
+    log = _relabel(log)
+    if not from_run:
+        return load_data(d, tokenizer, seed, log).train, describe(d.train)
+    if d.eval is not None:  # the eval source alone, tokenized exactly as training did
+        only = dataclasses.replace(d, train=d.eval, eval=None, eval_fraction=0.0)
+        return load_data(only, tokenizer, seed, log).train, describe(d.eval)
+    if d.eval_fraction > 0:
+        return load_data(d, tokenizer, seed, log).eval, f"{describe(d.train)} (eval_fraction={d.eval_fraction} split, seed {seed})"
+    raise ConfigError(
+        f"the run's config ({describe(d.train)}) has no eval data (data.eval unset, data.eval_fraction 0): pass --data FILE_OR_HUB_ID"
+    )
+
+
+def _relabel(log: Callable[[str], object]) -> Callable[[str], object]:
+    """The loader names its first dataset "train"; here every dataset is scored, none trained on."""
+    return lambda line: log(line.replace("data: train ", "data: ", 1))
+
+
+def _accelerator():
+    from accelerate import Accelerator
+
+    from dpokit.train import has_accelerator_device
+
+    return Accelerator(cpu=not has_accelerator_device())
+
+
+def _check_same_vocab(tokenizer, ref_tokenizer, ref_path: str, policy_path: str) -> None:
+    """DPO compares log-probs of the same token ids: the reference must share the tokenizer."""
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"the reference {ref_path} has a different tokenizer than the policy {policy_path}: "
+            "give a reference with the same vocabulary (usually the model training started from)"
+        )
+
+
+def _scorer(model: ResolvedModel, dtype: str, chunk_size: int, device) -> RecordingScorer:
+    """``model`` loaded with its own settings in ``dtype``, as a recording reply-log-prob scorer."""
+    lm = load_model(model, model_config(model, dtype))
+    return RecordingScorer(lm, chunk_size).to(device)
+
+
+def evaluate_model(
+    model: str,
+    reference: str | None = None,
+    data: str | None = None,
+    split: str = "train",
+    max_pairs: int | None = None,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    beta: float | None = None,
+    dtype: str | None = None,
+    log: Callable[[str], object] = print,
+) -> tuple[EvalReport, ResolvedModel]:
+    """Score ``data`` (default: the run's eval data) with the policy ``model`` against the
+    reference (default: the run's), through :func:`dpokit.train.evaluate`.
+
+    Returns the report (see the module docstring for the metrics) and the resolved policy.
+    """
+    from accelerate.utils import gather_object
+
+    from dpokit.train import evaluate
+
+    policy_model = resolve_model(model)
+    ref_model = resolve_model(reference) if reference else default_reference(policy_model)
+    if ref_model is None:
+        raise ConfigError(f"{policy_model.path} is not a dpokit run, so it has no default reference: pass --reference MODEL")
+    if max_pairs is not None and max_pairs < 1:
+        raise ConfigError(f"--max-pairs must be at least 1, got {max_pairs}")
+    config = eval_config(policy_model, data, split, batch_size, max_length, beta)
+    load_cfg = model_config(policy_model, dtype)
+    tokenizer = load_model_tokenizer(policy_model, load_cfg)
+    ref_tokenizer = load_model_tokenizer(ref_model, model_config(ref_model, load_cfg.dtype))
+    _check_same_vocab(tokenizer, ref_tokenizer, ref_model.path, policy_model.path)
+    pairs, origin = eval_pairs(config, tokenizer, from_run=data is None, log=log)
+    pairs = pairs[:max_pairs] if max_pairs else pairs
+
+    accelerator = _accelerator()
+    chunk, pad_id = config.training.logps_chunk_size, tokenizer.pad_token_id
+    policy = _scorer(policy_model, load_cfg.dtype, chunk, accelerator.device)
+    ref = _scorer(ref_model, load_cfg.dtype, chunk, accelerator.device)
+    if needs_reference(config):
+        metrics = evaluate(policy, ref, pairs, config, accelerator, pad_id)
+    else:  # a reference-free loss trained without one: score the reference on its own
+        metrics = evaluate(policy, None, pairs, config, accelerator, pad_id)
+        evaluate(ref, None, pairs, config, accelerator, pad_id)
+    own = logp_preference(gather_object(policy.outputs), "eval/logps/")
+    metrics["eval/logps/accuracies"] = own["eval/logps/accuracies"]  # the means are training's own
+    metrics.update(logp_preference(gather_object(ref.outputs), "eval/ref_logps/"))
+    return EvalReport(policy_model.path, ref_model.path, origin, len(pairs), metrics), policy_model

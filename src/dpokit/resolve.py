@@ -1,0 +1,197 @@
+"""What a MODEL argument of ``dpokit eval / compare / chat`` names, loading it, and where outputs go.
+
+A MODEL is one of:
+
+- a dpokit run directory (``config.yaml`` plus ``final/`` or ``checkpoints/step-N/``): its
+  ``final/``, or the newest checkpoint when the run has no ``final/`` yet;
+- a folder inside a run: ``<run>/final`` or ``<run>/checkpoints/step-N``;
+- a plain Hugging Face model folder (``config.json``), a hub id, or ``builtin:tiny-qwen2``;
+- a LoRA adapter folder (``adapter_config.json``), loaded through ``peft`` and merged.
+
+When MODEL belongs to a run, the run's resolved config supplies the defaults: how to load
+(dtype, attention, trust_remote_code), the reference (``model.ref_model_name_or_path``, else the
+starting policy ``model.name_or_path``), the eval data and the loss settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from dpokit.checkpoint import list_checkpoints
+from dpokit.config import Config, ConfigError, ModelConfig, load_config
+from dpokit.modeling import DTYPES, load_causal_lm, load_tokenizer, resolve_model_path
+
+ADAPTER_FILE = "adapter_config.json"
+RUN_CONFIG = "config.yaml"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A MODEL argument made concrete.
+
+    ``path`` is a local folder or a hub id (``builtin:`` names already built); ``run_dir`` and
+    ``run_config`` are set when the model belongs to a dpokit run; ``label`` is ``"final"``,
+    ``"step-N"`` or ``""`` (not in a run); ``revision`` is the hub revision, if any.
+    """
+
+    path: str
+    run_dir: Path | None = None
+    run_config: Config | None = None
+    label: str = ""
+    revision: str | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        """True for a LoRA adapter folder (it has ``adapter_config.json``)."""
+        return (Path(self.path) / ADAPTER_FILE).is_file()
+
+    @property
+    def file_suffix(self) -> str:
+        """``""`` for a run's final model, ``"-step-N"`` for a checkpoint: keeps output files apart."""
+        return f"-{self.label}" if self.label.startswith("step-") else ""
+
+
+def is_run_dir(folder: Path) -> bool:
+    """Whether ``folder`` is a dpokit run directory (holds the resolved ``config.yaml``)."""
+    return (folder / RUN_CONFIG).is_file() and not (folder / "config.json").is_file()
+
+
+def _run_model(run_dir: Path) -> tuple[Path, str]:
+    """The model folder of a run and its label: ``final/``, else the newest checkpoint."""
+    if (run_dir / "final").is_dir():
+        return run_dir / "final", "final"
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    if checkpoints:
+        return checkpoints[-1], checkpoints[-1].name
+    raise ConfigError(
+        f"run directory {run_dir} has no final/ and no checkpoints/step-N/ yet: "
+        "wait for the run to save a checkpoint (run.save_steps) or finish"
+    )
+
+
+def _enclosing_run(folder: Path) -> tuple[Path | None, str]:
+    """The run a model folder sits in (``<run>/final``, ``<run>/checkpoints/step-N``), and its label."""
+    if folder.name == "final" and is_run_dir(folder.parent):
+        return folder.parent, "final"
+    if folder.parent.name == "checkpoints" and folder.name.startswith("step-") and is_run_dir(folder.parent.parent):
+        return folder.parent.parent, folder.name
+    return None, ""
+
+
+def resolve_model(name_or_path: str, revision: str | None = None) -> ResolvedModel:
+    """Resolve a MODEL argument (see the module docstring); raises :class:`ConfigError` for a
+    folder that is none of a run, a model or an adapter."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return ResolvedModel(resolve_model_path(name_or_path), revision=revision)
+    folder = folder.resolve()
+    if is_run_dir(folder):
+        run_dir = folder
+        folder, label = _run_model(run_dir)
+    elif (folder / "config.json").is_file() or (folder / ADAPTER_FILE).is_file():
+        run_dir, label = _enclosing_run(folder)
+    else:
+        raise ConfigError(
+            f"{folder} is a folder but not a model: expected a Hugging Face model (config.json), "
+            f"a LoRA adapter ({ADAPTER_FILE}) or a dpokit run directory ({RUN_CONFIG} with final/ or checkpoints/)"
+        )
+    run_config = load_config(run_dir / RUN_CONFIG) if run_dir is not None else None
+    return ResolvedModel(str(folder), run_dir, run_config, label)
+
+
+def default_reference(model: ResolvedModel) -> ResolvedModel | None:
+    """The reference a run trained against (its ``ref_model_name_or_path``, else its starting
+    policy), or an adapter's base model; None when MODEL says nothing about one."""
+    if model.run_config is not None:
+        m = model.run_config.model
+        if m.ref_model_name_or_path:
+            return resolve_model(m.ref_model_name_or_path, m.ref_revision)
+        return resolve_model(m.name_or_path, m.revision)
+    if model.is_adapter:
+        base = _adapter_config(Path(model.path)).get("base_model_name_or_path")
+        return resolve_model(base) if base else None
+    return None
+
+
+def model_config(model: ResolvedModel, dtype: str | None = None) -> ModelConfig:
+    """How to load ``model``: its run's model settings (dtype, attention, trust_remote_code) or the
+    defaults, pointed at ``model.path``; ``dtype`` overrides."""
+    base = model.run_config.model if model.run_config is not None else ModelConfig()
+    config = dataclasses.replace(base, name_or_path=model.path, revision=model.revision)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        config.dtype = dtype
+    return config
+
+
+def _adapter_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / ADAPTER_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{folder / ADAPTER_FILE} cannot be read as JSON: {e}") from None
+
+
+def _load_adapter(folder: Path, config: ModelConfig) -> nn.Module:
+    """The adapter's base model with the LoRA weights merged in (inference only)."""
+    try:
+        from peft import AutoPeftModelForCausalLM
+    except ImportError:
+        raise ConfigError(
+            f"{folder} is a LoRA adapter ({ADAPTER_FILE}); loading it needs the peft package: pip install peft"
+        ) from None
+    kwargs = dict(dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code)
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load the LoRA adapter in {folder}: {str(e).strip().splitlines()[0]}") from None
+    return model.merge_and_unload()
+
+
+def load_model(model: ResolvedModel, config: ModelConfig) -> nn.Module:
+    """The causal LM ``model`` names, in eval mode with gradients off (LoRA adapters merged)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no weight-loading bars between dpokit's own output
+    if model.is_adapter:
+        lm = _load_adapter(Path(model.path), config)
+    else:
+        lm = load_causal_lm(config, model.path, model.revision)
+    lm.eval()
+    lm.requires_grad_(False)
+    return lm
+
+
+def load_model_tokenizer(model: ResolvedModel, config: ModelConfig):
+    """The tokenizer saved with ``model``; an adapter folder without one uses its base model's."""
+    path = model.path
+    if model.is_adapter and not (Path(path) / "tokenizer_config.json").is_file():
+        base = _adapter_config(Path(path)).get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{path} holds no tokenizer and its {ADAPTER_FILE} names no base_model_name_or_path")
+        path = resolve_model_path(base)
+    return load_tokenizer(dataclasses.replace(config, name_or_path=path, revision=model.revision))
+
+
+def output_dir(model: ResolvedModel, given: str | Path | None = None) -> Path:
+    """Where a command writes its files: ``given``, else the model's run directory, else ``.``."""
+    if given is not None:
+        return Path(given)
+    return model.run_dir if model.run_dir is not None else Path(".")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

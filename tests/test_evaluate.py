@@ -1,0 +1,120 @@
+"""``dpokit eval`` and the MODEL argument: same numbers as training, defaults from the run, errors."""
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from dpokit.cli import main
+from dpokit.config import ConfigError
+from dpokit.resolve import default_reference, resolve_model
+from runs import read_rows
+from trained import trained_run
+
+EXTRA_KEYS = {"eval/logps/accuracies", "eval/ref_logps/chosen", "eval/ref_logps/rejected", "eval/ref_logps/accuracies"}
+
+
+def _last_eval_row(run_dir):
+    return [r for r in read_rows(run_dir) if "eval/loss" in r][-1]
+
+
+def _assert_same_as_training(metrics: dict, row: dict) -> None:
+    eval_keys = [k for k in row if k.startswith("eval/")]
+    assert len(eval_keys) >= 7
+    for key in eval_keys:
+        assert metrics[key] == pytest.approx(row[key], abs=1e-6), key
+
+
+def test_eval_of_a_run_equals_its_training_eval_metrics(workdir, capsys):
+    run = trained_run(workdir)
+    main(["eval", str(run)])
+    report = json.loads((run / "eval.json").read_text())
+    _assert_same_as_training(report["metrics"], _last_eval_row(run))
+    assert EXTRA_KEYS <= set(report["metrics"])
+    assert report["pairs"] == 12 and report["model"] == str(run / "final")
+    assert report["reference"] == str(workdir / "model")  # the run's starting policy
+    out = capsys.readouterr().out
+    for name in ("reward accuracy", "reward margin", "log-prob chosen", "log-prob accuracy", "12 pairs"):
+        assert name in out
+
+
+def test_eval_split_off_train_and_reference_free_loss(workdir):
+    """eval_fraction split (same seed as training) and a SimPO run, which trained without a reference."""
+    run = trained_run(workdir, "use-simpo", "data.eval=null", "eval_fraction=0.25", "loss_type=[simpo]")
+    main(["eval", str(run), "--output", str(run / "mine.json")])
+    metrics = json.loads((run / "mine.json").read_text())["metrics"]
+    _assert_same_as_training(metrics, _last_eval_row(run))
+    assert EXTRA_KEYS <= set(metrics)
+
+
+def test_reference_alone_and_policy_equal_reference(workdir, tmp_path):
+    model = str(workdir / "model")
+    out = tmp_path / "self.json"
+    main(["eval", model, "--reference", model, "--data", str(workdir / "eval.jsonl"), "--max-pairs", "5",
+          "--batch-size", "2", "--output", str(out)])
+    report = json.loads(out.read_text())
+    m = report["metrics"]
+    assert report["pairs"] == 5
+    assert m["eval/rewards/margins"] == 0 and m["eval/rewards/accuracies"] == 0  # β(log π − log ref) ≡ 0
+    for key in ("chosen", "rejected", "accuracies"):
+        assert m[f"eval/logps/{key}"] == pytest.approx(m[f"eval/ref_logps/{key}"], abs=1e-6)
+
+
+def test_eval_of_a_checkpoint_writes_beside_the_final_eval(workdir):
+    run = trained_run(workdir)
+    main(["eval", str(run / "checkpoints" / "step-2"), "--max-pairs", "3"])
+    report = json.loads((run / "eval-step-2.json").read_text())
+    assert report["model"] == str(run / "checkpoints" / "step-2") and report["pairs"] == 3
+
+
+def _exit_message(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dpokit: error: ") and "Traceback" not in err
+    return err
+
+
+def test_plain_model_needs_reference_and_data(workdir, capsys):
+    model = str(workdir / "model")
+    assert "--reference" in _exit_message(["eval", model, "--data", str(workdir / "eval.jsonl")], capsys)
+    assert "--data" in _exit_message(["eval", model, "--reference", model], capsys)
+
+
+def test_lora_adapter_without_peft_says_how_to_install(workdir, tmp_path, capsys, monkeypatch):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(workdir / "model")}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (workdir / "model" / name).exists():
+            shutil.copy(workdir / "model" / name, adapter / name)
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    resolved = resolve_model(str(adapter))
+    assert resolved.is_adapter and default_reference(resolved).path == str(workdir / "model")
+    err = _exit_message(["eval", str(adapter), "--data", str(workdir / "eval.jsonl")], capsys)
+    assert "pip install peft" in err and str(adapter) in err
+
+
+def test_resolve_model_forms(workdir, tmp_path):
+    run = trained_run(workdir)
+    by_run = resolve_model(str(run))
+    assert by_run.path == str(run / "final") and by_run.label == "final" and by_run.run_dir == run
+    step = resolve_model(str(run / "checkpoints" / "step-2"))
+    assert step.run_dir == run and step.file_suffix == "-step-2" and step.run_config is not None
+    assert resolve_model(str(run / "final")).run_dir == run
+    plain = resolve_model(str(workdir / "model"))
+    assert plain.run_dir is None and default_reference(plain) is None
+    assert resolve_model("some-org/some-model").path == "some-org/some-model"  # a hub id passes through
+
+    partial = tmp_path / "partial"  # a run with a checkpoint but no final/ yet
+    partial.mkdir()
+    shutil.copy(run / "config.yaml", partial / "config.yaml")
+    shutil.copytree(run / "checkpoints", partial / "checkpoints")
+    assert resolve_model(str(partial)).label == "step-2"
+    shutil.rmtree(partial / "checkpoints")
+    with pytest.raises(ConfigError, match="no final/ and no checkpoints"):
+        resolve_model(str(partial))
+    with pytest.raises(ConfigError, match="not a model"):
+        resolve_model(str(tmp_path))

@@ -1,0 +1,515 @@
+"""dpokit vs TRL's DPOTrainer: the same model, pairs, order and hyper-parameters, side by side.
+
+One invocation builds a random-init Qwen2 model and a one-word-one-token tokenizer, generates
+multi-turn chat preference pairs with a realistic length profile, then trains each framework in
+its own subprocess (separate peak memory) and prints a Markdown table (JSON to ``--output``)::
+
+    python benchmarks/dpo_vs_trl.py                                  # CPU, float32, cpu-bench model
+    python benchmarks/dpo_vs_trl.py --model-size tiny-test --steps 4 --warmup 1   # smoke test
+    python benchmarks/dpo_vs_trl.py --device cuda --dtype bfloat16 --model-size 0.5b
+
+Columns: dpokit with its defaults (padding-free, prefix sharing, reference log-probs precomputed
+before training), dpokit with a live reference model (``precompute_ref_log_probs=false``), and
+TRL with its defaults (padded batches, a separate reference model in memory, gradient
+checkpointing on). Needs ``pip install -e ".[bench]"`` (TRL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import itertools
+import json
+import math
+import os
+import random
+import re
+import resource
+import shlex
+import shutil
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MAX_LENGTH, BATCH, LR, BETA, MAX_GRAD_NORM = 512, 4, 1e-6, 0.1, 1.0
+MODEL_SIZES = {  # Qwen2 architecture, random weights
+    "tiny-test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=176, vocab_size=2048),
+    "cpu-bench": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                      intermediate_size=1408, vocab_size=32000),
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, vocab_size=151936),  # Qwen2.5-0.5B
+}
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # pad, turn start, end of turn (eos)
+ROLE_WORDS = ["system", "user", "assistant"]
+LETTERS = string.ascii_letters
+CHAT_TEMPLATE = (  # ChatML as Qwen2 writes it, without a default system message
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+MESSAGE_OVERHEAD, GENERATION_PROMPT = 5, 3  # <|im_start|> role \n ... <|im_end|> \n ; <|im_start|> assistant \n
+COLUMNS = {"dpokit": "dpokit (defaults)", "dpokit-live": "dpokit (live ref)", "trl": "TRL DPOTrainer"}
+
+
+# ----------------------------------------------------------------------------- model, tokenizer, data
+
+
+def build_tokenizer(vocab_size: int):
+    """Byte-level BPE tokenizer in which every synthetic word is exactly one token.
+
+    Words are 3-letter strings (``aaa``, ``aab``, ...) written with a leading space, so each is one
+    pre-token ``Ġxyz`` that merges build whole. It is a ``Qwen2Tokenizer`` because transformers 5
+    loads any folder whose config.json says ``qwen2`` as one (rebuilding a byte-level BPE from the
+    vocabulary and merges); a WordLevel tokenizer saved there would silently encode words to nothing.
+    Returns (tokenizer, words).
+    """
+    from transformers import Qwen2Tokenizer
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + ["Ġ", "Ċ"] + list(LETTERS))}  # Ġ = space, Ċ = newline
+    merges: list[tuple[str, str]] = []
+
+    def pieces(word: str) -> list[str]:
+        return [word[:i] for i in range(2, len(word) + 1) if word[:i] not in vocab]
+
+    def add(word: str) -> None:  # the merges that build ``word`` left to right
+        for piece in pieces(word):
+            vocab[piece] = len(vocab)
+            merges.append((piece[:-1], piece[-1]))
+
+    words, budget = [], vocab_size - sum(len(w) - 1 for w in ROLE_WORDS)
+    for letters in itertools.product(LETTERS, repeat=3):
+        word = "".join(letters)
+        if len(vocab) + len(pieces("Ġ" + word)) > budget:
+            break
+        add("Ġ" + word)
+        words.append(word)
+    for word in ROLE_WORDS:  # after the word merges, so they never take precedence inside a word
+        add(word)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                               unk_token=None, extra_special_tokens=["<|im_start|>"], model_max_length=32768)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer, words
+
+
+def build_model(folder: Path, size: str, dtype: str, seed: int) -> tuple[dict, list[str]]:
+    """Write a random-init Qwen2 model (fixed seed) and its tokenizer to ``folder``; return its shape, N and the words."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    shape = MODEL_SIZES[size]
+    tokenizer, words = build_tokenizer(min(shape["vocab_size"], 32000))
+    config = Qwen2Config(**shape, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    embed = model.get_input_embeddings().weight
+    body = sum(p.numel() for p in model.parameters() if p is not embed)  # includes an untied lm_head
+    n_flop = body + model.get_output_embeddings().weight.numel() * config.tie_word_embeddings
+    return {**shape, "parameters": sum(p.numel() for p in model.parameters()), "N_flop_params": n_flop,
+            "tokenizer_size": len(tokenizer), "words": len(words)}, words
+
+
+def make_pair(rng: random.Random, words: list[str]) -> dict:
+    """One conversational pair. The templated prompt length is lognormal (median 100 tokens, sigma 0.73:
+    p90 ~260, ~1.4% over 512), spread over 0-3 earlier user/assistant exchanges; reply content is
+    lognormal (median 30 words, sigma 0.8: mean ~41, long tail), plus the ``<|im_end|>`` token."""
+    text = lambda n: "".join(" " + rng.choice(words) for _ in range(max(1, n)))  # noqa: E731  one word = one token
+    total = round(rng.lognormvariate(math.log(100), 0.73))
+    exchanges = rng.choices([0, 1, 2, 3], weights=[60, 20, 12, 8])[0]
+    n_msgs = 1 + 2 * exchanges
+    budget = max(n_msgs, total - MESSAGE_OVERHEAD * n_msgs - GENERATION_PROMPT)
+    weights = [rng.random() + 0.3 for _ in range(n_msgs)]
+    sizes = [max(1, round(budget * w / sum(weights))) for w in weights]
+    prompt = [{"role": "user" if i % 2 == 0 else "assistant", "content": text(n)} for i, n in enumerate(sizes)]
+    reply = lambda: text(round(rng.lognormvariate(math.log(30), 0.8)))  # noqa: E731
+    chosen, rejected = reply(), reply()
+    while rejected == chosen:
+        rejected = reply()
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def token_lengths(pairs: list[dict], tokenizer) -> list[tuple[int, int, int]]:
+    """(templated prompt incl. generation prompt, chosen, rejected) token counts, replies with ``<|im_end|>``.
+
+    Prompts are measured with the tokenizer and checked against the word count, so a tokenizer
+    that does not give one token per word stops the benchmark instead of skewing it."""
+    prompts = [tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True) for p in pairs]
+    measured = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    count = lambda msgs: sum(len(m["content"].split()) for m in msgs)  # noqa: E731
+    expected = [count(p["prompt"]) + MESSAGE_OVERHEAD * len(p["prompt"]) + GENERATION_PROMPT for p in pairs]
+    if measured != expected:
+        sys.exit(f"tokenizer check failed: prompt tokens {measured[:5]} != words + template {expected[:5]}")
+    return [(m, count(p["chosen"]) + 1, count(p["rejected"]) + 1) for m, p in zip(measured, pairs)]
+
+
+def profile(lengths: list[tuple[int, int, int]]) -> dict:
+    """Percentiles (tokens) of prompts, replies and longest sides: the length profile of the data."""
+    def pct(values, q):
+        values = sorted(values)
+        return values[min(len(values) - 1, int(q / 100 * len(values)))]
+    prompts = [p for p, _, _ in lengths]
+    replies = [x for _, c, r in lengths for x in (c, r)]
+    longest = [p + max(c, r) for p, c, r in lengths]
+    return {"pairs": len(lengths),
+            "prompt": {f"p{q}": pct(prompts, q) for q in (50, 90, 99)} | {"mean": round(statistics.mean(prompts), 1),
+                                                                       "share_over_512": round(sum(p > 512 for p in prompts) / len(prompts), 4)},
+            "reply": {f"p{q}": pct(replies, q) for q in (50, 90, 99)} | {"mean": round(statistics.mean(replies), 1)},
+            "prompt_plus_longest_reply": {f"p{q}": pct(longest, q) for q in (50, 90, 99)}}
+
+
+def make_data(workdir: Path, tokenizer, words: list[str], num_pairs: int, seed: int) -> dict:
+    """Generate a pool of pairs, keep the first ``num_pairs`` whose prompt fits ``MAX_LENGTH`` (TRL drops the
+    others, so both get the same pairs), and write them for TRL (training order) and for dpokit (permuted so
+    that dpokit's epoch-0 shuffle visits them in that same order)."""
+    from dpokit.data.batching import epoch_order
+
+    rng = random.Random(seed)
+    pool = [make_pair(rng, words) for _ in range(max(2000, 2 * num_pairs))]
+    lengths = token_lengths(pool, tokenizer)
+    keep = [i for i, (p, _, _) in enumerate(lengths) if p < MAX_LENGTH][:num_pairs]
+    pairs, used = [pool[i] for i in keep], [lengths[i] for i in keep]
+    order = epoch_order(num_pairs, seed, 0)  # dpokit trains on file row order[k] at position k
+    dpokit_rows = [None] * num_pairs
+    for k, row in enumerate(order):
+        dpokit_rows[row] = pairs[k]
+    assert [dpokit_rows[i] for i in order] == pairs
+    for name, rows in (("trl.jsonl", pairs), ("dpokit.jsonl", dpokit_rows)):
+        with open(workdir / name, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return {"generated": profile(lengths), "used": profile(used), "used_lengths": used,
+            "dropped_prompt_over_max_length": sum(p >= MAX_LENGTH for p, _, _ in lengths[: keep[-1] + 1])}
+
+
+def matmul_flops(device: str, dtype: str, seconds: float = 1.0) -> dict:
+    """Measured FLOP/s of a large square matmul (CPU: 2048, GPU: 8192) in ``dtype``: the machine's reference peak."""
+    import torch
+
+    n = 2048 if device == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device).to(getattr(torch, dtype)) for _ in range(2))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(1 if device == "cpu" else 10):
+            a @ b
+            iters += 1
+        sync()
+    return {"size": n, "dtype": dtype, "flops_per_s": 2 * n**3 * iters / (time.perf_counter() - start)}
+
+
+# ----------------------------------------------------------------------------- the children
+
+
+def peak_memory(device: str) -> int:
+    """Peak bytes of this process: GPU memory allocated by torch, or the CPU resident set (ru_maxrss)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_dpokit(spec: dict, precompute: bool, workdir: Path) -> dict:
+    """Train with dpokit's public API (defaults, except the shared settings); timings from metrics.jsonl."""
+    from dpokit.config import load_config
+    from dpokit.train import train
+
+    name = "dpokit" if precompute else "dpokit-live"
+    os.environ["DPOKIT_CACHE"] = str(workdir / f"cache-{name}")  # no reference/data cache hit from another run
+    overrides = [
+        f"model.name_or_path={spec['model_dir']}", f"dtype={spec['dtype']}", f"data.train={workdir / 'dpokit.jsonl'}",
+        f"output_dir={workdir / ('run-' + name)}", f"max_length={MAX_LENGTH}", f"learning_rate={LR}", f"beta={BETA}",
+        "loss_type=[sigmoid]", f"max_steps={spec['steps']}", f"per_device_train_batch_size={BATCH}",
+        "gradient_accumulation_steps=1", f"max_grad_norm={MAX_GRAD_NORM}", "logging_steps=1", f"seed={spec['seed']}",
+        "progress_bar=false", "save_steps=null", "report_to=[none]", f"precompute_ref_log_probs={str(precompute).lower()}",
+    ]
+    if spec["attn"]:
+        overrides.append(f"attn_implementation={spec['attn']}")
+        if "flash" in spec["attn"]:
+            overrides.append("prefix_sharing=false")  # flash-attention takes no custom mask
+    config = load_config(None, overrides)
+    log = io.StringIO()  # dpokit prints its precompute time
+    try:
+        with contextlib.redirect_stdout(log):
+            run_dir = train(config)
+    finally:
+        print(log.getvalue())
+    found = re.search(r"reference: train log-probs of \d+ pairs computed in ([\d.]+)s", log.getvalue())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "seconds" in r]
+    t = config.training
+    return {"step_seconds": [r["seconds"] for r in rows], "step_tokens": [r["tokens"] for r in rows],
+            "ref_tokens_per_step": [r["tokens"] for r in rows] if not precompute else [0] * len(rows),
+            "precompute_seconds": float(found.group(1)) if found else 0.0, "loss": [r["loss"] for r in rows],
+            "settings": {"padding_free": t.padding_free, "prefix_sharing": t.prefix_sharing,
+                         "precompute_ref_log_probs": t.precompute_ref_log_probs, "logps_chunk_size": t.logps_chunk_size,
+                         "gradient_checkpointing": t.gradient_checkpointing, "attn_implementation": config.model.attn_implementation}}
+
+
+def run_trl(spec: dict, workdir: Path) -> dict:
+    """Train with TRL's DPOTrainer (defaults, except the shared settings and sequential sampling)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class StepTimer(TrainerCallback):
+        """Step time as dpokit measures it (end of one step to the end of the next, batch assembly and logging
+        included), and on_step_begin -> on_step_end."""
+
+        def __init__(self):
+            self.ends, self.inner, self.begin = [], [], None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
+            self.inner.append(self.ends[-1] - self.begin)
+
+    class CountingDPOTrainer(DPOTrainer):
+        """Records the non-padding and padded tokens of every micro-batch."""
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.bench_tokens.append((int(inputs["attention_mask"].sum()), inputs["input_ids"].numel()))
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    rows = [json.loads(line) for line in (workdir / "trl.jsonl").read_text().splitlines()]
+    model_kwargs = {"dtype": spec["dtype"]} | ({"attn_implementation": spec["attn"]} if spec["attn"] else {})
+    args = DPOConfig(
+        output_dir=str(workdir / "run-trl"), max_steps=spec["steps"], per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1, learning_rate=LR, beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH,
+        max_grad_norm=MAX_GRAD_NORM, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+        seed=spec["seed"], train_sampling_strategy="sequential", bf16=spec["dtype"] == "bfloat16",
+        use_cpu=spec["device"] == "cpu", model_init_kwargs=model_kwargs, disable_tqdm=True,
+        **({_checkpointing_field(DPOConfig): False} if spec["trl_no_gradient_checkpointing"] else {}),
+    )
+    timer = StepTimer()
+    trainer = CountingDPOTrainer(model=spec["model_dir"], args=args, train_dataset=Dataset.from_list(rows),
+                                 processing_class=AutoTokenizer.from_pretrained(spec["model_dir"]), callbacks=[timer])
+    trainer.bench_tokens = []
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    settings = {k: getattr(args, k) for k in ("padding_free", "precompute_ref_log_probs", "gradient_checkpointing", "bf16",
+                                              "pad_to_multiple_of", "truncation_mode", "train_sampling_strategy", "disable_dropout")}
+    settings.update(optim=args.optim.value, lr_scheduler_type=args.lr_scheduler_type.value, ref_model="separate copy loaded from the same folder",
+                    attn_implementation=trainer.model.config._attn_implementation)
+    return {"step_seconds": [b - a for a, b in zip(timer.ends, timer.ends[1:])], "step_inner_seconds": timer.inner,
+            "step_tokens": [t for t, _ in trainer.bench_tokens], "padded_tokens": [p for _, p in trainer.bench_tokens],
+            "ref_tokens_per_step": [t for t, _ in trainer.bench_tokens], "precompute_seconds": 0.0, "loss": losses,
+            "settings": settings}
+
+
+def _checkpointing_field(config_class) -> str:
+    """transformers 5.23 renamed ``gradient_checkpointing`` (still TRL's default True) to ``activation_checkpointing``."""
+    return "activation_checkpointing" if "activation_checkpointing" in config_class.__dataclass_fields__ else "gradient_checkpointing"
+
+
+def child_main(name: str, workdir: Path) -> None:
+    """Entry point of a child process: train one framework, write ``result-<name>.json``."""
+    spec = json.loads((workdir / "spec.json").read_text())
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    start = time.perf_counter()
+    result = run_trl(spec, workdir) if name == "trl" else run_dpokit(spec, name == "dpokit", workdir)
+    result.update(process_seconds=time.perf_counter() - start, peak_memory_bytes=peak_memory(spec["device"]),
+                  threads=torch.get_num_threads())
+    (workdir / f"result-{name}.json").write_text(json.dumps(result))
+
+
+def launch(name: str, workdir: Path, spec: dict) -> dict:
+    """Run one framework in its own process (so peak memory is its own); stop with its log tail on failure."""
+    env = dict(os.environ)
+    if spec["threads"]:
+        env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    if spec["device"] == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    log = workdir / f"log-{name}.txt"
+    print(f"running {COLUMNS[name]} ... (log: {log})", file=sys.stderr, flush=True)
+    with open(log, "w") as f:
+        command = [sys.executable, __file__, "--child", name, "--workdir", str(workdir)]
+        rc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0:
+        sys.exit(f"{name} failed (exit {rc}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-40:]))
+    return json.loads((workdir / f"result-{name}.json").read_text())
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarize(r: dict, warmup: int, n_flop: float, peak: float) -> dict:
+    """Median step time after warm-up, throughput, achieved FLOP/s (6N per trained token, 2N per reference
+    token, attention and recomputation not counted) and the end-to-end train time (precompute + all steps)."""
+    steps = list(range(warmup, len(r["step_seconds"])))
+    med = statistics.median(r["step_seconds"][i] for i in steps)
+    flops = [6 * n_flop * t + 2 * n_flop * ref for t, ref in zip(r["step_tokens"], r["ref_tokens_per_step"])]
+    step_flops = statistics.median(flops[i] / r["step_seconds"][i] for i in steps)
+    precompute_flops = 2 * n_flop * sum(r["step_tokens"]) if r["precompute_seconds"] else 0.0  # one epoch
+    train_wall = r["precompute_seconds"] + sum(r["step_seconds"])
+    padded = r.get("padded_tokens") or (r["step_tokens"] if r["settings"].get("padding_free") else None)
+    return {"median_step_s": med, "pairs_per_s": BATCH / med, "tokens_per_step": statistics.mean(r["step_tokens"]),
+            "padded_tokens_per_step": statistics.mean(padded) if padded else float("nan"),
+            "tokens_per_s": statistics.median(r["step_tokens"][i] / r["step_seconds"][i] for i in steps),
+            "precompute_s": r["precompute_seconds"], "train_wall_s": train_wall, "process_wall_s": r["process_seconds"],
+            "peak_memory_mib": r["peak_memory_bytes"] / 2**20, "step_tflops": step_flops / 1e12,
+            "step_fraction_of_matmul": step_flops / peak, "end_to_end_fraction_of_matmul": (sum(flops) + precompute_flops) / train_wall / peak}
+
+
+def check_order(results: dict, lengths: list[tuple[int, int, int]], steps: int) -> dict:
+    """Compare each step's token count with the count its intended pairs give: TRL processes
+    ``min(p+c+1, L) + min(p+r+1, L)`` tokens per pair, dpokit (prefix sharing) ``p + c + r`` for untruncated pairs."""
+    out = {}
+    for name, r in results.items():
+        matched = checked = 0
+        for s in range(steps):
+            group = lengths[s * BATCH:(s + 1) * BATCH]
+            if name == "trl":  # TRL also trains on the newline ChatML writes after <|im_end|>
+                expect = sum(min(p + c + 1, MAX_LENGTH) + min(p + q + 1, MAX_LENGTH) for p, c, q in group)
+            elif all(p + max(c, q) <= MAX_LENGTH for p, c, q in group):  # dpokit truncated none of them
+                expect = sum((1 if r["settings"]["prefix_sharing"] else 2) * p + c + q for p, c, q in group)
+            else:
+                continue
+            checked += 1
+            matched += r["step_tokens"][s] == expect
+        out[name] = f"{matched}/{checked} steps match"
+    return out
+
+
+def table(summaries: dict, has_trl: bool, device: str) -> str:
+    """The Markdown comparison table."""
+    mem = "peak GPU memory allocated (MiB)" if device.startswith("cuda") else "peak RSS (MiB)"
+    rows = [("median s/step (after warm-up)", "median_step_s", "{:.3f}"), ("pairs/s", "pairs_per_s", "{:.2f}"),
+            ("tokens processed / step (mean, non-padding)", "tokens_per_step", "{:.0f}"),
+            ("tokens incl. padding / step (mean)", "padded_tokens_per_step", "{:.0f}"), ("tokens/s (median)", "tokens_per_s", "{:.0f}"),
+            ("reference precompute (s)", "precompute_s", "{:.1f}"), ("total wall: precompute + all steps (s)", "train_wall_s", "{:.1f}"),
+            ("process wall incl. loading/saving (s)", "process_wall_s", "{:.1f}"), (mem, "peak_memory_mib", "{:.0f}"),
+            ("achieved TFLOP/s (median step)", "step_tflops", "{:.3f}"), ("% of matmul FLOP/s (median step)", "step_fraction_of_matmul", "{:.1%}"),
+            ("% of matmul FLOP/s (end to end)", "end_to_end_fraction_of_matmul", "{:.1%}")]
+    names = list(summaries)
+    lines = ["| | " + " | ".join(COLUMNS[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, key, fmt in rows:
+        lines.append(f"| {label} | " + " | ".join(fmt.format(summaries[n][key]) for n in names) + " |")
+    if has_trl:
+        trl = summaries["trl"]
+        ratios = [("speedup vs TRL (TRL s/step ÷ s/step)", lambda s: trl["median_step_s"] / s["median_step_s"]),
+                  ("end-to-end speedup vs TRL (total wall)", lambda s: trl["train_wall_s"] / s["train_wall_s"]),
+                  ("memory ratio (peak ÷ TRL peak)", lambda s: s["peak_memory_mib"] / trl["peak_memory_mib"])]
+        for label, fn in ratios:
+            lines.append(f"| {label} | " + " | ".join(f"{fn(summaries[n]):.2f}x" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def machine_info(device: str) -> dict:
+    """CPU model, cores, GPU, library versions, date and the exact command line."""
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None, "python": platform.python_version(),
+            **{pkg: md.version(pkg) for pkg in ("torch", "transformers", "trl", "accelerate", "dpokit") if _installed(pkg)},
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": shlex.join([sys.executable, *sys.argv])}
+
+
+def _installed(pkg: str) -> bool:
+    import importlib.metadata as md
+    try:
+        return bool(md.version(pkg))
+    except md.PackageNotFoundError:
+        return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per framework (4 pairs each)")
+    ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the median")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--model-size", default="cpu-bench", choices=list(MODEL_SIZES))
+    ap.add_argument("--attn", default=None, help="attention implementation for both (default: transformers decides, sdpa)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--skip-live", action="store_true", help="skip the dpokit column with a live reference model")
+    ap.add_argument("--trl-no-gradient-checkpointing", action="store_true", help="TRL defaults to gradient checkpointing on; turn it off")
+    ap.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<date>-<device>.json)")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep the temp folder (model, data, logs of each run)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child_main(a.child, Path(a.workdir))
+    if a.warmup >= a.steps:
+        sys.exit("--warmup must be smaller than --steps")
+
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    workdir = Path(tempfile.mkdtemp(prefix="dpo_vs_trl-"))
+    model, words = build_model(workdir / "model", a.model_size, a.dtype, a.seed)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")  # as both frameworks will load it
+    data = make_data(workdir, tokenizer, words, a.steps * BATCH, a.seed)
+    spec = {"model_dir": str(workdir / "model"), "dtype": a.dtype, "device": a.device, "attn": a.attn, "steps": a.steps,
+            "seed": a.seed, "threads": a.threads, "trl_no_gradient_checkpointing": a.trl_no_gradient_checkpointing}
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    peak = matmul_flops(a.device, a.dtype)
+    names = ["dpokit"] + ([] if a.skip_live else ["dpokit-live"]) + ([] if a.skip_trl else ["trl"])
+    results = {n: launch(n, workdir, spec) for n in names}
+    summaries = {n: summarize(results[n], a.warmup, model["N_flop_params"], peak["flops_per_s"]) for n in names}
+    order = check_order(results, data["used_lengths"], a.steps)
+
+    g, u = data["generated"], data["used"]
+    print(f"\n## dpokit vs TRL DPOTrainer: {a.model_size} ({model['parameters'] / 1e6:.1f}M parameters), {a.device}, {a.dtype}\n")
+    print(f"data (tokens): generated {g['pairs']} pairs: prompt p50/p90/p99 {g['prompt']['p50']}/{g['prompt']['p90']}/{g['prompt']['p99']}, "
+          f"{g['prompt']['share_over_512']:.1%} over 512; reply mean {g['reply']['mean']}, p50/p90/p99 {g['reply']['p50']}/{g['reply']['p90']}/{g['reply']['p99']}")
+    print(f"used {u['pairs']} pairs (first with prompt < {MAX_LENGTH}; {data['dropped_prompt_over_max_length']} skipped, as TRL drops them): "
+          f"prompt p50/p90 {u['prompt']['p50']}/{u['prompt']['p90']}, reply mean {u['reply']['mean']}, prompt+longest reply p90 {u['prompt_plus_longest_reply']['p90']}")
+    print(f"{a.steps} steps x {BATCH} pairs, max_length {MAX_LENGTH}, lr {LR}, beta {BETA}, sigmoid, max_grad_norm {MAX_GRAD_NORM}, "
+          f"median over steps {a.warmup + 1}..{a.steps}; same pairs in the same order ({', '.join(f'{n}: {v}' for n, v in order.items())})\n")
+    print(table(summaries, "trl" in names, a.device))
+    print(f"\nFLOP/s convention: 6N per token the policy processed (non-padding) + 2N per token the reference scored, "
+          f"N = {model['N_flop_params'] / 1e6:.1f}M (non-embedding parameters + output layer); attention and recomputation "
+          f"not counted. Reference: {peak['size']}x{peak['size']} {peak['dtype']} matmul = {peak['flops_per_s'] / 1e12:.3f} TFLOP/s.")
+    for n in names:
+        print(f"{COLUMNS[n]} settings: " + ", ".join(f"{k}={v}" for k, v in results[n]["settings"].items()))
+    print("loss, first steps (same pairs: close; TRL also trains on the newline after <|im_end|>): "
+          + "; ".join(f"{n} " + " ".join(f"{x:.6f}" for x in results[n]["loss"][:4]) for n in names))
+    info = machine_info(a.device)
+    print(f"machine: {info['cpu']}, {info['usable_cores']} usable cores, torch threads {results[names[0]]['threads']}, "
+          f"gpu {info['gpu']}; torch {info.get('torch')}, transformers {info.get('transformers')}, trl {info.get('trl')}")
+
+    slug = "cpu" if a.device == "cpu" else re.sub(r"[^a-z0-9]+", "-", info["gpu"].lower()).strip("-")
+    output = Path(a.output or Path(__file__).parent / "results" / f"{datetime.date.today()}-{slug}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    data.pop("used_lengths")
+    output.write_text(json.dumps({"machine": info, "args": vars(a), "model": model, "data": data, "matmul": peak,
+                                  "order_check": order, "summary": summaries, "raw": results}, indent=1))
+    print(f"\nJSON: {output}")
+    if a.keep_workdir:
+        print(f"workdir kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

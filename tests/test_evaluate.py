@@ -118,3 +118,61 @@ def test_resolve_model_forms(workdir, tmp_path):
         resolve_model(str(partial))
     with pytest.raises(ConfigError, match="not a model"):
         resolve_model(str(tmp_path))
+
+
+def _lora_adapter(workdir, folder):
+    """A LoRA adapter on the tiny model with non-zero weights (so it changes the model), saved with peft."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    peft_model.save_pretrained(folder)
+    return peft_model.merge_and_unload()
+
+
+def test_lora_adapter_is_evaluated_as_base_plus_adapter(workdir, tmp_path):
+    pytest.importorskip("peft")
+    import torch
+
+    from dpokit.data.batching import make_batch
+    from dpokit.data.formats import to_pairs
+    from dpokit.data.sources import load_rows
+    from dpokit.config import DataSource
+    from dpokit.data.tokenize import tokenize_pairs
+    from dpokit.logps import ReplyLogProbs
+    from transformers import AutoTokenizer
+
+    merged = _lora_adapter(workdir, tmp_path / "adapter")
+    out = tmp_path / "lora.json"
+    main(["eval", str(tmp_path / "adapter"), "--data", str(workdir / "eval.jsonl"), "--max-pairs", "4",
+          "--output", str(out)])
+    report = json.loads(out.read_text())
+    assert report["reference"] == str(workdir / "model")  # an adapter's default reference is its base
+    # the policy log-probs are the merged model's
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    pairs, _ = to_pairs(load_rows(DataSource(path=str(workdir / "eval.jsonl"))), "eval")
+    tokenized, _ = tokenize_pairs(pairs[:4], tokenizer, max_length=1024, truncation="truncate")
+    with torch.no_grad():
+        logps = ReplyLogProbs(merged.eval())(**make_batch(tokenized, "padded").model_inputs())
+    assert report["metrics"]["eval/logps/chosen"] == pytest.approx(logps[0::2].mean().item(), abs=1e-4)
+    assert report["metrics"]["eval/rewards/margins"] != 0  # the adapter changed the model
+
+
+def test_compare_and_chat_accept_a_lora_adapter(workdir, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("peft")
+    import io
+
+    _lora_adapter(workdir, tmp_path / "adapter")
+    main(["compare", str(tmp_path / "adapter"), "--from-data", str(workdir / "eval.jsonl"), "--n", "2",
+          "--max-new-tokens", "4", "--output-dir", str(tmp_path / "cmp")])
+    rows = [json.loads(line) for line in (tmp_path / "cmp" / "compare.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/exit\n"))
+    main(["chat", str(tmp_path / "adapter"), "--max-new-tokens", "4"])
+    assert capsys.readouterr().out

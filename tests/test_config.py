@@ -104,9 +104,10 @@ def test_reference_needed_only_for_reference_losses(tmp_path):
     assert not needs_reference(load_config(write(tmp_path, BASE), ["loss_type=[simpo,sft]"]))
 
 
-def test_prefix_sharing_with_flash_attention_is_refused(tmp_path):
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flex_attention"])
+def test_prefix_sharing_with_other_attention_kernels_is_refused(tmp_path, attn):
     with pytest.raises(ConfigError, match="prefix_sharing=false"):
-        load_config(write(tmp_path, BASE), ["attn_implementation=flash_attention_2"])
+        load_config(write(tmp_path, BASE), [f"attn_implementation={attn}"])
     cfg = load_config(write(tmp_path, BASE), ["attn_implementation=flash_attention_2", "prefix_sharing=false"])
     assert cfg.training.padding_free
 

@@ -426,10 +426,11 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
         raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")
     if not 0.0 <= lo.label_smoothing < 0.5:
         raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
-    if t.prefix_sharing and config.model.attn_implementation and "flash_attention" in config.model.attn_implementation:
+    if t.prefix_sharing and config.model.attn_implementation not in (None, "sdpa", "eager"):
         raise ConfigError(
-            f"training.prefix_sharing needs a custom attention mask, which {config.model.attn_implementation} "
-            "cannot take: set prefix_sharing=false (padding-free packing still works with it) or use sdpa"
+            f"training.prefix_sharing needs a dense custom attention mask, which dpokit gives only to sdpa and "
+            f"eager attention, not {config.model.attn_implementation}: set prefix_sharing=false "
+            "(padding-free packing still works with it) or attn_implementation=sdpa"
         )
     if "none" in r.report_to and len(r.report_to) > 1:
         raise ConfigError(f"run.report_to mixes 'none' with trackers: {r.report_to}")

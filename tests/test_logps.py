@@ -173,3 +173,24 @@ def test_packed_rows_respect_the_token_budget_and_stay_exact(layout):
     batch = make_batch(pairs, layout, row_tokens=60)
     assert batch.input_ids.shape[0] > 1 and batch.input_ids.shape[1] <= 60
     torch.testing.assert_close(ReplyLogProbs(model)(**batch.model_inputs()), naive_logps(model, pairs), atol=1e-4, rtol=0)
+
+
+def test_backward_keeps_no_vocabulary_sized_tensor():
+    """What autograd saves for the output layer is O(N*H + V*H), never the [N, V] logits."""
+    torch.manual_seed(0)
+    n, h, v = 512, 16, 8192
+    hidden = torch.randn(n, h, requires_grad=True)
+    head = torch.nn.Linear(h, v, bias=False)
+    targets = torch.randint(0, v, (n,))
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        token_logps(hidden, head, targets, chunk_size=64).sum().backward()
+    assert max(saved) <= v * h  # the weight itself is the largest thing kept
+    assert sum(saved) < n * v / 4
+    naive = torch.log_softmax(hidden @ head.weight.T, -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(token_logps(hidden, head, targets, chunk_size=64), naive, atol=1e-5, rtol=0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from dpokit.data.batching import LAYOUTS, make_batch, padded_batch
+from dpokit.data.batching import LAYOUTS, make_batch
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs, token_logps
 

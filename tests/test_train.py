@@ -1,6 +1,5 @@
 """End-to-end training runs with a tiny model built in the test."""
 
-import json
 import os
 import subprocess
 import sys

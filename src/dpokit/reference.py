@@ -23,6 +23,7 @@ from accelerate.utils import gather_object
 from dpokit.data.batching import Batch, eval_batches
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
+from dpokit.tiny import cache_dir as cache_root
 
 
 class Reference(ABC):
@@ -107,7 +108,8 @@ def compute_table(
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DPOKIT_CACHE") or Path.home() / ".cache" / "dpokit") / "reference"
+    """``$DPOKIT_CACHE/reference`` (default ``~/.cache/dpokit/reference``)."""
+    return cache_root() / "reference"
 
 
 def cached_table(

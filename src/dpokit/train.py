@@ -346,11 +346,9 @@ def train(config: Config) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(out / "final", unwrapped.model, tokenizer)
-        from dpokit.report import read_metrics, summarize, write_plots
+        from dpokit.report import make_report
 
-        rows = read_metrics(out / "metrics.jsonl")
-        write_plots(rows, out / "plots")
-        say(summarize(rows, out))
+        say(make_report(out))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

@@ -34,7 +34,20 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=5e-7 max_steps=200")
     _add_use_parsers(sub)
     _add_data_parser(sub)
+    _add_export_parser(sub)
     return parser
+
+
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write a run's model as a plain Hugging Face folder (LoRA merged)",
+        description="Write MODEL (a run directory, checkpoints/step-N, adapter or model folder) to OUT in Hugging "
+        "Face format; --merge folds LoRA adapters into the base weights.",
+    )
+    export.add_argument("model", help="run directory, checkpoints/step-N folder, adapter folder or model folder")
+    export.add_argument("--merge", metavar="OUT", required=True, help="folder to write the merged model to")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the written weights")
 
 
 def _add_use_parsers(sub) -> None:
@@ -72,6 +85,10 @@ def main(argv: list[str] | None = None) -> None:
             from dpokit.cli_use import run
 
             run(args)
+        elif args.command == "export":
+            from dpokit.export import export_model
+
+            print(f"wrote {export_model(args.model, args.merge, merge=True, dtype=args.dtype)}")
         elif args.command == "data":
             from dpokit.data_cli import run as run_data
 

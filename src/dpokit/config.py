@@ -41,6 +41,21 @@ class ModelConfig:
     ref_model_name_or_path: str | None = None
     """Reference model; None means a frozen copy of the starting policy."""
     ref_revision: str | None = None
+    use_peft: bool = False
+    """Train LoRA adapters (through peft) instead of all weights; the reference is the same
+    model with its starting adapters, so the base weights are loaded once."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (e.g. ``[q_proj, v_proj]``), or ``[all-linear]``."""
+    lora_modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (e.g. ``[lm_head]``)."""
+    adapter_name_or_path: str | None = None
+    """Start from an existing adapter (e.g. an SFT LoRA): it is trained further, and the reference
+    is base + this adapter as it was. Implies ``use_peft``."""
+    load_in_4bit: bool = False
+    """QLoRA: base weights in 4-bit nf4 with double quantization, bfloat16 compute (needs CUDA)."""
 
 
 FormatName = Literal[
@@ -145,6 +160,8 @@ class TrainingConfig:
     precompute_ref_log_probs: bool = True
     """Score every pair with the reference once before training (cached on disk) and free the
     reference model; false keeps it in memory and scores each micro-batch on the fly."""
+    optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
+    """``adamw_8bit``: bitsandbytes' 8-bit AdamW (needs CUDA)."""
     torch_compile: bool = False
     """Compile the decoder with ``torch.compile`` (dynamic shapes: packed rows vary in length)."""
     logps_chunk_size: int = 1024
@@ -432,6 +449,13 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
             f"eager attention, not {config.model.attn_implementation}: set prefix_sharing=false "
             "(padding-free packing still works with it) or attn_implementation=sdpa"
         )
+    m = config.model
+    if m.load_in_4bit and not (m.use_peft or m.adapter_name_or_path):
+        raise ConfigError("model.load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: set use_peft=true")
+    if m.lora_r < 1 or m.lora_alpha < 1 or not 0.0 <= m.lora_dropout < 1.0:
+        raise ConfigError(f"LoRA needs lora_r >= 1, lora_alpha >= 1 and lora_dropout in [0, 1): got {m.lora_r}, {m.lora_alpha}, {m.lora_dropout}")
+    if (m.use_peft or m.adapter_name_or_path) and m.ref_model_name_or_path:
+        raise ConfigError("with LoRA the reference is the base model with the starting adapters: unset ref_model_name_or_path")
     if "none" in r.report_to and len(r.report_to) > 1:
         raise ConfigError(f"run.report_to mixes 'none' with trackers: {r.report_to}")
 

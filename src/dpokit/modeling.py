@@ -48,8 +48,28 @@ def load_tokenizer(config: ModelConfig):
     return tokenizer
 
 
+def uses_peft(config: ModelConfig) -> bool:
+    return config.use_peft or config.adapter_name_or_path is not None
+
+
+def check_device_requirements(config: ModelConfig, optim: str, cuda: bool) -> None:
+    """QLoRA and 8-bit AdamW run on bitsandbytes' CUDA kernels: say so before loading anything."""
+    needs = [what for what, on in (("model.load_in_4bit (QLoRA)", config.load_in_4bit), ("optim=adamw_8bit", optim == "adamw_8bit")) if on]
+    if needs and not cuda:
+        raise ConfigError(
+            f"{' and '.join(needs)} need a CUDA GPU (bitsandbytes), and this machine has none: "
+            "train LoRA in bfloat16/float32 instead (load_in_4bit=false, optim=adamw_torch)"
+        )
+    if needs:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"{' and '.join(needs)} need the bitsandbytes package: pip install bitsandbytes") from None
+
+
 def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, revision: str | None = None) -> nn.Module:
-    """The causal LM at ``name_or_path`` (default: the policy's) with the configured dtype/attention."""
+    """The causal LM at ``name_or_path`` (default: the policy's) with the configured dtype/attention
+    (and 4-bit quantization for QLoRA)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path or config.name_or_path)
@@ -60,9 +80,60 @@ def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, revisio
     )
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
+    if config.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["dtype"] = torch.bfloat16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     model = _from_pretrained(AutoModelForCausalLM, path, "model", **kwargs)
     model.config.use_cache = False
     return model
+
+
+def apply_lora(model: nn.Module, config: ModelConfig, adapter: str | None = None, trainable: bool = True) -> nn.Module:
+    """``model`` with LoRA adapters: loaded from ``adapter`` (or ``adapter_name_or_path``), else new
+    ones from the ``lora_*`` settings. Dropout of the base was disabled before; LoRA's own stays."""
+    try:
+        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    except ImportError:
+        raise ConfigError("LoRA training needs the peft package: pip install peft") from None
+    if config.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    source = adapter or config.adapter_name_or_path
+    if source:
+        try:
+            return PeftModel.from_pretrained(model, resolve_model_path(source), is_trainable=trainable)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"could not load the LoRA adapter '{source}': {str(e).strip().splitlines()[0]}") from None
+    targets = config.lora_target_modules
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        modules_to_save=config.lora_modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise ConfigError(f"LoRA target modules {targets}: {str(e).strip().splitlines()[0]}") from None
+
+
+def load_policy(config: ModelConfig, checkpoint: str | None = None) -> nn.Module:
+    """The model to train: the base, a checkpoint of it, or the base with (checkpointed) LoRA adapters."""
+    if not uses_peft(config):
+        model = load_causal_lm(config, checkpoint)
+        disable_dropout(model)
+        return model
+    model = load_causal_lm(config)
+    disable_dropout(model)
+    return apply_lora(model, config, adapter=checkpoint)
 
 
 def load_reference(config: ModelConfig, policy: nn.Module | None = None) -> nn.Module:
@@ -70,6 +141,10 @@ def load_reference(config: ModelConfig, policy: nn.Module | None = None) -> nn.M
     starting policy, still unchanged), or else the starting model loaded again."""
     if config.ref_model_name_or_path:
         reference = load_causal_lm(config, config.ref_model_name_or_path, config.ref_revision)
+    elif uses_peft(config) and policy is None:  # the base with its starting adapter, if any
+        reference = load_causal_lm(config)
+        if config.adapter_name_or_path:
+            reference = apply_lora(reference, config, trainable=False)
     elif policy is not None:
         reference = copy.deepcopy(policy)
     else:

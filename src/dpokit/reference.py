@@ -51,6 +51,14 @@ class LiveReference(Reference):
             return self.scorer(**batch.model_inputs())
 
 
+class AdapterOffReference(LiveReference):
+    """The policy itself with its LoRA adapters switched off: the base weights exist once."""
+
+    def logps(self, batch: Batch, pair_indices: list[int]) -> torch.Tensor:
+        with torch.no_grad(), self.scorer.model.disable_adapter():
+            return self.scorer(**batch.model_inputs())
+
+
 class TableReference(Reference):
     """Precomputed log-probs: ``table[i]`` = (chosen, rejected) of pair ``i``."""
 

@@ -27,6 +27,7 @@ from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
 from dpokit.losses import PairLogps, preference_loss
 from dpokit.reference import (
+    AdapterOffReference,
     LiveReference,
     NoReference,
     Reference,
@@ -37,12 +38,13 @@ from dpokit.reference import (
     fingerprint_model,
 )
 from dpokit.modeling import (
+    check_device_requirements,
     count_parameters,
-    disable_dropout,
     enable_activation_checkpointing,
-    load_causal_lm,
+    load_policy,
     load_reference,
     load_tokenizer,
+    uses_peft,
 )
 
 
@@ -112,6 +114,14 @@ def prepare_references(config: Config, policy, resumed: bool, data, accelerator,
         return NoReference(), NoReference()
     t = config.training
     own_policy = not config.model.ref_model_name_or_path and not resumed
+    if not t.precompute_ref_log_probs and uses_peft(config.model):
+        if config.model.adapter_name_or_path:
+            raise ConfigError(
+                "a live reference for a run that starts from an adapter would need the base loaded twice: "
+                "keep precompute_ref_log_probs=true (the reference is then scored once from the starting model)"
+            )
+        live = AdapterOffReference(ReplyLogProbs(policy.to(accelerator.device), t.logps_chunk_size))
+        return live, live
     if not t.precompute_ref_log_probs:
         live = LiveReference(ReplyLogProbs(load_reference(config.model, policy if own_policy else None).to(accelerator.device), t.logps_chunk_size))
         return live, live
@@ -142,7 +152,10 @@ def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    adamw = torch.optim.AdamW
+    if t.optim == "adamw_8bit":
+        from bitsandbytes.optim import AdamW8bit as adamw
+    return adamw(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
 
 
 def plan_steps(num_pairs: int, global_batch_size: int, config: Config) -> tuple[int, int]:
@@ -215,8 +228,11 @@ def _describe_reference(config: Config) -> str:
     if not needs_reference(config):
         return "none (reference-free loss)"
     source = config.model.ref_model_name_or_path or "the starting policy"
-    how = "log-probs precomputed once, model not kept" if config.training.precompute_ref_log_probs else "frozen model kept in memory"
-    return f"{source} ({how})"
+    if config.training.precompute_ref_log_probs:
+        return f"{source} (log-probs precomputed once, model not kept)"
+    if uses_peft(config.model):
+        return f"{source} (the policy with its LoRA adapters switched off)"
+    return f"{source} (frozen model kept in memory)"
 
 
 def train(config: Config) -> Path:
@@ -236,6 +252,7 @@ def train(config: Config) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
 
+    check_device_requirements(config.model, t.optim, torch.cuda.is_available())
     tokenizer = load_tokenizer(config.model)
     with accelerator.main_process_first():
         data = load_data(config.data, tokenizer, t.seed, log=say)
@@ -243,10 +260,10 @@ def train(config: Config) -> Path:
 
     resume_from = ckpt.find_checkpoint(r.resume_from_checkpoint, out) if r.resume_from_checkpoint else None
     # a resumed policy continues from its checkpoint; the reference stays the starting model
-    policy = load_causal_lm(config.model, str(resume_from) if resume_from else None)
-    disable_dropout(policy)
+    policy = load_policy(config.model, str(resume_from) if resume_from else None)
     total_params, trainable = count_parameters(policy)
-    say(f"policy: {total_params / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); reference: {_describe_reference(config)}")
+    say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%); "
+        f"reference: {_describe_reference(config)}")
     train_ref, eval_ref = prepare_references(config, policy, resume_from is not None, data, accelerator, pad_id, say)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)

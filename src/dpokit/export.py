@@ -1,0 +1,38 @@
+"""``dpokit export``: a trained run (or checkpoint, or adapter folder) as a plain Hugging Face model.
+
+With ``--merge``, LoRA adapters are folded into their base weights, so the result loads with
+``AutoModelForCausalLM.from_pretrained`` and needs no peft.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from dpokit.config import ConfigError, ModelConfig
+from dpokit.resolve import load_model, load_model_tokenizer, resolve_model
+
+
+def export_model(source: str, out: str | Path, merge: bool, dtype: str = "float32") -> Path:
+    """Write the model ``source`` names (run dir, checkpoint, HF folder, adapter) to ``out``.
+
+    An adapter needs ``merge=True`` (a merged copy is what this command makes); a full model is
+    copied in Hugging Face format either way. The folder is written beside ``out`` and renamed.
+    """
+    model = resolve_model(source)
+    if model.is_adapter and not merge:
+        raise ConfigError(f"{model.path} is a LoRA adapter: pass --merge to write base + adapter as one model")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty: choose a new folder")
+    config = ModelConfig(dtype=dtype)
+    lm = load_model(model, config)  # adapters merged, eval mode
+    tokenizer = load_model_tokenizer(model, config)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out

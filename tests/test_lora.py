@@ -1,0 +1,156 @@
+"""LoRA through peft: one copy of the base, exact references, adapters saved, merged export."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from dpokit.cli import main  # noqa: E402
+from dpokit.config import ConfigError  # noqa: E402
+from dpokit.train import train  # noqa: E402
+from runs import read_rows, run_config  # noqa: E402
+
+LORA = ("use_peft=true", "lora_r=4", "lora_alpha=8", "lora_dropout=0.0", "lora_target_modules=[q_proj,v_proj]")
+
+
+def train_rows(run_dir):
+    return [r for r in read_rows(run_dir) if "loss" in r]
+
+
+def sft_adapter(workdir, folder):
+    """An adapter with non-zero weights, as an SFT run would leave."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(workdir / "model"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_lora_trains_adapters_only_and_saves_an_adapter(workdir):
+    out = train(run_config(workdir, "lora", *LORA, "save_steps=2"))
+    rows = train_rows(out)
+    assert rows[0]["rewards/margins"] == 0.0  # step 1: policy == reference (B = 0)
+    assert rows[-1]["rewards/margins"] != 0.0
+    for folder in (out / "final", out / "checkpoints" / "step-2"):
+        names = {p.name for p in folder.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"} <= names
+        assert "model.safetensors" not in names  # no copy of the base weights
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and set(config["target_modules"]) == {"q_proj", "v_proj"}
+
+
+def test_live_reference_is_the_policy_with_adapters_off_and_never_a_copy(workdir, monkeypatch):
+    import dpokit.train
+
+    cached = train_rows(train(run_config(workdir, "lora-table", *LORA, "max_steps=3")))
+
+    def no_second_model(*args, **kwargs):
+        raise AssertionError("a second model was loaded")
+
+    monkeypatch.setattr(dpokit.train, "load_reference", no_second_model)
+    live = train_rows(train(run_config(workdir, "lora-live", *LORA, "max_steps=3", "precompute_ref_log_probs=false")))
+    for a, b in zip(cached, live, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
+def test_adapter_off_reference_equals_the_base_model(workdir):
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.config import load_config
+    from dpokit.data.batching import make_batch
+    from dpokit.data.tokenize import TokenizedPair
+    from dpokit.logps import ReplyLogProbs
+    from dpokit.modeling import load_policy
+    from dpokit.reference import AdapterOffReference
+
+    config = load_config(None, [f"model.name_or_path={workdir / 'model'}", "data.train=x.jsonl", *LORA])
+    policy = load_policy(config.model)
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.3)  # a trained adapter
+    pairs = [TokenizedPair([1, 40, 41, 42], [50, 51, 2], [60, 2]), TokenizedPair([1, 43], [52, 2], [61, 62, 63, 2])]
+    batch = make_batch(pairs, "prefix_packed")
+    reference = AdapterOffReference(ReplyLogProbs(policy)).logps(batch, [0, 1])
+    base = ReplyLogProbs(AutoModelForCausalLM.from_pretrained(workdir / "model").eval())(**batch.model_inputs())
+    torch.testing.assert_close(reference, base.detach(), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        adapted = ReplyLogProbs(policy)(**batch.model_inputs())
+    assert not torch.allclose(adapted, base, atol=1e-3)  # the adapter does change the policy
+
+
+def test_starting_from_an_sft_adapter(workdir, tmp_path):
+    adapter = sft_adapter(workdir, tmp_path / "sft")
+    out = train(run_config(workdir, "lora-from-sft", "use_peft=true", f"adapter_name_or_path={adapter}", "max_steps=2"))
+    rows = train_rows(out)
+    assert rows[0]["rewards/margins"] == 0.0  # the reference is base + the SFT adapter, as the policy starts
+    base_only = train_rows(train(run_config(workdir, "lora-fresh", *LORA, "max_steps=1")))
+    assert rows[0]["logps/chosen"] != pytest.approx(base_only[0]["logps/chosen"], abs=1e-3)  # it did start from the adapter
+    with pytest.raises(ConfigError, match="keep precompute_ref_log_probs=true"):
+        train(run_config(workdir, "lora-from-sft-live", "use_peft=true", f"adapter_name_or_path={adapter}",
+                         "precompute_ref_log_probs=false"))
+
+
+def test_lora_resume_continues_exactly(workdir):
+    run_dir = train(run_config(workdir, "lora-resume", *LORA, "save_steps=2"))
+    uninterrupted = train_rows(run_dir)
+    train(run_config(workdir, "lora-resume", *LORA, "save_steps=2", f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"))
+    for a, b in zip(uninterrupted, train_rows(run_dir), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+
+
+def test_gradient_checkpointing_with_lora(workdir):
+    plain = train_rows(train(run_config(workdir, "lora-gc-off", *LORA, "max_steps=2", "eval=null")))
+    checkpointed = train_rows(train(run_config(workdir, "lora-gc-on", *LORA, "max_steps=2", "eval=null", "gradient_checkpointing=true")))
+    for a, b in zip(plain, checkpointed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-5)
+
+
+def test_export_merge_gives_the_adapter_models_logits(workdir, tmp_path, capsys):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    out = train(run_config(workdir, "lora-export", *LORA, "max_steps=2", "eval=null"))
+    main(["export", str(out), "--merge", str(tmp_path / "merged")])
+    assert "wrote" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    adapter = AutoPeftModelForCausalLM.from_pretrained(str(out / "final")).eval()
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapter(ids).logits, atol=1e-5, rtol=0)
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+
+
+def test_qlora_and_8bit_adam_need_cuda_and_say_so_before_loading(workdir, monkeypatch, capsys):
+    import dpokit.modeling
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dpokit.modeling, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    for extra in ("load_in_4bit=true", "optim=adamw_8bit"):
+        with pytest.raises(SystemExit):
+            main(["train", f"model.name_or_path={workdir / 'model'}", f"data.train={workdir / 'train.jsonl'}",
+                  *LORA, extra, f"output_dir={workdir / 'qlora'}"])
+        assert "need a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="set use_peft=true"):
+        run_config(workdir, "q", "load_in_4bit=true")
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-1.5b-lora.yaml", "qlora-7b.yaml"])
+def test_example_configs_are_valid(name):
+    from pathlib import Path
+
+    from dpokit.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "examples" / name)
+    assert config.model.use_peft

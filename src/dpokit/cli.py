@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_use_parsers(sub)
     _add_data_parser(sub)
     _add_export_parser(sub)
+    _add_plan_parser(sub)
     return parser
 
 
@@ -48,6 +49,13 @@ def _add_export_parser(sub) -> None:
     export.add_argument("model", help="run directory, checkpoints/step-N folder, adapter folder or model folder")
     export.add_argument("--merge", metavar="OUT", required=True, help="folder to write the merged model to")
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the written weights")
+
+
+def _add_plan_parser(sub) -> None:
+    """``plan``: memory estimate for full, LoRA and QLoRA training (see :mod:`dpokit.plan`)."""
+    from dpokit.plan import add_parser
+
+    add_parser(sub)
 
 
 def _add_use_parsers(sub) -> None:
@@ -89,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
             from dpokit.export import export_model
 
             print(f"wrote {export_model(args.model, args.merge, merge=True, dtype=args.dtype)}")
+        elif args.command == "plan":
+            from dpokit.plan import run as run_plan
+
+            run_plan(args)
         elif args.command == "data":
             from dpokit.data_cli import run as run_data
 

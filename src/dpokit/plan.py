@@ -1,0 +1,456 @@
+"""``dpokit plan``: how much device memory full, LoRA and QLoRA training of a config would take.
+
+Nothing is loaded but the model's ``config.json``: the model is built on the meta device, so
+parameter counts are exact and free. Every other number is an estimate from these formulas
+(bytes; ``s`` = bytes per element of the training dtype, ``P`` = parameters, ``A`` = LoRA
+adapter parameters, ``tok`` = tokens in one micro-batch, ``n`` = layers)::
+
+    weights      full: P*s           LoRA: P*s + A*4          QLoRA: Pq*QLORA_BYTES + (P-Pq)*2 + A*4
+    reference    P*s when a frozen model is kept in memory (precompute_ref_log_probs=false and a
+                 reference-based loss), for full training only; LoRA/QLoRA score the reference
+                 with the adapters off, so 0. 0 whenever the log-probs are precomputed.
+    gradients    trainable * bytes (full: P*s; adapters: A*4, peft keeps them in float32)
+    optimizer    AdamW m and v in the parameter dtype: 2 * trainable * bytes
+    activations  n * tok * per_layer_bytes + tok * H * (4 + 2s) (final norm) + mask + workspace,
+                 or, with gradient checkpointing, n * tok * H * s (layer inputs) + one layer's
+                 activations (recomputed in backward)
+    logps        2 * min(chunk, tok) * V * 4: one chunk of float32 logits and their gradient
+
+``Pq`` is the parameters of the Linear layers bitsandbytes quantizes (all but the output layer).
+The token count is a worst case from ``max_length``: every sequence is ``max_length`` long, so a
+micro-batch of ``B`` pairs is ``2 * B * max_length`` tokens in every layout; prefix-sharing
+layouts process ``prompt + chosen + rejected`` per pair, which ``--prompt-length`` subtracts.
+Not counted: the CUDA context and kernels (~0.5-1 GB), allocator fragmentation, and the
+communication buffers of distributed training.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+QLORA_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+"""NF4 with double quantization: 4 bits a weight, one 8-bit absmax per 64-weight block, one
+float32 constant per 256 blocks (~0.516 bytes per quantized parameter)."""
+ADAPTER_BYTES = 4
+"""LoRA adapters, their gradients and optimizer states are float32 (peft's default
+``autocast_adapter_dtype=True`` keeps adapters float32 even on a bf16 base)."""
+QLORA_COMPUTE_BYTES = 2
+"""QLoRA computes in bfloat16: unquantized weights and activations are 2 bytes."""
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+COLUMNS = ("full", "lora", "qlora")
+ROWS = ("weights", "reference", "gradients", "optimizer", "activations", "logps_buffer", "total")
+ROW_LABELS = {"logps_buffer": "log-prob buffer"}
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str | int | float) -> int:
+    """``80GB`` -> 80e9 bytes, ``24GiB`` -> 24 * 2**30, ``80000MB``, ``1.5TB``; a bare number is bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _UNITS:
+        raise ValueError(f"cannot read memory size {text!r}: write it like 80GB, 24GiB or 80000MB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_size(n: float) -> str:
+    """Bytes as GiB/MiB/KiB with 2 decimals (``0`` for nothing)."""
+    if n == 0:
+        return "0"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs from a model: exact counts from a meta-device instance."""
+
+    params: int
+    linear_params: int
+    """Parameters of nn.Linear layers except the output layer (what QLoRA quantizes)."""
+    largest_linear: int
+    lora_params: int
+    lora_modules: list[str]
+    """Distinct targeted module suffixes (``q_proj``, ...)."""
+    lora_in_features: int
+    """Sum over one layer's targeted Linears of their input width (for dropout copies)."""
+    lora_rank_features: int
+    """Sum over one layer's targeted Linears of ``r`` (their ``lora_A`` outputs)."""
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    layers: int
+    vocab: int
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def count_model(hf_config, lora_r: int = 16, targets: str | list[str] = "all-linear") -> ModelShape:
+    """Build ``hf_config``'s causal LM on the meta device and count parameters and LoRA parameters.
+
+    ``targets``: ``all-linear`` (every Linear but the output layer, as peft) or module names
+    matched as peft does (the full name or its last dotted parts).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return count_module(model, hf_config, lora_r, targets)
+
+
+def count_module(model, hf_config, lora_r: int = 16, targets: str | list[str] = "all-linear") -> ModelShape:
+    from torch import nn
+
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    head = model.get_output_embeddings()
+    all_linear = targets == ["all-linear"]
+    linear_params = largest = lora = 0
+    suffixes: list[str] = []
+    first_layer = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is head:
+            continue
+        n = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+        linear_params += n
+        largest = max(largest, module.weight.numel())
+        if all_linear or _matches(name, targets):
+            lora += lora_r * (module.in_features + module.out_features)
+            suffix = name.rsplit(".", 1)[-1]
+            if suffix not in suffixes:
+                suffixes.append(suffix)
+            first_layer.setdefault(suffix, module.in_features)
+    params = sum(p.numel() for p in model.parameters())
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return ModelShape(
+        params=params,
+        linear_params=linear_params,
+        largest_linear=largest,
+        lora_params=lora,
+        lora_modules=suffixes,
+        lora_in_features=sum(first_layer.values()),
+        lora_rank_features=lora_r * len(first_layer),
+        hidden=hidden,
+        intermediate=getattr(text, "intermediate_size", None) or 4 * hidden,
+        kv_dim=kv_heads * head_dim,
+        layers=text.num_hidden_layers,
+        vocab=text.vocab_size,
+    )
+
+
+# ----------------------------------------------------------------------------- estimate
+
+
+@dataclass
+class RunShape:
+    """The training settings the estimate depends on."""
+
+    batch_size: int = 8
+    max_length: int = 1024
+    layout: str = "prefix_packed"
+    gradient_checkpointing: bool = False
+    logps_chunk_size: int = 1024
+    dtype_bytes: int = 4
+    live_reference: bool = False
+    """A frozen reference model stays in memory (precompute off, reference-based loss)."""
+    prompt_length: int = 0
+    """Typical prompt tokens, subtracted once per pair by prefix-sharing layouts (0: worst case)."""
+    lora_r: int = 16
+    lora_dropout: float = 0.0
+
+
+def micro_batch_tokens(run: RunShape) -> int:
+    """Tokens the decoder processes for one micro-batch, worst case (every sequence max_length)."""
+    per_pair = 2 * run.max_length
+    if run.layout.startswith("prefix"):
+        per_pair -= min(run.prompt_length, run.max_length - 1)
+    return run.batch_size * per_pair
+
+
+def _mask_bytes(run: RunShape, s: float) -> float:
+    """Attention masks kept for backward: the prefix layouts' additive [R, 1, W, W] float mask
+    (one row of up to 2 * max_length per pair), the padded layout's [2B, 1, L, L] bool mask."""
+    if run.layout.startswith("prefix"):
+        width = micro_batch_tokens(run) // run.batch_size
+        return run.batch_size * width * width * s
+    if run.layout == "padded":
+        return 2 * run.batch_size * run.max_length**2
+    return 0.0  # packed: sequences told apart by positions, no dense mask
+
+
+def layer_activation_bytes(m: ModelShape, s: float, masked: bool, trainable_base: bool,
+                           lora_targets: list[str] | None = None, lora_r: int = 16, lora_dropout: float = 0.0) -> float:
+    """Bytes saved for backward by one decoder layer per token (Llama/Qwen2-style block, sdpa).
+
+    Full training, per RMSNorm: its float32 input (4H), the normalized value (sH, for the weight's
+    grad) and its output (sH, for the projections' weight grads). Attention: q and k after rotary,
+    v (each H wide when a mask forces transformers to repeat the kv heads, else kv_dim), the sdpa
+    output and the o_proj input (H each). MLP: gate, up, silu(gate), silu(gate)*up (I each).
+    With a frozen base (LoRA/QLoRA) the norms keep only their float32 input and a Linear keeps its
+    input only if it carries an adapter (for lora_A's grad; a float32 copy per adapter when the
+    base is not float32, as peft casts inputs to the adapter's dtype); each adapter adds its r-wide
+    float32 lora_A output, and a dropout copy of its input when dropout > 0.
+    """
+    h, i = m.hidden, m.intermediate
+    kv = h if masked else m.kv_dim
+    attention = s * (h + 2 * kv + h)  # q, k after rotary, v, sdpa output
+    mlp = s * 3 * i  # gate, up, silu(gate)
+    norms = 2 * 4 * h
+    if trainable_base:
+        inputs = s * (2 * h + h + i)  # norm outputs (2), o_proj input, down_proj input
+        normalized = 2 * s * h  # each norm's normalized value, kept for its weight's grad
+        return norms + normalized + attention + mlp + inputs
+    targets = lora_targets or []
+    inputs = 0.0
+    if s == ADAPTER_BYTES:  # adapters share the input the base Linear got: one copy per distinct input
+        if any(t in targets for t in ("q_proj", "k_proj", "v_proj")):
+            inputs += s * h
+        if any(t in targets for t in ("gate_proj", "up_proj")):
+            inputs += s * h
+        if "o_proj" in targets:
+            inputs += s * h
+        if "down_proj" in targets:
+            inputs += s * i
+    else:  # peft casts the input to the float32 adapter: one float32 copy per adapted Linear
+        inputs += ADAPTER_BYTES * m.lora_in_features
+    adapters = ADAPTER_BYTES * m.lora_rank_features + (ADAPTER_BYTES * m.lora_in_features if lora_dropout > 0 else 0)
+    return norms + attention + mlp + inputs + adapters
+
+
+def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
+    """Bytes per device for each of ``full``, ``lora``, ``qlora`` (rows: see :data:`ROWS`)."""
+    tok = micro_batch_tokens(run)
+    out: dict[str, dict[str, float]] = {}
+    for col in COLUMNS:
+        s = QLORA_COMPUTE_BYTES if col == "qlora" else run.dtype_bytes
+        full = col == "full"
+        masked = run.layout != "packed"
+        if col == "full":
+            weights = m.params * s
+        elif col == "lora":
+            weights = m.params * s + m.lora_params * ADAPTER_BYTES
+        else:
+            weights = (m.linear_params * QLORA_BYTES_PER_PARAM + (m.params - m.linear_params) * s
+                       + m.lora_params * ADAPTER_BYTES + m.largest_linear * s)  # + one dequantized weight
+        trainable, tbytes = (m.params, s) if full else (m.lora_params, ADAPTER_BYTES)
+        reference = m.params * s if (full and run.live_reference) else 0.0
+        layer = layer_activation_bytes(m, s, masked, full, m.lora_modules, run.lora_r, run.lora_dropout)
+        final_norm = tok * m.hidden * (4 + 2 * s)
+        workspace = tok * (2 * m.hidden + 2 * m.intermediate) * s  # gradients in flight during backward
+        if run.gradient_checkpointing:
+            layers = m.layers * tok * m.hidden * s + tok * layer
+        else:
+            layers = m.layers * tok * layer
+        activations = layers + final_norm + workspace + _mask_bytes(run, s)
+        logps = 2 * min(run.logps_chunk_size, tok) * m.vocab * 4
+        row = {
+            "weights": weights,
+            "reference": reference,
+            "gradients": trainable * tbytes,
+            "optimizer": 2 * trainable * tbytes,
+            "activations": activations,
+            "logps_buffer": logps,
+        }
+        row["total"] = sum(row.values())
+        out[col] = row
+    return out
+
+
+# ----------------------------------------------------------------------------- from a dpokit config
+
+
+@dataclass
+class Plan:
+    model: str
+    shape: ModelShape
+    run: RunShape
+    lora_targets: str
+    estimate: dict[str, dict[str, float]]
+    gpu_memory: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def fits(self) -> dict[str, bool] | None:
+        if self.gpu_memory is None:
+            return None
+        return {col: self.estimate[col]["total"] <= self.gpu_memory for col in COLUMNS}
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "parameters": self.shape.params,
+            "lora_parameters": self.shape.lora_params,
+            "lora_target_modules": self.shape.lora_modules,
+            "run": asdict(self.run),
+            "micro_batch_tokens": micro_batch_tokens(self.run),
+            "bytes": self.estimate,
+            "gpu_memory": self.gpu_memory,
+            "fits": self.fits(),
+            "notes": self.notes,
+        }
+
+    def table(self) -> str:
+        s, r = self.shape, self.run
+        header = ["", "full", f"LoRA r={r.lora_r}", "QLoRA (nf4)"]
+        rows = [[ROW_LABELS.get(k, k)] + [format_size(self.estimate[c][k]) for c in COLUMNS] for k in ROWS]
+        widths = [max(len(x[i]) for x in [header, *rows]) for i in range(4)]
+        fmt = lambda cells: "  ".join(c.ljust(widths[0]) if j == 0 else c.rjust(widths[j]) for j, c in enumerate(cells)).rstrip()  # noqa: E731
+        lines = [
+            f"model: {self.model}: {s.params / 1e6:,.1f}M parameters, {s.layers} layers, hidden {s.hidden}, vocab {s.vocab}",
+            f"LoRA: r={r.lora_r} on {self.lora_targets} ({', '.join(s.lora_modules) or 'no module matched'}): "
+            f"{s.lora_params / 1e6:,.2f}M trainable parameters",
+            f"micro-batch: {r.batch_size} pairs x max_length {r.max_length}, layout {r.layout} -> "
+            f"{micro_batch_tokens(r):,} tokens (worst case: every sequence max_length)"
+            + (", gradient checkpointing" if r.gradient_checkpointing else ""),
+            "",
+            fmt(header),
+        ]
+        for i, row in enumerate(rows):
+            if ROWS[i] == "total":
+                lines.append(fmt(["-" * w for w in widths]))
+            lines.append(fmt(row))
+        fits = self.fits()
+        if fits is not None:
+            lines.append("")
+            for col, label in zip(COLUMNS, header[1:]):
+                total = self.estimate[col]["total"]
+                verdict = "fits" if fits[col] else "does not fit"
+                lines.append(f"{label}: {verdict} in {format_size(self.gpu_memory)} ({100 * total / self.gpu_memory:.0f}% used)")
+        lines += [""] + [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _lora_settings(config, r: int | None, alpha: float | None, dropout: float | None, targets: str | None):
+    """CLI flags win; else the config's ``model.lora_*`` keys."""
+    m = config.model
+    chosen = targets if targets is not None else ",".join(m.lora_target_modules)
+    return (
+        int(r if r is not None else m.lora_r),
+        float(alpha if alpha is not None else m.lora_alpha),
+        float(dropout if dropout is not None else m.lora_dropout),
+        chosen,
+    )
+
+
+def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | None = None, lora_alpha: float | None = None,
+                     lora_dropout: float | None = None, lora_targets: str | None = None, prompt_length: int = 0) -> Plan:
+    """The estimate for a loaded :class:`dpokit.config.Config` (reads only the model's config.json)."""
+    from transformers import AutoConfig
+
+    from dpokit.config import ConfigError, batch_layout, needs_reference
+    from dpokit.modeling import resolve_model_path
+
+    mc, t = config.model, config.training
+    path = resolve_model_path(mc.name_or_path)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"could not read the model config of '{mc.name_or_path}': {first}") from None
+    r, _alpha, dropout, targets = _lora_settings(config, lora_r, lora_alpha, lora_dropout, lora_targets)
+    shape = count_model(hf_config, r, targets)
+    if mc.dtype == "auto":
+        dtype = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32").replace("torch.", "")
+    else:
+        dtype = mc.dtype
+    run = RunShape(
+        batch_size=t.per_device_train_batch_size,
+        max_length=config.data.max_length,
+        layout=batch_layout(t),
+        gradient_checkpointing=t.gradient_checkpointing,
+        logps_chunk_size=t.logps_chunk_size,
+        dtype_bytes=DTYPE_BYTES.get(dtype, 4),
+        live_reference=needs_reference(config) and not t.precompute_ref_log_probs,
+        prompt_length=prompt_length,
+        lora_r=r,
+        lora_dropout=dropout,
+    )
+    notes = [
+        f"full and LoRA train in {dtype} ({run.dtype_bytes} bytes); QLoRA stores Linear weights in NF4 "
+        f"(~{QLORA_BYTES_PER_PARAM:.3f} bytes/param with double quantization) and computes in bfloat16",
+        "AdamW keeps m and v in the parameter dtype; LoRA adapters, their gradients and states are float32",
+    ]
+    if not needs_reference(config):
+        notes.append("reference: 0 (reference-free loss)")
+    elif t.precompute_ref_log_probs:
+        notes.append("reference: 0 (precompute_ref_log_probs=true: only an [N, 2] table is kept)")
+    else:
+        notes.append("reference: a frozen copy for full training; LoRA/QLoRA use the base with adapters off")
+    notes.append("not counted: CUDA context and kernels (~0.5-1 GB), allocator fragmentation, distributed buffers")
+    return Plan(model=mc.name_or_path, shape=shape, run=run, lora_targets=targets, estimate=estimate(shape, run),
+                gpu_memory=gpu_memory, notes=notes)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+PLAN_EPILOG = """\
+examples:
+  dpokit plan my.yaml --gpu-memory 80GB
+  dpokit plan my.yaml per_device_train_batch_size=4 gradient_checkpointing=true --gpu-memory 24GiB
+  dpokit plan model.name_or_path=Qwen/Qwen2.5-7B-Instruct max_length=2048 --lora-target q_proj,v_proj --json
+"""
+
+
+def add_parser(sub) -> None:
+    import argparse
+
+    p = sub.add_parser(
+        "plan",
+        help="estimate device memory for full, LoRA and QLoRA training",
+        description="Estimate memory per device for full, LoRA and QLoRA training of the configured model at the "
+        "configured micro-batch and max_length. Reads only the model's config.json.",
+        epilog=PLAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (optional when every key is given as an override)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. per_device_train_batch_size=4")
+    p.add_argument("--gpu-memory", help="memory of one device, e.g. 80GB, 24GiB, 80000MB: says whether each fits")
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the config's lora.r, else 16)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (does not change memory)")
+    p.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (> 0 keeps a copy of each adapted input)")
+    p.add_argument("--lora-target", default=None, help="all-linear (default) or module names, e.g. q_proj,v_proj")
+    p.add_argument("--prompt-length", type=int, default=0,
+                   help="typical prompt tokens: prefix-sharing layouts process them once per pair (default 0: worst case)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+
+def run(args) -> None:
+    from dpokit.config import ConfigError, load_config
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
+        config_path, overrides = None, [config_path, *overrides]
+    try:
+        gpu = parse_size(args.gpu_memory) if args.gpu_memory else None
+    except ValueError as e:
+        raise ConfigError(f"--gpu-memory: {e}") from None
+    try:
+        config = load_config(config_path, overrides)
+    except ConfigError as e:
+        if "data.train is not set" not in str(e):
+            raise
+        config = load_config(config_path, [*overrides, "data.train=unused-by-plan"])  # plan needs no data
+    plan = plan_from_config(config, gpu_memory=gpu, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                            lora_dropout=args.lora_dropout, lora_targets=args.lora_target, prompt_length=args.prompt_length)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())

@@ -72,22 +72,16 @@ def _add_data_parser(sub) -> None:
     add_parser(sub)
 
 
-def _split_config_and_overrides(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        return None, [config, *overrides]
-    return config, overrides
-
-
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    from dpokit.config import ConfigError, load_config
+    from dpokit.config import ConfigError, load_config, split_config_argument
     from dpokit.data.sources import DataError
 
     try:
         if args.command == "train":
             from dpokit.train import train
 
-            path, overrides = _split_config_and_overrides(args.config, args.overrides)
+            path, overrides = split_config_argument(args.config, args.overrides)
             train(load_config(path, overrides))
         elif args.command in ("eval", "compare", "chat"):
             from dpokit.cli_use import run

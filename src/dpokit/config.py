@@ -373,6 +373,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def split_config_argument(first: str | None, rest: list[str]) -> tuple[str | None, list[str]]:
+    """A command's ``CONFIG [overrides...]`` arguments: the first is an override, not a file, when it
+    reads ``key=value`` and does not end in .yaml/.yml (``dpokit train learning_rate=1e-6 ...``)."""
+    if first is not None and "=" in first and not first.endswith((".yaml", ".yml")):
+        return None, [first, *rest]
+    return first, list(rest)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or none), apply ``key=value`` overrides, fill defaults, validate."""
     source = str(path) if path else "the command line"

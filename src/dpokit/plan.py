@@ -426,21 +426,19 @@ def add_parser(sub) -> None:
     p.add_argument("config", nargs="?", help="YAML config file (optional when every key is given as an override)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. per_device_train_batch_size=4")
     p.add_argument("--gpu-memory", help="memory of one device, e.g. 80GB, 24GiB, 80000MB: says whether each fits")
-    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the config's lora.r, else 16)")
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the config's model.lora_r)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (does not change memory)")
-    p.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (> 0 keeps a copy of each adapted input)")
-    p.add_argument("--lora-target", default=None, help="all-linear (default) or module names, e.g. q_proj,v_proj")
+    p.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout, > 0 keeps a copy of each adapted input (default: the config's model.lora_dropout)")
+    p.add_argument("--lora-target", default=None, help="all-linear or module names, e.g. q_proj,v_proj (default: the config's model.lora_target_modules)")
     p.add_argument("--prompt-length", type=int, default=0,
                    help="typical prompt tokens: prefix-sharing layouts process them once per pair (default 0: worst case)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
 
 def run(args) -> None:
-    from dpokit.config import ConfigError, load_config
+    from dpokit.config import ConfigError, load_config, split_config_argument
 
-    config_path, overrides = args.config, list(args.overrides)
-    if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
-        config_path, overrides = None, [config_path, *overrides]
+    config_path, overrides = split_config_argument(args.config, args.overrides)
     try:
         gpu = parse_size(args.gpu_memory) if args.gpu_memory else None
     except ValueError as e:

@@ -104,12 +104,17 @@ def test_reference_needed_only_for_reference_losses(tmp_path):
     assert not needs_reference(load_config(write(tmp_path, BASE), ["loss_type=[simpo,sft]"]))
 
 
-@pytest.mark.parametrize("attn", ["flash_attention_2", "flex_attention"])
-def test_prefix_sharing_with_other_attention_kernels_is_refused(tmp_path, attn):
-    with pytest.raises(ConfigError, match="prefix_sharing=false"):
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flash_attention_3"])
+def test_prefix_sharing_with_mask_free_attention_kernels_is_refused(tmp_path, attn):
+    with pytest.raises(ConfigError, match="prefix_sharing=false.*flex_attention"):
         load_config(write(tmp_path, BASE), [f"attn_implementation={attn}"])
-    cfg = load_config(write(tmp_path, BASE), ["attn_implementation=flash_attention_2", "prefix_sharing=false"])
+    cfg = load_config(write(tmp_path, BASE), [f"attn_implementation={attn}", "prefix_sharing=false"])
     assert cfg.training.padding_free
+
+
+def test_prefix_sharing_takes_sdpa_eager_and_flex(tmp_path):
+    for attn in ("sdpa", "eager", "flex_attention"):
+        assert load_config(write(tmp_path, BASE), [f"attn_implementation={attn}"]).training.prefix_sharing
 
 
 def test_layout_switches():

@@ -7,6 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from dpokit.data.batching import LAYOUTS, make_batch
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs, token_logps
+from dpokit.masks import dense_prefix_mask, flex_prefix_mask
 
 VOCAB = 97
 
@@ -159,11 +160,44 @@ def test_layouts_remove_padding_and_shared_prompts():
 
 def test_prefix_mask_hides_chosen_from_rejected():
     pair = TokenizedPair([5, 6], [7, 8], [9])
-    mask = make_batch([pair], "prefix_packed").attention_mask[0, 0] == 0  # True where attention is allowed
-    # columns: 0-1 prompt, 2-3 chosen, 4 rejected
-    assert mask[4].tolist() == [True, True, False, False, True]
-    assert mask[3].tolist() == [True, True, True, True, False]
-    assert make_batch([pair], "prefix_packed").position_ids[0].tolist() == [0, 1, 2, 3, 2]
+    batch = make_batch([pair, TokenizedPair([5], [7], [8])], "prefix_padded")
+    mask = dense_prefix_mask(batch.groups, batch.branches, torch.float32)[:, 0] == 0  # True: attention allowed
+    # row 0 columns: 0-1 prompt, 2-3 chosen, 4 rejected
+    assert mask[0, 4].tolist() == [True, True, False, False, True]
+    assert mask[0, 3].tolist() == [True, True, True, True, False]
+    # row 1: prompt, chosen, rejected, then two padding columns that see only padding
+    assert mask[1, 2].tolist() == [True, False, True, False, False]
+    assert mask[1, 4].tolist() == [False, False, False, True, True]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 2]
+    packed = make_batch([pair, TokenizedPair([5], [7], [8])], "prefix_packed")
+    assert (dense_prefix_mask(packed.groups, packed.branches, torch.float32)[0, 0, 5:, :5] < 0).all()  # pairs apart
+
+
+def test_flex_block_mask_is_the_dense_rule():
+    """The BlockMask given to flex_attention keeps exactly the pairs (q, kv) the dense mask keeps."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    batch = make_batch(ragged_pairs(n=4), "prefix_packed", row_tokens=60)
+    dense = dense_prefix_mask(batch.groups, batch.branches, torch.float32)[:, 0] == 0
+    block = flex_prefix_mask(batch.groups, batch.branches)
+    rows, width = batch.groups.shape
+    assert block.shape[-2:] == (width, width) and block.shape[0] == rows
+    assert torch.equal(create_mask(block.mask_mod, rows, None, width, width, device="cpu")[:, 0], dense)
+
+
+@pytest.mark.parametrize("layout", ["packed", "prefix_packed"])
+def test_flex_attention_logps_match_naive(layout):
+    """flex_attention equals the naive path: transformers' own BlockMask for packed rows, dpokit's
+    for prefix sharing. No-grad here: torch has no flex backward on the CPU, and its CPU kernel
+    fails to build once a second shape makes the compile dynamic (hence the reset)."""
+    torch._dynamo.reset()
+    model = tiny_lm("llama", tie=False)
+    pairs = ragged_pairs(seed=5)
+    expected = naive_logps(model, pairs)
+    model.config._attn_implementation = "flex_attention"
+    with torch.no_grad():
+        ours = ReplyLogProbs(model, chunk_size=16)(**make_batch(pairs, layout, row_tokens=70).model_inputs())
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("layout", ["packed", "prefix_packed"])

@@ -137,7 +137,7 @@ def test_qlora_and_8bit_adam_need_cuda_and_say_so_before_loading(workdir, monkey
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(dpokit.modeling, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
-    for extra in ("load_in_4bit=true", "optim=adamw_8bit"):
+    for extra in ("load_in_4bit=true", "optim=adamw_8bit", "attn_implementation=flex_attention"):
         with pytest.raises(SystemExit):
             main(["train", f"model.name_or_path={workdir / 'model'}", f"data.train={workdir / 'train.jsonl'}",
                   *LORA, extra, f"output_dir={workdir / 'qlora'}"])

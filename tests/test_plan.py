@@ -99,7 +99,7 @@ MEASURE = textwrap.dedent('''
     g = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist()
     pairs = [TokenizedPair(ids(P), ids(L - P), ids(L - P)) for _ in range(B)]
-    batch = make_batch(pairs, "prefix_packed", 0, mask_dtype=torch.float32, row_tokens=2 * L)
+    batch = make_batch(pairs, "prefix_packed", 0, row_tokens=2 * L)
     scorer = ReplyLogProbs(model, args["chunk_size"]).train()
     opt = torch.optim.AdamW(scorer.parameters(), lr=1e-4)
     gc.collect()

@@ -21,6 +21,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from dpokit.masks import PREFIX_ATTENTION
+
 
 class ConfigError(ValueError):
     """A config problem a user can fix; the message says which key and how."""
@@ -451,11 +453,11 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
         raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")
     if not 0.0 <= lo.label_smoothing < 0.5:
         raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
-    if t.prefix_sharing and config.model.attn_implementation not in (None, "sdpa", "eager"):
+    if t.prefix_sharing and config.model.attn_implementation not in (None, *PREFIX_ATTENTION):
         raise ConfigError(
-            f"training.prefix_sharing needs a dense custom attention mask, which dpokit gives only to sdpa and "
-            f"eager attention, not {config.model.attn_implementation}: set prefix_sharing=false "
-            "(padding-free packing still works with it) or attn_implementation=sdpa"
+            f"training.prefix_sharing needs a custom attention mask, which {config.model.attn_implementation} "
+            f"cannot take (dpokit gives one to {', '.join(PREFIX_ATTENTION)}): set prefix_sharing=false "
+            "(padding-free packing still works with it) or attn_implementation=flex_attention"
         )
     m = config.model
     if m.load_in_4bit and not (m.use_peft or m.adapter_name_or_path):

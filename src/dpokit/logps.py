@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dpokit.masks import prefix_attention_mask
+
 
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log softmax(h @ Wᵀ)[target] per row, chunked over rows, with a hand-written backward.
@@ -111,6 +113,8 @@ class ReplyLogProbs(nn.Module):
         targets: torch.Tensor,
         seq_index: torch.Tensor,
         num_seqs: int,
+        groups: torch.Tensor | None = None,
+        branches: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Summed log-probs of the reply tokens of each sequence.
 
@@ -119,11 +123,16 @@ class ReplyLogProbs(nn.Module):
             pred_rows, pred_cols: [N] where the hidden state predicting each reply token sits.
             targets: [N] the reply token ids.
             seq_index: [N] which sequence (0..num_seqs-1) each reply token belongs to.
+            groups, branches: [R, T] prefix-shared structure (see :mod:`dpokit.masks`), or None;
+                when given, the attention mask is built from them here, on the model's device.
 
         Returns:
             [num_seqs] float32 summed log-probs.
         """
         decoder = self.model.get_decoder()
+        if groups is not None:
+            attn = getattr(self.model.config, "_attn_implementation", None)
+            attention_mask = prefix_attention_mask(groups, branches, attn, self.model.dtype)
         hidden = decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state

@@ -53,18 +53,28 @@ def uses_peft(config: ModelConfig) -> bool:
 
 
 def check_device_requirements(config: ModelConfig, optim: str, cuda: bool) -> None:
-    """QLoRA and 8-bit AdamW run on bitsandbytes' CUDA kernels: say so before loading anything."""
-    needs = [what for what, on in (("model.load_in_4bit (QLoRA)", config.load_in_4bit), ("optim=adamw_8bit", optim == "adamw_8bit")) if on]
+    """Options that only run on CUDA say so before anything is loaded: QLoRA and 8-bit AdamW
+    (bitsandbytes' kernels) and flex_attention training (torch has no flex backward on the CPU)."""
+    needs = [
+        what
+        for what, on in (
+            ("model.load_in_4bit (QLoRA)", config.load_in_4bit),
+            ("optim=adamw_8bit", optim == "adamw_8bit"),
+            ("attn_implementation=flex_attention", config.attn_implementation == "flex_attention"),
+        )
+        if on
+    ]
     if needs and not cuda:
         raise ConfigError(
-            f"{' and '.join(needs)} need a CUDA GPU (bitsandbytes), and this machine has none: "
-            "train LoRA in bfloat16/float32 instead (load_in_4bit=false, optim=adamw_torch)"
+            f"{' and '.join(needs)} need a CUDA GPU for training, and this machine has none: on the CPU train "
+            "with load_in_4bit=false, optim=adamw_torch and attn_implementation=sdpa"
         )
-    if needs:
+    bnb = [what for what in needs if "flex" not in what]
+    if bnb:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise ConfigError(f"{' and '.join(needs)} need the bitsandbytes package: pip install bitsandbytes") from None
+            raise ConfigError(f"{' and '.join(bnb)} need the bitsandbytes package: pip install bitsandbytes") from None
 
 
 def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, revision: str | None = None) -> nn.Module:

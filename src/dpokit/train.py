@@ -78,11 +78,11 @@ def _mean_stats(per_pair: list[dict[str, torch.Tensor]], accelerator: Accelerato
     return {k: accelerator.gather(v).mean().item() for k, v in local.items()}
 
 
-def _batch(pairs: list[TokenizedPair], config: Config, pad_id: int, scorer: ReplyLogProbs) -> Batch:
+def _batch(pairs: list[TokenizedPair], config: Config, pad_id: int) -> Batch:
     """A micro-batch in the configured layout. Packed rows hold at most 2 x max_length tokens
     (one prefix-shared pair always fits), so attention over a row never grows with the batch."""
     layout = batch_layout(config.training)
-    return make_batch(pairs, layout, pad_id, mask_dtype=scorer.model.dtype, row_tokens=2 * config.data.max_length)
+    return make_batch(pairs, layout, pad_id, row_tokens=2 * config.data.max_length)
 
 
 def evaluate(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int) -> dict:
@@ -96,7 +96,7 @@ def evaluate(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], confi
     rows = []
     with torch.no_grad():
         for idx in eval_batches(len(pairs), config.training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes):
-            batch = _batch([pairs[i] for i in idx], config, pad_id, policy).to(accelerator.device)
+            batch = _batch([pairs[i] for i in idx], config, pad_id).to(accelerator.device)
             _, stats = score_batch(policy, reference.logps(batch, idx), batch, config)
             rows.append({k: v.float().cpu() for k, v in stats.items()})
     policy.train(was_training)
@@ -132,7 +132,7 @@ def prepare_references(config: Config, policy, resumed: bool, data, accelerator,
     fingerprint = fingerprint_model(model)
 
     def build(pairs: list[TokenizedPair]) -> Batch:
-        return _batch(pairs, config, pad_id, scorer)
+        return _batch(pairs, config, pad_id)
 
     def table(pairs: list[TokenizedPair], what: str) -> TableReference:
         compute = lambda: compute_table(scorer, pairs, build, t.per_device_eval_batch_size, accelerator)  # noqa: E731
@@ -321,7 +321,7 @@ def train(config: Config) -> Path:
             micro = local_micro_batches(batches[state.batch_in_epoch], accelerator.process_index, world, t.per_device_train_batch_size)
             step_stats, step_tokens = [], 0
             for k, idx in enumerate(micro):
-                batch = _batch([data.train[i] for i in idx], config, pad_id, unwrapped).to(accelerator.device)
+                batch = _batch([data.train[i] for i in idx], config, pad_id).to(accelerator.device)
                 step_tokens += batch.num_real_tokens
                 with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(scorer):
                     loss, stats = score_batch(scorer, train_ref.logps(batch, idx), batch, config)

@@ -15,8 +15,10 @@ Layouts (``make_batch``):
                    transformers builds a block-diagonal mask from the restarting positions (and
                    flash-attention's varlen kernel reads the same positions).
 ``prefix_padded``  one row per pair: prompt once, then chosen, then rejected; rejected positions
-                   restart after the prompt and rejected tokens cannot see chosen ones (a 4D mask).
-``prefix_packed``  the prefix-shared pairs back to back in one row, with one 4D mask.
+                   restart after the prompt and rejected tokens cannot see chosen ones. The batch
+                   carries each token's pair (``groups``) and part (``branches``: prompt, chosen,
+                   rejected); :mod:`dpokit.masks` turns them into the mask on the model's device.
+``prefix_packed``  the prefix-shared pairs back to back in one row.
 
 Prefix sharing computes each prompt once instead of twice (Wang & Hegde 2024); packing removes
 padding. The first rejected token is predicted by the last prompt token, exactly as in the padded
@@ -38,8 +40,10 @@ class Batch:
     """One micro-batch of ``num_pairs`` pairs.
 
     input_ids, position_ids: [R, T]
-    attention_mask: [R, T] of 0/1 (padded), None (packed: positions mark the sequences), or an
-        additive float mask [R, 1, T, T] (prefix-shared layouts; 0 = attend, dtype min = blocked)
+    attention_mask: [R, T] of 0/1 (padded), or None (packed: positions mark the sequences;
+        prefix-shared: ``groups`` and ``branches`` do)
+    groups, branches: [R, T] for the prefix-shared layouts (pair index, -1 for padding; 0 prompt,
+        1 chosen, 2 rejected), else None; see :mod:`dpokit.masks`
     pred_rows, pred_cols, targets, seq_index: [N], one entry per reply token
     seq_tokens: [2 * num_pairs] reply tokens per sequence (chosen, rejected interleaved)
     """
@@ -55,6 +59,8 @@ class Batch:
     num_pairs: int
     num_real_tokens: int
     """Non-padding tokens in the batch (what the model really processed)."""
+    groups: torch.Tensor | None = None
+    branches: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {
@@ -74,6 +80,8 @@ class Batch:
             targets=self.targets,
             seq_index=self.seq_index,
             num_seqs=2 * self.num_pairs,
+            groups=self.groups,
+            branches=self.branches,
         )
 
 
@@ -122,42 +130,27 @@ def _add_shared_pair(row: _Row, pair: TokenizedPair, index: int) -> None:
     row.score(list(pair.rejected_ids), rejected_col, last_prompt, 2 * index + 1)
 
 
-def _block_mask(rows: list[_Row], width: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [R, 1, T, T] mask: causal, within a group, prompt branch shared, others private."""
-    blocked = torch.finfo(dtype).min
-    mask = torch.full((len(rows), 1, width, width), blocked, dtype=dtype)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    for r, row in enumerate(rows):
-        n = len(row.ids)
-        group = torch.tensor(row.group)
-        branch = torch.tensor(row.branch)
-        same_group = group[:, None] == group[None, :]
-        visible_branch = (branch[None, :] == 0) | (branch[:, None] == branch[None, :])
-        allowed = same_group & visible_branch & causal[:n, :n]
-        mask[r, 0, :n, :n] = torch.where(allowed, 0.0, blocked)
-        mask[r, 0, n:, :] = 0.0  # padding queries: attend anywhere (their outputs are never used)
-    return mask
-
-
-def _assemble(rows: list[_Row], num_pairs: int, pad_token_id: int, mask: str, mask_dtype: torch.dtype) -> Batch:
+def _assemble(rows: list[_Row], num_pairs: int, pad_token_id: int, layout: str) -> Batch:
     width = max(len(row.ids) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     real = torch.zeros((len(rows), width), dtype=torch.long)
+    groups = torch.full((len(rows), width), -1, dtype=torch.long)
+    branches = torch.zeros((len(rows), width), dtype=torch.long)
     pred_rows, seq_tokens = [], [0] * (2 * num_pairs)
     for r, row in enumerate(rows):
         input_ids[r, : len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
         position_ids[r, : len(row.pos)] = torch.tensor(row.pos, dtype=torch.long)
         real[r, : len(row.ids)] = 1
+        groups[r, : len(row.group)] = torch.tensor(row.group, dtype=torch.long)
+        branches[r, : len(row.branch)] = torch.tensor(row.branch, dtype=torch.long)
         pred_rows += [r] * len(row.targets)
         for seq in row.seq_index:
             seq_tokens[seq] += 1
-    attention_mask = {"2d": real, "none": None, "4d": None}[mask]
-    if mask == "4d":
-        attention_mask = _block_mask(rows, width, mask_dtype)
+    shared = layout.startswith("prefix")
     return Batch(
         input_ids=input_ids,
-        attention_mask=attention_mask,
+        attention_mask=real if layout == "padded" else None,
         position_ids=position_ids,
         pred_rows=torch.tensor(pred_rows, dtype=torch.long),
         pred_cols=torch.tensor([c for row in rows for c in row.pred_cols], dtype=torch.long),
@@ -166,6 +159,8 @@ def _assemble(rows: list[_Row], num_pairs: int, pad_token_id: int, mask: str, ma
         seq_tokens=torch.tensor(seq_tokens, dtype=torch.long),
         num_pairs=num_pairs,
         num_real_tokens=int(real.sum()),
+        groups=groups if shared else None,
+        branches=branches if shared else None,
     )
 
 
@@ -182,12 +177,10 @@ def make_batch(
     pairs: list[TokenizedPair],
     layout: str = "padded",
     pad_token_id: int = 0,
-    mask_dtype: torch.dtype = torch.float32,
     row_tokens: int | None = None,
 ) -> Batch:
     """A micro-batch of ``pairs`` in ``layout`` (see the module docstring).
 
-    ``mask_dtype``: dtype of the additive 4D mask of the prefix layouts (the model's dtype).
     ``row_tokens``: for the packed layouts, start a new row rather than grow one past this many
     tokens (attention over a packed row costs its length squared); a longer sequence gets a row
     of its own. None packs everything in one row.
@@ -201,12 +194,12 @@ def make_batch(
                 length = len(pair.prompt_ids) + len(reply)
                 row = _pick_row(rows, length, row_tokens) if layout == "packed" else rows.append(_Row()) or rows[-1]
                 _add_sequence(row, pair.prompt_ids, reply, 2 * i + side)
-        return _assemble(rows, len(pairs), pad_token_id, "2d" if layout == "padded" else "none", mask_dtype)
+        return _assemble(rows, len(pairs), pad_token_id, layout)
     for i, pair in enumerate(pairs):
         length = len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
         row = _pick_row(rows, length, row_tokens) if layout == "prefix_packed" else rows.append(_Row()) or rows[-1]
         _add_shared_pair(row, pair, i)
-    return _assemble(rows, len(pairs), pad_token_id, "4d", mask_dtype)
+    return _assemble(rows, len(pairs), pad_token_id, layout)
 
 
 def padded_batch(pairs: list[TokenizedPair], pad_token_id: int = 0) -> Batch:

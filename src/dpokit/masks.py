@@ -1,0 +1,70 @@
+"""Attention masks for the prefix-shared layouts, built on the model's device at forward time.
+
+A prefix-shared row holds, for each of its pairs, the prompt (branch 0), the chosen reply
+(branch 1) and the rejected reply (branch 2), all tagged with the pair's group (its index in the
+batch; -1 for padding). A token at column ``q`` sees the token at column ``kv`` when
+
+    kv <= q  and  group[kv] == group[q]  and  (branch[kv] == 0 or branch[kv] == branch[q])
+
+so replies see their own prompt and themselves, never the other reply or another pair. Padding
+tokens (group -1) see earlier padding only, which keeps every query row non-empty.
+
+The rule is written once (:func:`visible`) and given to attention in the form its kernel reads:
+a dense additive ``[R, 1, T, T]`` mask for sdpa and eager, a ``BlockMask`` for flex_attention
+(which skips fully blocked 128 x 128 tiles, so memory and compute follow the kept tokens).
+Flash-attention's varlen kernel cannot express the rule, so prefix sharing is refused with it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DENSE_MASK_ATTENTION = ("sdpa", "eager")
+PREFIX_ATTENTION = DENSE_MASK_ATTENTION + ("flex_attention",)
+"""Attention implementations that can run the prefix-shared layouts."""
+
+
+def visible(groups: torch.Tensor, branches: torch.Tensor, row, q, kv) -> torch.Tensor:
+    """Whether query column ``q`` may attend to key column ``kv`` of ``row`` (broadcasts).
+
+    groups, branches: [R, T] long.
+    """
+    g_q, g_kv = groups[row, q], groups[row, kv]
+    b_q, b_kv = branches[row, q], branches[row, kv]
+    return (kv <= q) & (g_q == g_kv) & ((b_kv == 0) | (b_kv == b_q))
+
+
+def dense_prefix_mask(groups: torch.Tensor, branches: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [R, 1, T, T] of ``dtype``: 0 where attention is allowed, dtype's min elsewhere."""
+    rows, width = groups.shape
+    cols = torch.arange(width, device=groups.device)
+    row = torch.arange(rows, device=groups.device)[:, None, None]
+    allowed = visible(groups, branches, row, cols[None, :, None], cols[None, None, :])  # [R, T, T]
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=groups.device)
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=groups.device), blocked)[:, None]
+
+
+def flex_prefix_mask(groups: torch.Tensor, branches: torch.Tensor):
+    """A flex_attention ``BlockMask`` for [R, T] ``groups``/``branches`` (same rule, all heads)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return visible(groups, branches, b, q_idx, kv_idx)
+
+    rows, width = groups.shape
+    # Compiling the mask builder avoids materialising [R, T, T]; on the CPU (no-grad use only)
+    # the eager builder is quicker than a compile.
+    compile_builder = groups.device.type == "cuda"
+    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=groups.device, _compile=compile_builder)
+
+
+def prefix_attention_mask(groups: torch.Tensor, branches: torch.Tensor, attn_implementation: str | None, dtype: torch.dtype):
+    """The mask of the prefix-shared rows in the form ``attn_implementation`` reads."""
+    if attn_implementation == "flex_attention":
+        return flex_prefix_mask(groups, branches)
+    if attn_implementation in DENSE_MASK_ATTENTION or attn_implementation is None:
+        return dense_prefix_mask(groups, branches, dtype)
+    raise ValueError(
+        f"prefix-shared batches need one of {', '.join(PREFIX_ATTENTION)} attention, not {attn_implementation}: "
+        "set training.prefix_sharing=false"
+    )

@@ -1,0 +1,136 @@
+"""What only a CUDA GPU can check: flex_attention gradients, flash-attention varlen packing,
+bfloat16 training, QLoRA, 8-bit AdamW, and the memory planner against the allocator's peak.
+
+Skipped on machines without CUDA (CI has none); run them on a GPU with
+``python -m pytest tests/test_cuda.py -v``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from runs import read_rows, run_config
+from test_logps import naive_logps, ragged_pairs, tiny_lm
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+LORA = ("use_peft=true", "lora_r=4", "lora_alpha=8", "lora_dropout=0.0", "lora_target_modules=[q_proj,v_proj]")
+
+
+def _train_rows(run_dir):
+    return [r for r in read_rows(run_dir) if "loss" in r]
+
+
+@pytest.mark.parametrize("layout", ["packed", "prefix_packed", "prefix_padded"])
+def test_flex_attention_logps_and_gradients_match_naive(layout):
+    """float32 on the GPU: flex_attention with dpokit's BlockMask (prefix layouts) or transformers'
+    (packed) gives the naive log-probs and gradients within 1e-4."""
+    from dpokit.data.batching import make_batch
+    from dpokit.logps import ReplyLogProbs
+
+    pairs = ragged_pairs(seed=3, n=6)
+    naive_model, flex_model = tiny_lm("llama", seed=1, tie=False).train(), tiny_lm("llama", seed=1, tie=False).cuda().train()
+    flex_model.config._attn_implementation = "flex_attention"
+    weights = torch.linspace(-1, 1, 2 * len(pairs), device="cuda")
+    batch = make_batch(pairs, layout, row_tokens=80).to("cuda")
+    ours = ReplyLogProbs(flex_model, chunk_size=16)(**batch.model_inputs())
+    (ours * weights).sum().backward()
+    naive = naive_logps(naive_model, pairs)  # on the CPU, sdpa, full logits
+    (naive * weights.cpu()).sum().backward()
+    torch.testing.assert_close(ours.cpu(), naive, atol=1e-4, rtol=0)
+    grads = dict(naive_model.named_parameters())
+    for name, param in flex_model.named_parameters():
+        torch.testing.assert_close(param.grad.cpu(), grads[name].grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
+def test_flash_attention_2_packed_rows_are_varlen_and_match_padded():
+    """Packed rows pass position_ids only; transformers turns them into flash-attention's varlen
+    cu_seqlens. In bfloat16 the packed flash-attention log-probs match padded sdpa's."""
+    from dpokit.data.batching import make_batch
+    from dpokit.logps import ReplyLogProbs
+
+    pairs = ragged_pairs(seed=4, n=6)
+    model = tiny_lm("qwen2", seed=2).to("cuda", torch.bfloat16)
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        padded = ReplyLogProbs(model)(**make_batch(pairs, "padded").to("cuda").model_inputs())
+        model.config._attn_implementation = "flash_attention_2"
+        packed = ReplyLogProbs(model)(**make_batch(pairs, "packed").to("cuda").model_inputs())
+    assert packed.dtype == torch.float32
+    torch.testing.assert_close(packed, padded, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_bfloat16_training_on_cuda(workdir, attn):
+    out = run_config(workdir, f"cuda-bf16-{attn}", "dtype=bfloat16", f"attn_implementation={attn}", "max_steps=6")
+    from dpokit.train import train
+
+    rows = _train_rows(train(out))
+    assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_qlora_trains_4bit_base_with_bf16_compute(workdir):
+    import json
+
+    from dpokit.train import train
+
+    out = train(run_config(workdir, "cuda-qlora", *LORA, "load_in_4bit=true", "dtype=bfloat16", "max_steps=4",
+                           "gradient_checkpointing=true"))
+    rows = _train_rows(out)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[0]["rewards/margins"] == 0.0 and rows[-1]["rewards/margins"] != 0.0
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 4
+    assert not (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_adamw_8bit_trains(workdir):
+    from dpokit.train import train
+
+    rows = _train_rows(train(run_config(workdir, "cuda-adam8", "optim=adamw_8bit", "max_steps=4")))
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["rewards/margins"] != rows[0]["rewards/margins"]
+
+
+def test_plan_estimate_matches_cuda_peak():
+    """Training steps' peak allocation above the weights vs. the planner's estimate (bfloat16,
+    prefix_packed, sdpa). Tolerance 0.5x-2x, as on the CPU."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from dpokit.data.batching import make_batch
+    from dpokit.data.tokenize import TokenizedPair
+    from dpokit.logps import ReplyLogProbs
+    from dpokit.plan import RunShape, count_model, estimate
+
+    cfg = Qwen2Config(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    B, L, P = 4, 512, 128
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    batch = make_batch([TokenizedPair(ids(P), ids(L - P), ids(L - P)) for _ in range(B)], "prefix_packed",
+                       row_tokens=2 * L).to("cuda")
+    scorer = ReplyLogProbs(model, 1024).train()
+    optimizer = torch.optim.AdamW(scorer.parameters(), lr=1e-5)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for _ in range(2):
+        logps = scorer(**batch.model_inputs())
+        torch.nn.functional.logsigmoid(0.1 * (logps[0::2] - logps[1::2])).mean().neg().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    measured = torch.cuda.max_memory_allocated() - base
+    shape = RunShape(batch_size=B, max_length=L, prompt_length=P, layout="prefix_packed", dtype_bytes=2)
+    full = estimate(count_model(cfg), shape)["full"]
+    estimated = full["gradients"] + full["optimizer"] + full["activations"] + full["logps_buffer"]
+    print(f"estimated {estimated / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB, ratio {estimated / measured:.2f}")
+    assert 0.5 <= estimated / measured <= 2.0

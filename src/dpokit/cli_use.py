@@ -107,11 +107,15 @@ def _settings(args):
 
 
 def _eval(args) -> None:
+    from accelerate import PartialState
+
     from dpokit.evaluate import evaluate_model
     from dpokit.resolve import output_dir, write_text_atomic
 
     report, model = evaluate_model(args.model, args.reference, args.data, args.split, args.max_pairs,
                                    args.batch_size, args.max_length, args.beta, args.dtype)
+    if not PartialState().is_main_process:  # launched on several processes: every one holds the same report
+        return
     path = Path(args.output) if args.output else output_dir(model) / f"eval{model.file_suffix}.json"
     write_text_atomic(path, json.dumps(report.to_json(), indent=2) + "\n")
     print(report.table())

@@ -1,9 +1,9 @@
 """``dpokit eval``: preference metrics of a policy against a reference on a preference dataset.
 
-The numbers come from the training loop's own code, :func:`dpokit.train.evaluate` (same
+The numbers come from the training loop's own code, :func:`dpokit.train.pair_statistics` (same
 batching, same reply log-probs, same loss statistics), so on a run's eval data they equal the
-``eval/...`` rows of its ``metrics.jsonl``. Two wrappers record each scorer's per-sequence
-log-probs on the way through, which gives the reference's numbers without a second pass.
+``eval/...`` rows of its ``metrics.jsonl``. The reference scores every pair first (a table, as
+training precomputes it) and is freed before the policy is loaded: one model in memory at a time.
 
 Metrics (means over pairs; ``π`` the policy, ``ref`` the reference, log-probs summed over reply
 tokens):
@@ -25,38 +25,19 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import nn
 
 from dpokit.config import Config, ConfigError, DataSource, needs_reference
 from dpokit.data.pipeline import load_data
 from dpokit.data.sources import describe
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
+from dpokit.reference import TableReference, compute_table
 from dpokit.resolve import ResolvedModel, default_reference, load_model, load_model_tokenizer, model_config, resolve_model
 
 
-class RecordingScorer(ReplyLogProbs):
-    """A :class:`ReplyLogProbs` that also keeps each output: [2P] summed reply log-probs per
-    batch, chosen and rejected interleaved (the layout of :class:`dpokit.data.batching.Batch`)."""
-
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
-        super().__init__(model, chunk_size)
-        self.outputs: list[torch.Tensor] = []
-
-    def forward(self, **inputs) -> torch.Tensor:
-        logps = super().forward(**inputs)
-        self.outputs.append(logps.detach().float().cpu())
-        return logps
-
-
-def logp_preference(outputs: list[torch.Tensor], prefix: str) -> dict[str, float]:
-    """Mean chosen/rejected log-probs and the share of pairs with log p(chosen) > log p(rejected).
-
-    outputs: recorded [2P] tensors (chosen, rejected interleaved) -> ``{prefix}chosen``,
-    ``{prefix}rejected``, ``{prefix}accuracies``.
-    """
-    logps = torch.cat(outputs)
-    chosen, rejected = logps[0::2], logps[1::2]
+def logp_preference(chosen: torch.Tensor, rejected: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Mean chosen/rejected log-probs ([N] each) and the share of pairs with
+    log p(chosen) > log p(rejected): ``{prefix}chosen``, ``{prefix}rejected``, ``{prefix}accuracies``."""
     return {
         f"{prefix}chosen": chosen.mean().item(),
         f"{prefix}rejected": rejected.mean().item(),
@@ -159,10 +140,9 @@ def _check_same_vocab(tokenizer, ref_tokenizer, ref_path: str, policy_path: str)
         )
 
 
-def _scorer(model: ResolvedModel, dtype: str, chunk_size: int, device) -> RecordingScorer:
-    """``model`` loaded with its own settings in ``dtype``, as a recording reply-log-prob scorer."""
-    lm = load_model(model, model_config(model, dtype))
-    return RecordingScorer(lm, chunk_size).to(device)
+def _scorer(model: ResolvedModel, dtype: str, chunk_size: int, device) -> ReplyLogProbs:
+    """``model`` loaded with its own settings in ``dtype``, as a reply-log-prob scorer."""
+    return ReplyLogProbs(load_model(model, model_config(model, dtype)), chunk_size).to(device)
 
 
 def evaluate_model(
@@ -178,13 +158,11 @@ def evaluate_model(
     log: Callable[[str], object] = print,
 ) -> tuple[EvalReport, ResolvedModel]:
     """Score ``data`` (default: the run's eval data) with the policy ``model`` against the
-    reference (default: the run's), through :func:`dpokit.train.evaluate`.
+    reference (default: the run's), through :func:`dpokit.train.pair_statistics`.
 
     Returns the report (see the module docstring for the metrics) and the resolved policy.
     """
-    from accelerate.utils import gather_object
-
-    from dpokit.train import evaluate
+    from dpokit.train import build_batch, pair_statistics
 
     policy_model = resolve_model(model)
     ref_model = resolve_model(reference) if reference else default_reference(policy_model)
@@ -202,14 +180,14 @@ def evaluate_model(
 
     accelerator = _accelerator()
     chunk, pad_id = config.training.logps_chunk_size, tokenizer.pad_token_id
+    build = lambda batch_pairs: build_batch(batch_pairs, config, pad_id)  # noqa: E731
+    ref_scorer = _scorer(ref_model, load_cfg.dtype, chunk, accelerator.device)
+    table = compute_table(ref_scorer, pairs, build, config.training.per_device_eval_batch_size, accelerator)  # [N, 2]
+    del ref_scorer
     policy = _scorer(policy_model, load_cfg.dtype, chunk, accelerator.device)
-    ref = _scorer(ref_model, load_cfg.dtype, chunk, accelerator.device)
-    if needs_reference(config):
-        metrics = evaluate(policy, ref, pairs, config, accelerator, pad_id)
-    else:  # a reference-free loss trained without one: score the reference on its own
-        metrics = evaluate(policy, None, pairs, config, accelerator, pad_id)
-        evaluate(ref, None, pairs, config, accelerator, pad_id)
-    own = logp_preference(gather_object(policy.outputs), "eval/logps/")
-    metrics["eval/logps/accuracies"] = own["eval/logps/accuracies"]  # the means are training's own
-    metrics.update(logp_preference(gather_object(ref.outputs), "eval/ref_logps/"))
+    # A reference-free loss (SimPO, SFT) trained without one: its metrics ignore the reference.
+    stats = pair_statistics(policy, TableReference(table) if needs_reference(config) else None, pairs, config, accelerator, pad_id)
+    metrics = {f"eval/{k}": v.mean().item() for k, v in stats.items()}
+    metrics["eval/logps/accuracies"] = (stats["logps/chosen"] > stats["logps/rejected"]).float().mean().item()
+    metrics.update(logp_preference(table[:, 0], table[:, 1], "eval/ref_logps/"))
     return EvalReport(policy_model.path, ref_model.path, origin, len(pairs), metrics), policy_model

@@ -78,30 +78,41 @@ def _mean_stats(per_pair: list[dict[str, torch.Tensor]], accelerator: Accelerato
     return {k: accelerator.gather(v).mean().item() for k, v in local.items()}
 
 
-def _batch(pairs: list[TokenizedPair], config: Config, pad_id: int) -> Batch:
+def build_batch(pairs: list[TokenizedPair], config: Config, pad_id: int) -> Batch:
     """A micro-batch in the configured layout. Packed rows hold at most 2 x max_length tokens
     (one prefix-shared pair always fits), so attention over a row never grows with the batch."""
     layout = batch_layout(config.training)
     return make_batch(pairs, layout, pad_id, row_tokens=2 * config.data.max_length)
 
 
-def evaluate(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int) -> dict:
-    """Eval metrics over all ``pairs`` (split over processes), prefixed ``eval/``.
+def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int) -> dict[str, torch.Tensor]:
+    """Per-pair loss statistics over all ``pairs`` (split over processes, gathered): name -> [N]
+    float32 tensor in pair order, on every process. Names as :func:`score_batch` (``loss``,
+    ``rewards/...``, ``logps/chosen``, ``logps/rejected``).
 
     ``reference``: a :class:`dpokit.reference.Reference`, a live :class:`ReplyLogProbs`, or None.
     """
     reference = as_reference(reference)
     was_training = policy.training
     policy.eval()
-    rows = []
+    parts = []
     with torch.no_grad():
         for idx in eval_batches(len(pairs), config.training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes):
-            batch = _batch([pairs[i] for i in idx], config, pad_id).to(accelerator.device)
+            batch = build_batch([pairs[i] for i in idx], config, pad_id).to(accelerator.device)
             _, stats = score_batch(policy, reference.logps(batch, idx), batch, config)
-            rows.append({k: v.float().cpu() for k, v in stats.items()})
+            parts.append((idx, {k: v.float().cpu() for k, v in stats.items()}))
     policy.train(was_training)
-    gathered = gather_object(rows)
-    return {f"eval/{k}": torch.cat([r[k] for r in gathered]).mean().item() for k in gathered[0]}
+    gathered = gather_object(parts)
+    out = {k: torch.zeros(len(pairs)) for k in gathered[0][1]} if gathered else {}
+    for idx, stats in gathered:
+        for k, v in stats.items():
+            out[k][idx] = v
+    return out
+
+
+def evaluate(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int) -> dict:
+    """Eval metrics: the means of :func:`pair_statistics` over all ``pairs``, prefixed ``eval/``."""
+    return {f"eval/{k}": v.mean().item() for k, v in pair_statistics(policy, reference, pairs, config, accelerator, pad_id).items()}
 
 
 def prepare_references(config: Config, policy, resumed: bool, data, accelerator, pad_id: int, say) -> tuple[Reference, Reference]:
@@ -132,7 +143,7 @@ def prepare_references(config: Config, policy, resumed: bool, data, accelerator,
     fingerprint = fingerprint_model(model)
 
     def build(pairs: list[TokenizedPair]) -> Batch:
-        return _batch(pairs, config, pad_id)
+        return build_batch(pairs, config, pad_id)
 
     def table(pairs: list[TokenizedPair], what: str) -> TableReference:
         compute = lambda: compute_table(scorer, pairs, build, t.per_device_eval_batch_size, accelerator)  # noqa: E731
@@ -321,7 +332,7 @@ def train(config: Config) -> Path:
             micro = local_micro_batches(batches[state.batch_in_epoch], accelerator.process_index, world, t.per_device_train_batch_size)
             step_stats, step_tokens = [], 0
             for k, idx in enumerate(micro):
-                batch = _batch([data.train[i] for i in idx], config, pad_id).to(accelerator.device)
+                batch = build_batch([data.train[i] for i in idx], config, pad_id).to(accelerator.device)
                 step_tokens += batch.num_real_tokens
                 with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(scorer):
                     loss, stats = score_batch(scorer, train_ref.logps(batch, idx), batch, config)

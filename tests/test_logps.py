@@ -111,6 +111,60 @@ def test_token_logps_with_bias_and_softcap_uses_generic_path():
     torch.testing.assert_close(token_logps(hidden, head, targets, chunk_size=4, softcap=30.0), expected)
 
 
+def _scaled_head_models():
+    """Tiny models of architectures that change the logits after the output layer."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    yield "cohere", CohereForCausalLM(CohereConfig(**common, logit_scale=0.25))
+    yield "granite", GraniteForCausalLM(GraniteConfig(**common, logits_scaling=4.0))
+    yield "gemma2", Gemma2ForCausalLM(Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0))
+
+
+@pytest.mark.parametrize("name", ["cohere", "granite", "gemma2"])
+def test_scaled_and_softcapped_heads_stay_chunked_and_exact(name):
+    model = dict(_scaled_head_models())[name].float().train()
+    model.config._attn_implementation = "eager" if name == "gemma2" else "sdpa"
+    pairs = ragged_pairs(seed=2)
+    scorer = ReplyLogProbs(model, chunk_size=7)
+    assert scorer.chunked and (scorer.scale != 1.0 or scorer.softcap)
+    weights = torch.linspace(-1, 1, 2 * len(pairs))
+    ours = scorer(**make_batch(pairs, "prefix_packed").model_inputs())
+    (ours * weights).sum().backward()
+    ours_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    expected = naive_logps(model, pairs)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(ours_grads[n], p.grad, atol=1e-4, rtol=1e-3, msg=n)
+
+
+class _UnknownHeadLM(LlamaForCausalLM):
+    """An architecture dpokit does not know: it rescales its logits after the output layer."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 3.0
+        return out
+
+
+def test_unknown_output_transform_falls_back_to_full_logits_and_says_so():
+    torch.manual_seed(0)
+    model = _UnknownHeadLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)).eval()
+    pairs = ragged_pairs(seed=4)
+    with pytest.warns(UserWarning, match="full logits"):
+        scorer = ReplyLogProbs(model)
+    assert not scorer.chunked
+    torch.testing.assert_close(scorer(**make_batch(pairs, "prefix_packed").model_inputs()), naive_logps(model, pairs),
+                               atol=1e-4, rtol=0)
+    assert ReplyLogProbs(tiny_lm()).chunked  # a known architecture keeps the chunked path
+
+
 def test_full_data_path_matches_naive_on_multi_turn_chats(chat_tokenizer):
     """Rows -> chat template -> tokenized pairs -> engine log-probs == HF forward on the padded batch."""
     from dpokit.data.formats import to_pairs

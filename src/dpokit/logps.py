@@ -8,9 +8,18 @@ memory stays at ``O(chunk_size * V)`` whatever the batch.
 
 The naive computation it must equal (tests prove it): ``model(...).logits`` on the padded batch,
 ``log_softmax``, ``gather`` the next token, sum over reply tokens.
+
+Some architectures do more after the output layer: a constant scale (Cohere's ``logit_scale``,
+Granite's ``logits_scaling``) or tanh soft-capping (Gemma 2/3). Both are applied per chunk. When a
+model is wrapped, one 8-token forward checks that decoder -> output layer -> scale -> soft-cap
+reproduces the model's own logits; a model that does something else (remote code, a new
+architecture) is scored through its full logits instead, exact but without the memory savings,
+and dpokit says so.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -61,12 +70,14 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
 
 def _token_logps_generic(
-    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int, softcap: float | None
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int, softcap: float | None, scale: float = 1.0
 ) -> torch.Tensor:
-    """Any output layer (bias, soft-capping): chunked, each chunk recomputed in backward."""
+    """Any output layer (bias, scale, soft-capping): chunked, each chunk recomputed in backward."""
 
     def one_chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()
+        if scale != 1.0:
+            logits = logits * scale
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
         return logits.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
@@ -82,13 +93,76 @@ def _token_logps_generic(
 
 
 def token_logps(
-    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024, softcap: float | None = None
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    softcap: float | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """Log-prob of each target token. hidden: [N, H], targets: [N] -> [N] float32."""
+    """Log-prob of each target token under ``softcap(scale * head(hidden))``.
+
+    hidden: [N, H], targets: [N] -> [N] float32.
+    """
     plain_linear = isinstance(head, nn.Linear) and head.bias is None and not softcap
-    if plain_linear:
-        return _ChunkedTokenLogps.apply(hidden, head.weight, targets, chunk_size)
-    return _token_logps_generic(hidden, head, targets, chunk_size, softcap)
+    if plain_linear:  # scale * (h @ Wᵀ) == (scale * h) @ Wᵀ
+        return _ChunkedTokenLogps.apply(hidden * scale if scale != 1.0 else hidden, head.weight, targets, chunk_size)
+    return _token_logps_generic(hidden, head, targets, chunk_size, softcap, scale)
+
+
+# model_type -> the constant its CausalLM multiplies the output layer's logits by
+_LOGIT_SCALES = {
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), lambda c: c.logit_scale),
+    **dict.fromkeys(
+        ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa", "minicpm3"),
+        lambda c: 1.0 / c.logits_scaling,
+    ),
+    "hyperclovax": lambda c: c.logits_scaling,
+}
+
+
+def output_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) that ``config``'s architecture applies after its output layer."""
+    scale = _LOGIT_SCALES.get(getattr(config, "model_type", None), lambda c: 1.0)(config)
+    return float(scale), getattr(config, "final_logit_softcapping", None)
+
+
+def _head_reproduces_logits(model: nn.Module, scale: float, softcap: float | None) -> bool:
+    """Whether decoder -> output layer -> ``scale`` -> ``softcap`` gives ``model``'s own logits,
+    checked on one 8-token sequence (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.get_output_embeddings().weight.device
+        ids = torch.arange(1, 9, device=device)[None] % model.config.vocab_size
+        with torch.no_grad():
+            theirs = model(input_ids=ids, use_cache=False).logits[0].float()
+            hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
+            ours = model.get_output_embeddings()(hidden).float() * scale
+            if softcap:
+                ours = softcap * torch.tanh(ours / softcap)
+        return bool(torch.allclose(ours, theirs, rtol=1e-2, atol=1e-2 * float(theirs.abs().max()) + 1e-5))
+    except Exception:  # an unusual model: let the full-logits path show its real error, if any
+        return False
+    finally:
+        model.train(was_training)
+
+
+def head_plan(model: nn.Module) -> tuple[float, float | None, bool]:
+    """(scale, softcap, reproduces) for ``model``, probed once and kept on the model."""
+    cached = getattr(model, "_dpokit_head_plan", None)
+    if cached is None:
+        scale, softcap = output_transform(model.config)
+        cached = (scale, softcap, _head_reproduces_logits(model, scale, softcap))
+        if not cached[2]:
+            warnings.warn(
+                f"dpokit: the {getattr(model.config, 'model_type', '?')} model's logits are not its output layer applied "
+                "to its decoder's hidden states (as far as dpokit knows the architecture); scoring replies through "
+                "the model's full logits instead: exact, but without the chunked log-prob memory savings",
+                stacklevel=3,
+            )
+        model.__dict__["_dpokit_head_plan"] = cached
+    return cached
 
 
 class ReplyLogProbs(nn.Module):
@@ -102,6 +176,7 @@ class ReplyLogProbs(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.scale, self.softcap, self.chunked = head_plan(model)
 
     def forward(
         self,
@@ -129,14 +204,16 @@ class ReplyLogProbs(nn.Module):
         Returns:
             [num_seqs] float32 summed log-probs.
         """
-        decoder = self.model.get_decoder()
         if groups is not None:
             attn = getattr(self.model.config, "_attn_implementation", None)
             attention_mask = prefix_attention_mask(groups, branches, attn, self.model.dtype)
-        hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        selected = hidden[pred_rows, pred_cols]  # [N, H]
-        softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        logps = token_logps(selected, self.model.get_output_embeddings(), targets, self.chunk_size, softcap)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if self.chunked:
+            hidden = self.model.get_decoder()(**inputs).last_hidden_state
+            selected = hidden[pred_rows, pred_cols]  # [N, H]
+            head = self.model.get_output_embeddings()
+            logps = token_logps(selected, head, targets, self.chunk_size, self.softcap, self.scale)
+        else:
+            logits = self.model(**inputs).logits[pred_rows, pred_cols].float()  # [N, V]
+            logps = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
         return torch.zeros(num_seqs, dtype=torch.float32, device=logps.device).index_add(0, seq_index, logps)

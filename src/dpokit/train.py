@@ -278,8 +278,6 @@ def train(config: Config) -> Path:
     train_ref, eval_ref = prepare_references(config, policy, resume_from is not None, data, accelerator, pad_id, say)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
-    if t.torch_compile:
-        policy.get_decoder().compile(dynamic=True)  # in place: parameter names and saving unchanged
     policy.train()
 
     world = accelerator.num_processes
@@ -289,7 +287,9 @@ def train(config: Config) -> Path:
 
     from transformers import get_scheduler
 
-    scorer = ReplyLogProbs(policy, t.logps_chunk_size)
+    scorer = ReplyLogProbs(policy, t.logps_chunk_size)  # checks the output layer with an eager forward
+    if t.torch_compile:
+        policy.get_decoder().compile(dynamic=True)  # in place: parameter names and saving unchanged
     optimizer = _optimizer(scorer, config)
     # transformers' "constant" ignores warmup; its warmup variant is what a user asking for both means
     schedule = "constant_with_warmup" if t.lr_scheduler_type == "constant" else t.lr_scheduler_type

@@ -105,7 +105,8 @@ MEASURE = textwrap.dedent('''
     gc.collect()
     base = psutil.Process().memory_info().rss
     for _ in range(2):
-        logps = scorer(**batch.model_inputs())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args["bf16"]):
+            logps = scorer(**batch.model_inputs())
         loss = -torch.nn.functional.logsigmoid(0.1 * (logps[0::2] - logps[1::2])).mean()
         loss.backward()
         opt.step()
@@ -116,22 +117,27 @@ MEASURE = textwrap.dedent('''
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
-def test_estimate_matches_measured_cpu_training_memory():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_estimate_matches_measured_cpu_training_memory(bf16):
     """Peak RSS growth of real training steps (after the model is built) vs. the estimate of what
-    training adds to the weights: gradients + optimizer + activations + log-prob buffer.
+    training adds to the weights: gradients + optimizer + activations + log-prob buffer (+ the
+    autocast weight copies with bf16=true).
 
     Tolerance 0.5x-2x: RSS also holds glibc's freed-but-kept heap, autograd's transient gradient
     tensors during backward and the CPU attention kernels' workspace, none of which the planner
     models exactly (on a GPU the caching allocator adds its own slack). Measured here: the
-    estimate is ~0.7x of the growth."""
-    run = dict(config=TINY, batch_size=8, max_length=256, prompt_length=64, chunk_size=1024)
+    estimate is ~0.7x of the growth in float32, ~0.8x under bfloat16 autocast."""
+    run = dict(config=TINY, batch_size=8, max_length=256, prompt_length=64, chunk_size=1024, bf16=bf16)
     result = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(run)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    shape = RunShape(batch_size=8, max_length=256, prompt_length=64, layout="prefix_packed", logps_chunk_size=1024)
+    shape = RunShape(batch_size=8, max_length=256, prompt_length=64, layout="prefix_packed", logps_chunk_size=1024,
+                     bf16_autocast=bf16)
     assert measured["tokens"] == 8 * (2 * 256 - 64)
-    full = estimate(count_model(_config()), shape)["full"]
+    m = count_model(_config())
+    full = estimate(m, shape)["full"]
     estimated = full["gradients"] + full["optimizer"] + full["activations"] + full["logps_buffer"]
+    estimated += full["weights"] - m.params * 4  # the autocast copies, if any
     ratio = estimated / measured["growth"]
     print(f"estimated {estimated / 2**20:.0f} MiB, measured {measured['growth'] / 2**20:.0f} MiB, ratio {ratio:.2f}")
     assert 0.5 <= ratio <= 2.0

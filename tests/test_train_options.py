@@ -97,12 +97,46 @@ def test_eager_attention_matches_sdpa(workdir):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
 
 
-def test_bfloat16_trains(workdir):
+def _changed_fraction(run_dir, start_dir) -> float:
+    """Share of the starting weights (in the run's dtype) that the run changed."""
+    from safetensors.torch import load_file
+
+    start, end = load_file(start_dir / "model.safetensors"), load_file(run_dir / "final" / "model.safetensors")
+    changed = sum(int((end[k] != start[k].to(end[k].dtype)).sum()) for k in start)
+    return changed / sum(v.numel() for v in start.values())
+
+
+def test_pure_bfloat16_weights_lose_small_updates_and_dpokit_says_so(workdir, capsys):
     from transformers import AutoModelForCausalLM
 
-    out = train(run_config(workdir, "bf16", "max_steps=2", "eval=null", "dtype=bfloat16"))
+    out = train(run_config(workdir, "bf16", "max_steps=2", "eval=null", "dtype=bfloat16", "learning_rate=1e-6"))
     assert all(math.isfinite(r["loss"]) for r in train_rows(out))
     assert AutoModelForCausalLM.from_pretrained(out / "final").dtype == torch.bfloat16
+    assert "dtype=float32 with bf16=true" in capsys.readouterr().out
+    assert _changed_fraction(out, workdir / "model") < 0.2  # most AdamW steps rounded away
+
+
+def test_bf16_mixed_precision_keeps_float32_weights_and_their_updates(workdir, capsys):
+    """dtype=float32 + bf16=true: bfloat16 compute (the log-probs differ from float32's), float32
+    weights and optimizer (small updates land), reference scored under the same autocast."""
+    from transformers import AutoModelForCausalLM
+
+    fp32 = train_rows(train(run_config(workdir, "mp-off", "max_steps=2", "eval=null", "learning_rate=1e-6")))
+    out = train(run_config(workdir, "mp-on", "max_steps=2", "eval=null", "learning_rate=1e-6", "bf16=true"))
+    mixed = train_rows(out)
+    assert "warning" not in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(out / "final").dtype == torch.float32
+    assert _changed_fraction(out, workdir / "model") > 0.5
+    assert mixed[0]["logps/chosen"] != fp32[0]["logps/chosen"]  # computed in bfloat16 ...
+    assert mixed[0]["logps/chosen"] == pytest.approx(fp32[0]["logps/chosen"], rel=0.02)  # ... close to float32
+    assert abs(mixed[0]["rewards/margins"]) < 1e-3  # the reference table used the same autocast
+
+
+def test_bf16_with_float16_weights_is_refused(workdir):
+    from dpokit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dtype=float32"):
+        run_config(workdir, "x", "bf16=true", "dtype=float16")
 
 
 def test_gradient_clipping_bounds_the_update(workdir):

@@ -154,6 +154,10 @@ class TrainingConfig:
     adam_epsilon: float = 1e-8
     seed: int = 42
     gradient_checkpointing: bool = False
+    bf16: bool = False
+    """Mixed precision: compute in bfloat16 (autocast) over the loaded weights. With
+    ``dtype: float32`` the weights, gradients and optimizer stay float32, so small updates are
+    kept; pure bfloat16 weights round away AdamW steps below ~1/256 of a weight."""
     padding_free: bool = True
     """Pack each micro-batch's sequences into one row with restarting positions: no padding."""
     prefix_sharing: bool = True
@@ -460,6 +464,8 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
             "(padding-free packing still works with it) or attn_implementation=flex_attention"
         )
     m = config.model
+    if t.bf16 and m.dtype == "float16":
+        raise ConfigError("training.bf16 autocasts to bfloat16 but model.dtype is float16: use dtype=float32 (or bfloat16)")
     if m.load_in_4bit and not (m.use_peft or m.adapter_name_or_path):
         raise ConfigError("model.load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: set use_peft=true")
     if m.lora_r < 1 or m.lora_alpha < 1 or not 0.0 <= m.lora_dropout < 1.0:

@@ -182,7 +182,8 @@ def evaluate_model(
     chunk, pad_id = config.training.logps_chunk_size, tokenizer.pad_token_id
     build = lambda batch_pairs: build_batch(batch_pairs, config, pad_id)  # noqa: E731
     ref_scorer = _scorer(ref_model, load_cfg.dtype, chunk, accelerator.device)
-    table = compute_table(ref_scorer, pairs, build, config.training.per_device_eval_batch_size, accelerator)  # [N, 2]
+    table = compute_table(ref_scorer, pairs, build, config.training.per_device_eval_batch_size, accelerator,
+                          config.training.bf16)  # [N, 2]
     del ref_scorer
     policy = _scorer(policy_model, load_cfg.dtype, chunk, accelerator.device)
     # A reference-free loss (SimPO, SFT) trained without one: its metrics ignore the reference.

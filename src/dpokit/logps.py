@@ -32,41 +32,55 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """log softmax(h @ Wᵀ)[target] per row, chunked over rows, with a hand-written backward.
 
     forward: hidden [N, H], weight [V, H], targets [N] -> token_logps [N] (float32)
+
+    The matmuls run in ``compute_dtype`` (the weight's dtype, or the autocast dtype under mixed
+    precision) in both passes; softmax statistics and the weight gradient accumulate in float32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 in gradcheck
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype):
+        acc = torch.promote_types(compute_dtype, torch.float32)  # float32, or float64 in gradcheck
+        w = weight.to(compute_dtype)
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         lse = torch.empty_like(out)
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
-            logits = (hidden[start:end] @ weight.T).to(acc)
+            logits = (hidden[start:end].to(compute_dtype) @ w.T).to(acc)
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             out[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, targets, lse = ctx.saved_tensors
+        cd = ctx.compute_dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(cd)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
-            h = hidden[start:end]
-            logits = (h @ weight.T).to(lse.dtype)
+            h = hidden[start:end].to(cd)
+            logits = (h @ w.T).to(lse.dtype)
             # d(logit_t - lse)/d logits = onehot(t) - softmax
             grad_logits = -torch.exp(logits - lse[start:end, None])
             grad_logits.scatter_add_(1, targets[start:end, None], torch.ones_like(grad_logits[:, :1]))
             grad_logits *= grad_out[start:end, None]
             if need_h:
-                grad_h[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_h[start:end] = (grad_logits.to(cd) @ w).to(hidden.dtype)
             if need_w:
-                grad_w += grad_logits.T @ h.to(lse.dtype)
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
+                grad_w += (grad_logits.T.to(cd) @ h).to(lse.dtype)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear would run in here: autocast's when it is on, else the weight's."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
 
 
 def _token_logps_generic(
@@ -106,7 +120,8 @@ def token_logps(
     """
     plain_linear = isinstance(head, nn.Linear) and head.bias is None and not softcap
     if plain_linear:  # scale * (h @ Wᵀ) == (scale * h) @ Wᵀ
-        return _ChunkedTokenLogps.apply(hidden * scale if scale != 1.0 else hidden, head.weight, targets, chunk_size)
+        scaled = hidden * scale if scale != 1.0 else hidden
+        return _ChunkedTokenLogps.apply(scaled, head.weight, targets, chunk_size, _compute_dtype(hidden, head.weight))
     return _token_logps_generic(hidden, head, targets, chunk_size, softcap, scale)
 
 

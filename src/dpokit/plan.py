@@ -6,6 +6,8 @@ parameter counts are exact and free. Every other number is an estimate from thes
 adapter parameters, ``tok`` = tokens in one micro-batch, ``n`` = layers)::
 
     weights      full: P*s           LoRA: P*s + A*4          QLoRA: Pq*QLORA_BYTES + (P-Pq)*2 + A*4
+                 (bf16=true over float32 weights, full: + PL*2, autocast's bfloat16 copies of the
+                 Linear weights; activations stay about float32-sized, see ``layer_activation_bytes``)
     reference    P*s when a frozen model is kept in memory (precompute_ref_log_probs=false and a
                  reference-based loss), for full training only; LoRA/QLoRA score the reference
                  with the adapters off, so 0. 0 whenever the log-probs are precomputed.
@@ -172,6 +174,9 @@ class RunShape:
     gradient_checkpointing: bool = False
     logps_chunk_size: int = 1024
     dtype_bytes: int = 4
+    bf16_autocast: bool = False
+    """``training.bf16``: bfloat16 autocast; full training over float32 weights also holds
+    autocast's bfloat16 copies of the trained Linear weights."""
     live_reference: bool = False
     """A frozen reference model stays in memory (precompute off, reference-based loss)."""
     prompt_length: int = 0
@@ -243,18 +248,22 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
     tok = micro_batch_tokens(run)
     out: dict[str, dict[str, float]] = {}
     for col in COLUMNS:
-        s = QLORA_COMPUTE_BYTES if col == "qlora" else run.dtype_bytes
+        w = QLORA_COMPUTE_BYTES if col == "qlora" else run.dtype_bytes  # bytes per stored weight
+        s = w  # bytes per activation element: autocast keeps float32 norms, residuals and rotary outputs
+        # beside its bfloat16 copies, so over float32 weights activations stay about float32-sized
         full = col == "full"
         masked = run.layout != "packed"
         if col == "full":
-            weights = m.params * s
+            weights = m.params * w
+            if run.bf16_autocast and w > 2:  # autocast keeps a bfloat16 copy of each trained Linear weight
+                weights += m.linear_params * 2
         elif col == "lora":
-            weights = m.params * s + m.lora_params * ADAPTER_BYTES
+            weights = m.params * w + m.lora_params * ADAPTER_BYTES
         else:
             weights = (m.linear_params * QLORA_BYTES_PER_PARAM + (m.params - m.linear_params) * s
                        + m.lora_params * ADAPTER_BYTES + m.largest_linear * s)  # + one dequantized weight
-        trainable, tbytes = (m.params, s) if full else (m.lora_params, ADAPTER_BYTES)
-        reference = m.params * s if (full and run.live_reference) else 0.0
+        trainable, tbytes = (m.params, w) if full else (m.lora_params, ADAPTER_BYTES)
+        reference = m.params * w if (full and run.live_reference) else 0.0
         layer = layer_activation_bytes(m, s, masked, full, m.lora_modules, run.lora_r, run.lora_dropout)
         final_norm = tok * m.hidden * (4 + 2 * s)
         workspace = tok * (2 * m.hidden + 2 * m.intermediate) * s  # gradients in flight during backward
@@ -380,6 +389,7 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         gradient_checkpointing=t.gradient_checkpointing,
         logps_chunk_size=t.logps_chunk_size,
         dtype_bytes=DTYPE_BYTES.get(dtype, 4),
+        bf16_autocast=t.bf16,
         live_reference=needs_reference(config) and not t.precompute_ref_log_probs,
         prompt_length=prompt_length,
         lora_r=r,
@@ -390,6 +400,10 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         f"(~{QLORA_BYTES_PER_PARAM:.3f} bytes/param with double quantization) and computes in bfloat16",
         "AdamW keeps m and v in the parameter dtype; LoRA adapters, their gradients and states are float32",
     ]
+    if t.bf16:
+        notes.append("bf16=true saves time, not activation memory (autocast keeps float32 norms, residuals and "
+                     "rotary outputs beside its bfloat16 copies); full training also holds a bfloat16 copy of each "
+                     "trained Linear weight" + (" (counted under weights)" if run.dtype_bytes > 2 else ""))
     if not needs_reference(config):
         notes.append("reference: 0 (reference-free loss)")
     elif t.precompute_ref_log_probs:

@@ -100,12 +100,17 @@ def fingerprint_pairs(pairs: list[TokenizedPair]) -> str:
 
 
 def compute_table(
-    scorer: ReplyLogProbs, pairs: list[TokenizedPair], build: Callable[[list[TokenizedPair]], Batch], batch_size: int, accelerator
+    scorer: ReplyLogProbs,
+    pairs: list[TokenizedPair],
+    build: Callable[[list[TokenizedPair]], Batch],
+    batch_size: int,
+    accelerator,
+    bf16_autocast: bool = False,
 ) -> torch.Tensor:
-    """Score all ``pairs`` (striped over processes, batched by ``build``) with no grad; every
-    process gets the whole [N, 2] table."""
+    """Score all ``pairs`` (striped over processes, batched by ``build``) with no grad, under
+    bfloat16 autocast if asked (as training computes); every process gets the whole [N, 2] table."""
     parts = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
         for idx in eval_batches(len(pairs), batch_size, accelerator.process_index, accelerator.num_processes):
             logps = scorer(**build([pairs[i] for i in idx]).to(accelerator.device).model_inputs())
             parts.append((idx, logps.float().cpu().view(-1, 2)))

@@ -48,6 +48,12 @@ from dpokit.modeling import (
 )
 
 
+def mixed_precision(config: Config, device: torch.device):
+    """bfloat16 autocast around forward passes when ``training.bf16`` is set, else nothing.
+    (dpokit's own rather than Accelerate's, so each ``train`` call in a process chooses its own.)"""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.training.bf16)
+
+
 def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair loss [P] and per-pair statistics for one micro-batch.
 
@@ -96,7 +102,7 @@ def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair]
     was_training = policy.training
     policy.eval()
     parts = []
-    with torch.no_grad():
+    with torch.no_grad(), mixed_precision(config, accelerator.device):
         for idx in eval_batches(len(pairs), config.training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes):
             batch = build_batch([pairs[i] for i in idx], config, pad_id).to(accelerator.device)
             _, stats = score_batch(policy, reference.logps(batch, idx), batch, config)
@@ -140,13 +146,13 @@ def prepare_references(config: Config, policy, resumed: bool, data, accelerator,
     was_training = model.training
     model.eval()
     scorer = ReplyLogProbs(model.to(accelerator.device), t.logps_chunk_size)
-    fingerprint = fingerprint_model(model)
+    fingerprint = fingerprint_model(model) + (":bf16-autocast" if t.bf16 else "")
 
     def build(pairs: list[TokenizedPair]) -> Batch:
         return build_batch(pairs, config, pad_id)
 
     def table(pairs: list[TokenizedPair], what: str) -> TableReference:
-        compute = lambda: compute_table(scorer, pairs, build, t.per_device_eval_batch_size, accelerator)  # noqa: E731
+        compute = lambda: compute_table(scorer, pairs, build, t.per_device_eval_batch_size, accelerator, t.bf16)  # noqa: E731
         return TableReference(cached_table(fingerprint, pairs, compute, accelerator, what, log=say))
 
     train_ref = table(data.train, "train")
@@ -167,6 +173,17 @@ def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
     if t.optim == "adamw_8bit":
         from bitsandbytes.optim import AdamW8bit as adamw
     return adamw(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+
+
+def warn_low_precision_weights(policy: torch.nn.Module, config: Config, say) -> None:
+    """Trained weights held in 16 bits lose AdamW steps smaller than their rounding step (about
+    1/256 of the weight in bfloat16): at DPO's learning rates most of them. Say so, with the fix."""
+    low = {p.dtype for p in policy.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
+    if low and config.training.optim == "adamw_torch":
+        dtype = str(next(iter(low))).replace("torch.", "")
+        say(f"warning: the trained weights are {dtype}: an AdamW step smaller than about 1/256 of a weight rounds "
+            f"away (at learning_rate {config.training.learning_rate:g} most do), so much of the model may never change. "
+            "Use dtype=float32 with bf16=true (float32 weights and optimizer, bfloat16 compute) or LoRA (use_peft=true).")
 
 
 def plan_steps(num_pairs: int, global_batch_size: int, config: Config) -> tuple[int, int]:
@@ -273,6 +290,7 @@ def train(config: Config) -> Path:
     # a resumed policy continues from its checkpoint; the reference stays the starting model
     policy = load_policy(config.model, str(resume_from) if resume_from else None)
     total_params, trainable = count_parameters(policy)
+    warn_low_precision_weights(policy, config, say)
     say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%); "
         f"reference: {_describe_reference(config)}")
     train_ref, eval_ref = prepare_references(config, policy, resume_from is not None, data, accelerator, pad_id, say)
@@ -335,7 +353,8 @@ def train(config: Config) -> Path:
                 batch = build_batch([data.train[i] for i in idx], config, pad_id).to(accelerator.device)
                 step_tokens += batch.num_real_tokens
                 with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(scorer):
-                    loss, stats = score_batch(scorer, train_ref.logps(batch, idx), batch, config)
+                    with mixed_precision(config, accelerator.device):
+                        loss, stats = score_batch(scorer, train_ref.logps(batch, idx), batch, config)
                     accelerator.backward(loss.mean() / len(micro))
                 step_stats.append(stats)
             grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))

@@ -65,9 +65,11 @@ def test_flash_attention_2_packed_rows_are_varlen_and_match_padded():
     torch.testing.assert_close(packed, padded, atol=0.1, rtol=0.02)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
-def test_bfloat16_training_on_cuda(workdir, attn):
-    out = run_config(workdir, f"cuda-bf16-{attn}", "dtype=bfloat16", f"attn_implementation={attn}", "max_steps=6")
+@pytest.mark.parametrize("attn,precision", [("sdpa", "dtype=bfloat16"), ("flex_attention", "dtype=bfloat16"),
+                                            ("sdpa", "bf16=true"), ("flex_attention", "bf16=true")])
+def test_bfloat16_training_on_cuda(workdir, attn, precision):
+    """Pure bfloat16 weights, and float32 weights under bfloat16 autocast, with both attentions."""
+    out = run_config(workdir, f"cuda-{precision.replace('=', '-')}-{attn}", precision, f"attn_implementation={attn}", "max_steps=6")
     from dpokit.train import train
 
     rows = _train_rows(train(out))

@@ -234,9 +234,10 @@ def run_dpokit(spec: dict, precompute: bool, workdir: Path) -> dict:
         "gradient_accumulation_steps=1", f"max_grad_norm={MAX_GRAD_NORM}", "logging_steps=1", f"seed={spec['seed']}",
         "progress_bar=false", "save_steps=null", "report_to=[none]", f"precompute_ref_log_probs={str(precompute).lower()}",
     ]
-    if spec["attn"]:
-        overrides.append(f"attn_implementation={spec['attn']}")
-        if "flash" in spec["attn"]:
+    attn = spec.get("dpokit_attn") or spec["attn"]
+    if attn:
+        overrides.append(f"attn_implementation={attn}")
+        if "flash" in attn:
             overrides.append("prefix_sharing=false")  # flash-attention takes no custom mask
     config = load_config(None, overrides)
     log = io.StringIO()  # dpokit prints its precompute time
@@ -445,6 +446,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--model-size", default="cpu-bench", choices=list(MODEL_SIZES))
     ap.add_argument("--attn", default=None, help="attention implementation for both (default: transformers decides, sdpa)")
+    ap.add_argument("--dpokit-attn", default=None,
+                    help="dpokit's attention only (e.g. flex_attention: prefix sharing with a BlockMask), default --attn")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-trl", action="store_true")
@@ -469,7 +472,7 @@ def main() -> None:
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")  # as both frameworks will load it
     data = make_data(workdir, tokenizer, words, a.steps * BATCH, a.seed)
-    spec = {"model_dir": str(workdir / "model"), "dtype": a.dtype, "device": a.device, "attn": a.attn, "steps": a.steps,
+    spec = {"model_dir": str(workdir / "model"), "dtype": a.dtype, "device": a.device, "attn": a.attn, "dpokit_attn": a.dpokit_attn, "steps": a.steps,
             "seed": a.seed, "threads": a.threads, "trl_no_gradient_checkpointing": a.trl_no_gradient_checkpointing}
     (workdir / "spec.json").write_text(json.dumps(spec))
     peak = matmul_flops(a.device, a.dtype)

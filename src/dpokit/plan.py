@@ -7,7 +7,8 @@ adapter parameters, ``tok`` = tokens in one micro-batch, ``n`` = layers)::
 
     weights      full: P*s           LoRA: P*s + A*4          QLoRA: Pq*QLORA_BYTES + (P-Pq)*2 + A*4
                  (bf16=true over float32 weights, full: + PL*2, autocast's bfloat16 copies of the
-                 Linear weights; activations stay about float32-sized, see ``layer_activation_bytes``)
+                 Linear weights; activations stay about float32-sized: autocast keeps float32 norms,
+                 residuals and rotary outputs beside its bfloat16 copies)
     reference    P*s when a frozen model is kept in memory (precompute_ref_log_probs=false and a
                  reference-based loss), for full training only; LoRA/QLoRA score the reference
                  with the adapters off, so 0. 0 whenever the log-probs are precomputed.
@@ -248,22 +249,22 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
     tok = micro_batch_tokens(run)
     out: dict[str, dict[str, float]] = {}
     for col in COLUMNS:
-        w = QLORA_COMPUTE_BYTES if col == "qlora" else run.dtype_bytes  # bytes per stored weight
-        s = w  # bytes per activation element: autocast keeps float32 norms, residuals and rotary outputs
-        # beside its bfloat16 copies, so over float32 weights activations stay about float32-sized
+        # bytes per weight and per activation element: under bf16 autocast activations stay about as
+        # wide as the weights (autocast keeps float32 norms, residuals and rotary outputs beside its copies)
+        s = QLORA_COMPUTE_BYTES if col == "qlora" else run.dtype_bytes
         full = col == "full"
         masked = run.layout != "packed"
         if col == "full":
-            weights = m.params * w
-            if run.bf16_autocast and w > 2:  # autocast keeps a bfloat16 copy of each trained Linear weight
+            weights = m.params * s
+            if run.bf16_autocast and s > 2:  # autocast keeps a bfloat16 copy of each trained Linear weight
                 weights += m.linear_params * 2
         elif col == "lora":
-            weights = m.params * w + m.lora_params * ADAPTER_BYTES
+            weights = m.params * s + m.lora_params * ADAPTER_BYTES
         else:
             weights = (m.linear_params * QLORA_BYTES_PER_PARAM + (m.params - m.linear_params) * s
                        + m.lora_params * ADAPTER_BYTES + m.largest_linear * s)  # + one dequantized weight
-        trainable, tbytes = (m.params, w) if full else (m.lora_params, ADAPTER_BYTES)
-        reference = m.params * w if (full and run.live_reference) else 0.0
+        trainable, tbytes = (m.params, s) if full else (m.lora_params, ADAPTER_BYTES)
+        reference = m.params * s if (full and run.live_reference) else 0.0
         layer = layer_activation_bytes(m, s, masked, full, m.lora_modules, run.lora_r, run.lora_dropout)
         final_norm = tok * m.hidden * (4 + 2 * s)
         workspace = tok * (2 * m.hidden + 2 * m.intermediate) * s  # gradients in flight during backward

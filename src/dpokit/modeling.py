@@ -55,21 +55,18 @@ def uses_peft(config: ModelConfig) -> bool:
 def check_device_requirements(config: ModelConfig, optim: str, cuda: bool) -> None:
     """Options that only run on CUDA say so before anything is loaded: QLoRA and 8-bit AdamW
     (bitsandbytes' kernels) and flex_attention training (torch has no flex backward on the CPU)."""
-    needs = [
-        what
-        for what, on in (
-            ("model.load_in_4bit (QLoRA)", config.load_in_4bit),
-            ("optim=adamw_8bit", optim == "adamw_8bit"),
-            ("attn_implementation=flex_attention", config.attn_implementation == "flex_attention"),
-        )
-        if on
-    ]
+    options = (  # (what, asked for, runs on bitsandbytes)
+        ("model.load_in_4bit (QLoRA)", config.load_in_4bit, True),
+        ("optim=adamw_8bit", optim == "adamw_8bit", True),
+        ("attn_implementation=flex_attention", config.attn_implementation == "flex_attention", False),
+    )
+    needs = [what for what, on, _ in options if on]
     if needs and not cuda:
         raise ConfigError(
             f"{' and '.join(needs)} need a CUDA GPU for training, and this machine has none: on the CPU train "
             "with load_in_4bit=false, optim=adamw_torch and attn_implementation=sdpa"
         )
-    bnb = [what for what in needs if "flex" not in what]
+    bnb = [what for what, on, bitsandbytes in options if on and bitsandbytes]
     if bnb:
         try:
             import bitsandbytes  # noqa: F401

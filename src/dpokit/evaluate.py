@@ -162,7 +162,7 @@ def evaluate_model(
 
     Returns the report (see the module docstring for the metrics) and the resolved policy.
     """
-    from dpokit.train import build_batch, pair_statistics
+    from dpokit.train import build_batch, eval_metrics, pair_statistics
 
     policy_model = resolve_model(model)
     ref_model = resolve_model(reference) if reference else default_reference(policy_model)
@@ -188,7 +188,7 @@ def evaluate_model(
     policy = _scorer(policy_model, load_cfg.dtype, chunk, accelerator.device)
     # A reference-free loss (SimPO, SFT) trained without one: its metrics ignore the reference.
     stats = pair_statistics(policy, TableReference(table) if needs_reference(config) else None, pairs, config, accelerator, pad_id)
-    metrics = {f"eval/{k}": v.mean().item() for k, v in stats.items()}
+    metrics = eval_metrics(stats)
     metrics["eval/logps/accuracies"] = (stats["logps/chosen"] > stats["logps/rejected"]).float().mean().item()
     metrics.update(logp_preference(table[:, 0], table[:, 1], "eval/ref_logps/"))
     return EvalReport(policy_model.path, ref_model.path, origin, len(pairs), metrics), policy_model

@@ -116,9 +116,14 @@ def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair]
     return out
 
 
+def eval_metrics(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The means of :func:`pair_statistics`' per-pair tensors, prefixed ``eval/``."""
+    return {f"eval/{k}": v.mean().item() for k, v in stats.items()}
+
+
 def evaluate(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int) -> dict:
-    """Eval metrics: the means of :func:`pair_statistics` over all ``pairs``, prefixed ``eval/``."""
-    return {f"eval/{k}": v.mean().item() for k, v in pair_statistics(policy, reference, pairs, config, accelerator, pad_id).items()}
+    """Eval metrics over all ``pairs`` (see :func:`eval_metrics`)."""
+    return eval_metrics(pair_statistics(policy, reference, pairs, config, accelerator, pad_id))
 
 
 def prepare_references(config: Config, policy, resumed: bool, data, accelerator, pad_id: int, say) -> tuple[Reference, Reference]:

@@ -21,7 +21,12 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from dpokit.masks import PREFIX_ATTENTION
+
+DENSE_MASK_ATTENTION = ("sdpa", "eager")
+PREFIX_ATTENTION = DENSE_MASK_ATTENTION + ("flex_attention",)
+"""Attention implementations that can run the prefix-shared layouts: a dense additive mask for the
+first two, a BlockMask for flex (see :mod:`dpokit.masks`). Kept here so that reading a config
+never imports torch."""
 
 
 class ConfigError(ValueError):

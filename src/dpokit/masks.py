@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import torch
 
-DENSE_MASK_ATTENTION = ("sdpa", "eager")
-PREFIX_ATTENTION = DENSE_MASK_ATTENTION + ("flex_attention",)
-"""Attention implementations that can run the prefix-shared layouts."""
+from dpokit.config import DENSE_MASK_ATTENTION, PREFIX_ATTENTION
 
 
 def visible(groups: torch.Tensor, branches: torch.Tensor, row, q, kv) -> torch.Tensor:

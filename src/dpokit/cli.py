@@ -20,6 +20,8 @@ Overrides are key=value, with the section (training.learning_rate=...) or withou
 
 
 def _parser() -> argparse.ArgumentParser:
+    from dpokit.config import add_config_arguments
+
     parser = argparse.ArgumentParser(prog="dpokit", description="Align causal LMs on preference pairs (DPO and relatives).")
     parser.add_argument("--version", action="version", version=f"dpokit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,8 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("config", nargs="?", help="YAML config file (optional when every key is given as an override)")
-    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=5e-7 max_steps=200")
+    add_config_arguments(train, "learning_rate=5e-7 max_steps=200")
     _add_use_parsers(sub)
     _add_data_parser(sub)
     _add_export_parser(sub)

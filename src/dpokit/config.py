@@ -384,6 +384,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def add_config_arguments(parser, override_example: str) -> None:
+    """The ``CONFIG [overrides...]`` positionals of a command that reads a run config (train, plan);
+    :func:`split_config_argument` sorts them out."""
+    parser.add_argument("config", nargs="?", help="YAML config file (optional when every key is given as an override)")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {override_example}")
+
+
 def split_config_argument(first: str | None, rest: list[str]) -> tuple[str | None, list[str]]:
     """A command's ``CONFIG [overrides...]`` arguments: the first is an override, not a file, when it
     reads ``key=value`` and does not end in .yaml/.yml (``dpokit train learning_rate=1e-6 ...``)."""

@@ -430,6 +430,8 @@ examples:
 def add_parser(sub) -> None:
     import argparse
 
+    from dpokit.config import add_config_arguments
+
     p = sub.add_parser(
         "plan",
         help="estimate device memory for full, LoRA and QLoRA training",
@@ -438,8 +440,7 @@ def add_parser(sub) -> None:
         epilog=PLAN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", nargs="?", help="YAML config file (optional when every key is given as an override)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. per_device_train_batch_size=4")
+    add_config_arguments(p, "per_device_train_batch_size=4")
     p.add_argument("--gpu-memory", help="memory of one device, e.g. 80GB, 24GiB, 80000MB: says whether each fits")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the config's model.lora_r)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (does not change memory)")

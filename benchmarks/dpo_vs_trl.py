@@ -8,10 +8,12 @@ its own subprocess (separate peak memory) and prints a Markdown table (JSON to `
     python benchmarks/dpo_vs_trl.py --model-size tiny-test --steps 4 --warmup 1   # smoke test
     python benchmarks/dpo_vs_trl.py --device cuda --dtype bfloat16 --model-size 0.5b
 
-Columns: dpokit with its defaults (padding-free, prefix sharing, reference log-probs precomputed
-before training), dpokit with a live reference model (``precompute_ref_log_probs=false``), and
-TRL with its defaults (padded batches, a separate reference model in memory, gradient
-checkpointing on). Needs ``pip install -e ".[bench]"`` (TRL).
+Columns: dpokit with its defaults (padding-free, prefix sharing, chunked log-probs, reference
+log-probs precomputed before training), dpokit with a live reference model
+(``precompute_ref_log_probs=false``), and TRL with its defaults (padded batches, a separate
+reference model in memory, gradient checkpointing on). ``--ablation`` adds dpokit with each of its
+other speed switches off (``prefix_sharing``, ``padding_free``, both, ``chunked_logps``), each
+compared with dpokit's defaults. Needs ``pip install -e ".[bench]"`` (TRL).
 """
 
 from __future__ import annotations
@@ -54,7 +56,15 @@ CHAT_TEMPLATE = (  # ChatML as Qwen2 writes it, without a default system message
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 MESSAGE_OVERHEAD, GENERATION_PROMPT = 5, 3  # <|im_start|> role \n ... <|im_end|> \n ; <|im_start|> assistant \n
-COLUMNS = {"dpokit": "dpokit (defaults)", "dpokit-live": "dpokit (live ref)", "trl": "TRL DPOTrainer"}
+COLUMNS = {"dpokit": "dpokit (defaults)", "dpokit-live": "dpokit (live ref)", "dpokit-no-prefix": "dpokit, prefix_sharing off",
+           "dpokit-no-packing": "dpokit, padding_free off", "dpokit-padded": "dpokit, both off (padded)",
+           "dpokit-full-logits": "dpokit, chunked_logps off", "trl": "TRL DPOTrainer"}
+DPOKIT_SWITCHES = {  # column -> the dpokit settings it changes from the defaults
+    "dpokit": [], "dpokit-live": ["precompute_ref_log_probs=false"], "dpokit-no-prefix": ["prefix_sharing=false"],
+    "dpokit-no-packing": ["padding_free=false"], "dpokit-padded": ["padding_free=false", "prefix_sharing=false"],
+    "dpokit-full-logits": ["chunked_logps=false"],
+}
+ABLATION = ["dpokit-no-prefix", "dpokit-no-packing", "dpokit-padded", "dpokit-full-logits"]
 
 
 # ----------------------------------------------------------------------------- model, tokenizer, data
@@ -220,19 +230,19 @@ def peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_dpokit(spec: dict, precompute: bool, workdir: Path) -> dict:
-    """Train with dpokit's public API (defaults, except the shared settings); timings from metrics.jsonl."""
+def run_dpokit(spec: dict, name: str, workdir: Path) -> dict:
+    """Train with dpokit's public API (defaults, except the shared settings and the column's
+    :data:`DPOKIT_SWITCHES`); timings from metrics.jsonl."""
     from dpokit.config import load_config
     from dpokit.train import train
 
-    name = "dpokit" if precompute else "dpokit-live"
     os.environ["DPOKIT_CACHE"] = str(workdir / f"cache-{name}")  # no reference/data cache hit from another run
     overrides = [
         f"model.name_or_path={spec['model_dir']}", f"dtype={spec['dtype']}", f"data.train={workdir / 'dpokit.jsonl'}",
         f"output_dir={workdir / ('run-' + name)}", f"max_length={MAX_LENGTH}", f"learning_rate={LR}", f"beta={BETA}",
         "loss_type=[sigmoid]", f"max_steps={spec['steps']}", f"per_device_train_batch_size={BATCH}",
         "gradient_accumulation_steps=1", f"max_grad_norm={MAX_GRAD_NORM}", "logging_steps=1", f"seed={spec['seed']}",
-        "progress_bar=false", "save_steps=null", "report_to=[none]", f"precompute_ref_log_probs={str(precompute).lower()}",
+        "progress_bar=false", "save_steps=null", "report_to=[none]", *DPOKIT_SWITCHES[name],
     ]
     attn = spec.get("dpokit_attn") or spec["attn"]
     if attn:
@@ -250,11 +260,13 @@ def run_dpokit(spec: dict, precompute: bool, workdir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "seconds" in r]
     t = config.training
+    precompute = t.precompute_ref_log_probs
     return {"step_seconds": [r["seconds"] for r in rows], "step_tokens": [r["tokens"] for r in rows],
             "ref_tokens_per_step": [r["tokens"] for r in rows] if not precompute else [0] * len(rows),
             "precompute_seconds": float(found.group(1)) if found else 0.0, "loss": [r["loss"] for r in rows],
             "settings": {"padding_free": t.padding_free, "prefix_sharing": t.prefix_sharing,
-                         "precompute_ref_log_probs": t.precompute_ref_log_probs, "logps_chunk_size": t.logps_chunk_size,
+                         "precompute_ref_log_probs": t.precompute_ref_log_probs, "chunked_logps": t.chunked_logps,
+                         "logps_chunk_size": t.logps_chunk_size,
                          "gradient_checkpointing": t.gradient_checkpointing, "attn_implementation": config.model.attn_implementation}}
 
 
@@ -327,7 +339,7 @@ def child_main(name: str, workdir: Path) -> None:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
-    result = run_trl(spec, workdir) if name == "trl" else run_dpokit(spec, name == "dpokit", workdir)
+    result = run_trl(spec, workdir) if name == "trl" else run_dpokit(spec, name, workdir)
     result.update(process_seconds=time.perf_counter() - start, peak_memory_bytes=peak_memory(spec["device"]),
                   threads=torch.get_num_threads())
     (workdir / f"result-{name}.json").write_text(json.dumps(result))
@@ -404,12 +416,19 @@ def table(summaries: dict, has_trl: bool, device: str) -> str:
     names = list(summaries)
     lines = ["| | " + " | ".join(COLUMNS[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, key, fmt in rows:
-        lines.append(f"| {label} | " + " | ".join(fmt.format(summaries[n][key]) for n in names) + " |")
+        lines.append(f"| {label} | " + " | ".join("-" if math.isnan(summaries[n][key]) else fmt.format(summaries[n][key])
+                                                  for n in names) + " |")
     if has_trl:
         trl = summaries["trl"]
         ratios = [("speedup vs TRL (TRL s/step ÷ s/step)", lambda s: trl["median_step_s"] / s["median_step_s"]),
                   ("end-to-end speedup vs TRL (total wall)", lambda s: trl["train_wall_s"] / s["train_wall_s"]),
                   ("memory ratio (peak ÷ TRL peak)", lambda s: s["peak_memory_mib"] / trl["peak_memory_mib"])]
+        for label, fn in ratios:
+            lines.append(f"| {label} | " + " | ".join(f"{fn(summaries[n]):.2f}x" for n in names) + " |")
+    if any(n in ABLATION for n in names):
+        base = summaries["dpokit"]
+        ratios = [("s/step ÷ dpokit defaults' s/step", lambda s: s["median_step_s"] / base["median_step_s"]),
+                  ("peak memory ÷ dpokit defaults' peak", lambda s: s["peak_memory_mib"] / base["peak_memory_mib"])]
         for label, fn in ratios:
             lines.append(f"| {label} | " + " | ".join(f"{fn(summaries[n]):.2f}x" for n in names) + " |")
     return "\n".join(lines)
@@ -452,6 +471,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-live", action="store_true", help="skip the dpokit column with a live reference model")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also run dpokit with each speed switch off: prefix_sharing, padding_free, both, chunked_logps")
     ap.add_argument("--trl-no-gradient-checkpointing", action="store_true", help="TRL defaults to gradient checkpointing on; turn it off")
     ap.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<date>-<device>.json)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the temp folder (model, data, logs of each run)")
@@ -476,7 +497,7 @@ def main() -> None:
             "seed": a.seed, "threads": a.threads, "trl_no_gradient_checkpointing": a.trl_no_gradient_checkpointing}
     (workdir / "spec.json").write_text(json.dumps(spec))
     peak = matmul_flops(a.device, a.dtype)
-    names = ["dpokit"] + ([] if a.skip_live else ["dpokit-live"]) + ([] if a.skip_trl else ["trl"])
+    names = ["dpokit"] + ([] if a.skip_live else ["dpokit-live"]) + (ABLATION if a.ablation else []) + ([] if a.skip_trl else ["trl"])
     results = {n: launch(n, workdir, spec) for n in names}
     summaries = {n: summarize(results[n], a.warmup, model["N_flop_params"], peak["flops_per_s"]) for n in names}
     order = check_order(results, data["used_lengths"], a.steps)

@@ -124,3 +124,22 @@ def test_layout_switches():
     assert batch_layout(TrainingConfig(prefix_sharing=False)) == "packed"
     assert batch_layout(TrainingConfig(padding_free=False)) == "prefix_padded"
     assert batch_layout(TrainingConfig(padding_free=False, prefix_sharing=False)) == "padded"
+
+
+def test_readme_config_tour_shows_every_key(tmp_path):
+    """The README's config tour is a loadable config that lists every key of every section."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from dpokit.config import Config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    tour = re.search(r"### Config tour\n\n```yaml\n(.*?)```", readme, re.S).group(1)
+    shown = yaml.safe_load(tour)
+    for section in dataclasses.fields(Config):
+        keys = {f.name for f in dataclasses.fields(getattr(Config(), section.name))}
+        assert set(shown[section.name]) == keys, section.name
+    path = tmp_path / "tour.yaml"
+    path.write_text(tour)
+    assert load_config(path).training.chunked_logps is True

@@ -186,6 +186,32 @@ def test_unknown_output_transform_falls_back_to_full_logits_and_says_so():
     assert ReplyLogProbs(tiny_lm()).chunked  # a known architecture keeps the chunked path
 
 
+@pytest.mark.parametrize("layout", ["padded", "prefix_packed"])
+def test_full_logits_switch_matches_chunked_path(layout):
+    """``chunked=False`` (training.chunked_logps=false) applies the output layer to every position,
+    as TRL does, and gives the chunked path's log-probs and gradients."""
+    pairs = ragged_pairs(seed=5)
+    batch = make_batch(pairs, layout)
+    weights = torch.linspace(-1, 1, 2 * len(pairs))
+    results = {}
+    for chunked in (True, False):
+        model = tiny_lm(seed=2).train()
+        head_rows = []
+        model.lm_head.register_forward_hook(lambda mod, args, out: head_rows.append(args[0].shape[:-1].numel()))
+        scorer = ReplyLogProbs(model, chunk_size=6, chunked=chunked)
+        assert scorer.chunked == chunked
+        head_rows.clear()  # the chunked path's one-time probe of the output layer
+        logps = scorer(**batch.model_inputs())
+        (logps * weights).sum().backward()
+        results[chunked] = logps.detach(), {n: p.grad for n, p in model.named_parameters()}, head_rows
+    (chunked_logps, chunked_grads, chunked_rows), (full_logps, full_grads, full_rows) = results[True], results[False]
+    torch.testing.assert_close(full_logps, chunked_logps, atol=1e-4, rtol=0)
+    for name, grad in chunked_grads.items():
+        torch.testing.assert_close(full_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+    assert full_rows == [batch.input_ids.numel()]  # every position of every row
+    assert chunked_rows == []  # the chunked path multiplies reply rows by the weight itself
+
+
 def test_full_data_path_matches_naive_on_multi_turn_chats(chat_tokenizer):
     """Rows -> chat template -> tokenized pairs -> engine log-probs == HF forward on the padded batch."""
     from dpokit.data.formats import to_pairs

@@ -82,6 +82,20 @@ def test_live_reference_and_checkpointing():
     assert ckpt["full"]["activations"] < base["full"]["activations"] / 2
 
 
+def test_full_logits_buffer():
+    """chunked_logps=false holds the [tokens, V] logits (model dtype) plus the reply rows in float32
+    and their gradient; the chunked buffer is one chunk of float32 logits and its gradient."""
+    m = count_model(_config())
+    run = dict(batch_size=4, max_length=256, layout="packed")
+    tok = 4 * 2 * 256
+    chunked = estimate(m, RunShape(**run, logps_chunk_size=512))["full"]["logps_buffer"]
+    full = estimate(m, RunShape(**run, chunked_logps=False))["full"]["logps_buffer"]
+    full_bf16 = estimate(m, RunShape(**run, chunked_logps=False, bf16_autocast=True))["full"]["logps_buffer"]
+    assert chunked == 2 * 512 * m.vocab * 4
+    assert full == tok * m.vocab * 4 + 2 * tok * m.vocab * 4
+    assert full_bf16 == tok * m.vocab * 2 + 2 * tok * m.vocab * 4
+
+
 MEASURE = textwrap.dedent('''
     import gc, json, resource, sys
     import psutil, torch
@@ -100,7 +114,7 @@ MEASURE = textwrap.dedent('''
     ids = lambda n: torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist()
     pairs = [TokenizedPair(ids(P), ids(L - P), ids(L - P)) for _ in range(B)]
     batch = make_batch(pairs, "prefix_packed", 0, row_tokens=2 * L)
-    scorer = ReplyLogProbs(model, args["chunk_size"]).train()
+    scorer = ReplyLogProbs(model, args["chunk_size"], args["chunked"]).train()
     opt = torch.optim.AdamW(scorer.parameters(), lr=1e-4)
     gc.collect()
     base = psutil.Process().memory_info().rss
@@ -117,8 +131,8 @@ MEASURE = textwrap.dedent('''
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
-@pytest.mark.parametrize("bf16", [False, True])
-def test_estimate_matches_measured_cpu_training_memory(bf16):
+@pytest.mark.parametrize("bf16,chunked", [(False, True), (True, True), (False, False)])
+def test_estimate_matches_measured_cpu_training_memory(bf16, chunked):
     """Peak RSS growth of real training steps (after the model is built) vs. the estimate of what
     training adds to the weights: gradients + optimizer + activations + log-prob buffer (+ the
     autocast weight copies with bf16=true).
@@ -126,13 +140,14 @@ def test_estimate_matches_measured_cpu_training_memory(bf16):
     Tolerance 0.5x-2x: RSS also holds glibc's freed-but-kept heap, autograd's transient gradient
     tensors during backward and the CPU attention kernels' workspace, none of which the planner
     models exactly (on a GPU the caching allocator adds its own slack). Measured here: the
-    estimate is ~0.7x of the growth in float32, ~0.8x under bfloat16 autocast."""
-    run = dict(config=TINY, batch_size=8, max_length=256, prompt_length=64, chunk_size=1024, bf16=bf16)
+    estimate is ~0.7x of the growth in float32, ~0.8x under bfloat16 autocast, ~0.85x with the
+    model's full logits (chunked_logps=false)."""
+    run = dict(config=TINY, batch_size=8, max_length=256, prompt_length=64, chunk_size=1024, bf16=bf16, chunked=chunked)
     result = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(run)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     shape = RunShape(batch_size=8, max_length=256, prompt_length=64, layout="prefix_packed", logps_chunk_size=1024,
-                     bf16_autocast=bf16)
+                     bf16_autocast=bf16, chunked_logps=chunked)
     assert measured["tokens"] == 8 * (2 * 256 - 64)
     m = count_model(_config())
     full = estimate(m, shape)["full"]

@@ -235,11 +235,14 @@ def test_activation_checkpointing_recomputes_layers_in_backward():
     assert mlp_calls(True) == 2  # forward, then recomputed during backward
 
 
-@pytest.mark.parametrize("padding_free,prefix_sharing", [(False, False), (True, False), (False, True)])
-def test_batch_layouts_train_identically(workdir, padding_free, prefix_sharing):
+@pytest.mark.parametrize("padding_free,prefix_sharing,chunked_logps",
+                         [(False, False, True), (True, False, True), (False, True, True), (True, True, False)])
+def test_each_speed_switch_trains_identically(workdir, padding_free, prefix_sharing, chunked_logps):
+    """Turning off packing, prefix sharing or chunked log-probs changes speed and memory, not numbers."""
     default = train_rows(train(run_config(workdir, "layout-default", "max_steps=3")))  # packed + prefix-shared
-    other = train(run_config(workdir, f"layout-{padding_free}-{prefix_sharing}", "max_steps=3",
-                             f"padding_free={str(padding_free).lower()}", f"prefix_sharing={str(prefix_sharing).lower()}"))
+    switches = dict(padding_free=padding_free, prefix_sharing=prefix_sharing, chunked_logps=chunked_logps)
+    other = train(run_config(workdir, "switches-" + "-".join(str(v) for v in switches.values()), "max_steps=3",
+                             *(f"{k}={str(v).lower()}" for k, v in switches.items())))
     for a, b in zip(default, train_rows(other), strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)

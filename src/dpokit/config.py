@@ -175,6 +175,10 @@ class TrainingConfig:
     """``adamw_8bit``: bitsandbytes' 8-bit AdamW (needs CUDA)."""
     torch_compile: bool = False
     """Compile the decoder with ``torch.compile`` (dynamic shapes: packed rows vary in length)."""
+    chunked_logps: bool = True
+    """Reply log-probs from the decoder's hidden states at reply positions only, through the
+    output layer in chunks (never a [tokens, vocab] logits tensor); false takes the model's own
+    full logits over every position, the naive way (for comparison and debugging)."""
     logps_chunk_size: int = 1024
     """Reply tokens per output-layer chunk when computing log-probs (memory vs. speed)."""
 

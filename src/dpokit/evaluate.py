@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from dpokit.config import Config, ConfigError, DataSource, needs_reference
+from dpokit.config import Config, ConfigError, DataSource, TrainingConfig, needs_reference
 from dpokit.data.pipeline import load_data
 from dpokit.data.sources import describe
 from dpokit.data.tokenize import TokenizedPair
@@ -140,9 +140,11 @@ def _check_same_vocab(tokenizer, ref_tokenizer, ref_path: str, policy_path: str)
         )
 
 
-def _scorer(model: ResolvedModel, dtype: str, chunk_size: int, device) -> ReplyLogProbs:
+def _scorer(model: ResolvedModel, dtype: str, training: TrainingConfig, device) -> ReplyLogProbs:
     """``model`` loaded with its own settings in ``dtype``, as a reply-log-prob scorer."""
-    return ReplyLogProbs(load_model(model, model_config(model, dtype)), chunk_size).to(device)
+    from dpokit.train import reply_scorer
+
+    return reply_scorer(load_model(model, model_config(model, dtype)), training).to(device)
 
 
 def evaluate_model(
@@ -179,13 +181,13 @@ def evaluate_model(
     pairs = pairs[:max_pairs] if max_pairs else pairs
 
     accelerator = _accelerator()
-    chunk, pad_id = config.training.logps_chunk_size, tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id
     build = lambda batch_pairs: build_batch(batch_pairs, config, pad_id)  # noqa: E731
-    ref_scorer = _scorer(ref_model, load_cfg.dtype, chunk, accelerator.device)
+    ref_scorer = _scorer(ref_model, load_cfg.dtype, config.training, accelerator.device)
     table = compute_table(ref_scorer, pairs, build, config.training.per_device_eval_batch_size, accelerator,
                           config.training.bf16)  # [N, 2]
     del ref_scorer
-    policy = _scorer(policy_model, load_cfg.dtype, chunk, accelerator.device)
+    policy = _scorer(policy_model, load_cfg.dtype, config.training, accelerator.device)
     # A reference-free loss (SimPO, SFT) trained without one: its metrics ignore the reference.
     stats = pair_statistics(policy, TableReference(table) if needs_reference(config) else None, pairs, config, accelerator, pad_id)
     metrics = eval_metrics(stats)

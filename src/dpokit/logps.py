@@ -187,11 +187,13 @@ class ReplyLogProbs(nn.Module):
     sees one forward that covers both the decoder and the output layer.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, chunked: bool = True):
+        """``chunked=False`` (``training.chunked_logps``) always takes the model's full logits;
+        otherwise they are taken only for a model whose head dpokit cannot reproduce."""
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
-        self.scale, self.softcap, self.chunked = head_plan(model)
+        self.scale, self.softcap, self.chunked = head_plan(model) if chunked else (1.0, None, False)
 
     def forward(
         self,
@@ -228,7 +230,7 @@ class ReplyLogProbs(nn.Module):
             selected = hidden[pred_rows, pred_cols]  # [N, H]
             head = self.model.get_output_embeddings()
             logps = token_logps(selected, head, targets, self.chunk_size, self.softcap, self.scale)
-        else:
+        else:  # the naive way: [R, T, V] logits over every position, then the reply rows
             logits = self.model(**inputs).logits[pred_rows, pred_cols].float()  # [N, V]
             logps = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
         return torch.zeros(num_seqs, dtype=torch.float32, device=logps.device).index_add(0, seq_index, logps)

@@ -17,7 +17,10 @@ adapter parameters, ``tok`` = tokens in one micro-batch, ``n`` = layers)::
     activations  n * tok * per_layer_bytes + tok * H * (4 + 2s) (final norm) + mask + workspace,
                  or, with gradient checkpointing, n * tok * H * s (layer inputs) + one layer's
                  activations (recomputed in backward)
-    logps        2 * min(chunk, tok) * V * 4: one chunk of float32 logits and their gradient
+    logps        2 * min(chunk, tok) * V * 4: one chunk of float32 logits and their gradient;
+                 chunked_logps=false: tok * V * s (the model's full logits, kept until the reply rows
+                 are taken) + 2 * tok * V * 4 (those rows in float32 and their gradient; worst case,
+                 every token a reply token)
 
 ``Pq`` is the parameters of the Linear layers bitsandbytes quantizes (all but the output layer).
 The token count is a worst case from ``max_length``: every sequence is ``max_length`` long, so a
@@ -174,6 +177,7 @@ class RunShape:
     layout: str = "prefix_packed"
     gradient_checkpointing: bool = False
     logps_chunk_size: int = 1024
+    chunked_logps: bool = True
     dtype_bytes: int = 4
     bf16_autocast: bool = False
     """``training.bf16``: bfloat16 autocast; full training over float32 weights also holds
@@ -273,7 +277,11 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
         else:
             layers = m.layers * tok * layer
         activations = layers + final_norm + workspace + _mask_bytes(run, s)
-        logps = 2 * min(run.logps_chunk_size, tok) * m.vocab * 4
+        if run.chunked_logps:
+            logps = 2 * min(run.logps_chunk_size, tok) * m.vocab * 4
+        else:
+            logits_bytes = 2 if run.bf16_autocast else s
+            logps = tok * m.vocab * logits_bytes + 2 * tok * m.vocab * 4
         row = {
             "weights": weights,
             "reference": reference,
@@ -389,6 +397,7 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         layout=batch_layout(t),
         gradient_checkpointing=t.gradient_checkpointing,
         logps_chunk_size=t.logps_chunk_size,
+        chunked_logps=t.chunked_logps,
         dtype_bytes=DTYPE_BYTES.get(dtype, 4),
         bf16_autocast=t.bf16,
         live_reference=needs_reference(config) and not t.precompute_ref_log_probs,
@@ -405,6 +414,10 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         notes.append("bf16=true saves time, not activation memory (autocast keeps float32 norms, residuals and "
                      "rotary outputs beside its bfloat16 copies); full training also holds a bfloat16 copy of each "
                      "trained Linear weight" + (" (counted under weights)" if run.dtype_bytes > 2 else ""))
+    if not t.chunked_logps:
+        notes.append("log-prob buffer: chunked_logps=false holds the full [tokens, vocab] logits; the default "
+                     f"chunks of {t.logps_chunk_size} reply tokens would need "
+                     f"{format_size(2 * min(t.logps_chunk_size, micro_batch_tokens(run)) * shape.vocab * 4)}")
     if not needs_reference(config):
         notes.append("reference: 0 (reference-free loss)")
     elif t.precompute_ref_log_probs:

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from dpokit import checkpoint as ckpt
-from dpokit.config import Config, ConfigError, batch_layout, needs_reference, save_config
+from dpokit.config import Config, ConfigError, TrainingConfig, batch_layout, needs_reference, save_config
 from dpokit.data.batching import Batch, eval_batches, global_batches, local_micro_batches, make_batch
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
@@ -91,6 +91,11 @@ def build_batch(pairs: list[TokenizedPair], config: Config, pad_id: int) -> Batc
     return make_batch(pairs, layout, pad_id, row_tokens=2 * config.data.max_length)
 
 
+def reply_scorer(model: torch.nn.Module, training: TrainingConfig) -> ReplyLogProbs:
+    """``model`` as a reply-log-prob scorer with the configured log-prob settings."""
+    return ReplyLogProbs(model, training.logps_chunk_size, training.chunked_logps)
+
+
 def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int) -> dict[str, torch.Tensor]:
     """Per-pair loss statistics over all ``pairs`` (split over processes, gathered): name -> [N]
     float32 tensor in pair order, on every process. Names as :func:`score_batch` (``loss``,
@@ -142,15 +147,15 @@ def prepare_references(config: Config, policy, resumed: bool, data, accelerator,
                 "a live reference for a run that starts from an adapter would need the base loaded twice: "
                 "keep precompute_ref_log_probs=true (the reference is then scored once from the starting model)"
             )
-        live = AdapterOffReference(ReplyLogProbs(policy.to(accelerator.device), t.logps_chunk_size))
+        live = AdapterOffReference(reply_scorer(policy.to(accelerator.device), t))
         return live, live
     if not t.precompute_ref_log_probs:
-        live = LiveReference(ReplyLogProbs(load_reference(config.model, policy if own_policy else None).to(accelerator.device), t.logps_chunk_size))
+        live = LiveReference(reply_scorer(load_reference(config.model, policy if own_policy else None).to(accelerator.device), t))
         return live, live
     model = policy if own_policy else load_reference(config.model)
     was_training = model.training
     model.eval()
-    scorer = ReplyLogProbs(model.to(accelerator.device), t.logps_chunk_size)
+    scorer = reply_scorer(model.to(accelerator.device), t)
     fingerprint = fingerprint_model(model) + (":bf16-autocast" if t.bf16 else "")
 
     def build(pairs: list[TokenizedPair]) -> Batch:
@@ -310,7 +315,7 @@ def train(config: Config) -> Path:
 
     from transformers import get_scheduler
 
-    scorer = ReplyLogProbs(policy, t.logps_chunk_size)  # checks the output layer with an eager forward
+    scorer = reply_scorer(policy, t)  # checks the output layer with an eager forward
     if t.torch_compile:
         policy.get_decoder().compile(dynamic=True)  # in place: parameter names and saving unchanged
     optimizer = _optimizer(scorer, config)

@@ -1,0 +1,29 @@
+"""The benchmark script runs: its data profile, dpokit's child process and its report (TRL is not
+installed for the tests; ``pip install -e ".[bench]"`` adds it)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "dpo_vs_trl.py"
+
+
+def test_benchmark_script_runs_dpokit_and_reports(tmp_path):
+    out = tmp_path / "result.json"
+    command = [sys.executable, str(SCRIPT), "--model-size", "tiny-test", "--steps", "3", "--warmup", "1",
+               "--skip-trl", "--skip-live", "--threads", "2", "--output", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert list(report["summary"]) == ["dpokit"]
+    dpokit = report["raw"]["dpokit"]
+    assert math.isclose(dpokit["loss"][0], math.log(2), abs_tol=1e-5)  # policy == reference at step 1
+    assert len(dpokit["step_seconds"]) == 3 and all(t > 0 for t in dpokit["step_tokens"])
+    assert report["order_check"]["dpokit"] == "3/3 steps match"  # the intended pairs, in order
+    assert report["data"]["used"]["pairs"] == 3 * 4
+    assert "| median s/step (after warm-up) |" in result.stdout
+

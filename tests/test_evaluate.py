@@ -200,3 +200,30 @@ def test_eval_on_two_processes_equals_one_and_writes_once(workdir, tmp_path):
     assert one.keys() == two.keys()
     for key in one:
         assert two[key] == pytest.approx(one[key], abs=1e-4), key
+
+
+def test_use_commands_load_as_the_run_did_minus_training_only_settings(workdir, monkeypatch):
+    """The run's reference loads with the run's settings; 4-bit loading and, without CUDA, GPU
+    attention kernels are left behind (an adapter merges into unquantized weights; sdpa computes
+    the same numbers on a CPU)."""
+    import dataclasses
+
+    from dpokit.resolve import ResolvedModel, model_config
+    from runs import run_config
+
+    config = run_config(workdir, "unused", "attn_implementation=eager", "trust_remote_code=true")
+    policy = ResolvedModel(str(workdir / "model"), workdir, config, "final")
+    reference = default_reference(policy)
+    assert reference.path == str(workdir / "model") and reference.run_config is None
+    loaded = model_config(reference, "bfloat16")
+    assert (loaded.attn_implementation, loaded.trust_remote_code, loaded.dtype) == ("eager", True, "bfloat16")
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for attn in ("flash_attention_2", "flex_attention"):
+        gpu_run = dataclasses.replace(config, model=dataclasses.replace(config.model, attn_implementation=attn, load_in_4bit=True))
+        for model in (dataclasses.replace(policy, run_config=gpu_run), default_reference(dataclasses.replace(policy, run_config=gpu_run))):
+            loaded = model_config(model)
+            assert loaded.load_in_4bit is False
+            assert loaded.attn_implementation == "sdpa"  # on a machine without CUDA

@@ -97,6 +97,13 @@ def test_starting_from_an_sft_adapter(workdir, tmp_path):
     with pytest.raises(ConfigError, match="keep precompute_ref_log_probs=true"):
         train(run_config(workdir, "lora-from-sft-live", "use_peft=true", f"adapter_name_or_path={adapter}",
                          "precompute_ref_log_probs=false"))
+    # dpokit eval scores the run against the same reference, base + the SFT adapter
+    main(["eval", str(out), "--output", str(tmp_path / "eval.json")])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["reference"] == str(adapter)
+    trained = [r for r in read_rows(out) if "eval/loss" in r][-1]
+    for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen"):
+        assert report["metrics"][key] == pytest.approx(trained[key], abs=1e-5), key
 
 
 def test_lora_resume_continues_exactly(workdir):

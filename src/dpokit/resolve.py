@@ -45,6 +45,9 @@ class ResolvedModel:
     run_config: Config | None = None
     label: str = ""
     revision: str | None = None
+    load_settings: ModelConfig | None = None
+    """How to load a model outside any run that is a run's reference: that run's model settings
+    (dtype, attention, trust_remote_code), as training loaded it."""
 
     @property
     def is_adapter(self) -> bool:
@@ -107,23 +110,47 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> ResolvedMod
 
 def default_reference(model: ResolvedModel) -> ResolvedModel | None:
     """The reference a run trained against (its ``ref_model_name_or_path``, else its starting
-    policy), or an adapter's base model; None when MODEL says nothing about one."""
+    policy: the base model, or the adapter training started from), or an adapter's base model;
+    None when MODEL says nothing about one."""
     if model.run_config is not None:
         m = model.run_config.model
         if m.ref_model_name_or_path:
-            return resolve_model(m.ref_model_name_or_path, m.ref_revision)
-        return resolve_model(m.name_or_path, m.revision)
+            reference = resolve_model(m.ref_model_name_or_path, m.ref_revision)
+        elif m.use_peft and m.adapter_name_or_path:  # training started from base + this adapter
+            reference = resolve_model(m.adapter_name_or_path)
+        else:
+            reference = resolve_model(m.name_or_path, m.revision)
+        return reference if reference.run_config is not None else dataclasses.replace(reference, load_settings=m)
     if model.is_adapter:
         base = _adapter_config(Path(model.path)).get("base_model_name_or_path")
         return resolve_model(base) if base else None
     return None
 
 
+CPU_ATTENTION = (None, "sdpa", "eager")
+"""Attention implementations that run on a machine without CUDA (the others are GPU kernels;
+torch's CPU flex_attention cannot recompile for a second shape)."""
+
+
 def model_config(model: ResolvedModel, dtype: str | None = None) -> ModelConfig:
     """How to load ``model``: its run's model settings (dtype, attention, trust_remote_code) or the
-    defaults, pointed at ``model.path``; ``dtype`` overrides."""
-    base = model.run_config.model if model.run_config is not None else ModelConfig()
-    config = dataclasses.replace(base, name_or_path=model.path, revision=model.revision)
+    defaults, pointed at ``model.path``; ``dtype`` overrides.
+
+    A run's reference (see :func:`default_reference`) is loaded with that run's settings. Two
+    training-only settings are not carried over: 4-bit loading (a QLoRA run's adapter is merged into
+    its base, which needs the base's unquantized weights; its reference is loaded the same way), and,
+    on a machine without CUDA, a GPU attention kernel (flash_attention_2, flex_attention, ...),
+    replaced by sdpa: the same numbers within round-off.
+    """
+    import torch
+
+    if model.run_config is not None:
+        base = model.run_config.model
+    else:
+        base = model.load_settings or ModelConfig()
+    config = dataclasses.replace(base, name_or_path=model.path, revision=model.revision, load_in_4bit=False)
+    if config.attn_implementation not in CPU_ATTENTION and not torch.cuda.is_available():
+        config.attn_implementation = "sdpa"
     if dtype is not None:
         if dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")

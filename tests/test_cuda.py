@@ -1,5 +1,5 @@
 """What only a CUDA GPU can check: flex_attention gradients, flash-attention varlen packing,
-bfloat16 training, QLoRA, 8-bit AdamW, and the memory planner against the allocator's peak.
+bfloat16 and float16 training, QLoRA, 8-bit AdamW, and the memory planner against the allocator's peak.
 
 Skipped on machines without CUDA (CI has none); run them on a GPU with
 ``python -m pytest tests/test_cuda.py -v``.
@@ -66,9 +66,10 @@ def test_flash_attention_2_packed_rows_are_varlen_and_match_padded():
 
 
 @pytest.mark.parametrize("attn,precision", [("sdpa", "dtype=bfloat16"), ("flex_attention", "dtype=bfloat16"),
-                                            ("sdpa", "bf16=true"), ("flex_attention", "bf16=true")])
-def test_bfloat16_training_on_cuda(workdir, attn, precision):
-    """Pure bfloat16 weights, and float32 weights under bfloat16 autocast, with both attentions."""
+                                            ("sdpa", "bf16=true"), ("flex_attention", "bf16=true"), ("sdpa", "fp16=true")])
+def test_16bit_training_on_cuda(workdir, attn, precision):
+    """Pure bfloat16 weights, float32 weights under bfloat16 autocast (both attentions), and float16
+    autocast with CUDA loss scaling."""
     out = run_config(workdir, f"cuda-{precision.replace('=', '-')}-{attn}", precision, f"attn_implementation={attn}", "max_steps=6")
     from dpokit.train import train
 
@@ -78,12 +79,14 @@ def test_bfloat16_training_on_cuda(workdir, attn, precision):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
-def test_qlora_trains_4bit_base_with_bf16_compute(workdir):
+@pytest.mark.parametrize("precision", [("dtype=bfloat16",), ("dtype=float16", "fp16=true")])
+def test_qlora_trains_4bit_base(workdir, precision):
+    """bfloat16 compute, and float16 compute with loss scaling (GPUs without bfloat16)."""
     import json
 
     from dpokit.train import train
 
-    out = train(run_config(workdir, "cuda-qlora", *LORA, "load_in_4bit=true", "dtype=bfloat16", "max_steps=4",
+    out = train(run_config(workdir, f"cuda-qlora-{precision[0]}", *LORA, "load_in_4bit=true", *precision, "max_steps=4",
                            "gradient_checkpointing=true"))
     rows = _train_rows(out)
     assert all(math.isfinite(r["loss"]) for r in rows)

@@ -90,7 +90,7 @@ def test_full_logits_buffer():
     tok = 4 * 2 * 256
     chunked = estimate(m, RunShape(**run, logps_chunk_size=512))["full"]["logps_buffer"]
     full = estimate(m, RunShape(**run, chunked_logps=False))["full"]["logps_buffer"]
-    full_bf16 = estimate(m, RunShape(**run, chunked_logps=False, bf16_autocast=True))["full"]["logps_buffer"]
+    full_bf16 = estimate(m, RunShape(**run, chunked_logps=False, autocast_16bit=True))["full"]["logps_buffer"]
     assert chunked == 2 * 512 * m.vocab * 4
     assert full == tok * m.vocab * 4 + 2 * tok * m.vocab * 4
     assert full_bf16 == tok * m.vocab * 2 + 2 * tok * m.vocab * 4
@@ -147,7 +147,7 @@ def test_estimate_matches_measured_cpu_training_memory(bf16, chunked):
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     shape = RunShape(batch_size=8, max_length=256, prompt_length=64, layout="prefix_packed", logps_chunk_size=1024,
-                     bf16_autocast=bf16, chunked_logps=chunked)
+                     autocast_16bit=bf16, chunked_logps=chunked)
     assert measured["tokens"] == 8 * (2 * 256 - 64)
     m = count_model(_config())
     full = estimate(m, shape)["full"]
@@ -165,3 +165,18 @@ def test_lora_settings_come_from_the_config(tmp_path, capsys):
     main(["plan", f"model.name_or_path={tmp_path / 'm'}", "lora_r=4", "lora_target_modules=[q_proj,v_proj]"])
     out = capsys.readouterr().out
     assert "LoRA r=4" in out and "q_proj" in out
+
+
+def test_fp16_counts_autocast_copies_like_bf16(tmp_path, capsys):
+    from dpokit.cli import main
+
+    _config().save_pretrained(tmp_path / "m")
+    totals = {}
+    for precision in ("bf16=false", "bf16=true", "fp16=true"):
+        main(["plan", f"model.name_or_path={tmp_path / 'm'}", precision, "--json"])
+        totals[precision] = json.loads(capsys.readouterr().out)
+    weights = {k: v["bytes"]["full"]["weights"] for k, v in totals.items()}
+    m = count_model(_config())
+    assert weights["fp16=true"] == weights["bf16=true"] == weights["bf16=false"] + m.linear_params * 2
+    main(["plan", f"model.name_or_path={tmp_path / 'm'}", "fp16=true"])
+    assert "fp16=true saves time" in capsys.readouterr().out

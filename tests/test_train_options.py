@@ -132,11 +132,70 @@ def test_bf16_mixed_precision_keeps_float32_weights_and_their_updates(workdir, c
     assert abs(mixed[0]["rewards/margins"]) < 1e-3  # the reference table used the same autocast
 
 
-def test_bf16_with_float16_weights_is_refused(workdir):
+def test_mixed_precision_settings_that_cannot_work_are_refused(workdir):
     from dpokit.config import ConfigError
 
     with pytest.raises(ConfigError, match="dtype=float32"):
         run_config(workdir, "x", "bf16=true", "dtype=float16")
+    with pytest.raises(ConfigError, match="choose one"):
+        run_config(workdir, "x", "bf16=true", "fp16=true")
+    with pytest.raises(ConfigError, match="use dtype=float32"):  # GradScaler cannot unscale 16-bit gradients
+        run_config(workdir, "x", "fp16=true", "dtype=float16")
+    with pytest.raises(ConfigError, match="model.dtype is bfloat16"):
+        run_config(workdir, "x", "fp16=true", "dtype=bfloat16", "use_peft=true")
+    run_config(workdir, "x", "fp16=true", "dtype=float16", "use_peft=true")  # float32 adapters on a float16 base
+
+
+def test_fp16_mixed_precision_trains_float32_weights_in_float16(workdir, capsys):
+    """dtype=float32 + fp16=true: float16 compute, loss scaling, float32 weights whose small updates land."""
+    from transformers import AutoModelForCausalLM
+
+    fp32 = train_rows(train(run_config(workdir, "fp16-off", "max_steps=2", "eval=null", "learning_rate=1e-6")))
+    out = train(run_config(workdir, "fp16-on", "max_steps=2", "eval=null", "learning_rate=1e-6", "fp16=true"))
+    mixed = train_rows(out)
+    assert "warning" not in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(out / "final").dtype == torch.float32
+    assert _changed_fraction(out, workdir / "model") > 0.5
+    assert mixed[0]["logps/chosen"] != fp32[0]["logps/chosen"]  # computed in float16 ...
+    assert mixed[0]["logps/chosen"] == pytest.approx(fp32[0]["logps/chosen"], rel=0.01)  # ... close to float32
+    assert abs(mixed[0]["rewards/margins"]) < 1e-3  # the reference table used the same autocast
+    assert all(r["grad_norm"] == pytest.approx(f["grad_norm"], rel=0.05) for r, f in zip(mixed, fp32))  # unscaled
+
+
+def test_fp16_overflowing_steps_are_skipped_and_leave_weights_and_schedule(workdir, monkeypatch):
+    """A loss scale so large that every scaled gradient overflows float16: each step is skipped
+    (the weights stay, the learning-rate schedule does not advance), the scale halves, and the
+    rows carry no grad_norm."""
+    from safetensors.torch import load_file
+
+    init = torch.amp.GradScaler.__init__
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__", lambda self, *a, **kw: init(self, *a, **{**kw, "init_scale": 2.0**120}))
+    out = train(run_config(workdir, "fp16-overflow", "max_steps=3", "eval=null", "fp16=true", "learning_rate=1e-3",
+                           "warmup_steps=2", "logging_steps=1"))
+    rows = train_rows(out)
+    assert [r["learning_rate"] for r in rows] == [0.0, 0.0, 0.0]  # warmup never moved past its first step
+    assert all("grad_norm" not in r for r in rows)
+    start, end = load_file(workdir / "model" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(start[k], end[k]) for k in start)
+
+
+def test_fp16_resume_restores_the_loss_scale(workdir, monkeypatch):
+    """The scale grows 256x after every step taken, so by step 3 it overflows: a resumed run must
+    start step 3 from the checkpointed scale (and skip it too), not from the initial one."""
+    init = torch.amp.GradScaler.__init__
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__",
+                        lambda self, *a, **kw: init(self, *a, **{**kw, "growth_factor": 256.0, "growth_interval": 1}))
+    run_dir = train(run_config(workdir, "fp16-resume", "save_steps=2", "fp16=true", "eval=null"))
+    assert (run_dir / "checkpoints" / "step-2" / "scaler.pt").is_file()
+    uninterrupted = train_rows(run_dir)
+    assert "grad_norm" in uninterrupted[0] and "grad_norm" not in uninterrupted[2]  # step 3 overflowed
+    train(run_config(workdir, "fp16-resume", "save_steps=2", "fp16=true", "eval=null",
+                     f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"))
+    resumed = train_rows(run_dir)
+    assert [set(r) for r in resumed] == [set(r) for r in uninterrupted]
+    for a, b in zip(uninterrupted, resumed, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "learning_rate"):
+            assert a.get(key) == pytest.approx(b.get(key), abs=1e-5), (a["step"], key)
 
 
 def test_gradient_clipping_bounds_the_update(workdir):

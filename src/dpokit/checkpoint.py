@@ -66,8 +66,10 @@ def save_checkpoint(
     optimizer,
     scheduler,
     keep: int | None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
-    """Write ``step-N`` atomically (all processes call this), then keep the newest ``keep``."""
+    """Write ``step-N`` atomically (all processes call this), then keep the newest ``keep``.
+    An enabled ``scaler`` (fp16 loss scaling) is saved too."""
     final = checkpoints_dir / f"step-{state.step}"
     tmp = checkpoints_dir / f"step-{state.step}.tmp"
     if accelerator.is_main_process:
@@ -80,6 +82,8 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None and scaler.is_enabled():
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -110,9 +114,12 @@ def load_train_state(checkpoint: Path) -> TrainState:
     return TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
 
 
-def load_optimizer_and_rng(checkpoint: Path, optimizer, scheduler, process_index: int) -> None:
+def load_optimizer_and_rng(checkpoint: Path, optimizer, scheduler, process_index: int,
+                           scaler: torch.amp.GradScaler | None = None) -> None:
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+    if scaler is not None and scaler.is_enabled() and (checkpoint / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=False))
     rng_file = checkpoint / f"rng_state_{process_index}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

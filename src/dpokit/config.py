@@ -62,7 +62,8 @@ class ModelConfig:
     """Start from an existing adapter (e.g. an SFT LoRA): it is trained further, and the reference
     is base + this adapter as it was. Implies ``use_peft``."""
     load_in_4bit: bool = False
-    """QLoRA: base weights in 4-bit nf4 with double quantization, bfloat16 compute (needs CUDA)."""
+    """QLoRA: base weights in 4-bit nf4 with double quantization, bfloat16 compute (float16 with
+    ``dtype: float16``, for GPUs without bfloat16); needs CUDA."""
 
 
 FormatName = Literal[
@@ -163,6 +164,11 @@ class TrainingConfig:
     """Mixed precision: compute in bfloat16 (autocast) over the loaded weights. With
     ``dtype: float32`` the weights, gradients and optimizer stay float32, so small updates are
     kept; pure bfloat16 weights round away AdamW steps below ~1/256 of a weight."""
+    fp16: bool = False
+    """Mixed precision in float16 for GPUs without bfloat16 (T4, V100): autocast to float16 and
+    dynamic loss scaling (steps whose gradients overflow are skipped, the scale lowered). The
+    trained weights must be float32: ``dtype: float32``, or LoRA (float32 adapters) on a base of
+    any dtype; a QLoRA base then computes in float16 with ``dtype: float16``."""
     padding_free: bool = True
     """Pack each micro-batch's sequences into one row with restarting positions: no padding."""
     prefix_sharing: bool = True
@@ -480,8 +486,18 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
             "(padding-free packing still works with it) or attn_implementation=flex_attention"
         )
     m = config.model
+    if t.bf16 and t.fp16:
+        raise ConfigError("training.bf16 and training.fp16 are both set: choose one (bf16 where the GPU has bfloat16)")
     if t.bf16 and m.dtype == "float16":
         raise ConfigError("training.bf16 autocasts to bfloat16 but model.dtype is float16: use dtype=float32 (or bfloat16)")
+    lora = m.use_peft or m.adapter_name_or_path
+    if t.fp16 and not lora and m.dtype != "float32":
+        raise ConfigError(
+            f"training.fp16 scales float32 gradients, but model.dtype is {m.dtype} and full fine-tuning trains those "
+            "weights: use dtype=float32 (or LoRA, whose adapters are float32)"
+        )
+    if t.fp16 and m.dtype == "bfloat16":
+        raise ConfigError("training.fp16 autocasts to float16 but model.dtype is bfloat16: use dtype=float16 or float32 (or bf16=true)")
     if m.load_in_4bit and not (m.use_peft or m.adapter_name_or_path):
         raise ConfigError("model.load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: set use_peft=true")
     if m.lora_r < 1 or m.lora_alpha < 1 or not 0.0 <= m.lora_dropout < 1.0:

@@ -90,12 +90,13 @@ def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, revisio
     if config.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
-        kwargs["dtype"] = torch.bfloat16
+        compute = torch.float16 if config.dtype == "float16" else torch.bfloat16  # float16: GPUs without bfloat16
+        kwargs["dtype"] = compute
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute,
         )
     model = _from_pretrained(AutoModelForCausalLM, path, "model", **kwargs)
     model.config.use_cache = False

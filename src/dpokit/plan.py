@@ -6,9 +6,9 @@ parameter counts are exact and free. Every other number is an estimate from thes
 adapter parameters, ``tok`` = tokens in one micro-batch, ``n`` = layers)::
 
     weights      full: P*s           LoRA: P*s + A*4          QLoRA: Pq*QLORA_BYTES + (P-Pq)*2 + A*4
-                 (bf16=true over float32 weights, full: + PL*2, autocast's bfloat16 copies of the
+                 (bf16/fp16=true over float32 weights, full: + PL*2, autocast's 16-bit copies of the
                  Linear weights; activations stay about float32-sized: autocast keeps float32 norms,
-                 residuals and rotary outputs beside its bfloat16 copies)
+                 residuals and rotary outputs beside its 16-bit copies)
     reference    P*s when a frozen model is kept in memory (precompute_ref_log_probs=false and a
                  reference-based loss), for full training only; LoRA/QLoRA score the reference
                  with the adapters off, so 0. 0 whenever the log-probs are precomputed.
@@ -179,9 +179,9 @@ class RunShape:
     logps_chunk_size: int = 1024
     chunked_logps: bool = True
     dtype_bytes: int = 4
-    bf16_autocast: bool = False
-    """``training.bf16``: bfloat16 autocast; full training over float32 weights also holds
-    autocast's bfloat16 copies of the trained Linear weights."""
+    autocast_16bit: bool = False
+    """``training.bf16`` or ``training.fp16``: 16-bit autocast; full training over float32 weights
+    also holds autocast's 16-bit copies of the trained Linear weights."""
     live_reference: bool = False
     """A frozen reference model stays in memory (precompute off, reference-based loss)."""
     prompt_length: int = 0
@@ -260,7 +260,7 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
         masked = run.layout != "packed"
         if col == "full":
             weights = m.params * s
-            if run.bf16_autocast and s > 2:  # autocast keeps a bfloat16 copy of each trained Linear weight
+            if run.autocast_16bit and s > 2:  # autocast keeps a 16-bit copy of each trained Linear weight
                 weights += m.linear_params * 2
         elif col == "lora":
             weights = m.params * s + m.lora_params * ADAPTER_BYTES
@@ -280,7 +280,7 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
         if run.chunked_logps:
             logps = 2 * min(run.logps_chunk_size, tok) * m.vocab * 4
         else:
-            logits_bytes = 2 if run.bf16_autocast else s
+            logits_bytes = 2 if run.autocast_16bit else s
             logps = tok * m.vocab * logits_bytes + 2 * tok * m.vocab * 4
         row = {
             "weights": weights,
@@ -399,7 +399,7 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         logps_chunk_size=t.logps_chunk_size,
         chunked_logps=t.chunked_logps,
         dtype_bytes=DTYPE_BYTES.get(dtype, 4),
-        bf16_autocast=t.bf16,
+        autocast_16bit=t.bf16 or t.fp16,
         live_reference=needs_reference(config) and not t.precompute_ref_log_probs,
         prompt_length=prompt_length,
         lora_r=r,
@@ -410,9 +410,10 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         f"(~{QLORA_BYTES_PER_PARAM:.3f} bytes/param with double quantization) and computes in bfloat16",
         "AdamW keeps m and v in the parameter dtype; LoRA adapters, their gradients and states are float32",
     ]
-    if t.bf16:
-        notes.append("bf16=true saves time, not activation memory (autocast keeps float32 norms, residuals and "
-                     "rotary outputs beside its bfloat16 copies); full training also holds a bfloat16 copy of each "
+    if t.bf16 or t.fp16:
+        name, width = ("bf16", "bfloat16") if t.bf16 else ("fp16", "float16")
+        notes.append(f"{name}=true saves time, not activation memory (autocast keeps float32 norms, residuals and "
+                     f"rotary outputs beside its {width} copies); full training also holds a {width} copy of each "
                      "trained Linear weight" + (" (counted under weights)" if run.dtype_bytes > 2 else ""))
     if not t.chunked_logps:
         notes.append("log-prob buffer: chunked_logps=false holds the full [tokens, vocab] logits; the default "

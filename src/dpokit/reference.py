@@ -105,12 +105,14 @@ def compute_table(
     build: Callable[[list[TokenizedPair]], Batch],
     batch_size: int,
     accelerator,
-    bf16_autocast: bool = False,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Score all ``pairs`` (striped over processes, batched by ``build``) with no grad, under
-    bfloat16 autocast if asked (as training computes); every process gets the whole [N, 2] table."""
+    autocast to ``autocast_dtype`` if given (as training computes); every process gets the whole
+    [N, 2] table."""
     parts = []
-    with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+    enabled = autocast_dtype is not None
+    with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
         for idx in eval_batches(len(pairs), batch_size, accelerator.process_index, accelerator.num_processes):
             logps = scorer(**build([pairs[i] for i in idx]).to(accelerator.device).model_inputs())
             parts.append((idx, logps.float().cpu().view(-1, 2)))

@@ -48,10 +48,16 @@ from dpokit.modeling import (
 )
 
 
+def autocast_dtype(training: TrainingConfig) -> torch.dtype | None:
+    """The 16-bit dtype forward passes autocast to (``bf16`` / ``fp16``), or None."""
+    return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else None
+
+
 def mixed_precision(config: Config, device: torch.device):
-    """bfloat16 autocast around forward passes when ``training.bf16`` is set, else nothing.
+    """Autocast around forward passes when ``training.bf16`` or ``training.fp16`` is set, else nothing.
     (dpokit's own rather than Accelerate's, so each ``train`` call in a process chooses its own.)"""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.training.bf16)
+    dtype = autocast_dtype(config.training)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -156,13 +162,14 @@ def prepare_references(config: Config, policy, resumed: bool, data, accelerator,
     was_training = model.training
     model.eval()
     scorer = reply_scorer(model.to(accelerator.device), t)
-    fingerprint = fingerprint_model(model) + (":bf16-autocast" if t.bf16 else "")
+    precision = autocast_dtype(t)
+    fingerprint = fingerprint_model(model) + (f":{str(precision).replace('torch.', '')}-autocast" if precision else "")
 
     def build(pairs: list[TokenizedPair]) -> Batch:
         return build_batch(pairs, config, pad_id)
 
     def table(pairs: list[TokenizedPair], what: str) -> TableReference:
-        compute = lambda: compute_table(scorer, pairs, build, t.per_device_eval_batch_size, accelerator, t.bf16)  # noqa: E731
+        compute = lambda: compute_table(scorer, pairs, build, t.per_device_eval_batch_size, accelerator, precision)  # noqa: E731
         return TableReference(cached_table(fingerprint, pairs, compute, accelerator, what, log=say))
 
     train_ref = table(data.train, "train")
@@ -193,7 +200,8 @@ def warn_low_precision_weights(policy: torch.nn.Module, config: Config, say) -> 
         dtype = str(next(iter(low))).replace("torch.", "")
         say(f"warning: the trained weights are {dtype}: an AdamW step smaller than about 1/256 of a weight rounds "
             f"away (at learning_rate {config.training.learning_rate:g} most do), so much of the model may never change. "
-            "Use dtype=float32 with bf16=true (float32 weights and optimizer, bfloat16 compute) or LoRA (use_peft=true).")
+            "Use dtype=float32 with bf16=true (float32 weights and optimizer, bfloat16 compute; fp16=true on GPUs "
+            "without bfloat16) or LoRA (use_peft=true).")
 
 
 def plan_steps(num_pairs: int, global_batch_size: int, config: Config) -> tuple[int, int]:
@@ -324,11 +332,13 @@ def train(config: Config) -> Path:
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
     unwrapped = accelerator.unwrap_model(scorer)
+    # fp16's dynamic loss scaling; with it off, scale() returns the loss and step() steps
+    scaler = torch.amp.GradScaler(accelerator.device.type, enabled=t.fp16)
 
     state = ckpt.TrainState()
     if resume_from is not None:
         state = ckpt.load_train_state(resume_from)
-        ckpt.load_optimizer_and_rng(resume_from, optimizer, scheduler, accelerator.process_index)
+        ckpt.load_optimizer_and_rng(resume_from, optimizer, scheduler, accelerator.process_index, scaler)
         say(f"resumed from {resume_from} at step {state.step}")
     if trackers:
         accelerator.init_trackers("dpokit", config={k: str(v) for k, v in config.to_dict().items()})
@@ -365,22 +375,30 @@ def train(config: Config) -> Path:
                 with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(scorer):
                     with mixed_precision(config, accelerator.device):
                         loss, stats = score_batch(scorer, train_ref.logps(batch, idx), batch, config)
-                    accelerator.backward(loss.mean() / len(micro))
+                    accelerator.backward(scaler.scale(loss.mean() / len(micro)))
                 step_stats.append(stats)
+            scaler.unscale_(optimizer)
             grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-            optimizer.step()
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped (fp16) when the gradients overflowed; the scale then drops
+            scaler.update()
             lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            skipped = scaler.get_scale() < scale
+            if not skipped:  # as transformers' Trainer: a skipped step leaves the schedule alone
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.batch_in_epoch += 1
 
-            window.append({**_mean_stats(step_stats, accelerator), "grad_norm": float(grad_norm), "learning_rate": lr})
+            window.append({**_mean_stats(step_stats, accelerator), "learning_rate": lr,
+                           **({} if skipped else {"grad_norm": float(grad_norm)})})  # a skipped step's norm is inf
             window_tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
             window_seconds += time.perf_counter() - step_start
             if state.step % r.logging_steps == 0 or state.step == total_steps:
                 row = {"step": state.step, "epoch": round(state.step / per_epoch, 4)}
-                row.update({k: sum(w[k] for w in window) / len(window) for k in window[0] if k != "learning_rate"})
+                for key in dict.fromkeys(k for w in window for k in w if k != "learning_rate"):
+                    values = [w[key] for w in window if key in w]
+                    row[key] = sum(values) / len(values)
                 row.update(learning_rate=lr, tokens=window_tokens, tokens_per_second=window_tokens / window_seconds, seconds=window_seconds)
                 log.write(row)
                 if progress is not None:
@@ -392,7 +410,8 @@ def train(config: Config) -> Path:
             if r.eval_steps and state.step % r.eval_steps == 0 and state.step < total_steps:
                 run_eval()
             if r.save_steps and state.step % r.save_steps == 0 and state.step < total_steps:
-                ckpt.save_checkpoint(accelerator, out / "checkpoints", state, unwrapped.model, tokenizer, optimizer, scheduler, r.save_total_limit)
+                ckpt.save_checkpoint(accelerator, out / "checkpoints", state, unwrapped.model, tokenizer, optimizer, scheduler,
+                                     r.save_total_limit, scaler)
         if state.batch_in_epoch >= len(batches):
             state.epoch += 1
             state.batch_in_epoch = 0

@@ -164,7 +164,7 @@ def evaluate_model(
 
     Returns the report (see the module docstring for the metrics) and the resolved policy.
     """
-    from dpokit.train import autocast_dtype, build_batch, eval_metrics, pair_statistics
+    from dpokit.train import build_batch, eval_metrics, mixed_precision, pair_statistics
 
     policy_model = resolve_model(model)
     ref_model = resolve_model(reference) if reference else default_reference(policy_model)
@@ -184,8 +184,8 @@ def evaluate_model(
     pad_id = tokenizer.pad_token_id
     build = lambda batch_pairs: build_batch(batch_pairs, config, pad_id)  # noqa: E731
     ref_scorer = _scorer(ref_model, load_cfg.dtype, config.training, accelerator.device)
-    table = compute_table(ref_scorer, pairs, build, config.training.per_device_eval_batch_size, accelerator,
-                          autocast_dtype(config.training))  # [N, 2]
+    with mixed_precision(config, accelerator.device):  # as training scored its reference
+        table = compute_table(ref_scorer, pairs, build, config.training.per_device_eval_batch_size, accelerator)  # [N, 2]
     del ref_scorer
     policy = _scorer(policy_model, load_cfg.dtype, config.training, accelerator.device)
     # A reference-free loss (SimPO, SFT) trained without one: its metrics ignore the reference.

@@ -248,6 +248,11 @@ def layer_activation_bytes(m: ModelShape, s: float, masked: bool, trainable_base
     return norms + attention + mlp + inputs + adapters
 
 
+def chunked_logps_bytes(m: ModelShape, run: RunShape) -> float:
+    """One chunk of float32 logits and their gradient (``chunked_logps=true``)."""
+    return 2 * min(run.logps_chunk_size, micro_batch_tokens(run)) * m.vocab * 4
+
+
 def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
     """Bytes per device for each of ``full``, ``lora``, ``qlora`` (rows: see :data:`ROWS`)."""
     tok = micro_batch_tokens(run)
@@ -278,7 +283,7 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
             layers = m.layers * tok * layer
         activations = layers + final_norm + workspace + _mask_bytes(run, s)
         if run.chunked_logps:
-            logps = 2 * min(run.logps_chunk_size, tok) * m.vocab * 4
+            logps = chunked_logps_bytes(m, run)
         else:
             logits_bytes = 2 if run.autocast_16bit else s
             logps = tok * m.vocab * logits_bytes + 2 * tok * m.vocab * 4
@@ -418,7 +423,7 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
     if not t.chunked_logps:
         notes.append("log-prob buffer: chunked_logps=false holds the full [tokens, vocab] logits; the default "
                      f"chunks of {t.logps_chunk_size} reply tokens would need "
-                     f"{format_size(2 * min(t.logps_chunk_size, micro_batch_tokens(run)) * shape.vocab * 4)}")
+                     f"{format_size(chunked_logps_bytes(shape, run))}")
     if not needs_reference(config):
         notes.append("reference: 0 (reference-free loss)")
     elif t.precompute_ref_log_probs:

@@ -105,14 +105,11 @@ def compute_table(
     build: Callable[[list[TokenizedPair]], Batch],
     batch_size: int,
     accelerator,
-    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Score all ``pairs`` (striped over processes, batched by ``build``) with no grad, under
-    autocast to ``autocast_dtype`` if given (as training computes); every process gets the whole
-    [N, 2] table."""
+    """Score all ``pairs`` (striped over processes, batched by ``build``) with no grad, in the
+    caller's autocast state (training's mixed precision); every process gets the whole [N, 2] table."""
     parts = []
-    enabled = autocast_dtype is not None
-    with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
+    with torch.no_grad():
         for idx in eval_batches(len(pairs), batch_size, accelerator.process_index, accelerator.num_processes):
             logps = scorer(**build([pairs[i] for i in idx]).to(accelerator.device).model_inputs())
             parts.append((idx, logps.float().cpu().view(-1, 2)))

@@ -169,7 +169,10 @@ def prepare_references(config: Config, policy, resumed: bool, data, accelerator,
         return build_batch(pairs, config, pad_id)
 
     def table(pairs: list[TokenizedPair], what: str) -> TableReference:
-        compute = lambda: compute_table(scorer, pairs, build, t.per_device_eval_batch_size, accelerator, precision)  # noqa: E731
+        def compute() -> torch.Tensor:
+            with mixed_precision(config, accelerator.device):  # scored as training will score the policy
+                return compute_table(scorer, pairs, build, t.per_device_eval_batch_size, accelerator)
+
         return TableReference(cached_table(fingerprint, pairs, compute, accelerator, what, log=say))
 
     train_ref = table(data.train, "train")

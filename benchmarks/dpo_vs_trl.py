@@ -79,6 +79,7 @@ def build_tokenizer(vocab_size: int):
     vocabulary and merges); a WordLevel tokenizer saved there would silently encode words to nothing.
     Returns (tokenizer, words).
     """
+    import transformers
     from transformers import Qwen2Tokenizer
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + ["Ġ", "Ċ"] + list(LETTERS))}  # Ġ = space, Ċ = newline
@@ -101,8 +102,15 @@ def build_tokenizer(vocab_size: int):
         words.append(word)
     for word in ROLE_WORDS:  # after the word merges, so they never take precedence inside a word
         add(word)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                               unk_token=None, extra_special_tokens=["<|im_start|>"], model_max_length=32768)
+    specials = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, model_max_length=32768)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=["<|im_start|>"], **specials)
+    else:  # transformers 4 builds it from files
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+            (Path(tmp) / "merges.txt").write_text("\n".join(" ".join(pair) for pair in merges) + "\n")
+            tokenizer = Qwen2Tokenizer(vocab_file=f"{tmp}/vocab.json", merges_file=f"{tmp}/merges.txt",
+                                       additional_special_tokens=["<|im_start|>"], **specials)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer, words
 

@@ -142,6 +142,19 @@ def output_transform(config) -> tuple[float, float | None]:
     return float(scale), getattr(config, "final_logit_softcapping", None)
 
 
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack of a causal LM: what gives the hidden states its output layer reads.
+
+    ``get_decoder()`` where it answers; transformers 4.56's generic lookup returns None for the
+    usual ``XForCausalLM.model = XModel`` layout, so then the attribute ``base_model_prefix`` names.
+    """
+    decoder = model.get_decoder()
+    if decoder is None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+        decoder = getattr(base, base.base_model_prefix)
+    return decoder
+
+
 def _head_reproduces_logits(model: nn.Module, scale: float, softcap: float | None) -> bool:
     """Whether decoder -> output layer -> ``scale`` -> ``softcap`` gives ``model``'s own logits,
     checked on one 8-token sequence (eval mode, no grad)."""
@@ -152,7 +165,7 @@ def _head_reproduces_logits(model: nn.Module, scale: float, softcap: float | Non
         ids = torch.arange(1, 9, device=device)[None] % model.config.vocab_size
         with torch.no_grad():
             theirs = model(input_ids=ids, use_cache=False).logits[0].float()
-            hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
+            hidden = decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state[0]
             ours = model.get_output_embeddings()(hidden).float() * scale
             if softcap:
                 ours = softcap * torch.tanh(ours / softcap)
@@ -226,7 +239,7 @@ class ReplyLogProbs(nn.Module):
             attention_mask = prefix_attention_mask(groups, branches, attn, self.model.dtype)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if self.chunked:
-            hidden = self.model.get_decoder()(**inputs).last_hidden_state
+            hidden = decoder_of(self.model)(**inputs).last_hidden_state
             selected = hidden[pred_rows, pred_cols]  # [N, H]
             head = self.model.get_output_embeddings()
             logps = token_logps(selected, head, targets, self.chunk_size, self.softcap, self.scale)

@@ -24,7 +24,7 @@ from dpokit.config import Config, ConfigError, TrainingConfig, batch_layout, nee
 from dpokit.data.batching import Batch, eval_batches, global_batches, local_micro_batches, make_batch
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logps import ReplyLogProbs
+from dpokit.logps import ReplyLogProbs, decoder_of
 from dpokit.losses import PairLogps, preference_loss
 from dpokit.reference import (
     AdapterOffReference,
@@ -328,7 +328,7 @@ def train(config: Config) -> Path:
 
     scorer = reply_scorer(policy, t)  # checks the output layer with an eager forward
     if t.torch_compile:
-        policy.get_decoder().compile(dynamic=True)  # in place: parameter names and saving unchanged
+        decoder_of(policy).compile(dynamic=True)  # in place: parameter names and saving unchanged
     optimizer = _optimizer(scorer, config)
     # transformers' "constant" ignores warmup; its warmup variant is what a user asking for both means
     schedule = "constant_with_warmup" if t.lr_scheduler_type == "constant" else t.lr_scheduler_type

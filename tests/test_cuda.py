@@ -1,4 +1,4 @@
-"""What only a CUDA GPU can check: flex_attention gradients, flash-attention varlen packing,
+"""What only a CUDA GPU can check: flex_attention gradients, flash-attention varlen packing and training,
 bfloat16 and float16 training, QLoRA, 8-bit AdamW, and the memory planner against the allocator's peak.
 
 Skipped on machines without CUDA (CI has none); run them on a GPU with
@@ -63,6 +63,22 @@ def test_flash_attention_2_packed_rows_are_varlen_and_match_padded():
         packed = ReplyLogProbs(model)(**make_batch(pairs, "packed").to("cuda").model_inputs())
     assert packed.dtype == torch.float32
     torch.testing.assert_close(packed, padded, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
+@pytest.mark.parametrize("precision", ["dtype=bfloat16", "bf16=true"])
+def test_flash_attention_2_training_keeps_chunked_logps(workdir, recwarn, precision):
+    """Packed rows through flash-attention's varlen kernel, end to end. The one-time model checks run
+    on the GPU under the run's autocast: float32 weights outside it would fail flash-attention and
+    push the run onto the full-logits path."""
+    from dpokit.train import train
+
+    out = train(run_config(workdir, f"cuda-fa2-{precision.replace('=', '-')}", precision, "prefix_sharing=false",
+                           "attn_implementation=flash_attention_2", "max_steps=6"))
+    rows = _train_rows(out)
+    assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+    assert not [w for w in recwarn if "full logits" in str(w.message)]
 
 
 @pytest.mark.parametrize("attn,precision", [("sdpa", "dtype=bfloat16"), ("flex_attention", "dtype=bfloat16"),

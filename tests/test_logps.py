@@ -6,7 +6,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from dpokit.data.batching import LAYOUTS, make_batch
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logps import ReplyLogProbs, token_logps
+from dpokit.config import ConfigError
+from dpokit.logps import ReplyLogProbs, check_rows_kept_apart, token_logps
 from dpokit.masks import dense_prefix_mask, flex_prefix_mask
 
 VOCAB = 97
@@ -186,6 +187,67 @@ def test_unknown_output_transform_falls_back_to_full_logits_and_says_so():
     torch.testing.assert_close(scorer(**make_batch(pairs, "prefix_packed").model_inputs()), naive_logps(model, pairs),
                                atol=1e-4, rtol=0)
     assert ReplyLogProbs(tiny_lm()).chunked  # a known architecture keeps the chunked path
+
+
+@pytest.mark.parametrize("layout", ["packed", "prefix_packed"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_row_check_passes_models_that_keep_sequences_apart(arch, attn, layout):
+    model = tiny_lm(arch)
+    model.config._attn_implementation = attn
+    check_rows_kept_apart(model, layout)
+    assert model._dpokit_rows_checked == {layout.startswith("prefix")}
+
+
+def test_row_check_refuses_a_model_that_lets_packed_sequences_mix(monkeypatch):
+    """A model whose attention ignores where packed sequences restart (older torch under
+    transformers' mask builder, or remote code): its packed log-probs are wrong, and the check says so."""
+    import transformers.masking_utils
+
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    model, pairs = tiny_lm(), ragged_pairs(seed=6)
+    mixed = ReplyLogProbs(model)(**make_batch(pairs, "packed").model_inputs())
+    assert (mixed - naive_logps(model, pairs)).abs().max() > 1e-2  # what the check prevents
+    with pytest.raises(ConfigError, match="set training.prefix_sharing=true .* or training.padding_free=false"):
+        check_rows_kept_apart(model, "packed")
+    check_rows_kept_apart(model, "prefix_packed")  # dpokit's own mask still works: the way out it names
+
+
+def test_row_check_refuses_a_model_that_ignores_dpokits_mask(monkeypatch):
+    """Remote code that builds its own causal mask and drops the 4D one dpokit gives would let a
+    rejected reply see the chosen one."""
+    model, pairs = tiny_lm(), ragged_pairs(seed=6)
+    decoder_forward = model.model.forward
+
+    def drop_4d_masks(*args, attention_mask=None, **kwargs):
+        return decoder_forward(*args, attention_mask=None if attention_mask is not None and attention_mask.dim() == 4
+                               else attention_mask, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", drop_4d_masks)
+    wrong = ReplyLogProbs(model)(**make_batch(pairs, "prefix_padded").model_inputs())
+    assert (wrong - naive_logps(model, pairs)).abs().max() > 1e-2  # what the check prevents
+    with pytest.raises(ConfigError, match="ignores dpokit's attention mask .* set training.prefix_sharing=false"):
+        check_rows_kept_apart(model, "prefix_padded")
+    check_rows_kept_apart(model, "packed")  # position ids still keep packed rows apart
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+def test_reply_scorer_checks_the_model_as_training_runs_it(monkeypatch, prefix_sharing):
+    """The checks run under the training's autocast (flash-attention, for one, refuses float32
+    inputs outside it), each once per model."""
+    import dpokit.logps
+    from dpokit.config import TrainingConfig
+    from dpokit.train import reply_scorer
+
+    seen = []
+    for name in ("_head_reproduces_logits", "_rows_kept_apart"):
+        probe = getattr(dpokit.logps, name)
+        monkeypatch.setattr(dpokit.logps, name, lambda model, *a, probe=probe, name=name: (
+            seen.append((name, torch.is_autocast_enabled("cpu"))), probe(model, *a))[1])
+    model, training = tiny_lm(), TrainingConfig(bf16=True, padding_free=True, prefix_sharing=prefix_sharing)
+    assert reply_scorer(model, training).chunked
+    assert reply_scorer(model, training).chunked
+    assert seen == [("_rows_kept_apart", True), ("_head_reproduces_logits", True)]
 
 
 @pytest.mark.parametrize("layout", ["padded", "prefix_packed"])

@@ -144,7 +144,7 @@ def _scorer(model: ResolvedModel, dtype: str, training: TrainingConfig, device) 
     """``model`` loaded with its own settings in ``dtype``, as a reply-log-prob scorer."""
     from dpokit.train import reply_scorer
 
-    return reply_scorer(load_model(model, model_config(model, dtype)), training).to(device)
+    return reply_scorer(load_model(model, model_config(model, dtype)).to(device), training)
 
 
 def evaluate_model(
@@ -184,7 +184,7 @@ def evaluate_model(
     pad_id = tokenizer.pad_token_id
     build = lambda batch_pairs: build_batch(batch_pairs, config, pad_id)  # noqa: E731
     ref_scorer = _scorer(ref_model, load_cfg.dtype, config.training, accelerator.device)
-    with mixed_precision(config, accelerator.device):  # as training scored its reference
+    with mixed_precision(config.training, accelerator.device):  # as training scored its reference
         table = compute_table(ref_scorer, pairs, build, config.training.per_device_eval_batch_size, accelerator)  # [N, 2]
     del ref_scorer
     policy = _scorer(policy_model, load_cfg.dtype, config.training, accelerator.device)

@@ -15,6 +15,10 @@ model is wrapped, one 8-token forward checks that decoder -> output layer -> sca
 reproduces the model's own logits; a model that does something else (remote code, a new
 architecture) is scored through its full logits instead, exact but without the memory savings,
 and dpokit says so.
+
+Rows that hold several sequences rely on the model's attention keeping them apart (from the
+restarting position ids, or from dpokit's mask); :func:`check_rows_kept_apart` checks that once
+per model and refuses a model that lets them mix.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dpokit.config import ConfigError
 from dpokit.masks import prefix_attention_mask
 
 
@@ -191,6 +196,66 @@ def head_plan(model: nn.Module) -> tuple[float, float | None, bool]:
             )
         model.__dict__["_dpokit_head_plan"] = cached
     return cached
+
+
+def _rows_kept_apart(model: nn.Module, own_mask: bool) -> bool:
+    """Whether ``model`` keeps two 6-token sequences in one row apart, given either restarting
+    position ids and no mask (``own_mask=False``: the packed layout) or running position ids and
+    dpokit's mask for the prefix-shared layouts (``own_mask=True``; block-diagonal here). The second
+    sequence's hidden states must be nearer to its hidden states alone than to those of the row
+    under one causal mask over both (what a model that ignores the restarts, or the mask, computes).
+    Eval mode, no grad, the caller's device and autocast."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.get_output_embeddings().weight.device
+        ids = torch.arange(1, 13, device=device)[None] % model.config.vocab_size  # [1, 12]: two sequences
+        positions = torch.arange(12, device=device) if own_mask else torch.arange(6, device=device).repeat(2)
+        positions, mask = positions[None], None  # [1, 12]: 0..11, or 0..5 0..5
+        if own_mask:
+            groups = (torch.arange(12, device=device) >= 6).long()[None]
+            attn = getattr(model.config, "_attn_implementation", None)
+            mask = prefix_attention_mask(groups, torch.zeros_like(groups), attn, model.dtype)
+        decoder = decoder_of(model)
+
+        def hidden(**inputs) -> torch.Tensor:
+            return decoder(**inputs, use_cache=False).last_hidden_state[0, -6:].float()
+
+        with torch.no_grad():
+            alone = hidden(input_ids=ids[:, 6:], position_ids=positions[:, 6:])
+            apart = hidden(input_ids=ids, position_ids=positions, attention_mask=mask)
+            mixed = hidden(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids))
+        return bool((apart - alone).abs().max() < (apart - mixed).abs().max())
+    finally:
+        model.train(was_training)
+
+
+def check_rows_kept_apart(model: nn.Module, layout: str) -> None:
+    """Refuse ``model`` for ``layout`` when its attention lets the sequences of a row see each other.
+
+    The packed layout gives only restarting position ids, from which transformers derives the
+    block-diagonal mask (flash-attention's varlen kernel; sdpa, eager and flex_attention from torch
+    2.6); the prefix-shared layouts give dpokit's own 4D mask or BlockMask. A model with its own
+    attention code (trust_remote_code) may honour neither, and its log-probs would be silently
+    wrong. The padded layout (one sequence per row) needs nothing. Checked once per model and kind.
+    """
+    if layout == "padded":
+        return
+    own_mask = layout.startswith("prefix")
+    checked = model.__dict__.setdefault("_dpokit_rows_checked", set())
+    if own_mask in checked:
+        return
+    if not _rows_kept_apart(model, own_mask):
+        what = (
+            "ignores dpokit's attention mask for prefix-shared rows, so replies would see each other: set "
+            "training.prefix_sharing=false" if own_mask else
+            "lets the sequences of a packed row attend to each other (it ignores the position ids that mark where "
+            "each one starts): set training.prefix_sharing=true (dpokit then builds the mask itself; sdpa, eager "
+            "or flex_attention) or training.padding_free=false"
+        )
+        attn = getattr(model.config, "_attn_implementation", None)
+        raise ConfigError(f"the {getattr(model.config, 'model_type', '?')} model ({attn} attention) {what}")
+    checked.add(own_mask)
 
 
 class ReplyLogProbs(nn.Module):

@@ -24,7 +24,7 @@ from dpokit.config import Config, ConfigError, TrainingConfig, batch_layout, nee
 from dpokit.data.batching import Batch, eval_batches, global_batches, local_micro_batches, make_batch
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logps import ReplyLogProbs, decoder_of
+from dpokit.logps import ReplyLogProbs, check_rows_kept_apart, decoder_of
 from dpokit.losses import PairLogps, preference_loss
 from dpokit.reference import (
     AdapterOffReference,
@@ -53,10 +53,10 @@ def autocast_dtype(training: TrainingConfig) -> torch.dtype | None:
     return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else None
 
 
-def mixed_precision(config: Config, device: torch.device):
+def mixed_precision(training: TrainingConfig, device: torch.device):
     """Autocast around forward passes when ``training.bf16`` or ``training.fp16`` is set, else nothing.
     (dpokit's own rather than Accelerate's, so each ``train`` call in a process chooses its own.)"""
-    dtype = autocast_dtype(config.training)
+    dtype = autocast_dtype(training)
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
@@ -98,8 +98,16 @@ def build_batch(pairs: list[TokenizedPair], config: Config, pad_id: int) -> Batc
 
 
 def reply_scorer(model: torch.nn.Module, training: TrainingConfig) -> ReplyLogProbs:
-    """``model`` as a reply-log-prob scorer with the configured log-prob settings."""
-    return ReplyLogProbs(model, training.logps_chunk_size, training.chunked_logps)
+    """``model`` as a reply-log-prob scorer with the configured log-prob settings.
+
+    What the fast paths assume of the model (that its output layer reproduces its logits; that it
+    keeps the sequences of a row apart in the configured layout) is checked here, once, with short
+    forwards on the model's device under the training's autocast, as training will run it: place
+    the model first.
+    """
+    with mixed_precision(training, next(model.parameters()).device):
+        check_rows_kept_apart(model, batch_layout(training))
+        return ReplyLogProbs(model, training.logps_chunk_size, training.chunked_logps)
 
 
 def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int) -> dict[str, torch.Tensor]:
@@ -113,7 +121,7 @@ def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair]
     was_training = policy.training
     policy.eval()
     parts = []
-    with torch.no_grad(), mixed_precision(config, accelerator.device):
+    with torch.no_grad(), mixed_precision(config.training, accelerator.device):
         for idx in eval_batches(len(pairs), config.training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes):
             batch = build_batch([pairs[i] for i in idx], config, pad_id).to(accelerator.device)
             _, stats = score_batch(policy, reference.logps(batch, idx), batch, config)
@@ -170,7 +178,7 @@ def prepare_references(config: Config, policy, resumed: bool, data, accelerator,
 
     def table(pairs: list[TokenizedPair], what: str) -> TableReference:
         def compute() -> torch.Tensor:
-            with mixed_precision(config, accelerator.device):  # scored as training will score the policy
+            with mixed_precision(config.training, accelerator.device):  # scored as training will score the policy
                 return compute_table(scorer, pairs, build, t.per_device_eval_batch_size, accelerator)
 
         return TableReference(cached_table(fingerprint, pairs, compute, accelerator, what, log=say))
@@ -326,7 +334,7 @@ def train(config: Config) -> Path:
 
     from transformers import get_scheduler
 
-    scorer = reply_scorer(policy, t)  # checks the output layer with an eager forward
+    scorer = reply_scorer(policy.to(accelerator.device), t)  # checks the model with eager forwards
     if t.torch_compile:
         decoder_of(policy).compile(dynamic=True)  # in place: parameter names and saving unchanged
     optimizer = _optimizer(scorer, config)
@@ -376,7 +384,7 @@ def train(config: Config) -> Path:
                 batch = build_batch([data.train[i] for i in idx], config, pad_id).to(accelerator.device)
                 step_tokens += batch.num_real_tokens
                 with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(scorer):
-                    with mixed_precision(config, accelerator.device):
+                    with mixed_precision(config.training, accelerator.device):
                         loss, stats = score_batch(scorer, train_ref.logps(batch, idx), batch, config)
                     accelerator.backward(scaler.scale(loss.mean() / len(micro)))
                 step_stats.append(stats)

@@ -151,12 +151,15 @@ def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder stack of a causal LM: what gives the hidden states its output layer reads.
 
     ``get_decoder()`` where it answers; transformers 4.56's generic lookup returns None for the
-    usual ``XForCausalLM.model = XModel`` layout, so then the attribute ``base_model_prefix`` names.
+    usual ``XForCausalLM.model = XModel`` layout, so then the attribute ``base_model_prefix`` names,
+    else ``model`` (4.56's Gemma 3 names ``language_model`` but keeps its decoder at ``model``).
     """
     decoder = model.get_decoder()
     if decoder is None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
-        decoder = getattr(base, base.base_model_prefix)
+        decoder = getattr(base, base.base_model_prefix, None)
+        if decoder is None:
+            decoder = base.model
     return decoder
 
 

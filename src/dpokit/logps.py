@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dpokit.config import ConfigError
 from dpokit.masks import prefix_attention_mask
+from dpokit.modeling import eval_mode
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -166,12 +167,10 @@ def decoder_of(model: nn.Module) -> nn.Module:
 def _head_reproduces_logits(model: nn.Module, scale: float, softcap: float | None) -> bool:
     """Whether decoder -> output layer -> ``scale`` -> ``softcap`` gives ``model``'s own logits,
     checked on one 8-token sequence (eval mode, no grad)."""
-    was_training = model.training
-    model.eval()
     try:
         device = model.get_output_embeddings().weight.device
         ids = torch.arange(1, 9, device=device)[None] % model.config.vocab_size
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             theirs = model(input_ids=ids, use_cache=False).logits[0].float()
             hidden = decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state[0]
             ours = model.get_output_embeddings()(hidden).float() * scale
@@ -180,8 +179,6 @@ def _head_reproduces_logits(model: nn.Module, scale: float, softcap: float | Non
         return bool(torch.allclose(ours, theirs, rtol=1e-2, atol=1e-2 * float(theirs.abs().max()) + 1e-5))
     except Exception:  # an unusual model: let the full-logits path show its real error, if any
         return False
-    finally:
-        model.train(was_training)
 
 
 def head_plan(model: nn.Module) -> tuple[float, float | None, bool]:
@@ -208,29 +205,24 @@ def _rows_kept_apart(model: nn.Module, own_mask: bool) -> bool:
     sequence's hidden states must be nearer to its hidden states alone than to those of the row
     under one causal mask over both (what a model that ignores the restarts, or the mask, computes).
     Eval mode, no grad, the caller's device and autocast."""
-    was_training = model.training
-    model.eval()
-    try:
-        device = model.get_output_embeddings().weight.device
-        ids = torch.arange(1, 13, device=device)[None] % model.config.vocab_size  # [1, 12]: two sequences
-        positions = torch.arange(12, device=device) if own_mask else torch.arange(6, device=device).repeat(2)
-        positions, mask = positions[None], None  # [1, 12]: 0..11, or 0..5 0..5
-        if own_mask:
-            groups = (torch.arange(12, device=device) >= 6).long()[None]
-            attn = getattr(model.config, "_attn_implementation", None)
-            mask = prefix_attention_mask(groups, torch.zeros_like(groups), attn, model.dtype)
-        decoder = decoder_of(model)
+    device = model.get_output_embeddings().weight.device
+    ids = torch.arange(1, 13, device=device)[None] % model.config.vocab_size  # [1, 12]: two sequences
+    positions = torch.arange(12, device=device) if own_mask else torch.arange(6, device=device).repeat(2)
+    positions, mask = positions[None], None  # [1, 12]: 0..11, or 0..5 0..5
+    if own_mask:
+        groups = (torch.arange(12, device=device) >= 6).long()[None]
+        attn = getattr(model.config, "_attn_implementation", None)
+        mask = prefix_attention_mask(groups, torch.zeros_like(groups), attn, model.dtype)
+    decoder = decoder_of(model)
 
-        def hidden(**inputs) -> torch.Tensor:
-            return decoder(**inputs, use_cache=False).last_hidden_state[0, -6:].float()
+    def hidden(**inputs) -> torch.Tensor:
+        return decoder(**inputs, use_cache=False).last_hidden_state[0, -6:].float()
 
-        with torch.no_grad():
-            alone = hidden(input_ids=ids[:, 6:], position_ids=positions[:, 6:])
-            apart = hidden(input_ids=ids, position_ids=positions, attention_mask=mask)
-            mixed = hidden(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids))
-        return bool((apart - alone).abs().max() < (apart - mixed).abs().max())
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), eval_mode(model):
+        alone = hidden(input_ids=ids[:, 6:], position_ids=positions[:, 6:])
+        apart = hidden(input_ids=ids, position_ids=positions, attention_mask=mask)
+        mixed = hidden(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids))
+    return bool((apart - alone).abs().max() < (apart - mixed).abs().max())
 
 
 def check_rows_kept_apart(model: nn.Module, layout: str) -> None:

@@ -41,6 +41,7 @@ from dpokit.modeling import (
     check_device_requirements,
     count_parameters,
     enable_activation_checkpointing,
+    eval_mode,
     load_policy,
     load_reference,
     load_tokenizer,
@@ -118,15 +119,12 @@ def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair]
     ``reference``: a :class:`dpokit.reference.Reference`, a live :class:`ReplyLogProbs`, or None.
     """
     reference = as_reference(reference)
-    was_training = policy.training
-    policy.eval()
     parts = []
-    with torch.no_grad(), mixed_precision(config.training, accelerator.device):
+    with torch.no_grad(), mixed_precision(config.training, accelerator.device), eval_mode(policy):
         for idx in eval_batches(len(pairs), config.training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes):
             batch = build_batch([pairs[i] for i in idx], config, pad_id).to(accelerator.device)
             _, stats = score_batch(policy, reference.logps(batch, idx), batch, config)
             parts.append((idx, {k: v.float().cpu() for k, v in stats.items()}))
-    policy.train(was_training)
     gathered = gather_object(parts)
     out = {k: torch.zeros(len(pairs)) for k in gathered[0][1]} if gathered else {}
     for idx, stats in gathered:
@@ -167,8 +165,6 @@ def prepare_references(config: Config, policy, resumed: bool, data, accelerator,
         live = LiveReference(reply_scorer(load_reference(config.model, policy if own_policy else None).to(accelerator.device), t))
         return live, live
     model = policy if own_policy else load_reference(config.model)
-    was_training = model.training
-    model.eval()
     scorer = reply_scorer(model.to(accelerator.device), t)
     precision = autocast_dtype(t)
     fingerprint = fingerprint_model(model) + (f":{str(precision).replace('torch.', '')}-autocast" if precision else "")
@@ -183,10 +179,8 @@ def prepare_references(config: Config, policy, resumed: bool, data, accelerator,
 
         return TableReference(cached_table(fingerprint, pairs, compute, accelerator, what, log=say))
 
-    train_ref = table(data.train, "train")
-    eval_ref = table(data.eval, "eval") if data.eval else NoReference()
-    model.train(was_training)
-    return train_ref, eval_ref
+    with eval_mode(model):
+        return table(data.train, "train"), table(data.eval, "eval") if data.eval else NoReference()
 
 
 def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:

@@ -70,3 +70,37 @@ def test_each_architecture_is_exact_in_every_layout_or_refused(model_type):
     if TRANSFORMERS_4 and model_type in ("qwen2_moe", "stablelm"):
         expected = refused & {"packed"}
     assert refused == expected
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "falcon", "phi3", "gemma2"])
+def test_lora_trains_and_merges_on_unusual_layers(workdir, tmp_path, model_type):
+    """End to end on architectures whose linear layers are not Llama's: GPT-2's Conv1D (weights
+    stored transposed), Falcon's fused query_key_value, Phi-3's fused qkv_proj and gate_up_proj,
+    Gemma 2's soft-capped eager attention. LoRA on all-linear trains, and the merged export gives
+    the adapter model's logits."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from dpokit.export import export_model
+    from dpokit.train import train
+    from runs import read_rows, run_config
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    settings = {k: v for k, v in {**COMMON, **ARCHITECTURES[model_type]}.items() if v is not None}
+    settings.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    bos_token_id=None)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    attn = ATTENTION.get(model_type, "sdpa")
+    out = train(run_config(workdir, f"arch-lora-{model_type}", f"model.name_or_path={tmp_path / 'model'}",
+                           f"attn_implementation={attn}", "max_steps=2", "use_peft=true", "lora_r=4", "lora_alpha=8",
+                           "lora_dropout=0.0", "lora_target_modules=[all-linear]"))
+    rows = [r for r in read_rows(out) if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5) and rows[-1]["loss"] < rows[0]["loss"]
+    merged = AutoModelForCausalLM.from_pretrained(export_model(str(out), tmp_path / "merged", merge=True),
+                                                  attn_implementation=attn).eval()
+    adapter = AutoPeftModelForCausalLM.from_pretrained(str(out / "final"), attn_implementation=attn).eval()
+    ids = torch.tensor([[5, 9, 30, 7, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapter(input_ids=ids).logits, atol=1e-5, rtol=1e-4)

@@ -1,7 +1,8 @@
 """The architectures users bring, each as a tiny random model: reply log-probs equal the naive
 computation (padded batch, full logits) in every batch layout, or the layout is refused with a
-clear message before training. New transformers releases change models' attention and mask code;
-this is where such a change would show."""
+clear message before training; LoRA trains and merges on the ones with unusual linear layers.
+New transformers releases change models' attention and mask code; this is where such a change
+would show."""
 
 from __future__ import annotations
 

@@ -37,8 +37,10 @@ ATTENTION = {"gemma2": "eager"}  # soft-capped attention: not sdpa
 TRANSFORMERS_4 = transformers.__version__.startswith("4.")
 
 
-def tiny_model(model_type: str):
-    settings = {k: v for k, v in {**COMMON, **ARCHITECTURES[model_type]}.items() if v is not None}
+def tiny_model(model_type: str, **overrides):
+    """A float32 random model of ``model_type`` (seed 0) in eval mode, with its test attention;
+    ``overrides`` replace config settings (None included)."""
+    settings = {k: v for k, v in {**COMMON, **ARCHITECTURES[model_type]}.items() if v is not None} | overrides
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings)).float().eval()
     model.config._attn_implementation = ATTENTION.get(model_type, "sdpa")
@@ -87,11 +89,8 @@ def test_lora_trains_and_merges_on_unusual_layers(workdir, tmp_path, model_type)
     from runs import read_rows, run_config
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    settings = {k: v for k, v in {**COMMON, **ARCHITECTURES[model_type]}.items() if v is not None}
-    settings.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                    bos_token_id=None)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings)).save_pretrained(tmp_path / "model")
+    tiny_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               eos_token_id=tokenizer.eos_token_id, bos_token_id=None).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     attn = ATTENTION.get(model_type, "sdpa")
     out = train(run_config(workdir, f"arch-lora-{model_type}", f"model.name_or_path={tmp_path / 'model'}",

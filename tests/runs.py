@@ -14,9 +14,10 @@ METRIC_KEYS = {
 }
 
 
-def make_workdir(root: Path) -> Path:
+def make_workdir(root: Path, hidden_size: int = 32, intermediate_size: int = 64) -> Path:
     """A tiny Qwen2 model (hidden 32, 2 layers) and 48 train / 12 eval quickstart pairs under ``root``."""
-    build_tiny_model(root / "model", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, seed=0)
+    build_tiny_model(root / "model", hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=intermediate_size, seed=0)
     for name, n, seed in (("train", 48, 1), ("eval", 12, 2)):
         with open(root / f"{name}.jsonl", "w") as f:
             for row in generate_pairs(n, seed):

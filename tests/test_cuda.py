@@ -97,16 +97,19 @@ def test_16bit_training_on_cuda(workdir, attn, precision):
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
 @pytest.mark.parametrize("precision", [("dtype=bfloat16",), ("dtype=float16", "fp16=true")])
 def test_qlora_trains_4bit_base(workdir, precision):
-    """bfloat16 compute, and float16 compute with loss scaling (GPUs without bfloat16)."""
+    """bfloat16 compute, and float16 compute with loss scaling (GPUs without bfloat16), on
+    bitsandbytes' CUDA kernels (tests/test_bitsandbytes.py runs the rest on its CPU backend).
+    Step 1's margin is ~0 (the reference is the 4-bit base with adapters off), not exactly 0: the
+    reference pass batches pairs differently, and 16-bit kernels round by shape."""
     import json
 
     from dpokit.train import train
 
-    out = train(run_config(workdir, f"cuda-qlora-{precision[0]}", *LORA, "load_in_4bit=true", *precision, "max_steps=4",
+    out = train(run_config(workdir, f"cuda-qlora-{precision[0]}", *LORA, "load_in_4bit=true", *precision, "max_steps=6",
                            "gradient_checkpointing=true"))
     rows = _train_rows(out)
     assert all(math.isfinite(r["loss"]) for r in rows)
-    assert rows[0]["rewards/margins"] == 0.0 and rows[-1]["rewards/margins"] != 0.0
+    assert abs(rows[0]["rewards/margins"]) < 0.05 and rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
     assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 4
     assert not (out / "final" / "model.safetensors").exists()
 

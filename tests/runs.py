@@ -34,7 +34,16 @@ def run_config(workdir: Path, out: str, *overrides: str):
     ])
 
 
+LORA = ("use_peft=true", "lora_r=4", "lora_alpha=8", "lora_dropout=0.0", "lora_target_modules=[q_proj,v_proj]")
+"""Overrides for a small LoRA run on the tiny model."""
+
+
 def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    """The training rows of a run's metrics (eval rows left out)."""
+    return [r for r in read_rows(run_dir) if "loss" in r]
 
 

@@ -86,7 +86,7 @@ def test_lora_trains_and_merges_on_unusual_layers(workdir, tmp_path, model_type)
 
     from dpokit.export import export_model
     from dpokit.train import train
-    from runs import read_rows, run_config
+    from runs import run_config, train_rows
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     tiny_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -96,7 +96,7 @@ def test_lora_trains_and_merges_on_unusual_layers(workdir, tmp_path, model_type)
     out = train(run_config(workdir, f"arch-lora-{model_type}", f"model.name_or_path={tmp_path / 'model'}",
                            f"attn_implementation={attn}", "max_steps=2", "use_peft=true", "lora_r=4", "lora_alpha=8",
                            "lora_dropout=0.0", "lora_target_modules=[all-linear]"))
-    rows = [r for r in read_rows(out) if "loss" in r]
+    rows = train_rows(out)
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5) and rows[-1]["loss"] < rows[0]["loss"]
     merged = AutoModelForCausalLM.from_pretrained(export_model(str(out), tmp_path / "merged", merge=True),
                                                   attn_implementation=attn).eval()

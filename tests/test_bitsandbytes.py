@@ -23,9 +23,8 @@ import dpokit.modeling  # noqa: E402
 import dpokit.train  # noqa: E402
 from dpokit.config import ConfigError  # noqa: E402
 from dpokit.train import train  # noqa: E402
-from runs import make_workdir, read_rows, run_config  # noqa: E402
+from runs import LORA, make_workdir, run_config, train_rows  # noqa: E402
 
-LORA = ("use_peft=true", "lora_r=4", "lora_alpha=8", "lora_dropout=0.0", "lora_target_modules=[q_proj,v_proj]")
 QLORA = (*LORA, "load_in_4bit=true", "gradient_checkpointing=true")
 
 
@@ -69,10 +68,6 @@ def loaded_policies(monkeypatch):
     load_policy = dpokit.train.load_policy
     monkeypatch.setattr(dpokit.train, "load_policy", keep)
     return policies
-
-
-def train_rows(run_dir):
-    return [r for r in read_rows(run_dir) if "loss" in r]
 
 
 def test_qlora_and_adamw_8bit_are_refused_on_a_cpu_before_loading(wide_workdir, loaded_policies):

@@ -13,16 +13,11 @@ import math
 import pytest
 import torch
 
-from runs import read_rows, run_config
+from runs import LORA, run_config, train_rows
 from test_logps import naive_logps, ragged_pairs, tiny_lm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-LORA = ("use_peft=true", "lora_r=4", "lora_alpha=8", "lora_dropout=0.0", "lora_target_modules=[q_proj,v_proj]")
-
-
-def _train_rows(run_dir):
-    return [r for r in read_rows(run_dir) if "loss" in r]
 
 
 @pytest.mark.parametrize("layout", ["packed", "prefix_packed", "prefix_padded"])
@@ -75,7 +70,7 @@ def test_flash_attention_2_training_keeps_chunked_logps(workdir, recwarn, precis
 
     out = train(run_config(workdir, f"cuda-fa2-{precision.replace('=', '-')}", precision, "prefix_sharing=false",
                            "attn_implementation=flash_attention_2", "max_steps=6"))
-    rows = _train_rows(out)
+    rows = train_rows(out)
     assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
     assert not [w for w in recwarn if "full logits" in str(w.message)]
@@ -89,7 +84,7 @@ def test_16bit_training_on_cuda(workdir, attn, precision):
     out = run_config(workdir, f"cuda-{precision.replace('=', '-')}-{attn}", precision, f"attn_implementation={attn}", "max_steps=6")
     from dpokit.train import train
 
-    rows = _train_rows(train(out))
+    rows = train_rows(train(out))
     assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
 
@@ -107,7 +102,7 @@ def test_qlora_trains_4bit_base(workdir, precision):
 
     out = train(run_config(workdir, f"cuda-qlora-{precision[0]}", *LORA, "load_in_4bit=true", *precision, "max_steps=6",
                            "gradient_checkpointing=true"))
-    rows = _train_rows(out)
+    rows = train_rows(out)
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert abs(rows[0]["rewards/margins"]) < 0.05 and rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
     assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 4
@@ -118,7 +113,7 @@ def test_qlora_trains_4bit_base(workdir, precision):
 def test_adamw_8bit_trains(workdir):
     from dpokit.train import train
 
-    rows = _train_rows(train(run_config(workdir, "cuda-adam8", "optim=adamw_8bit", "max_steps=4")))
+    rows = train_rows(train(run_config(workdir, "cuda-adam8", "optim=adamw_8bit", "max_steps=4")))
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["rewards/margins"] != rows[0]["rewards/margins"]
 

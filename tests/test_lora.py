@@ -10,13 +10,8 @@ pytest.importorskip("peft")
 from dpokit.cli import main  # noqa: E402
 from dpokit.config import ConfigError  # noqa: E402
 from dpokit.train import train  # noqa: E402
-from runs import read_rows, run_config  # noqa: E402
+from runs import LORA, read_rows, run_config, train_rows  # noqa: E402
 
-LORA = ("use_peft=true", "lora_r=4", "lora_alpha=8", "lora_dropout=0.0", "lora_target_modules=[q_proj,v_proj]")
-
-
-def train_rows(run_dir):
-    return [r for r in read_rows(run_dir) if "loss" in r]
 
 
 def sft_adapter(workdir, folder):

@@ -10,18 +10,19 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit.train import train
-from runs import METRIC_KEYS, read_rows, run_config
+from runs import METRIC_KEYS, read_rows, run_config, train_rows
+
 
 def test_run_directory_is_complete(workdir):
     out = train(run_config(workdir, "full", "save_steps=2", "save_total_limit=1", "eval_steps=2"))
     rows = read_rows(out)
-    train_rows = [r for r in rows if "loss" in r]
+    trained = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "eval/loss" in r]
-    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
-    assert METRIC_KEYS <= set(train_rows[0])
+    assert [r["step"] for r in trained] == [1, 2, 3, 4]
+    assert METRIC_KEYS <= set(trained[0])
     assert [r["step"] for r in eval_rows] == [2, 4]
     assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"} <= set(eval_rows[0])
-    assert all(r["tokens"] > 0 and r["tokens_per_second"] > 0 for r in train_rows)
+    assert all(r["tokens"] > 0 and r["tokens_per_second"] > 0 for r in trained)
     # checkpoints: newest only (limit 1), complete, loadable
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step-2"]
@@ -45,7 +46,7 @@ def test_run_directory_is_complete(workdir):
 def test_gradient_accumulation_equals_larger_batch(workdir):
     big = train(run_config(workdir, "accum1", "per_device_train_batch_size=4", "gradient_accumulation_steps=1"))
     small = train(run_config(workdir, "accum2", "per_device_train_batch_size=2", "gradient_accumulation_steps=2"))
-    a, b = [r for r in read_rows(big) if "loss" in r], [r for r in read_rows(small) if "loss" in r]
+    a, b = train_rows(big), train_rows(small)
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen"):
             assert ra[key] == pytest.approx(rb[key], abs=1e-4), (ra["step"], key)
@@ -60,16 +61,16 @@ def test_gradient_accumulation_equals_larger_batch(workdir):
 def test_every_loss_trains(workdir, loss_type):
     out = train(run_config(workdir, f"loss-{loss_type.strip('[]').replace(',', '-')}", f"loss_type={loss_type}",
                            "max_steps=2", "label_smoothing=0.1" if "robust" in loss_type else "beta=0.1"))
-    rows = [r for r in read_rows(out) if "loss" in r]
+    rows = train_rows(out)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
 
 def test_resume_continues_exactly(workdir):
     run_dir = train(run_config(workdir, "resume", "save_steps=2"))
-    uninterrupted = [r for r in read_rows(run_dir) if "loss" in r]
+    uninterrupted = train_rows(run_dir)
     # resume from the step-2 checkpoint, as a run killed after step 2 would; steps 3-4 are redone
     train(run_config(workdir, "resume", "save_steps=2", f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"))
-    resumed = [r for r in read_rows(run_dir) if "loss" in r]
+    resumed = train_rows(run_dir)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for ra, rb in zip(uninterrupted, resumed, strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "learning_rate"):

@@ -9,11 +9,7 @@ from dpokit.cli import main
 from dpokit.config import load_config
 from dpokit.tiny import build_tiny_model
 from dpokit.train import plan_steps, train
-from runs import read_rows, run_config
-
-
-def train_rows(run_dir):
-    return [r for r in read_rows(run_dir) if "loss" in r]
+from runs import read_rows, run_config, train_rows
 
 
 def eval_rows(run_dir):

@@ -47,6 +47,7 @@ from dpokit.modeling import (
     load_tokenizer,
     uses_peft,
 )
+from dpokit.schedule import make_scheduler
 
 
 def autocast_dtype(training: TrainingConfig) -> torch.dtype | None:
@@ -326,15 +327,11 @@ def train(config: Config) -> Path:
     per_epoch, total_steps = plan_steps(len(data.train), global_batch, config)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
 
-    from transformers import get_scheduler
-
     scorer = reply_scorer(policy.to(accelerator.device), t)  # checks the model with eager forwards
     if t.torch_compile:
         decoder_of(policy).compile(dynamic=True)  # in place: parameter names and saving unchanged
     optimizer = _optimizer(scorer, config)
-    # transformers' "constant" ignores warmup; its warmup variant is what a user asking for both means
-    schedule = "constant_with_warmup" if t.lr_scheduler_type == "constant" else t.lr_scheduler_type
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scheduler = make_scheduler(optimizer, t.lr_scheduler_type, warmup, total_steps)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
     unwrapped = accelerator.unwrap_model(scorer)
     # fp16's dynamic loss scaling; with it off, scale() returns the loss and step() steps

@@ -47,3 +47,17 @@ def train_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_rows(run_dir) if "loss" in r]
 
 
+def sft_adapter(workdir: Path, folder: Path) -> Path:
+    """An adapter with non-zero weights, as an SFT run would leave."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(workdir / "model"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    return folder

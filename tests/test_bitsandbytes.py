@@ -4,8 +4,9 @@ Training refuses both on a machine without CUDA (``check_device_requirements``):
 CPU kernels are slow, and its CPU inference path repacks 4-bit weights after an eval-mode
 forward, which breaks the next training step (``fix_cpu_repacking`` below). These tests lift the
 refusal to run everything of dpokit's own on the way: 4-bit nf4 loading, k-bit preparation, LoRA
-over ``Linear4bit`` layers, the one-time model checks, chunked log-probs, the adapters-off
-reference, 16-bit loss scaling, saving and ``export --merge``, 8-bit optimizer state through a
+over ``Linear4bit`` layers (fresh, or continuing an SFT adapter), the one-time model checks,
+chunked log-probs, the adapters-off reference (precomputed or live), 16-bit loss scaling, saving
+and ``export --merge``, the planner's 4-bit weight bytes, 8-bit optimizer state through a
 checkpoint and resume. What they leave to ``tests/test_cuda.py`` is bitsandbytes' CUDA kernels.
 """
 
@@ -23,7 +24,7 @@ import dpokit.modeling  # noqa: E402
 import dpokit.train  # noqa: E402
 from dpokit.config import ConfigError  # noqa: E402
 from dpokit.train import train  # noqa: E402
-from runs import LORA, make_workdir, run_config, train_rows  # noqa: E402
+from runs import LORA, make_workdir, run_config, sft_adapter, train_rows  # noqa: E402
 
 QLORA = (*LORA, "load_in_4bit=true", "gradient_checkpointing=true")
 
@@ -101,6 +102,32 @@ def test_qlora_trains_adapters_over_a_4bit_base(wide_workdir, on_cpu_anyway, fix
     names = {p.name for p in (out / "final").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"} <= names
     assert "model.safetensors" not in names
+
+
+def test_qlora_live_reference_switches_the_adapters_off(wide_workdir, on_cpu_anyway, fix_cpu_repacking, monkeypatch):
+    """``precompute_ref_log_probs=false``: the 4-bit policy scores the reference with its adapters
+    off, loading no second model, and trains as with the precomputed table."""
+    cached = train_rows(train(run_config(wide_workdir, "qlora-table", *QLORA, "dtype=bfloat16", "max_steps=3", "eval=null")))
+
+    def no_second_model(*args, **kwargs):
+        raise AssertionError("a second model was loaded")
+
+    monkeypatch.setattr(dpokit.train, "load_reference", no_second_model)
+    live = train_rows(train(run_config(wide_workdir, "qlora-live", *QLORA, "dtype=bfloat16", "max_steps=3", "eval=null",
+                                       "precompute_ref_log_probs=false")))
+    for a, b in zip(cached, live, strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
+
+
+def test_qlora_continues_an_sft_adapter(wide_workdir, on_cpu_anyway, fix_cpu_repacking, tmp_path):
+    """The policy is the 4-bit base + the SFT adapter (trainable), the reference the same, frozen."""
+    adapter = sft_adapter(wide_workdir, tmp_path / "sft")
+    rows = train_rows(train(run_config(wide_workdir, "qlora-from-sft", "use_peft=true", f"adapter_name_or_path={adapter}",
+                                       "load_in_4bit=true", "dtype=bfloat16", "max_steps=3", "eval=null")))
+    assert abs(rows[0]["rewards/margins"]) < 1e-4 and rows[-1]["rewards/margins"] > 1e-3
+    fresh = train_rows(train(run_config(wide_workdir, "qlora-fresh", *QLORA, "dtype=bfloat16", "max_steps=1", "eval=null")))
+    assert abs(rows[0]["logps/chosen"] - fresh[0]["logps/chosen"]) > 0.5  # it did start from the adapter (1.5 apart)
 
 
 def test_qlora_run_exports_a_full_precision_merged_model(wide_workdir, on_cpu_anyway, fix_cpu_repacking, tmp_path):

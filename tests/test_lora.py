@@ -10,23 +10,7 @@ pytest.importorskip("peft")
 from dpokit.cli import main  # noqa: E402
 from dpokit.config import ConfigError  # noqa: E402
 from dpokit.train import train  # noqa: E402
-from runs import LORA, read_rows, run_config, train_rows  # noqa: E402
-
-
-
-def sft_adapter(workdir, folder):
-    """An adapter with non-zero weights, as an SFT run would leave."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(workdir / "model"),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    torch.manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    return folder
+from runs import LORA, read_rows, run_config, sft_adapter, train_rows  # noqa: E402
 
 
 def test_lora_trains_adapters_only_and_saves_an_adapter(workdir):

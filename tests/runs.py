@@ -15,7 +15,7 @@ METRIC_KEYS = {
 
 
 def make_workdir(root: Path, hidden_size: int = 32, intermediate_size: int = 64) -> Path:
-    """A tiny Qwen2 model (hidden 32, 2 layers) and 48 train / 12 eval quickstart pairs under ``root``."""
+    """A tiny Qwen2 model (2 layers, hidden 32 unless asked) and 48 train / 12 eval quickstart pairs under ``root``."""
     build_tiny_model(root / "model", hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                      intermediate_size=intermediate_size, seed=0)
     for name, n, seed in (("train", 48, 1), ("eval", 12, 2)):

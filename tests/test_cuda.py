@@ -19,7 +19,6 @@ from test_logps import naive_logps, ragged_pairs, tiny_lm
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-
 @pytest.mark.parametrize("layout", ["packed", "prefix_packed", "prefix_padded"])
 def test_flex_attention_logps_and_gradients_match_naive(layout):
     """float32 on the GPU: flex_attention with dpokit's BlockMask (prefix layouts) or transformers'

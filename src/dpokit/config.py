@@ -143,6 +143,7 @@ def data_sources(value: DataSource | list[DataSource] | None) -> list[DataSource
 class TrainingConfig:
     learning_rate: float = 1e-6
     lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    """After the warmup (every schedule has one): linear or half-cosine decay to 0 at the last step, or constant."""
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     """Takes precedence over ``warmup_ratio`` when above 0."""

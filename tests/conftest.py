@@ -82,6 +82,18 @@ def workdir(tmp_path_factory):
     return make_workdir(tmp_path_factory.mktemp("train"))
 
 
+@pytest.fixture
+def no_second_model(monkeypatch):
+    """Training that loads a reference model fails the test (LoRA's reference is the policy with
+    its adapters off)."""
+    import dpokit.train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a second model was loaded")
+
+    monkeypatch.setattr(dpokit.train, "load_reference", refuse)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Reference tables and built models go to a fresh cache, not the user's."""

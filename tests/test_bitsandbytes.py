@@ -104,15 +104,10 @@ def test_qlora_trains_adapters_over_a_4bit_base(wide_workdir, on_cpu_anyway, fix
     assert "model.safetensors" not in names
 
 
-def test_qlora_live_reference_switches_the_adapters_off(wide_workdir, on_cpu_anyway, fix_cpu_repacking, monkeypatch):
+def test_qlora_live_reference_switches_the_adapters_off(wide_workdir, on_cpu_anyway, fix_cpu_repacking, no_second_model):
     """``precompute_ref_log_probs=false``: the 4-bit policy scores the reference with its adapters
     off, loading no second model, and trains as with the precomputed table."""
     cached = train_rows(train(run_config(wide_workdir, "qlora-table", *QLORA, "dtype=bfloat16", "max_steps=3", "eval=null")))
-
-    def no_second_model(*args, **kwargs):
-        raise AssertionError("a second model was loaded")
-
-    monkeypatch.setattr(dpokit.train, "load_reference", no_second_model)
     live = train_rows(train(run_config(wide_workdir, "qlora-live", *QLORA, "dtype=bfloat16", "max_steps=3", "eval=null",
                                        "precompute_ref_log_probs=false")))
     for a, b in zip(cached, live, strict=True):

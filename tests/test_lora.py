@@ -26,15 +26,8 @@ def test_lora_trains_adapters_only_and_saves_an_adapter(workdir):
     assert config["r"] == 4 and set(config["target_modules"]) == {"q_proj", "v_proj"}
 
 
-def test_live_reference_is_the_policy_with_adapters_off_and_never_a_copy(workdir, monkeypatch):
-    import dpokit.train
-
+def test_live_reference_is_the_policy_with_adapters_off_and_never_a_copy(workdir, no_second_model):
     cached = train_rows(train(run_config(workdir, "lora-table", *LORA, "max_steps=3")))
-
-    def no_second_model(*args, **kwargs):
-        raise AssertionError("a second model was loaded")
-
-    monkeypatch.setattr(dpokit.train, "load_reference", no_second_model)
     live = train_rows(train(run_config(workdir, "lora-live", *LORA, "max_steps=3", "precompute_ref_log_probs=false")))
     for a, b in zip(cached, live, strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen"):

@@ -1,6 +1,7 @@
 """The architectures users bring, each as a tiny random model: reply log-probs equal the naive
-computation (padded batch, full logits) in every batch layout, or the layout is refused with a
-clear message before training; LoRA trains and merges on the ones with unusual linear layers.
+computation (padded batch, full logits) in every batch layout (with dpokit's own mask for packed
+rows where a model ignores their restarts); LoRA trains and merges on the ones with unusual linear
+layers.
 New transformers releases change models' attention and mask code; this is where such a change
 would show."""
 
@@ -12,7 +13,6 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from dpokit.config import ConfigError
 from dpokit.data.batching import LAYOUTS, make_batch
 from dpokit.logps import ReplyLogProbs, check_rows_kept_apart
 from test_logps import VOCAB, naive_logps, ragged_pairs
@@ -32,8 +32,6 @@ ARCHITECTURES = {  # model_type -> config settings beyond COMMON
     "falcon": dict(new_decoder_architecture=True, num_kv_heads=2),
 }
 ATTENTION = {"gemma2": "eager"}  # soft-capped attention: not sdpa
-# Falcon's attention builds its own causal mask and ignores where packed sequences restart: its
-# packed rows are refused (prefix sharing, dpokit's own mask, works).
 TRANSFORMERS_4 = transformers.__version__.startswith("4.")
 
 
@@ -48,31 +46,57 @@ def tiny_model(model_type: str, **overrides):
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
-def test_each_architecture_is_exact_in_every_layout_or_refused(model_type):
-    """Accepted layouts give the naive log-probs through the chunked path; a refused one would not
-    have (the check is never needlessly strict). Only the known cases are refused: transformers 4.x
-    also refuses packed rows for a few models its older mask code does not pack (Qwen2-MoE, StableLM)."""
+def test_each_architecture_is_exact_in_every_layout(model_type):
+    """Every layout gives the naive log-probs through the chunked path. Falcon builds its own causal
+    mask and ignores where packed sequences restart (on transformers 4.x, so do Qwen2-MoE and
+    StableLM): the check finds it, and dpokit masks their packed rows itself; the mask is needed
+    (the check is never needlessly strict) and not given to the models that do not need it."""
     if model_type not in CONFIG_MAPPING:
         pytest.skip(f"this transformers release has no {model_type}")
     model, pairs = tiny_model(model_type), ragged_pairs(seed=1)
     naive = naive_logps(model, pairs)
-    scorer = ReplyLogProbs(model, chunk_size=7)
-    assert scorer.chunked, f"{model_type}: dpokit does not reproduce its output layer"
-    refused = set()
+    assert ReplyLogProbs(model).chunked, f"{model_type}: dpokit does not reproduce its output layer"
+    masked = set()
     for layout in LAYOUTS:
+        mask_packed_rows = check_rows_kept_apart(model, layout)
+        scorer = ReplyLogProbs(model, chunk_size=7, mask_packed_rows=mask_packed_rows)
         error = (scorer(**make_batch(pairs, layout).model_inputs()) - naive).abs().max().item()
-        try:
-            check_rows_kept_apart(model, layout)
-        except ConfigError as e:
-            assert "attend to each other" in str(e) or "ignores dpokit's attention mask" in str(e)
-            assert error > 1e-3, f"{model_type} {layout}: refused, yet exact"
-            refused.add(layout)
-            continue
-        assert error < 1e-4, f"{model_type} {layout}: accepted, yet off by {error:.3g}"
+        assert error < 1e-4, f"{model_type} {layout}: off by {error:.3g}"
+        if mask_packed_rows:
+            masked.add(layout)
+            unmasked = ReplyLogProbs(model, chunk_size=7)(**make_batch(pairs, layout).model_inputs())
+            assert (unmasked - naive).abs().max() > 1e-3, f"{model_type} {layout}: masked, yet exact without"
     expected = {"packed"} if model_type == "falcon" else set()
     if TRANSFORMERS_4 and model_type in ("qwen2_moe", "stablelm"):
-        expected = refused & {"packed"}
-    assert refused == expected
+        expected = masked & {"packed"}  # some 4.x releases keep their packed rows apart, some do not
+    assert masked == expected
+
+
+def save_tiny_model(model_type: str, workdir, tmp_path):
+    """``tiny_model(model_type)`` sized to the workdir's tokenizer, saved with it; returns the folder."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    tiny_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               eos_token_id=tokenizer.eos_token_id, bos_token_id=None).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_falcon_trains_packed_rows_with_dpokits_mask(workdir, tmp_path):
+    """End to end: Falcon with packed rows and no prefix sharing trains through dpokit's own
+    block-diagonal mask, step for step as in the padded layout."""
+    from dpokit.train import train
+    from runs import run_config, train_rows
+
+    model_dir = save_tiny_model("falcon", workdir, tmp_path)
+    runs = {padding_free: train_rows(train(run_config(
+        workdir, f"falcon-packed-{padding_free}", f"model.name_or_path={model_dir}", "max_steps=3", "prefix_sharing=false",
+        f"padding_free={str(padding_free).lower()}", "precompute_ref_log_probs=false")))
+        for padding_free in (True, False)}
+    for packed, padded in zip(runs[True], runs[False], strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-5), key
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "falcon", "phi3", "gemma2"])
@@ -82,18 +106,14 @@ def test_lora_trains_and_merges_on_unusual_layers(workdir, tmp_path, model_type)
     Gemma 2's soft-capped eager attention. LoRA on all-linear trains, and the merged export gives
     the adapter model's logits."""
     from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer
 
     from dpokit.export import export_model
     from dpokit.train import train
     from runs import run_config, train_rows
 
-    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    tiny_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-               eos_token_id=tokenizer.eos_token_id, bos_token_id=None).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    model_dir = save_tiny_model(model_type, workdir, tmp_path)
     attn = ATTENTION.get(model_type, "sdpa")
-    out = train(run_config(workdir, f"arch-lora-{model_type}", f"model.name_or_path={tmp_path / 'model'}",
+    out = train(run_config(workdir, f"arch-lora-{model_type}", f"model.name_or_path={model_dir}",
                            f"attn_implementation={attn}", "max_steps=2", "use_peft=true", "lora_r=4", "lora_alpha=8",
                            "lora_dropout=0.0", "lora_target_modules=[all-linear]"))
     rows = train_rows(out)

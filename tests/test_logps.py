@@ -8,7 +8,7 @@ from dpokit.data.batching import LAYOUTS, make_batch
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.config import ConfigError
 from dpokit.logps import ReplyLogProbs, check_rows_kept_apart, token_logps
-from dpokit.masks import dense_prefix_mask, flex_prefix_mask
+from dpokit.masks import dense_row_mask, flex_row_mask
 
 VOCAB = 97
 
@@ -195,40 +195,85 @@ def test_unknown_output_transform_falls_back_to_full_logits_and_says_so():
 def test_row_check_passes_models_that_keep_sequences_apart(arch, attn, layout):
     model = tiny_lm(arch)
     model.config._attn_implementation = attn
-    check_rows_kept_apart(model, layout)
-    assert model._dpokit_rows_checked == {layout.startswith("prefix")}
+    assert check_rows_kept_apart(model, layout) is False  # packed rows need no mask of dpokit's
+    assert model._dpokit_rows_checked == {layout.startswith("prefix"): False}
 
 
-def test_row_check_refuses_a_model_that_lets_packed_sequences_mix(monkeypatch):
-    """A model whose attention ignores where packed sequences restart (older torch under
-    transformers' mask builder, or remote code): its packed log-probs are wrong, and the check says so."""
+def ignore_packed_restarts(monkeypatch):
+    """Make transformers' mask builder blind to restarting position ids, as older torch releases
+    and some models' own attention code are."""
     import transformers.masking_utils
 
     monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+
+
+def drop_4d_masks(monkeypatch, model):
+    """Make ``model``'s decoder ignore a 4D attention mask, as remote code building its own causal
+    mask would."""
+    decoder_forward = model.model.forward
+
+    def forward(*args, attention_mask=None, **kwargs):
+        return decoder_forward(*args, attention_mask=None if attention_mask is not None and attention_mask.dim() == 4
+                               else attention_mask, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", forward)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+def test_packed_rows_get_dpokits_mask_when_a_model_ignores_their_restarts(monkeypatch, attn):
+    """A model whose attention ignores where packed sequences restart would let them see each
+    other; the check finds that and the scorer then masks the packed rows itself, exactly."""
+    ignore_packed_restarts(monkeypatch)
     model, pairs = tiny_lm(), ragged_pairs(seed=6)
-    mixed = ReplyLogProbs(model)(**make_batch(pairs, "packed").model_inputs())
-    assert (mixed - naive_logps(model, pairs)).abs().max() > 1e-2  # what the check prevents
-    with pytest.raises(ConfigError, match="set training.prefix_sharing=true .* or training.padding_free=false"):
+    model.config._attn_implementation = attn
+    batch = make_batch(pairs, "packed", row_tokens=60)  # several rows, so some are padded
+    assert batch.input_ids.shape[0] > 1 and (batch.groups == -1).any()
+    with torch.no_grad():  # flex_attention has no backward on the CPU
+        naive = naive_logps(model, pairs)
+        mixed = ReplyLogProbs(model)(**batch.model_inputs())
+        assert (mixed - naive).abs().max() > 1e-2  # what the check prevents
+        assert check_rows_kept_apart(model, "packed") is True
+        masked = ReplyLogProbs(model, chunk_size=7, mask_packed_rows=True)(**batch.model_inputs())
+    torch.testing.assert_close(masked, naive, atol=1e-4, rtol=0)
+
+
+def test_row_check_refuses_a_model_that_lets_packed_sequences_mix_either_way(monkeypatch):
+    """Ignoring the restarts and dpokit's mask too: packed rows are refused, prefix-shared ones
+    too (their mask is ignored alike), and the padded layout is the way out."""
+    ignore_packed_restarts(monkeypatch)
+    model = tiny_lm()
+    drop_4d_masks(monkeypatch, model)
+    with pytest.raises(ConfigError, match="attend to each other .* and dpokit's attention mask.*set training.padding_free=false"):
         check_rows_kept_apart(model, "packed")
-    check_rows_kept_apart(model, "prefix_packed")  # dpokit's own mask still works: the way out it names
+    with pytest.raises(ConfigError, match="ignores dpokit's attention mask"):
+        check_rows_kept_apart(model, "prefix_packed")
+    assert check_rows_kept_apart(model, "padded") is False
+
+
+def test_row_check_names_a_maskable_attention_when_flash_attention_ignores_restarts(monkeypatch):
+    """flash-attention cannot take dpokit's mask; for a model that ignores the restarts there, the
+    refusal names the attention implementations that can."""
+    import dpokit.logps
+
+    model = tiny_lm()
+    model.config._attn_implementation = "flash_attention_2"
+    calls = []
+    monkeypatch.setattr(dpokit.logps, "_rows_kept_apart", lambda m, **kinds: calls.append(kinds) or False)
+    with pytest.raises(ConfigError, match="padding_free=false, or attn_implementation to one of sdpa, eager, flex_attention"):
+        check_rows_kept_apart(model, "packed")
+    assert calls == [dict(restart_positions=True, own_mask=False)]  # dpokit's mask was not tried
 
 
 def test_row_check_refuses_a_model_that_ignores_dpokits_mask(monkeypatch):
     """Remote code that builds its own causal mask and drops the 4D one dpokit gives would let a
     rejected reply see the chosen one."""
     model, pairs = tiny_lm(), ragged_pairs(seed=6)
-    decoder_forward = model.model.forward
-
-    def drop_4d_masks(*args, attention_mask=None, **kwargs):
-        return decoder_forward(*args, attention_mask=None if attention_mask is not None and attention_mask.dim() == 4
-                               else attention_mask, **kwargs)
-
-    monkeypatch.setattr(model.model, "forward", drop_4d_masks)
+    drop_4d_masks(monkeypatch, model)
     wrong = ReplyLogProbs(model)(**make_batch(pairs, "prefix_padded").model_inputs())
     assert (wrong - naive_logps(model, pairs)).abs().max() > 1e-2  # what the check prevents
     with pytest.raises(ConfigError, match="ignores dpokit's attention mask .* set training.prefix_sharing=false"):
         check_rows_kept_apart(model, "prefix_padded")
-    check_rows_kept_apart(model, "packed")  # position ids still keep packed rows apart
+    assert check_rows_kept_apart(model, "packed") is False  # position ids still keep packed rows apart
 
 
 @pytest.mark.parametrize("prefix_sharing", [True, False])
@@ -242,8 +287,8 @@ def test_reply_scorer_checks_the_model_as_training_runs_it(monkeypatch, prefix_s
     seen = []
     for name in ("_head_reproduces_logits", "_rows_kept_apart"):
         probe = getattr(dpokit.logps, name)
-        monkeypatch.setattr(dpokit.logps, name, lambda model, *a, probe=probe, name=name: (
-            seen.append((name, torch.is_autocast_enabled("cpu"))), probe(model, *a))[1])
+        monkeypatch.setattr(dpokit.logps, name, lambda model, *a, probe=probe, name=name, **kw: (
+            seen.append((name, torch.is_autocast_enabled("cpu"))), probe(model, *a, **kw))[1])
     model, training = tiny_lm(), TrainingConfig(bf16=True, padding_free=True, prefix_sharing=prefix_sharing)
     assert reply_scorer(model, training).chunked
     assert reply_scorer(model, training).chunked
@@ -326,7 +371,7 @@ def test_layouts_remove_padding_and_shared_prompts():
 def test_prefix_mask_hides_chosen_from_rejected():
     pair = TokenizedPair([5, 6], [7, 8], [9])
     batch = make_batch([pair, TokenizedPair([5], [7], [8])], "prefix_padded")
-    mask = dense_prefix_mask(batch.groups, batch.branches, torch.float32)[:, 0] == 0  # True: attention allowed
+    mask = dense_row_mask(batch.groups, batch.branches, torch.float32)[:, 0] == 0  # True: attention allowed
     # row 0 columns: 0-1 prompt, 2-3 chosen, 4 rejected
     assert mask[0, 4].tolist() == [True, True, False, False, True]
     assert mask[0, 3].tolist() == [True, True, True, True, False]
@@ -335,7 +380,7 @@ def test_prefix_mask_hides_chosen_from_rejected():
     assert mask[1, 4].tolist() == [False, False, False, True, True]
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 2]
     packed = make_batch([pair, TokenizedPair([5], [7], [8])], "prefix_packed")
-    assert (dense_prefix_mask(packed.groups, packed.branches, torch.float32)[0, 0, 5:, :5] < 0).all()  # pairs apart
+    assert (dense_row_mask(packed.groups, packed.branches, torch.float32)[0, 0, 5:, :5] < 0).all()  # pairs apart
 
 
 def test_flex_block_mask_is_the_dense_rule():
@@ -343,8 +388,8 @@ def test_flex_block_mask_is_the_dense_rule():
     from torch.nn.attention.flex_attention import create_mask
 
     batch = make_batch(ragged_pairs(n=4), "prefix_packed", row_tokens=60)
-    dense = dense_prefix_mask(batch.groups, batch.branches, torch.float32)[:, 0] == 0
-    block = flex_prefix_mask(batch.groups, batch.branches)
+    dense = dense_row_mask(batch.groups, batch.branches, torch.float32)[:, 0] == 0
+    block = flex_row_mask(batch.groups, batch.branches)
     rows, width = batch.groups.shape
     assert block.shape[-2:] == (width, width) and block.shape[0] == rows
     assert torch.equal(create_mask(block.mask_mod, rows, None, width, width, device="cpu")[:, 0], dense)

@@ -18,7 +18,8 @@ and dpokit says so.
 
 Rows that hold several sequences rely on the model's attention keeping them apart (from the
 restarting position ids, or from dpokit's mask); :func:`check_rows_kept_apart` checks that once
-per model and refuses a model that lets them mix.
+per model, gives packed rows dpokit's mask where the position ids are not enough, and refuses a
+model that lets them mix either way.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dpokit.config import ConfigError
-from dpokit.masks import prefix_attention_mask
+from dpokit.config import PREFIX_ATTENTION, ConfigError
+from dpokit.masks import row_attention_mask
 from dpokit.modeling import eval_mode
 
 
@@ -198,21 +199,19 @@ def head_plan(model: nn.Module) -> tuple[float, float | None, bool]:
     return cached
 
 
-def _rows_kept_apart(model: nn.Module, own_mask: bool) -> bool:
-    """Whether ``model`` keeps two 6-token sequences in one row apart, given either restarting
-    position ids and no mask (``own_mask=False``: the packed layout) or running position ids and
-    dpokit's mask for the prefix-shared layouts (``own_mask=True``; block-diagonal here). The second
-    sequence's hidden states must be nearer to its hidden states alone than to those of the row
-    under one causal mask over both (what a model that ignores the restarts, or the mask, computes).
-    Eval mode, no grad, the caller's device and autocast."""
+def _rows_kept_apart(model: nn.Module, restart_positions: bool, own_mask: bool) -> bool:
+    """Whether ``model`` keeps two 6-token sequences in one row apart, given restarting position ids
+    (0..5 0..5, as the packed layout has) or running ones (0..11), with or without dpokit's own
+    (block-diagonal) mask. The second sequence's hidden states must be nearer to its hidden states
+    alone than to those of the row under one causal mask over both (what a model that ignores the
+    restarts, or the mask, computes). Eval mode, no grad, the caller's device and autocast."""
     device = model.get_output_embeddings().weight.device
     ids = torch.arange(1, 13, device=device)[None] % model.config.vocab_size  # [1, 12]: two sequences
-    positions = torch.arange(12, device=device) if own_mask else torch.arange(6, device=device).repeat(2)
-    positions, mask = positions[None], None  # [1, 12]: 0..11, or 0..5 0..5
+    positions = torch.arange(6, device=device).repeat(2) if restart_positions else torch.arange(12, device=device)
+    positions, mask = positions[None], None  # [1, 12]
     if own_mask:
         groups = (torch.arange(12, device=device) >= 6).long()[None]
-        attn = getattr(model.config, "_attn_implementation", None)
-        mask = prefix_attention_mask(groups, torch.zeros_like(groups), attn, model.dtype)
+        mask = row_attention_mask(groups, None, getattr(model.config, "_attn_implementation", None), model.dtype)
     decoder = decoder_of(model)
 
     def hidden(**inputs) -> torch.Tensor:
@@ -225,32 +224,47 @@ def _rows_kept_apart(model: nn.Module, own_mask: bool) -> bool:
     return bool((apart - alone).abs().max() < (apart - mixed).abs().max())
 
 
-def check_rows_kept_apart(model: nn.Module, layout: str) -> None:
-    """Refuse ``model`` for ``layout`` when its attention lets the sequences of a row see each other.
+def check_rows_kept_apart(model: nn.Module, layout: str) -> bool:
+    """Make sure the sequences of a row in ``layout`` cannot see each other; returns whether
+    dpokit must give the packed rows its own mask for that.
 
     The packed layout gives only restarting position ids, from which transformers derives the
     block-diagonal mask (flash-attention's varlen kernel; sdpa, eager and flex_attention from torch
-    2.6); the prefix-shared layouts give dpokit's own 4D mask or BlockMask. A model with its own
-    attention code (trust_remote_code) may honour neither, and its log-probs would be silently
-    wrong. The padded layout (one sequence per row) needs nothing. Checked once per model and kind.
+    2.6). A model that ignores them (Falcon builds its own causal mask; remote code may) gets
+    dpokit's block-diagonal mask instead, when it honours that (True is returned). The prefix-shared
+    layouts always give dpokit's 4D mask or BlockMask. A model that honours neither is refused: its
+    log-probs would be silently wrong. The padded layout (one sequence per row) needs nothing.
+    Checked once per model and kind of row.
     """
     if layout == "padded":
-        return
-    own_mask = layout.startswith("prefix")
-    checked = model.__dict__.setdefault("_dpokit_rows_checked", set())
-    if own_mask in checked:
-        return
-    if not _rows_kept_apart(model, own_mask):
-        what = (
-            "ignores dpokit's attention mask for prefix-shared rows, so replies would see each other: set "
-            "training.prefix_sharing=false" if own_mask else
-            "lets the sequences of a packed row attend to each other (it ignores the position ids that mark where "
-            "each one starts): set training.prefix_sharing=true (dpokit then builds the mask itself; sdpa, eager "
-            "or flex_attention) or training.padding_free=false"
+        return False
+    shared = layout.startswith("prefix")
+    checked = model.__dict__.setdefault("_dpokit_rows_checked", {})
+    if shared not in checked:
+        checked[shared] = _rows_checked(model, shared)
+    return checked[shared]
+
+
+def _rows_checked(model: nn.Module, shared: bool) -> bool:
+    """For :func:`check_rows_kept_apart`: False (no mask needed), True (dpokit's mask needed for
+    packed rows), or a ConfigError."""
+    attn = getattr(model.config, "_attn_implementation", None)
+    if shared:
+        if _rows_kept_apart(model, restart_positions=False, own_mask=True):
+            return False
+        problem = "ignores dpokit's attention mask for prefix-shared rows, so replies would see each other: set training.prefix_sharing=false"
+    else:
+        if _rows_kept_apart(model, restart_positions=True, own_mask=False):
+            return False
+        can_mask = attn is None or attn in PREFIX_ATTENTION
+        if can_mask and _rows_kept_apart(model, restart_positions=True, own_mask=True):
+            return True
+        problem = "lets the sequences of a packed row attend to each other (it ignores the position ids that mark where each " + (
+            "one starts, and dpokit's attention mask): set training.padding_free=false" if can_mask else
+            f"one starts): set training.padding_free=false, or attn_implementation to one of {', '.join(PREFIX_ATTENTION)} "
+            "(dpokit then masks packed rows itself)"
         )
-        attn = getattr(model.config, "_attn_implementation", None)
-        raise ConfigError(f"the {getattr(model.config, 'model_type', '?')} model ({attn} attention) {what}")
-    checked.add(own_mask)
+    raise ConfigError(f"the {getattr(model.config, 'model_type', '?')} model ({attn} attention) {problem}")
 
 
 class ReplyLogProbs(nn.Module):
@@ -260,12 +274,15 @@ class ReplyLogProbs(nn.Module):
     sees one forward that covers both the decoder and the output layer.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, chunked: bool = True):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, chunked: bool = True, mask_packed_rows: bool = False):
         """``chunked=False`` (``training.chunked_logps``) always takes the model's full logits;
-        otherwise they are taken only for a model whose head dpokit cannot reproduce."""
+        otherwise they are taken only for a model whose head dpokit cannot reproduce.
+        ``mask_packed_rows``: give packed rows dpokit's block-diagonal mask (for a model that
+        ignores restarting position ids; see :func:`check_rows_kept_apart`)."""
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.mask_packed_rows = mask_packed_rows
         self.scale, self.softcap, self.chunked = head_plan(model) if chunked else (1.0, None, False)
 
     def forward(
@@ -288,15 +305,17 @@ class ReplyLogProbs(nn.Module):
             pred_rows, pred_cols: [N] where the hidden state predicting each reply token sits.
             targets: [N] the reply token ids.
             seq_index: [N] which sequence (0..num_seqs-1) each reply token belongs to.
-            groups, branches: [R, T] prefix-shared structure (see :mod:`dpokit.masks`), or None;
-                when given, the attention mask is built from them here, on the model's device.
+            groups, branches: [R, T] each token's sequence or pair, and its part of the pair (see
+                :mod:`dpokit.masks`). With ``branches`` (prefix-shared rows), or with ``groups`` alone
+                (packed rows) and ``mask_packed_rows``, the attention mask is built from them here,
+                on the model's device; packed rows otherwise go by their position ids.
 
         Returns:
             [num_seqs] float32 summed log-probs.
         """
-        if groups is not None:
+        if branches is not None or (groups is not None and self.mask_packed_rows):
             attn = getattr(self.model.config, "_attn_implementation", None)
-            attention_mask = prefix_attention_mask(groups, branches, attn, self.model.dtype)
+            attention_mask = row_attention_mask(groups, branches, attn, self.model.dtype)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if self.chunked:
             hidden = decoder_of(self.model)(**inputs).last_hidden_state

@@ -1,4 +1,4 @@
-"""Attention masks for the prefix-shared layouts, built on the model's device at forward time.
+"""Attention masks for rows that hold several sequences, built on the model's device at forward time.
 
 A prefix-shared row holds, for each of its pairs, the prompt (branch 0), the chosen reply
 (branch 1) and the rejected reply (branch 2), all tagged with the pair's group (its index in the
@@ -8,6 +8,10 @@ batch; -1 for padding). A token at column ``q`` sees the token at column ``kv`` 
 
 so replies see their own prompt and themselves, never the other reply or another pair. Padding
 tokens (group -1) see earlier padding only, which keeps every query row non-empty.
+
+Packed rows (each sequence its own group, no branches) get the same rule without the branch
+term, a block-diagonal causal mask, for the few models that ignore where packed sequences restart
+(see :func:`dpokit.logps.check_rows_kept_apart`); the others need no mask for them at all.
 
 The rule is written once (:func:`visible`) and given to attention in the form its kernel reads:
 a dense additive ``[R, 1, T, T]`` mask for sdpa and eager, a ``BlockMask`` for flex_attention
@@ -22,17 +26,19 @@ import torch
 from dpokit.config import DENSE_MASK_ATTENTION, PREFIX_ATTENTION
 
 
-def visible(groups: torch.Tensor, branches: torch.Tensor, row, q, kv) -> torch.Tensor:
+def visible(groups: torch.Tensor, branches: torch.Tensor | None, row, q, kv) -> torch.Tensor:
     """Whether query column ``q`` may attend to key column ``kv`` of ``row`` (broadcasts).
 
-    groups, branches: [R, T] long.
+    groups: [R, T] long; branches: [R, T] long, or None for packed rows (no branches).
     """
-    g_q, g_kv = groups[row, q], groups[row, kv]
+    allowed = (kv <= q) & (groups[row, q] == groups[row, kv])
+    if branches is None:
+        return allowed
     b_q, b_kv = branches[row, q], branches[row, kv]
-    return (kv <= q) & (g_q == g_kv) & ((b_kv == 0) | (b_kv == b_q))
+    return allowed & ((b_kv == 0) | (b_kv == b_q))
 
 
-def dense_prefix_mask(groups: torch.Tensor, branches: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dense_row_mask(groups: torch.Tensor, branches: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask [R, 1, T, T] of ``dtype``: 0 where attention is allowed, dtype's min elsewhere."""
     rows, width = groups.shape
     cols = torch.arange(width, device=groups.device)
@@ -42,7 +48,7 @@ def dense_prefix_mask(groups: torch.Tensor, branches: torch.Tensor, dtype: torch
     return torch.where(allowed, torch.zeros((), dtype=dtype, device=groups.device), blocked)[:, None]
 
 
-def flex_prefix_mask(groups: torch.Tensor, branches: torch.Tensor):
+def flex_row_mask(groups: torch.Tensor, branches: torch.Tensor | None):
     """A flex_attention ``BlockMask`` for [R, T] ``groups``/``branches`` (same rule, all heads)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -56,12 +62,13 @@ def flex_prefix_mask(groups: torch.Tensor, branches: torch.Tensor):
     return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=groups.device, _compile=compile_builder)
 
 
-def prefix_attention_mask(groups: torch.Tensor, branches: torch.Tensor, attn_implementation: str | None, dtype: torch.dtype):
-    """The mask of the prefix-shared rows in the form ``attn_implementation`` reads."""
+def row_attention_mask(groups: torch.Tensor, branches: torch.Tensor | None, attn_implementation: str | None, dtype: torch.dtype):
+    """The mask of the rows (prefix-shared, or packed when ``branches`` is None) in the form
+    ``attn_implementation`` reads."""
     if attn_implementation == "flex_attention":
-        return flex_prefix_mask(groups, branches)
+        return flex_row_mask(groups, branches)
     if attn_implementation in DENSE_MASK_ATTENTION or attn_implementation is None:
-        return dense_prefix_mask(groups, branches, dtype)
+        return dense_row_mask(groups, branches, dtype)
     raise ValueError(
         f"prefix-shared batches need one of {', '.join(PREFIX_ATTENTION)} attention, not {attn_implementation}: "
         "set training.prefix_sharing=false"

@@ -103,13 +103,13 @@ def reply_scorer(model: torch.nn.Module, training: TrainingConfig) -> ReplyLogPr
     """``model`` as a reply-log-prob scorer with the configured log-prob settings.
 
     What the fast paths assume of the model (that its output layer reproduces its logits; that it
-    keeps the sequences of a row apart in the configured layout) is checked here, once, with short
-    forwards on the model's device under the training's autocast, as training will run it: place
-    the model first.
+    keeps the sequences of a row apart in the configured layout, by itself or with dpokit's mask)
+    is checked here, once, with short forwards on the model's device under the training's
+    autocast, as training will run it: place the model first.
     """
     with mixed_precision(training, next(model.parameters()).device):
-        check_rows_kept_apart(model, batch_layout(training))
-        return ReplyLogProbs(model, training.logps_chunk_size, training.chunked_logps)
+        mask_packed_rows = check_rows_kept_apart(model, batch_layout(training))
+        return ReplyLogProbs(model, training.logps_chunk_size, training.chunked_logps, mask_packed_rows)
 
 
 def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int) -> dict[str, torch.Tensor]:

@@ -13,7 +13,8 @@ Layouts (``make_batch``):
 ``packed``         every sequence of the micro-batch back to back in one row, positions restarting
                    at 0 for each; no padding at all. Attention stays within a sequence because
                    transformers builds a block-diagonal mask from the restarting positions (and
-                   flash-attention's varlen kernel reads the same positions).
+                   flash-attention's varlen kernel reads the same positions); for a model that
+                   ignores them, dpokit builds that mask from each token's sequence (``groups``).
 ``prefix_padded``  one row per pair: prompt once, then chosen, then rejected; rejected positions
                    restart after the prompt and rejected tokens cannot see chosen ones. The batch
                    carries each token's pair (``groups``) and part (``branches``: prompt, chosen,
@@ -42,8 +43,9 @@ class Batch:
     input_ids, position_ids: [R, T]
     attention_mask: [R, T] of 0/1 (padded), or None (packed: positions mark the sequences;
         prefix-shared: ``groups`` and ``branches`` do)
-    groups, branches: [R, T] for the prefix-shared layouts (pair index, -1 for padding; 0 prompt,
-        1 chosen, 2 rejected), else None; see :mod:`dpokit.masks`
+    groups: [R, T] each token's pair (prefix-shared layouts) or sequence (packed), -1 for padding;
+        None for the padded layout; see :mod:`dpokit.masks`
+    branches: [R, T] for the prefix-shared layouts (0 prompt, 1 chosen, 2 rejected), else None
     pred_rows, pred_cols, targets, seq_index: [N], one entry per reply token
     seq_tokens: [2 * num_pairs] reply tokens per sequence (chosen, rejected interleaved)
     """
@@ -159,7 +161,7 @@ def _assemble(rows: list[_Row], num_pairs: int, pad_token_id: int, layout: str) 
         seq_tokens=torch.tensor(seq_tokens, dtype=torch.long),
         num_pairs=num_pairs,
         num_real_tokens=int(real.sum()),
-        groups=groups if shared else None,
+        groups=groups if layout != "padded" else None,
         branches=branches if shared else None,
     )
 

@@ -13,7 +13,8 @@ log-probs precomputed before training), dpokit with a live reference model
 (``precompute_ref_log_probs=false``), and TRL with its defaults (padded batches, a separate
 reference model in memory, gradient checkpointing on). ``--ablation`` adds dpokit with each of its
 other speed switches off (``prefix_sharing``, ``padding_free``, both, ``chunked_logps``), each
-compared with dpokit's defaults. Needs ``pip install -e ".[bench]"`` (TRL).
+compared with dpokit's defaults; ``--ablation dpokit-full-logits`` (for one) adds only that column.
+Needs ``pip install -e ".[bench]"`` (TRL).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ MODEL_SIZES = {  # Qwen2 architecture, random weights
                       intermediate_size=176, vocab_size=2048),
     "cpu-bench": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                       intermediate_size=1408, vocab_size=32000),
+    "cpu-bench-152k": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                           intermediate_size=1408, vocab_size=151936),  # cpu-bench with Qwen2.5's vocabulary
     "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151936),  # Qwen2.5-0.5B
 }
@@ -479,8 +482,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-live", action="store_true", help="skip the dpokit column with a live reference model")
-    ap.add_argument("--ablation", action="store_true",
-                    help="also run dpokit with each speed switch off: prefix_sharing, padding_free, both, chunked_logps")
+    ap.add_argument("--ablation", nargs="*", choices=ABLATION, default=None, metavar="COLUMN",
+                    help="also run dpokit with each speed switch off: prefix_sharing, padding_free, both, chunked_logps "
+                         f"(all four, or only the columns named: {', '.join(ABLATION)})")
     ap.add_argument("--trl-no-gradient-checkpointing", action="store_true", help="TRL defaults to gradient checkpointing on; turn it off")
     ap.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<date>-<device>.json)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the temp folder (model, data, logs of each run)")
@@ -505,7 +509,7 @@ def main() -> None:
             "seed": a.seed, "threads": a.threads, "trl_no_gradient_checkpointing": a.trl_no_gradient_checkpointing}
     (workdir / "spec.json").write_text(json.dumps(spec))
     peak = matmul_flops(a.device, a.dtype)
-    names = ["dpokit"] + ([] if a.skip_live else ["dpokit-live"]) + (ABLATION if a.ablation else []) + ([] if a.skip_trl else ["trl"])
+    names = ["dpokit"] + ([] if a.skip_live else ["dpokit-live"]) + ([] if a.ablation is None else a.ablation or ABLATION) + ([] if a.skip_trl else ["trl"])
     results = {n: launch(n, workdir, spec) for n in names}
     summaries = {n: summarize(results[n], a.warmup, model["N_flop_params"], peak["flops_per_s"]) for n in names}
     order = check_order(results, data["used_lengths"], a.steps)

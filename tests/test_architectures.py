@@ -59,12 +59,13 @@ def test_each_architecture_is_exact_in_every_layout(model_type):
     masked = set()
     for layout in LAYOUTS:
         mask_packed_rows = check_rows_kept_apart(model, layout)
+        inputs = make_batch(pairs, layout).model_inputs()
         scorer = ReplyLogProbs(model, chunk_size=7, mask_packed_rows=mask_packed_rows)
-        error = (scorer(**make_batch(pairs, layout).model_inputs()) - naive).abs().max().item()
+        error = (scorer(**inputs) - naive).abs().max().item()
         assert error < 1e-4, f"{model_type} {layout}: off by {error:.3g}"
         if mask_packed_rows:
             masked.add(layout)
-            unmasked = ReplyLogProbs(model, chunk_size=7)(**make_batch(pairs, layout).model_inputs())
+            unmasked = ReplyLogProbs(model, chunk_size=7)(**inputs)
             assert (unmasked - naive).abs().max() > 1e-3, f"{model_type} {layout}: masked, yet exact without"
     expected = {"packed"} if model_type == "falcon" else set()
     if TRANSFORMERS_4 and model_type in ("qwen2_moe", "stablelm"):

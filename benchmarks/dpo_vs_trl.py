@@ -7,6 +7,7 @@ its own subprocess (separate peak memory) and prints a Markdown table (JSON to `
     python benchmarks/dpo_vs_trl.py                                  # CPU, float32, cpu-bench model
     python benchmarks/dpo_vs_trl.py --model-size tiny-test --steps 4 --warmup 1   # smoke test
     python benchmarks/dpo_vs_trl.py --device cuda --dtype bfloat16 --model-size 0.5b
+    python benchmarks/dpo_vs_trl.py --device cuda --dtype bfloat16 --model-size 0.5b --also-attn flex_attention dpokit_varlen
 
 Columns: dpokit with its defaults (padding-free, prefix sharing, chunked log-probs, reference
 log-probs precomputed before training), dpokit with a live reference model
@@ -14,6 +15,7 @@ log-probs precomputed before training), dpokit with a live reference model
 reference model in memory, gradient checkpointing on). ``--ablation`` adds dpokit with each of its
 other speed switches off (``prefix_sharing``, ``padding_free``, both, ``chunked_logps``), each
 compared with dpokit's defaults; ``--ablation dpokit-full-logits`` (for one) adds only that column.
+``--also-attn ATTN...`` adds dpokit's defaults under each named attention (GPU attentions side by side).
 Needs ``pip install -e ".[bench]"`` (TRL).
 """
 
@@ -68,6 +70,13 @@ DPOKIT_SWITCHES = {  # column -> the dpokit settings it changes from the default
     "dpokit-full-logits": ["chunked_logps=false"],
 }
 ABLATION = ["dpokit-no-prefix", "dpokit-no-packing", "dpokit-padded", "dpokit-full-logits"]
+ATTN_COLUMN = "dpokit-attn-"
+"""Prefix of the columns ``--also-attn`` adds: dpokit's defaults under another attention."""
+
+
+def column_label(name: str) -> str:
+    """A column's heading."""
+    return f"dpokit, {name.removeprefix(ATTN_COLUMN)}" if name.startswith(ATTN_COLUMN) else COLUMNS[name]
 
 
 # ----------------------------------------------------------------------------- model, tokenizer, data
@@ -253,9 +262,9 @@ def run_dpokit(spec: dict, name: str, workdir: Path) -> dict:
         f"output_dir={workdir / ('run-' + name)}", f"max_length={MAX_LENGTH}", f"learning_rate={LR}", f"beta={BETA}",
         "loss_type=[sigmoid]", f"max_steps={spec['steps']}", f"per_device_train_batch_size={BATCH}",
         "gradient_accumulation_steps=1", f"max_grad_norm={MAX_GRAD_NORM}", "logging_steps=1", f"seed={spec['seed']}",
-        "progress_bar=false", "save_steps=null", "report_to=[none]", *DPOKIT_SWITCHES[name],
+        "progress_bar=false", "save_steps=null", "report_to=[none]", *DPOKIT_SWITCHES.get(name, []),
     ]
-    attn = spec.get("dpokit_attn") or spec["attn"]
+    attn = name.removeprefix(ATTN_COLUMN) if name.startswith(ATTN_COLUMN) else spec.get("dpokit_attn") or spec["attn"]
     if attn:
         overrides.append(f"attn_implementation={attn}")
         if "flash" in attn:
@@ -364,7 +373,7 @@ def launch(name: str, workdir: Path, spec: dict) -> dict:
     if spec["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     log = workdir / f"log-{name}.txt"
-    print(f"running {COLUMNS[name]} ... (log: {log})", file=sys.stderr, flush=True)
+    print(f"running {column_label(name)} ... (log: {log})", file=sys.stderr, flush=True)
     with open(log, "w") as f:
         command = [sys.executable, __file__, "--child", name, "--workdir", str(workdir)]
         rc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
@@ -425,7 +434,7 @@ def table(summaries: dict, has_trl: bool, device: str) -> str:
             ("achieved TFLOP/s (median step)", "step_tflops", "{:.3f}"), ("% of matmul FLOP/s (median step)", "step_fraction_of_matmul", "{:.1%}"),
             ("% of matmul FLOP/s (end to end)", "end_to_end_fraction_of_matmul", "{:.1%}")]
     names = list(summaries)
-    lines = ["| | " + " | ".join(COLUMNS[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = ["| | " + " | ".join(column_label(n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, key, fmt in rows:
         lines.append(f"| {label} | " + " | ".join("-" if math.isnan(summaries[n][key]) else fmt.format(summaries[n][key])
                                                   for n in names) + " |")
@@ -436,7 +445,7 @@ def table(summaries: dict, has_trl: bool, device: str) -> str:
                   ("memory ratio (peak ÷ TRL peak)", lambda s: s["peak_memory_mib"] / trl["peak_memory_mib"])]
         for label, fn in ratios:
             lines.append(f"| {label} | " + " | ".join(f"{fn(summaries[n]):.2f}x" for n in names) + " |")
-    if any(n in ABLATION for n in names):
+    if any(n in ABLATION or n.startswith(ATTN_COLUMN) for n in names):
         base = summaries["dpokit"]
         ratios = [("s/step ÷ dpokit defaults' s/step", lambda s: s["median_step_s"] / base["median_step_s"]),
                   ("peak memory ÷ dpokit defaults' peak", lambda s: s["peak_memory_mib"] / base["peak_memory_mib"])]
@@ -477,7 +486,11 @@ def main() -> None:
     ap.add_argument("--model-size", default="cpu-bench", choices=list(MODEL_SIZES))
     ap.add_argument("--attn", default=None, help="attention implementation for both (default: transformers decides, sdpa)")
     ap.add_argument("--dpokit-attn", default=None,
-                    help="dpokit's attention only (e.g. flex_attention: prefix sharing with a BlockMask), default --attn")
+                    help="dpokit's attention only (e.g. flex_attention: prefix sharing with a BlockMask; dpokit_varlen: "
+                         "torch's flash-attention varlen kernel over regrouped rows, CUDA), default --attn")
+    ap.add_argument("--also-attn", nargs="+", default=[], metavar="ATTN",
+                    help="also run dpokit's defaults under each of these attentions (e.g. sdpa flex_attention dpokit_varlen), "
+                         "each compared with dpokit's defaults and TRL in the same invocation")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-trl", action="store_true")
@@ -509,7 +522,8 @@ def main() -> None:
             "seed": a.seed, "threads": a.threads, "trl_no_gradient_checkpointing": a.trl_no_gradient_checkpointing}
     (workdir / "spec.json").write_text(json.dumps(spec))
     peak = matmul_flops(a.device, a.dtype)
-    names = ["dpokit"] + ([] if a.skip_live else ["dpokit-live"]) + ([] if a.ablation is None else a.ablation or ABLATION) + ([] if a.skip_trl else ["trl"])
+    names = (["dpokit"] + ([] if a.skip_live else ["dpokit-live"]) + ([] if a.ablation is None else a.ablation or ABLATION)
+             + [ATTN_COLUMN + attn for attn in a.also_attn] + ([] if a.skip_trl else ["trl"]))
     results = {n: launch(n, workdir, spec) for n in names}
     summaries = {n: summarize(results[n], a.warmup, model["N_flop_params"], peak["flops_per_s"]) for n in names}
     order = check_order(results, data["used_lengths"], a.steps)
@@ -527,7 +541,7 @@ def main() -> None:
           f"N = {model['N_flop_params'] / 1e6:.1f}M (non-embedding parameters + output layer); attention and recomputation "
           f"not counted. Reference: {peak['size']}x{peak['size']} {peak['dtype']} matmul = {peak['flops_per_s'] / 1e12:.3f} TFLOP/s.")
     for n in names:
-        print(f"{COLUMNS[n]} settings: " + ", ".join(f"{k}={v}" for k, v in results[n]["settings"].items()))
+        print(f"{column_label(n)} settings: " + ", ".join(f"{k}={v}" for k, v in results[n]["settings"].items()))
     print("loss, first steps (same pairs: close; TRL also trains on the newline after <|im_end|>): "
           + "; ".join(f"{n} " + " ".join(f"{x:.6f}" for x in results[n]["loss"][:4]) for n in names))
     info = machine_info(a.device)

@@ -73,6 +73,38 @@ def test_each_architecture_is_exact_in_every_layout(model_type):
     assert masked == expected
 
 
+DROPS_ROWS = "does not (pass|take) dpokit's regrouped rows"
+VARLEN_REFUSED = {  # model_type -> why dpokit_varlen cannot run it (the check says so before training)
+    "falcon": DROPS_ROWS,  # their forwards do not hand extra arguments on to transformers' attention
+    "stablelm": DROPS_ROWS,
+    **({"qwen2_moe": DROPS_ROWS} if TRANSFORMERS_4 else {}),
+    "gemma2": "cannot soft-cap attention scores",
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_each_architecture_is_exact_under_dpokit_varlen_or_refused(model_type):
+    """dpokit_varlen (rows regrouped for a varlen kernel; here its exact CPU loop) gives the naive
+    log-probs in both multi-sequence layouts, or the check refuses the model with the reason."""
+    from dpokit.config import ConfigError, VARLEN_ATTENTION
+    from dpokit.varlen import register_varlen_attention
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers release has no {model_type}")
+    register_varlen_attention()
+    model, pairs = tiny_model(model_type), ragged_pairs(seed=1)
+    naive = naive_logps(model, pairs)
+    model.config._attn_implementation = VARLEN_ATTENTION
+    for layout in ("packed", "prefix_packed"):
+        if model_type in VARLEN_REFUSED:
+            with pytest.raises(ConfigError, match=VARLEN_REFUSED[model_type]):
+                check_rows_kept_apart(model, layout)
+            continue
+        scorer = ReplyLogProbs(model, chunk_size=7, mask_packed_rows=check_rows_kept_apart(model, layout))
+        error = (scorer(**make_batch(pairs, layout).model_inputs()) - naive).abs().max().item()
+        assert error < 1e-4, f"{model_type} {layout}: off by {error:.3g}"
+
+
 def save_tiny_model(model_type: str, workdir, tmp_path):
     """``tiny_model(model_type)`` sized to the workdir's tokenizer, saved with it; returns the folder."""
     from transformers import AutoTokenizer

@@ -15,11 +15,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "dpo_vs_trl.py"
 def test_benchmark_script_runs_dpokit_and_reports(tmp_path):
     out = tmp_path / "result.json"
     command = [sys.executable, str(SCRIPT), "--model-size", "tiny-test", "--steps", "3", "--warmup", "1",
-               "--skip-trl", "--skip-live", "--ablation", "dpokit-full-logits", "--threads", "2", "--output", str(out)]
+               "--skip-trl", "--skip-live", "--ablation", "dpokit-full-logits", "--also-attn", "dpokit_varlen",
+               "--threads", "2", "--output", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert list(report["summary"]) == ["dpokit", "dpokit-full-logits"]  # the one ablation column named
+    assert list(report["summary"]) == ["dpokit", "dpokit-full-logits", "dpokit-attn-dpokit_varlen"]  # the columns named
     dpokit = report["raw"]["dpokit"]
     assert math.isclose(dpokit["loss"][0], math.log(2), abs_tol=1e-5)  # policy == reference at step 1
     assert len(dpokit["step_seconds"]) == 3 and all(t > 0 for t in dpokit["step_tokens"])
@@ -31,3 +32,7 @@ def test_benchmark_script_runs_dpokit_and_reports(tmp_path):
     assert full_logits["settings"]["chunked_logps"] is False and full_logits["step_tokens"] == dpokit["step_tokens"]
     assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(full_logits["loss"], dpokit["loss"]))  # same numbers
 
+    varlen = report["raw"]["dpokit-attn-dpokit_varlen"]
+    assert varlen["settings"]["attn_implementation"] == "dpokit_varlen" and varlen["step_tokens"] == dpokit["step_tokens"]
+    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(varlen["loss"], dpokit["loss"]))
+    assert "| dpokit, dpokit_varlen |" in result.stdout

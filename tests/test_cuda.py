@@ -1,5 +1,6 @@
-"""What only a CUDA GPU can check: flex_attention gradients, flash-attention varlen packing and training,
-bfloat16 and float16 training, QLoRA, 8-bit AdamW, and the memory planner against the allocator's peak.
+"""What only a CUDA GPU can check: flex_attention gradients, flash-attention varlen packing and training
+(the flash-attn package's, and torch's own through dpokit_varlen), bfloat16 and float16 training, QLoRA,
+8-bit AdamW, and the memory planner against the allocator's peak.
 
 Skipped on machines without CUDA (CI has none); run them on a GPU with
 ``python -m pytest tests/test_cuda.py -v``.
@@ -75,10 +76,70 @@ def test_flash_attention_2_training_keeps_chunked_logps(workdir, recwarn, precis
     assert not [w for w in recwarn if "full logits" in str(w.message)]
 
 
+needs_torch_varlen = pytest.mark.skipif(importlib.util.find_spec("torch.nn.attention.varlen") is None,
+                                        reason="this torch has no torch.nn.attention.varlen")
+
+
+@needs_torch_varlen
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kv_heads,window", [(4, None), (2, None), (2, 5)])
+def test_torch_varlen_kernel_matches_the_reference_loop(dtype, kv_heads, window):
+    """dpokit_varlen's CUDA kernel (torch's flash-attention varlen) against the per-sequence sdpa loop
+    the CPU tests use, in float32 on the same 16-bit inputs: causal within each ragged sequence, the
+    given scale, grouped-query heads, a sliding window; outputs and input gradients."""
+    from dpokit.varlen import _flash_kernel, _reference_kernel
+
+    lengths = [7, 1, 19, 12, 40]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(sum(lengths), 4, 64, device="cuda", generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(sum(lengths), kv_heads, 64, device="cuda", generator=g).to(dtype).requires_grad_() for _ in range(2))
+    out = _flash_kernel(q, k, v, cu, max(lengths), 0.2, window)
+    ref = _reference_kernel(*(x.float() for x in (q, k, v)), cu, 0.2, window)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    weights = torch.randn(out.shape, device="cuda", generator=g)
+    grads = torch.autograd.grad((out.float() * weights).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got.float(), exp, atol=5e-2, rtol=5e-2)
+
+
+@needs_torch_varlen
+@pytest.mark.parametrize("layout", ["packed", "prefix_packed"])
+def test_dpokit_varlen_logps_match_padded_sdpa_in_bfloat16(layout):
+    """Regrouped rows through torch's flash-attention kernel give padded sdpa's log-probs (bfloat16)."""
+    from dpokit.config import VARLEN_ATTENTION
+    from dpokit.data.batching import make_batch
+    from dpokit.logps import ReplyLogProbs, check_rows_kept_apart
+    from dpokit.varlen import register_varlen_attention
+
+    register_varlen_attention()
+    pairs = ragged_pairs(seed=4, n=6)
+    model = tiny_lm("qwen2", seed=2).to("cuda", torch.bfloat16)
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        padded = ReplyLogProbs(model)(**make_batch(pairs, "padded").to("cuda").model_inputs())
+        model.config._attn_implementation = VARLEN_ATTENTION
+        scorer = ReplyLogProbs(model, mask_packed_rows=check_rows_kept_apart(model, layout))
+        ours = scorer(**make_batch(pairs, layout).to("cuda").model_inputs())
+    torch.testing.assert_close(ours, padded, atol=0.1, rtol=0.02)
+
+
+@needs_torch_varlen
+def test_dpokit_varlen_refuses_float32_compute_naming_bf16(workdir):
+    from dpokit.config import ConfigError
+    from dpokit.train import train
+
+    with pytest.raises(ConfigError, match="bf16=true"):
+        train(run_config(workdir, "cuda-varlen-float32", "attn_implementation=dpokit_varlen", "max_steps=1"))
+
+
 @pytest.mark.parametrize("attn,precision", [("sdpa", "dtype=bfloat16"), ("flex_attention", "dtype=bfloat16"),
-                                            ("sdpa", "bf16=true"), ("flex_attention", "bf16=true"), ("sdpa", "fp16=true")])
+                                            ("sdpa", "bf16=true"), ("flex_attention", "bf16=true"), ("sdpa", "fp16=true"),
+                                            *(pytest.param("dpokit_varlen", precision, marks=needs_torch_varlen)
+                                              for precision in ("dtype=bfloat16", "bf16=true", "fp16=true"))])
 def test_16bit_training_on_cuda(workdir, attn, precision):
-    """Pure bfloat16 weights, float32 weights under bfloat16 autocast (both attentions), and float16
+    """Pure bfloat16 weights, float32 weights under bfloat16 autocast (every attention), and float16
     autocast with CUDA loss scaling."""
     out = run_config(workdir, f"cuda-{precision.replace('=', '-')}-{attn}", precision, f"attn_implementation={attn}", "max_steps=6")
     from dpokit.train import train

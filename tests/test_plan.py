@@ -182,16 +182,18 @@ def test_fp16_counts_autocast_copies_like_bf16(tmp_path, capsys):
     assert "fp16=true saves time" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16-autocast"])
-@pytest.mark.parametrize("layout", ["prefix_packed", "packed"])
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_activation_estimate_matches_tensors_saved_for_backward(layout, lora, bf16):
+@pytest.mark.parametrize("bf16,layout,lora,attn", [
+    *((bf16, layout, lora, "sdpa") for bf16 in (False, True) for layout in ("prefix_packed", "packed") for lora in (False, True)),
+    (False, "prefix_packed", False, "dpokit_varlen"), (False, "packed", True, "dpokit_varlen"),
+])
+def test_activation_estimate_matches_tensors_saved_for_backward(layout, lora, bf16, attn):
     """The activation rows (less the backward workspace) against the bytes autograd really keeps for
     backward in a training forward of float32 weights: every distinct tensor storage saved,
     parameters left out. Unlike RSS this does not see the CPU allocator's freed-but-kept memory
     (which makes a LoRA run's RSS grow ~2x the saved bytes through its per-Linear temporaries).
     float32: within 15%. Under bfloat16 autocast the saved bytes shrink ~28% while the planner keeps
-    counting float32-sized activations (RSS barely shrinks): an estimate 1.3-1.5x above them."""
+    counting float32-sized activations (RSS barely shrinks): an estimate 1.3-1.5x above them.
+    dpokit_varlen: no mask, no repeated kv heads, the regrouped q, k, v and output saved instead."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -202,6 +204,11 @@ def test_activation_estimate_matches_tensors_saved_for_backward(layout, lora, bf
     torch.manual_seed(0)
     cfg = _config()
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if attn == "dpokit_varlen":
+        from dpokit.varlen import register_varlen_attention
+
+        register_varlen_attention()
+    model.config._attn_implementation = attn
     if lora:
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
     B, L, P = 8, 256, 64
@@ -216,13 +223,13 @@ def test_activation_estimate_matches_tensors_saved_for_backward(layout, lora, bf
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        ReplyLogProbs(model, 1024).train()(**batch.model_inputs())
+        ReplyLogProbs(model, 1024, mask_packed_rows=attn == "dpokit_varlen").train()(**batch.model_inputs())
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = sum(n for ptr, n in storages.items() if ptr not in weights)
 
     m = count_model(cfg)
     shape = RunShape(batch_size=B, max_length=L, prompt_length=P if layout.startswith("prefix") else 0, layout=layout,
-                     autocast_16bit=bf16)
+                     autocast_16bit=bf16, regrouped_rows=attn == "dpokit_varlen")
     assert batch.num_real_tokens == 2 * B * L - (B * P if layout.startswith("prefix") else 0)  # the planner's worst case
     planned = estimate(m, shape)["lora" if lora else "full"]["activations"] - backward_workspace_bytes(m, batch.num_real_tokens, 4)
     print(f"planned {planned / 2**20:.0f} MiB, saved {saved / 2**20:.0f} MiB, ratio {planned / saved:.2f}")

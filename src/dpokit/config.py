@@ -23,10 +23,12 @@ import yaml
 
 
 DENSE_MASK_ATTENTION = ("sdpa", "eager")
-PREFIX_ATTENTION = DENSE_MASK_ATTENTION + ("flex_attention",)
+VARLEN_ATTENTION = "dpokit_varlen"
+"""dpokit's own attention: torch's flash-attention varlen kernel over regrouped rows (:mod:`dpokit.varlen`)."""
+PREFIX_ATTENTION = DENSE_MASK_ATTENTION + ("flex_attention", VARLEN_ATTENTION)
 """Attention implementations that can run the prefix-shared layouts: a dense additive mask for the
-first two, a BlockMask for flex (see :mod:`dpokit.masks`). Kept here so that reading a config
-never imports torch."""
+first two, a BlockMask for flex, regrouped rows for dpokit_varlen (see :mod:`dpokit.masks`). Kept
+here so that reading a config never imports torch."""
 
 
 class ConfigError(ValueError):
@@ -43,7 +45,8 @@ class ModelConfig:
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str | None = None
-    """``sdpa``, ``eager``, ``flash_attention_2``, ... ; None lets transformers choose."""
+    """``sdpa``, ``eager``, ``flex_attention``, ``flash_attention_2``, ``dpokit_varlen`` (torch's own
+    flash-attention varlen kernel, GPU, 16-bit; see :mod:`dpokit.varlen`), ...; None lets transformers choose."""
     trust_remote_code: bool = False
     ref_model_name_or_path: str | None = None
     """Reference model; None means a frozen copy of the starting policy."""
@@ -484,7 +487,8 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
         raise ConfigError(
             f"training.prefix_sharing needs a custom attention mask, which {config.model.attn_implementation} "
             f"cannot take (dpokit gives one to {', '.join(PREFIX_ATTENTION)}): set prefix_sharing=false "
-            "(padding-free packing still works with it) or attn_implementation=flex_attention"
+            f"(padding-free packing still works with it), or attn_implementation={VARLEN_ATTENTION} (torch's own "
+            "flash-attention varlen kernel) or flex_attention"
         )
     m = config.model
     if t.bf16 and t.fp16:

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dpokit.config import PREFIX_ATTENTION, ConfigError
-from dpokit.masks import row_attention_mask
+from dpokit.config import PREFIX_ATTENTION, VARLEN_ATTENTION, ConfigError
+from dpokit.masks import row_attention_inputs
 from dpokit.modeling import eval_mode
 
 
@@ -208,10 +208,10 @@ def _rows_kept_apart(model: nn.Module, restart_positions: bool, own_mask: bool) 
     device = model.get_output_embeddings().weight.device
     ids = torch.arange(1, 13, device=device)[None] % model.config.vocab_size  # [1, 12]: two sequences
     positions = torch.arange(6, device=device).repeat(2) if restart_positions else torch.arange(12, device=device)
-    positions, mask = positions[None], None  # [1, 12]
+    positions, row_inputs = positions[None], {"attention_mask": None}  # [1, 12]
     if own_mask:
         groups = (torch.arange(12, device=device) >= 6).long()[None]
-        mask = row_attention_mask(groups, None, getattr(model.config, "_attn_implementation", None), model.dtype)
+        row_inputs = row_attention_inputs(groups, None, getattr(model.config, "_attn_implementation", None), model.dtype)
     decoder = decoder_of(model)
 
     def hidden(**inputs) -> torch.Tensor:
@@ -219,7 +219,7 @@ def _rows_kept_apart(model: nn.Module, restart_positions: bool, own_mask: bool) 
 
     with torch.no_grad(), eval_mode(model):
         alone = hidden(input_ids=ids[:, 6:], position_ids=positions[:, 6:])
-        apart = hidden(input_ids=ids, position_ids=positions, attention_mask=mask)
+        apart = hidden(input_ids=ids, position_ids=positions, **row_inputs)
         mixed = hidden(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids))
     return bool((apart - alone).abs().max() < (apart - mixed).abs().max())
 
@@ -233,7 +233,9 @@ def check_rows_kept_apart(model: nn.Module, layout: str) -> bool:
     2.6). A model that ignores them (Falcon builds its own causal mask; remote code may) gets
     dpokit's block-diagonal mask instead, when it honours that (True is returned). The prefix-shared
     layouts always give dpokit's 4D mask or BlockMask. A model that honours neither is refused: its
-    log-probs would be silently wrong. The padded layout (one sequence per row) needs nothing.
+    log-probs would be silently wrong. Under dpokit_varlen attention both kinds of row are always
+    regrouped for the varlen kernel (True), and the check is that the model's forward passes the
+    regrouped rows on to its attention. The padded layout (one sequence per row) needs nothing.
     Checked once per model and kind of row.
     """
     if layout == "padded":
@@ -249,6 +251,14 @@ def _rows_checked(model: nn.Module, shared: bool) -> bool:
     """For :func:`check_rows_kept_apart`: False (no mask needed), True (dpokit's mask needed for
     packed rows), or a ConfigError."""
     attn = getattr(model.config, "_attn_implementation", None)
+    if attn == VARLEN_ATTENTION:  # rows always regrouped; running positions show a model that drops them
+        try:
+            if _rows_kept_apart(model, restart_positions=False, own_mask=True):
+                return True
+            problem = "does not pass dpokit's regrouped rows to its attention"
+        except TypeError as e:  # a forward that takes no extra keyword arguments
+            problem = f"does not take dpokit's regrouped rows ({str(e).splitlines()[0]})"
+        raise ConfigError(f"the {getattr(model.config, 'model_type', '?')} model {problem}: use attn_implementation=sdpa or flex_attention")
     if shared:
         if _rows_kept_apart(model, restart_positions=False, own_mask=True):
             return False
@@ -278,7 +288,8 @@ class ReplyLogProbs(nn.Module):
         """``chunked=False`` (``training.chunked_logps``) always takes the model's full logits;
         otherwise they are taken only for a model whose head dpokit cannot reproduce.
         ``mask_packed_rows``: give packed rows dpokit's block-diagonal mask (for a model that
-        ignores restarting position ids; see :func:`check_rows_kept_apart`)."""
+        ignores restarting position ids), or under dpokit_varlen their regrouping (see
+        :func:`check_rows_kept_apart`)."""
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
@@ -307,16 +318,17 @@ class ReplyLogProbs(nn.Module):
             seq_index: [N] which sequence (0..num_seqs-1) each reply token belongs to.
             groups, branches: [R, T] each token's sequence or pair, and its part of the pair (see
                 :mod:`dpokit.masks`). With ``branches`` (prefix-shared rows), or with ``groups`` alone
-                (packed rows) and ``mask_packed_rows``, the attention mask is built from them here,
-                on the model's device; packed rows otherwise go by their position ids.
+                (packed rows) and ``mask_packed_rows``, the attention mask (or dpokit_varlen's
+                regrouping) is built from them here, on the model's device; packed rows otherwise
+                go by their position ids.
 
         Returns:
             [num_seqs] float32 summed log-probs.
         """
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if branches is not None or (groups is not None and self.mask_packed_rows):
             attn = getattr(self.model.config, "_attn_implementation", None)
-            attention_mask = row_attention_mask(groups, branches, attn, self.model.dtype)
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            inputs.update(row_attention_inputs(groups, branches, attn, self.model.dtype))
         if self.chunked:
             hidden = decoder_of(self.model)(**inputs).last_hidden_state
             selected = hidden[pred_rows, pred_cols]  # [N, H]

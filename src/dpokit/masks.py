@@ -13,17 +13,19 @@ Packed rows (each sequence its own group, no branches) get the same rule without
 term, a block-diagonal causal mask, for the few models that ignore where packed sequences restart
 (see :func:`dpokit.logps.check_rows_kept_apart`); the others need no mask for them at all.
 
-The rule is written once (:func:`visible`) and given to attention in the form its kernel reads:
-a dense additive ``[R, 1, T, T]`` mask for sdpa and eager, a ``BlockMask`` for flex_attention
-(which skips fully blocked 128 x 128 tiles, so memory and compute follow the kept tokens).
-Flash-attention's varlen kernel cannot express the rule, so prefix sharing is refused with it.
+The rule is written once (:func:`visible`) and given to attention in the form its kernel reads
+(:func:`row_attention_inputs`): a dense additive ``[R, 1, T, T]`` mask for sdpa and eager, a
+``BlockMask`` for flex_attention (which skips fully blocked 128 x 128 tiles, so memory and compute
+follow the kept tokens), the rows regrouped into plain causal sequences for dpokit_varlen (see
+:mod:`dpokit.varlen`). The flash-attention package's varlen kernel reads only position ids, which
+cannot say "not the chosen reply", so prefix sharing is refused with it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dpokit.config import DENSE_MASK_ATTENTION, PREFIX_ATTENTION
+from dpokit.config import DENSE_MASK_ATTENTION, PREFIX_ATTENTION, VARLEN_ATTENTION
 
 
 def visible(groups: torch.Tensor, branches: torch.Tensor | None, row, q, kv) -> torch.Tensor:
@@ -73,3 +75,15 @@ def row_attention_mask(groups: torch.Tensor, branches: torch.Tensor | None, attn
         f"prefix-shared batches need one of {', '.join(PREFIX_ATTENTION)} attention, not {attn_implementation}: "
         "set training.prefix_sharing=false"
     )
+
+
+def row_attention_inputs(groups: torch.Tensor, branches: torch.Tensor | None, attn_implementation: str | None, dtype: torch.dtype) -> dict:
+    """The model-forward keyword arguments that keep the rows' sequences apart under
+    ``attn_implementation``: ``attention_mask`` (:func:`row_attention_mask`), or for dpokit_varlen
+    the regrouped rows (built on the host, then moved to the rows' device)."""
+    if attn_implementation == VARLEN_ATTENTION:
+        from dpokit.varlen import varlen_rows
+
+        branches = None if branches is None else branches.cpu()
+        return {"dpokit_varlen": varlen_rows(groups.cpu(), branches).to(groups.device)}
+    return {"attention_mask": row_attention_mask(groups, branches, attn_implementation, dtype)}

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from dpokit.config import ConfigError, ModelConfig
+from dpokit.config import VARLEN_ATTENTION, ConfigError, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -75,6 +75,18 @@ def check_device_requirements(config: ModelConfig, optim: str, cuda: bool) -> No
             raise ConfigError(f"{' and '.join(bnb)} need the bitsandbytes package: pip install bitsandbytes") from None
 
 
+def attention_kwargs(config: ModelConfig) -> dict:
+    """``from_pretrained``'s ``attn_implementation`` for ``config`` (none: transformers chooses);
+    dpokit's own (dpokit_varlen) is registered with transformers first."""
+    if not config.attn_implementation:
+        return {}
+    if config.attn_implementation == VARLEN_ATTENTION:
+        from dpokit.varlen import register_varlen_attention
+
+        register_varlen_attention()
+    return {"attn_implementation": config.attn_implementation}
+
+
 def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, revision: str | None = None) -> nn.Module:
     """The causal LM at ``name_or_path`` (default: the policy's) with the configured dtype/attention
     (and 4-bit quantization for QLoRA)."""
@@ -86,8 +98,7 @@ def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, revisio
         dtype=DTYPES[config.dtype],
         trust_remote_code=config.trust_remote_code,
     )
-    if config.attn_implementation:
-        kwargs["attn_implementation"] = config.attn_implementation
+    kwargs.update(attention_kwargs(config))
     if config.load_in_4bit:
         from transformers import BitsAndBytesConfig
 

@@ -188,6 +188,8 @@ class RunShape:
     """Typical prompt tokens, subtracted once per pair by prefix-sharing layouts (0: worst case)."""
     lora_r: int = 16
     lora_dropout: float = 0.0
+    regrouped_rows: bool = False
+    """attn_implementation=dpokit_varlen: rows regrouped for a varlen kernel, no mask at all."""
 
 
 def micro_batch_tokens(run: RunShape) -> int:
@@ -200,7 +202,10 @@ def micro_batch_tokens(run: RunShape) -> int:
 
 def _mask_bytes(run: RunShape, s: float) -> float:
     """Attention masks kept for backward: the prefix layouts' additive [R, 1, W, W] float mask
-    (one row of up to 2 * max_length per pair), the padded layout's [2B, 1, L, L] bool mask."""
+    (one row of up to 2 * max_length per pair), the padded layout's [2B, 1, L, L] bool mask;
+    none for rows regrouped for dpokit_varlen (its padded layout runs sdpa's mask)."""
+    if run.regrouped_rows and run.layout != "padded":
+        return 0.0
     if run.layout.startswith("prefix"):
         width = micro_batch_tokens(run) // run.batch_size
         return run.batch_size * width * width * s
@@ -270,7 +275,7 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
         # wide as the weights (autocast keeps float32 norms, residuals and rotary outputs beside its copies)
         s = QLORA_COMPUTE_BYTES if col == "qlora" else run.dtype_bytes
         full = col == "full"
-        masked = run.layout != "packed"
+        masked = run.layout != "packed" and not run.regrouped_rows  # a mask makes transformers repeat the kv heads
         if col == "full":
             weights = m.params * s
             if run.autocast_16bit and s > 2:  # autocast keeps a 16-bit copy of each trained Linear weight
@@ -388,7 +393,7 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
     """The estimate for a loaded :class:`dpokit.config.Config` (reads only the model's config.json)."""
     from transformers import AutoConfig
 
-    from dpokit.config import ConfigError, batch_layout, needs_reference
+    from dpokit.config import VARLEN_ATTENTION, ConfigError, batch_layout, needs_reference
     from dpokit.modeling import resolve_model_path
 
     mc, t = config.model, config.training
@@ -417,6 +422,7 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         prompt_length=prompt_length,
         lora_r=r,
         lora_dropout=dropout,
+        regrouped_rows=config.model.attn_implementation == VARLEN_ATTENTION,
     )
     notes = [
         f"full and LoRA train in {dtype} ({run.dtype_bytes} bytes); QLoRA stores Linear weights in NF4 "

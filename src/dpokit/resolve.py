@@ -25,7 +25,7 @@ from torch import nn
 
 from dpokit.checkpoint import list_checkpoints
 from dpokit.config import Config, ConfigError, ModelConfig, load_config
-from dpokit.modeling import DTYPES, load_causal_lm, load_tokenizer, resolve_model_path
+from dpokit.modeling import DTYPES, attention_kwargs, load_causal_lm, load_tokenizer, resolve_model_path
 
 ADAPTER_FILE = "adapter_config.json"
 RUN_CONFIG = "config.yaml"
@@ -173,9 +173,7 @@ def _load_adapter(folder: Path, config: ModelConfig) -> nn.Module:
         raise ConfigError(
             f"{folder} is a LoRA adapter ({ADAPTER_FILE}); loading it needs the peft package: pip install peft"
         ) from None
-    kwargs = dict(dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code)
-    if config.attn_implementation:
-        kwargs["attn_implementation"] = config.attn_implementation
+    kwargs = dict(dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code, **attention_kwargs(config))
     try:
         model = AutoPeftModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as e:

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from dpokit import checkpoint as ckpt
-from dpokit.config import Config, ConfigError, TrainingConfig, batch_layout, needs_reference, save_config
+from dpokit.config import VARLEN_ATTENTION, Config, ConfigError, TrainingConfig, batch_layout, needs_reference, save_config
 from dpokit.data.batching import Batch, eval_batches, global_batches, local_micro_batches, make_batch
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
@@ -305,6 +305,9 @@ def train(config: Config) -> Path:
         save_config(config, out / "config.yaml")
 
     check_device_requirements(config.model, t.optim, torch.cuda.is_available())
+    if config.model.attn_implementation == VARLEN_ATTENTION and not torch.cuda.is_available():
+        say(f"note: without CUDA, {VARLEN_ATTENTION} runs its exact per-sequence sdpa loop instead of the flash kernel "
+            "(slower than attn_implementation=sdpa here)")
     tokenizer = load_tokenizer(config.model)
     with accelerator.main_process_first():
         data = load_data(config.data, tokenizer, t.seed, log=say)

@@ -1,0 +1,192 @@
+"""Flash-attention's variable-length kernel, from torch itself, for rows that hold several sequences.
+
+``attn_implementation: dpokit_varlen`` registers this module's attention with transformers. Packed
+and prefix-shared rows then never build a ``[T, T]`` mask: the tokens of each row are regrouped
+into plain causal sequences laid back to back, and one varlen call (``torch.nn.attention.varlen``,
+torch's own flash-attention build: no ``flash-attn`` package, no compiler) attends within each.
+
+The regrouping follows dpokit's one attention rule (:func:`dpokit.masks.visible`): a token sees
+the earlier tokens of its own group whose branch is 0 (the shared prompt) or its own. A packed
+sequence (one group, branch 0) is one kernel sequence. A prefix-shared pair becomes two,
+``prompt + chosen`` and ``prompt + rejected``: the prompt's keys and values are gathered twice (an
+index, no recomputation of the layers), chosen and rejected outputs come from their own sequence,
+the prompt's from the first. Gradients flow back through the gathers onto the row's tokens.
+
+On CUDA the kernel needs bfloat16/float16 inputs (``bf16=true`` autocasts them, or
+``dtype=bfloat16``). Without CUDA the same regrouping runs an exact per-sequence sdpa loop: slower
+than ``sdpa`` there, it is how the regrouping is tested on any machine. A forward without
+dpokit's rows (a plain ``model(...)`` call, generation) is transformers' sdpa attention.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from dpokit.config import VARLEN_ATTENTION, ConfigError
+
+
+@dataclass
+class VarlenRows:
+    """How the tokens of ``[R, T]`` rows are regrouped into back-to-back causal sequences.
+
+    gather: [M] long, the flat index (``row * T + col``) of each token of the kernel's sequences
+    take: [R * T] long, for each row token, the position in ``gather`` whose output it takes
+    cu_seqlens: [S + 1] int32, where each of the S sequences starts in ``gather`` (then M)
+    max_seqlen: the longest sequence
+    """
+
+    gather: torch.Tensor
+    take: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    def to(self, device: torch.device | str) -> "VarlenRows":
+        return VarlenRows(self.gather.to(device), self.take.to(device), self.cu_seqlens.to(device), self.max_seqlen)
+
+
+def varlen_rows(groups: torch.Tensor, branches: torch.Tensor | None) -> VarlenRows:
+    """The regrouping of rows tagged with ``groups`` / ``branches`` (see :mod:`dpokit.masks`).
+
+    groups: [R, T] long, each token's pair or sequence (-1 padding); branches: [R, T] long (0 shared
+    prompt, 1.. a reply), or None (packed rows: every token shared). Within a group the shared
+    tokens must come first, as every dpokit layout places them. Built on the host.
+    """
+    rows, width = groups.shape
+    group_of = groups.tolist()
+    branch_of = branches.tolist() if branches is not None else [[0] * width for _ in range(rows)]
+    gather: list[int] = []
+    take = [0] * (rows * width)
+    lengths: list[int] = []
+    for r in range(rows):
+        members: dict[int, list[int]] = {}  # group -> its columns, in order
+        for col, group in enumerate(group_of[r]):
+            members.setdefault(group, []).append(col)
+        for group, cols in members.items():
+            shared = [r * width + c for c in cols if branch_of[r][c] == 0]
+            own: dict[int, list[int]] = {}
+            for c in cols:
+                if branch_of[r][c]:
+                    own.setdefault(branch_of[r][c], []).append(r * width + c)
+            if own and max(shared, default=-1) > min(min(v) for v in own.values()):
+                raise ValueError(f"row {r}, group {group}: a shared token follows a reply token")
+            for k, seq in enumerate([shared + tokens for tokens in own.values()] or [shared]):
+                start = len(gather)
+                for i, flat in enumerate(seq):
+                    if k == 0 or i >= len(shared):  # the prompt's output comes from the first sequence
+                        take[flat] = start + i
+                gather += seq
+                lengths.append(len(seq))
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return VarlenRows(torch.tensor(gather, dtype=torch.long), torch.tensor(take, dtype=torch.long), cu, max(lengths))
+
+
+def _reference_kernel(q, k, v, cu_seqlens: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+    """Causal attention within each sequence, one sdpa call per sequence (exact; any device/dtype).
+
+    q: [M, Hq, D], k, v: [M, Hkv, D] -> [M, Hq, D].
+    """
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))  # [1, H, L, D]
+        if ks.shape[1] != qs.shape[1]:
+            ks, vs = (x.repeat_interleave(qs.shape[1] // x.shape[1], dim=1) for x in (ks, vs))
+        length = end - start
+        mask = None
+        if window is not None and window < length:
+            i = torch.arange(length, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+        attended = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale)
+        out[start:end] = attended[0].transpose(0, 1)
+    return out
+
+
+def _flash_kernel(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, window: int | None) -> torch.Tensor:
+    """torch's flash-attention varlen kernel (CUDA). Shapes as :func:`_reference_kernel`."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        raise ConfigError(
+            f"attn_implementation={VARLEN_ATTENTION} needs torch.nn.attention.varlen, which torch {torch.__version__} "
+            "lacks (torch 2.10 and later have it): upgrade torch, or use attn_implementation=sdpa or flex_attention"
+        ) from None
+    dtype = q.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        if not torch.is_autocast_enabled("cuda"):
+            raise ConfigError(
+                f"attn_implementation={VARLEN_ATTENTION} runs flash-attention, which takes bfloat16 or float16, and this "
+                f"model computes in {str(dtype).replace('torch.', '')}: set bf16=true (or fp16=true), or use sdpa"
+            )
+        dtype = torch.get_autocast_dtype("cuda")
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    heads, kv_heads = q.shape[1], k.shape[1]
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:  # the newer API: windows, grouped-query heads, a scale
+        left = -1 if window is None else window - 1
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
+                           window_size=(left, 0), enable_gqa=heads != kv_heads)
+    # the first releases: is_causal, as many key/value heads as query heads, no window, maybe no scale
+    if window is not None and window < max_seqlen:
+        raise ConfigError(f"sliding-window attention with {VARLEN_ATTENTION} needs a newer torch (varlen_attn with "
+                          "window_size): upgrade torch, or use sdpa")
+    if heads != kv_heads:
+        k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
+    if "scale" in params:
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, is_causal=True, scale=scale)
+    q = q * (scale * q.shape[-1] ** 0.5)  # the default scale is 1/sqrt(D)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, is_causal=True)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    dpokit_varlen: VarlenRows | None = None,
+    **kwargs,
+):
+    """transformers' attention-function signature: query [B, Hq, T, D], key/value [B, Hkv, T, D]
+    -> ([B, T, Hq, D], None). With ``dpokit_varlen`` (passed to the model's forward by
+    :class:`dpokit.logps.ReplyLogProbs`) the rows are regrouped and attended by the varlen kernel;
+    without, this is transformers' sdpa attention with the mask transformers built."""
+    if kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        raise ConfigError(f"{VARLEN_ATTENTION} cannot soft-cap attention scores or add attention sinks: use attn_implementation=eager")
+    if dpokit_varlen is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      sliding_window=sliding_window, **kwargs)
+    if dropout:
+        raise ValueError(f"{VARLEN_ATTENTION} runs without attention dropout (dpokit disables dropout), got {dropout}")
+    batch, heads, width, dim = query.shape
+    scale = dim**-0.5 if scaling is None else scaling
+
+    def flat(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [M, H, D], the kernel's sequences
+        return x.transpose(1, 2).reshape(batch * width, x.shape[1], dim).index_select(0, dpokit_varlen.gather)
+
+    q, k, v = flat(query), flat(key), flat(value)
+    rows = dpokit_varlen
+    if q.is_cuda:
+        out = _flash_kernel(q, k, v, rows.cu_seqlens, rows.max_seqlen, scale, sliding_window)
+    else:
+        out = _reference_kernel(q, k, v, rows.cu_seqlens, scale, sliding_window)
+    out = out.to(query.dtype).index_select(0, rows.take)  # [B * T, Hq, D], row order
+    return out.reshape(batch, width, heads, dim), None
+
+
+def register_varlen_attention() -> None:
+    """Make ``attn_implementation="dpokit_varlen"`` known to transformers (idempotent). Its mask
+    builder is sdpa's, for forwards without dpokit's rows."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])

@@ -3,7 +3,7 @@
 8-bit AdamW, and the memory planner against the allocator's peak.
 
 Skipped on machines without CUDA (CI has none); run them on a GPU with
-``python -m pytest tests/test_cuda.py -v``.
+``python -m pytest tests/test_cuda.py -v`` (``bash scripts/gpu_checks.sh`` runs them and the GPU benchmark).
 """
 
 from __future__ import annotations

@@ -234,3 +234,16 @@ def test_activation_estimate_matches_tensors_saved_for_backward(layout, lora, bf
     planned = estimate(m, shape)["lora" if lora else "full"]["activations"] - backward_workspace_bytes(m, batch.num_real_tokens, 4)
     print(f"planned {planned / 2**20:.0f} MiB, saved {saved / 2**20:.0f} MiB, ratio {planned / saved:.2f}")
     assert 1.2 <= planned / saved <= 1.6 if bf16 else planned == pytest.approx(saved, rel=0.15)
+
+
+def test_dpokit_varlen_plans_no_mask(tmp_path, capsys):
+    """attn_implementation=dpokit_varlen reaches the planner: prefix-shared rows then keep no dense
+    mask and no repeated kv heads, so their activations come out smaller than under sdpa."""
+    from dpokit.cli import main
+
+    _config().save_pretrained(tmp_path / "m")
+    activations = {}
+    for attn in ("sdpa", "dpokit_varlen"):
+        main(["plan", f"model.name_or_path={tmp_path / 'm'}", "max_length=512", f"attn_implementation={attn}", "--json"])
+        activations[attn] = json.loads(capsys.readouterr().out)["bytes"]["full"]["activations"]
+    assert activations["dpokit_varlen"] < activations["sdpa"]

@@ -20,6 +20,7 @@ dpokit's rows (a plain ``model(...)`` call, generation) is transformers' sdpa at
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -105,6 +106,12 @@ def _reference_kernel(q, k, v, cu_seqlens: torch.Tensor, scale: float, window: i
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _parameter_names(function) -> frozenset[str]:
+    """The parameter names of ``function``, read once (the kernel is called in every layer)."""
+    return frozenset(inspect.signature(function).parameters)
+
+
 def _flash_kernel(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, window: int | None) -> torch.Tensor:
     """torch's flash-attention varlen kernel (CUDA). Shapes as :func:`_reference_kernel`."""
     try:
@@ -124,7 +131,7 @@ def _flash_kernel(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale: flo
         dtype = torch.get_autocast_dtype("cuda")
     q, k, v = (x.to(dtype) for x in (q, k, v))
     heads, kv_heads = q.shape[1], k.shape[1]
-    params = inspect.signature(varlen_attn).parameters
+    params = _parameter_names(varlen_attn)
     if "window_size" in params:  # the newer API: windows, grouped-query heads, a scale
         left = -1 if window is None else window - 1
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
@@ -169,11 +176,12 @@ def varlen_attention_forward(
     batch, heads, width, dim = query.shape
     scale = dim**-0.5 if scaling is None else scaling
 
+    rows = dpokit_varlen
+
     def flat(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [M, H, D], the kernel's sequences
-        return x.transpose(1, 2).reshape(batch * width, x.shape[1], dim).index_select(0, dpokit_varlen.gather)
+        return x.transpose(1, 2).reshape(batch * width, x.shape[1], dim).index_select(0, rows.gather)
 
     q, k, v = flat(query), flat(key), flat(value)
-    rows = dpokit_varlen
     if q.is_cuda:
         out = _flash_kernel(q, k, v, rows.cu_seqlens, rows.max_seqlen, scale, sliding_window)
     else:

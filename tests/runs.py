@@ -25,13 +25,18 @@ def make_workdir(root: Path, hidden_size: int = 32, intermediate_size: int = 64)
     return root
 
 
-def run_config(workdir: Path, out: str, *overrides: str):
-    return load_config(None, [
+def run_args(workdir: Path, out: str, *overrides: str) -> list[str]:
+    """The overrides of a short run on the tiny model (``dpokit train`` arguments without a config file)."""
+    return [
         f"model.name_or_path={workdir / 'model'}", f"data.train={workdir / 'train.jsonl'}",
         f"data.eval={workdir / 'eval.jsonl'}", f"output_dir={workdir / out}", "max_length=128",
         "learning_rate=1e-3", "max_steps=4", "per_device_train_batch_size=4", "per_device_eval_batch_size=8",
         "logging_steps=1", "seed=3", "progress_bar=false", "save_steps=null", *overrides,
-    ])
+    ]
+
+
+def run_config(workdir: Path, out: str, *overrides: str):
+    return load_config(None, run_args(workdir, out, *overrides))
 
 
 LORA = ("use_peft=true", "lora_r=4", "lora_alpha=8", "lora_dropout=0.0", "lora_target_modules=[q_proj,v_proj]")

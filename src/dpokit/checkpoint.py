@@ -63,13 +63,15 @@ def save_checkpoint(
     state: TrainState,
     model,
     tokenizer,
-    optimizer,
+    optimizer_state: dict | None,
     scheduler,
     keep: int | None,
     scaler: torch.amp.GradScaler | None = None,
+    model_state: dict | None = None,
 ) -> Path:
     """Write ``step-N`` atomically (all processes call this), then keep the newest ``keep``.
-    An enabled ``scaler`` (fp16 loss scaling) is saved too."""
+    An enabled ``scaler`` (fp16 loss scaling) is saved too. ``optimizer_state`` and ``model_state``
+    are what the main process writes (:mod:`dpokit.sharding`; ``model_state`` None: the model's own)."""
     final = checkpoints_dir / f"step-{state.step}"
     tmp = checkpoints_dir / f"step-{state.step}.tmp"
     if accelerator.is_main_process:
@@ -78,9 +80,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None and scaler.is_enabled():
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
@@ -114,9 +116,12 @@ def load_train_state(checkpoint: Path) -> TrainState:
     return TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
 
 
-def load_optimizer_and_rng(checkpoint: Path, optimizer, scheduler, process_index: int,
-                           scaler: torch.amp.GradScaler | None = None) -> None:
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
+def read_optimizer_state(checkpoint: Path) -> dict:
+    """``optimizer.pt``: load it with :func:`dpokit.sharding.load_optimizer_state`."""
+    return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
+
+
+def load_scheduler_and_rng(checkpoint: Path, scheduler, process_index: int, scaler: torch.amp.GradScaler | None = None) -> None:
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
     if scaler is not None and scaler.is_enabled() and (checkpoint / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=False))

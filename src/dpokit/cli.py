@@ -13,6 +13,7 @@ examples:
   dpokit train my.yaml learning_rate=5e-7 max_steps=200 output_dir=runs/try2
   dpokit train my.yaml loss.loss_type=[sigmoid,sft] loss.loss_weights=[1.0,0.2]
   accelerate launch --num_processes 2 -m dpokit train my.yaml
+  accelerate launch --use_fsdp --fsdp_version 2 --num_processes 8 -m dpokit train my.yaml
 
 Overrides are key=value, with the section (training.learning_rate=...) or without it
 (learning_rate=...); values are read as YAML. Every key is listed in the README's config tour.

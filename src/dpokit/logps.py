@@ -280,8 +280,8 @@ def _rows_checked(model: nn.Module, shared: bool) -> bool:
 class ReplyLogProbs(nn.Module):
     """Wraps a causal LM so that its forward returns summed reply log-probs per sequence.
 
-    This wrapper is what the training loop hands to Accelerate, so DDP (and later sharding)
-    sees one forward that covers both the decoder and the output layer.
+    This wrapper is what the training loop hands to Accelerate, so DDP and FSDP2 see one forward
+    that covers both the decoder and the output layer.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024, chunked: bool = True, mask_packed_rows: bool = False):
@@ -295,6 +295,16 @@ class ReplyLogProbs(nn.Module):
         self.chunk_size = chunk_size
         self.mask_packed_rows = mask_packed_rows
         self.scale, self.softcap, self.chunked = head_plan(model) if chunked else (1.0, None, False)
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The model's layer classes: Accelerate's FSDP makes each such layer a unit (see :mod:`dpokit.sharding`)."""
+        return getattr(self.model, "_no_split_modules", None)
+
+    def tie_weights(self) -> None:
+        """Tie the model's output layer to its embedding again where its config says so: Accelerate's
+        FSDP2 preparation moves the module to the meta device and back, which unties them."""
+        self.model.tie_weights()
 
     def forward(
         self,

@@ -48,6 +48,17 @@ from dpokit.modeling import (
     uses_peft,
 )
 from dpokit.schedule import make_scheduler
+from dpokit.sharding import (
+    check_sharding,
+    default_to_layer_units,
+    describe,
+    forward_rounds,
+    full_model_state,
+    is_sharded,
+    load_optimizer_state,
+    optimizer_state,
+    reshard,
+)
 
 
 def autocast_dtype(training: TrainingConfig) -> torch.dtype | None:
@@ -121,11 +132,16 @@ def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair]
     """
     reference = as_reference(reference)
     parts = []
+    batches = eval_batches(len(pairs), config.training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes)
     with torch.no_grad(), mixed_precision(config.training, accelerator.device), eval_mode(policy):
-        for idx in eval_batches(len(pairs), config.training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes):
+        for k in range(forward_rounds(len(batches), accelerator)):
+            idx = batches[k] if k < len(batches) else [0]  # sharded: a forward the other processes need; dropped
             batch = build_batch([pairs[i] for i in idx], config, pad_id).to(accelerator.device)
             _, stats = score_batch(policy, reference.logps(batch, idx), batch, config)
-            parts.append((idx, {k: v.float().cpu() for k, v in stats.items()}))
+            if k < len(batches):
+                parts.append((idx, {k: v.float().cpu() for k, v in stats.items()}))
+    if is_sharded(accelerator):
+        reshard(policy)
     gathered = gather_object(parts)
     out = {k: torch.zeros(len(pairs)) for k in gathered[0][1]} if gathered else {}
     for idx, stats in gathered:
@@ -144,24 +160,33 @@ def evaluate(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], confi
     return eval_metrics(pair_statistics(policy, reference, pairs, config, accelerator, pad_id))
 
 
+def adapters_off_reference(config: Config) -> bool:
+    """Whether the reference is the live policy with its LoRA adapters switched off."""
+    return needs_reference(config) and uses_peft(config.model) and not config.training.precompute_ref_log_probs
+
+
+def check_live_reference(config: Config) -> None:
+    if adapters_off_reference(config) and config.model.adapter_name_or_path:
+        raise ConfigError(
+            "a live reference for a run that starts from an adapter would need the base loaded twice: "
+            "keep precompute_ref_log_probs=true (the reference is then scored once from the starting model)"
+        )
+
+
 def prepare_references(config: Config, policy, resumed: bool, data, accelerator, pad_id: int, say) -> tuple[Reference, Reference]:
-    """(train reference, eval reference), from tables computed once or a live frozen model.
+    """(train reference, eval reference), from tables computed once or a live frozen model; for
+    :func:`adapters_off_reference` runs nothing yet (the prepared policy serves, see :func:`train`).
 
     Without a separate reference and without resuming, the reference is the starting policy
     itself: its tables are computed from ``policy`` before any update, and no copy is made.
+    A live reference model is never sharded: under FSDP2 each process holds it whole.
     """
     if not needs_reference(config):
         return NoReference(), NoReference()
     t = config.training
     own_policy = not config.model.ref_model_name_or_path and not resumed
-    if not t.precompute_ref_log_probs and uses_peft(config.model):
-        if config.model.adapter_name_or_path:
-            raise ConfigError(
-                "a live reference for a run that starts from an adapter would need the base loaded twice: "
-                "keep precompute_ref_log_probs=true (the reference is then scored once from the starting model)"
-            )
-        live = AdapterOffReference(reply_scorer(policy.to(accelerator.device), t))
-        return live, live
+    if adapters_off_reference(config):
+        return NoReference(), NoReference()  # built on the prepared policy: see train()
     if not t.precompute_ref_log_probs:
         live = LiveReference(reply_scorer(load_reference(config.model, policy if own_policy else None).to(accelerator.device), t))
         return live, live
@@ -248,11 +273,12 @@ def _row_step(line: str) -> int:
         return 1 << 62  # a torn line from a killed run: drop it
 
 
-def save_final(final: Path, model, tokenizer) -> None:
-    """The trained model in Hugging Face format, written beside and renamed into place."""
+def save_final(final: Path, model, tokenizer, state_dict: dict | None = None) -> None:
+    """The trained model in Hugging Face format, written beside and renamed into place
+    (``state_dict``: the weights gathered from shards; None: the model's own)."""
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -294,6 +320,9 @@ def train(config: Config) -> Path:
     out = Path(r.output_dir)
     check_trackers(trackers)
     accelerator = Accelerator(log_with=trackers or None, project_dir=str(out), cpu=not has_accelerator_device())
+    check_sharding(accelerator, config)
+    sharded = is_sharded(accelerator)
+    default_to_layer_units(accelerator)
     set_seed(t.seed)
     say = accelerator.print
     from transformers.utils import logging as hf_logging
@@ -320,6 +349,7 @@ def train(config: Config) -> Path:
     warn_low_precision_weights(policy, config, say)
     say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%); "
         f"reference: {_describe_reference(config)}")
+    check_live_reference(config)
     train_ref, eval_ref = prepare_references(config, policy, resume_from is not None, data, accelerator, pad_id, say)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
@@ -335,15 +365,21 @@ def train(config: Config) -> Path:
         decoder_of(policy).compile(dynamic=True)  # in place: parameter names and saving unchanged
     optimizer = _optimizer(scorer, config)
     scheduler = make_scheduler(optimizer, t.lr_scheduler_type, warmup, total_steps)
-    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)  # under FSDP2, shards the model in place
     unwrapped = accelerator.unwrap_model(scorer)
+    if adapters_off_reference(config):  # the prepared policy itself, with its adapters off
+        train_ref = eval_ref = AdapterOffReference(unwrapped)
+    if sharded:
+        say(f"sharding: {describe(scorer, accelerator)}")
     # fp16's dynamic loss scaling; with it off, scale() returns the loss and step() steps
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=t.fp16)
 
     state = ckpt.TrainState()
     if resume_from is not None:
         state = ckpt.load_train_state(resume_from)
-        ckpt.load_optimizer_and_rng(resume_from, optimizer, scheduler, accelerator.process_index, scaler)
+        saved = ckpt.read_optimizer_state(resume_from) if accelerator.is_main_process or not sharded else None
+        load_optimizer_state(accelerator, scorer, optimizer, saved)
+        ckpt.load_scheduler_and_rng(resume_from, scheduler, accelerator.process_index, scaler)
         say(f"resumed from {resume_from} at step {state.step}")
     if trackers:
         accelerator.init_trackers("dpokit", config={k: str(v) for k, v in config.to_dict().items()})
@@ -415,8 +451,9 @@ def train(config: Config) -> Path:
             if r.eval_steps and state.step % r.eval_steps == 0 and state.step < total_steps:
                 run_eval()
             if r.save_steps and state.step % r.save_steps == 0 and state.step < total_steps:
-                ckpt.save_checkpoint(accelerator, out / "checkpoints", state, unwrapped.model, tokenizer, optimizer, scheduler,
-                                     r.save_total_limit, scaler)
+                ckpt.save_checkpoint(accelerator, out / "checkpoints", state, unwrapped.model, tokenizer,
+                                     optimizer_state(accelerator, scorer, optimizer), scheduler, r.save_total_limit, scaler,
+                                     full_model_state(accelerator, scorer))
         if state.batch_in_epoch >= len(batches):
             state.epoch += 1
             state.batch_in_epoch = 0
@@ -424,9 +461,10 @@ def train(config: Config) -> Path:
         progress.close()
 
     run_eval()
+    weights = full_model_state(accelerator, scorer)  # gathered from the shards; None unsharded
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_final(out / "final", unwrapped.model, tokenizer)
+        save_final(out / "final", unwrapped.model, tokenizer, weights)
         from dpokit.report import make_report
 
         say(make_report(out))

@@ -1,0 +1,176 @@
+"""Sharded training (FSDP2 through Accelerate): what changes when each process holds a slice of the weights.
+
+Launch the same config with ``accelerate launch --use_fsdp --fsdp_version 2 -m dpokit train cfg.yaml``
+(or an Accelerate config file with ``distributed_type: FSDP`` and ``fsdp_version: 2``).
+
+Accelerate shards the module dpokit prepares, :class:`dpokit.logps.ReplyLogProbs` around the model:
+each decoder layer is its own unit (the model's ``_no_split_modules``, which the scorer passes on),
+and the rest (embedding, final norm, output layer) belongs to the root unit, whose weights are
+gathered for the scorer's whole forward. So dpokit's chunked log-probs read the output layer's full
+weight inside that forward, and its gradient is reduce-scattered like any other.
+
+Three things differ from unsharded training, and this module holds them:
+
+- A forward is a collective (each unit's weights are all-gathered), so every process must run the
+  same number of forwards: :func:`forward_rounds` pads evaluation with forwards whose results are
+  dropped, and :func:`reshard` gives the weights back afterwards.
+- Saving needs the full weights: :func:`full_model_state` gathers them to the main process.
+- The optimizer state is saved whole, keyed by parameter name (:func:`optimizer_state`), and
+  loaded back into any sharding (:func:`load_optimizer_state`): a run resumes on any number of
+  processes, sharded or not. Unsharded runs save torch's own format (keyed by position); both
+  load into either kind of run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dpokit.config import ConfigError
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether Accelerate shards the prepared model (FSDP)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+FSDP2_LAUNCH = "accelerate launch --use_fsdp --fsdp_version 2 ..."
+
+
+def check_sharding(accelerator, config) -> None:
+    """dpokit shards through FSDP2 only (Accelerate 1.6+). Before any model is loaded, refuse FSDP1,
+    DeepSpeed, and what has not been made to work sharded (QLoRA's 4-bit weights, 8-bit AdamW)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(f"dpokit does not run under DeepSpeed yet: shard with FSDP2 instead (`{FSDP2_LAUNCH}`)")
+    if not is_sharded(accelerator):
+        return
+    if not getattr(accelerator, "is_fsdp2", False):
+        raise ConfigError(
+            f"dpokit shards with FSDP2: launch with `{FSDP2_LAUNCH}` "
+            "(fsdp_version: 2 in an Accelerate config file; Accelerate 1.6 or newer)"
+        )
+    unsupported = [what for what, on in (("model.load_in_4bit (QLoRA)", config.model.load_in_4bit),
+                                         ("optim=adamw_8bit", config.training.optim == "adamw_8bit")) if on]
+    if unsupported:
+        raise ConfigError(
+            f"{' and '.join(unsupported)} not supported under FSDP2 yet: launch without --use_fsdp "
+            "(one process per GPU, each holding the model), or train with load_in_4bit=false and optim=adamw_torch"
+        )
+
+
+def default_to_layer_units(accelerator) -> None:
+    """Make each decoder layer an FSDP unit unless the launch chose a wrap policy: Accelerate's own
+    default wraps nothing, so every forward would gather the whole model at once."""
+    if is_sharded(accelerator) and "FSDP_AUTO_WRAP_POLICY" not in os.environ:
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        accelerator.state.fsdp_plugin.auto_wrap_policy = transformer_auto_wrap_policy
+
+
+def describe(scorer: torch.nn.Module, accelerator) -> str:
+    """One line on how the prepared model is sharded, e.g. ``FSDP2 over 2 processes: 3 units (2
+    Qwen2DecoderLayer, root)``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [type(m).__name__.removeprefix("FSDP") for m in scorer.modules() if isinstance(m, FSDPModule)]
+    counts = {name: units[1:].count(name) for name in dict.fromkeys(units[1:])}  # units[0]: the root
+    parts = [f"{n} {name}" for name, n in counts.items()] + ["root"]
+    return f"FSDP2 over {accelerator.num_processes} processes: {len(units)} units ({', '.join(parts)})"
+
+
+def forward_rounds(num_batches: int, accelerator) -> int:
+    """How many forwards this process runs for ``num_batches`` batches of its own: under sharding
+    the largest count over processes (each forward gathers weights with all of them), else its own.
+    ``num_batches`` must be what :func:`dpokit.data.batching.eval_batches` gives (rank 0 has the most)."""
+    if not is_sharded(accelerator):
+        return num_batches
+    counts = torch.tensor([num_batches], device=accelerator.device)
+    return int(accelerator.gather(counts).max())
+
+
+def reshard(module: torch.nn.Module) -> None:
+    """Give back the gathered weights after forwards without a backward (evaluation): FSDP2 keeps the
+    root unit's weights gathered from a forward until the backward, and a state-dict gather or an
+    optimizer step needs them sharded again. Nothing for an unsharded module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
+def full_model_state(accelerator, scorer: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The wrapped model's whole state dict on the main process (CPU tensors, keys as the model's own
+    ``state_dict``), gathered from the shards; None when unsharded (the model saves itself). Every
+    process must call this."""
+    if not is_sharded(accelerator):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first_name = {}  # a tied weight (output layer = embedding) is saved once, as the model saves it
+    for name, param in scorer.named_parameters(remove_duplicate=False):
+        first_name.setdefault(param, name)
+    tied = {name for name, param in scorer.named_parameters(remove_duplicate=False) if first_name[param] != name}
+    return {name.removeprefix("model."): tensor for name, tensor in full.items() if name not in tied}
+
+
+def _names_in_order(scorer: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The scorer's parameter names in the optimizer's order (torch's state keys are positions in it)."""
+    name_of = {p: name for name, p in scorer.named_parameters()}
+    return [name_of[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _is_named(state: dict) -> bool:
+    return any(isinstance(key, str) for group in state["param_groups"] for key in group["params"])
+
+
+def named_state(state: dict, names: list[str]) -> dict:
+    """torch's optimizer state dict (keys: positions) -> keyed by parameter name, as FSDP2 saves it."""
+    return {
+        "state": {names[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def positional_state(state: dict, names: list[str]) -> dict:
+    """The inverse of :func:`named_state`, for ``optimizer.load_state_dict``."""
+    position = {name: i for i, name in enumerate(names)}
+    return {
+        "state": {position[n]: s for n, s in state["state"].items()},
+        "param_groups": [{**g, "params": [position[n] for n in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def optimizer_state(accelerator, scorer: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """What ``optimizer.pt`` holds: torch's own state dict unsharded; sharded, the whole state keyed by
+    parameter name, gathered to the main process (None on the others). Every process must call this."""
+    if not is_sharded(accelerator):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # torch's, inside Accelerate's wrapper
+    full = get_optimizer_state_dict(scorer, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full if accelerator.is_main_process else None
+
+
+def load_optimizer_state(accelerator, scorer: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict | None) -> None:
+    """Load an ``optimizer.pt`` written by a sharded or an unsharded run. Sharded, only the main
+    process needs ``state`` (it is broadcast); unsharded, every process passes it."""
+    names = _names_in_order(accelerator.unwrap_model(scorer), optimizer)
+    if not is_sharded(accelerator):
+        optimizer.load_state_dict(positional_state(state, names) if _is_named(state) else state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if accelerator.is_main_process and not _is_named(state):
+        state = named_state(state, names)
+    set_optimizer_state_dict(
+        scorer, getattr(optimizer, "optimizer", optimizer), state if accelerator.is_main_process else {},
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )

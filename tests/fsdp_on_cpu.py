@@ -1,0 +1,35 @@
+"""``dpokit`` under Accelerate's FSDP2 in gloo CPU processes, for the tests.
+
+Accelerate turns FSDP on only for accelerator devices; a machine without one gets plain
+multi-process CPU (DDP). This launcher lifts that one gate (after Accelerate has set up its
+gloo process group, it switches the state to FSDP with the plugin ``accelerate launch --use_fsdp``
+configured through the environment) and runs the dpokit command line. Everything after that is
+the real path: ``accelerator.prepare`` shards the model with ``fully_shard`` over a CPU device
+mesh, and every forward, backward, gradient clip, optimizer step and state-dict gather is
+FSDP2's, with gloo collectives.
+
+    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 tests/fsdp_on_cpu.py train cfg.yaml ...
+"""
+
+import sys
+
+import accelerate
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+_init = accelerate.Accelerator.__init__
+
+
+def _init_sharded_on_cpu(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    if self.state.distributed_type == DistributedType.MULTI_CPU:
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* settings
+        self.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP  # both shared states
+
+
+accelerate.Accelerator.__init__ = _init_sharded_on_cpu
+
+if __name__ == "__main__":
+    from dpokit.cli import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,151 @@
+"""Sharded training (FSDP2 through Accelerate) in two gloo CPU processes: the same numbers as one
+process, checkpoints that hold the whole model, and resume across sharded and unsharded runs.
+
+The processes are started by ``accelerate launch --use_fsdp --fsdp_version 2`` around
+tests/fsdp_on_cpu.py, which lifts Accelerate's accelerator-only gate for FSDP (see there).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpokit.config import ConfigError
+from dpokit.sharding import check_sharding, named_state, positional_state
+from dpokit.train import train
+from runs import LORA, read_rows, run_args, run_config, train_rows
+
+accelerate = pytest.importorskip("accelerate")
+HAS_FSDP2 = hasattr(accelerate.Accelerator, "is_fsdp2")
+needs_fsdp2 = pytest.mark.skipif(not HAS_FSDP2, reason="Accelerate before 1.6 has no FSDP2")
+
+COMPARED = ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+_port = iter(range(29611, 29700))
+
+
+def launch_fsdp(workdir: Path, out: str, *overrides: str) -> str:
+    """``dpokit train`` under FSDP2 in 2 CPU processes with half the per-device batch of :func:`run_config`'s
+    runs; returns the output (asserting success)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), str(Path(__file__).parent)])}
+    env.pop("FSDP_AUTO_WRAP_POLICY", None)
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version=2", "--num_processes=2",
+        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={next(_port)}",
+        str(Path(__file__).parent / "fsdp_on_cpu.py"), "train",
+        *run_args(workdir, out, "per_device_train_batch_size=2", *overrides),
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def assert_same_rows(a: list[dict], b: list[dict], keys=COMPARED, tol=1e-4) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for key in keys:
+            if key in ra:
+                assert ra[key] == pytest.approx(rb[key], abs=tol), (ra["step"], key)
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-4) -> None:
+    """Adam divides by sqrt(v), so round-off in tiny gradients shows: agree to a tenth of one step (lr 1e-3)."""
+    wa, wb = load_file(a), load_file(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def uneven_eval(workdir):
+    """9 eval pairs: with 2 processes and batches of 2, one process has 3 batches, the other 2."""
+    lines = (workdir / "eval.jsonl").read_text().splitlines()[:9]
+    path = workdir / "eval9.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return f"data.eval={path}"
+
+
+@needs_fsdp2
+def test_sharded_run_matches_one_process_and_resumes(workdir, uneven_eval):
+    """FSDP2 over 2 processes trains exactly as 1 process (tied embedding and output layer, the
+    reference precomputed, evaluation with unequal batch counts per process), its checkpoints and
+    final folder hold the whole model, and a sharded checkpoint resumes sharded and unsharded."""
+    common = (uneven_eval, "per_device_eval_batch_size=2", "eval_steps=2", "save_steps=2")
+    one = train(run_config(workdir, "fsdp-one", *common))
+    output = launch_fsdp(workdir, "fsdp-two", *common)
+    assert "sharding: FSDP2 over 2 processes: 3 units (2 Qwen2DecoderLayer, root)" in output
+    two = workdir / "fsdp-two"
+    assert_same_rows(read_rows(one), read_rows(two), COMPARED + ("eval/loss", "eval/rewards/margins", "eval/logps/chosen"))
+    assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
+    assert_same_weights(one / "checkpoints" / "step-2" / "model.safetensors", two / "checkpoints" / "step-2" / "model.safetensors")
+    saved = torch.load(two / "checkpoints" / "step-2" / "optimizer.pt", weights_only=False)
+    assert "model.model.layers.0.self_attn.q_proj.weight" in saved["state"]  # whole, keyed by name
+    assert saved["state"]["model.model.layers.0.self_attn.q_proj.weight"]["exp_avg"].shape == (32, 32)
+
+    # the sharded checkpoint resumed in one process, and sharded again: steps 3-4 as uninterrupted
+    step2 = f"resume_from_checkpoint={two / 'checkpoints' / 'step-2'}"
+    resumed = train(run_config(workdir, "fsdp-two", "save_steps=null", uneven_eval, "per_device_eval_batch_size=2", step2))
+    assert_same_rows(train_rows(one), train_rows(resumed))
+    launch_fsdp(workdir, "fsdp-two", uneven_eval, "per_device_eval_batch_size=2", step2)
+    assert_same_rows(train_rows(one), train_rows(two))
+    assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
+
+
+@needs_fsdp2
+def test_unsharded_checkpoint_resumes_sharded(workdir):
+    one = train(run_config(workdir, "fsdp-from-one", "save_steps=2"))
+    launch_fsdp(workdir, "fsdp-from-one", f"resume_from_checkpoint={one / 'checkpoints' / 'step-2'}")
+    uninterrupted = train(run_config(workdir, "fsdp-from-one-ref"))
+    assert_same_rows(train_rows(uninterrupted), train_rows(one))
+    assert_same_weights(uninterrupted / "final" / "model.safetensors", one / "final" / "model.safetensors")
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_sharded_live_reference(workdir, kind):
+    """A live reference under FSDP2, as one process: LoRA's is the sharded policy with its adapters off
+    (with gradient checkpointing; the final folder is the adapter), full training's a frozen copy
+    that each process holds whole."""
+    options = (*(LORA if kind == "lora" else ()), "precompute_ref_log_probs=false", "gradient_checkpointing=true")
+    one = train(run_config(workdir, f"fsdp-live-{kind}-one", *options))
+    launch_fsdp(workdir, f"fsdp-live-{kind}-two", *options)
+    two = workdir / f"fsdp-live-{kind}-two"
+    assert_same_rows(train_rows(one), train_rows(two))
+    weights = "adapter_model.safetensors" if kind == "lora" else "model.safetensors"
+    assert_same_weights(one / "final" / weights, two / "final" / weights)
+
+
+def test_optimizer_state_by_name_and_by_position_round_trip():
+    names = ["a.weight", "b.weight", "a.bias"]
+    state = {
+        "state": {0: {"step": torch.tensor(2.0), "exp_avg": torch.ones(2)}, 2: {"step": torch.tensor(2.0), "exp_avg": torch.zeros(1)}},
+        "param_groups": [{"lr": 1e-3, "weight_decay": 0.1, "params": [0, 1]}, {"lr": 1e-3, "weight_decay": 0.0, "params": [2]}],
+    }
+    named = named_state(state, names)
+    assert set(named["state"]) == {"a.weight", "a.bias"}
+    assert named["param_groups"][0]["params"] == ["a.weight", "b.weight"] and named["param_groups"][0]["weight_decay"] == 0.1
+    back = positional_state(named, names)
+    assert back["param_groups"] == state["param_groups"]
+    assert back["state"].keys() == state["state"].keys() and torch.equal(back["state"][0]["exp_avg"], torch.ones(2))
+
+
+def test_what_is_not_supported_sharded_is_refused_before_loading(workdir):
+    from accelerate.utils import DistributedType
+
+    class Launched:
+        def __init__(self, distributed_type, is_fsdp2=True):
+            self.distributed_type, self.is_fsdp2 = distributed_type, is_fsdp2
+
+    config = run_config(workdir, "refused")
+    check_sharding(Launched(DistributedType.FSDP), config)
+    check_sharding(Launched(DistributedType.MULTI_GPU), run_config(workdir, "refused", "optim=adamw_8bit"))
+    with pytest.raises(ConfigError, match="--fsdp_version 2"):
+        check_sharding(Launched(DistributedType.FSDP, is_fsdp2=False), config)
+    with pytest.raises(ConfigError, match="DeepSpeed"):
+        check_sharding(Launched(DistributedType.DEEPSPEED), config)
+    for options in (("use_peft=true", "load_in_4bit=true"), ("optim=adamw_8bit",)):
+        with pytest.raises(ConfigError, match="not supported under FSDP2"):
+            check_sharding(Launched(DistributedType.FSDP), run_config(workdir, "refused", *options))

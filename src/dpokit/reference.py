@@ -23,6 +23,7 @@ from accelerate.utils import gather_object
 from dpokit.data.batching import Batch, eval_batches
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
+from dpokit.sharding import in_lockstep, is_sharded, reshard
 from dpokit.tiny import cache_dir as cache_root
 
 
@@ -54,8 +55,16 @@ class LiveReference(Reference):
 class AdapterOffReference(LiveReference):
     """The policy itself with its LoRA adapters switched off: the base weights exist once."""
 
+    def __init__(self, scorer: ReplyLogProbs):
+        super().__init__(scorer)
+        self.trained = [p for p in scorer.parameters() if p.requires_grad]
+
     def logps(self, batch: Batch, pair_indices: list[int]) -> torch.Tensor:
         with torch.no_grad(), self.scorer.model.disable_adapter():
+            # peft marks the adapters frozen while they are off; FSDP2 chooses its gradient dtypes
+            # from what trains at its first forward, which may be this one: keep them marked
+            for p in self.trained:
+                p.requires_grad_(True)
             return self.scorer(**batch.model_inputs())
 
 
@@ -109,10 +118,14 @@ def compute_table(
     """Score all ``pairs`` (striped over processes, batched by ``build``) with no grad, in the
     caller's autocast state (training's mixed precision); every process gets the whole [N, 2] table."""
     parts = []
+    batches = eval_batches(len(pairs), batch_size, accelerator.process_index, accelerator.num_processes)
     with torch.no_grad():
-        for idx in eval_batches(len(pairs), batch_size, accelerator.process_index, accelerator.num_processes):
+        for idx, keep in in_lockstep(batches, accelerator):
             logps = scorer(**build([pairs[i] for i in idx]).to(accelerator.device).model_inputs())
-            parts.append((idx, logps.float().cpu().view(-1, 2)))
+            if keep:
+                parts.append((idx, logps.float().cpu().view(-1, 2)))
+    if is_sharded(accelerator):
+        reshard(scorer)
     table = torch.zeros(len(pairs), 2)
     for idx, values in gather_object(parts):
         table[idx] = values

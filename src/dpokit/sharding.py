@@ -9,10 +9,12 @@ and the rest (embedding, final norm, output layer) belongs to the root unit, who
 gathered for the scorer's whole forward. So dpokit's chunked log-probs read the output layer's full
 weight inside that forward, and its gradient is reduce-scattered like any other.
 
-Three things differ from unsharded training, and this module holds them:
+16-bit compute is FSDP2's mixed-precision policy rather than autocast (:func:`set_precision`), and
+a separate reference model is sharded like the policy (:func:`shard_frozen`). Beyond that, three
+things differ from unsharded training, and this module holds them too:
 
 - A forward is a collective (each unit's weights are all-gathered), so every process must run the
-  same number of forwards: :func:`forward_rounds` pads evaluation with forwards whose results are
+  same number of forwards: :func:`in_lockstep` pads evaluation with forwards whose results are
   dropped, and :func:`reshard` gives the weights back afterwards.
 - Saving needs the full weights: :func:`full_model_state` gathers them to the main process.
 - The optimizer state is saved whole, keyed by parameter name (:func:`optimizer_state`), and
@@ -24,6 +26,7 @@ Three things differ from unsharded training, and this module holds them:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -54,6 +57,11 @@ def check_sharding(accelerator, config) -> None:
             f"dpokit shards with FSDP2: launch with `{FSDP2_LAUNCH}` "
             "(fsdp_version: 2 in an Accelerate config file; Accelerate 1.6 or newer)"
         )
+    if accelerator.mixed_precision != "no":
+        raise ConfigError(
+            f"launched with Accelerate's mixed precision ({accelerator.mixed_precision}): under FSDP2 dpokit sets "
+            "it from the config's bf16/fp16 keys; launch with --mixed_precision no"
+        )
     unsupported = [what for what, on in (("model.load_in_4bit (QLoRA)", config.model.load_in_4bit),
                                          ("optim=adamw_8bit", config.training.optim == "adamw_8bit")) if on]
     if unsupported:
@@ -72,6 +80,33 @@ def default_to_layer_units(accelerator) -> None:
         accelerator.state.fsdp_plugin.auto_wrap_policy = transformer_auto_wrap_policy
 
 
+def set_precision(accelerator, dtype: torch.dtype | None) -> None:
+    """16-bit compute (``bf16``/``fp16``) under FSDP2 is its mixed-precision policy, not autocast: each
+    unit's weights are gathered in 16 bits and its gradients reduced in float32 onto the float32
+    shards. Autocast would cast every gathered weight to a 16-bit copy that autograd keeps until the
+    backward, about two bytes per parameter of the whole model on every process. Call before
+    ``accelerator.prepare``."""
+    if is_sharded(accelerator) and dtype is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def shard_frozen(scorer: torch.nn.Module, accelerator) -> None:
+    """Shard a frozen scorer (a reference model) as the policy is: each layer a unit, the rest the
+    root, the same mixed precision; its weights are gathered for each forward and given back after."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = accelerator.state.fsdp_plugin.mixed_precision_policy
+    options = {"mp_policy": policy if isinstance(policy, MixedPrecisionPolicy) else MixedPrecisionPolicy(),
+               "reshard_after_forward": True}
+    layers = set(getattr(scorer, "_no_split_modules", None) or [])
+    for module in scorer.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module, **options)
+    fully_shard(scorer, **options)
+
+
 def describe(scorer: torch.nn.Module, accelerator) -> str:
     """One line on how the prepared model is sharded, e.g. ``FSDP2 over 2 processes: 3 units (2
     Qwen2DecoderLayer, root)``."""
@@ -83,14 +118,15 @@ def describe(scorer: torch.nn.Module, accelerator) -> str:
     return f"FSDP2 over {accelerator.num_processes} processes: {len(units)} units ({', '.join(parts)})"
 
 
-def forward_rounds(num_batches: int, accelerator) -> int:
-    """How many forwards this process runs for ``num_batches`` batches of its own: under sharding
-    the largest count over processes (each forward gathers weights with all of them), else its own.
-    ``num_batches`` must be what :func:`dpokit.data.batching.eval_batches` gives (rank 0 has the most)."""
-    if not is_sharded(accelerator):
-        return num_batches
-    counts = torch.tensor([num_batches], device=accelerator.device)
-    return int(accelerator.gather(counts).max())
+def in_lockstep(batches: list[list[int]], accelerator) -> Iterator[tuple[list[int], bool]]:
+    """This process's no-grad ``batches`` (pair indices) as ``(indices, keep)``. Under sharding every
+    forward gathers weights with all processes, so a process with fewer batches than another adds
+    forwards of pair 0 whose results it drops (``keep`` False); unsharded, just its own."""
+    rounds = len(batches)
+    if is_sharded(accelerator):
+        rounds = int(accelerator.gather(torch.tensor([rounds], device=accelerator.device)).max())
+    for k in range(rounds):
+        yield (batches[k], True) if k < len(batches) else ([0], False)
 
 
 def reshard(module: torch.nn.Module) -> None:

@@ -13,6 +13,7 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,18 +53,27 @@ from dpokit.sharding import (
     check_sharding,
     default_to_layer_units,
     describe,
-    forward_rounds,
+    in_lockstep,
     full_model_state,
     is_sharded,
     load_optimizer_state,
     optimizer_state,
     reshard,
+    set_precision,
+    shard_frozen,
 )
 
 
 def autocast_dtype(training: TrainingConfig) -> torch.dtype | None:
     """The 16-bit dtype forward passes autocast to (``bf16`` / ``fp16``), or None."""
     return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else None
+
+
+def forward_precision(training: TrainingConfig, accelerator):
+    """The precision of forwards through the prepared model: :func:`mixed_precision`, except under
+    FSDP2, whose mixed-precision policy gathers the weights in 16 bits instead (see
+    :func:`dpokit.sharding.set_precision`)."""
+    return nullcontext() if is_sharded(accelerator) else mixed_precision(training, accelerator.device)
 
 
 def mixed_precision(training: TrainingConfig, device: torch.device):
@@ -133,12 +143,11 @@ def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair]
     reference = as_reference(reference)
     parts = []
     batches = eval_batches(len(pairs), config.training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes)
-    with torch.no_grad(), mixed_precision(config.training, accelerator.device), eval_mode(policy):
-        for k in range(forward_rounds(len(batches), accelerator)):
-            idx = batches[k] if k < len(batches) else [0]  # sharded: a forward the other processes need; dropped
+    with torch.no_grad(), forward_precision(config.training, accelerator), eval_mode(policy):
+        for idx, keep in in_lockstep(batches, accelerator):
             batch = build_batch([pairs[i] for i in idx], config, pad_id).to(accelerator.device)
             _, stats = score_batch(policy, reference.logps(batch, idx), batch, config)
-            if k < len(batches):
+            if keep:
                 parts.append((idx, {k: v.float().cpu() for k, v in stats.items()}))
     if is_sharded(accelerator):
         reshard(policy)
@@ -173,40 +182,72 @@ def check_live_reference(config: Config) -> None:
         )
 
 
-def prepare_references(config: Config, policy, resumed: bool, data, accelerator, pad_id: int, say) -> tuple[Reference, Reference]:
-    """(train reference, eval reference), from tables computed once or a live frozen model; for
-    :func:`adapters_off_reference` runs nothing yet (the prepared policy serves, see :func:`train`).
+@dataclass
+class StartingReference:
+    """The reference as taken before training changes the policy: a frozen ``model`` (None: the policy
+    itself, or no reference at all) and, for log-probs computed once, a ``fingerprint`` of its weights."""
 
-    Without a separate reference and without resuming, the reference is the starting policy
-    itself: its tables are computed from ``policy`` before any update, and no copy is made.
-    A live reference model is never sharded: under FSDP2 each process holds it whole.
-    """
+    model: torch.nn.Module | None = None
+    fingerprint: str | None = None
+
+
+def starting_reference(config: Config, policy, resumed: bool) -> StartingReference:
+    """Take the reference before ``policy`` is trained, moved or sharded. Without a separate
+    reference and without resuming it is the starting policy itself: no copy is made for log-probs
+    computed once, and a frozen copy for a live reference (LoRA's live reference is the policy with
+    its adapters off: nothing to take)."""
+    t = config.training
+    if not needs_reference(config) or adapters_off_reference(config):
+        return StartingReference()
+    own_policy = not config.model.ref_model_name_or_path and not resumed
+    if not t.precompute_ref_log_probs:
+        return StartingReference(load_reference(config.model, policy if own_policy else None))
+    model = None if own_policy else load_reference(config.model)
+    precision = autocast_dtype(t)
+    fingerprint = fingerprint_model(model or policy) + (f":{str(precision).replace('torch.', '')}-autocast" if precision else "")
+    return StartingReference(model, fingerprint)
+
+
+def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingReference, data, accelerator, pad_id: int,
+                       say) -> tuple[Reference, Reference]:
+    """(train reference, eval reference) once ``policy`` is prepared (its weights still the starting
+    ones): log-prob tables computed once (cached on disk), a live frozen model, the policy with its
+    adapters off, or none. A separate reference model is placed as the policy is (sharded under
+    FSDP2) and, for tables, dropped once they are computed."""
+    t = config.training
     if not needs_reference(config):
         return NoReference(), NoReference()
-    t = config.training
-    own_policy = not config.model.ref_model_name_or_path and not resumed
     if adapters_off_reference(config):
-        return NoReference(), NoReference()  # built on the prepared policy: see train()
-    if not t.precompute_ref_log_probs:
-        live = LiveReference(reply_scorer(load_reference(config.model, policy if own_policy else None).to(accelerator.device), t))
+        live = AdapterOffReference(policy)
         return live, live
-    model = policy if own_policy else load_reference(config.model)
-    scorer = reply_scorer(model.to(accelerator.device), t)
-    precision = autocast_dtype(t)
-    fingerprint = fingerprint_model(model) + (f":{str(precision).replace('torch.', '')}-autocast" if precision else "")
+    scorer = policy if start.model is None else place_frozen(start.model, t, accelerator)
+    start.model = None  # the scorer holds it from here; with tables, nothing does once they are computed
+    if scorer is not policy and is_sharded(accelerator):
+        say(f"reference sharding: {describe(scorer, accelerator)}")
+    if not t.precompute_ref_log_probs:
+        return LiveReference(scorer), LiveReference(scorer)
 
     def build(pairs: list[TokenizedPair]) -> Batch:
         return build_batch(pairs, config, pad_id)
 
     def table(pairs: list[TokenizedPair], what: str) -> TableReference:
         def compute() -> torch.Tensor:
-            with mixed_precision(config.training, accelerator.device):  # scored as training will score the policy
+            with forward_precision(config.training, accelerator):  # scored as training will score the policy
                 return compute_table(scorer, pairs, build, t.per_device_eval_batch_size, accelerator)
 
-        return TableReference(cached_table(fingerprint, pairs, compute, accelerator, what, log=say))
+        return TableReference(cached_table(start.fingerprint, pairs, compute, accelerator, what, log=say))
 
-    with eval_mode(model):
+    with eval_mode(scorer):
         return table(data.train, "train"), table(data.eval, "eval") if data.eval else NoReference()
+
+
+def place_frozen(model: torch.nn.Module, training: TrainingConfig, accelerator) -> ReplyLogProbs:
+    """A frozen reference model as a scorer on this process's device, checked there, and sharded
+    like the policy under FSDP2."""
+    scorer = reply_scorer(model.to(accelerator.device), training)
+    if is_sharded(accelerator):
+        shard_frozen(scorer, accelerator)
+    return scorer
 
 
 def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -350,7 +391,7 @@ def train(config: Config) -> Path:
     say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%); "
         f"reference: {_describe_reference(config)}")
     check_live_reference(config)
-    train_ref, eval_ref = prepare_references(config, policy, resume_from is not None, data, accelerator, pad_id, say)
+    start = starting_reference(config, policy, resume_from is not None)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     policy.train()
@@ -365,12 +406,12 @@ def train(config: Config) -> Path:
         decoder_of(policy).compile(dynamic=True)  # in place: parameter names and saving unchanged
     optimizer = _optimizer(scorer, config)
     scheduler = make_scheduler(optimizer, t.lr_scheduler_type, warmup, total_steps)
+    set_precision(accelerator, autocast_dtype(t))
     scorer, optimizer = accelerator.prepare(scorer, optimizer)  # under FSDP2, shards the model in place
     unwrapped = accelerator.unwrap_model(scorer)
-    if adapters_off_reference(config):  # the prepared policy itself, with its adapters off
-        train_ref = eval_ref = AdapterOffReference(unwrapped)
     if sharded:
         say(f"sharding: {describe(scorer, accelerator)}")
+    train_ref, eval_ref = prepare_references(config, unwrapped, start, data, accelerator, pad_id, say)
     # fp16's dynamic loss scaling; with it off, scale() returns the loss and step() steps
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=t.fp16)
 
@@ -414,7 +455,7 @@ def train(config: Config) -> Path:
                 batch = build_batch([data.train[i] for i in idx], config, pad_id).to(accelerator.device)
                 step_tokens += batch.num_real_tokens
                 with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(scorer):
-                    with mixed_precision(config.training, accelerator.device):
+                    with forward_precision(config.training, accelerator):
                         loss, stats = score_batch(scorer, train_ref.logps(batch, idx), batch, config)
                     accelerator.backward(scaler.scale(loss.mean() / len(micro)))
                 step_stats.append(stats)

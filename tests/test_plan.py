@@ -247,3 +247,43 @@ def test_dpokit_varlen_plans_no_mask(tmp_path, capsys):
         main(["plan", f"model.name_or_path={tmp_path / 'm'}", "max_length=512", f"attn_implementation={attn}", "--json"])
         activations[attn] = json.loads(capsys.readouterr().out)["bytes"]["full"]["activations"]
     assert activations["dpokit_varlen"] < activations["sdpa"]
+
+
+def test_fsdp_divides_the_training_state_and_adds_what_is_gathered():
+    """--fsdp N: full and LoRA weights, gradients and optimizer states over N processes, plus the root
+    unit and two layers gathered in the compute dtype (no autocast copies); QLoRA stays unsharded."""
+    cfg = _config()
+    m = count_model(cfg)
+    real = AutoModelForCausalLM.from_config(cfg)
+    assert m.layer_params == sum(p.numel() for p in real.model.layers[0].parameters())
+    root = sum(p.numel() for p in real.model.embed_tokens.parameters()) + sum(p.numel() for p in real.model.norm.parameters())
+    assert m.params - m.layers * m.layer_params == root  # tied output layer: the embedding
+    run = dict(batch_size=2, max_length=256, autocast_16bit=True)
+    one, eight = estimate(m, RunShape(**run)), estimate(m, RunShape(**run, shards=8))
+    for col in ("full", "lora"):
+        for row in ("gradients", "optimizer"):
+            assert eight[col][row] == pytest.approx(one[col][row] / 8)
+        assert eight[col]["activations"] == one[col]["activations"]
+    assert eight["full"]["weights"] == pytest.approx(m.params * 4 / 8 + (root + 2 * m.layer_params) * 2)
+    assert one["full"]["weights"] == m.params * 4 + m.linear_params * 2  # unsharded: autocast's copies
+    assert eight["qlora"] == one["qlora"]
+
+
+def test_fsdp_flag(tmp_path, capsys):
+    from dpokit.cli import main
+
+    _config().save_pretrained(tmp_path / "m")
+    args = ["plan", f"model.name_or_path={tmp_path / 'm'}", "max_length=256", "per_device_train_batch_size=2"]
+    main([*args, "--fsdp", "4"])
+    text = capsys.readouterr().out
+    assert "full FSDP2 x4" in text and "LoRA r=16 FSDP2 x4" in text and "note: FSDP2 over 4 processes" in text
+    main([*args, "--fsdp", "4", "--json"])
+    sharded = json.loads(capsys.readouterr().out)
+    main([*args, "--json"])
+    unsharded = json.loads(capsys.readouterr().out)
+    assert sharded["shards"] == 4
+    assert sharded["bytes"]["full"]["optimizer"] == unsharded["bytes"]["full"]["optimizer"] / 4
+    assert sharded["bytes"]["full"]["total"] < unsharded["bytes"]["full"]["total"]
+    with pytest.raises(SystemExit):
+        main([*args, "--fsdp", "0"])
+    assert "--fsdp" in capsys.readouterr().err

@@ -21,6 +21,9 @@ adapter parameters, ``tok`` = tokens in one micro-batch, ``n`` = layers)::
                  chunked_logps=false: tok * V * s (the model's full logits, kept until the reply rows
                  are taken) + 2 * tok * V * 4 (those rows in float32 and their gradient; worst case,
                  every token a reply token)
+    sharded      (--fsdp N, FSDP2; full and LoRA) weights, reference, gradients and optimizer / N, and
+                 weights + (root + 2 layers) * compute bytes gathered at once (root: every parameter
+                 outside the decoder layers); no autocast copies (FSDP2 gathers in 16 bits instead)
 
 ``Pq`` is the parameters of the Linear layers bitsandbytes quantizes (all but the output layer).
 The token count is a worst case from ``max_length``: every sequence is ``max_length`` long, so a
@@ -101,6 +104,9 @@ class ModelShape:
     kv_dim: int
     layers: int
     vocab: int
+    layer_params: int = 0
+    """Parameters of one decoder layer (an FSDP unit); the rest (embedding, final norm, output
+    layer) is the root unit."""
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -144,6 +150,8 @@ def count_module(model, hf_config, lora_r: int = 16, targets: str | list[str] = 
                 suffixes.append(suffix)
             first_layer.setdefault(suffix, module.in_features)
     params = sum(p.numel() for p in model.parameters())
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layer = next((m for m in model.modules() if type(m).__name__ in layer_classes), None)
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     hidden = text.hidden_size
     heads = text.num_attention_heads
@@ -162,6 +170,7 @@ def count_module(model, hf_config, lora_r: int = 16, targets: str | list[str] = 
         kv_dim=kv_heads * head_dim,
         layers=text.num_hidden_layers,
         vocab=text.vocab_size,
+        layer_params=sum(p.numel() for p in layer.parameters()) if layer is not None else 0,
     )
 
 
@@ -190,6 +199,8 @@ class RunShape:
     lora_dropout: float = 0.0
     regrouped_rows: bool = False
     """attn_implementation=dpokit_varlen: rows regrouped for a varlen kernel, no mask at all."""
+    shards: int = 1
+    """FSDP2 over this many processes (1: unsharded)."""
 
 
 def micro_batch_tokens(run: RunShape) -> int:
@@ -266,8 +277,21 @@ def chunked_logps_bytes(m: ModelShape, run: RunShape) -> float:
     return 2 * min(run.logps_chunk_size, micro_batch_tokens(run)) * m.vocab * 4
 
 
+def gathered_bytes(m: ModelShape, compute_bytes: float) -> float:
+    """Weights FSDP2 holds gathered at once: the root unit (embedding, final norm, output layer: all
+    parameters outside the layers) for the whole forward, and two layers (the one computing and
+    the next, prefetched), in the compute dtype."""
+    root = m.params - m.layers * m.layer_params
+    return (root + 2 * m.layer_params) * compute_bytes
+
+
 def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
-    """Bytes per device for each of ``full``, ``lora``, ``qlora`` (rows: see :data:`ROWS`)."""
+    """Bytes per device for each of ``full``, ``lora``, ``qlora`` (rows: see :data:`ROWS`).
+
+    Sharded (``run.shards`` > 1; QLoRA is never sharded): weights, reference, gradients and
+    optimizer states are divided over the processes, and the weights row adds what FSDP2 holds
+    gathered (:func:`gathered_bytes`); 16-bit compute is then FSDP2's mixed-precision policy, so
+    no autocast copies are counted."""
     tok = micro_batch_tokens(run)
     out: dict[str, dict[str, float]] = {}
     for col in COLUMNS:
@@ -276,9 +300,10 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
         s = QLORA_COMPUTE_BYTES if col == "qlora" else run.dtype_bytes
         full = col == "full"
         masked = run.layout != "packed" and not run.regrouped_rows  # a mask makes transformers repeat the kv heads
+        shards = run.shards if col != "qlora" else 1
         if col == "full":
             weights = m.params * s
-            if run.autocast_16bit and s > 2:  # autocast keeps a 16-bit copy of each trained Linear weight
+            if run.autocast_16bit and s > 2 and shards == 1:  # autocast keeps a 16-bit copy of each trained Linear weight
                 weights += m.linear_params * 2
         elif col == "lora":
             weights = m.params * s + m.lora_params * ADAPTER_BYTES
@@ -301,13 +326,15 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
             logits_bytes = 2 if run.autocast_16bit else s
             logps = tok * m.vocab * logits_bytes + 2 * tok * m.vocab * 4
         row = {
-            "weights": weights,
-            "reference": reference,
-            "gradients": trainable * tbytes,
-            "optimizer": 2 * trainable * tbytes,
+            "weights": weights / shards,
+            "reference": reference / shards,
+            "gradients": trainable * tbytes / shards,
+            "optimizer": 2 * trainable * tbytes / shards,
             "activations": activations,
             "logps_buffer": logps,
         }
+        if shards > 1:
+            row["weights"] += gathered_bytes(m, 2 if run.autocast_16bit else s)
         row["total"] = sum(row.values())
         out[col] = row
     return out
@@ -339,6 +366,7 @@ class Plan:
             "lora_target_modules": self.shape.lora_modules,
             "run": asdict(self.run),
             "micro_batch_tokens": micro_batch_tokens(self.run),
+            "shards": self.run.shards,
             "bytes": self.estimate,
             "gpu_memory": self.gpu_memory,
             "fits": self.fits(),
@@ -347,7 +375,8 @@ class Plan:
 
     def table(self) -> str:
         s, r = self.shape, self.run
-        header = ["", "full", f"LoRA r={r.lora_r}", "QLoRA (nf4)"]
+        sharded = f" FSDP2 x{r.shards}" if r.shards > 1 else ""
+        header = ["", f"full{sharded}", f"LoRA r={r.lora_r}{sharded}", "QLoRA (nf4)"]
         rows = [[ROW_LABELS.get(k, k)] + [format_size(self.estimate[c][k]) for c in COLUMNS] for k in ROWS]
         widths = [max(len(x[i]) for x in [header, *rows]) for i in range(4)]
         fmt = lambda cells: "  ".join(c.ljust(widths[0]) if j == 0 else c.rjust(widths[j]) for j, c in enumerate(cells)).rstrip()  # noqa: E731
@@ -389,7 +418,8 @@ def _lora_settings(config, r: int | None, alpha: float | None, dropout: float | 
 
 
 def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | None = None, lora_alpha: float | None = None,
-                     lora_dropout: float | None = None, lora_targets: str | None = None, prompt_length: int = 0) -> Plan:
+                     lora_dropout: float | None = None, lora_targets: str | None = None, prompt_length: int = 0,
+                     fsdp: int = 1) -> Plan:
     """The estimate for a loaded :class:`dpokit.config.Config` (reads only the model's config.json)."""
     from transformers import AutoConfig
 
@@ -423,6 +453,7 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         lora_r=r,
         lora_dropout=dropout,
         regrouped_rows=config.model.attn_implementation == VARLEN_ATTENTION,
+        shards=fsdp,
     )
     notes = [
         f"full and LoRA train in {dtype} ({run.dtype_bytes} bytes); QLoRA stores Linear weights in NF4 "
@@ -446,6 +477,11 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         notes.append("reference: 0 (precompute_ref_log_probs=true: only an [N, 2] table is kept)")
     else:
         notes.append("reference: a frozen copy for full training; LoRA/QLoRA use the base with adapters off")
+    if fsdp > 1:
+        notes.append(f"FSDP2 over {fsdp} processes: full and LoRA weights, gradients and optimizer states are divided "
+                     f"over them; weights add what is gathered at once (embedding, final norm and output layer, plus "
+                     f"two layers) in the compute dtype; QLoRA is not sharded (dpokit refuses it under FSDP2): its "
+                     f"column is one process per GPU")
     notes.append("not counted: CUDA context and kernels (~0.5-1 GB), allocator fragmentation, distributed buffers")
     return Plan(model=mc.name_or_path, shape=shape, run=run, lora_targets=targets, estimate=estimate(shape, run),
                 gpu_memory=gpu_memory, notes=notes)
@@ -457,6 +493,7 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
 PLAN_EPILOG = """\
 examples:
   dpokit plan my.yaml --gpu-memory 80GB
+  dpokit plan my.yaml --fsdp 8 --gpu-memory 24GB
   dpokit plan my.yaml per_device_train_batch_size=4 gradient_checkpointing=true --gpu-memory 24GiB
   dpokit plan model.name_or_path=Qwen/Qwen2.5-7B-Instruct max_length=2048 --lora-target q_proj,v_proj --json
 """
@@ -483,6 +520,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-target", default=None, help="all-linear or module names, e.g. q_proj,v_proj (default: the config's model.lora_target_modules)")
     p.add_argument("--prompt-length", type=int, default=0,
                    help="typical prompt tokens: prefix-sharing layouts process them once per pair (default 0: worst case)")
+    p.add_argument("--fsdp", type=int, default=1, metavar="N",
+                   help="estimate per GPU for FSDP2 over N processes (accelerate launch --use_fsdp --fsdp_version 2)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
 
@@ -500,6 +539,9 @@ def run(args) -> None:
         if "data.train is not set" not in str(e):
             raise
         config = load_config(config_path, [*overrides, "data.train=unused-by-plan"])  # plan needs no data
+    if args.fsdp < 1:
+        raise ConfigError(f"--fsdp: {args.fsdp} processes; give 1 or more")
     plan = plan_from_config(config, gpu_memory=gpu, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                            lora_dropout=args.lora_dropout, lora_targets=args.lora_target, prompt_length=args.prompt_length)
+                            lora_dropout=args.lora_dropout, lora_targets=args.lora_target, prompt_length=args.prompt_length,
+                            fsdp=args.fsdp)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())

@@ -5,6 +5,7 @@ The processes are started by ``accelerate launch --use_fsdp --fsdp_version 2`` a
 tests/fsdp_on_cpu.py, which lifts Accelerate's accelerator-only gate for FSDP (see there).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -27,13 +28,16 @@ COMPARED = ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps
 _port = iter(range(29611, 29700))
 
 
-def launch_fsdp(workdir: Path, out: str, *overrides: str) -> str:
+EXAMPLE_CONFIG = Path(__file__).parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
+
+
+def launch_fsdp(workdir: Path, out: str, *overrides: str, launch: tuple[str, ...] = ("--use_fsdp", "--fsdp_version=2")) -> str:
     """``dpokit train`` under FSDP2 in 2 CPU processes with half the per-device batch of :func:`run_config`'s
-    runs; returns the output (asserting success)."""
+    runs; returns the output (asserting success). ``launch``: how FSDP2 is asked for."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), str(Path(__file__).parent)])}
     env.pop("FSDP_AUTO_WRAP_POLICY", None)
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version=2", "--num_processes=2",
+        sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes=2",
         "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={next(_port)}",
         str(Path(__file__).parent / "fsdp_on_cpu.py"), "train",
         *run_args(workdir, out, "per_device_train_batch_size=2", *overrides),
@@ -96,8 +100,12 @@ def test_sharded_run_matches_one_process_and_resumes(workdir, uneven_eval):
 
 @needs_fsdp2
 def test_unsharded_checkpoint_resumes_sharded(workdir):
+    """Launched with examples/accelerate/fsdp2.yaml and Accelerate's own activation checkpointing
+    (which wraps each layer, and so renames its parameters)."""
     one = train(run_config(workdir, "fsdp-from-one", "save_steps=2"))
-    launch_fsdp(workdir, "fsdp-from-one", f"resume_from_checkpoint={one / 'checkpoints' / 'step-2'}")
+    output = launch_fsdp(workdir, "fsdp-from-one", f"resume_from_checkpoint={one / 'checkpoints' / 'step-2'}",
+                         launch=("--config_file", str(EXAMPLE_CONFIG), "--fsdp_activation_checkpointing=true"))
+    assert "sharding: FSDP2 over 2 processes" in output and "CheckpointWrapper" in output
     uninterrupted = train(run_config(workdir, "fsdp-from-one-ref"))
     assert_same_rows(train_rows(uninterrupted), train_rows(one))
     assert_same_weights(uninterrupted / "final" / "model.safetensors", one / "final" / "model.safetensors")
@@ -126,7 +134,14 @@ def test_sharded_16bit_live_reference(workdir, kind):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=2e-3), ra["step"]
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=0.1), ra["step"]
         assert rb["logps/chosen"] == pytest.approx(ra["logps/chosen"], rel=1e-3), ra["step"]
-    assert (two / "final" / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
+    # what was saved is what was trained: one process scoring final/ gives the run's last eval
+    from dpokit.cli import main
+
+    main(["eval", str(two)])
+    metrics = json.loads((two / "eval.json").read_text())["metrics"]
+    last_eval = [r for r in read_rows(two) if "eval/loss" in r][-1]
+    for key in ("eval/logps/chosen", "eval/logps/rejected", "eval/rewards/margins"):
+        assert metrics[key] == pytest.approx(last_eval[key], rel=1e-3, abs=1e-3), key
 
 
 def test_optimizer_state_by_name_and_by_position_round_trip():

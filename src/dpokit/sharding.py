@@ -156,9 +156,18 @@ def full_model_state(accelerator, scorer: torch.nn.Module) -> dict[str, torch.Te
     return {name.removeprefix("model."): tensor for name, tensor in full.items() if name not in tied}
 
 
+_WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+"""Name parts that activation-checkpoint and compile wrappers insert, which FSDP2's saved names leave out."""
+
+
 def _names_in_order(scorer: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """The scorer's parameter names in the optimizer's order (torch's state keys are positions in it)."""
-    name_of = {p: name for name, p in scorer.named_parameters()}
+    """The scorer's parameter names, as FSDP2 saves them, in the optimizer's order (torch's state
+    keys are positions in it)."""
+    name_of = {}
+    for name, p in scorer.named_parameters():
+        for part in _WRAPPERS:
+            name = name.replace(part, "")
+        name_of[p] = name
     return [name_of[p] for group in optimizer.param_groups for p in group["params"]]
 
 

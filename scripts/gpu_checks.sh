@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What only a CUDA GPU can check, in one go, with every output kept in OUTDIR:
 #   1. tests/test_cuda.py (flex_attention and dpokit_varlen kernels and training, 16-bit training,
-#      QLoRA and 8-bit AdamW when bitsandbytes is installed, the memory plan against the allocator);
+#      QLoRA and 8-bit AdamW when bitsandbytes is installed, FSDP2 over NCCL, the memory plan against
+#      the allocator);
 #   2. the benchmark on the Qwen2.5-0.5B architecture in bfloat16: dpokit (defaults, live reference,
 #      and its defaults under flex_attention and dpokit_varlen) next to TRL's DPOTrainer;
 #   3. the same benchmark's ablation columns (each speed switch off), without TRL.

@@ -1,6 +1,6 @@
 """What only a CUDA GPU can check: flex_attention gradients, flash-attention varlen packing and training
 (the flash-attn package's, and torch's own through dpokit_varlen), bfloat16 and float16 training, QLoRA,
-8-bit AdamW, and the memory planner against the allocator's peak.
+8-bit AdamW, FSDP2 over NCCL, and the memory planner against the allocator's peak.
 
 Skipped on machines without CUDA (CI has none); run them on a GPU with
 ``python -m pytest tests/test_cuda.py -v`` (``bash scripts/gpu_checks.sh`` runs them and the GPU benchmark).
@@ -213,3 +213,35 @@ def test_plan_estimate_matches_cuda_peak():
     estimated = full["gradients"] + full["optimizer"] + full["activations"] + full["logps_buffer"]
     print(f"estimated {estimated / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB, ratio {estimated / measured:.2f}")
     assert 0.5 <= estimated / measured <= 2.0
+
+
+@pytest.mark.skipif(not hasattr(__import__("accelerate").Accelerator, "is_fsdp2"), reason="Accelerate before 1.6 has no FSDP2")
+def test_fsdp2_on_cuda_in_bfloat16(workdir):
+    """FSDP2 on the GPU through Accelerate itself (NCCL; one process per GPU, so on a one-GPU machine a
+    world of one): bfloat16 through its mixed-precision policy, the reference scored through the
+    sharded model (rewards exactly 0 before the first update), the whole model saved; the run follows
+    the unsharded autocast run within bfloat16 rounding."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dpokit.train import train
+    from runs import run_args
+
+    processes = next(n for n in (4, 2, 1) if n <= torch.cuda.device_count())  # the same global batch of 4 pairs
+    options = ("bf16=true", "max_steps=4", f"per_device_train_batch_size={4 // processes}")
+    one = train(run_config(workdir, "cuda-fsdp-one", "bf16=true", "max_steps=4"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), str(Path(__file__).parent)])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version=2", f"--num_processes={processes}",
+           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=29671", "-m", "dpokit", "train",
+           *run_args(workdir, "cuda-fsdp-sharded", *options)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "sharding: FSDP2 over" in result.stdout
+    sharded = workdir / "cuda-fsdp-sharded"
+    a, b = train_rows(one), train_rows(sharded)
+    assert b[0]["rewards/chosen"] == 0 and b[0]["rewards/rejected"] == 0
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=5e-3), ra["step"]
+    assert (sharded / "final" / "model.safetensors").is_file()

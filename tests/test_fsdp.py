@@ -101,9 +101,11 @@ def test_sharded_run_matches_one_process_and_resumes(workdir, uneven_eval):
 @needs_fsdp2
 def test_unsharded_checkpoint_resumes_sharded(workdir):
     """Launched with examples/accelerate/fsdp2.yaml and Accelerate's own activation checkpointing
-    (which wraps each layer, and so renames its parameters)."""
+    (which wraps each layer, and so renames its parameters), with gradient accumulation (the same
+    global batch: 1 pair x 2 micro-steps x 2 processes)."""
     one = train(run_config(workdir, "fsdp-from-one", "save_steps=2"))
     output = launch_fsdp(workdir, "fsdp-from-one", f"resume_from_checkpoint={one / 'checkpoints' / 'step-2'}",
+                         "per_device_train_batch_size=1", "gradient_accumulation_steps=2",
                          launch=("--config_file", str(EXAMPLE_CONFIG), "--fsdp_activation_checkpointing=true"))
     assert "sharding: FSDP2 over 2 processes" in output and "CheckpointWrapper" in output
     uninterrupted = train(run_config(workdir, "fsdp-from-one-ref"))

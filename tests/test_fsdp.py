@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from dpokit.config import ConfigError
 from dpokit.sharding import check_sharding, named_state, positional_state
-from dpokit.train import train
+from dpokit.train import starting_reference, train
 from runs import LORA, read_rows, run_args, run_config, train_rows
 
 accelerate = pytest.importorskip("accelerate")
@@ -179,3 +179,14 @@ def test_what_is_not_supported_sharded_is_refused_before_loading(workdir):
     for options in (("use_peft=true", "load_in_4bit=true"), ("optim=adamw_8bit",)):
         with pytest.raises(ConfigError, match="not supported under FSDP2"):
             check_sharding(Launched(DistributedType.FSDP), run_config(workdir, "refused", *options))
+
+
+def test_reference_tables_of_sharded_16bit_runs_are_cached_apart(workdir):
+    """FSDP2's 16-bit policy scores a little differently from autocast: its tables get their own key
+    (float32 runs score alike and share theirs)."""
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    bf16, fp32 = run_config(workdir, "key", "bf16=true"), run_config(workdir, "key")
+    assert starting_reference(bf16, policy, False, sharded=True).fingerprint != starting_reference(bf16, policy, False).fingerprint
+    assert starting_reference(fp32, policy, False, sharded=True).fingerprint == starting_reference(fp32, policy, False).fingerprint

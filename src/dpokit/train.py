@@ -53,8 +53,8 @@ from dpokit.sharding import (
     check_sharding,
     default_to_layer_units,
     describe,
-    in_lockstep,
     full_model_state,
+    in_lockstep,
     is_sharded,
     load_optimizer_state,
     optimizer_state,
@@ -191,11 +191,12 @@ class StartingReference:
     fingerprint: str | None = None
 
 
-def starting_reference(config: Config, policy, resumed: bool) -> StartingReference:
+def starting_reference(config: Config, policy, resumed: bool, sharded: bool = False) -> StartingReference:
     """Take the reference before ``policy`` is trained, moved or sharded. Without a separate
     reference and without resuming it is the starting policy itself: no copy is made for log-probs
     computed once, and a frozen copy for a live reference (LoRA's live reference is the policy with
-    its adapters off: nothing to take)."""
+    its adapters off: nothing to take). The fingerprint names how 16-bit compute is done (autocast,
+    or FSDP2's mixed-precision policy when ``sharded``): each scores a little differently."""
     t = config.training
     if not needs_reference(config) or adapters_off_reference(config):
         return StartingReference()
@@ -204,7 +205,8 @@ def starting_reference(config: Config, policy, resumed: bool) -> StartingReferen
         return StartingReference(load_reference(config.model, policy if own_policy else None))
     model = None if own_policy else load_reference(config.model)
     precision = autocast_dtype(t)
-    fingerprint = fingerprint_model(model or policy) + (f":{str(precision).replace('torch.', '')}-autocast" if precision else "")
+    how = "fsdp2" if sharded else "autocast"
+    fingerprint = fingerprint_model(model or policy) + (f":{str(precision).replace('torch.', '')}-{how}" if precision else "")
     return StartingReference(model, fingerprint)
 
 
@@ -391,7 +393,7 @@ def train(config: Config) -> Path:
     say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%); "
         f"reference: {_describe_reference(config)}")
     check_live_reference(config)
-    start = starting_reference(config, policy, resume_from is not None)
+    start = starting_reference(config, policy, resume_from is not None, sharded)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     policy.train()

@@ -345,7 +345,7 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
-def _describe_reference(config: Config) -> str:
+def _describe_reference(config: Config, sharded: bool) -> str:
     if not needs_reference(config):
         return "none (reference-free loss)"
     source = config.model.ref_model_name_or_path or "the starting policy"
@@ -353,7 +353,7 @@ def _describe_reference(config: Config) -> str:
         return f"{source} (log-probs precomputed once, model not kept)"
     if uses_peft(config.model):
         return f"{source} (the policy with its LoRA adapters switched off)"
-    return f"{source} (frozen model kept in memory)"
+    return f"{source} (frozen model kept in memory{', sharded like the policy' if sharded else ''})"
 
 
 def train(config: Config) -> Path:
@@ -391,7 +391,7 @@ def train(config: Config) -> Path:
     total_params, trainable = count_parameters(policy)
     warn_low_precision_weights(policy, config, say)
     say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%); "
-        f"reference: {_describe_reference(config)}")
+        f"reference: {_describe_reference(config, sharded)}")
     check_live_reference(config)
     start = starting_reference(config, policy, resume_from is not None, sharded)
     if t.gradient_checkpointing:

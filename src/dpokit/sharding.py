@@ -71,6 +71,15 @@ def check_sharding(accelerator, config) -> None:
         )
 
 
+def load_whole_on_every_process(accelerator) -> None:
+    """Under Accelerate's ``cpu_ram_efficient_loading`` transformers 4.x loads the weights on rank 0
+    only (the other processes get empty tensors, filled by a broadcast when the model is sharded).
+    dpokit checks the model and fingerprints the reference on every process before sharding, so
+    every process loads it whole (sharding then still starts from rank 0's weights)."""
+    if is_sharded(accelerator):
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"  # read by transformers when loading
+
+
 def default_to_layer_units(accelerator) -> None:
     """Make each decoder layer an FSDP unit unless the launch chose a wrap policy: Accelerate's own
     default wraps nothing, so every forward would gather the whole model at once."""

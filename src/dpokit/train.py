@@ -57,6 +57,7 @@ from dpokit.sharding import (
     in_lockstep,
     is_sharded,
     load_optimizer_state,
+    load_whole_on_every_process,
     optimizer_state,
     reshard,
     set_precision,
@@ -366,6 +367,7 @@ def train(config: Config) -> Path:
     check_sharding(accelerator, config)
     sharded = is_sharded(accelerator)
     default_to_layer_units(accelerator)
+    load_whole_on_every_process(accelerator)
     set_seed(t.seed)
     say = accelerator.print
     from transformers.utils import logging as hf_logging

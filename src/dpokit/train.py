@@ -108,10 +108,11 @@ def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Co
 
 
 def _mean_stats(per_pair: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> dict[str, float]:
-    """Average per-pair statistics over micro-batches and processes (equal counts per process)."""
-    keys = per_pair[0].keys()
-    local = {k: torch.cat([s[k].float() for s in per_pair]) for k in keys}
-    return {k: accelerator.gather(v).mean().item() for k, v in local.items()}
+    """Average per-pair statistics over micro-batches and processes (equal counts per process), in
+    one gather and one device-to-host copy for all of them."""
+    keys = list(per_pair[0])
+    local = torch.stack([torch.cat([s[k].float() for s in per_pair]) for k in keys], dim=1)  # [pairs, keys]
+    return dict(zip(keys, accelerator.gather(local).mean(dim=0).tolist()))
 
 
 def build_batch(pairs: list[TokenizedPair], config: Config, pad_id: int) -> Batch:

@@ -1,6 +1,10 @@
 """Shared pieces of the end-to-end tests: a tiny model + data folder, configs, metrics rows."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from dpokit.config import load_config
@@ -41,6 +45,25 @@ def run_config(workdir: Path, out: str, *overrides: str):
 
 LORA = ("use_peft=true", "lora_r=4", "lora_alpha=8", "lora_dropout=0.0", "lora_target_modules=[q_proj,v_proj]")
 """Overrides for a small LoRA run on the tiny model."""
+
+
+def accelerate_launch(*command: str, launch: tuple[str, ...] = ("--multi_gpu",), processes: int = 2,
+                      timeout: int = 600) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``command`` (``-m dpokit train ...``, or a script and its arguments) in
+    ``processes`` processes on a free port, with this checkout's ``src`` and ``tests`` importable;
+    asserts that it succeeded. ``launch``: how the processes are asked for (``--multi_gpu`` starts
+    several even without GPUs: gloo CPU processes)."""
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root / "tests")])}
+    env.pop("FSDP_AUTO_WRAP_POLICY", None)  # dpokit's default (a unit per layer) unless a test sets one
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, f"--num_processes={processes}", "--num_machines=1",
+           "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}", *command]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
 
 
 def read_rows(run_dir: Path) -> list[dict]:

@@ -221,23 +221,14 @@ def test_fsdp2_on_cuda_in_bfloat16(workdir):
     world of one): bfloat16 through its mixed-precision policy, the reference scored through the
     sharded model (rewards exactly 0 before the first update), the whole model saved; the run follows
     the unsharded autocast run within bfloat16 rounding."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from dpokit.train import train
-    from runs import run_args
+    from runs import accelerate_launch, run_args
 
     processes = next(n for n in (4, 2, 1) if n <= torch.cuda.device_count())  # the same global batch of 4 pairs
     options = ("bf16=true", "max_steps=4", f"per_device_train_batch_size={4 // processes}")
     one = train(run_config(workdir, "cuda-fsdp-one", "bf16=true", "max_steps=4"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), str(Path(__file__).parent)])}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version=2", f"--num_processes={processes}",
-           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=29671", "-m", "dpokit", "train",
-           *run_args(workdir, "cuda-fsdp-sharded", *options)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    result = accelerate_launch("-m", "dpokit", "train", *run_args(workdir, "cuda-fsdp-sharded", *options),
+                               launch=("--use_fsdp", "--fsdp_version=2"), processes=processes, timeout=900)
     assert "sharding: FSDP2 over" in result.stdout
     sharded = workdir / "cuda-fsdp-sharded"
     a, b = train_rows(one), train_rows(sharded)

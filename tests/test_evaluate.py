@@ -181,19 +181,12 @@ def test_compare_and_chat_accept_a_lora_adapter(workdir, tmp_path, monkeypatch, 
 def test_eval_on_two_processes_equals_one_and_writes_once(workdir, tmp_path):
     """``accelerate launch`` with 2 (gloo CPU) processes: the pairs are split between them, the
     gathered metrics equal one process's, and only the main process writes and prints."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from runs import accelerate_launch
 
     run = trained_run(workdir)
     main(["eval", str(run), "--output", str(tmp_path / "one.json")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-           "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=29534", "-m", "dpokit", "eval", str(run),
-           "--batch-size", "4", "--output", str(tmp_path / "two.json")]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = accelerate_launch("-m", "dpokit", "eval", str(run), "--batch-size", "4", "--output", str(tmp_path / "two.json"),
+                               timeout=300)
     assert result.stdout.count("wrote ") == 1 and result.stdout.count("reward accuracy") == 1
     one = json.loads((tmp_path / "one.json").read_text())["metrics"]
     two = json.loads((tmp_path / "two.json").read_text())["metrics"]

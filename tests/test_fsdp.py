@@ -6,9 +6,6 @@ tests/fsdp_on_cpu.py, which lifts Accelerate's accelerator-only gate for FSDP (s
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,14 +15,13 @@ from safetensors.torch import load_file
 from dpokit.config import ConfigError
 from dpokit.sharding import check_sharding, named_state, positional_state
 from dpokit.train import starting_reference, train
-from runs import LORA, read_rows, run_args, run_config, train_rows
+from runs import LORA, accelerate_launch, read_rows, run_args, run_config, train_rows
 
 accelerate = pytest.importorskip("accelerate")
 HAS_FSDP2 = hasattr(accelerate.Accelerator, "is_fsdp2")
 needs_fsdp2 = pytest.mark.skipif(not HAS_FSDP2, reason="Accelerate before 1.6 has no FSDP2")
 
 COMPARED = ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
-_port = iter(range(29611, 29700))
 
 
 EXAMPLE_CONFIG = Path(__file__).parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
@@ -34,17 +30,8 @@ EXAMPLE_CONFIG = Path(__file__).parents[1] / "examples" / "accelerate" / "fsdp2.
 def launch_fsdp(workdir: Path, out: str, *overrides: str, launch: tuple[str, ...] = ("--use_fsdp", "--fsdp_version=2")) -> str:
     """``dpokit train`` under FSDP2 in 2 CPU processes with half the per-device batch of :func:`run_config`'s
     runs; returns the output (asserting success). ``launch``: how FSDP2 is asked for."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), str(Path(__file__).parent)])}
-    env.pop("FSDP_AUTO_WRAP_POLICY", None)
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes=2",
-        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={next(_port)}",
-        str(Path(__file__).parent / "fsdp_on_cpu.py"), "train",
-        *run_args(workdir, out, "per_device_train_batch_size=2", *overrides),
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result.stdout
+    return accelerate_launch(str(Path(__file__).parent / "fsdp_on_cpu.py"), "train",
+                             *run_args(workdir, out, "per_device_train_batch_size=2", *overrides), launch=launch).stdout
 
 
 def assert_same_rows(a: list[dict], b: list[dict], keys=COMPARED, tol=1e-4) -> None:

@@ -1,16 +1,11 @@
 """End-to-end training runs with a tiny model built in the test."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from dpokit.train import train
-from runs import METRIC_KEYS, read_rows, run_config, train_rows
+from runs import METRIC_KEYS, accelerate_launch, read_rows, run_args, run_config, train_rows
 
 
 def test_run_directory_is_complete(workdir):
@@ -84,17 +79,7 @@ def test_two_processes_match_one(workdir):
     (--multi_gpu, which is torchrun); on a machine without GPUs dpokit makes them gloo CPU processes.
     """
     one = train(run_config(workdir, "dp1", "per_device_train_batch_size=4"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-        "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=29533", "-m", "dpokit", "train",
-        f"model.name_or_path={workdir / 'model'}", f"data.train={workdir / 'train.jsonl'}", f"data.eval={workdir / 'eval.jsonl'}",
-        f"output_dir={workdir / 'dp2'}", "max_length=128", "learning_rate=1e-3", "max_steps=4",
-        "per_device_train_batch_size=2", "per_device_eval_batch_size=8", "logging_steps=1", "seed=3",
-        "progress_bar=false", "save_steps=null",
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    accelerate_launch("-m", "dpokit", "train", *run_args(workdir, "dp2", "per_device_train_batch_size=2"), timeout=300)
     a, b = read_rows(one), read_rows(workdir / "dp2")
     assert len(a) == len(b)
     for ra, rb in zip(a, b):

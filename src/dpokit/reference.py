@@ -23,7 +23,7 @@ from accelerate.utils import gather_object
 from dpokit.data.batching import Batch, eval_batches
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
-from dpokit.sharding import in_lockstep, is_sharded, reshard
+from dpokit.sharding import in_lockstep
 from dpokit.tiny import cache_dir as cache_root
 
 
@@ -120,12 +120,10 @@ def compute_table(
     parts = []
     batches = eval_batches(len(pairs), batch_size, accelerator.process_index, accelerator.num_processes)
     with torch.no_grad():
-        for idx, keep in in_lockstep(batches, accelerator):
+        for idx, keep in in_lockstep(batches, accelerator, scorer):
             logps = scorer(**build([pairs[i] for i in idx]).to(accelerator.device).model_inputs())
             if keep:
                 parts.append((idx, logps.float().cpu().view(-1, 2)))
-    if is_sharded(accelerator):
-        reshard(scorer)
     table = torch.zeros(len(pairs), 2)
     for idx, values in gather_object(parts):
         table[idx] = values

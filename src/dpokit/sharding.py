@@ -9,13 +9,13 @@ and the rest (embedding, final norm, output layer) belongs to the root unit, who
 gathered for the scorer's whole forward. So dpokit's chunked log-probs read the output layer's full
 weight inside that forward, and its gradient is reduce-scattered like any other.
 
-16-bit compute is FSDP2's mixed-precision policy rather than autocast (:func:`set_precision`), and
+16-bit compute is FSDP2's mixed-precision policy rather than autocast (:func:`setup`), and
 a separate reference model is sharded like the policy (:func:`shard_frozen`). Beyond that, three
 things differ from unsharded training, and this module holds them too:
 
 - A forward is a collective (each unit's weights are all-gathered), so every process must run the
   same number of forwards: :func:`in_lockstep` pads evaluation with forwards whose results are
-  dropped, and :func:`reshard` gives the weights back afterwards.
+  dropped, and gives the gathered weights back afterwards.
 - Saving needs the full weights: :func:`full_model_state` gathers them to the main process.
 - The optimizer state is saved whole, keyed by parameter name (:func:`optimizer_state`), and
   loaded back into any sharding (:func:`load_optimizer_state`): a run resumes on any number of
@@ -71,34 +71,36 @@ def check_sharding(accelerator, config) -> None:
         )
 
 
-def load_whole_on_every_process(accelerator) -> None:
-    """Under Accelerate's ``cpu_ram_efficient_loading`` transformers 4.x loads the weights on rank 0
-    only (the other processes get empty tensors, filled by a broadcast when the model is sharded).
-    dpokit checks the model and fingerprints the reference on every process before sharding, so
-    every process loads it whole (sharding then still starts from rank 0's weights)."""
-    if is_sharded(accelerator):
-        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"  # read by transformers when loading
+def setup(accelerator, config, compute_dtype: torch.dtype | None) -> bool:
+    """Before anything is loaded: refuse what dpokit does not shard (:func:`check_sharding`) and,
+    under FSDP2, settle how Accelerate will shard. Returns whether the run is sharded.
 
-
-def default_to_layer_units(accelerator) -> None:
-    """Make each decoder layer an FSDP unit unless the launch chose a wrap policy: Accelerate's own
-    default wraps nothing, so every forward would gather the whole model at once."""
-    if is_sharded(accelerator) and "FSDP_AUTO_WRAP_POLICY" not in os.environ:
+    - Each decoder layer is a unit unless the launch chose a wrap policy: Accelerate's own default
+      wraps nothing, so every forward would gather the whole model at once.
+    - Every process loads the whole model: under Accelerate's ``cpu_ram_efficient_loading``
+      transformers 4.x loads the weights on rank 0 only (the others get empty tensors, filled by a
+      broadcast when sharding), and dpokit checks the model and fingerprints the reference on every
+      process before sharding (sharding still starts from rank 0's weights).
+    - 16-bit compute (``compute_dtype``: ``bf16``/``fp16``) is FSDP2's mixed-precision policy, not
+      autocast: each unit's weights are gathered in 16 bits and its gradients reduced in float32
+      onto the float32 shards. Autocast would cast every gathered weight to a 16-bit copy that
+      autograd keeps until the backward, about two bytes per parameter of the whole model on every
+      process.
+    """
+    check_sharding(accelerator, config)
+    if not is_sharded(accelerator):
+        return False
+    plugin = accelerator.state.fsdp_plugin
+    if "FSDP_AUTO_WRAP_POLICY" not in os.environ:
         from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-        accelerator.state.fsdp_plugin.auto_wrap_policy = transformer_auto_wrap_policy
-
-
-def set_precision(accelerator, dtype: torch.dtype | None) -> None:
-    """16-bit compute (``bf16``/``fp16``) under FSDP2 is its mixed-precision policy, not autocast: each
-    unit's weights are gathered in 16 bits and its gradients reduced in float32 onto the float32
-    shards. Autocast would cast every gathered weight to a 16-bit copy that autograd keeps until the
-    backward, about two bytes per parameter of the whole model on every process. Call before
-    ``accelerator.prepare``."""
-    if is_sharded(accelerator) and dtype is not None:
+        plugin.auto_wrap_policy = transformer_auto_wrap_policy
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"  # read by transformers when loading
+    if compute_dtype is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    return True
 
 
 def shard_frozen(scorer: torch.nn.Module, accelerator) -> None:
@@ -127,15 +129,18 @@ def describe(scorer: torch.nn.Module, accelerator) -> str:
     return f"FSDP2 over {accelerator.num_processes} processes: {len(units)} units ({', '.join(parts)})"
 
 
-def in_lockstep(batches: list[list[int]], accelerator) -> Iterator[tuple[list[int], bool]]:
-    """This process's no-grad ``batches`` (pair indices) as ``(indices, keep)``. Under sharding every
-    forward gathers weights with all processes, so a process with fewer batches than another adds
-    forwards of pair 0 whose results it drops (``keep`` False); unsharded, just its own."""
-    rounds = len(batches)
-    if is_sharded(accelerator):
-        rounds = int(accelerator.gather(torch.tensor([rounds], device=accelerator.device)).max())
+def in_lockstep(batches: list[list[int]], accelerator, model: torch.nn.Module) -> Iterator[tuple[list[int], bool]]:
+    """This process's no-grad ``batches`` (pair indices) for ``model`` as ``(indices, keep)``. Under
+    sharding every forward gathers weights with all processes, so a process with fewer batches than
+    another adds forwards of pair 0 whose results it drops (``keep`` False), and after the last
+    forward ``model``'s gathered weights are given back (:func:`reshard`); unsharded, just its own."""
+    if not is_sharded(accelerator):
+        yield from ((idx, True) for idx in batches)
+        return
+    rounds = int(accelerator.gather(torch.tensor([len(batches)], device=accelerator.device)).max())
     for k in range(rounds):
         yield (batches[k], True) if k < len(batches) else ([0], False)
+    reshard(model)
 
 
 def reshard(module: torch.nn.Module) -> None:

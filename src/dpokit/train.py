@@ -50,17 +50,13 @@ from dpokit.modeling import (
 )
 from dpokit.schedule import make_scheduler
 from dpokit.sharding import (
-    check_sharding,
-    default_to_layer_units,
     describe,
     full_model_state,
     in_lockstep,
     is_sharded,
     load_optimizer_state,
-    load_whole_on_every_process,
     optimizer_state,
-    reshard,
-    set_precision,
+    setup as setup_sharding,
     shard_frozen,
 )
 
@@ -73,7 +69,7 @@ def autocast_dtype(training: TrainingConfig) -> torch.dtype | None:
 def forward_precision(training: TrainingConfig, accelerator):
     """The precision of forwards through the prepared model: :func:`mixed_precision`, except under
     FSDP2, whose mixed-precision policy gathers the weights in 16 bits instead (see
-    :func:`dpokit.sharding.set_precision`)."""
+    :func:`dpokit.sharding.setup`)."""
     return nullcontext() if is_sharded(accelerator) else mixed_precision(training, accelerator.device)
 
 
@@ -146,13 +142,11 @@ def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair]
     parts = []
     batches = eval_batches(len(pairs), config.training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes)
     with torch.no_grad(), forward_precision(config.training, accelerator), eval_mode(policy):
-        for idx, keep in in_lockstep(batches, accelerator):
+        for idx, keep in in_lockstep(batches, accelerator, policy):
             batch = build_batch([pairs[i] for i in idx], config, pad_id).to(accelerator.device)
             _, stats = score_batch(policy, reference.logps(batch, idx), batch, config)
             if keep:
                 parts.append((idx, {k: v.float().cpu() for k, v in stats.items()}))
-    if is_sharded(accelerator):
-        reshard(policy)
     gathered = gather_object(parts)
     out = {k: torch.zeros(len(pairs)) for k in gathered[0][1]} if gathered else {}
     for idx, stats in gathered:
@@ -365,10 +359,7 @@ def train(config: Config) -> Path:
     out = Path(r.output_dir)
     check_trackers(trackers)
     accelerator = Accelerator(log_with=trackers or None, project_dir=str(out), cpu=not has_accelerator_device())
-    check_sharding(accelerator, config)
-    sharded = is_sharded(accelerator)
-    default_to_layer_units(accelerator)
-    load_whole_on_every_process(accelerator)
+    sharded = setup_sharding(accelerator, config, autocast_dtype(t))
     set_seed(t.seed)
     say = accelerator.print
     from transformers.utils import logging as hf_logging
@@ -411,7 +402,6 @@ def train(config: Config) -> Path:
         decoder_of(policy).compile(dynamic=True)  # in place: parameter names and saving unchanged
     optimizer = _optimizer(scorer, config)
     scheduler = make_scheduler(optimizer, t.lr_scheduler_type, warmup, total_steps)
-    set_precision(accelerator, autocast_dtype(t))
     scorer, optimizer = accelerator.prepare(scorer, optimizer)  # under FSDP2, shards the model in place
     unwrapped = accelerator.unwrap_model(scorer)
     if sharded:

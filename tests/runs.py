@@ -54,7 +54,8 @@ def accelerate_launch(*command: str, launch: tuple[str, ...] = ("--multi_gpu",),
     asserts that it succeeded. ``launch``: how the processes are asked for (``--multi_gpu`` starts
     several even without GPUs: gloo CPU processes)."""
     root = Path(__file__).parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root / "tests")])}
+    paths = [str(root / "src"), str(root / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep the caller's
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(paths)}
     env.pop("FSDP_AUTO_WRAP_POLICY", None)  # dpokit's default (a unit per layer) unless a test sets one
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))

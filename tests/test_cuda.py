@@ -18,6 +18,16 @@ from runs import LORA, run_config, train_rows
 from test_logps import naive_logps, ragged_pairs, tiny_lm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+HIDDEN = 64
+"""Tiny models here have heads of 16 (HIDDEN / 4): flex_attention's CUDA kernels take no fewer."""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The shared tiny model and data (runs.make_workdir), with heads of 16."""
+    from runs import make_workdir
+
+    return make_workdir(tmp_path_factory.mktemp("cuda"), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN)
 
 
 @pytest.mark.parametrize("layout", ["packed", "prefix_packed", "prefix_padded"])
@@ -28,7 +38,8 @@ def test_flex_attention_logps_and_gradients_match_naive(layout):
     from dpokit.logps import ReplyLogProbs
 
     pairs = ragged_pairs(seed=3, n=6)
-    naive_model, flex_model = tiny_lm("llama", seed=1, tie=False).train(), tiny_lm("llama", seed=1, tie=False).cuda().train()
+    naive_model, flex_model = (tiny_lm("llama", seed=1, tie=False, hidden_size=HIDDEN).train() for _ in range(2))
+    flex_model.cuda()
     flex_model.config._attn_implementation = "flex_attention"
     weights = torch.linspace(-1, 1, 2 * len(pairs), device="cuda")
     batch = make_batch(pairs, layout, row_tokens=80).to("cuda")
@@ -101,7 +112,7 @@ def test_torch_varlen_kernel_matches_the_reference_loop(dtype, kv_heads, window)
     grads = torch.autograd.grad((out.float() * weights).sum(), (q, k, v))
     want = torch.autograd.grad((ref * weights).sum(), (q, k, v))
     for got, exp in zip(grads, want):
-        torch.testing.assert_close(got.float(), exp, atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(got.float(), exp.float(), atol=5e-2, rtol=5e-2)
 
 
 @needs_torch_varlen
@@ -232,7 +243,8 @@ def test_fsdp2_on_cuda_in_bfloat16(workdir):
     assert "sharding: FSDP2 over" in result.stdout
     sharded = workdir / "cuda-fsdp-sharded"
     a, b = train_rows(one), train_rows(sharded)
-    assert b[0]["rewards/chosen"] == 0 and b[0]["rewards/rejected"] == 0
+    # the reference table comes from a no-grad pass: CUDA may pick other bf16 kernels than for training
+    assert abs(b[0]["rewards/chosen"]) < 1e-3 and abs(b[0]["rewards/rejected"]) < 1e-3
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=5e-3), ra["step"]
     assert (sharded / "final" / "model.safetensors").is_file()

@@ -13,10 +13,11 @@ from dpokit.masks import dense_row_mask, flex_row_mask
 VOCAB = 97
 
 
-def tiny_lm(arch: str = "qwen2", seed: int = 0, tie: bool = True):
+def tiny_lm(arch: str = "qwen2", seed: int = 0, tie: bool = True, hidden_size: int = 32):
+    """2 layers, 4 heads (2 key/value heads) of hidden_size / 4 each, random weights, float32, eval mode."""
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
     )
     model = Qwen2ForCausalLM(Qwen2Config(**common)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**common))

@@ -98,6 +98,10 @@ def _fake_varlen_attn(api: str):
         assert window_size[1] == 0 and enable_gqa == (q.shape[1] != k.shape[1]) and max_q == max_k
         return attend(q, k, v, cu_q, scale, None if window_size[0] < 0 else window_size[0] + 1)
 
+    def windows(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):  # torch 2.11
+        assert window_size[1] == 0 and q.shape[1] == k.shape[1] and max_q == max_k
+        return attend(q, k, v, cu_q, scale, None if window_size[0] < 0 else window_size[0] + 1)
+
     def with_scale(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None, scale=None):
         assert is_causal and q.shape[1] == k.shape[1]
         return attend(q, k, v, cu_q, scale, None)
@@ -106,10 +110,10 @@ def _fake_varlen_attn(api: str):
         assert is_causal and q.shape[1] == k.shape[1]
         return attend(q, k, v, cu_q, q.shape[-1] ** -0.5, None)
 
-    return {"newest": newest, "with_scale": with_scale, "first": first}[api]
+    return {"newest": newest, "windows": windows, "with_scale": with_scale, "first": first}[api]
 
 
-@pytest.mark.parametrize("api", ["newest", "with_scale", "first"])
+@pytest.mark.parametrize("api", ["newest", "windows", "with_scale", "first"])
 @pytest.mark.parametrize("window", [None, 4])
 def test_gpu_path_adapts_to_each_varlen_attn_signature(monkeypatch, api, window):
     """The CUDA path's call (scale, grouped-query heads, sliding window) under each signature torch's
@@ -123,7 +127,7 @@ def test_gpu_path_adapts_to_each_varlen_attn_signature(monkeypatch, api, window)
     k, v = (torch.randn(15, 2, 8, generator=g).to(torch.bfloat16) for _ in range(2))
     cu = torch.tensor([0, 6, 7, 15], dtype=torch.int32)
     expected = _reference_kernel(q.double(), k.double(), v.double(), cu, 0.3, window)
-    if window is not None and api != "newest":
+    if window is not None and api not in ("newest", "windows"):
         with pytest.raises(ConfigError, match="sliding-window attention with dpokit_varlen needs a newer torch"):
             _flash_kernel(q, k, v, cu, 8, 0.3, window)
         return

@@ -205,6 +205,9 @@ def test_weight_decay_and_adam_settings_reach_the_optimizer(workdir):
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3  # biases and norm weights skip decay
     assert decay["betas"] == (0.8, 0.95) and decay["eps"] == 1e-6
+    assert not decay["fused"]  # torch's fused kernel on CUDA only
+    if torch.cuda.is_available():
+        assert all(group["fused"] for group in _optimizer(model.cuda(), cfg).param_groups)
 
 
 def test_tensorboard_tracker_writes_events(workdir):
@@ -332,3 +335,27 @@ def test_torch_compile_trains_the_same(workdir):
     for a, b in zip(eager, compiled, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-3)
+
+
+def test_training_keeps_sdpa_off_cudnn_and_restores_it(workdir, monkeypatch):
+    """Every forward (precompute, steps, eval) runs with sdpa's cuDNN backend off (a plan per new
+    row length, host-bound on GPUs); the process's setting comes back afterwards."""
+    import dpokit.train
+
+    seen = []
+    score, table = dpokit.train.score_batch, dpokit.train.compute_table
+
+    def recording_score(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return score(*args, **kwargs)
+
+    def recording_table(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return table(*args, **kwargs)
+
+    monkeypatch.setattr(dpokit.train, "score_batch", recording_score)
+    monkeypatch.setattr(dpokit.train, "compute_table", recording_table)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    train(run_config(workdir, "no-cudnn", "max_steps=2", "eval_steps=1"))
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()

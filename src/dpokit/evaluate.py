@@ -31,6 +31,7 @@ from dpokit.data.pipeline import load_data
 from dpokit.data.sources import describe
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
+from dpokit.modeling import sdpa_without_cudnn
 from dpokit.reference import TableReference, compute_table
 from dpokit.resolve import ResolvedModel, default_reference, load_model, load_model_tokenizer, model_config, resolve_model
 
@@ -164,6 +165,11 @@ def evaluate_model(
 
     Returns the report (see the module docstring for the metrics) and the resolved policy.
     """
+    with sdpa_without_cudnn():
+        return _evaluate_model(model, reference, data, split, max_pairs, batch_size, max_length, beta, dtype, log)
+
+
+def _evaluate_model(model, reference, data, split, max_pairs, batch_size, max_length, beta, dtype, log):
     from dpokit.train import build_batch, eval_metrics, mixed_precision, pair_statistics
 
     policy_model = resolve_model(model)

@@ -46,6 +46,7 @@ from dpokit.modeling import (
     load_policy,
     load_reference,
     load_tokenizer,
+    sdpa_without_cudnn,
     uses_peft,
 )
 from dpokit.schedule import make_scheduler
@@ -249,17 +250,23 @@ def place_frozen(model: torch.nn.Module, training: TrainingConfig, accelerator) 
 
 
 def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (as Hugging Face's Trainer)."""
+    """AdamW; no weight decay on biases and norm weights (as Hugging Face's Trainer). On CUDA torch's
+    fused kernel (TRL's default too): one kernel pass over each group's parameters and states, where
+    the default foreach path chains several kernels through parameter-sized temporaries."""
     t = config.training
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    adamw = torch.optim.AdamW
+    options = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     if t.optim == "adamw_8bit":
-        from bitsandbytes.optim import AdamW8bit as adamw
-    return adamw(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+        from bitsandbytes.optim import AdamW8bit
+
+        return AdamW8bit(groups, **options)
+    if all(p.is_cuda for p in decay + no_decay):
+        options["fused"] = True
+    return torch.optim.AdamW(groups, **options)
 
 
 def warn_low_precision_weights(policy: torch.nn.Module, config: Config, say) -> None:
@@ -354,6 +361,11 @@ def _describe_reference(config: Config, sharded: bool) -> str:
 
 def train(config: Config) -> Path:
     """Run one training job; returns the run directory."""
+    with sdpa_without_cudnn():
+        return _train(config)
+
+
+def _train(config: Config) -> Path:
     t, r = config.training, config.run
     trackers = [x for x in r.report_to if x != "none"]
     out = Path(r.output_dir)

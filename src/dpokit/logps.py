@@ -65,20 +65,23 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         cd = ctx.compute_dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(cd)
+        n, chunk = hidden.shape[0], ctx.chunk_size
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = start + ctx.chunk_size
+        # several chunks add up in float32; a single chunk's matmul is the whole gradient (no float32 copy)
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w and n > chunk else None
+        for start in range(0, n, chunk):
+            end = start + chunk
             h = hidden[start:end].to(cd)
-            logits = (h @ w.T).to(lse.dtype)
-            # d(logit_t - lse)/d logits = onehot(t) - softmax
-            grad_logits = -torch.exp(logits - lse[start:end, None])
+            # d(logit_t - lse)/d logits = onehot(t) - softmax, built in place in the logits' buffer
+            grad_logits = (h @ w.T).to(lse.dtype).sub_(lse[start:end, None]).exp_().neg_()
             grad_logits.scatter_add_(1, targets[start:end, None], torch.ones_like(grad_logits[:, :1]))
-            grad_logits *= grad_out[start:end, None]
+            grad_logits = grad_logits.mul_(grad_out[start:end, None]).to(cd)
             if need_h:
-                grad_h[start:end] = (grad_logits.to(cd) @ w).to(hidden.dtype)
-            if need_w:
-                grad_w += (grad_logits.T.to(cd) @ h).to(lse.dtype)
+                grad_h[start:end] = (grad_logits @ w).to(hidden.dtype)
+            if need_w and grad_w is None:
+                grad_w = grad_logits.T @ h
+            elif need_w:
+                grad_w += (grad_logits.T @ h).to(lse.dtype)
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
 
 

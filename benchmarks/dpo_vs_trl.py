@@ -15,7 +15,10 @@ log-probs precomputed before training), dpokit with a live reference model
 reference model in memory, gradient checkpointing on). ``--ablation`` adds dpokit with each of its
 other speed switches off (``prefix_sharing``, ``padding_free``, both, ``chunked_logps``), each
 compared with dpokit's defaults; ``--ablation dpokit-full-logits`` (for one) adds only that column.
-``--also-attn ATTN...`` adds dpokit's defaults under each named attention (GPU attentions side by side).
+``--also-attn ATTN...`` adds dpokit's defaults under each named attention (GPU attentions side by side);
+``--ablation dpokit-checkpointing`` adds dpokit with gradient checkpointing on (TRL's default), for
+memory like for like; ``--ablation dpokit-compile`` dpokit with ``torch_compile: true``.
+``--pairs-per-step N`` (default 4) sets the micro-batch: a GPU needs more to be busy.
 Needs ``pip install -e ".[bench]"`` (TRL).
 """
 
@@ -42,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MAX_LENGTH, BATCH, LR, BETA, MAX_GRAD_NORM = 512, 4, 1e-6, 0.1, 1.0
+MAX_LENGTH, BATCH, LR, BETA, MAX_GRAD_NORM = 512, 4, 1e-6, 0.1, 1.0  # BATCH: default pairs per step
 MODEL_SIZES = {  # Qwen2 architecture, random weights
     "tiny-test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=176, vocab_size=2048),
@@ -63,13 +66,17 @@ CHAT_TEMPLATE = (  # ChatML as Qwen2 writes it, without a default system message
 MESSAGE_OVERHEAD, GENERATION_PROMPT = 5, 3  # <|im_start|> role \n ... <|im_end|> \n ; <|im_start|> assistant \n
 COLUMNS = {"dpokit": "dpokit (defaults)", "dpokit-live": "dpokit (live ref)", "dpokit-no-prefix": "dpokit, prefix_sharing off",
            "dpokit-no-packing": "dpokit, padding_free off", "dpokit-padded": "dpokit, both off (padded)",
-           "dpokit-full-logits": "dpokit, chunked_logps off", "trl": "TRL DPOTrainer"}
+           "dpokit-full-logits": "dpokit, chunked_logps off",
+           "dpokit-checkpointing": "dpokit, gradient checkpointing", "dpokit-compile": "dpokit, torch_compile", "trl": "TRL DPOTrainer"}
 DPOKIT_SWITCHES = {  # column -> the dpokit settings it changes from the defaults
     "dpokit": [], "dpokit-live": ["precompute_ref_log_probs=false"], "dpokit-no-prefix": ["prefix_sharing=false"],
     "dpokit-no-packing": ["padding_free=false"], "dpokit-padded": ["padding_free=false", "prefix_sharing=false"],
-    "dpokit-full-logits": ["chunked_logps=false"],
+    "dpokit-full-logits": ["chunked_logps=false"], "dpokit-checkpointing": ["gradient_checkpointing=true"],
+    "dpokit-compile": ["torch_compile=true"],
 }
 ABLATION = ["dpokit-no-prefix", "dpokit-no-packing", "dpokit-padded", "dpokit-full-logits"]
+NAMED_ONLY = ["dpokit-checkpointing", "dpokit-compile"]
+"""Columns ``--ablation`` adds only when named: a setting turned on rather than a speed switch off."""
 ATTN_COLUMN = "dpokit-attn-"
 """Prefix of the columns ``--also-attn`` adds: dpokit's defaults under another attention."""
 
@@ -260,7 +267,7 @@ def run_dpokit(spec: dict, name: str, workdir: Path) -> dict:
     overrides = [
         f"model.name_or_path={spec['model_dir']}", f"dtype={spec['dtype']}", f"data.train={workdir / 'dpokit.jsonl'}",
         f"output_dir={workdir / ('run-' + name)}", f"max_length={MAX_LENGTH}", f"learning_rate={LR}", f"beta={BETA}",
-        "loss_type=[sigmoid]", f"max_steps={spec['steps']}", f"per_device_train_batch_size={BATCH}",
+        "loss_type=[sigmoid]", f"max_steps={spec['steps']}", f"per_device_train_batch_size={spec['batch']}",
         "gradient_accumulation_steps=1", f"max_grad_norm={MAX_GRAD_NORM}", "logging_steps=1", f"seed={spec['seed']}",
         "progress_bar=false", "save_steps=null", "report_to=[none]", *DPOKIT_SWITCHES.get(name, []),
     ]
@@ -323,7 +330,7 @@ def run_trl(spec: dict, workdir: Path) -> dict:
     rows = [json.loads(line) for line in (workdir / "trl.jsonl").read_text().splitlines()]
     model_kwargs = {"dtype": spec["dtype"]} | ({"attn_implementation": spec["attn"]} if spec["attn"] else {})
     args = DPOConfig(
-        output_dir=str(workdir / "run-trl"), max_steps=spec["steps"], per_device_train_batch_size=BATCH,
+        output_dir=str(workdir / "run-trl"), max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
         gradient_accumulation_steps=1, learning_rate=LR, beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH,
         max_grad_norm=MAX_GRAD_NORM, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
         seed=spec["seed"], train_sampling_strategy="sequential", bf16=spec["dtype"] == "bfloat16",
@@ -365,8 +372,9 @@ def child_main(name: str, workdir: Path) -> None:
     (workdir / f"result-{name}.json").write_text(json.dumps(result))
 
 
-def launch(name: str, workdir: Path, spec: dict) -> dict:
-    """Run one framework in its own process (so peak memory is its own); stop with its log tail on failure."""
+def launch(name: str, workdir: Path, spec: dict) -> dict | None:
+    """Run one framework in its own process (so peak memory is its own); on failure print its log tail and
+    return None, so the other columns of the invocation still run."""
     env = dict(os.environ)
     if spec["threads"]:
         env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
@@ -378,14 +386,16 @@ def launch(name: str, workdir: Path, spec: dict) -> dict:
         command = [sys.executable, __file__, "--child", name, "--workdir", str(workdir)]
         rc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
-        sys.exit(f"{name} failed (exit {rc}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-40:]))
+        print(f"{name} failed (exit {rc}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-40:]),
+              file=sys.stderr, flush=True)
+        return None
     return json.loads((workdir / f"result-{name}.json").read_text())
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def summarize(r: dict, warmup: int, n_flop: float, peak: float) -> dict:
+def summarize(r: dict, warmup: int, n_flop: float, peak: float, batch: int) -> dict:
     """Median step time after warm-up, throughput, achieved FLOP/s (6N per trained token, 2N per reference
     token, attention and recomputation not counted) and the end-to-end train time (precompute + all steps)."""
     steps = list(range(warmup, len(r["step_seconds"])))
@@ -395,7 +405,7 @@ def summarize(r: dict, warmup: int, n_flop: float, peak: float) -> dict:
     precompute_flops = 2 * n_flop * sum(r["step_tokens"]) if r["precompute_seconds"] else 0.0  # one epoch
     train_wall = r["precompute_seconds"] + sum(r["step_seconds"])
     padded = r.get("padded_tokens") or (r["step_tokens"] if r["settings"].get("padding_free") else None)
-    return {"median_step_s": med, "pairs_per_s": BATCH / med, "tokens_per_step": statistics.mean(r["step_tokens"]),
+    return {"median_step_s": med, "pairs_per_s": batch / med, "tokens_per_step": statistics.mean(r["step_tokens"]),
             "padded_tokens_per_step": statistics.mean(padded) if padded else float("nan"),
             "tokens_per_s": statistics.median(r["step_tokens"][i] / r["step_seconds"][i] for i in steps),
             "precompute_s": r["precompute_seconds"], "train_wall_s": train_wall, "process_wall_s": r["process_seconds"],
@@ -403,14 +413,14 @@ def summarize(r: dict, warmup: int, n_flop: float, peak: float) -> dict:
             "step_fraction_of_matmul": step_flops / peak, "end_to_end_fraction_of_matmul": (sum(flops) + precompute_flops) / train_wall / peak}
 
 
-def check_order(results: dict, lengths: list[tuple[int, int, int]], steps: int) -> dict:
+def check_order(results: dict, lengths: list[tuple[int, int, int]], steps: int, batch: int) -> dict:
     """Compare each step's token count with the count its intended pairs give: TRL processes
     ``min(p+c+1, L) + min(p+r+1, L)`` tokens per pair, dpokit (prefix sharing) ``p + c + r`` for untruncated pairs."""
     out = {}
     for name, r in results.items():
         matched = checked = 0
         for s in range(steps):
-            group = lengths[s * BATCH:(s + 1) * BATCH]
+            group = lengths[s * batch:(s + 1) * batch]
             if name == "trl":  # TRL also trains on the newline ChatML writes after <|im_end|>
                 expect = sum(min(p + c + 1, MAX_LENGTH) + min(p + q + 1, MAX_LENGTH) for p, c, q in group)
             elif all(p + max(c, q) <= MAX_LENGTH for p, c, q in group):  # dpokit truncated none of them
@@ -445,7 +455,7 @@ def table(summaries: dict, has_trl: bool, device: str) -> str:
                   ("memory ratio (peak ÷ TRL peak)", lambda s: s["peak_memory_mib"] / trl["peak_memory_mib"])]
         for label, fn in ratios:
             lines.append(f"| {label} | " + " | ".join(f"{fn(summaries[n]):.2f}x" for n in names) + " |")
-    if any(n in ABLATION or n.startswith(ATTN_COLUMN) for n in names):
+    if any(n in DPOKIT_SWITCHES and n != "dpokit" or n.startswith(ATTN_COLUMN) for n in names):
         base = summaries["dpokit"]
         ratios = [("s/step ÷ dpokit defaults' s/step", lambda s: s["median_step_s"] / base["median_step_s"]),
                   ("peak memory ÷ dpokit defaults' peak", lambda s: s["peak_memory_mib"] / base["peak_memory_mib"])]
@@ -479,7 +489,9 @@ def _installed(pkg: str) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per framework (4 pairs each)")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per framework")
+    ap.add_argument("--pairs-per-step", type=int, default=BATCH,
+                    help=f"pairs per optimizer step, one micro-batch (default {BATCH}; a GPU needs more to be busy)")
     ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the median")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -495,9 +507,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-live", action="store_true", help="skip the dpokit column with a live reference model")
-    ap.add_argument("--ablation", nargs="*", choices=ABLATION, default=None, metavar="COLUMN",
+    ap.add_argument("--ablation", nargs="*", choices=[*ABLATION, *NAMED_ONLY], default=None, metavar="COLUMN",
                     help="also run dpokit with each speed switch off: prefix_sharing, padding_free, both, chunked_logps "
-                         f"(all four, or only the columns named: {', '.join(ABLATION)})")
+                         f"(all four, or only the columns named: {', '.join(ABLATION)}); named only: dpokit-checkpointing "
+                         "(gradient checkpointing on, as TRL's default), dpokit-compile (torch_compile=true)")
     ap.add_argument("--trl-no-gradient-checkpointing", action="store_true", help="TRL defaults to gradient checkpointing on; turn it off")
     ap.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<date>-<device>.json)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the temp folder (model, data, logs of each run)")
@@ -517,16 +530,21 @@ def main() -> None:
     model, words = build_model(workdir / "model", a.model_size, a.dtype, a.seed)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")  # as both frameworks will load it
-    data = make_data(workdir, tokenizer, words, a.steps * BATCH, a.seed)
-    spec = {"model_dir": str(workdir / "model"), "dtype": a.dtype, "device": a.device, "attn": a.attn, "dpokit_attn": a.dpokit_attn, "steps": a.steps,
+    data = make_data(workdir, tokenizer, words, a.steps * a.pairs_per_step, a.seed)
+    spec = {"model_dir": str(workdir / "model"), "dtype": a.dtype, "device": a.device, "attn": a.attn, "dpokit_attn": a.dpokit_attn, "steps": a.steps, "batch": a.pairs_per_step,
             "seed": a.seed, "threads": a.threads, "trl_no_gradient_checkpointing": a.trl_no_gradient_checkpointing}
     (workdir / "spec.json").write_text(json.dumps(spec))
     peak = matmul_flops(a.device, a.dtype)
     names = (["dpokit"] + ([] if a.skip_live else ["dpokit-live"]) + ([] if a.ablation is None else a.ablation or ABLATION)
              + [ATTN_COLUMN + attn for attn in a.also_attn] + ([] if a.skip_trl else ["trl"]))
     results = {n: launch(n, workdir, spec) for n in names}
-    summaries = {n: summarize(results[n], a.warmup, model["N_flop_params"], peak["flops_per_s"]) for n in names}
-    order = check_order(results, data["used_lengths"], a.steps)
+    failed = [n for n, r in results.items() if r is None]
+    if "dpokit" in failed:
+        sys.exit("dpokit (defaults) failed: every comparison is against it (log above)")
+    names = [n for n in names if n not in failed]
+    results = {n: results[n] for n in names}
+    summaries = {n: summarize(results[n], a.warmup, model["N_flop_params"], peak["flops_per_s"], a.pairs_per_step) for n in names}
+    order = check_order(results, data["used_lengths"], a.steps, a.pairs_per_step)
 
     g, u = data["generated"], data["used"]
     print(f"\n## dpokit vs TRL DPOTrainer: {a.model_size} ({model['parameters'] / 1e6:.1f}M parameters), {a.device}, {a.dtype}\n")
@@ -534,7 +552,7 @@ def main() -> None:
           f"{g['prompt']['share_over_512']:.1%} over 512; reply mean {g['reply']['mean']}, p50/p90/p99 {g['reply']['p50']}/{g['reply']['p90']}/{g['reply']['p99']}")
     print(f"used {u['pairs']} pairs (first with prompt < {MAX_LENGTH}; {data['dropped_prompt_over_max_length']} skipped, as TRL drops them): "
           f"prompt p50/p90 {u['prompt']['p50']}/{u['prompt']['p90']}, reply mean {u['reply']['mean']}, prompt+longest reply p90 {u['prompt_plus_longest_reply']['p90']}")
-    print(f"{a.steps} steps x {BATCH} pairs, max_length {MAX_LENGTH}, lr {LR}, beta {BETA}, sigmoid, max_grad_norm {MAX_GRAD_NORM}, "
+    print(f"{a.steps} steps x {a.pairs_per_step} pairs, max_length {MAX_LENGTH}, lr {LR}, beta {BETA}, sigmoid, max_grad_norm {MAX_GRAD_NORM}, "
           f"median over steps {a.warmup + 1}..{a.steps}; same pairs in the same order ({', '.join(f'{n}: {v}' for n, v in order.items())})\n")
     print(table(summaries, "trl" in names, a.device))
     print(f"\nFLOP/s convention: 6N per token the policy processed (non-padding) + 2N per token the reference scored, "
@@ -555,11 +573,14 @@ def main() -> None:
     output.write_text(json.dumps({"machine": info, "args": vars(a), "model": model, "data": data, "matmul": peak,
                                   "order_check": order, "summary": summaries, "raw": results}, indent=1))
     print(f"\nJSON: {output}")
+    if failed:
+        print(f"failed (left out of the table, log tails above): {', '.join(failed)}")
     if a.keep_workdir:
         print(f"workdir kept: {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,23 +14,31 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "dpo_vs_trl.py"
 
 def test_benchmark_script_runs_dpokit_and_reports(tmp_path):
     out = tmp_path / "result.json"
-    command = [sys.executable, str(SCRIPT), "--model-size", "tiny-test", "--steps", "3", "--warmup", "1",
-               "--skip-trl", "--skip-live", "--ablation", "dpokit-full-logits", "--also-attn", "dpokit_varlen",
-               "--threads", "2", "--output", str(out)]
+    command = [sys.executable, str(SCRIPT), "--model-size", "tiny-test", "--steps", "3", "--warmup", "1", "--pairs-per-step", "3",
+               "--skip-trl", "--skip-live", "--ablation", "dpokit-full-logits", "dpokit-checkpointing",
+               "--also-attn", "dpokit_varlen", "no_such_attention", "--threads", "2", "--output", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    # a column that fails is reported and left out; the others still run and the exit status says so
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "dpokit-attn-no_such_attention failed" in result.stderr
+    assert "failed (left out of the table, log tails above): dpokit-attn-no_such_attention" in result.stdout
     report = json.loads(out.read_text())
-    assert list(report["summary"]) == ["dpokit", "dpokit-full-logits", "dpokit-attn-dpokit_varlen"]  # the columns named
+    assert list(report["summary"]) == ["dpokit", "dpokit-full-logits", "dpokit-checkpointing", "dpokit-attn-dpokit_varlen"]
     dpokit = report["raw"]["dpokit"]
     assert math.isclose(dpokit["loss"][0], math.log(2), abs_tol=1e-5)  # policy == reference at step 1
     assert len(dpokit["step_seconds"]) == 3 and all(t > 0 for t in dpokit["step_tokens"])
     assert report["order_check"]["dpokit"] == "3/3 steps match"  # the intended pairs, in order
-    assert report["data"]["used"]["pairs"] == 3 * 4
+    assert report["data"]["used"]["pairs"] == 3 * 3 and math.isclose(
+        report["summary"]["dpokit"]["pairs_per_s"], 3 / report["summary"]["dpokit"]["median_step_s"])
     assert "| median s/step (after warm-up) |" in result.stdout
     assert "| s/step ÷ dpokit defaults' s/step |" in result.stdout
     full_logits = report["raw"]["dpokit-full-logits"]
     assert full_logits["settings"]["chunked_logps"] is False and full_logits["step_tokens"] == dpokit["step_tokens"]
     assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(full_logits["loss"], dpokit["loss"]))  # same numbers
+
+    checkpointing = report["raw"]["dpokit-checkpointing"]
+    assert checkpointing["settings"]["gradient_checkpointing"] is True
+    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(checkpointing["loss"], dpokit["loss"]))
 
     varlen = report["raw"]["dpokit-attn-dpokit_varlen"]
     assert varlen["settings"]["attn_implementation"] == "dpokit_varlen" and varlen["step_tokens"] == dpokit["step_tokens"]

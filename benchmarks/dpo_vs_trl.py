@@ -487,7 +487,7 @@ def _installed(pkg: str) -> bool:
         return False
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per framework")
     ap.add_argument("--pairs-per-step", type=int, default=BATCH,

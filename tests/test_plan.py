@@ -72,6 +72,31 @@ def test_columns_and_fits_verdict(tmp_path, capsys):
         assert row in text
 
 
+def test_plan_says_whether_gradient_checkpointing_would_fit(tmp_path, capsys):
+    """A column that does not fit with checkpointing off gets its total with it on, and the verdict."""
+    from dpokit.cli import main
+
+    _config().save_pretrained(tmp_path / "m")
+    args = ["plan", f"model.name_or_path={tmp_path / 'm'}", "max_length=1024", "per_device_train_batch_size=8"]
+    main([*args, "gradient_checkpointing=true", "--json"])
+    on = json.loads(capsys.readouterr().out)["bytes"]["full"]["total"]
+    main([*args, "--json"])
+    off = json.loads(capsys.readouterr().out)["bytes"]["full"]["total"]
+    assert on < off
+    main([*args, "--json", "--gpu-memory", f"{int((on + off) / 2)}B"])  # fits only with checkpointing
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"]["full"] is False and out["fits_with_gradient_checkpointing"]["full"] is True
+    assert set(out["fits_with_gradient_checkpointing"]) == {c for c, ok in out["fits"].items() if not ok}
+    main([*args, "--gpu-memory", f"{int((on + off) / 2)}B"])
+    full_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("full: "))
+    assert full_line.startswith("full: does not fit") and "; with gradient_checkpointing=true" in full_line
+    assert full_line.endswith(": fits")
+    main([*args, "--gpu-memory", f"{int(on / 2)}B"])
+    assert "does not fit either" in capsys.readouterr().out
+    main([*args, "gradient_checkpointing=true", "--json", "--gpu-memory", "1B"])  # already on: nothing to suggest
+    assert json.loads(capsys.readouterr().out)["fits_with_gradient_checkpointing"] is None
+
+
 def test_live_reference_and_checkpointing():
     m = count_model(_config())
     base = estimate(m, RunShape(batch_size=4, max_length=256))

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 QLORA_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 """NF4 with double quantization: 4 bits a weight, one 8-bit absmax per 64-weight block, one
@@ -352,11 +352,20 @@ class Plan:
     estimate: dict[str, dict[str, float]]
     gpu_memory: int | None = None
     notes: list[str] = field(default_factory=list)
+    checkpointed_totals: dict[str, float] | None = None
+    """Each column's total with gradient checkpointing on, when the run has it off."""
 
     def fits(self) -> dict[str, bool] | None:
         if self.gpu_memory is None:
             return None
         return {col: self.estimate[col]["total"] <= self.gpu_memory for col in COLUMNS}
+
+    def fits_with_checkpointing(self) -> dict[str, bool] | None:
+        """For the columns that do not fit with checkpointing off: whether turning it on makes them fit."""
+        fits = self.fits()
+        if fits is None or self.checkpointed_totals is None:
+            return None
+        return {col: self.checkpointed_totals[col] <= self.gpu_memory for col in COLUMNS if not fits[col]}
 
     def to_dict(self) -> dict:
         return {
@@ -370,6 +379,7 @@ class Plan:
             "bytes": self.estimate,
             "gpu_memory": self.gpu_memory,
             "fits": self.fits(),
+            "fits_with_gradient_checkpointing": self.fits_with_checkpointing(),
             "notes": self.notes,
         }
 
@@ -400,7 +410,12 @@ class Plan:
             for col, label in zip(COLUMNS, header[1:]):
                 total = self.estimate[col]["total"]
                 verdict = "fits" if fits[col] else "does not fit"
-                lines.append(f"{label}: {verdict} in {format_size(self.gpu_memory)} ({100 * total / self.gpu_memory:.0f}% used)")
+                line = f"{label}: {verdict} in {format_size(self.gpu_memory)} ({100 * total / self.gpu_memory:.0f}% used)"
+                if not fits[col] and self.checkpointed_totals is not None:
+                    with_ckpt = self.checkpointed_totals[col]
+                    line += (f"; with gradient_checkpointing=true {format_size(with_ckpt)}: "
+                             + ("fits" if with_ckpt <= self.gpu_memory else "does not fit either"))
+                lines.append(line)
         lines += [""] + [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -483,8 +498,10 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
                      f"two layers) in the compute dtype; QLoRA is not sharded (dpokit refuses it under FSDP2): its "
                      f"column is one process per GPU")
     notes.append("not counted: CUDA context and kernels (~0.5-1 GB), allocator fragmentation, distributed buffers")
+    checkpointed = None if run.gradient_checkpointing else estimate(shape, replace(run, gradient_checkpointing=True))
     return Plan(model=mc.name_or_path, shape=shape, run=run, lora_targets=targets, estimate=estimate(shape, run),
-                gpu_memory=gpu_memory, notes=notes)
+                gpu_memory=gpu_memory, notes=notes,
+                checkpointed_totals=None if checkpointed is None else {c: checkpointed[c]["total"] for c in COLUMNS})
 
 
 # ----------------------------------------------------------------------------- command line

@@ -18,7 +18,8 @@ compared with dpokit's defaults; ``--ablation dpokit-full-logits`` (for one) add
 ``--also-attn ATTN...`` adds dpokit's defaults under each named attention (GPU attentions side by side);
 ``--ablation dpokit-checkpointing`` adds dpokit with gradient checkpointing on (TRL's default), for
 memory like for like; ``--ablation dpokit-compile`` dpokit with ``torch_compile: true``.
-``--pairs-per-step N`` (default 4) sets the micro-batch: a GPU needs more to be busy.
+``--pairs-per-step N`` (default 4) sets the micro-batch: a GPU needs more to be busy. ``--profile``
+runs dpokit's defaults once more under torch.profiler (not timed) and writes its top operators.
 Needs ``pip install -e ".[bench]"`` (TRL).
 """
 
@@ -67,7 +68,8 @@ MESSAGE_OVERHEAD, GENERATION_PROMPT = 5, 3  # <|im_start|> role \n ... <|im_end|
 COLUMNS = {"dpokit": "dpokit (defaults)", "dpokit-live": "dpokit (live ref)", "dpokit-no-prefix": "dpokit, prefix_sharing off",
            "dpokit-no-packing": "dpokit, padding_free off", "dpokit-padded": "dpokit, both off (padded)",
            "dpokit-full-logits": "dpokit, chunked_logps off",
-           "dpokit-checkpointing": "dpokit, gradient checkpointing", "dpokit-compile": "dpokit, torch_compile", "trl": "TRL DPOTrainer"}
+           "dpokit-checkpointing": "dpokit, gradient checkpointing", "dpokit-compile": "dpokit, torch_compile", "trl": "TRL DPOTrainer",
+           "profile": "dpokit (defaults) under torch.profiler"}
 DPOKIT_SWITCHES = {  # column -> the dpokit settings it changes from the defaults
     "dpokit": [], "dpokit-live": ["precompute_ref_log_probs=false"], "dpokit-no-prefix": ["prefix_sharing=false"],
     "dpokit-no-packing": ["padding_free=false"], "dpokit-padded": ["padding_free=false", "prefix_sharing=false"],
@@ -279,7 +281,7 @@ def run_dpokit(spec: dict, name: str, workdir: Path) -> dict:
     config = load_config(None, overrides)
     log = io.StringIO()  # dpokit prints its precompute time
     try:
-        with contextlib.redirect_stdout(log):
+        with contextlib.redirect_stdout(log), profiled(spec, workdir) if name == "profile" else contextlib.nullcontext():
             run_dir = train(config)
     finally:
         print(log.getvalue())
@@ -295,6 +297,35 @@ def run_dpokit(spec: dict, name: str, workdir: Path) -> dict:
                          "precompute_ref_log_probs": t.precompute_ref_log_probs, "chunked_logps": t.chunked_logps,
                          "logps_chunk_size": t.logps_chunk_size,
                          "gradient_checkpointing": t.gradient_checkpointing, "attn_implementation": config.model.attn_implementation}}
+
+
+@contextlib.contextmanager
+def profiled(spec: dict, workdir: Path, active: int = 5):
+    """torch.profiler over ``active`` optimizer steps after the warm-up (one profiler step per optimizer
+    step, through a global optimizer hook); writes the top operators by self device time and by self
+    host time to ``profile.txt``."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = spec["device"].startswith("cuda")
+    wait = max(spec["warmup"] - 1, 0)
+    active = max(1, min(active, spec["steps"] - wait - 1))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    prof = profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=active, repeat=1))
+    hook = register_optimizer_step_post_hook(lambda *args: prof.step())
+    try:
+        with prof:
+            yield
+    finally:
+        hook.remove()
+    table = prof.key_averages()
+    sections = [("self_cuda_time_total", "self device time")] if cuda else []
+    sections.append(("self_cpu_time_total", "self host time"))
+    text = [f"torch.profiler over {active} optimizer steps after step {wait + 1} (dpokit defaults)\n"]
+    for key, title in sections:
+        text += [f"## by {title}", table.table(sort_by=key, row_limit=30, max_name_column_width=70), ""]
+    (workdir / "profile.txt").write_text("\n".join(text))
 
 
 def run_trl(spec: dict, workdir: Path) -> dict:
@@ -514,6 +545,9 @@ def main() -> int:
     ap.add_argument("--trl-no-gradient-checkpointing", action="store_true", help="TRL defaults to gradient checkpointing on; turn it off")
     ap.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<date>-<device>.json)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the temp folder (model, data, logs of each run)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed columns, run dpokit's defaults once more under torch.profiler and write the top "
+                         "operators (device and host time) to <output>-profile.txt")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -531,7 +565,7 @@ def main() -> int:
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")  # as both frameworks will load it
     data = make_data(workdir, tokenizer, words, a.steps * a.pairs_per_step, a.seed)
-    spec = {"model_dir": str(workdir / "model"), "dtype": a.dtype, "device": a.device, "attn": a.attn, "dpokit_attn": a.dpokit_attn, "steps": a.steps, "batch": a.pairs_per_step,
+    spec = {"model_dir": str(workdir / "model"), "dtype": a.dtype, "device": a.device, "attn": a.attn, "dpokit_attn": a.dpokit_attn, "steps": a.steps, "batch": a.pairs_per_step, "warmup": a.warmup,
             "seed": a.seed, "threads": a.threads, "trl_no_gradient_checkpointing": a.trl_no_gradient_checkpointing}
     (workdir / "spec.json").write_text(json.dumps(spec))
     peak = matmul_flops(a.device, a.dtype)
@@ -573,6 +607,13 @@ def main() -> int:
     output.write_text(json.dumps({"machine": info, "args": vars(a), "model": model, "data": data, "matmul": peak,
                                   "order_check": order, "summary": summaries, "raw": results}, indent=1))
     print(f"\nJSON: {output}")
+    if a.profile:
+        if launch("profile", workdir, spec) is None:
+            failed.append("profile")
+        else:
+            profile_path = output.with_name(output.stem + "-profile.txt")
+            shutil.copyfile(workdir / "profile.txt", profile_path)
+            print(f"profile: {profile_path}")
     if failed:
         print(f"failed (left out of the table, log tails above): {', '.join(failed)}")
     if a.keep_workdir:

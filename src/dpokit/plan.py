@@ -404,17 +404,16 @@ class Plan:
             if ROWS[i] == "total":
                 lines.append(fmt(["-" * w for w in widths]))
             lines.append(fmt(row))
-        fits = self.fits()
+        fits, fits_checkpointed = self.fits(), self.fits_with_checkpointing() or {}
         if fits is not None:
             lines.append("")
             for col, label in zip(COLUMNS, header[1:]):
                 total = self.estimate[col]["total"]
                 verdict = "fits" if fits[col] else "does not fit"
                 line = f"{label}: {verdict} in {format_size(self.gpu_memory)} ({100 * total / self.gpu_memory:.0f}% used)"
-                if not fits[col] and self.checkpointed_totals is not None:
-                    with_ckpt = self.checkpointed_totals[col]
-                    line += (f"; with gradient_checkpointing=true {format_size(with_ckpt)}: "
-                             + ("fits" if with_ckpt <= self.gpu_memory else "does not fit either"))
+                if col in fits_checkpointed:
+                    line += (f"; with gradient_checkpointing=true {format_size(self.checkpointed_totals[col])}: "
+                             + ("fits" if fits_checkpointed[col] else "does not fit either"))
                 lines.append(line)
         lines += [""] + [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -20,10 +20,23 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 _init = accelerate.Accelerator.__init__
 
 
+def _broadcasts_through_cuda() -> bool:
+    """Whether this Accelerate's ``cpu_ram_efficient_loading`` (rank 0's weights broadcast into the
+    shards) moves the weights through CUDA tensors, with no CPU path (Accelerate 1.6 does)."""
+    import inspect
+
+    from accelerate.utils import fsdp_utils
+
+    return ".cuda()" in inspect.getsource(fsdp_utils.fsdp2_load_full_state_dict)
+
+
 def _init_sharded_on_cpu(self, *args, **kwargs):
     _init(self, *args, **kwargs)
     if self.state.distributed_type == DistributedType.MULTI_CPU:
-        self.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* settings
+        plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* settings
+        if _broadcasts_through_cuda():  # every process loads the whole model anyway (dpokit.sharding.setup)
+            plugin.cpu_ram_efficient_loading = False
+        self.state.fsdp_plugin = plugin
         self.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP  # both shared states
 
 

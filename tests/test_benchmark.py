@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "dpo_vs_trl.py"
 
 
@@ -46,3 +48,20 @@ def test_benchmark_script_runs_dpokit_and_reports(tmp_path):
     assert varlen["settings"]["attn_implementation"] == "dpokit_varlen" and varlen["step_tokens"] == dpokit["step_tokens"]
     assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(varlen["loss"], dpokit["loss"]))
     assert "| dpokit, dpokit_varlen |" in result.stdout
+
+
+def test_plan_stays_within_the_gpu_peaks_measured():
+    """dpokit plan at each H100 benchmark column's largest step (its real token count) against the
+    peak torch's allocator measured there (benchmarks/results): within 0.8x-1.3x."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import plan_vs_measured
+
+    results = sorted((SCRIPT.parent / "results").glob("2026-11-22-h100-*-pairs.json"))
+    assert len(results) == 2
+    rows = [row for path in results for row in plan_vs_measured.compare(json.loads(path.read_text()))]
+    assert {row["column"] for row in rows} == {"dpokit", "dpokit-checkpointing", "dpokit-attn-dpokit_varlen"}
+    for row in rows:
+        assert 0.8 <= row["ratio"] <= 1.3, row
+    cpu = json.loads((SCRIPT.parent / "results" / "2026-11-22-cpu-ablation.json").read_text())
+    with pytest.raises(SystemExit, match="only GPU results"):
+        plan_vs_measured.compare(cpu)

@@ -312,3 +312,28 @@ def test_fsdp_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--fsdp", "0"])
     assert "--fsdp" in capsys.readouterr().err
+
+
+def test_tokens_replaces_the_worst_case(tmp_path, capsys):
+    """--tokens N: the estimate for N tokens per micro-batch (activations scale with it) instead of
+    the worst case from max_length; a count below 1 is refused."""
+    from dpokit.cli import main
+
+    _config().save_pretrained(tmp_path / "m")
+    args = ["plan", f"model.name_or_path={tmp_path / 'm'}", "max_length=1024", "per_device_train_batch_size=8", "--json"]
+    main(args)
+    worst = json.loads(capsys.readouterr().out)
+    main([*args, "--tokens", "2000"])
+    given = json.loads(capsys.readouterr().out)
+    main([*args, "--tokens", "4000"])
+    double = json.loads(capsys.readouterr().out)
+    assert worst["micro_batch_tokens"] == 8 * 2 * 1024 and given["micro_batch_tokens"] == 2000
+    full = lambda plan: plan["bytes"]["full"]  # noqa: E731
+    assert full(given)["activations"] < full(worst)["activations"]
+    assert full(double)["activations"] == pytest.approx(2 * full(given)["activations"], rel=0.01)
+    assert full(given)["optimizer"] == full(worst)["optimizer"]
+    main(args[:-1] + ["--tokens", "2000"])
+    assert "-> 2,000 tokens (given by --tokens)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--tokens", "0"])
+    assert "--tokens: 0" in capsys.readouterr().err

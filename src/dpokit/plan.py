@@ -28,7 +28,8 @@ adapter parameters, ``tok`` = tokens in one micro-batch, ``n`` = layers)::
 ``Pq`` is the parameters of the Linear layers bitsandbytes quantizes (all but the output layer).
 The token count is a worst case from ``max_length``: every sequence is ``max_length`` long, so a
 micro-batch of ``B`` pairs is ``2 * B * max_length`` tokens in every layout; prefix-sharing
-layouts process ``prompt + chosen + rejected`` per pair, which ``--prompt-length`` subtracts.
+layouts process ``prompt + chosen + rejected`` per pair, which ``--prompt-length`` subtracts;
+``--tokens N`` replaces the count (e.g. the largest micro-batch of the real data).
 Not counted: the CUDA context and kernels (~0.5-1 GB), allocator fragmentation, and the
 communication buffers of distributed training.
 """
@@ -201,10 +202,15 @@ class RunShape:
     """attn_implementation=dpokit_varlen: rows regrouped for a varlen kernel, no mask at all."""
     shards: int = 1
     """FSDP2 over this many processes (1: unsharded)."""
+    tokens: int | None = None
+    """Tokens per micro-batch, when known (e.g. the data's largest batch); None: the worst case."""
 
 
 def micro_batch_tokens(run: RunShape) -> int:
-    """Tokens the decoder processes for one micro-batch, worst case (every sequence max_length)."""
+    """Tokens the decoder processes for one micro-batch: ``run.tokens`` when given, else the worst
+    case (every sequence max_length)."""
+    if run.tokens is not None:
+        return run.tokens
     per_pair = 2 * run.max_length
     if run.layout.startswith("prefix"):
         per_pair -= min(run.prompt_length, run.max_length - 1)
@@ -395,7 +401,8 @@ class Plan:
             f"LoRA: r={r.lora_r} on {self.lora_targets} ({', '.join(s.lora_modules) or 'no module matched'}): "
             f"{s.lora_params / 1e6:,.2f}M trainable parameters",
             f"micro-batch: {r.batch_size} pairs x max_length {r.max_length}, layout {r.layout} -> "
-            f"{micro_batch_tokens(r):,} tokens (worst case: every sequence max_length)"
+            f"{micro_batch_tokens(r):,} tokens"
+            + (" (given by --tokens)" if r.tokens is not None else " (worst case: every sequence max_length)")
             + (", gradient checkpointing" if r.gradient_checkpointing else ""),
             "",
             fmt(header),
@@ -433,7 +440,7 @@ def _lora_settings(config, r: int | None, alpha: float | None, dropout: float | 
 
 def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | None = None, lora_alpha: float | None = None,
                      lora_dropout: float | None = None, lora_targets: str | None = None, prompt_length: int = 0,
-                     fsdp: int = 1) -> Plan:
+                     fsdp: int = 1, tokens: int | None = None) -> Plan:
     """The estimate for a loaded :class:`dpokit.config.Config` (reads only the model's config.json)."""
     from transformers import AutoConfig
 
@@ -464,6 +471,7 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         autocast_16bit=t.bf16 or t.fp16,
         live_reference=needs_reference(config) and not t.precompute_ref_log_probs,
         prompt_length=prompt_length,
+        tokens=tokens,
         lora_r=r,
         lora_dropout=dropout,
         regrouped_rows=config.model.attn_implementation == VARLEN_ATTENTION,
@@ -536,6 +544,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-target", default=None, help="all-linear or module names, e.g. q_proj,v_proj (default: the config's model.lora_target_modules)")
     p.add_argument("--prompt-length", type=int, default=0,
                    help="typical prompt tokens: prefix-sharing layouts process them once per pair (default 0: worst case)")
+    p.add_argument("--tokens", type=int, default=None, metavar="N",
+                   help="tokens per micro-batch instead of the worst case, e.g. your data's largest micro-batch "
+                        "(metrics.jsonl's tokens, with logging_steps=1 and one process, is each step's count)")
     p.add_argument("--fsdp", type=int, default=1, metavar="N",
                    help="estimate per GPU for FSDP2 over N processes (accelerate launch --use_fsdp --fsdp_version 2)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
@@ -557,7 +568,9 @@ def run(args) -> None:
         config = load_config(config_path, [*overrides, "data.train=unused-by-plan"])  # plan needs no data
     if args.fsdp < 1:
         raise ConfigError(f"--fsdp: {args.fsdp} processes; give 1 or more")
+    if args.tokens is not None and args.tokens < 1:
+        raise ConfigError(f"--tokens: {args.tokens}; give the tokens of one micro-batch (1 or more)")
     plan = plan_from_config(config, gpu_memory=gpu, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                             lora_dropout=args.lora_dropout, lora_targets=args.lora_target, prompt_length=args.prompt_length,
-                            fsdp=args.fsdp)
+                            fsdp=args.fsdp, tokens=args.tokens)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())

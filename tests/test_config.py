@@ -82,6 +82,17 @@ def test_cross_field_validation(tmp_path):
         load_config(write(tmp_path, BASE), ["per_device_train_batch_size=0"])
 
 
+def test_live_reference_from_a_starting_adapter_is_refused_before_loading(tmp_path):
+    """Starting from an adapter, the reference is base + that adapter: scored once (the default), or
+    refused when asked to be live; reference-free losses need none."""
+    adapter = ["use_peft=true", "adapter_name_or_path=runs/sft/final"]
+    with pytest.raises(ConfigError, match="would need the base loaded twice.*precompute_ref_log_probs=true"):
+        load_config(write(tmp_path, BASE), [*adapter, "precompute_ref_log_probs=false"])
+    assert load_config(write(tmp_path, BASE), adapter).training.precompute_ref_log_probs
+    load_config(write(tmp_path, BASE), [*adapter, "precompute_ref_log_probs=false", "loss_type=[simpo]"])
+    load_config(write(tmp_path, BASE), ["use_peft=true", "precompute_ref_log_probs=false"])  # fresh adapters: base is the reference
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")

@@ -509,6 +509,12 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
         raise ConfigError(f"LoRA needs lora_r >= 1, lora_alpha >= 1 and lora_dropout in [0, 1): got {m.lora_r}, {m.lora_alpha}, {m.lora_dropout}")
     if (m.use_peft or m.adapter_name_or_path) and m.ref_model_name_or_path:
         raise ConfigError("with LoRA the reference is the base model with the starting adapters: unset ref_model_name_or_path")
+    if m.adapter_name_or_path and needs_reference(config) and not t.precompute_ref_log_probs:
+        raise ConfigError(
+            "a live reference for a run that starts from an adapter would need the base loaded twice (a live LoRA "
+            "reference is the policy with its adapters off, and these adapters train away from the starting ones): "
+            "keep precompute_ref_log_probs=true (the reference is then scored once from base + starting adapter)"
+        )
     if "none" in r.report_to and len(r.report_to) > 1:
         raise ConfigError(f"run.report_to mixes 'none' with trackers: {r.report_to}")
 

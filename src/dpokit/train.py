@@ -171,14 +171,6 @@ def adapters_off_reference(config: Config) -> bool:
     return needs_reference(config) and uses_peft(config.model) and not config.training.precompute_ref_log_probs
 
 
-def check_live_reference(config: Config) -> None:
-    if adapters_off_reference(config) and config.model.adapter_name_or_path:
-        raise ConfigError(
-            "a live reference for a run that starts from an adapter would need the base loaded twice: "
-            "keep precompute_ref_log_probs=true (the reference is then scored once from the starting model)"
-        )
-
-
 @dataclass
 class StartingReference:
     """The reference as taken before training changes the policy: a frozen ``model`` (None: the policy
@@ -398,7 +390,6 @@ def _train(config: Config) -> Path:
     warn_low_precision_weights(policy, config, say)
     say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%); "
         f"reference: {_describe_reference(config, sharded)}")
-    check_live_reference(config)
     start = starting_reference(config, policy, resume_from is not None, sharded)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)

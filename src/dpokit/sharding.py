@@ -26,7 +26,7 @@ things differ from unsharded training, and this module holds them too:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -218,18 +218,22 @@ def optimizer_state(accelerator, scorer: torch.nn.Module, optimizer: torch.optim
     return full if accelerator.is_main_process else None
 
 
-def load_optimizer_state(accelerator, scorer: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict | None) -> None:
-    """Load an ``optimizer.pt`` written by a sharded or an unsharded run. Sharded, only the main
-    process needs ``state`` (it is broadcast); unsharded, every process passes it."""
+def load_optimizer_state(accelerator, scorer: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         read: Callable[[], dict]) -> None:
+    """Load an optimizer state written by a sharded or an unsharded run; ``read()`` returns it (the
+    checkpoint's ``optimizer.pt``). Sharded, only the main process reads it (it is broadcast);
+    unsharded, every process does."""
     names = _names_in_order(accelerator.unwrap_model(scorer), optimizer)
     if not is_sharded(accelerator):
+        state = read()
         optimizer.load_state_dict(positional_state(state, names) if _is_named(state) else state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    state = read() if accelerator.is_main_process else {}
     if accelerator.is_main_process and not _is_named(state):
         state = named_state(state, names)
     set_optimizer_state_dict(
-        scorer, getattr(optimizer, "optimizer", optimizer), state if accelerator.is_main_process else {},
+        scorer, getattr(optimizer, "optimizer", optimizer), state,
         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
     )

@@ -416,8 +416,7 @@ def _train(config: Config) -> Path:
     state = ckpt.TrainState()
     if resume_from is not None:
         state = ckpt.load_train_state(resume_from)
-        saved = ckpt.read_optimizer_state(resume_from) if accelerator.is_main_process or not sharded else None
-        load_optimizer_state(accelerator, scorer, optimizer, saved)
+        load_optimizer_state(accelerator, scorer, optimizer, lambda: ckpt.read_optimizer_state(resume_from))
         ckpt.load_scheduler_and_rng(resume_from, scheduler, accelerator.process_index, scaler)
         say(f"resumed from {resume_from} at step {state.step}")
     if trackers:

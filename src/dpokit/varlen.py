@@ -132,22 +132,20 @@ def _flash_kernel(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale: flo
     q, k, v = (x.to(dtype) for x in (q, k, v))
     heads, kv_heads = q.shape[1], k.shape[1]
     params = _parameter_names(varlen_attn)
-    if "window_size" in params:  # the newer API: windows (right edge 0: causal), a scale, maybe grouped-query heads
+    gqa = {}
+    if heads != kv_heads:
+        if "enable_gqa" in params:  # the newest API takes grouped-query heads
+            gqa = {"enable_gqa": True}
+        else:  # the earlier ones (torch 2.11 too) take as many key/value heads as query heads
+            k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
+    if "window_size" in params:  # windows (right edge 0: causal) and a scale
         left = -1 if window is None else window - 1
-        gqa = {}
-        if heads != kv_heads:
-            if "enable_gqa" in params:
-                gqa = {"enable_gqa": True}
-            else:  # torch 2.11 takes as many key/value heads as query heads
-                k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
                            window_size=(left, 0), **gqa)
-    # the first releases: is_causal, as many key/value heads as query heads, no window, maybe no scale
+    # the first releases: is_causal, no window, maybe no scale
     if window is not None and window < max_seqlen:
         raise ConfigError(f"sliding-window attention with {VARLEN_ATTENTION} needs a newer torch (varlen_attn with "
                           "window_size): upgrade torch, or use sdpa")
-    if heads != kv_heads:
-        k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
     if "scale" in params:
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, is_causal=True, scale=scale)
     q = q * (scale * q.shape[-1] ** 0.5)  # the default scale is 1/sqrt(D)

@@ -148,6 +148,7 @@ def _scorer(model: ResolvedModel, dtype: str, training: TrainingConfig, device) 
     return reply_scorer(load_model(model, model_config(model, dtype)).to(device), training)
 
 
+@sdpa_without_cudnn()
 def evaluate_model(
     model: str,
     reference: str | None = None,
@@ -165,11 +166,6 @@ def evaluate_model(
 
     Returns the report (see the module docstring for the metrics) and the resolved policy.
     """
-    with sdpa_without_cudnn():
-        return _evaluate_model(model, reference, data, split, max_pairs, batch_size, max_length, beta, dtype, log)
-
-
-def _evaluate_model(model, reference, data, split, max_pairs, batch_size, max_length, beta, dtype, log):
     from dpokit.train import build_batch, eval_metrics, mixed_precision, pair_statistics
 
     policy_model = resolve_model(model)

@@ -351,13 +351,9 @@ def _describe_reference(config: Config, sharded: bool) -> str:
     return f"{source} (frozen model kept in memory{', sharded like the policy' if sharded else ''})"
 
 
+@sdpa_without_cudnn()
 def train(config: Config) -> Path:
     """Run one training job; returns the run directory."""
-    with sdpa_without_cudnn():
-        return _train(config)
-
-
-def _train(config: Config) -> Path:
     t, r = config.training, config.run
     trackers = [x for x in r.report_to if x != "none"]
     out = Path(r.output_dir)

@@ -486,7 +486,7 @@ def table(summaries: dict, has_trl: bool, device: str) -> str:
                   ("memory ratio (peak ÷ TRL peak)", lambda s: s["peak_memory_mib"] / trl["peak_memory_mib"])]
         for label, fn in ratios:
             lines.append(f"| {label} | " + " | ".join(f"{fn(summaries[n]):.2f}x" for n in names) + " |")
-    if any(n in DPOKIT_SWITCHES and n != "dpokit" or n.startswith(ATTN_COLUMN) for n in names):
+    if any(n in ABLATION or n in NAMED_ONLY or n.startswith(ATTN_COLUMN) for n in names):
         base = summaries["dpokit"]
         ratios = [("s/step ÷ dpokit defaults' s/step", lambda s: s["median_step_s"] / base["median_step_s"]),
                   ("peak memory ÷ dpokit defaults' peak", lambda s: s["peak_memory_mib"] / base["peak_memory_mib"])]

@@ -23,6 +23,7 @@ def compare(result: dict) -> list[dict]:
     """One row per dpokit column of a benchmark result: tokens, estimated and measured MiB."""
     from transformers import Qwen2Config
 
+    from dpokit.config import TrainingConfig, batch_layout
     from dpokit.plan import RunShape, count_model, estimate
 
     if not result["machine"].get("gpu"):
@@ -34,7 +35,7 @@ def compare(result: dict) -> list[dict]:
         if name == "trl":
             continue
         settings = raw["settings"]
-        layout = ("prefix_" if settings["prefix_sharing"] else "") + ("packed" if settings["padding_free"] else "padded")
+        layout = batch_layout(TrainingConfig(prefix_sharing=settings["prefix_sharing"], padding_free=settings["padding_free"]))
         run = RunShape(batch_size=args.get("pairs_per_step") or 4, max_length=MAX_LENGTH, layout=layout,
                        gradient_checkpointing=settings["gradient_checkpointing"], chunked_logps=settings["chunked_logps"],
                        logps_chunk_size=settings["logps_chunk_size"], dtype_bytes=2 if args["dtype"] == "bfloat16" else 4,

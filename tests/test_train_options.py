@@ -343,18 +343,15 @@ def test_training_keeps_sdpa_off_cudnn_and_restores_it(workdir, monkeypatch):
     import dpokit.train
 
     seen = []
-    score, table = dpokit.train.score_batch, dpokit.train.compute_table
 
-    def recording_score(*args, **kwargs):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return score(*args, **kwargs)
+    def recording(function):
+        def call(*args, **kwargs):
+            seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+            return function(*args, **kwargs)
+        return call
 
-    def recording_table(*args, **kwargs):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return table(*args, **kwargs)
-
-    monkeypatch.setattr(dpokit.train, "score_batch", recording_score)
-    monkeypatch.setattr(dpokit.train, "compute_table", recording_table)
+    for name in ("score_batch", "compute_table"):
+        monkeypatch.setattr(dpokit.train, name, recording(getattr(dpokit.train, name)))
     assert torch.backends.cuda.cudnn_sdp_enabled()
     train(run_config(workdir, "no-cudnn", "max_steps=2", "eval_steps=1"))
     assert seen and not any(seen)

@@ -19,7 +19,8 @@ compared with dpokit's defaults; ``--ablation dpokit-full-logits`` (for one) add
 ``--ablation dpokit-checkpointing`` adds dpokit with gradient checkpointing on (TRL's default), for
 memory like for like; ``--ablation dpokit-compile`` dpokit with ``torch_compile: true``.
 ``--pairs-per-step N`` (default 4) sets the micro-batch: a GPU needs more to be busy. ``--profile``
-runs dpokit's defaults once more under torch.profiler (not timed) and writes its top operators.
+runs dpokit's defaults once more under torch.profiler (not timed) and writes its top operators;
+``--profile dpokit-compile`` (any dpokit column) profiles that column's settings instead.
 Needs ``pip install -e ".[bench]"`` (TRL).
 """
 
@@ -69,7 +70,7 @@ COLUMNS = {"dpokit": "dpokit (defaults)", "dpokit-live": "dpokit (live ref)", "d
            "dpokit-no-packing": "dpokit, padding_free off", "dpokit-padded": "dpokit, both off (padded)",
            "dpokit-full-logits": "dpokit, chunked_logps off",
            "dpokit-checkpointing": "dpokit, gradient checkpointing", "dpokit-compile": "dpokit, torch_compile", "trl": "TRL DPOTrainer",
-           "profile": "dpokit (defaults) under torch.profiler"}
+           "profile": "a dpokit column under torch.profiler"}
 DPOKIT_SWITCHES = {  # column -> the dpokit settings it changes from the defaults
     "dpokit": [], "dpokit-live": ["precompute_ref_log_probs=false"], "dpokit-no-prefix": ["prefix_sharing=false"],
     "dpokit-no-packing": ["padding_free=false"], "dpokit-padded": ["padding_free=false", "prefix_sharing=false"],
@@ -266,14 +267,16 @@ def run_dpokit(spec: dict, name: str, workdir: Path) -> dict:
     from dpokit.train import train
 
     os.environ["DPOKIT_CACHE"] = str(workdir / f"cache-{name}")  # no reference/data cache hit from another run
+    column = spec["profile_column"] if name == "profile" else name  # the settings this run takes
     overrides = [
         f"model.name_or_path={spec['model_dir']}", f"dtype={spec['dtype']}", f"data.train={workdir / 'dpokit.jsonl'}",
         f"output_dir={workdir / ('run-' + name)}", f"max_length={MAX_LENGTH}", f"learning_rate={LR}", f"beta={BETA}",
         "loss_type=[sigmoid]", f"max_steps={spec['steps']}", f"per_device_train_batch_size={spec['batch']}",
         "gradient_accumulation_steps=1", f"max_grad_norm={MAX_GRAD_NORM}", "logging_steps=1", f"seed={spec['seed']}",
-        "progress_bar=false", "save_steps=null", "report_to=[none]", *DPOKIT_SWITCHES.get(name, []),
+        "progress_bar=false", "save_steps=null", "report_to=[none]",
+        *DPOKIT_SWITCHES.get(column, []),
     ]
-    attn = name.removeprefix(ATTN_COLUMN) if name.startswith(ATTN_COLUMN) else spec.get("dpokit_attn") or spec["attn"]
+    attn = column.removeprefix(ATTN_COLUMN) if column.startswith(ATTN_COLUMN) else spec.get("dpokit_attn") or spec["attn"]
     if attn:
         overrides.append(f"attn_implementation={attn}")
         if "flash" in attn:
@@ -322,7 +325,8 @@ def profiled(spec: dict, workdir: Path, active: int = 5):
     table = prof.key_averages()
     sections = [("self_cuda_time_total", "self device time")] if cuda else []
     sections.append(("self_cpu_time_total", "self host time"))
-    text = [f"torch.profiler over {active} optimizer steps after step {wait + 1} (dpokit defaults)\n"]
+    text = [f"torch.profiler over {active} optimizer steps after step {wait + 1} "
+            f"({column_label(spec['profile_column'])})\n"]
     for key, title in sections:
         text += [f"## by {title}", table.table(sort_by=key, row_limit=30, max_name_column_width=70), ""]
     (workdir / "profile.txt").write_text("\n".join(text))
@@ -545,9 +549,10 @@ def main() -> int:
     ap.add_argument("--trl-no-gradient-checkpointing", action="store_true", help="TRL defaults to gradient checkpointing on; turn it off")
     ap.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<date>-<device>.json)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the temp folder (model, data, logs of each run)")
-    ap.add_argument("--profile", action="store_true",
-                    help="after the timed columns, run dpokit's defaults once more under torch.profiler and write the top "
-                         "operators (device and host time) to <output>-profile.txt")
+    ap.add_argument("--profile", nargs="?", const="dpokit", default=None, metavar="COLUMN",
+                    help="after the timed columns, run dpokit's defaults (or the dpokit column named, e.g. dpokit-compile) "
+                         "once more under torch.profiler and write the top operators (device and host time) to "
+                         "<output>-profile.txt")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -555,6 +560,8 @@ def main() -> int:
         return child_main(a.child, Path(a.workdir))
     if a.warmup >= a.steps:
         sys.exit("--warmup must be smaller than --steps")
+    if a.profile and a.profile not in DPOKIT_SWITCHES and not a.profile.startswith(ATTN_COLUMN):
+        sys.exit(f"--profile takes a dpokit column ({', '.join(DPOKIT_SWITCHES)}, or {ATTN_COLUMN}ATTN), not {a.profile}")
 
     import torch
 
@@ -566,7 +573,8 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")  # as both frameworks will load it
     data = make_data(workdir, tokenizer, words, a.steps * a.pairs_per_step, a.seed)
     spec = {"model_dir": str(workdir / "model"), "dtype": a.dtype, "device": a.device, "attn": a.attn, "dpokit_attn": a.dpokit_attn, "steps": a.steps, "batch": a.pairs_per_step, "warmup": a.warmup,
-            "seed": a.seed, "threads": a.threads, "trl_no_gradient_checkpointing": a.trl_no_gradient_checkpointing}
+            "seed": a.seed, "threads": a.threads, "trl_no_gradient_checkpointing": a.trl_no_gradient_checkpointing,
+            "profile_column": a.profile or "dpokit"}
     (workdir / "spec.json").write_text(json.dumps(spec))
     peak = matmul_flops(a.device, a.dtype)
     names = (["dpokit"] + ([] if a.skip_live else ["dpokit-live"]) + ([] if a.ablation is None else a.ablation or ABLATION)

@@ -18,15 +18,16 @@ def test_benchmark_script_runs_dpokit_and_reports(tmp_path):
     out = tmp_path / "result.json"
     command = [sys.executable, str(SCRIPT), "--model-size", "tiny-test", "--steps", "3", "--warmup", "1", "--pairs-per-step", "3",
                "--skip-trl", "--skip-live", "--ablation", "dpokit-full-logits", "dpokit-checkpointing",
-               "--also-attn", "dpokit_varlen", "no_such_attention", "--threads", "2", "--profile", "--output", str(out)]
+               "--also-attn", "dpokit_varlen", "no_such_attention", "--threads", "2", "--profile", "dpokit-full-logits", "--output", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     # a column that fails is reported and left out; the others still run and the exit status says so
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "dpokit-attn-no_such_attention failed" in result.stderr
     assert "failed (left out of the table, log tails above): dpokit-attn-no_such_attention" in result.stdout
     report = json.loads(out.read_text())
-    profile = (tmp_path / "result-profile.txt").read_text()  # a further run of the defaults, not a column
-    assert "optimizer steps after step 1" in profile and "## by self host time" in profile and "aten::mm" in profile
+    profile = (tmp_path / "result-profile.txt").read_text()  # a further run of the column named, not a column
+    assert "optimizer steps after step 1 (dpokit, chunked_logps off)" in profile and "## by self host time" in profile
+    assert "_ChunkedTokenLogps" not in profile  # its settings were taken: the model's full logits, not dpokit's chunks
     assert list(report["summary"]) == ["dpokit", "dpokit-full-logits", "dpokit-checkpointing", "dpokit-attn-dpokit_varlen"]
     dpokit = report["raw"]["dpokit"]
     assert math.isclose(dpokit["loss"][0], math.log(2), abs_tol=1e-5)  # policy == reference at step 1

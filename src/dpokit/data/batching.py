@@ -28,6 +28,8 @@ layout, because that hidden state only ever sees the prompt.
 
 from __future__ import annotations
 
+import itertools
+from array import array
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -89,87 +91,99 @@ class Batch:
 
 @dataclass
 class _Row:
-    """One row under construction. ``group``/``branch`` per token decide attention: a token sees
-    earlier tokens of its own group whose branch is 0 (shared prompt) or its own branch."""
+    """One row under construction, as spans of tokens. A span's tokens share a ``group`` and a
+    ``branch``, which decide attention (a token sees earlier tokens of its own group whose branch
+    is 0, the shared prompt, or its own; see :mod:`dpokit.masks`), and take consecutive positions."""
 
-    ids: list[int] = field(default_factory=list)
-    pos: list[int] = field(default_factory=list)
-    group: list[int] = field(default_factory=list)
-    branch: list[int] = field(default_factory=list)
-    pred_cols: list[int] = field(default_factory=list)
-    targets: list[int] = field(default_factory=list)
-    seq_index: list[int] = field(default_factory=list)
+    spans: list[tuple[int, list[int], int, int, int]] = field(default_factory=list)
+    """(first column, ids, first position, group, branch)"""
+    scored: list[tuple[list[int], int, int, int]] = field(default_factory=list)
+    """(reply ids, column of its first token, column that predicts that token, sequence)"""
+    length: int = 0
 
     def extend(self, ids: list[int], start_pos: int, group: int, branch: int) -> int:
         """Append ``ids`` at positions ``start_pos..``; returns the column of the first one."""
-        col = len(self.ids)
-        self.ids += ids
-        self.pos += range(start_pos, start_pos + len(ids))
-        self.group += [group] * len(ids)
-        self.branch += [branch] * len(ids)
+        col = self.length
+        self.spans.append((col, ids, start_pos, group, branch))
+        self.length += len(ids)
         return col
 
     def score(self, reply: list[int], first_col: int, predictor_of_first: int, seq: int) -> None:
         """Record the reply tokens placed from ``first_col`` on; the first one is predicted by
         ``predictor_of_first``, each later one by the token before it."""
-        self.pred_cols += [predictor_of_first] + list(range(first_col, first_col + len(reply) - 1))
-        self.targets += reply
-        self.seq_index += [seq] * len(reply)
+        self.scored.append((reply, first_col, predictor_of_first, seq))
 
 
 def _add_sequence(row: _Row, prompt: list[int], reply: list[int], seq: int) -> None:
-    prompt_col = row.extend(list(prompt), 0, group=seq, branch=0)
-    reply_col = row.extend(list(reply), len(prompt), group=seq, branch=0)
-    row.score(list(reply), reply_col, prompt_col + len(prompt) - 1, seq)
+    prompt_col = row.extend(prompt, 0, group=seq, branch=0)
+    reply_col = row.extend(reply, len(prompt), group=seq, branch=0)
+    row.score(reply, reply_col, prompt_col + len(prompt) - 1, seq)
 
 
 def _add_shared_pair(row: _Row, pair: TokenizedPair, index: int) -> None:
     p = len(pair.prompt_ids)
-    last_prompt = row.extend(list(pair.prompt_ids), 0, group=index, branch=0) + p - 1
-    chosen_col = row.extend(list(pair.chosen_ids), p, group=index, branch=1)
-    rejected_col = row.extend(list(pair.rejected_ids), p, group=index, branch=2)
-    row.score(list(pair.chosen_ids), chosen_col, last_prompt, 2 * index)
-    row.score(list(pair.rejected_ids), rejected_col, last_prompt, 2 * index + 1)
+    last_prompt = row.extend(pair.prompt_ids, 0, group=index, branch=0) + p - 1
+    chosen_col = row.extend(pair.chosen_ids, p, group=index, branch=1)
+    rejected_col = row.extend(pair.rejected_ids, p, group=index, branch=2)
+    row.score(pair.chosen_ids, chosen_col, last_prompt, 2 * index)
+    row.score(pair.rejected_ids, rejected_col, last_prompt, 2 * index + 1)
+
+
+def _concat(lists: list[list[int]]) -> torch.Tensor:
+    """The lists back to back as one long tensor, in one C-level copy (``torch.tensor`` on a
+    Python list costs several times more per element)."""
+    flat = array("q", itertools.chain.from_iterable(lists))
+    return torch.frombuffer(flat, dtype=torch.long) if flat else torch.zeros(0, dtype=torch.long)
+
+
+def _counting(starts: list[int], lengths: torch.Tensor) -> torch.Tensor:
+    """``start, start + 1, ...`` for each (start, length), back to back: [lengths.sum()] long."""
+    offsets = torch.tensor(starts, dtype=torch.long) - (lengths.cumsum(0) - lengths)
+    return torch.arange(int(lengths.sum())) + offsets.repeat_interleave(lengths)
 
 
 def _assemble(rows: list[_Row], num_pairs: int, pad_token_id: int, layout: str) -> Batch:
-    width = max(len(row.ids) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    real = torch.zeros((len(rows), width), dtype=torch.long)
-    groups = torch.full((len(rows), width), -1, dtype=torch.long)
-    branches = torch.zeros((len(rows), width), dtype=torch.long)
-    pred_rows, seq_tokens = [], [0] * (2 * num_pairs)
-    for r, row in enumerate(rows):
-        input_ids[r, : len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
-        position_ids[r, : len(row.pos)] = torch.tensor(row.pos, dtype=torch.long)
-        real[r, : len(row.ids)] = 1
-        groups[r, : len(row.group)] = torch.tensor(row.group, dtype=torch.long)
-        branches[r, : len(row.branch)] = torch.tensor(row.branch, dtype=torch.long)
-        pred_rows += [r] * len(row.targets)
-        for seq in row.seq_index:
-            seq_tokens[seq] += 1
+    """The rows as right-padded [R, T] tensors, built span by span (no per-token Python)."""
+    width = max(row.length for row in rows)
+    spans = [(r * width + col, ids, pos, group, branch) for r, row in enumerate(rows) for col, ids, pos, group, branch in row.spans]
+    lengths = torch.tensor([len(ids) for _, ids, *_ in spans], dtype=torch.long)
+    where = _counting([flat for flat, *_ in spans], lengths)  # the flat index of every real token
+
+    def laid_out(values: torch.Tensor, fill: int) -> torch.Tensor:  # [real tokens] -> [R, T]
+        out = torch.full((len(rows) * width,), fill, dtype=torch.long)
+        out[where] = values
+        return out.view(len(rows), width)
+
+    def per_span(column: int) -> torch.Tensor:  # one value per span, repeated over its tokens
+        return torch.tensor([span[column] for span in spans], dtype=torch.long).repeat_interleave(lengths)
+
+    scored = [(r, *item) for r, row in enumerate(rows) for item in row.scored]
+    reply_lengths = torch.tensor([len(reply) for _, reply, *_ in scored], dtype=torch.long)
+    pred_cols = _counting([first_col - 1 for _, _, first_col, _, _ in scored], reply_lengths)  # each token's predecessor
+    firsts = (reply_lengths.cumsum(0) - reply_lengths)[reply_lengths > 0]
+    pred_cols[firsts] = torch.tensor([pred for _, reply, _, pred, _ in scored if reply], dtype=torch.long)
+    seq_index = torch.tensor([seq for *_, seq in scored], dtype=torch.long).repeat_interleave(reply_lengths)
     shared = layout.startswith("prefix")
     return Batch(
-        input_ids=input_ids,
-        attention_mask=real if layout == "padded" else None,
-        position_ids=position_ids,
-        pred_rows=torch.tensor(pred_rows, dtype=torch.long),
-        pred_cols=torch.tensor([c for row in rows for c in row.pred_cols], dtype=torch.long),
-        targets=torch.tensor([t for row in rows for t in row.targets], dtype=torch.long),
-        seq_index=torch.tensor([s for row in rows for s in row.seq_index], dtype=torch.long),
-        seq_tokens=torch.tensor(seq_tokens, dtype=torch.long),
+        input_ids=laid_out(_concat([ids for _, ids, *_ in spans]), pad_token_id),
+        attention_mask=laid_out(torch.ones_like(where), 0) if layout == "padded" else None,
+        position_ids=laid_out(_counting([pos for _, _, pos, _, _ in spans], lengths), 0),
+        pred_rows=torch.tensor([r for r, *_ in scored], dtype=torch.long).repeat_interleave(reply_lengths),
+        pred_cols=pred_cols,
+        targets=_concat([reply for _, reply, *_ in scored]),
+        seq_index=seq_index,
+        seq_tokens=torch.bincount(seq_index, minlength=2 * num_pairs),
         num_pairs=num_pairs,
-        num_real_tokens=int(real.sum()),
-        groups=groups if layout != "padded" else None,
-        branches=branches if shared else None,
+        num_real_tokens=int(lengths.sum()),
+        groups=laid_out(per_span(3), -1) if layout != "padded" else None,
+        branches=laid_out(per_span(4), 0) if shared else None,
     )
 
 
 def _pick_row(rows: list[_Row], length: int, row_tokens: int | None) -> _Row:
     """First row with room for ``length`` more tokens (``row_tokens`` None: one row for all)."""
     for row in rows:
-        if row_tokens is None or len(row.ids) + length <= row_tokens:
+        if row_tokens is None or row.length + length <= row_tokens:
             return row
     rows.append(_Row())
     return rows[-1]

@@ -221,3 +221,29 @@ def test_training_under_varlen_matches_sdpa_step_for_step(workdir, extra):
     for varlen, sdpa in zip(*runs, strict=True):
         for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
             assert varlen[key] == pytest.approx(sdpa[key], rel=1e-4, abs=1e-5), key
+
+
+def test_training_batches_bring_their_regrouping_from_the_host(workdir, monkeypatch):
+    """Under dpokit_varlen ``build_batch`` regroups the rows on the host, with the batch, so a forward
+    on a GPU never copies its rows back to build them (a synchronisation each time); the forward uses
+    the batch's regrouping, and the log-probs equal those built in the forward."""
+    import dpokit.varlen
+    from dpokit.train import build_batch
+
+    config = load_config(None, [f"data.train={workdir / 'train.jsonl'}", f"attn_implementation={VARLEN_ATTENTION}"])
+    pairs = ragged_pairs(seed=4)
+    batch = build_batch(pairs, config, pad_id=0)
+    expected = varlen_rows(batch.groups, batch.branches)
+    assert [torch.equal(getattr(batch.varlen, f), getattr(expected, f)) for f in ("gather", "take", "cu_seqlens")] == [True] * 3
+    model = varlen_lm()
+    scorer = ReplyLogProbs(model, chunk_size=7, mask_packed_rows=check_rows_kept_apart(model, "prefix_packed"))
+    with torch.no_grad():
+        built_in_forward = scorer(**{**batch.model_inputs(), "varlen": None})
+
+        def no_rebuild(*args):
+            raise AssertionError("the forward rebuilt the regrouping")
+
+        monkeypatch.setattr(dpokit.varlen, "varlen_rows", no_rebuild)
+        assert torch.equal(scorer(**batch.to("cpu").model_inputs()), built_in_forward)
+    sdpa = load_config(None, [f"data.train={workdir / 'train.jsonl'}"])
+    assert build_batch(pairs, sdpa, pad_id=0).varlen is None

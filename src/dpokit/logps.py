@@ -320,6 +320,7 @@ class ReplyLogProbs(nn.Module):
         num_seqs: int,
         groups: torch.Tensor | None = None,
         branches: torch.Tensor | None = None,
+        varlen=None,
     ) -> torch.Tensor:
         """Summed log-probs of the reply tokens of each sequence.
 
@@ -333,6 +334,7 @@ class ReplyLogProbs(nn.Module):
                 (packed rows) and ``mask_packed_rows``, the attention mask (or dpokit_varlen's
                 regrouping) is built from them here, on the model's device; packed rows otherwise
                 go by their position ids.
+            varlen: under dpokit_varlen, the rows' regrouping if the batch brings it (else built here).
 
         Returns:
             [num_seqs] float32 summed log-probs.
@@ -340,7 +342,7 @@ class ReplyLogProbs(nn.Module):
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if branches is not None or (groups is not None and self.mask_packed_rows):
             attn = getattr(self.model.config, "_attn_implementation", None)
-            inputs.update(row_attention_inputs(groups, branches, attn, self.model.dtype))
+            inputs.update(row_attention_inputs(groups, branches, attn, self.model.dtype, varlen))
         if self.chunked:
             hidden = decoder_of(self.model)(**inputs).last_hidden_state
             selected = hidden[pred_rows, pred_cols]  # [N, H]

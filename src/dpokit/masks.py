@@ -77,13 +77,14 @@ def row_attention_mask(groups: torch.Tensor, branches: torch.Tensor | None, attn
     )
 
 
-def row_attention_inputs(groups: torch.Tensor, branches: torch.Tensor | None, attn_implementation: str | None, dtype: torch.dtype) -> dict:
+def row_attention_inputs(groups: torch.Tensor, branches: torch.Tensor | None, attn_implementation: str | None, dtype: torch.dtype,
+                         varlen=None) -> dict:
     """The model-forward keyword arguments that keep the rows' sequences apart under
     ``attn_implementation``: ``attention_mask`` (:func:`row_attention_mask`), or for dpokit_varlen
-    the regrouped rows (built on the host, then moved to the rows' device)."""
+    the regrouped rows: ``varlen`` when the batch brings them (built on the host with it), else
+    built here (on the host: rows on a GPU are copied back, a synchronisation) and moved to the rows' device."""
     if attn_implementation == VARLEN_ATTENTION:
         from dpokit.varlen import varlen_rows
 
-        branches = None if branches is None else branches.cpu()
-        return {"dpokit_varlen": varlen_rows(groups.cpu(), branches).to(groups.device)}
+        return {"dpokit_varlen": (varlen if varlen is not None else varlen_rows(groups, branches)).to(groups.device)}
     return {"attention_mask": row_attention_mask(groups, branches, attn_implementation, dtype)}

@@ -60,6 +60,7 @@ from dpokit.sharding import (
     setup as setup_sharding,
     shard_frozen,
 )
+from dpokit.varlen import varlen_rows
 
 
 def autocast_dtype(training: TrainingConfig) -> torch.dtype | None:
@@ -113,10 +114,14 @@ def _mean_stats(per_pair: list[dict[str, torch.Tensor]], accelerator: Accelerato
 
 
 def build_batch(pairs: list[TokenizedPair], config: Config, pad_id: int) -> Batch:
-    """A micro-batch in the configured layout. Packed rows hold at most 2 x max_length tokens
-    (one prefix-shared pair always fits), so attention over a row never grows with the batch."""
+    """A micro-batch in the configured layout, on the host. Packed rows hold at most 2 x max_length
+    tokens (one prefix-shared pair always fits), so attention over a row never grows with the batch.
+    Under dpokit_varlen the rows' regrouping is built here too, before the batch goes to the device."""
     layout = batch_layout(config.training)
-    return make_batch(pairs, layout, pad_id, row_tokens=2 * config.data.max_length)
+    batch = make_batch(pairs, layout, pad_id, row_tokens=2 * config.data.max_length)
+    if config.model.attn_implementation == VARLEN_ATTENTION and batch.groups is not None:
+        batch.varlen = varlen_rows(batch.groups, batch.branches)
+    return batch
 
 
 def reply_scorer(model: torch.nn.Module, training: TrainingConfig) -> ReplyLogProbs:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from dpokit.config import VARLEN_ATTENTION, ConfigError
+from dpokit.data.batching import counting_runs
 
 
 @dataclass
@@ -53,36 +54,40 @@ def varlen_rows(groups: torch.Tensor, branches: torch.Tensor | None) -> VarlenRo
 
     groups: [R, T] long, each token's pair or sequence (-1 padding); branches: [R, T] long (0 shared
     prompt, 1.. a reply), or None (packed rows: every token shared). Within a group the shared
-    tokens must come first, as every dpokit layout places them. Built on the host.
+    tokens must come first, as every dpokit layout places them. Built on the host, run by run (a
+    run: consecutive tokens of one group and branch), not token by token.
     """
     rows, width = groups.shape
-    group_of = groups.tolist()
-    branch_of = branches.tolist() if branches is not None else [[0] * width for _ in range(rows)]
-    gather: list[int] = []
-    take = [0] * (rows * width)
+    groups, branches = groups.cpu(), torch.zeros_like(groups, device="cpu") if branches is None else branches.cpu()
+    new_run = torch.ones(rows, width, dtype=torch.bool)
+    new_run[:, 1:] = (groups[:, 1:] != groups[:, :-1]) | (branches[:, 1:] != branches[:, :-1])
+    starts = new_run.reshape(-1).nonzero().squeeze(1)
+    ends = starts[1:].tolist() + [rows * width]
+    members: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # (row, group) -> its runs, in order
+    for start, end, group, branch in zip(starts.tolist(), ends, groups.reshape(-1)[starts].tolist(), branches.reshape(-1)[starts].tolist()):
+        members.setdefault((start // width, group), []).append((start, end, branch))
+    pieces: list[tuple[int, int, bool]] = []  # (first flat index, length, whether the row token takes this output)
     lengths: list[int] = []
-    for r in range(rows):
-        members: dict[int, list[int]] = {}  # group -> its columns, in order
-        for col, group in enumerate(group_of[r]):
-            members.setdefault(group, []).append(col)
-        for group, cols in members.items():
-            shared = [r * width + c for c in cols if branch_of[r][c] == 0]
-            own: dict[int, list[int]] = {}
-            for c in cols:
-                if branch_of[r][c]:
-                    own.setdefault(branch_of[r][c], []).append(r * width + c)
-            if own and max(shared, default=-1) > min(min(v) for v in own.values()):
-                raise ValueError(f"row {r}, group {group}: a shared token follows a reply token")
-            for k, seq in enumerate([shared + tokens for tokens in own.values()] or [shared]):
-                start = len(gather)
-                for i, flat in enumerate(seq):
-                    if k == 0 or i >= len(shared):  # the prompt's output comes from the first sequence
-                        take[flat] = start + i
-                gather += seq
-                lengths.append(len(seq))
+    for (r, group), runs in members.items():
+        shared = [(a, b) for a, b, branch in runs if branch == 0]
+        own: dict[int, list[tuple[int, int]]] = {}
+        for a, b, branch in runs:
+            if branch:
+                own.setdefault(branch, []).append((a, b))
+        if own and shared and shared[-1][1] - 1 > min(a for spans in own.values() for a, _ in spans):
+            raise ValueError(f"row {r}, group {group}: a shared token follows a reply token")
+        for k, replies in enumerate(list(own.values()) or [[]]):
+            # the prompt's output comes from the first sequence
+            pieces += [(a, b - a, k == 0) for a, b in shared] + [(a, b - a, True) for a, b in replies]
+            lengths.append(sum(b - a for a, b in shared + replies))
+    sizes = torch.tensor([n for _, n, _ in pieces], dtype=torch.long)
+    placed = sizes.cumsum(0) - sizes  # where each piece starts in ``gather``
+    taken = torch.tensor([t for *_, t in pieces], dtype=torch.bool)
+    take = torch.zeros(rows * width, dtype=torch.long)
+    take[counting_runs([a for a, _, t in pieces if t], sizes[taken])] = counting_runs(placed[taken].tolist(), sizes[taken])
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    return VarlenRows(torch.tensor(gather, dtype=torch.long), torch.tensor(take, dtype=torch.long), cu, max(lengths))
+    return VarlenRows(counting_runs([a for a, _, _ in pieces], sizes), take, cu, max(lengths))
 
 
 def _reference_kernel(q, k, v, cu_seqlens: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:

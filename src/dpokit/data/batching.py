@@ -31,10 +31,14 @@ from __future__ import annotations
 import itertools
 from array import array
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 
 from dpokit.data.tokenize import TokenizedPair
+
+if TYPE_CHECKING:
+    from dpokit.varlen import VarlenRows
 
 LAYOUTS = ("padded", "packed", "prefix_padded", "prefix_packed")
 
@@ -50,6 +54,8 @@ class Batch:
     branches: [R, T] for the prefix-shared layouts (0 prompt, 1 chosen, 2 rejected), else None
     pred_rows, pred_cols, targets, seq_index: [N], one entry per reply token
     seq_tokens: [2 * num_pairs] reply tokens per sequence (chosen, rejected interleaved)
+    varlen: the rows regrouped for attn_implementation=dpokit_varlen (a
+        :class:`dpokit.varlen.VarlenRows`, built on the host with the batch), or None
     """
 
     input_ids: torch.Tensor
@@ -65,13 +71,11 @@ class Batch:
     """Non-padding tokens in the batch (what the model really processed)."""
     groups: torch.Tensor | None = None
     branches: torch.Tensor | None = None
+    varlen: VarlenRows | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        moved = {
-            f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name))
-            for f in fields(self)
-        }
-        return Batch(**moved)
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{name: value if value is None or isinstance(value, int) else value.to(device) for name, value in moved.items()})
 
     def model_inputs(self) -> dict:
         """Keyword arguments for :class:`dpokit.logps.ReplyLogProbs`."""
@@ -86,6 +90,7 @@ class Batch:
             num_seqs=2 * self.num_pairs,
             groups=self.groups,
             branches=self.branches,
+            varlen=self.varlen,
         )
 
 
@@ -136,7 +141,7 @@ def _concat(lists: list[list[int]]) -> torch.Tensor:
     return torch.frombuffer(flat, dtype=torch.long) if flat else torch.zeros(0, dtype=torch.long)
 
 
-def _counting(starts: list[int], lengths: torch.Tensor) -> torch.Tensor:
+def counting_runs(starts: list[int], lengths: torch.Tensor) -> torch.Tensor:
     """``start, start + 1, ...`` for each (start, length), back to back: [lengths.sum()] long."""
     offsets = torch.tensor(starts, dtype=torch.long) - (lengths.cumsum(0) - lengths)
     return torch.arange(int(lengths.sum())) + offsets.repeat_interleave(lengths)
@@ -147,7 +152,7 @@ def _assemble(rows: list[_Row], num_pairs: int, pad_token_id: int, layout: str) 
     width = max(row.length for row in rows)
     spans = [(r * width + col, ids, pos, group, branch) for r, row in enumerate(rows) for col, ids, pos, group, branch in row.spans]
     lengths = torch.tensor([len(ids) for _, ids, *_ in spans], dtype=torch.long)
-    where = _counting([flat for flat, *_ in spans], lengths)  # the flat index of every real token
+    where = counting_runs([flat for flat, *_ in spans], lengths)  # the flat index of every real token
 
     def laid_out(values: torch.Tensor, fill: int) -> torch.Tensor:  # [real tokens] -> [R, T]
         out = torch.full((len(rows) * width,), fill, dtype=torch.long)
@@ -159,7 +164,7 @@ def _assemble(rows: list[_Row], num_pairs: int, pad_token_id: int, layout: str) 
 
     scored = [(r, *item) for r, row in enumerate(rows) for item in row.scored]
     reply_lengths = torch.tensor([len(reply) for _, reply, *_ in scored], dtype=torch.long)
-    pred_cols = _counting([first_col - 1 for _, _, first_col, _, _ in scored], reply_lengths)  # each token's predecessor
+    pred_cols = counting_runs([first_col - 1 for _, _, first_col, _, _ in scored], reply_lengths)  # each token's predecessor
     firsts = (reply_lengths.cumsum(0) - reply_lengths)[reply_lengths > 0]
     pred_cols[firsts] = torch.tensor([pred for _, reply, _, pred, _ in scored if reply], dtype=torch.long)
     seq_index = torch.tensor([seq for *_, seq in scored], dtype=torch.long).repeat_interleave(reply_lengths)
@@ -167,7 +172,7 @@ def _assemble(rows: list[_Row], num_pairs: int, pad_token_id: int, layout: str) 
     return Batch(
         input_ids=laid_out(_concat([ids for _, ids, *_ in spans]), pad_token_id),
         attention_mask=laid_out(torch.ones_like(where), 0) if layout == "padded" else None,
-        position_ids=laid_out(_counting([pos for _, _, pos, _, _ in spans], lengths), 0),
+        position_ids=laid_out(counting_runs([pos for _, _, pos, _, _ in spans], lengths), 0),
         pred_rows=torch.tensor([r for r, *_ in scored], dtype=torch.long).repeat_interleave(reply_lengths),
         pred_cols=pred_cols,
         targets=_concat([reply for _, reply, *_ in scored]),

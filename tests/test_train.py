@@ -72,6 +72,41 @@ def test_resume_continues_exactly(workdir):
             assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
 
 
+def test_reference_tables_score_each_pair_in_the_batch_its_forward_uses(workdir, monkeypatch, tmp_path):
+    """The precomputed reference scores each training pair in the micro-batch its first-epoch
+    forward uses, and each eval pair in its eval batch; so where scores depend on the batch (16-bit
+    kernels round differently by batch shape) the policy before its first update still scores every
+    pair exactly as its reference did. Made visible on any machine by a batch-dependent offset on
+    every score, with gradient accumulation and train micro-batches unlike the eval batches."""
+    import dpokit.logps
+
+    forward = dpokit.logps.ReplyLogProbs.forward
+
+    def batch_dependent(self, input_ids, *args, **kwargs):
+        return forward(self, input_ids, *args, **kwargs) + 1e-3 * (input_ids.sum() % 101) / 101
+
+    monkeypatch.setattr(dpokit.logps.ReplyLogProbs, "forward", batch_dependent)
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))  # tables scored with the offset, not other tests' tables
+    run = train(run_config(workdir, "ref-batches", "max_steps=2", "per_device_train_batch_size=3",
+                           "gradient_accumulation_steps=2", "per_device_eval_batch_size=5", "eval_on_start=true"))
+    first_eval, first_step = read_rows(run)[:2]
+    assert first_eval["step"] == 0 and first_eval["eval/rewards/chosen"] == first_eval["eval/rewards/rejected"] == 0
+    assert first_step["step"] == 1 and first_step["rewards/chosen"] == first_step["rewards/rejected"] == 0
+
+
+def test_first_epoch_micro_batches_are_trainings_then_the_rest():
+    from dpokit.data.batching import first_epoch_micro_batches, global_batches, local_micro_batches
+
+    for world in (1, 2):
+        mine = [first_epoch_micro_batches(23, 2 * world * 3, seed=5, rank=r, world_size=world, micro_batch_size=3, rest_batch_size=4)
+                for r in range(world)]
+        for rank in range(world):
+            trained = [m for batch in global_batches(23, 2 * world * 3, 5, 0) for m in local_micro_batches(batch, rank, world, 3)]
+            assert mine[rank][: len(trained)] == trained  # the first epoch, in training's order
+            assert all(len(b) <= 4 for b in mine[rank][len(trained):])
+        assert sorted(i for batches in mine for b in batches for i in b) == list(range(23))  # every pair once
+
+
 def test_two_processes_match_one(workdir):
     """2 CPU processes (gloo) with half the per-device batch give the same curve as 1 process.
 

@@ -127,7 +127,9 @@ def test_mixed_precision_keeps_float32_weights_and_their_updates(workdir, capsys
     assert _changed_fraction(out, workdir / "model") > 0.5
     assert mixed[0]["logps/chosen"] != fp32[0]["logps/chosen"]  # computed in 16 bits ...
     assert mixed[0]["logps/chosen"] == pytest.approx(fp32[0]["logps/chosen"], rel=0.02)  # ... close to float32
-    assert abs(mixed[0]["rewards/margins"]) < 1e-3  # the reference table used the same autocast
+    # the reference table was scored under the same autocast, over the first epoch's micro-batches:
+    # before the first update the policy scores every pair exactly as its reference did
+    assert mixed[0]["rewards/chosen"] == mixed[0]["rewards/rejected"] == 0 and mixed[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert all(r["grad_norm"] == pytest.approx(f["grad_norm"], rel=0.05) for r, f in zip(mixed, fp32))
 
 
@@ -312,6 +314,12 @@ def test_reference_tables_are_cached_and_keyed_by_data(workdir, capsys, monkeypa
     assert "reference: train log-probs of 48 pairs loaded from" in capsys.readouterr().out
     train(run_config(workdir, "refcache-3", "max_steps=1", "max_length=40"))  # other tokens: a miss
     assert "reference: train log-probs of 48 pairs computed" in capsys.readouterr().out
+    # float32 scores alike in any batches; 16-bit compute does not: there the batching is in the key
+    train(run_config(workdir, "refcache-4", "max_steps=1", "per_device_train_batch_size=2"))
+    assert "reference: train log-probs of 48 pairs loaded from" in capsys.readouterr().out
+    for batch, seen in ((4, "computed"), (2, "computed"), (2, "loaded from")):
+        train(run_config(workdir, "refcache-bf16", "max_steps=1", "bf16=true", f"per_device_train_batch_size={batch}"))
+        assert f"reference: train log-probs of 48 pairs {seen}" in capsys.readouterr().out, (batch, seen)
 
 
 def test_precomputed_reference_never_copies_the_policy(workdir, monkeypatch):

@@ -3,9 +3,12 @@
 A reference model is only needed for its summed reply log-probs on the training pairs, which
 never change. So by default dpokit scores every pair once before training, in a no-grad pass
 with the same batch layout, keeps the results as a table ``[N, 2]`` (chosen, rejected) and frees
-the reference: training then holds one model, not two. Tables are cached on disk under a key
-made of a fingerprint of the reference weights, its dtype and attention implementation, and
-the token ids of the pairs, so a second run with the same reference and data skips the pass.
+the reference: training then holds one model, not two. Training pairs are scored in the first
+epoch's micro-batches, so where 16-bit kernels round by batch shape the first epoch still sees
+exactly the numbers a live reference would give. Tables are cached on disk under a key made of a
+fingerprint of the reference weights, its dtype and attention implementation, and the token ids
+of the pairs (with 16-bit compute, also the batching), so a second run with the same reference
+and data skips the pass.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import xxhash
 from accelerate.utils import gather_object
 
-from dpokit.data.batching import Batch, eval_batches
+from dpokit.data.batching import Batch
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
 from dpokit.sharding import in_lockstep
@@ -112,13 +115,14 @@ def compute_table(
     scorer: ReplyLogProbs,
     pairs: list[TokenizedPair],
     build: Callable[[list[TokenizedPair]], Batch],
-    batch_size: int,
+    batches: list[list[int]],
     accelerator,
 ) -> torch.Tensor:
-    """Score all ``pairs`` (striped over processes, batched by ``build``) with no grad, in the
-    caller's autocast state (training's mixed precision); every process gets the whole [N, 2] table."""
+    """Score all ``pairs`` with no grad, in the caller's autocast state (training's mixed precision):
+    this process the pair indices of its ``batches`` (each built by ``build``), the processes together
+    every pair once (:func:`dpokit.data.batching.eval_batches`, or training's
+    :func:`~dpokit.data.batching.first_epoch_micro_batches`). Every process gets the whole [N, 2] table."""
     parts = []
-    batches = eval_batches(len(pairs), batch_size, accelerator.process_index, accelerator.num_processes)
     with torch.no_grad():
         for idx, keep in in_lockstep(batches, accelerator, scorer):
             logps = scorer(**build([pairs[i] for i in idx]).to(accelerator.device).model_inputs())
@@ -142,9 +146,11 @@ def cached_table(
     accelerator,
     what: str,
     log=print,
+    batching: str = "",
 ) -> torch.Tensor:
-    """The [N, 2] table for ``pairs`` from the disk cache, or ``compute()`` it and store it."""
-    key = xxhash.xxh3_128(f"{model_fingerprint}:{fingerprint_pairs(pairs)}".encode()).hexdigest()
+    """The [N, 2] table for ``pairs`` from the disk cache, or ``compute()`` it and store it.
+    ``batching`` names how the pairs were batched, where that changes the numbers (16-bit compute)."""
+    key = xxhash.xxh3_128(f"{model_fingerprint}:{fingerprint_pairs(pairs)}:{batching}".encode()).hexdigest()
     path = cache_dir() / f"{key}.pt"
     if path.is_file():
         table = torch.load(path, weights_only=True)

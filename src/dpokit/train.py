@@ -22,7 +22,7 @@ from accelerate.utils import gather_object, set_seed
 
 from dpokit import checkpoint as ckpt
 from dpokit.config import VARLEN_ATTENTION, Config, ConfigError, TrainingConfig, batch_layout, needs_reference, save_config
-from dpokit.data.batching import Batch, eval_batches, global_batches, local_micro_batches, make_batch
+from dpokit.data.batching import Batch, eval_batches, first_epoch_micro_batches, global_batches, local_micro_batches, make_batch
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs, check_rows_kept_apart, decoder_of
@@ -226,15 +226,38 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
     def build(pairs: list[TokenizedPair]) -> Batch:
         return build_batch(pairs, config, pad_id)
 
-    def table(pairs: list[TokenizedPair], what: str) -> TableReference:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sixteen_bit = computes_in_16_bits(scorer.model, t)
+
+    def table(pairs: list[TokenizedPair], what: str, batches: list[list[int]], batching: str) -> TableReference:
         def compute() -> torch.Tensor:
             with forward_precision(config.training, accelerator):  # scored as training will score the policy
-                return compute_table(scorer, pairs, build, t.per_device_eval_batch_size, accelerator)
+                return compute_table(scorer, pairs, build, batches, accelerator)
 
-        return TableReference(cached_table(start.fingerprint, pairs, compute, accelerator, what, log=say))
+        # in 16 bits another batching gives other last bits: then it is part of the cache key
+        batching = f"{batch_layout(t)}:{config.data.max_length}:{batching}" if sixteen_bit else ""
+        return TableReference(cached_table(start.fingerprint, pairs, compute, accelerator, what, log=say, batching=batching))
 
+    # the train pairs in the first epoch's micro-batches: each pair's reference is then exactly what
+    # its first-epoch forward would score, in 16 bits too (rewards exactly 0 before the first update)
+    per_step = t.per_device_train_batch_size * world * t.gradient_accumulation_steps
+    train_batches = first_epoch_micro_batches(len(data.train), per_step, t.seed, rank, world, t.per_device_train_batch_size,
+                                              t.per_device_eval_batch_size)
+    train_batching = f"seed {t.seed}, {t.per_device_train_batch_size} x {world} x {t.gradient_accumulation_steps}, rest {t.per_device_eval_batch_size}"
     with eval_mode(scorer):
-        return table(data.train, "train"), table(data.eval, "eval") if data.eval else NoReference()
+        train_table = table(data.train, "train", train_batches, train_batching)
+        if not data.eval:
+            return train_table, NoReference()
+        eval_table = table(data.eval, "eval", eval_batches(len(data.eval), t.per_device_eval_batch_size, rank, world),
+                           f"eval {t.per_device_eval_batch_size} x {world}")
+        return train_table, eval_table
+
+
+def computes_in_16_bits(model: torch.nn.Module, training: TrainingConfig) -> bool:
+    """Whether ``model``'s forwards compute in 16 bits: under autocast, with 16-bit or quantized weights."""
+    if autocast_dtype(training) is not None or getattr(model.config, "quantization_config", None):
+        return True
+    return any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
 
 
 def place_frozen(model: torch.nn.Module, training: TrainingConfig, accelerator) -> ReplyLogProbs:

@@ -257,6 +257,19 @@ def local_micro_batches(global_batch: list[int], rank: int, world_size: int, mic
     return out
 
 
+def first_epoch_micro_batches(num_pairs: int, global_batch_size: int, seed: int, rank: int, world_size: int,
+                              micro_batch_size: int, rest_batch_size: int) -> list[list[int]]:
+    """Every pair, once, in this process's micro-batches of the first epoch (as training takes them),
+    then the pairs that epoch leaves out (its incomplete tail), striped over processes in batches of
+    ``rest_batch_size``. Reference log-probs scored over these are, pair for pair, what scoring the
+    first epoch's micro-batches gives: 16-bit compute rounds differently in other batches."""
+    batches = [micro for batch in global_batches(num_pairs, global_batch_size, seed, 0)
+               for micro in local_micro_batches(batch, rank, world_size, micro_batch_size)]
+    order = epoch_order(num_pairs, seed, 0)
+    left_out = order[len(order) - len(order) % global_batch_size:][rank::world_size]
+    return batches + [left_out[i : i + rest_batch_size] for i in range(0, len(left_out), rest_batch_size)]
+
+
 def eval_batches(num_pairs: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
     """Evaluation pairs for this process, in order, striped over processes; nothing dropped."""
     mine = list(range(rank, num_pairs, world_size))

@@ -20,7 +20,6 @@ dpokit's rows (a plain ``model(...)`` call, generation) is transformers' sdpa at
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 
@@ -111,10 +110,16 @@ def _reference_kernel(q, k, v, cu_seqlens: torch.Tensor, scale: float, window: i
     return out
 
 
-@functools.lru_cache(maxsize=None)
+_PARAMETER_NAMES: dict = {}
+
+
 def _parameter_names(function) -> frozenset[str]:
-    """The parameter names of ``function``, read once (the kernel is called in every layer)."""
-    return frozenset(inspect.signature(function).parameters)
+    """The parameter names of ``function``, read once (the kernel is called in every layer). A plain
+    dict, filled by the eager model check before any compile: torch.compile then reads the entry
+    instead of tracing ``inspect`` (or warning about an ``lru_cache``)."""
+    if function not in _PARAMETER_NAMES:
+        _PARAMETER_NAMES[function] = frozenset(inspect.signature(function).parameters)
+    return _PARAMETER_NAMES[function]
 
 
 def _flash_kernel(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, window: int | None) -> torch.Tensor:

@@ -94,7 +94,7 @@ def test_unsharded_checkpoint_resumes_sharded(workdir):
     output = launch_fsdp(workdir, "fsdp-from-one", f"resume_from_checkpoint={one / 'checkpoints' / 'step-2'}",
                          "per_device_train_batch_size=1", "gradient_accumulation_steps=2",
                          launch=("--config_file", str(EXAMPLE_CONFIG), "--fsdp_activation_checkpointing=true"))
-    assert "sharding: FSDP2 over 2 processes" in output and "CheckpointWrapper" in output
+    assert "sharding: FSDP2 over 2 processes" in output and "; activation checkpointing: 2 Qwen2DecoderLayer" in output
     uninterrupted = train(run_config(workdir, "fsdp-from-one-ref"))
     assert_same_rows(train_rows(uninterrupted), train_rows(one))
     assert_same_weights(uninterrupted / "final" / "model.safetensors", one / "final" / "model.safetensors")

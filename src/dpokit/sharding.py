@@ -120,13 +120,19 @@ def shard_frozen(scorer: torch.nn.Module, accelerator) -> None:
 
 def describe(scorer: torch.nn.Module, accelerator) -> str:
     """One line on how the prepared model is sharded, e.g. ``FSDP2 over 2 processes: 3 units (2
-    Qwen2DecoderLayer, root)``."""
+    Qwen2DecoderLayer, root)``, and which modules Accelerate's activation checkpointing wrapped
+    (``; activation checkpointing: 2 Qwen2DecoderLayer``): Accelerate 1.6 shards the layer inside
+    each wrapper, later releases the wrapper itself, so the units alone do not show it."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     from torch.distributed.fsdp import FSDPModule
 
+    def counted(names: list[str]) -> str:
+        return ", ".join(f"{names.count(name)} {name}" for name in dict.fromkeys(names))
+
     units = [type(m).__name__.removeprefix("FSDP") for m in scorer.modules() if isinstance(m, FSDPModule)]
-    counts = {name: units[1:].count(name) for name in dict.fromkeys(units[1:])}  # units[0]: the root
-    parts = [f"{n} {name}" for name, n in counts.items()] + ["root"]
-    return f"FSDP2 over {accelerator.num_processes} processes: {len(units)} units ({', '.join(parts)})"
+    line = f"FSDP2 over {accelerator.num_processes} processes: {len(units)} units ({', '.join(filter(None, [counted(units[1:]), 'root']))})"
+    wrapped = [type(m._checkpoint_wrapped_module).__name__.removeprefix("FSDP") for m in scorer.modules() if isinstance(m, CheckpointWrapper)]
+    return line + (f"; activation checkpointing: {counted(wrapped)}" if wrapped else "")
 
 
 def in_lockstep(batches: list[list[int]], accelerator, model: torch.nn.Module) -> Iterator[tuple[list[int], bool]]:

@@ -168,6 +168,26 @@ def test_what_is_not_supported_sharded_is_refused_before_loading(workdir):
             check_sharding(Launched(DistributedType.FSDP), run_config(workdir, "refused", *options))
 
 
+def test_sharded_models_are_checked_on_the_host_and_never_placed_whole(workdir):
+    """Under FSDP2 the model's one-time checks run on the host and sharding moves each process's
+    share to its GPU: the whole model never sits on one GPU (so it need not fit one). Unsharded, or
+    with an attention that has no CPU path, the model goes to the device first. (The device here
+    is ``meta``, to see what moved.)"""
+    from accelerate.utils import DistributedType
+
+    from dpokit.train import placed_for_checks
+
+    class Launched:
+        def __init__(self, distributed_type):
+            self.distributed_type, self.device = distributed_type, torch.device("meta")
+
+    for kind, attn, moved in ((DistributedType.FSDP, "sdpa", False), (DistributedType.FSDP, "dpokit_varlen", False),
+                              (DistributedType.FSDP, "flex_attention", True), (DistributedType.MULTI_GPU, "sdpa", True),
+                              (DistributedType.NO, "sdpa", True)):
+        placed = placed_for_checks(torch.nn.Linear(2, 2), run_config(workdir, "placed", f"attn_implementation={attn}"), Launched(kind))
+        assert placed.weight.is_meta == moved, (kind, attn)
+
+
 def test_reference_tables_of_sharded_16bit_runs_are_cached_apart(workdir):
     """FSDP2's 16-bit policy scores a little differently from autocast: its tables get their own key
     (float32 runs score alike and share theirs)."""

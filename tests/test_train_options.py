@@ -202,14 +202,14 @@ def test_weight_decay_and_adam_settings_reach_the_optimizer(workdir):
 
     cfg = run_config(workdir, "unused", "weight_decay=0.05", "adam_beta1=0.8", "adam_beta2=0.95", "adam_epsilon=1e-6")
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    opt = _optimizer(model, cfg)
+    opt = _optimizer(model, cfg, torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3  # biases and norm weights skip decay
     assert decay["betas"] == (0.8, 0.95) and decay["eps"] == 1e-6
     assert not decay["fused"]  # torch's fused kernel on CUDA only
-    if torch.cuda.is_available():
-        assert all(group["fused"] for group in _optimizer(model.cuda(), cfg).param_groups)
+    # training on CUDA: fused, even while the parameters are still on the host (FSDP2 shards them there)
+    assert all(group["fused"] for group in _optimizer(model, cfg, torch.device("cuda")).param_groups)
 
 
 def test_tensorboard_tracker_writes_events(workdir):

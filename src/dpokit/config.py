@@ -29,6 +29,9 @@ PREFIX_ATTENTION = DENSE_MASK_ATTENTION + ("flex_attention", VARLEN_ATTENTION)
 """Attention implementations that can run the prefix-shared layouts: a dense additive mask for the
 first two, a BlockMask for flex, regrouped rows for dpokit_varlen (see :mod:`dpokit.masks`). Kept
 here so that reading a config never imports torch."""
+CPU_ATTENTION = (None, "sdpa", "eager")
+"""Attention implementations that run on a machine without CUDA (the others are GPU kernels;
+torch's CPU flex_attention cannot recompile for a second shape)."""
 
 
 class ConfigError(ValueError):

@@ -24,7 +24,7 @@ from pathlib import Path
 from torch import nn
 
 from dpokit.checkpoint import list_checkpoints
-from dpokit.config import Config, ConfigError, ModelConfig, load_config
+from dpokit.config import CPU_ATTENTION, Config, ConfigError, ModelConfig, load_config
 from dpokit.modeling import DTYPES, attention_kwargs, load_causal_lm, load_tokenizer, resolve_model_path
 
 ADAPTER_FILE = "adapter_config.json"
@@ -125,11 +125,6 @@ def default_reference(model: ResolvedModel) -> ResolvedModel | None:
         base = _adapter_config(Path(model.path)).get("base_model_name_or_path")
         return resolve_model(base) if base else None
     return None
-
-
-CPU_ATTENTION = (None, "sdpa", "eager")
-"""Attention implementations that run on a machine without CUDA (the others are GPU kernels;
-torch's CPU flex_attention cannot recompile for a second shape)."""
 
 
 def model_config(model: ResolvedModel, dtype: str | None = None) -> ModelConfig:

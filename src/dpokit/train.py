@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from dpokit import checkpoint as ckpt
-from dpokit.config import VARLEN_ATTENTION, Config, ConfigError, TrainingConfig, batch_layout, needs_reference, save_config
+from dpokit.config import CPU_ATTENTION, VARLEN_ATTENTION, Config, ConfigError, TrainingConfig, batch_layout, needs_reference, save_config
 from dpokit.data.batching import Batch, eval_batches, first_epoch_micro_batches, global_batches, local_micro_batches, make_batch
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
@@ -216,7 +216,7 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
     if adapters_off_reference(config):
         live = AdapterOffReference(policy)
         return live, live
-    scorer = policy if start.model is None else place_frozen(start.model, t, accelerator)
+    scorer = policy if start.model is None else place_frozen(start.model, config, accelerator)
     start.model = None  # the scorer holds it from here; with tables, nothing does once they are computed
     if scorer is not policy and is_sharded(accelerator):
         say(f"reference sharding: {describe(scorer, accelerator)}")
@@ -260,17 +260,27 @@ def computes_in_16_bits(model: torch.nn.Module, training: TrainingConfig) -> boo
     return any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
 
 
-def place_frozen(model: torch.nn.Module, training: TrainingConfig, accelerator) -> ReplyLogProbs:
-    """A frozen reference model as a scorer on this process's device, checked there, and sharded
-    like the policy under FSDP2."""
-    scorer = reply_scorer(model.to(accelerator.device), training)
+def place_frozen(model: torch.nn.Module, config: Config, accelerator) -> ReplyLogProbs:
+    """A frozen reference model as a scorer on this process's device, checked before (see
+    :func:`placed_for_checks`), and sharded like the policy under FSDP2."""
+    scorer = reply_scorer(placed_for_checks(model, config, accelerator), config.training)
     if is_sharded(accelerator):
-        shard_frozen(scorer, accelerator)
+        shard_frozen(scorer, accelerator)  # each process's share onto its device
     return scorer
 
 
-def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (as Hugging Face's Trainer). On CUDA torch's
+def placed_for_checks(model: torch.nn.Module, config: Config, accelerator) -> torch.nn.Module:
+    """``model`` where its one-time checks (short eager forwards, :func:`reply_scorer`) run before
+    training: on this process's device; under FSDP2 on the host instead, where sharding then moves
+    each process's share to its GPU, so the whole model is never on one GPU. An attention without a
+    CPU path (the flash-attn package's, flex_attention, a hub kernel) is checked on the device."""
+    runs_on_cpu = config.model.attn_implementation in (*CPU_ATTENTION, VARLEN_ATTENTION)
+    return model if is_sharded(accelerator) and runs_on_cpu else model.to(accelerator.device)
+
+
+def _optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (as Hugging Face's Trainer). When training
+    runs on CUDA (``device``; the parameters may still be on the host, to be sharded there) torch's
     fused kernel (TRL's default too): one kernel pass over each group's parameters and states, where
     the default foreach path chains several kernels through parameter-sized temporaries."""
     t = config.training
@@ -284,7 +294,7 @@ def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
         from bitsandbytes.optim import AdamW8bit
 
         return AdamW8bit(groups, **options)
-    if all(p.is_cuda for p in decay + no_decay):
+    if device.type == "cuda":
         options["fused"] = True
     return torch.optim.AdamW(groups, **options)
 
@@ -424,10 +434,10 @@ def train(config: Config) -> Path:
     per_epoch, total_steps = plan_steps(len(data.train), global_batch, config)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
 
-    scorer = reply_scorer(policy.to(accelerator.device), t)  # checks the model with eager forwards
+    scorer = reply_scorer(placed_for_checks(policy, config, accelerator), t)  # checks the model with eager forwards
     if t.torch_compile:
         decoder_of(policy).compile(dynamic=True)  # in place: parameter names and saving unchanged
-    optimizer = _optimizer(scorer, config)
+    optimizer = _optimizer(scorer, config, accelerator.device)
     scheduler = make_scheduler(optimizer, t.lr_scheduler_type, warmup, total_steps)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)  # under FSDP2, shards the model in place
     unwrapped = accelerator.unwrap_model(scorer)

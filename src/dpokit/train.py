@@ -235,14 +235,13 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
                 return compute_table(scorer, pairs, build, batches, accelerator)
 
         # in 16 bits another batching gives other last bits: then it is part of the cache key
-        batching = f"{batch_layout(t)}:{config.data.max_length}:{batching}" if sixteen_bit else ""
-        return TableReference(cached_table(start.fingerprint, pairs, compute, accelerator, what, log=say, batching=batching))
+        key = f"{batch_layout(t)}:{config.data.max_length}:{batching}" if sixteen_bit else ""
+        return TableReference(cached_table(start.fingerprint, pairs, compute, accelerator, what, log=say, batching=key))
 
     # the train pairs in the first epoch's micro-batches: each pair's reference is then exactly what
     # its first-epoch forward would score, in 16 bits too (rewards exactly 0 before the first update)
-    per_step = t.per_device_train_batch_size * world * t.gradient_accumulation_steps
-    train_batches = first_epoch_micro_batches(len(data.train), per_step, t.seed, rank, world, t.per_device_train_batch_size,
-                                              t.per_device_eval_batch_size)
+    train_batches = first_epoch_micro_batches(len(data.train), pairs_per_step(t, world), t.seed, rank, world,
+                                              t.per_device_train_batch_size, t.per_device_eval_batch_size)
     train_batching = f"seed {t.seed}, {t.per_device_train_batch_size} x {world} x {t.gradient_accumulation_steps}, rest {t.per_device_eval_batch_size}"
     with eval_mode(scorer):
         train_table = table(data.train, "train", train_batches, train_batching)
@@ -309,6 +308,11 @@ def warn_low_precision_weights(policy: torch.nn.Module, config: Config, say) -> 
             f"away (at learning_rate {config.training.learning_rate:g} most do), so much of the model may never change. "
             "Use dtype=float32 with bf16=true (float32 weights and optimizer, bfloat16 compute; fp16=true on GPUs "
             "without bfloat16) or LoRA (use_peft=true).")
+
+
+def pairs_per_step(training: TrainingConfig, processes: int) -> int:
+    """Pairs per optimizer step: per-device micro-batch x processes x accumulation steps."""
+    return training.per_device_train_batch_size * processes * training.gradient_accumulation_steps
 
 
 def plan_steps(num_pairs: int, global_batch_size: int, config: Config) -> tuple[int, int]:
@@ -430,7 +434,7 @@ def train(config: Config) -> Path:
     policy.train()
 
     world = accelerator.num_processes
-    global_batch = t.per_device_train_batch_size * world * t.gradient_accumulation_steps
+    global_batch = pairs_per_step(t, world)
     per_epoch, total_steps = plan_steps(len(data.train), global_batch, config)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
 

@@ -74,8 +74,9 @@ class Batch:
     varlen: VarlenRows | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Batch(**{name: value if value is None or isinstance(value, int) else value.to(device) for name, value in moved.items()})
+        """The batch with its tensors (and regrouping) on ``device``; counts stay as they are."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{name: v if v is None or isinstance(v, int) else v.to(device) for name, v in values.items()})
 
     def model_inputs(self) -> dict:
         """Keyword arguments for :class:`dpokit.logps.ReplyLogProbs`."""

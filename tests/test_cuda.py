@@ -53,6 +53,36 @@ def test_flex_attention_logps_and_gradients_match_naive(layout):
         torch.testing.assert_close(param.grad.cpu(), grads[name].grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "dpokit_varlen"])
+def test_a_micro_batch_forward_never_waits_for_the_gpu(attn):
+    """No host synchronisation inside a training micro-batch's forward (bfloat16, prefix-shared
+    packed rows, the batch built as training builds it): the host keeps queueing kernels while the
+    GPU runs them. torch's sync debug mode makes any synchronising call an error. (The backward is
+    not checked: torch's CUDA embedding backward counts its segments on the host, once, at its end.)"""
+    if attn == "dpokit_varlen" and importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    from dpokit.data.batching import make_batch
+    from dpokit.logps import ReplyLogProbs, check_rows_kept_apart
+    from dpokit.varlen import register_varlen_attention, varlen_rows
+
+    register_varlen_attention()
+    model = tiny_lm("qwen2", seed=0, hidden_size=HIDDEN).cuda().to(torch.bfloat16).train()
+    model.config._attn_implementation = attn
+    scorer = ReplyLogProbs(model, chunk_size=16, mask_packed_rows=check_rows_kept_apart(model, "prefix_packed"))
+    batch = make_batch(ragged_pairs(seed=2, n=6), "prefix_packed", row_tokens=80)
+    if attn == "dpokit_varlen":
+        batch.varlen = varlen_rows(batch.groups, batch.branches)  # as train.build_batch does, on the host
+    batch = batch.to("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logps = scorer(**batch.model_inputs())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    logps.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
 def test_flash_attention_2_packed_rows_are_varlen_and_match_padded():
     """Packed rows pass position_ids only; transformers turns them into flash-attention's varlen

@@ -27,7 +27,6 @@ from typing import Callable
 import torch
 
 from dpokit.config import Config, ConfigError, DataSource, TrainingConfig, needs_reference
-from dpokit.data.batching import eval_batches
 from dpokit.data.pipeline import load_data
 from dpokit.data.sources import describe
 from dpokit.data.tokenize import TokenizedPair
@@ -167,7 +166,7 @@ def evaluate_model(
 
     Returns the report (see the module docstring for the metrics) and the resolved policy.
     """
-    from dpokit.train import build_batch, eval_metrics, mixed_precision, pair_statistics
+    from dpokit.train import build_batch, eval_metrics, mixed_precision, pair_statistics, scoring_batches
 
     policy_model = resolve_model(model)
     ref_model = resolve_model(reference) if reference else default_reference(policy_model)
@@ -188,8 +187,7 @@ def evaluate_model(
     build = lambda batch_pairs: build_batch(batch_pairs, config, pad_id)  # noqa: E731
     ref_scorer = _scorer(ref_model, load_cfg.dtype, config.training, accelerator.device)
     with mixed_precision(config.training, accelerator.device):  # as training scored its reference
-        batches = eval_batches(len(pairs), config.training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes)
-        table = compute_table(ref_scorer, pairs, build, batches, accelerator)  # [N, 2]
+        table = compute_table(ref_scorer, pairs, build, scoring_batches(len(pairs), config.training, accelerator), accelerator)  # [N, 2]
     del ref_scorer
     policy = _scorer(policy_model, load_cfg.dtype, config.training, accelerator.device)
     # A reference-free loss (SimPO, SFT) trained without one: its metrics ignore the reference.

@@ -137,6 +137,12 @@ def reply_scorer(model: torch.nn.Module, training: TrainingConfig) -> ReplyLogPr
         return ReplyLogProbs(model, training.logps_chunk_size, training.chunked_logps, mask_packed_rows)
 
 
+def scoring_batches(num_pairs: int, training: TrainingConfig, accelerator) -> list[list[int]]:
+    """This process's batches for scoring ``num_pairs`` pairs outside training (evaluation, and the
+    eval pairs' reference table): both take these, so each pair is scored in the same batch."""
+    return eval_batches(num_pairs, training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes)
+
+
 def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int) -> dict[str, torch.Tensor]:
     """Per-pair loss statistics over all ``pairs`` (split over processes, gathered): name -> [N]
     float32 tensor in pair order, on every process. Names as :func:`score_batch` (``loss``,
@@ -146,7 +152,7 @@ def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair]
     """
     reference = as_reference(reference)
     parts = []
-    batches = eval_batches(len(pairs), config.training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes)
+    batches = scoring_batches(len(pairs), config.training, accelerator)
     with torch.no_grad(), forward_precision(config.training, accelerator), eval_mode(policy):
         for idx, keep in in_lockstep(batches, accelerator, policy):
             batch = build_batch([pairs[i] for i in idx], config, pad_id).to(accelerator.device)
@@ -247,8 +253,7 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
         train_table = table(data.train, "train", train_batches, train_batching)
         if not data.eval:
             return train_table, NoReference()
-        eval_table = table(data.eval, "eval", eval_batches(len(data.eval), t.per_device_eval_batch_size, rank, world),
-                           f"eval {t.per_device_eval_batch_size} x {world}")
+        eval_table = table(data.eval, "eval", scoring_batches(len(data.eval), t, accelerator), f"eval {t.per_device_eval_batch_size} x {world}")
         return train_table, eval_table
 
 

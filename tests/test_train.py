@@ -122,17 +122,3 @@ def test_two_processes_match_one(workdir):
         for key in ra:
             if key.endswith(("loss", "margins", "accuracies", "logps/chosen", "grad_norm")):
                 assert ra[key] == pytest.approx(rb[key], abs=1e-4), (ra["step"], key)
-
-
-def test_logged_statistics_are_means_over_micro_batches_and_processes():
-    """One gather for every statistic of a step: each key's mean over all its pairs."""
-    from dpokit.train import _mean_stats
-
-    class TwoProcesses:  # the other process holds the same pairs
-        @staticmethod
-        def gather(t):
-            return torch.cat([t, t])
-
-    micro = [{"loss": torch.tensor([1.0, 2.0]), "rewards/margins": torch.tensor([0.5, -0.5])},
-             {"loss": torch.tensor([3.0, 6.0]), "rewards/margins": torch.tensor([1.0, 1.0])}]
-    assert _mean_stats(micro, TwoProcesses()) == {"loss": 3.0, "rewards/margins": 0.5}

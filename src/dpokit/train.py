@@ -8,7 +8,6 @@ Accelerate supplies the processes (``accelerate launch -m dpokit train cfg.yaml`
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -27,6 +26,7 @@ from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs, check_rows_kept_apart, decoder_of
 from dpokit.losses import PairLogps, preference_loss
+from dpokit.metrics import LogWindow, MetricsLog
 from dpokit.reference import (
     AdapterOffReference,
     LiveReference,
@@ -103,14 +103,6 @@ def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Co
     )
     stats["loss"] = loss.detach()
     return loss, stats
-
-
-def _mean_stats(per_pair: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> dict[str, float]:
-    """Average per-pair statistics over micro-batches and processes (equal counts per process), in
-    one gather and one device-to-host copy for all of them."""
-    keys = list(per_pair[0])
-    local = torch.stack([torch.cat([s[k].float() for s in per_pair]) for k in keys], dim=1)  # [pairs, keys]
-    return dict(zip(keys, accelerator.gather(local).mean(dim=0).tolist()))
 
 
 def build_batch(pairs: list[TokenizedPair], config: Config, pad_id: int) -> Batch:
@@ -333,31 +325,6 @@ def plan_steps(num_pairs: int, global_batch_size: int, config: Config) -> tuple[
     return per_epoch, total
 
 
-class MetricsLog:
-    """Appends rows to ``metrics.jsonl`` (main process) and forwards them to trackers."""
-
-    def __init__(self, path: Path, accelerator: Accelerator, keep_until_step: int | None):
-        self.path, self.accelerator = path, accelerator
-        if accelerator.is_main_process and keep_until_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and _row_step(ln) <= keep_until_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        elif accelerator.is_main_process:
-            path.write_text("")
-
-    def write(self, row: dict) -> None:
-        if self.accelerator.is_main_process:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-
-
-def _row_step(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62  # a torn line from a killed run: drop it
-
-
 def save_final(final: Path, model, tokenizer, state_dict: dict | None = None) -> None:
     """The trained model in Hugging Face format, written beside and renamed into place
     (``state_dict``: the weights gathered from shards; None: the model's own)."""
@@ -483,8 +450,7 @@ def train(config: Config) -> Path:
 
     if r.eval_on_start and state.step == 0:
         run_eval()
-    window: list[dict] = []
-    window_tokens, window_seconds = 0, 0.0  # training time only: evals and saves are not counted
+    window = LogWindow()  # training time only: evals and saves are not counted
     while state.step < total_steps:
         batches = global_batches(len(data.train), global_batch, t.seed, state.epoch)
         while state.batch_in_epoch < len(batches) and state.step < total_steps:
@@ -501,7 +467,7 @@ def train(config: Config) -> Path:
                 step_stats.append(stats)
             scaler.unscale_(optimizer)
             grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-            scale = scaler.get_scale()
+            scale = scaler.get_scale()  # 1.0 without fp16; with it, a host read of the scale
             scaler.step(optimizer)  # skipped (fp16) when the gradients overflowed; the scale then drops
             scaler.update()
             lr = scheduler.get_last_lr()[0]
@@ -512,26 +478,25 @@ def train(config: Config) -> Path:
             state.step += 1
             state.batch_in_epoch += 1
 
-            window.append({**_mean_stats(step_stats, accelerator), "learning_rate": lr,
-                           **({} if skipped else {"grad_norm": float(grad_norm)})})  # a skipped step's norm is inf
-            window_tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
-            window_seconds += time.perf_counter() - step_start
-            if state.step % r.logging_steps == 0 or state.step == total_steps:
-                row = {"step": state.step, "epoch": round(state.step / per_epoch, 4)}
-                for key in dict.fromkeys(k for w in window for k in w if k != "learning_rate"):
-                    values = [w[key] for w in window if key in w]
-                    row[key] = sum(values) / len(values)
-                row.update(learning_rate=lr, tokens=window_tokens, tokens_per_second=window_tokens / window_seconds, seconds=window_seconds)
+            window.add(step_stats, None if skipped else grad_norm, lr, step_tokens, accelerator)
+            logs = state.step % r.logging_steps == 0 or state.step == total_steps
+            evals = bool(r.eval_steps) and state.step % r.eval_steps == 0 and state.step < total_steps
+            saves = bool(r.save_steps) and state.step % r.save_steps == 0 and state.step < total_steps
+            if logs or evals or saves:
+                window.settle()  # waits for the device, so that the seconds include this step's work
+            window.seconds += time.perf_counter() - step_start
+            if logs:
+                row = {"step": state.step, "epoch": round(state.step / per_epoch, 4), **window.row(accelerator)}
                 log.write(row)
                 if progress is not None:
                     progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
                                          margin=f"{row['rewards/margins']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
-                window, window_tokens, window_seconds = [], 0, 0.0
+                window = LogWindow()
             if progress is not None:
                 progress.update(1)
-            if r.eval_steps and state.step % r.eval_steps == 0 and state.step < total_steps:
+            if evals:
                 run_eval()
-            if r.save_steps and state.step % r.save_steps == 0 and state.step < total_steps:
+            if saves:
                 ckpt.save_checkpoint(accelerator, out / "checkpoints", state, unwrapped.model, tokenizer,
                                      optimizer_state(accelerator, scorer, optimizer), scheduler, r.save_total_limit, scaler,
                                      full_model_state(accelerator, scorer))

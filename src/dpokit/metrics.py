@@ -1,0 +1,96 @@
+"""Training metrics: the window of steps since the last logged row, and the log those rows go to.
+
+A step's statistics stay on the device until its row is made: the loop never waits for the GPU to
+finish a step (one device-to-host copy per logged row, ``logging_steps`` steps, not one per step), so
+the host builds the next micro-batch while the GPU still works on the last.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+
+def step_means(stats: list[dict[str, torch.Tensor]], accelerator) -> tuple[list[str], torch.Tensor]:
+    """One step's per-pair statistics averaged over its micro-batches and all processes (equal pair
+    counts per process), in one gather and no host copy. ``stats``: per micro-batch, name -> [pairs].
+    Returns the names and a [names] float32 tensor on the device."""
+    names = list(stats[0])
+    local = torch.stack([torch.cat([s[k].float() for s in stats]) for k in names], dim=1)  # [pairs, names]
+    return names, accelerator.gather(local).mean(dim=0)
+
+
+def _whole(norm) -> torch.Tensor:
+    """The gradient norm as a plain 0-d tensor (a float, or under FSDP2 a DTensor, made whole)."""
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return torch.as_tensor(norm, dtype=torch.float32)
+
+
+class LogWindow:
+    """The optimizer steps since the last logged row: their statistics (device tensors until
+    :meth:`settle`), learning rates, real tokens (this process's) and training seconds."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[list[str], torch.Tensor | list[float], float]] = []  # (names, values, learning rate)
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, stats: list[dict[str, torch.Tensor]], grad_norm, learning_rate: float, tokens: int, accelerator) -> None:
+        """One step. ``grad_norm``: None for a step fp16 skipped for overflowed gradients (its norm is inf)."""
+        names, values = step_means(stats, accelerator)
+        if grad_norm is not None:
+            names, values = [*names, "grad_norm"], torch.cat([values, _whole(grad_norm).to(values.device).reshape(1)])
+        self.steps.append((names, values, learning_rate))
+        self.tokens += tokens
+
+    def settle(self) -> None:
+        """Copy the values still on the device to the host in one go: waits for the steps' device work,
+        so the seconds measured after it include that work."""
+        pending = [i for i, (_, values, _) in enumerate(self.steps) if isinstance(values, torch.Tensor)]
+        if not pending:
+            return
+        flat = torch.cat([self.steps[i][1] for i in pending]).tolist()
+        for i in pending:
+            names, _, lr = self.steps[i]
+            self.steps[i], flat = (names, flat[:len(names)], lr), flat[len(names):]
+
+    def row(self, accelerator) -> dict:
+        """The window's logged values: each statistic's mean over the steps that have it, the last
+        learning rate, the real tokens of all processes, tokens per training second and the seconds.
+        Every process calls it at the same step (the token count is summed across them)."""
+        self.settle()
+        sums: dict[str, list[float]] = {}
+        for names, values, _ in self.steps:
+            for name, value in zip(names, values):
+                sums.setdefault(name, []).append(value)
+        tokens = int(accelerator.reduce(torch.tensor(self.tokens, device=accelerator.device), "sum"))
+        return {**{k: sum(v) / len(v) for k, v in sums.items()}, "learning_rate": self.steps[-1][2],
+                "tokens": tokens, "tokens_per_second": tokens / self.seconds, "seconds": self.seconds}
+
+
+class MetricsLog:
+    """Appends rows to ``metrics.jsonl`` (main process) and forwards them to trackers."""
+
+    def __init__(self, path: Path, accelerator: Accelerator, keep_until_step: int | None):
+        self.path, self.accelerator = path, accelerator
+        if accelerator.is_main_process and keep_until_step is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and _row_step(ln) <= keep_until_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif accelerator.is_main_process:
+            path.write_text("")
+
+    def write(self, row: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn line from a killed run: drop it

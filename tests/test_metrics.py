@@ -1,0 +1,62 @@
+"""The logged rows: statistics averaged over micro-batches, processes and the steps of a window,
+copied to the host once per row."""
+
+import pytest
+import torch
+
+from dpokit.metrics import LogWindow, step_means
+
+
+class TwoProcesses:
+    """An accelerator whose other process holds the same pairs and the same token count."""
+
+    device = torch.device("cpu")
+
+    @staticmethod
+    def gather(t):
+        return torch.cat([t, t])
+
+    @staticmethod
+    def reduce(t, op):
+        assert op == "sum"
+        return 2 * t
+
+
+def test_logged_statistics_are_means_over_micro_batches_and_processes():
+    """One gather for every statistic of a step: each key's mean over all its pairs."""
+    micro = [{"loss": torch.tensor([1.0, 2.0]), "rewards/margins": torch.tensor([0.5, -0.5])},
+             {"loss": torch.tensor([3.0, 6.0]), "rewards/margins": torch.tensor([1.0, 1.0])}]
+    names, means = step_means(micro, TwoProcesses())
+    assert dict(zip(names, means.tolist())) == {"loss": 3.0, "rewards/margins": 0.5}
+
+
+def test_a_window_copies_to_the_host_once_per_row(monkeypatch):
+    """Steps add device tensors without reading them; the row reads them all in one copy. A step
+    fp16 skipped (grad_norm None) leaves the norm's mean to the other steps; the learning rate is the
+    last step's; tokens are summed over steps and processes."""
+    reads = []
+    for name in ("tolist", "item", "__float__", "cpu"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k: (reads.append(_name), _real(self, *a, **k))[1])
+
+    window = LogWindow()
+    steps = [(1.0, torch.tensor(2.0), 1e-3, 10), (3.0, None, 2e-3, 20), (5.0, torch.tensor(4.0), 3e-3, 30)]
+    for loss, norm, lr, tokens in steps:
+        window.add([{"loss": torch.tensor([loss, loss])}], norm, lr, tokens, TwoProcesses())
+    assert reads == []  # nothing waited for the device yet
+    window.seconds = 2.0
+    row = window.row(TwoProcesses())
+    assert reads.count("tolist") == 1 and "item" not in reads and "__float__" not in reads
+    assert row == {"loss": 3.0, "grad_norm": 3.0, "learning_rate": 3e-3, "tokens": 120, "tokens_per_second": 60.0, "seconds": 2.0}
+
+
+def test_settling_keeps_the_values_for_the_row():
+    """settle() (before an eval or a save) copies the pending steps; steps added after it join them."""
+    window = LogWindow()
+    window.add([{"loss": torch.tensor([1.0])}], torch.tensor(1.0), 1e-3, 5, TwoProcesses())
+    window.settle()
+    window.settle()  # nothing left to copy
+    window.add([{"loss": torch.tensor([2.0])}], torch.tensor(3.0), 1e-3, 5, TwoProcesses())
+    window.seconds = 1.0
+    row = window.row(TwoProcesses())
+    assert row["loss"] == pytest.approx(1.5) and row["grad_norm"] == pytest.approx(2.0) and row["tokens"] == 20

@@ -54,15 +54,17 @@ def test_flex_attention_logps_and_gradients_match_naive(layout):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "dpokit_varlen"])
-def test_a_micro_batch_forward_never_waits_for_the_gpu(attn):
-    """No host synchronisation inside a training micro-batch's forward (bfloat16, prefix-shared
-    packed rows, the batch built as training builds it): the host keeps queueing kernels while the
-    GPU runs them. torch's sync debug mode makes any synchronising call an error. (The backward is
-    not checked: torch's CUDA embedding backward counts its segments on the host, once, at its end.)"""
+def test_a_micro_batch_never_waits_for_the_gpu(attn):
+    """No host synchronisation in moving a training micro-batch and its reference log-probs to the
+    GPU or in its forward (bfloat16, prefix-shared packed rows, the batch built as training builds
+    it): the host keeps queueing kernels while the GPU runs them. torch's sync debug mode makes any
+    synchronising call an error. (The backward is not checked: torch's CUDA embedding backward
+    counts its segments on the host, once, at its end.)"""
     if attn == "dpokit_varlen" and importlib.util.find_spec("torch.nn.attention.varlen") is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
     from dpokit.data.batching import make_batch
     from dpokit.logps import ReplyLogProbs, check_rows_kept_apart
+    from dpokit.reference import TableReference
     from dpokit.varlen import register_varlen_attention, varlen_rows
 
     register_varlen_attention()
@@ -72,11 +74,12 @@ def test_a_micro_batch_forward_never_waits_for_the_gpu(attn):
     batch = make_batch(ragged_pairs(seed=2, n=6), "prefix_packed", row_tokens=80)
     if attn == "dpokit_varlen":
         batch.varlen = varlen_rows(batch.groups, batch.branches)  # as train.build_batch does, on the host
-    batch = batch.to("cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        logps = scorer(**batch.model_inputs())
+        batch = batch.to("cuda")  # pinned, non-blocking copies
+        ref = TableReference(torch.randn(6, 2)).logps(batch, list(range(6)))
+        logps = scorer(**batch.model_inputs()) + 0 * ref
     finally:
         torch.cuda.set_sync_debug_mode("default")
     logps.sum().backward()

@@ -23,7 +23,7 @@ import torch
 import xxhash
 from accelerate.utils import gather_object
 
-from dpokit.data.batching import Batch
+from dpokit.data.batching import Batch, to_device
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
 from dpokit.sharding import in_lockstep
@@ -78,7 +78,7 @@ class TableReference(Reference):
         self.table = table  # [N, 2] float32, on the CPU
 
     def logps(self, batch: Batch, pair_indices: list[int]) -> torch.Tensor:
-        return self.table[pair_indices].reshape(-1).to(batch.input_ids.device)  # [2P] interleaved
+        return to_device(self.table[pair_indices].reshape(-1), batch.input_ids.device)  # [2P] interleaved
 
 
 def as_reference(reference) -> Reference:

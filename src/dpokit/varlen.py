@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from dpokit.config import VARLEN_ATTENTION, ConfigError
-from dpokit.data.batching import counting_runs
+from dpokit.data.batching import counting_runs, to_device
 
 
 @dataclass
@@ -45,7 +45,7 @@ class VarlenRows:
     max_seqlen: int
 
     def to(self, device: torch.device | str) -> "VarlenRows":
-        return VarlenRows(self.gather.to(device), self.take.to(device), self.cu_seqlens.to(device), self.max_seqlen)
+        return VarlenRows(to_device(self.gather, device), to_device(self.take, device), to_device(self.cu_seqlens, device), self.max_seqlen)
 
 
 def varlen_rows(groups: torch.Tensor, branches: torch.Tensor | None) -> VarlenRows:

@@ -42,6 +42,15 @@ if TYPE_CHECKING:
 
 LAYOUTS = ("padded", "packed", "prefix_padded", "prefix_packed")
 
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device``. To a CUDA device it goes through pinned memory without waiting: a
+    copy from ordinary host memory waits for every kernel queued before it, so the host could not
+    build and queue the next micro-batch while the GPU still runs the last."""
+    if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
 @dataclass
 class Batch:
     """One micro-batch of ``num_pairs`` pairs.
@@ -74,9 +83,10 @@ class Batch:
     varlen: VarlenRows | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        """The batch with its tensors (and regrouping) on ``device``; counts stay as they are."""
+        """The batch with its tensors (and regrouping) on ``device`` (:func:`to_device`); counts stay as they are."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Batch(**{name: v if v is None or isinstance(v, int) else v.to(device) for name, v in values.items()})
+        return Batch(**{name: v if v is None or isinstance(v, int) else
+                        v.to(device) if name == "varlen" else to_device(v, device) for name, v in values.items()})
 
     def model_inputs(self) -> dict:
         """Keyword arguments for :class:`dpokit.logps.ReplyLogProbs`."""

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n N``) each worker gets its share of the cores, and so do the processes
+    a test starts, instead of every worker running as many threads as there are cores."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 # ----------------------------------------------------------------------------- chat tokenizer
 

@@ -8,20 +8,33 @@
 #      dpokit_varlen, and at 4 pairs flex_attention) next to TRL's DPOTrainer, and torch.profiler
 #      tables (where the time goes) of dpokit's 32-pair steps and of its compiled 64-pair steps;
 #   3. the same benchmark's ablation columns (each speed switch off), without TRL.
-# Usage: bash scripts/gpu_checks.sh [OUTDIR]   (after pip install -e ".[test,bench]"; default OUTDIR gpu-results)
+# Usage: bash scripts/gpu_checks.sh [OUTDIR [PART ...]]   (after pip install -e ".[test,bench]")
+#   OUTDIR defaults to gpu-results; PARTs (default: all, in this order, ~15 minutes on an H100):
+#   tests, 4-pairs, 32-pairs, 64-pairs, ablation. Each part takes a few minutes, so a session with
+#   a time limit per command can run them one or two at a time into the same OUTDIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu-results}"
+shift || true
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(tests 4-pairs 32-pairs 64-pairs ablation)
 mkdir -p "$out"
 status=0
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-python -m pytest tests/test_cuda.py -v -rs 2>&1 | tee "$out/test_cuda.txt" || status=1
 bench=(python benchmarks/dpo_vs_trl.py --device cuda --dtype bfloat16 --model-size 0.5b --skip-live)
 columns=(--ablation dpokit-checkpointing dpokit-compile --also-attn dpokit_varlen)
-"${bench[@]}" --steps 20 --warmup 5 "${columns[@]}" flex_attention --output "$out/bench-0.5b.json" 2>&1 | tee "$out/bench-0.5b.txt" || status=1
-"${bench[@]}" --steps 10 --warmup 3 --pairs-per-step 32 "${columns[@]}" --profile --output "$out/bench-0.5b-32-pairs.json" 2>&1 \
-    | tee "$out/bench-0.5b-32-pairs.txt" || status=1
-"${bench[@]}" --steps 10 --warmup 3 --pairs-per-step 64 "${columns[@]}" --profile dpokit-compile --output "$out/bench-0.5b-64-pairs.json" 2>&1 \
-    | tee "$out/bench-0.5b-64-pairs.txt" || status=1
-"${bench[@]}" --steps 20 --warmup 5 --skip-trl --ablation --output "$out/bench-0.5b-ablation.json" 2>&1 | tee "$out/bench-0.5b-ablation.txt" || status=1
+for part in "${parts[@]}"; do
+  case $part in
+    tests) python -m pytest tests/test_cuda.py -v -rs 2>&1 | tee "$out/test_cuda.txt" || status=1 ;;
+    4-pairs) "${bench[@]}" --steps 20 --warmup 5 "${columns[@]}" flex_attention --output "$out/bench-0.5b.json" 2>&1 \
+        | tee "$out/bench-0.5b.txt" || status=1 ;;
+    32-pairs) "${bench[@]}" --steps 10 --warmup 3 --pairs-per-step 32 "${columns[@]}" --profile --output "$out/bench-0.5b-32-pairs.json" 2>&1 \
+        | tee "$out/bench-0.5b-32-pairs.txt" || status=1 ;;
+    64-pairs) "${bench[@]}" --steps 10 --warmup 3 --pairs-per-step 64 "${columns[@]}" --profile dpokit-compile \
+        --output "$out/bench-0.5b-64-pairs.json" 2>&1 | tee "$out/bench-0.5b-64-pairs.txt" || status=1 ;;
+    ablation) "${bench[@]}" --steps 20 --warmup 5 --skip-trl --ablation --output "$out/bench-0.5b-ablation.json" 2>&1 \
+        | tee "$out/bench-0.5b-ablation.txt" || status=1 ;;
+    *) echo "unknown part '$part' (tests, 4-pairs, 32-pairs, 64-pairs, ablation)" >&2; exit 2 ;;
+  esac
+done
 exit $status

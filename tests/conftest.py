@@ -19,6 +19,7 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
 
+
 # ----------------------------------------------------------------------------- chat tokenizer
 
 # Qwen2's ChatML template without tool calls: a default system message when none is given.

@@ -51,6 +51,7 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 
+
 @dataclass
 class Batch:
     """One micro-batch of ``num_pairs`` pairs.
@@ -84,9 +85,15 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         """The batch with its tensors (and regrouping) on ``device`` (:func:`to_device`); counts stay as they are."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Batch(**{name: v if v is None or isinstance(v, int) else
-                        v.to(device) if name == "varlen" else to_device(v, device) for name, v in values.items()})
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = to_device(value, device)
+            elif value is not None and f.name == "varlen":
+                value = value.to(device)  # VarlenRows: its tensors through to_device too
+            moved[f.name] = value
+        return Batch(**moved)
 
     def model_inputs(self) -> dict:
         """Keyword arguments for :class:`dpokit.logps.ReplyLogProbs`."""

@@ -188,6 +188,7 @@ def test_eval_on_two_processes_equals_one_and_writes_once(workdir, tmp_path):
     result = accelerate_launch("-m", "dpokit", "eval", str(run), "--batch-size", "4", "--output", str(tmp_path / "two.json"),
                                timeout=300)
     assert result.stdout.count("wrote ") == 1 and result.stdout.count("reward accuracy") == 1
+    assert result.stdout.count("data: ") == 1
     one = json.loads((tmp_path / "one.json").read_text())["metrics"]
     two = json.loads((tmp_path / "two.json").read_text())["metrics"]
     assert one.keys() == two.keys()

@@ -179,10 +179,12 @@ def evaluate_model(
     tokenizer = load_model_tokenizer(policy_model, load_cfg)
     ref_tokenizer = load_model_tokenizer(ref_model, model_config(ref_model, load_cfg.dtype))
     _check_same_vocab(tokenizer, ref_tokenizer, ref_model.path, policy_model.path)
+    accelerator = _accelerator()
+    if not accelerator.is_main_process:  # launched on several processes: one says what is loaded
+        log = lambda line: None  # noqa: E731
     pairs, origin = eval_pairs(config, tokenizer, from_run=data is None, log=log)
     pairs = pairs[:max_pairs] if max_pairs else pairs
 
-    accelerator = _accelerator()
     pad_id = tokenizer.pad_token_id
     build = lambda batch_pairs: build_batch(batch_pairs, config, pad_id)  # noqa: E731
     ref_scorer = _scorer(ref_model, load_cfg.dtype, config.training, accelerator.device)

@@ -114,7 +114,13 @@ def _eval(args) -> None:
 
     report, model = evaluate_model(args.model, args.reference, args.data, args.split, args.max_pairs,
                                    args.batch_size, args.max_length, args.beta, args.dtype)
-    if not PartialState().is_main_process:  # launched on several processes: every one holds the same report
+    # launched on several processes: every one holds the same report, and what is left is the main
+    # process's writing. End the process group now: left to the interpreter's exit, gloo's threads
+    # can abort a process ("terminate called without an active exception").
+    state = PartialState()
+    state.wait_for_everyone()
+    state.destroy_process_group()
+    if not state.is_main_process:
         return
     path = Path(args.output) if args.output else output_dir(model) / f"eval{model.file_suffix}.json"
     write_text_atomic(path, json.dumps(report.to_json(), indent=2) + "\n")

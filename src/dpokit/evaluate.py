@@ -197,8 +197,4 @@ def evaluate_model(
     metrics = eval_metrics(stats)
     metrics["eval/logps/accuracies"] = (stats["logps/chosen"] > stats["logps/rejected"]).float().mean().item()
     metrics.update(logp_preference(table[:, 0], table[:, 1], "eval/ref_logps/"))
-    # launched in several processes: end the process group here (the rest is the main process's
-    # writing); left to the interpreter's exit, gloo's threads can abort it ("terminate called ...")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     return EvalReport(policy_model.path, ref_model.path, origin, len(pairs), metrics), policy_model

@@ -333,16 +333,46 @@ def test_precomputed_reference_never_copies_the_policy(workdir, monkeypatch):
     assert rows[0]["rewards/margins"] == 0.0  # step 1: the policy is still the reference
 
 
-def test_torch_compile_trains_the_same(workdir):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_torch_compile_trains_the_same(workdir, checkpointing):
+    """Compiled layers train as eager ones do, also under activation checkpointing (which recomputes
+    each compiled layer in the backward)."""
     from torch._dynamo.utils import counters
 
-    eager = train_rows(train(run_config(workdir, "compile-off", "max_steps=2", "eval=null")))
+    options = ("max_steps=2", "eval=null", f"gradient_checkpointing={str(checkpointing).lower()}")
+    eager = train_rows(train(run_config(workdir, f"compile-off-{checkpointing}", *options)))
+    torch._dynamo.reset()  # compile anew: another case's graphs may fit this one's guards
     graphs_before = counters["stats"]["unique_graphs"]
-    compiled = train_rows(train(run_config(workdir, "compile-on", "max_steps=2", "eval=null", "torch_compile=true")))
+    compiled = train_rows(train(run_config(workdir, f"compile-on-{checkpointing}", *options, "torch_compile=true")))
     assert counters["stats"]["unique_graphs"] > graphs_before, "nothing was compiled"
     for a, b in zip(eager, compiled, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-3)
+
+
+def test_torch_compile_compiles_each_decoder_layer():
+    """Layer by layer (the classes ``_no_split_modules`` names), under a peft wrapper too; a model
+    naming no layer classes has its decoder compiled whole."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dpokit.modeling import compile_layers
+
+    peft = pytest.importorskip("peft")
+    config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=1)
+
+    def compiled(model):
+        return {name for name, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None}
+
+    model = Qwen2ForCausalLM(config)
+    assert compile_layers(model) == 3
+    assert compiled(model) == {"model.layers.0", "model.layers.1", "model.layers.2"}
+    adapted = peft.get_peft_model(Qwen2ForCausalLM(config), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert compile_layers(adapted) == 3
+    assert compiled(adapted) == {f"base_model.model.model.layers.{i}" for i in range(3)}
+    unnamed = Qwen2ForCausalLM(config)
+    unnamed._no_split_modules = None
+    assert compile_layers(unnamed) == 1 and compiled(unnamed) == {"model"}
 
 
 def test_training_keeps_sdpa_off_cudnn_and_restores_it(workdir, monkeypatch):

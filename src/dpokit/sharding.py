@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from dpokit.config import ConfigError
+from dpokit.modeling import decoder_layers
 
 
 def is_sharded(accelerator) -> bool:
@@ -111,10 +112,8 @@ def shard_frozen(scorer: torch.nn.Module, accelerator) -> None:
     policy = accelerator.state.fsdp_plugin.mixed_precision_policy
     options = {"mp_policy": policy if isinstance(policy, MixedPrecisionPolicy) else MixedPrecisionPolicy(),
                "reshard_after_forward": True}
-    layers = set(getattr(scorer, "_no_split_modules", None) or [])
-    for module in scorer.modules():
-        if type(module).__name__ in layers:
-            fully_shard(module, **options)
+    for layer in decoder_layers(scorer):
+        fully_shard(layer, **options)
     fully_shard(scorer, **options)
 
 

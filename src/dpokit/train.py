@@ -24,7 +24,7 @@ from dpokit.config import CPU_ATTENTION, VARLEN_ATTENTION, Config, ConfigError, 
 from dpokit.data.batching import Batch, eval_batches, first_epoch_micro_batches, global_batches, local_micro_batches, make_batch
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logps import ReplyLogProbs, check_rows_kept_apart, decoder_of
+from dpokit.logps import ReplyLogProbs, check_rows_kept_apart
 from dpokit.losses import PairLogps, preference_loss
 from dpokit.metrics import LogWindow, MetricsLog
 from dpokit.reference import (
@@ -40,6 +40,7 @@ from dpokit.reference import (
 )
 from dpokit.modeling import (
     check_device_requirements,
+    compile_layers,
     count_parameters,
     enable_activation_checkpointing,
     eval_mode,
@@ -412,7 +413,7 @@ def train(config: Config) -> Path:
 
     scorer = reply_scorer(placed_for_checks(policy, config, accelerator), t)  # checks the model with eager forwards
     if t.torch_compile:
-        decoder_of(policy).compile(dynamic=True)  # in place: parameter names and saving unchanged
+        compile_layers(policy)
     optimizer = _optimizer(scorer, config, accelerator.device)
     scheduler = make_scheduler(optimizer, t.lr_scheduler_type, warmup, total_steps)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)  # under FSDP2, shards the model in place

@@ -30,12 +30,13 @@ def make_workdir(root: Path, hidden_size: int = 32, intermediate_size: int = 64)
 
 
 def run_args(workdir: Path, out: str, *overrides: str) -> list[str]:
-    """The overrides of a short run on the tiny model (``dpokit train`` arguments without a config file)."""
+    """The overrides of a short run on the tiny model (``dpokit train`` arguments without a config file).
+    No plots unless asked (``plots=true``): drawing them costs more than such a run's training."""
     return [
         f"model.name_or_path={workdir / 'model'}", f"data.train={workdir / 'train.jsonl'}",
         f"data.eval={workdir / 'eval.jsonl'}", f"output_dir={workdir / out}", "max_length=128",
         "learning_rate=1e-3", "max_steps=4", "per_device_train_batch_size=4", "per_device_eval_batch_size=8",
-        "logging_steps=1", "seed=3", "progress_bar=false", "save_steps=null", *overrides,
+        "logging_steps=1", "seed=3", "progress_bar=false", "save_steps=null", "plots=false", *overrides,
     ]
 
 
@@ -65,6 +66,13 @@ def accelerate_launch(*command: str, launch: tuple[str, ...] = ("--multi_gpu",),
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+def summary_items(printed: str) -> dict[str, str]:
+    """The items of the last run summary in ``printed`` (what ``dpokit train`` or ``dpokit report`` printed)."""
+    body = printed.rsplit("dpokit run summary", 1)[1].splitlines()[1:]
+    items = (line.strip().split("  ", 1) for line in body if line.startswith("  "))
+    return {key: value.strip() for key, value in items}
 
 
 def read_rows(run_dir: Path) -> list[dict]:

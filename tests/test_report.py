@@ -4,7 +4,9 @@ import warnings
 
 import pytest
 
+from dpokit.cli import main
 from dpokit.report import make_report, read_metrics, summarize, write_plots
+from runs import summary_items
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_CHARTS = {"loss.png", "rewards_accuracies.png", "rewards_margins.png",
@@ -101,6 +103,7 @@ def test_read_metrics_torn_middle_line_warns(tmp_path):
 
 def test_summarize(tmp_path):
     rows = synthetic_rows()
+    (tmp_path / "run" / "final").mkdir(parents=True)
     text = summarize(rows, tmp_path / "run")
     assert "\x1b" not in text
     assert "0.8125" in text  # final eval accuracy
@@ -121,8 +124,35 @@ def test_summarize(tmp_path):
 def test_summarize_train_only_and_empty(tmp_path):
     text = summarize([{"step": 3, "loss": 0.123456789}], tmp_path)
     assert "0.1235" in text and "eval" not in text and "tokens/s" not in text
-    assert str(tmp_path / "final") in summarize([], tmp_path)
     assert "1h 01m 01s" in summarize([], tmp_path, total_seconds=3661)
+
+
+def test_summary_names_the_final_model_else_the_newest_checkpoint(tmp_path):
+    rows = [{"step": 3, "loss": 0.5}]
+    text = summarize(rows, tmp_path, plots=False)  # nothing saved yet, no plots drawn
+    assert "final model" not in text and "checkpoint" not in text and "plots" not in text
+    for step in (20, 100, 3):  # a killed run: checkpoints, no final/
+        (tmp_path / "checkpoints" / f"step-{step}").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-200.tmp").mkdir()  # a save cut short
+    assert summary_items(summarize(rows, tmp_path))["newest checkpoint"] == str(tmp_path / "checkpoints" / "step-100")
+    (tmp_path / "final").mkdir()
+    items = summary_items(summarize(rows, tmp_path))
+    assert items["final model"] == str(tmp_path / "final") and "newest checkpoint" not in items
+    assert items["plots"] == str(tmp_path / "plots")
+
+
+def test_report_command(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in synthetic_rows(30)) + "\n")
+    main(["report", str(tmp_path), "--no-plots"])
+    items = summary_items(capsys.readouterr().out)
+    assert items["eval accuracy"] and "plots" not in items and not (tmp_path / "plots").exists()
+    main(["report", str(tmp_path)])
+    assert summary_items(capsys.readouterr().out)["plots"] == str(tmp_path / "plots")
+    assert (tmp_path / "plots" / "overview.png").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    assert f"{tmp_path / 'nowhere' / 'metrics.jsonl'} not found" in capsys.readouterr().err
 
 
 def test_summarize_resumed_run_counts_steps_once(tmp_path):

@@ -1,15 +1,18 @@
 """End-to-end training runs with a tiny model built in the test."""
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpokit.cli import main
 from dpokit.train import train
-from runs import METRIC_KEYS, accelerate_launch, read_rows, run_args, run_config, train_rows
+from runs import METRIC_KEYS, accelerate_launch, read_rows, run_args, run_config, summary_items, train_rows
 
 
-def test_run_directory_is_complete(workdir):
-    out = train(run_config(workdir, "full", "save_steps=2", "save_total_limit=1", "eval_steps=2"))
+def test_run_directory_is_complete(workdir, capsys):
+    out = train(run_config(workdir, "full", "save_steps=2", "save_total_limit=1", "eval_steps=2", "plots=true"))
     rows = read_rows(out)
     trained = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "eval/loss" in r]
@@ -26,6 +29,13 @@ def test_run_directory_is_complete(workdir):
     assert (out / "config.yaml").is_file()
     for name in ("loss.png", "rewards_accuracies.png", "rewards_margins.png", "rewards_chosen_rejected.png"):
         assert (out / "plots" / name).is_file(), name
+    summary = summary_items(capsys.readouterr().out)
+    assert summary["final model"] == str(out / "final") and summary["plots"] == str(out / "plots")
+    # `dpokit report` draws them again from metrics.jsonl and prints the same summary
+    shutil.rmtree(out / "plots")
+    main(["report", str(out)])
+    assert summary_items(capsys.readouterr().out) == summary
+    assert (out / "plots" / "overview.png").is_file()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -41,6 +51,7 @@ def test_run_directory_is_complete(workdir):
 def test_gradient_accumulation_equals_larger_batch(workdir):
     big = train(run_config(workdir, "accum1", "per_device_train_batch_size=4", "gradient_accumulation_steps=1"))
     small = train(run_config(workdir, "accum2", "per_device_train_batch_size=2", "gradient_accumulation_steps=2"))
+    assert not (big / "plots").exists()  # plots=false (tests.runs' default)
     a, b = train_rows(big), train_rows(small)
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen"):

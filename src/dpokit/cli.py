@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from dpokit import __version__
 
@@ -38,7 +39,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_parser(sub)
     _add_export_parser(sub)
     _add_plan_parser(sub)
+    _add_report_parser(sub)
     return parser
+
+
+def _add_report_parser(sub) -> None:
+    report = sub.add_parser(
+        "report",
+        help="write a run's plots and print its summary (while it trains, after it ends or is killed)",
+        description="Read RUN_DIR/metrics.jsonl, write RUN_DIR/plots/*.png and print the run's summary: what "
+        "`dpokit train` prints at its end, for a run still going, a killed one, or one trained with plots=false.",
+    )
+    report.add_argument("run_dir", help="a dpokit run directory (the output_dir of `dpokit train`)")
+    report.add_argument("--no-plots", action="store_true", help="print the summary only")
 
 
 def _add_export_parser(sub) -> None:
@@ -97,6 +110,13 @@ def main(argv: list[str] | None = None) -> None:
             from dpokit.plan import run as run_plan
 
             run_plan(args)
+        elif args.command == "report":
+            from dpokit.report import make_report
+
+            metrics = Path(args.run_dir) / "metrics.jsonl"
+            if not metrics.is_file():
+                raise FileNotFoundError(f"{metrics} not found: give the output_dir of a `dpokit train` run")
+            print(make_report(args.run_dir, plots=not args.no_plots))
         elif args.command == "data":
             from dpokit.data_cli import run as run_data
 

@@ -187,7 +187,8 @@ class TrainingConfig:
     optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
     """``adamw_8bit``: bitsandbytes' 8-bit AdamW (needs CUDA)."""
     torch_compile: bool = False
-    """Compile the decoder with ``torch.compile`` (dynamic shapes: packed rows vary in length)."""
+    """``torch.compile`` each decoder layer (dynamic shapes: packed rows vary in length); see
+    :func:`dpokit.modeling.compile_layers`."""
     chunked_logps: bool = True
     """Reply log-probs from the decoder's hidden states at reply positions only, through the
     output layer in chunks (never a [tokens, vocab] logits tensor); false takes the model's own
@@ -229,6 +230,8 @@ class RunConfig:
     resume_from_checkpoint: str | None = None
     """A ``checkpoints/step-N`` folder, or ``latest`` for the newest in ``output_dir``."""
     progress_bar: bool = True
+    plots: bool = True
+    """Write ``plots/*.png`` at the end of the run (``dpokit report`` writes them from any run later)."""
 
 
 @dataclass

@@ -255,11 +255,13 @@ def _last(rows: list[dict], key: str):
 
 
 def summarize(rows: list[dict], run_dir: str | os.PathLike,
-              total_seconds: float | None = None) -> str:
+              total_seconds: float | None = None, plots: bool = True) -> str:
     """A short plain-text end-of-run summary (no colour codes), aligned in two columns.
 
     Shows steps, the last train loss / accuracy / margin, the last eval loss / accuracy /
-    margin if any eval ran, mean tokens/s, total time, and the run's paths. Missing
+    margin if any eval ran, mean tokens/s, total time, and the run's paths: its ``final/`` model,
+    else (a run still going, or killed) its newest checkpoint, if any; ``plots/`` when ``plots``
+    (the charts were written). Missing
     metrics are left out. Total time is the sum of the rows' ``seconds`` (train) and
     ``eval/seconds`` (if logged) unless ``total_seconds`` (e.g. wall clock) is given.
     """
@@ -302,8 +304,13 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike,
     if total_seconds is not None:
         items.append(("total time", _fmt_duration(total_seconds)))
 
-    items += [("run dir", str(run_dir)), ("final model", str(run_dir / "final")),
-              ("metrics", str(run_dir / "metrics.jsonl")), ("plots", str(run_dir / "plots"))]
+    items.append(("run dir", str(run_dir)))
+    model = _newest_model(run_dir)
+    if model is not None:
+        items.append(model)
+    items.append(("metrics", str(run_dir / "metrics.jsonl")))
+    if plots:
+        items.append(("plots", str(run_dir / "plots")))
 
     width = max(len(k) for k, _ in items)
     lines = ["dpokit run summary"] if rows else ["dpokit run summary (no metrics logged)"]
@@ -311,10 +318,22 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike,
     return "\n".join(lines)
 
 
-def make_report(run_dir: str | os.PathLike) -> str:
-    """Read ``run_dir/metrics.jsonl``, write ``run_dir/plots/*.png``, return the summary."""
+def _newest_model(run_dir: Path) -> tuple[str, str] | None:
+    """("final model", path) once the run has ended, else ("newest checkpoint", path), else None."""
+    if (run_dir / "final").is_dir():
+        return "final model", str(run_dir / "final")
+    from dpokit.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    return ("newest checkpoint", str(checkpoints[-1])) if checkpoints else None
+
+
+def make_report(run_dir: str | os.PathLike, plots: bool = True) -> str:
+    """Read ``run_dir/metrics.jsonl``, write ``run_dir/plots/*.png`` (unless ``plots`` is False),
+    return the summary."""
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     rows = read_metrics(metrics) if metrics.exists() else []
-    write_plots(rows, run_dir / "plots")
-    return summarize(rows, run_dir)
+    if plots:
+        write_plots(rows, run_dir / "plots")
+    return summarize(rows, run_dir, plots=plots)

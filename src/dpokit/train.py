@@ -514,7 +514,7 @@ def train(config: Config) -> Path:
         save_final(out / "final", unwrapped.model, tokenizer, weights)
         from dpokit.report import make_report
 
-        say(make_report(out))
+        say(make_report(out, plots=r.plots))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

@@ -19,7 +19,13 @@ from runs import LORA, accelerate_launch, read_rows, run_args, run_config, train
 
 accelerate = pytest.importorskip("accelerate")
 HAS_FSDP2 = hasattr(accelerate.Accelerator, "is_fsdp2")
-needs_fsdp2 = pytest.mark.skipif(not HAS_FSDP2, reason="Accelerate before 1.6 has no FSDP2")
+# torch 2.6's FSDP2 records events on its collectives' streams, which only torch 2.7+ CPU streams can
+# (GPU runs are unaffected; Accelerate itself shards on accelerators only, see tests/fsdp_on_cpu.py)
+CPU_STREAMS_RECORD = hasattr(torch.cpu.Stream, "record_event")
+needs_fsdp2 = pytest.mark.skipif(
+    not (HAS_FSDP2 and CPU_STREAMS_RECORD),
+    reason="Accelerate before 1.6 has no FSDP2" if not HAS_FSDP2 else "FSDP2 in CPU processes needs torch 2.7+",
+)
 
 COMPARED = ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 
@@ -136,7 +142,7 @@ def test_sharded_16bit_live_reference(workdir, kind):
 @needs_fsdp2
 @pytest.mark.parametrize("option", ["torch_compile=true", "attn_implementation=dpokit_varlen"])
 def test_sharded_run_matches_one_process_compiled_and_under_varlen(workdir, option):
-    """torch_compile (the sharded decoder compiled in place) and dpokit_varlen (rows regrouped on the
+    """torch_compile (the sharded decoder's layers compiled in place) and dpokit_varlen (rows regrouped on the
     host with each batch; on a CPU its exact per-sequence loop) train under FSDP2 as one process
     trains with neither (float32: the same numbers to 1e-4). Compiled and sharded, the reference pass
     and the first training forward differ in the last bit of a log-prob (a reward of 7.6e-7 seen at

@@ -430,13 +430,24 @@ def launch(name: str, workdir: Path, spec: dict) -> dict | None:
 # ----------------------------------------------------------------------------- report
 
 
-def summarize(r: dict, warmup: int, n_flop: float, peak: float, batch: int) -> dict:
+def summarize(r: dict, warmup: int, n_flop: float, peak: float, batch: int,
+              head_params: float = 0.0, scored: list[int] | None = None) -> dict:
     """Median step time after warm-up, throughput, achieved FLOP/s (6N per trained token, 2N per reference
-    token, attention and recomputation not counted) and the end-to-end train time (precompute + all steps)."""
+    token, attention and recomputation not counted) and the end-to-end train time (precompute + all steps).
+
+    With ``scored`` (each step's reply positions, :func:`scored_positions`) also the FLOP/s counting the
+    output layer's ``head_params`` only at those positions, where both frameworks apply it, instead of at
+    every token as N does."""
     steps = list(range(warmup, len(r["step_seconds"])))
     med = statistics.median(r["step_seconds"][i] for i in steps)
     flops = [6 * n_flop * t + 2 * n_flop * ref for t, ref in zip(r["step_tokens"], r["ref_tokens_per_step"])]
     step_flops = statistics.median(flops[i] / r["step_seconds"][i] for i in steps)
+    at_scored = float("nan")
+    if scored is not None:
+        body = n_flop - head_params
+        needed = [6 * (body * t + head_params * n) + 2 * (body * ref + head_params * n * (ref > 0))
+                  for t, ref, n in zip(r["step_tokens"], r["ref_tokens_per_step"], scored)]
+        at_scored = statistics.median(needed[i] / r["step_seconds"][i] for i in steps) / peak
     precompute_flops = 2 * n_flop * sum(r["step_tokens"]) if r["precompute_seconds"] else 0.0  # one epoch
     train_wall = r["precompute_seconds"] + sum(r["step_seconds"])
     padded = r.get("padded_tokens") or (r["step_tokens"] if r["settings"].get("padding_free") else None)
@@ -445,7 +456,17 @@ def summarize(r: dict, warmup: int, n_flop: float, peak: float, batch: int) -> d
             "tokens_per_s": statistics.median(r["step_tokens"][i] / r["step_seconds"][i] for i in steps),
             "precompute_s": r["precompute_seconds"], "train_wall_s": train_wall, "process_wall_s": r["process_seconds"],
             "peak_memory_mib": r["peak_memory_bytes"] / 2**20, "step_tflops": step_flops / 1e12,
-            "step_fraction_of_matmul": step_flops / peak, "end_to_end_fraction_of_matmul": (sum(flops) + precompute_flops) / train_wall / peak}
+            "step_fraction_of_matmul": step_flops / peak, "end_to_end_fraction_of_matmul": (sum(flops) + precompute_flops) / train_wall / peak,
+            "step_fraction_of_matmul_head_at_replies": at_scored}
+
+
+def scored_positions(lengths: list[tuple[int, int, int]], steps: int, batch: int, trl: bool) -> list[int]:
+    """Each step's positions where the output layer runs: one per reply token on each side (TRL also
+    scores the newline ChatML writes after ``<|im_end|>``), a reply cut at ``MAX_LENGTH`` after its
+    prompt (dpokit may drop old turns instead for the ~1% of pairs over it: approximate there)."""
+    extra = 1 if trl else 0
+    return [sum(min(c + extra, MAX_LENGTH - p) + min(q + extra, MAX_LENGTH - p) for p, c, q in lengths[s * batch:(s + 1) * batch])
+            for s in range(steps)]
 
 
 def check_order(results: dict, lengths: list[tuple[int, int, int]], steps: int, batch: int) -> dict:
@@ -468,6 +489,25 @@ def check_order(results: dict, lengths: list[tuple[int, int, int]], steps: int, 
     return out
 
 
+def recount(path: Path) -> None:
+    """Print a saved result's achieved share of the matmul peak again, with the output layer counted at
+    reply positions only (results written before that row existed). The pairs are generated again from
+    the run's seed, and checked against each step's saved token count."""
+    report = json.loads(path.read_text())
+    a, model = report["args"], report["model"]
+    a.setdefault("pairs_per_step", BATCH)  # results from before --pairs-per-step
+    tokenizer, words = build_tokenizer(min(model["vocab_size"], 32000))
+    with tempfile.TemporaryDirectory() as tmp:
+        lengths = make_data(Path(tmp), tokenizer, words, a["steps"] * a["pairs_per_step"], a["seed"])["used_lengths"]
+    print(f"{path}: the same pairs again ({', '.join(f'{n}: {v}' for n, v in check_order(report['raw'], lengths, a['steps'], a['pairs_per_step']).items())})")
+    head = model["vocab_size"] * model["hidden_size"]
+    for name, r in report["raw"].items():
+        again = summarize(r, a["warmup"], model["N_flop_params"], report["matmul"]["flops_per_s"], a["pairs_per_step"], head,
+                          scored_positions(lengths, a["steps"], a["pairs_per_step"], name == "trl"))
+        print(f"  {column_label(name)}: {again['step_fraction_of_matmul']:.1%} of the matmul peak (N at every token), "
+              f"{again['step_fraction_of_matmul_head_at_replies']:.1%} (output layer at reply positions only)")
+
+
 def table(summaries: dict, has_trl: bool, device: str) -> str:
     """The Markdown comparison table."""
     mem = "peak GPU memory allocated (MiB)" if device.startswith("cuda") else "peak RSS (MiB)"
@@ -477,7 +517,8 @@ def table(summaries: dict, has_trl: bool, device: str) -> str:
             ("reference precompute (s)", "precompute_s", "{:.1f}"), ("total wall: precompute + all steps (s)", "train_wall_s", "{:.1f}"),
             ("process wall incl. loading/saving (s)", "process_wall_s", "{:.1f}"), (mem, "peak_memory_mib", "{:.0f}"),
             ("achieved TFLOP/s (median step)", "step_tflops", "{:.3f}"), ("% of matmul FLOP/s (median step)", "step_fraction_of_matmul", "{:.1%}"),
-            ("% of matmul FLOP/s (end to end)", "end_to_end_fraction_of_matmul", "{:.1%}")]
+            ("% of matmul FLOP/s (end to end)", "end_to_end_fraction_of_matmul", "{:.1%}"),
+            ("% of matmul FLOP/s, output layer at reply positions only (median step)", "step_fraction_of_matmul_head_at_replies", "{:.1%}")]
     names = list(summaries)
     lines = ["| | " + " | ".join(column_label(n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, key, fmt in rows:
@@ -553,11 +594,18 @@ def main() -> int:
                     help="after the timed columns, run dpokit's defaults (or the dpokit column named, e.g. dpokit-compile) "
                          "once more under torch.profiler and write the top operators (device and host time) to "
                          "<output>-profile.txt")
+    ap.add_argument("--recount", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="print saved results' share of the matmul peak with the output layer counted at reply positions "
+                         "only (for results written before that row), and exit")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return child_main(a.child, Path(a.workdir))
+    if a.recount:
+        for path in a.recount:
+            recount(path)
+        return 0
     if a.warmup >= a.steps:
         sys.exit("--warmup must be smaller than --steps")
     if a.profile and a.profile not in DPOKIT_SWITCHES and not a.profile.startswith(ATTN_COLUMN):
@@ -585,7 +633,9 @@ def main() -> int:
         sys.exit("dpokit (defaults) failed: every comparison is against it (log above)")
     names = [n for n in names if n not in failed]
     results = {n: results[n] for n in names}
-    summaries = {n: summarize(results[n], a.warmup, model["N_flop_params"], peak["flops_per_s"], a.pairs_per_step) for n in names}
+    head = model["vocab_size"] * model["hidden_size"]
+    summaries = {n: summarize(results[n], a.warmup, model["N_flop_params"], peak["flops_per_s"], a.pairs_per_step, head,
+                              scored_positions(data["used_lengths"], a.steps, a.pairs_per_step, n == "trl")) for n in names}
     order = check_order(results, data["used_lengths"], a.steps, a.pairs_per_step)
 
     g, u = data["generated"], data["used"]
@@ -599,7 +649,8 @@ def main() -> int:
     print(table(summaries, "trl" in names, a.device))
     print(f"\nFLOP/s convention: 6N per token the policy processed (non-padding) + 2N per token the reference scored, "
           f"N = {model['N_flop_params'] / 1e6:.1f}M (non-embedding parameters + output layer); attention and recomputation "
-          f"not counted. Reference: {peak['size']}x{peak['size']} {peak['dtype']} matmul = {peak['flops_per_s'] / 1e12:.3f} TFLOP/s.")
+          f"not counted. Both frameworks apply the output layer ({head / 1e6:.1f}M) only where a reply token is predicted; the "
+          f"last row counts it there only. Reference: {peak['size']}x{peak['size']} {peak['dtype']} matmul = {peak['flops_per_s'] / 1e12:.3f} TFLOP/s.")
     for n in names:
         print(f"{column_label(n)} settings: " + ", ".join(f"{k}={v}" for k, v in results[n]["settings"].items()))
     print("loss, first steps (same pairs: close; TRL also trains on the newline after <|im_end|>): "

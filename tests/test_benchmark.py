@@ -36,6 +36,15 @@ def test_benchmark_script_runs_dpokit_and_reports(tmp_path):
     assert report["data"]["used"]["pairs"] == 3 * 3 and math.isclose(
         report["summary"]["dpokit"]["pairs_per_s"], 3 / report["summary"]["dpokit"]["median_step_s"])
     assert "| median s/step (after warm-up) |" in result.stdout
+    # the output layer counted at reply positions only: fewer FLOPs than 6N at every token
+    summary = report["summary"]["dpokit"]
+    assert 0 < summary["step_fraction_of_matmul_head_at_replies"] < summary["step_fraction_of_matmul"]
+    assert "| % of matmul FLOP/s, output layer at reply positions only (median step) |" in result.stdout
+    recounted = subprocess.run([sys.executable, str(SCRIPT), "--recount", str(out)], capture_output=True, text=True, timeout=120)
+    assert recounted.returncode == 0, recounted.stderr[-2000:]
+    assert "dpokit: 3/3 steps match" in recounted.stdout  # the same pairs, generated again from the saved seed
+    assert (f"dpokit (defaults): {summary['step_fraction_of_matmul']:.1%} of the matmul peak (N at every token), "
+            f"{summary['step_fraction_of_matmul_head_at_replies']:.1%} (output layer at reply positions only)") in recounted.stdout
     assert "| s/step ÷ dpokit defaults' s/step |" in result.stdout
     full_logits = report["raw"]["dpokit-full-logits"]
     assert full_logits["settings"]["chunked_logps"] is False and full_logits["step_tokens"] == dpokit["step_tokens"]

@@ -272,7 +272,7 @@ def run_dpokit(spec: dict, name: str, workdir: Path) -> dict:
         f"model.name_or_path={spec['model_dir']}", f"dtype={spec['dtype']}", f"data.train={workdir / 'dpokit.jsonl'}",
         f"output_dir={workdir / ('run-' + name)}", f"max_length={MAX_LENGTH}", f"learning_rate={LR}", f"beta={BETA}",
         "loss_type=[sigmoid]", f"max_steps={spec['steps']}", f"per_device_train_batch_size={spec['batch']}",
-        "gradient_accumulation_steps=1", f"max_grad_norm={MAX_GRAD_NORM}", "logging_steps=1", f"seed={spec['seed']}",
+        "gradient_accumulation_steps=1", f"max_grad_norm={MAX_GRAD_NORM}", f"logging_steps={spec['logging_steps']}", f"seed={spec['seed']}",
         "progress_bar=false", "save_steps=null", "report_to=[none]",
         *DPOKIT_SWITCHES.get(column, []),
     ]
@@ -293,13 +293,35 @@ def run_dpokit(spec: dict, name: str, workdir: Path) -> dict:
     rows = [r for r in rows if "seconds" in r]
     t = config.training
     precompute = t.precompute_ref_log_probs
-    return {"step_seconds": [r["seconds"] for r in rows], "step_tokens": [r["tokens"] for r in rows],
-            "ref_tokens_per_step": [r["tokens"] for r in rows] if not precompute else [0] * len(rows),
+    seconds, tokens = per_step(rows)
+    return {"step_seconds": seconds, "step_tokens": tokens, "logging_steps": spec["logging_steps"],
+            "ref_tokens_per_step": tokens if not precompute else [0] * len(tokens),
             "precompute_seconds": float(found.group(1)) if found else 0.0, "loss": [r["loss"] for r in rows],
             "settings": {"padding_free": t.padding_free, "prefix_sharing": t.prefix_sharing,
                          "precompute_ref_log_probs": t.precompute_ref_log_probs, "chunked_logps": t.chunked_logps,
                          "logps_chunk_size": t.logps_chunk_size,
                          "gradient_checkpointing": t.gradient_checkpointing, "attn_implementation": config.model.attn_implementation}}
+
+
+def per_step(rows: list[dict]) -> tuple[list[float], list[float]]:
+    """Each step's seconds and tokens from dpokit's logged rows: a row covers the steps since the previous
+    one (``logging_steps``), each of which gets the row's average."""
+    seconds, tokens, previous = [], [], 0
+    for row in rows:
+        n = row["step"] - previous
+        seconds += [row["seconds"] / n] * n
+        tokens += [row["tokens"] / n if n > 1 else row["tokens"]] * n
+        previous = row["step"]
+    return seconds, tokens
+
+
+def window_averages(values: list[float], every: int) -> list[float]:
+    """``values`` with each run of ``every`` (the last one possibly shorter) replaced by its average."""
+    out = []
+    for start in range(0, len(values), every):
+        window = values[start:start + every]
+        out += [sum(window) / len(window)] * len(window)
+    return out
 
 
 @contextlib.contextmanager
@@ -367,7 +389,7 @@ def run_trl(spec: dict, workdir: Path) -> dict:
     args = DPOConfig(
         output_dir=str(workdir / "run-trl"), max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
         gradient_accumulation_steps=1, learning_rate=LR, beta=BETA, loss_type=["sigmoid"], max_length=MAX_LENGTH,
-        max_grad_norm=MAX_GRAD_NORM, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+        max_grad_norm=MAX_GRAD_NORM, logging_steps=spec["logging_steps"], save_strategy="no", eval_strategy="no", report_to="none",
         seed=spec["seed"], train_sampling_strategy="sequential", bf16=spec["dtype"] == "bfloat16",
         use_cpu=spec["device"] == "cpu", model_init_kwargs=model_kwargs, disable_tqdm=True,
         **({_checkpointing_field(DPOConfig): False} if spec["trl_no_gradient_checkpointing"] else {}),
@@ -382,7 +404,9 @@ def run_trl(spec: dict, workdir: Path) -> dict:
                                               "pad_to_multiple_of", "truncation_mode", "train_sampling_strategy", "disable_dropout")}
     settings.update(optim=args.optim.value, lr_scheduler_type=args.lr_scheduler_type.value, ref_model="separate copy loaded from the same folder",
                     attn_implementation=trainer.model.config._attn_implementation)
-    return {"step_seconds": [b - a for a, b in zip(timer.ends, timer.ends[1:])], "step_inner_seconds": timer.inner,
+    every = spec["logging_steps"]  # steps between syncs: time them as dpokit's logged rows are timed
+    return {"step_seconds": window_averages([b - a for a, b in zip(timer.ends, timer.ends[1:])], every),
+            "step_inner_seconds": window_averages(timer.inner, every), "logging_steps": every,
             "step_tokens": [t for t, _ in trainer.bench_tokens], "padded_tokens": [p for _, p in trainer.bench_tokens],
             "ref_tokens_per_step": [t for t, _ in trainer.bench_tokens], "precompute_seconds": 0.0, "loss": losses,
             "settings": settings}
@@ -471,21 +495,28 @@ def scored_positions(lengths: list[tuple[int, int, int]], steps: int, batch: int
 
 def check_order(results: dict, lengths: list[tuple[int, int, int]], steps: int, batch: int) -> dict:
     """Compare each step's token count with the count its intended pairs give: TRL processes
-    ``min(p+c+1, L) + min(p+r+1, L)`` tokens per pair, dpokit (prefix sharing) ``p + c + r`` for untruncated pairs."""
+    ``min(p+c+1, L) + min(p+r+1, L)`` tokens per pair, dpokit (prefix sharing) ``p + c + r`` for untruncated pairs.
+    dpokit's counts are compared by logged row (``--logging-steps``), each row summing its steps."""
+    def expected(name: str, r: dict, s: int) -> int | None:
+        group = lengths[s * batch:(s + 1) * batch]
+        if name == "trl":  # TRL also trains on the newline ChatML writes after <|im_end|>
+            return sum(min(p + c + 1, MAX_LENGTH) + min(p + q + 1, MAX_LENGTH) for p, c, q in group)
+        if all(p + max(c, q) <= MAX_LENGTH for p, c, q in group):  # dpokit truncated none of them
+            return sum((1 if r["settings"]["prefix_sharing"] else 2) * p + c + q for p, c, q in group)
+        return None
+
     out = {}
     for name, r in results.items():
+        every = 1 if name == "trl" else r.get("logging_steps", 1)  # dpokit's counts come by logged row
         matched = checked = 0
-        for s in range(steps):
-            group = lengths[s * batch:(s + 1) * batch]
-            if name == "trl":  # TRL also trains on the newline ChatML writes after <|im_end|>
-                expect = sum(min(p + c + 1, MAX_LENGTH) + min(p + q + 1, MAX_LENGTH) for p, c, q in group)
-            elif all(p + max(c, q) <= MAX_LENGTH for p, c, q in group):  # dpokit truncated none of them
-                expect = sum((1 if r["settings"]["prefix_sharing"] else 2) * p + c + q for p, c, q in group)
-            else:
+        for start in range(0, steps, every):
+            window = range(start, min(start + every, steps))
+            expect = [expected(name, r, s) for s in window]
+            if None in expect:
                 continue
             checked += 1
-            matched += r["step_tokens"][s] == expect
-        out[name] = f"{matched}/{checked} steps match"
+            matched += round(sum(r["step_tokens"][s] for s in window)) == sum(expect)
+        out[name] = f"{matched}/{checked} {'steps' if every == 1 else 'logged rows'} match"
     return out
 
 
@@ -569,6 +600,10 @@ def main() -> int:
     ap.add_argument("--pairs-per-step", type=int, default=BATCH,
                     help=f"pairs per optimizer step, one micro-batch (default {BATCH}; a GPU needs more to be busy)")
     ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the median")
+    ap.add_argument("--logging-steps", type=int, default=1,
+                    help="both frameworks log (and so copy their metrics to the host) every this many steps; a step's "
+                         "time is then its logged row's average (default 1: per-step times; on a GPU each log is a "
+                         "synchronisation, so 10, both frameworks' default, times them as they train)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--model-size", default="cpu-bench", choices=list(MODEL_SIZES))
@@ -608,6 +643,9 @@ def main() -> int:
         return 0
     if a.warmup >= a.steps:
         sys.exit("--warmup must be smaller than --steps")
+    if a.logging_steps < 1 or a.warmup % a.logging_steps:
+        sys.exit(f"--warmup ({a.warmup}) must be a multiple of --logging-steps ({a.logging_steps}): "
+                 "a logged row's steps are timed together")
     if a.profile and a.profile not in DPOKIT_SWITCHES and not a.profile.startswith(ATTN_COLUMN):
         sys.exit(f"--profile takes a dpokit column ({', '.join(DPOKIT_SWITCHES)}, or {ATTN_COLUMN}ATTN), not {a.profile}")
 
@@ -621,6 +659,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")  # as both frameworks will load it
     data = make_data(workdir, tokenizer, words, a.steps * a.pairs_per_step, a.seed)
     spec = {"model_dir": str(workdir / "model"), "dtype": a.dtype, "device": a.device, "attn": a.attn, "dpokit_attn": a.dpokit_attn, "steps": a.steps, "batch": a.pairs_per_step, "warmup": a.warmup,
+            "logging_steps": a.logging_steps,
             "seed": a.seed, "threads": a.threads, "trl_no_gradient_checkpointing": a.trl_no_gradient_checkpointing,
             "profile_column": a.profile or "dpokit"}
     (workdir / "spec.json").write_text(json.dumps(spec))
@@ -645,7 +684,9 @@ def main() -> int:
     print(f"used {u['pairs']} pairs (first with prompt < {MAX_LENGTH}; {data['dropped_prompt_over_max_length']} skipped, as TRL drops them): "
           f"prompt p50/p90 {u['prompt']['p50']}/{u['prompt']['p90']}, reply mean {u['reply']['mean']}, prompt+longest reply p90 {u['prompt_plus_longest_reply']['p90']}")
     print(f"{a.steps} steps x {a.pairs_per_step} pairs, max_length {MAX_LENGTH}, lr {LR}, beta {BETA}, sigmoid, max_grad_norm {MAX_GRAD_NORM}, "
-          f"median over steps {a.warmup + 1}..{a.steps}; same pairs in the same order ({', '.join(f'{n}: {v}' for n, v in order.items())})\n")
+          f"median over steps {a.warmup + 1}..{a.steps}"
+          + (f" (each step its logged row's average, logging every {a.logging_steps})" if a.logging_steps > 1 else "")
+          + f"; same pairs in the same order ({', '.join(f'{n}: {v}' for n, v in order.items())})\n")
     print(table(summaries, "trl" in names, a.device))
     print(f"\nFLOP/s convention: 6N per token the policy processed (non-padding) + 2N per token the reference scored, "
           f"N = {model['N_flop_params'] / 1e6:.1f}M (non-embedding parameters + output layer); attention and recomputation "
@@ -653,7 +694,7 @@ def main() -> int:
           f"last row counts it there only. Reference: {peak['size']}x{peak['size']} {peak['dtype']} matmul = {peak['flops_per_s'] / 1e12:.3f} TFLOP/s.")
     for n in names:
         print(f"{column_label(n)} settings: " + ", ".join(f"{k}={v}" for k, v in results[n]["settings"].items()))
-    print("loss, first steps (same pairs: close; TRL also trains on the newline after <|im_end|>): "
+    print(f"loss, first {'steps' if a.logging_steps == 1 else 'logged rows'} (same pairs: close; TRL also trains on the newline after <|im_end|>): "
           + "; ".join(f"{n} " + " ".join(f"{x:.6f}" for x in results[n]["loss"][:4]) for n in names))
     info = machine_info(a.device)
     print(f"machine: {info['cpu']}, {info['usable_cores']} usable cores, torch threads {results[names[0]]['threads']}, "

@@ -28,6 +28,9 @@ def compare(result: dict) -> list[dict]:
 
     if not result["machine"].get("gpu"):
         raise SystemExit("only GPU results: a CPU peak RSS also counts the interpreter and libraries")
+    if result["args"].get("logging_steps", 1) > 1:
+        raise SystemExit("only results with per-step token counts (dpo_vs_trl.py --logging-steps 1): "
+                         "a logged row gives its steps' average, not the largest step")
     args = result["args"]
     shape = count_model(Qwen2Config(**MODEL_SIZES[args["model_size"]], tie_word_embeddings=True))
     rows = []

@@ -60,6 +60,34 @@ def test_benchmark_script_runs_dpokit_and_reports(tmp_path):
     assert "| dpokit, dpokit_varlen |" in result.stdout
 
 
+def test_benchmark_times_logged_rows_with_logging_steps(tmp_path):
+    """--logging-steps 2: dpokit logs (a host copy, on a GPU a synchronisation) every 2 steps, each step is
+    timed as its logged row's average, the pairs are checked row by row; the warm-up must end on a row."""
+    out = tmp_path / "result.json"
+    command = [sys.executable, str(SCRIPT), "--model-size", "tiny-test", "--steps", "4", "--warmup", "2", "--pairs-per-step", "3",
+               "--logging-steps", "2", "--skip-trl", "--skip-live", "--threads", "2", "--output", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    dpokit = report["raw"]["dpokit"]
+    assert dpokit["logging_steps"] == 2 and len(dpokit["loss"]) == 2  # one loss per logged row
+    seconds, tokens = dpokit["step_seconds"], dpokit["step_tokens"]
+    assert len(seconds) == 4 and seconds[0] == seconds[1] and seconds[2] == seconds[3]
+    assert tokens[0] == tokens[1] and tokens[2] == tokens[3]
+    assert report["order_check"]["dpokit"] == "2/2 logged rows match"
+    assert math.isclose(report["summary"]["dpokit"]["median_step_s"], seconds[2])  # steps 3..4: the second row
+    assert "logging every 2" in result.stdout
+
+    misaligned = subprocess.run([*command[:-2], "--warmup", "1"], capture_output=True, text=True, timeout=60)
+    assert misaligned.returncode != 0 and "must be a multiple of --logging-steps" in misaligned.stderr
+    sys.path.insert(0, str(SCRIPT.parent))
+    import plan_vs_measured
+
+    report["machine"]["gpu"] = "a GPU"  # the plan check needs each step's own token count, which rows average
+    with pytest.raises(SystemExit, match="per-step token counts"):
+        plan_vs_measured.compare(report)
+
+
 def test_plan_stays_within_the_gpu_peaks_measured():
     """dpokit plan at each H100 benchmark column's largest step (its real token count) against the
     peak torch's allocator measured there (benchmarks/results): within 0.8x-1.3x."""

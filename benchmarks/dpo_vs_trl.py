@@ -21,6 +21,10 @@ memory like for like; ``--ablation dpokit-compile`` dpokit with ``torch_compile:
 ``--pairs-per-step N`` (default 4) sets the micro-batch: a GPU needs more to be busy. ``--profile``
 runs dpokit's defaults once more under torch.profiler (not timed) and writes its top operators;
 ``--profile dpokit-compile`` (any dpokit column) profiles that column's settings instead.
+``--logging-steps 10`` has both frameworks log (a host copy of their metrics, on a GPU a
+synchronisation) every 10 steps, their default, and times each step as its logged row's average.
+``--recount FILE.json`` prints a saved result's share of the matmul peak with the output layer
+counted only where both frameworks apply it (reply positions).
 Needs ``pip install -e ".[bench]"`` (TRL).
 """
 

@@ -20,7 +20,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 _init = accelerate.Accelerator.__init__
 
 
-def _broadcasts_through_cuda() -> bool:
+def broadcasts_through_cuda() -> bool:
     """Whether this Accelerate's ``cpu_ram_efficient_loading`` (rank 0's weights broadcast into the
     shards) moves the weights through CUDA tensors, with no CPU path (Accelerate 1.6 does)."""
     import inspect
@@ -34,15 +34,33 @@ def _init_sharded_on_cpu(self, *args, **kwargs):
     _init(self, *args, **kwargs)
     if self.state.distributed_type == DistributedType.MULTI_CPU:
         plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* settings
-        if _broadcasts_through_cuda():  # every process loads the whole model anyway (dpokit.sharding.setup)
+        if broadcasts_through_cuda():  # every process loads the whole model anyway (dpokit.sharding.setup)
             plugin.cpu_ram_efficient_loading = False
         self.state.fsdp_plugin = plugin
         self.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP  # both shared states
 
 
-accelerate.Accelerator.__init__ = _init_sharded_on_cpu
+
+
+def _reporting_weight_reads():
+    """Say on stdout which process reads a model's weights (``fsdp_on_cpu: process R read the model
+    weights``), so tests see whether the processes other than the main one read none."""
+    import os
+
+    from dpokit import modeling
+
+    read = modeling._from_pretrained
+
+    def reporting(loader, path, what, **kwargs):
+        if what == "model":
+            print(f"fsdp_on_cpu: process {os.environ.get('RANK', '0')} read the model weights", flush=True)
+        return read(loader, path, what, **kwargs)
+
+    modeling._from_pretrained = reporting
 
 if __name__ == "__main__":
     from dpokit.cli import main
 
+    accelerate.Accelerator.__init__ = _init_sharded_on_cpu
+    _reporting_weight_reads()
     sys.exit(main(sys.argv[1:]))

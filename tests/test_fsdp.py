@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from dpokit.config import ConfigError
 from dpokit.sharding import check_sharding, named_state, positional_state
 from dpokit.train import starting_reference, train
+from fsdp_on_cpu import broadcasts_through_cuda
 from runs import LORA, accelerate_launch, read_rows, run_args, run_config, train_rows
 
 accelerate = pytest.importorskip("accelerate")
@@ -26,6 +27,10 @@ needs_fsdp2 = pytest.mark.skipif(
     not (HAS_FSDP2 and CPU_STREAMS_RECORD),
     reason="Accelerate before 1.6 has no FSDP2" if not HAS_FSDP2 else "FSDP2 in CPU processes needs torch 2.7+",
 )
+
+BROADCASTS_THROUGH_CUDA = HAS_FSDP2 and broadcasts_through_cuda()
+"""Accelerate 1.6 broadcasts the main process's weights into the shards through CUDA only: on a CPU
+every process reads them (tests/fsdp_on_cpu.py)."""
 
 COMPARED = ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 
@@ -72,8 +77,10 @@ def test_sharded_run_matches_one_process_and_resumes(workdir, uneven_eval):
     final folder hold the whole model, and a sharded checkpoint resumes sharded and unsharded."""
     common = (uneven_eval, "per_device_eval_batch_size=2", "eval_steps=2", "save_steps=2")
     one = train(run_config(workdir, "fsdp-one", *common))
-    output = launch_fsdp(workdir, "fsdp-two", *common)
+    output = launch_fsdp(workdir, "fsdp-two", *common,  # every process reads the weights (Accelerate's default: the main one)
+                         launch=("--use_fsdp", "--fsdp_version=2", "--fsdp_cpu_ram_efficient_loading=false"))
     assert "sharding: FSDP2 over 2 processes: 3 units (2 Qwen2DecoderLayer, root)" in output
+    assert "process 0 read the model weights" in output and "process 1 read the model weights" in output  # each its own
     two = workdir / "fsdp-two"
     assert_same_rows(read_rows(one), read_rows(two), COMPARED + ("eval/loss", "eval/rewards/margins", "eval/logps/chosen"))
     assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
@@ -101,6 +108,9 @@ def test_unsharded_checkpoint_resumes_sharded(workdir):
                          "per_device_train_batch_size=1", "gradient_accumulation_steps=2",
                          launch=("--config_file", str(EXAMPLE_CONFIG), "--fsdp_activation_checkpointing=true"))
     assert "sharding: FSDP2 over 2 processes" in output and "; activation checkpointing: 2 Qwen2DecoderLayer" in output
+    if not BROADCASTS_THROUGH_CUDA:  # the example's cpu_ram_efficient_loading: only the main process reads the weights
+        assert "weights read by the main process only, broadcast into the shards" in output
+        assert "process 0 read the model weights" in output and "process 1 read" not in output
     uninterrupted = train(run_config(workdir, "fsdp-from-one-ref"))
     assert_same_rows(train_rows(uninterrupted), train_rows(one))
     assert_same_weights(uninterrupted / "final" / "model.safetensors", one / "final" / "model.safetensors")
@@ -112,17 +122,21 @@ def test_sharded_16bit_live_reference(workdir, kind):
     """16-bit FSDP2 (its mixed-precision policy: weights gathered in 16 bits, gradients reduced in
     float32) with a live reference, with gradient checkpointing. LoRA's reference is the sharded
     policy with its adapters off (float16 with loss scaling; the final folder is the adapter); full
-    training's is a frozen copy, sharded alike (bfloat16). The reference scores as the policy does
+    training's is a frozen copy, sharded alike (bfloat16); only the main process reads the weights
+    (Accelerate's cpu_ram_efficient_loading), the frozen copy's included. The reference scores as the policy does
     (rewards exactly 0 before the first update); the run follows one process's autocast run as
     closely as 16-bit rounding allows."""
     lora = kind.startswith("lora")
     options = (*(LORA if lora else ()), "precompute_ref_log_probs=false", "gradient_checkpointing=true",
                *(("fp16=true",) if lora else ("bf16=true",)))
     one = train(run_config(workdir, f"fsdp-live-{kind}-one", *options))
-    output = launch_fsdp(workdir, f"fsdp-live-{kind}-two", *options)
+    output = launch_fsdp(workdir, f"fsdp-live-{kind}-two", *options,
+                         launch=("--use_fsdp", "--fsdp_version=2", "--fsdp_cpu_ram_efficient_loading=true"))
     two = workdir / f"fsdp-live-{kind}-two"
     if not lora:
         assert "reference sharding: FSDP2 over 2 processes: 3 units (2 Qwen2DecoderLayer, root)" in output
+    # only the main process reads the weights, of the frozen copy too, whose shards it broadcasts as the policy's
+    assert ("process 1 read" not in output) == (not BROADCASTS_THROUGH_CUDA)
     a, b = train_rows(one), train_rows(two)
     assert b[0]["rewards/chosen"] == 0 and b[0]["rewards/rejected"] == 0 and b[0]["loss"] == pytest.approx(0.693147, abs=1e-6)
     for ra, rb in zip(a, b, strict=True):
@@ -155,6 +169,44 @@ def test_sharded_run_matches_one_process_compiled_and_under_varlen(workdir, opti
     compiled = name == "torch_compile"
     assert_same_rows(read_rows(one), read_rows(two), tuple(k for k in COMPARED if not (compiled and k == "rewards/accuracies")))
     assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
+
+
+def test_a_model_built_empty_holds_no_weights_in_memory(workdir, tmp_path):
+    """What the processes other than the main one build when the main process's weights are broadcast
+    into the shards (dpokit.modeling.empty_causal_lm): the architecture from config.json, its
+    parameters uninitialised host memory that is never written, so the process does not grow by the
+    model (a 127M-parameter model, 485 MiB in float32, here); tied weights one parameter; the
+    buffers no state dict carries (rotary frequencies) as loading computes them, float32 beside
+    16-bit parameters."""
+    import os
+
+    from transformers import Qwen2Config
+
+    from dpokit.modeling import empty_causal_lm, load_causal_lm
+
+    def resident_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    big = tmp_path / "big"
+    Qwen2Config(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                num_key_value_heads=4, tie_word_embeddings=True).save_pretrained(big)
+    before = resident_mib()
+    model = empty_causal_lm(str(big), revision=None, dtype=torch.float32, trust_remote_code=False)
+    grown = resident_mib() - before
+    assert sum(p.numel() for p in model.parameters()) > 120e6 and not any(p.is_meta for p in model.parameters())
+    assert grown < 100, f"building it empty grew the process by {grown:.0f} MiB"
+    model.get_input_embeddings().weight.data.fill_(1.0)  # 125 MiB written: now resident (the measure sees it)
+    assert resident_mib() - before > grown + 100
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+    config = run_config(workdir, "empty", "dtype=bfloat16").model
+    loaded, empty = load_causal_lm(config), load_causal_lm(config, empty=True)
+    assert [(n, p.shape, p.dtype) for n, p in empty.named_parameters()] == [(n, p.shape, p.dtype) for n, p in loaded.named_parameters()]
+    assert empty.get_output_embeddings().weight is empty.get_input_embeddings().weight
+    buffers = dict(loaded.named_buffers())
+    for name, buffer in empty.named_buffers():
+        assert buffer.dtype == buffers[name].dtype and torch.equal(buffer, buffers[name]), name
 
 
 def test_optimizer_state_by_name_and_by_position_round_trip():

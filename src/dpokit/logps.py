@@ -226,6 +226,21 @@ def _rows_kept_apart(model: nn.Module, restart_positions: bool, own_mask: bool) 
     return bool((apart - alone).abs().max() < (apart - mixed).abs().max())
 
 
+PROBES = ("_dpokit_head_plan", "_dpokit_rows_checked")
+"""Where :func:`head_plan` and :func:`check_rows_kept_apart` keep what their forwards found, on the model."""
+
+
+def probe_findings(model: nn.Module) -> dict:
+    """What the one-time probes of ``model`` found (:data:`PROBES`), for a process that cannot run them."""
+    return {key: model.__dict__[key] for key in PROBES if key in model.__dict__}
+
+
+def adopt_findings(model: nn.Module, findings: dict) -> None:
+    """Take another process's :func:`probe_findings` for ``model`` (the same architecture): its probes
+    then run no forwards here (a process whose weights are not loaded yet)."""
+    model.__dict__.update(findings)
+
+
 def check_rows_kept_apart(model: nn.Module, layout: str) -> bool:
     """Make sure the sequences of a row in ``layout`` cannot see each other; returns whether
     dpokit must give the packed rows its own mask for that.

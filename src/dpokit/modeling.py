@@ -98,9 +98,10 @@ def sdpa_without_cudnn():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, revision: str | None = None) -> nn.Module:
+def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, revision: str | None = None,
+                   empty: bool = False) -> nn.Module:
     """The causal LM at ``name_or_path`` (default: the policy's) with the configured dtype/attention
-    (and 4-bit quantization for QLoRA)."""
+    (and 4-bit quantization for QLoRA). ``empty``: its architecture only (:func:`empty_causal_lm`)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path or config.name_or_path)
@@ -109,6 +110,8 @@ def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, revisio
         dtype=DTYPES[config.dtype],
         trust_remote_code=config.trust_remote_code,
     )
+    if empty:
+        return empty_causal_lm(path, **kwargs, **attention_kwargs(config))
     kwargs.update(attention_kwargs(config))
     if config.load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -122,6 +125,30 @@ def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, revisio
             bnb_4bit_compute_dtype=compute,
         )
     model = _from_pretrained(AutoModelForCausalLM, path, "model", **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def empty_causal_lm(path: str, revision: str | None, dtype: torch.dtype, trust_remote_code: bool, **kwargs) -> nn.Module:
+    """The causal LM at ``path`` built from its config.json alone: the parameters uninitialised host
+    memory, never written (so not resident: the process's memory does not grow by the model), the
+    buffers computed as loading computes them (rotary frequencies, which no state dict carries). For
+    the processes of a sharded run whose weights the main process broadcasts into their shards
+    (:func:`dpokit.sharding.weights_on_main_only`). Tied weights stay one parameter."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = _from_pretrained(AutoConfig, path, "model config", revision=revision, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device, buffers computed
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    model.tie_weights()  # as loading does (building from a config alone may leave the output layer its own)
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                if id(param) not in made:
+                    made[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu"), requires_grad=param.requires_grad)
+                module._parameters[name] = made[id(param)]
     model.config.use_cache = False
     return model
 
@@ -156,30 +183,32 @@ def apply_lora(model: nn.Module, config: ModelConfig, adapter: str | None = None
         raise ConfigError(f"LoRA target modules {targets}: {str(e).strip().splitlines()[0]}") from None
 
 
-def load_policy(config: ModelConfig, checkpoint: str | None = None) -> nn.Module:
-    """The model to train: the base, a checkpoint of it, or the base with (checkpointed) LoRA adapters."""
+def load_policy(config: ModelConfig, checkpoint: str | None = None, empty: bool = False) -> nn.Module:
+    """The model to train: the base, a checkpoint of it, or the base with (checkpointed) LoRA adapters.
+    ``empty``: the base's architecture only (:func:`empty_causal_lm`); adapters are still read."""
     if not uses_peft(config):
-        model = load_causal_lm(config, checkpoint)
+        model = load_causal_lm(config, checkpoint, empty=empty)
         disable_dropout(model)
         return model
-    model = load_causal_lm(config)
+    model = load_causal_lm(config, empty=empty)
     disable_dropout(model)
     return apply_lora(model, config, adapter=checkpoint)
 
 
-def load_reference(config: ModelConfig, policy: nn.Module | None = None) -> nn.Module:
+def load_reference(config: ModelConfig, policy: nn.Module | None = None, empty: bool = False) -> nn.Module:
     """A frozen reference: the model at ``ref_model_name_or_path``; else a copy of ``policy`` (the
-    starting policy, still unchanged), or else the starting model loaded again."""
+    starting policy, still unchanged), or else the starting model loaded again. ``empty``: the
+    architecture only (:func:`empty_causal_lm`), never a copy of ``policy``."""
     if config.ref_model_name_or_path:
-        reference = load_causal_lm(config, config.ref_model_name_or_path, config.ref_revision)
+        reference = load_causal_lm(config, config.ref_model_name_or_path, config.ref_revision, empty=empty)
     elif uses_peft(config) and policy is None:  # the base with its starting adapter, if any
-        reference = load_causal_lm(config)
+        reference = load_causal_lm(config, empty=empty)
         if config.adapter_name_or_path:
             reference = apply_lora(reference, config, trainable=False)
-    elif policy is not None:
+    elif policy is not None and not empty:
         reference = copy.deepcopy(policy)
     else:
-        reference = load_causal_lm(config)
+        reference = load_causal_lm(config, empty=empty)
     disable_dropout(reference)
     reference.eval()
     reference.requires_grad_(False)

@@ -44,6 +44,14 @@ def is_sharded(accelerator) -> bool:
 FSDP2_LAUNCH = "accelerate launch --use_fsdp --fsdp_version 2 ..."
 
 
+def weights_on_main_only(accelerator) -> bool:
+    """Whether only the main process reads the weights: sharded and launched with Accelerate's
+    ``cpu_ram_efficient_loading``, under which preparing the model broadcasts the main process's
+    weights into every process's shards. The other processes then build the model empty
+    (:func:`dpokit.modeling.empty_causal_lm`): no whole copy of it in each process's host memory."""
+    return is_sharded(accelerator) and bool(getattr(accelerator.state.fsdp_plugin, "cpu_ram_efficient_loading", False))
+
+
 def check_sharding(accelerator, config) -> None:
     """dpokit shards through FSDP2 only (Accelerate 1.6+). Before any model is loaded, refuse FSDP1,
     DeepSpeed, and what has not been made to work sharded (QLoRA's 4-bit weights, 8-bit AdamW)."""
@@ -78,10 +86,11 @@ def setup(accelerator, config, compute_dtype: torch.dtype | None) -> bool:
 
     - Each decoder layer is a unit unless the launch chose a wrap policy: Accelerate's own default
       wraps nothing, so every forward would gather the whole model at once.
-    - Every process loads the whole model: under Accelerate's ``cpu_ram_efficient_loading``
-      transformers 4.x loads the weights on rank 0 only (the others get empty tensors, filled by a
-      broadcast when sharding), and dpokit checks the model and fingerprints the reference on every
-      process before sharding (sharding still starts from rank 0's weights).
+    - Launched with Accelerate's ``cpu_ram_efficient_loading``, only the main process reads the
+      weights, checks the model and fingerprints the reference; the others build the model empty and
+      take its findings (:func:`weights_on_main_only`). Otherwise every process loads the whole model.
+      dpokit builds the empty models itself, so transformers is told not to (its own way differs
+      between 4.x and 5.x, and 5.x still reads every weight on every process).
     - 16-bit compute (``compute_dtype``: ``bf16``/``fp16``) is FSDP2's mixed-precision policy, not
       autocast: each unit's weights are gathered in 16 bits and its gradients reduced in float32
       onto the float32 shards. Autocast would cast every gathered weight to a 16-bit copy that
@@ -96,7 +105,7 @@ def setup(accelerator, config, compute_dtype: torch.dtype | None) -> bool:
         from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
         plugin.auto_wrap_policy = transformer_auto_wrap_policy
-    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"  # read by transformers when loading
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"  # transformers loads as usual; dpokit builds empty models itself
     if compute_dtype is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -106,15 +115,22 @@ def setup(accelerator, config, compute_dtype: torch.dtype | None) -> bool:
 
 def shard_frozen(scorer: torch.nn.Module, accelerator) -> None:
     """Shard a frozen scorer (a reference model) as the policy is: each layer a unit, the rest the
-    root, the same mixed precision; its weights are gathered for each forward and given back after."""
+    root, the same mixed precision; its weights are gathered for each forward and given back after.
+    Under :func:`weights_on_main_only` the shards are then filled from the main process's weights, as
+    Accelerate fills the policy's (the other processes' own weights were never read)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = accelerator.state.fsdp_plugin.mixed_precision_policy
     options = {"mp_policy": policy if isinstance(policy, MixedPrecisionPolicy) else MixedPrecisionPolicy(),
                "reshard_after_forward": True}
+    full = scorer.state_dict() if weights_on_main_only(accelerator) else None  # whole on the main process
     for layer in decoder_layers(scorer):
         fully_shard(layer, **options)
     fully_shard(scorer, **options)
+    if full is not None:
+        from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
+
+        fsdp2_load_full_state_dict(accelerator, scorer, full)
 
 
 def describe(scorer: torch.nn.Module, accelerator) -> str:
@@ -130,6 +146,8 @@ def describe(scorer: torch.nn.Module, accelerator) -> str:
 
     units = [type(m).__name__.removeprefix("FSDP") for m in scorer.modules() if isinstance(m, FSDPModule)]
     line = f"FSDP2 over {accelerator.num_processes} processes: {len(units)} units ({', '.join(filter(None, [counted(units[1:]), 'root']))})"
+    if weights_on_main_only(accelerator):
+        line += "; weights read by the main process only, broadcast into the shards"
     wrapped = [type(m._checkpoint_wrapped_module).__name__.removeprefix("FSDP") for m in scorer.modules() if isinstance(m, CheckpointWrapper)]
     return line + (f"; activation checkpointing: {counted(wrapped)}" if wrapped else "")
 

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from dpokit import checkpoint as ckpt
 from dpokit.config import CPU_ATTENTION, VARLEN_ATTENTION, Config, ConfigError, TrainingConfig, batch_layout, needs_reference, save_config
 from dpokit.data.batching import Batch, eval_batches, first_epoch_micro_batches, global_batches, local_micro_batches, make_batch
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logps import ReplyLogProbs, check_rows_kept_apart
+from dpokit.logps import ReplyLogProbs, adopt_findings, check_rows_kept_apart, probe_findings
 from dpokit.losses import PairLogps, preference_loss
 from dpokit.metrics import LogWindow, MetricsLog
 from dpokit.reference import (
@@ -60,6 +60,7 @@ from dpokit.sharding import (
     optimizer_state,
     setup as setup_sharding,
     shard_frozen,
+    weights_on_main_only,
 )
 from dpokit.varlen import varlen_rows
 
@@ -130,6 +131,23 @@ def reply_scorer(model: torch.nn.Module, training: TrainingConfig) -> ReplyLogPr
         return ReplyLogProbs(model, training.logps_chunk_size, training.chunked_logps, mask_packed_rows)
 
 
+def checked_scorer(model: torch.nn.Module, config: Config, accelerator) -> ReplyLogProbs:
+    """:func:`reply_scorer` over ``model``, placed for its checks (:func:`placed_for_checks`). Where
+    only the main process holds the weights before sharding (:func:`weights_on_main_only`), the main
+    process runs the checks and the others take what they found."""
+    if not weights_on_main_only(accelerator):
+        return reply_scorer(placed_for_checks(model, config, accelerator), config.training)
+    findings = [None]
+    if accelerator.is_main_process:
+        scorer = reply_scorer(placed_for_checks(model, config, accelerator), config.training)
+        findings = [probe_findings(model)]
+    broadcast_object_list(findings)
+    if accelerator.is_main_process:
+        return scorer
+    adopt_findings(model, findings[0])
+    return reply_scorer(model, config.training)
+
+
 def scoring_batches(num_pairs: int, training: TrainingConfig, accelerator) -> list[list[int]]:
     """This process's batches for scoring ``num_pairs`` pairs outside training (evaluation, and the
     eval pairs' reference table): both take these, so each pair is scored in the same batch."""
@@ -184,23 +202,29 @@ class StartingReference:
     fingerprint: str | None = None
 
 
-def starting_reference(config: Config, policy, resumed: bool, sharded: bool = False) -> StartingReference:
+def starting_reference(config: Config, policy, resumed: bool, sharded: bool = False, accelerator=None) -> StartingReference:
     """Take the reference before ``policy`` is trained, moved or sharded. Without a separate
     reference and without resuming it is the starting policy itself: no copy is made for log-probs
     computed once, and a frozen copy for a live reference (LoRA's live reference is the policy with
     its adapters off: nothing to take). The fingerprint names how 16-bit compute is done (autocast,
-    or FSDP2's mixed-precision policy when ``sharded``): each scores a little differently."""
+    or FSDP2's mixed-precision policy when ``sharded``): each scores a little differently. Where only
+    the main process holds the weights (:func:`weights_on_main_only` of ``accelerator``), the others
+    build the reference empty and take the main process's fingerprint."""
     t = config.training
     if not needs_reference(config) or adapters_off_reference(config):
         return StartingReference()
+    main_only = accelerator is not None and weights_on_main_only(accelerator)
+    empty = main_only and not accelerator.is_main_process
     own_policy = not config.model.ref_model_name_or_path and not resumed
     if not t.precompute_ref_log_probs:
-        return StartingReference(load_reference(config.model, policy if own_policy else None))
-    model = None if own_policy else load_reference(config.model)
+        return StartingReference(load_reference(config.model, policy if own_policy else None, empty=empty))
+    model = None if own_policy else load_reference(config.model, empty=empty)
     precision = autocast_dtype(t)
     how = "fsdp2" if sharded else "autocast"
-    fingerprint = fingerprint_model(model or policy) + (f":{str(precision).replace('torch.', '')}-{how}" if precision else "")
-    return StartingReference(model, fingerprint)
+    fingerprint = [None if empty else fingerprint_model(model or policy)]
+    if main_only:
+        broadcast_object_list(fingerprint)
+    return StartingReference(model, fingerprint[0] + (f":{str(precision).replace('torch.', '')}-{how}" if precision else ""))
 
 
 def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingReference, data, accelerator, pad_id: int,
@@ -260,7 +284,7 @@ def computes_in_16_bits(model: torch.nn.Module, training: TrainingConfig) -> boo
 def place_frozen(model: torch.nn.Module, config: Config, accelerator) -> ReplyLogProbs:
     """A frozen reference model as a scorer on this process's device, checked before (see
     :func:`placed_for_checks`), and sharded like the policy under FSDP2."""
-    scorer = reply_scorer(placed_for_checks(model, config, accelerator), config.training)
+    scorer = checked_scorer(model, config, accelerator)
     if is_sharded(accelerator):
         shard_frozen(scorer, accelerator)  # each process's share onto its device
     return scorer
@@ -396,12 +420,13 @@ def train(config: Config) -> Path:
 
     resume_from = ckpt.find_checkpoint(r.resume_from_checkpoint, out) if r.resume_from_checkpoint else None
     # a resumed policy continues from its checkpoint; the reference stays the starting model
-    policy = load_policy(config.model, str(resume_from) if resume_from else None)
+    empty = weights_on_main_only(accelerator) and not accelerator.is_main_process  # its shards come from the main process
+    policy = load_policy(config.model, str(resume_from) if resume_from else None, empty=empty)
     total_params, trainable = count_parameters(policy)
     warn_low_precision_weights(policy, config, say)
     say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%); "
         f"reference: {_describe_reference(config, sharded)}")
-    start = starting_reference(config, policy, resume_from is not None, sharded)
+    start = starting_reference(config, policy, resume_from is not None, sharded, accelerator)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     policy.train()
@@ -411,7 +436,7 @@ def train(config: Config) -> Path:
     per_epoch, total_steps = plan_steps(len(data.train), global_batch, config)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
 
-    scorer = reply_scorer(placed_for_checks(policy, config, accelerator), t)  # checks the model with eager forwards
+    scorer = checked_scorer(policy, config, accelerator)  # checks the model with eager forwards
     if t.torch_compile:
         compile_layers(policy)
     optimizer = _optimizer(scorer, config, accelerator.device)

@@ -458,24 +458,19 @@ def launch(name: str, workdir: Path, spec: dict) -> dict | None:
 # ----------------------------------------------------------------------------- report
 
 
-def summarize(r: dict, warmup: int, n_flop: float, peak: float, batch: int,
-              head_params: float = 0.0, scored: list[int] | None = None) -> dict:
+def summarize(r: dict, warmup: int, n_flop: float, peak: float, batch: int, head_params: float, scored: list[int]) -> dict:
     """Median step time after warm-up, throughput, achieved FLOP/s (6N per trained token, 2N per reference
-    token, attention and recomputation not counted) and the end-to-end train time (precompute + all steps).
-
-    With ``scored`` (each step's reply positions, :func:`scored_positions`) also the FLOP/s counting the
-    output layer's ``head_params`` only at those positions, where both frameworks apply it, instead of at
-    every token as N does."""
+    token, attention and recomputation not counted) and the end-to-end train time (precompute + all steps);
+    also the FLOP/s counting the output layer's ``head_params`` only at ``scored`` (each step's reply
+    positions, :func:`scored_positions`), where both frameworks apply it, instead of at every token as N does."""
     steps = list(range(warmup, len(r["step_seconds"])))
     med = statistics.median(r["step_seconds"][i] for i in steps)
     flops = [6 * n_flop * t + 2 * n_flop * ref for t, ref in zip(r["step_tokens"], r["ref_tokens_per_step"])]
     step_flops = statistics.median(flops[i] / r["step_seconds"][i] for i in steps)
-    at_scored = float("nan")
-    if scored is not None:
-        body = n_flop - head_params
-        needed = [6 * (body * t + head_params * n) + 2 * (body * ref + head_params * n * (ref > 0))
-                  for t, ref, n in zip(r["step_tokens"], r["ref_tokens_per_step"], scored)]
-        at_scored = statistics.median(needed[i] / r["step_seconds"][i] for i in steps) / peak
+    body = n_flop - head_params
+    needed = [6 * (body * t + head_params * n) + 2 * (body * ref + head_params * n * (ref > 0))
+              for t, ref, n in zip(r["step_tokens"], r["ref_tokens_per_step"], scored)]
+    at_scored = statistics.median(needed[i] / r["step_seconds"][i] for i in steps) / peak
     precompute_flops = 2 * n_flop * sum(r["step_tokens"]) if r["precompute_seconds"] else 0.0  # one epoch
     train_wall = r["precompute_seconds"] + sum(r["step_seconds"])
     padded = r.get("padded_tokens") or (r["step_tokens"] if r["settings"].get("padding_free") else None)
@@ -486,6 +481,14 @@ def summarize(r: dict, warmup: int, n_flop: float, peak: float, batch: int,
             "peak_memory_mib": r["peak_memory_bytes"] / 2**20, "step_tflops": step_flops / 1e12,
             "step_fraction_of_matmul": step_flops / peak, "end_to_end_fraction_of_matmul": (sum(flops) + precompute_flops) / train_wall / peak,
             "step_fraction_of_matmul_head_at_replies": at_scored}
+
+
+def summarize_columns(results: dict, model: dict, lengths: list[tuple[int, int, int]], steps: int, warmup: int,
+                      batch: int, peak: float) -> dict:
+    """:func:`summarize` of each column of ``results``, its output layer counted at its reply positions."""
+    head = model["vocab_size"] * model["hidden_size"]
+    return {name: summarize(r, warmup, model["N_flop_params"], peak, batch, head, scored_positions(lengths, steps, batch, name == "trl"))
+            for name, r in results.items()}
 
 
 def scored_positions(lengths: list[tuple[int, int, int]], steps: int, batch: int, trl: bool) -> list[int]:
@@ -535,10 +538,9 @@ def recount(path: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         lengths = make_data(Path(tmp), tokenizer, words, a["steps"] * a["pairs_per_step"], a["seed"])["used_lengths"]
     print(f"{path}: the same pairs again ({', '.join(f'{n}: {v}' for n, v in check_order(report['raw'], lengths, a['steps'], a['pairs_per_step']).items())})")
-    head = model["vocab_size"] * model["hidden_size"]
-    for name, r in report["raw"].items():
-        again = summarize(r, a["warmup"], model["N_flop_params"], report["matmul"]["flops_per_s"], a["pairs_per_step"], head,
-                          scored_positions(lengths, a["steps"], a["pairs_per_step"], name == "trl"))
+    summaries = summarize_columns(report["raw"], model, lengths, a["steps"], a["warmup"], a["pairs_per_step"],
+                                  report["matmul"]["flops_per_s"])
+    for name, again in summaries.items():
         print(f"  {column_label(name)}: {again['step_fraction_of_matmul']:.1%} of the matmul peak (N at every token), "
               f"{again['step_fraction_of_matmul_head_at_replies']:.1%} (output layer at reply positions only)")
 
@@ -676,9 +678,7 @@ def main() -> int:
         sys.exit("dpokit (defaults) failed: every comparison is against it (log above)")
     names = [n for n in names if n not in failed]
     results = {n: results[n] for n in names}
-    head = model["vocab_size"] * model["hidden_size"]
-    summaries = {n: summarize(results[n], a.warmup, model["N_flop_params"], peak["flops_per_s"], a.pairs_per_step, head,
-                              scored_positions(data["used_lengths"], a.steps, a.pairs_per_step, n == "trl")) for n in names}
+    summaries = summarize_columns(results, model, data["used_lengths"], a.steps, a.warmup, a.pairs_per_step, peak["flops_per_s"])
     order = check_order(results, data["used_lengths"], a.steps, a.pairs_per_step)
 
     g, u = data["generated"], data["used"]
@@ -694,7 +694,7 @@ def main() -> int:
     print(table(summaries, "trl" in names, a.device))
     print(f"\nFLOP/s convention: 6N per token the policy processed (non-padding) + 2N per token the reference scored, "
           f"N = {model['N_flop_params'] / 1e6:.1f}M (non-embedding parameters + output layer); attention and recomputation "
-          f"not counted. Both frameworks apply the output layer ({head / 1e6:.1f}M) only where a reply token is predicted; the "
+          f"not counted. Both frameworks apply the output layer ({model['vocab_size'] * model['hidden_size'] / 1e6:.1f}M) only where a reply token is predicted; the "
           f"last row counts it there only. Reference: {peak['size']}x{peak['size']} {peak['dtype']} matmul = {peak['flops_per_s'] / 1e12:.3f} TFLOP/s.")
     for n in names:
         print(f"{column_label(n)} settings: " + ", ".join(f"{k}={v}" for k, v in results[n]["settings"].items()))

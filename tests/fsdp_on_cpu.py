@@ -34,12 +34,10 @@ def _init_sharded_on_cpu(self, *args, **kwargs):
     _init(self, *args, **kwargs)
     if self.state.distributed_type == DistributedType.MULTI_CPU:
         plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* settings
-        if broadcasts_through_cuda():  # every process loads the whole model anyway (dpokit.sharding.setup)
+        if broadcasts_through_cuda():  # then every process reads the weights (dpokit.sharding.weights_on_main_only)
             plugin.cpu_ram_efficient_loading = False
         self.state.fsdp_plugin = plugin
         self.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP  # both shared states
-
-
 
 
 def _reporting_weight_reads():
@@ -57,6 +55,7 @@ def _reporting_weight_reads():
         return read(loader, path, what, **kwargs)
 
     modeling._from_pretrained = reporting
+
 
 if __name__ == "__main__":
     from dpokit.cli import main

@@ -110,9 +110,9 @@ def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, revisio
         dtype=DTYPES[config.dtype],
         trust_remote_code=config.trust_remote_code,
     )
-    if empty:
-        return empty_causal_lm(path, **kwargs, **attention_kwargs(config))
     kwargs.update(attention_kwargs(config))
+    if empty:
+        return empty_causal_lm(path, **kwargs)
     if config.load_in_4bit:
         from transformers import BitsAndBytesConfig
 

@@ -17,7 +17,9 @@ other speed switches off (``prefix_sharing``, ``padding_free``, both, ``chunked_
 compared with dpokit's defaults; ``--ablation dpokit-full-logits`` (for one) adds only that column.
 ``--also-attn ATTN...`` adds dpokit's defaults under each named attention (GPU attentions side by side);
 ``--ablation dpokit-checkpointing`` adds dpokit with gradient checkpointing on (TRL's default), for
-memory like for like; ``--ablation dpokit-compile`` dpokit with ``torch_compile: true``.
+memory like for like; ``--ablation dpokit-compile`` dpokit with ``torch_compile: true``;
+``--ablation dpokit-autocast`` dpokit with float32 weights under bfloat16 autocast (``dtype: float32,
+bf16: true``, the precision dpokit recommends for full training; TRL keeps ``--dtype``'s weights).
 ``--pairs-per-step N`` (default 4) sets the micro-batch: a GPU needs more to be busy. ``--profile``
 runs dpokit's defaults once more under torch.profiler (not timed) and writes its top operators;
 ``--profile dpokit-compile`` (any dpokit column) profiles that column's settings instead.
@@ -73,16 +75,18 @@ MESSAGE_OVERHEAD, GENERATION_PROMPT = 5, 3  # <|im_start|> role \n ... <|im_end|
 COLUMNS = {"dpokit": "dpokit (defaults)", "dpokit-live": "dpokit (live ref)", "dpokit-no-prefix": "dpokit, prefix_sharing off",
            "dpokit-no-packing": "dpokit, padding_free off", "dpokit-padded": "dpokit, both off (padded)",
            "dpokit-full-logits": "dpokit, chunked_logps off",
-           "dpokit-checkpointing": "dpokit, gradient checkpointing", "dpokit-compile": "dpokit, torch_compile", "trl": "TRL DPOTrainer",
+           "dpokit-checkpointing": "dpokit, gradient checkpointing", "dpokit-compile": "dpokit, torch_compile",
+           "dpokit-autocast": "dpokit, float32 weights + bf16 autocast", "trl": "TRL DPOTrainer",
            "profile": "a dpokit column under torch.profiler"}
 DPOKIT_SWITCHES = {  # column -> the dpokit settings it changes from the defaults
     "dpokit": [], "dpokit-live": ["precompute_ref_log_probs=false"], "dpokit-no-prefix": ["prefix_sharing=false"],
     "dpokit-no-packing": ["padding_free=false"], "dpokit-padded": ["padding_free=false", "prefix_sharing=false"],
     "dpokit-full-logits": ["chunked_logps=false"], "dpokit-checkpointing": ["gradient_checkpointing=true"],
     "dpokit-compile": ["torch_compile=true"],
+    "dpokit-autocast": ["dtype=float32", "bf16=true"],  # the precision dpokit recommends for full training on a GPU
 }
 ABLATION = ["dpokit-no-prefix", "dpokit-no-packing", "dpokit-padded", "dpokit-full-logits"]
-NAMED_ONLY = ["dpokit-checkpointing", "dpokit-compile"]
+NAMED_ONLY = ["dpokit-checkpointing", "dpokit-compile", "dpokit-autocast"]
 """Columns ``--ablation`` adds only when named: a setting turned on rather than a speed switch off."""
 ATTN_COLUMN = "dpokit-attn-"
 """Prefix of the columns ``--also-attn`` adds: dpokit's defaults under another attention."""
@@ -304,7 +308,8 @@ def run_dpokit(spec: dict, name: str, workdir: Path) -> dict:
             "settings": {"padding_free": t.padding_free, "prefix_sharing": t.prefix_sharing,
                          "precompute_ref_log_probs": t.precompute_ref_log_probs, "chunked_logps": t.chunked_logps,
                          "logps_chunk_size": t.logps_chunk_size,
-                         "gradient_checkpointing": t.gradient_checkpointing, "attn_implementation": config.model.attn_implementation}}
+                         "gradient_checkpointing": t.gradient_checkpointing, "torch_compile": t.torch_compile,
+                         "attn_implementation": config.model.attn_implementation, "dtype": config.model.dtype, "bf16": t.bf16}}
 
 
 def per_step(rows: list[dict]) -> tuple[list[float], list[float]]:
@@ -627,7 +632,8 @@ def main() -> int:
     ap.add_argument("--ablation", nargs="*", choices=[*ABLATION, *NAMED_ONLY], default=None, metavar="COLUMN",
                     help="also run dpokit with each speed switch off: prefix_sharing, padding_free, both, chunked_logps "
                          f"(all four, or only the columns named: {', '.join(ABLATION)}); named only: dpokit-checkpointing "
-                         "(gradient checkpointing on, as TRL's default), dpokit-compile (torch_compile=true)")
+                         "(gradient checkpointing on, as TRL's default), dpokit-compile (torch_compile=true), "
+                         "dpokit-autocast (float32 weights, bfloat16 autocast)")
     ap.add_argument("--trl-no-gradient-checkpointing", action="store_true", help="TRL defaults to gradient checkpointing on; turn it off")
     ap.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<date>-<device>.json)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the temp folder (model, data, logs of each run)")

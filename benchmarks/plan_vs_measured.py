@@ -38,10 +38,12 @@ def compare(result: dict) -> list[dict]:
         if name == "trl":
             continue
         settings = raw["settings"]
+        dtype = settings.get("dtype") or args["dtype"]  # a column's own dtype (dpokit-autocast: float32), else the run's
         layout = batch_layout(TrainingConfig(prefix_sharing=settings["prefix_sharing"], padding_free=settings["padding_free"]))
         run = RunShape(batch_size=args.get("pairs_per_step") or 4, max_length=MAX_LENGTH, layout=layout,
                        gradient_checkpointing=settings["gradient_checkpointing"], chunked_logps=settings["chunked_logps"],
-                       logps_chunk_size=settings["logps_chunk_size"], dtype_bytes=2 if args["dtype"] == "bfloat16" else 4,
+                       logps_chunk_size=settings["logps_chunk_size"], dtype_bytes=2 if dtype == "bfloat16" else 4,
+                       autocast_16bit=settings.get("bf16", False),
                        live_reference=not settings["precompute_ref_log_probs"],
                        regrouped_rows=settings["attn_implementation"] == "dpokit_varlen", tokens=max(raw["step_tokens"]))
         estimated = estimate(shape, run)["full"]["total"]

@@ -4,8 +4,8 @@
 #      QLoRA and 8-bit AdamW when bitsandbytes is installed, FSDP2 over NCCL, the memory plan against
 #      the allocator);
 #   2. the benchmark on the Qwen2.5-0.5B architecture in bfloat16, at 4, 32 and 64 pairs per step:
-#      dpokit (defaults, gradient checkpointing on, torch_compile on, and its defaults under
-#      dpokit_varlen, and at 4 pairs flex_attention) next to TRL's DPOTrainer, and torch.profiler
+#      dpokit (defaults, gradient checkpointing on, torch_compile on, float32 weights under bf16
+#      autocast, and its defaults under dpokit_varlen, and at 4 pairs flex_attention) next to TRL's DPOTrainer, and torch.profiler
 #      tables (where the time goes) of dpokit's 32-pair steps and of its compiled 64-pair steps (32 and 64
 #      pairs with metrics logged every 10 steps, as both frameworks train by default);
 #   3. the same benchmark's ablation columns (each speed switch off), without TRL.
@@ -23,7 +23,7 @@ mkdir -p "$out"
 status=0
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 bench=(python benchmarks/dpo_vs_trl.py --device cuda --dtype bfloat16 --model-size 0.5b --skip-live)
-columns=(--ablation dpokit-checkpointing dpokit-compile --also-attn dpokit_varlen)
+columns=(--ablation dpokit-checkpointing dpokit-compile dpokit-autocast --also-attn dpokit_varlen)
 # at 32 and 64 pairs both frameworks log every 10 steps, their default, so the host copies metrics (a GPU
 # synchronisation) once per 10 steps as in training, and each step is timed as its row's average; 4 pairs
 # keeps per-step rows, whose token counts benchmarks/plan_vs_measured.py needs

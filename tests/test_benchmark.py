@@ -17,7 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "dpo_vs_trl.py"
 def test_benchmark_script_runs_dpokit_and_reports(tmp_path):
     out = tmp_path / "result.json"
     command = [sys.executable, str(SCRIPT), "--model-size", "tiny-test", "--steps", "3", "--warmup", "1", "--pairs-per-step", "3",
-               "--skip-trl", "--skip-live", "--ablation", "dpokit-full-logits", "dpokit-checkpointing",
+               "--skip-trl", "--skip-live", "--ablation", "dpokit-full-logits", "dpokit-checkpointing", "dpokit-autocast",
                "--also-attn", "dpokit_varlen", "no_such_attention", "--threads", "2", "--profile", "dpokit-full-logits", "--output", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     # a column that fails is reported and left out; the others still run and the exit status says so
@@ -28,7 +28,8 @@ def test_benchmark_script_runs_dpokit_and_reports(tmp_path):
     profile = (tmp_path / "result-profile.txt").read_text()  # a further run of the column named, not a column
     assert "optimizer steps after step 1 (dpokit, chunked_logps off)" in profile and "## by self host time" in profile
     assert "_ChunkedTokenLogps" not in profile  # its settings were taken: the model's full logits, not dpokit's chunks
-    assert list(report["summary"]) == ["dpokit", "dpokit-full-logits", "dpokit-checkpointing", "dpokit-attn-dpokit_varlen"]
+    assert list(report["summary"]) == ["dpokit", "dpokit-full-logits", "dpokit-checkpointing", "dpokit-autocast",
+                                       "dpokit-attn-dpokit_varlen"]
     dpokit = report["raw"]["dpokit"]
     assert math.isclose(dpokit["loss"][0], math.log(2), abs_tol=1e-5)  # policy == reference at step 1
     assert len(dpokit["step_seconds"]) == 3 and all(t > 0 for t in dpokit["step_tokens"])
@@ -53,6 +54,11 @@ def test_benchmark_script_runs_dpokit_and_reports(tmp_path):
     checkpointing = report["raw"]["dpokit-checkpointing"]
     assert checkpointing["settings"]["gradient_checkpointing"] is True
     assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(checkpointing["loss"], dpokit["loss"]))
+
+    autocast = report["raw"]["dpokit-autocast"]  # float32 weights, bfloat16 matmuls: the same start, then bf16 rounding
+    assert autocast["settings"]["dtype"] == "float32" and autocast["settings"]["bf16"] is True
+    assert dpokit["settings"]["bf16"] is False and autocast["step_tokens"] == dpokit["step_tokens"]
+    assert math.isclose(autocast["loss"][0], math.log(2), abs_tol=1e-5) and autocast["loss"] != dpokit["loss"]
 
     varlen = report["raw"]["dpokit-attn-dpokit_varlen"]
     assert varlen["settings"]["attn_implementation"] == "dpokit_varlen" and varlen["step_tokens"] == dpokit["step_tokens"]

@@ -69,6 +69,10 @@ def test_wrong_types_name_the_key(tmp_path):
         load_config(write(tmp_path, BASE), ["loss_type=sigmod"])
     with pytest.raises(ConfigError, match="'training.gradient_checkpointing' must be true or false"):
         load_config(write(tmp_path, BASE), ["gradient_checkpointing=3"])
+    for override, key in (("beta=.nan", "loss.beta"), ("learning_rate=.inf", "training.learning_rate"),
+                          ("loss_weights=[1.0,.nan]", r"loss.loss_weights\[1\]"), ("simpo_gamma=-.inf", "loss.simpo_gamma")):
+        with pytest.raises(ConfigError, match=f"'{key}' must be a finite number, got"):  # YAML's .nan / .inf
+            load_config(write(tmp_path, BASE), ["loss_type=[sigmoid,simpo]", override])
 
 
 def test_cross_field_validation(tmp_path):
@@ -80,6 +84,27 @@ def test_cross_field_validation(tmp_path):
         load_config(None, ["beta=0.1"])
     with pytest.raises(ConfigError, match="per_device_train_batch_size must be at least 1"):
         load_config(write(tmp_path, BASE), ["per_device_train_batch_size=0"])
+    with pytest.raises(ConfigError, match=r"loss_weights must each be > 0, got \[1.0, -0.2\]"):
+        load_config(write(tmp_path, BASE), ["loss_type=[sigmoid,sft]", "loss_weights=[1.0,-0.2]"])
+
+
+def test_a_loss_setting_no_chosen_loss_reads_is_refused(tmp_path):
+    """label_smoothing, length_normalize and simpo_gamma each refused where no loss in loss_type reads
+    them (they would change nothing), accepted where one does."""
+    refused = {
+        ("loss_type=[ipo,hinge]", "label_smoothing=0.2"): "label_smoothing=0.2 applies to sigmoid, robust, simpo",
+        ("loss_type=[sft]", "length_normalize=true"): "length_normalize applies to the losses with a reference",
+        ("loss_type=[simpo,sft]", "length_normalize=false"): "length_normalize applies to the losses with a reference",
+        ("loss_type=[sigmoid,simpo]", "length_normalize=false"): "cannot apply to simpo",
+        ("loss_type=[sigmoid]", "simpo_gamma=1.0"): "simpo_gamma=1.0 is SimPO's target margin",
+    }
+    for overrides, message in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, BASE), list(overrides))
+    for overrides in (["loss_type=[ipo,sigmoid]", "label_smoothing=0.2"], ["loss_type=[simpo]", "label_smoothing=0.1"],
+                      ["loss_type=[ipo]", "length_normalize=false"], ["loss_type=[simpo,sigmoid]", "length_normalize=true"],
+                      ["loss_type=[simpo]", "simpo_gamma=1.0"], ["loss_type=[sft]", "simpo_gamma=0.5"]):
+        load_config(write(tmp_path, BASE), overrides)
 
 
 def test_live_reference_from_a_starting_adapter_is_refused_before_loading(tmp_path):

@@ -68,6 +68,19 @@ def test_sft_is_per_token_nll_of_chosen():
     assert loss_of(loss_type=["sft"]) == pytest.approx(10 / 4)
 
 
+def test_a_reply_of_no_tokens_averages_to_zero_not_nan():
+    """dpokit's data never makes an empty reply (EOS or end-of-turn is always kept), but a direct
+    caller may: the per-token average is then 0, as TRL's clamp(min=1) gives, and no loss is NaN."""
+    empty = PairLogps(chosen=torch.tensor([0.0]), rejected=torch.tensor([-12.0]), chosen_tokens=torch.tensor([0.0]),
+                      rejected_tokens=torch.tensor([2.0]), ref_chosen=torch.tensor([0.0]), ref_rejected=torch.tensor([-11.5]))
+    for loss_type in (["ipo"], ["simpo"], ["sft"], ["sigmoid", "sft"]):
+        loss, stats = preference_loss(empty, loss_type, beta=0.1)
+        assert torch.isfinite(loss).all() and all(torch.isfinite(v).all() for v in stats.values()), loss_type
+    assert preference_loss(empty, ["sft"])[0].item() == 0.0
+    # ipo: h = (0 - -6) - (0 - -5.75) = 0.25 -> (0.25 - 5)^2
+    assert preference_loss(empty, ["ipo"], beta=0.1)[0].item() == pytest.approx((0.25 - 5) ** 2)
+
+
 def test_weighted_combination_rpo():
     expected = 1.0 * -logsig(0.15) + 0.2 * 2.5
     assert loss_of(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2], beta=0.1) == pytest.approx(expected, abs=1e-6)

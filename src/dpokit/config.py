@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -204,15 +205,17 @@ LossName = Literal["sigmoid", "ipo", "hinge", "robust", "sft", "simpo"]
 class LossConfig:
     loss_type: list[LossName] = field(default_factory=lambda: ["sigmoid"])
     loss_weights: list[float] | None = None
-    """One weight per loss in ``loss_type``; None means 1.0 each."""
+    """One weight (> 0) per loss in ``loss_type``; None means 1.0 each."""
     beta: float = 0.1
     label_smoothing: float = 0.0
-    """Probability that a pair's label is flipped (cDPO / robust DPO); in [0, 0.5)."""
+    """Probability that a pair's label is flipped (cDPO / robust DPO); in [0, 0.5). Read by
+    ``sigmoid``, ``robust`` and ``simpo``; refused when ``loss_type`` has none of them."""
     length_normalize: bool | None = None
-    """Average log-prob per reply token instead of the sum, for pairwise losses. None: on for
-    ``ipo`` and ``simpo`` (as TRL and the SimPO paper), off for the others."""
+    """Average log-prob per reply token instead of the sum, for the losses with a reference
+    (sigmoid, robust, ipo, hinge). None: on for ``ipo`` (as TRL), off for the others. ``simpo``
+    and ``sft`` always average; setting it without a loss it applies to is refused."""
     simpo_gamma: float = 0.5
-    """SimPO target reward margin."""
+    """SimPO target reward margin; refused at another value when ``loss_type`` has no simpo."""
 
 
 @dataclass
@@ -315,6 +318,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"'{key}' must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .nan and .inf: no setting means either
+                raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"'{key}' must be a number, got {value!r}")
     if tp is str:
@@ -433,6 +438,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+def _check_loss_settings_apply(lo: LossConfig) -> None:
+    """Refuse a loss setting that none of ``loss_type``'s losses reads: it would change nothing."""
+    from dpokit.losses import LABEL_SMOOTHED, PAIRWISE_WITH_REFERENCE
+
+    if lo.label_smoothing > 0 and not set(lo.loss_type) & set(LABEL_SMOOTHED):
+        raise ConfigError(
+            f"loss.label_smoothing={lo.label_smoothing} applies to {', '.join(LABEL_SMOOTHED)}; loss_type "
+            f"{lo.loss_type} has none of them, so it would change nothing: set label_smoothing=0, or add one of them"
+        )
+    if lo.length_normalize is not None and not set(lo.loss_type) & set(PAIRWISE_WITH_REFERENCE):
+        raise ConfigError(
+            f"loss.length_normalize applies to the losses with a reference ({', '.join(PAIRWISE_WITH_REFERENCE)}); "
+            f"loss_type {lo.loss_type} has none of them (simpo and sft always average over reply tokens): "
+            "leave length_normalize null"
+        )
+    if lo.length_normalize is False and "simpo" in lo.loss_type:
+        raise ConfigError(
+            "loss.length_normalize=false cannot apply to simpo, which is defined on average log-probs per reply "
+            "token (Meng et al. 2024): leave length_normalize null with simpo"
+        )
+    if lo.simpo_gamma != LossConfig.simpo_gamma and "simpo" not in lo.loss_type:
+        raise ConfigError(
+            f"loss.simpo_gamma={lo.simpo_gamma} is SimPO's target margin, but loss_type {lo.loss_type} has no simpo: "
+            "add simpo to loss_type, or remove simpo_gamma"
+        )
+
+
 def validate(config: Config, base_dir: Path | None = None) -> None:
     """Cross-field checks; resolves relative data paths against the config file's folder."""
     d, t, lo, r = config.data, config.training, config.loss, config.run
@@ -485,10 +517,16 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
             f"loss.loss_weights has {len(lo.loss_weights)} weights for {len(lo.loss_type)} losses "
             f"{lo.loss_type}: give one weight per loss"
         )
+    if lo.loss_weights is not None and not all(w > 0 for w in lo.loss_weights):
+        raise ConfigError(
+            f"loss.loss_weights must each be > 0, got {lo.loss_weights} for {lo.loss_type} (a negative weight "
+            "would push that loss up; a loss that should not count goes out of loss_type)"
+        )
     if lo.beta <= 0:
         raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")
     if not 0.0 <= lo.label_smoothing < 0.5:
         raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
+    _check_loss_settings_apply(lo)
     if t.prefix_sharing and config.model.attn_implementation not in (None, *PREFIX_ATTENTION):
         raise ConfigError(
             f"training.prefix_sharing needs a custom attention mask, which {config.model.attn_implementation} "

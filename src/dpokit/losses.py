@@ -30,6 +30,8 @@ import torch.nn.functional as F
 PAIRWISE_WITH_REFERENCE = ("sigmoid", "robust", "ipo", "hinge")
 REFERENCE_FREE = ("simpo", "sft")
 ALL_LOSSES = PAIRWISE_WITH_REFERENCE + REFERENCE_FREE
+LABEL_SMOOTHED = ("sigmoid", "robust", "simpo")
+"""The losses that read ``label_smoothing`` (ε above)."""
 
 
 def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -67,7 +69,13 @@ def simpo_loss(
 
 def sft_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood of the chosen reply. [P], [P] -> [P]."""
-    return -chosen_logps / chosen_tokens
+    return -per_token(chosen_logps, chosen_tokens)
+
+
+def per_token(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Summed log-probs averaged over their reply tokens; a reply of no tokens (which dpokit's data
+    never makes, but a caller of these functions might) averages to 0, not NaN. [P], [P] -> [P]."""
+    return logps / tokens.clamp(min=1)
 
 
 @dataclass
@@ -86,7 +94,8 @@ class PairLogps:
 
 
 def uses_length_normalization(loss_type: str, length_normalize: bool | None) -> bool:
-    """Resolve ``length_normalize=None`` (auto): on for ipo and simpo, off otherwise."""
+    """Whether ``loss_type`` averages log-probs over reply tokens: simpo always (its definition);
+    the others as ``length_normalize`` says, and with None (auto) ipo only."""
     if loss_type == "simpo":
         return True
     if length_normalize is None:
@@ -115,7 +124,7 @@ def preference_loss(
     has_ref = logps.ref_chosen is not None and logps.ref_rejected is not None
 
     def scaled(name: str, policy: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return policy / tokens if uses_length_normalization(name, length_normalize) else policy
+        return per_token(policy, tokens) if uses_length_normalization(name, length_normalize) else policy
 
     total = torch.zeros_like(logps.chosen)
     for name, weight in zip(loss_type, weights):
@@ -135,8 +144,8 @@ def preference_loss(
                 loss = hinge_loss(h, beta)
         elif name == "simpo":
             loss = simpo_loss(
-                logps.chosen / logps.chosen_tokens,
-                logps.rejected / logps.rejected_tokens,
+                per_token(logps.chosen, logps.chosen_tokens),
+                per_token(logps.rejected, logps.rejected_tokens),
                 beta,
                 simpo_gamma,
                 label_smoothing,
@@ -152,8 +161,8 @@ def preference_loss(
             reward_chosen = beta * (logps.chosen - logps.ref_chosen)
             reward_rejected = beta * (logps.rejected - logps.ref_rejected)
         else:
-            reward_chosen = beta * logps.chosen / logps.chosen_tokens
-            reward_rejected = beta * logps.rejected / logps.rejected_tokens
+            reward_chosen = beta * per_token(logps.chosen, logps.chosen_tokens)
+            reward_rejected = beta * per_token(logps.rejected, logps.rejected_tokens)
         stats = {
             "rewards/chosen": reward_chosen,
             "rewards/rejected": reward_rejected,

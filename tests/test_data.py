@@ -102,6 +102,44 @@ def test_jsonl_json_parquet_csv_round_trip(tmp_path):
     assert csv_pairs == to_pairs(standard_rows(4), "x")[0]
 
 
+def test_line_separators_in_strings_bom_gzip_ndjson_and_one_row_json(tmp_path):
+    """Files as real tools write them: JSON Lines splits at "\\n" only (U+2028, U+2029 and U+0085
+    stay inside strings, as json.dumps(ensure_ascii=False) writes them raw), a byte-order mark is
+    dropped, .gz text files are read through gzip, .ndjson is JSON Lines, and a one-row JSON Lines
+    file saved as .json (datasets' to_json) is that row."""
+    import gzip
+
+    import datasets
+
+    rows = standard_rows(3)
+    rows[0]["chosen"] = " Hello\u2028friend,\u2029new\x85line."
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (tmp_path / "raw.jsonl").write_text(lines, encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + lines, encoding="utf-8")
+    (tmp_path / "bom.json").write_text("\ufeff" + json.dumps(rows), encoding="utf-8")
+    (tmp_path / "d.ndjson").write_text(lines, encoding="utf-8")
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(lines)
+    with gzip.open(tmp_path / "d.json.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"train": rows}))
+    with gzip.open(tmp_path / "d.csv.gz", "wt", encoding="utf-8", newline="") as f:
+        f.write("prompt,chosen,rejected\r\n" + "".join(f'"{r["prompt"]}","{r["chosen"]}","{r["rejected"]}"\r\n' for r in rows[1:]))
+    for name in ("raw.jsonl", "bom.jsonl", "bom.json", "d.ndjson", "d.jsonl.gz", "d.json.gz"):
+        assert load_rows(DataSource(str(tmp_path / name))) == rows, name
+    assert load_rows(DataSource(str(tmp_path / "d.csv.gz"))) == rows[1:]
+    datasets.Dataset.from_list(rows[:1]).to_json(str(tmp_path / "one.json"))
+    assert load_rows(DataSource(str(tmp_path / "one.json"))) == rows[:1]
+    (tmp_path / "one-line.json").write_text(json.dumps(rows[0]))
+    assert load_rows(DataSource(str(tmp_path / "one-line.json"))) == rows[:1]
+    # an existing file of another type is named as such, not looked up on the hub
+    (tmp_path / "pairs.txt").write_text(lines)
+    with pytest.raises(DataError, match=r"pairs.txt is a file dpokit cannot read: data files are .jsonl, .ndjson"):
+        load_rows(DataSource(str(tmp_path / "pairs.txt")))
+    (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="broken.jsonl.gz: could not read it"):
+        load_rows(DataSource(str(tmp_path / "broken.jsonl.gz")))
+
+
 def test_saved_to_disk_folder(tmp_path):
     import datasets
 
@@ -246,6 +284,45 @@ def test_row_errors_name_file_row_and_field(make_rows, row, field, edit, expecte
     msg = _error(rows)
     assert msg.startswith(f"data/train.jsonl, row {row}: '{field}'"), msg
     assert expected in msg, msg
+
+
+def test_rows_that_would_be_read_wrongly_are_errors():
+    """A lone surrogate (half an emoji, which JSON carries) is not text a tokenizer can read; a prompt
+    in a later row of a dataset whose first row has none would be ignored; conversations that differ
+    at an earlier assistant turn have no shared prompt (the reply would train on user turns)."""
+    rows = standard_rows(3)
+    rows[1]["chosen"] = "Sure \ud83d"
+    msg = _error(rows)
+    assert msg.startswith("data/train.jsonl, row 2: 'chosen' is not valid Unicode text: it holds a lone surrogate "
+                          "('\\ud83d' at character 6"), msg
+    pairs, dropped = to_pairs(rows, "d", on_error="skip")
+    assert len(pairs) == 2 and dropped == {"invalid_unicode": 1}
+    chat = explicit_rows(2)
+    chat[1]["prompt"][0]["content"] += "\udc00"
+    assert _error(chat).startswith("data/train.jsonl, row 2: 'prompt' is not valid Unicode text")
+
+    implicit = [{"prompt": None, "chosen": "Paris is the capital.", "rejected": "Paris is a city."},
+                {"prompt": "Is the sky blue?", "chosen": "The answer is yes.", "rejected": "The answer is no."}]
+    msg = _error(implicit)
+    assert msg.startswith("data/train.jsonl, row 2: 'prompt' is set in this row, but the dataset's first row has none, "
+                          "so its format is standard-implicit"), msg
+    hh = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: What?"}] * 2
+    hh = [hh[0], {**hh[1], "prompt": "Hi"}]
+    assert "row 2: 'prompt' is set in this row" in _error(hh) and "format is hh-rlhf" in _error(hh)
+
+    def turn(role, content):
+        return {"role": role, "content": content}
+
+    differ_early = {"chosen": [turn("user", "Hi"), turn("assistant", "Hello there."), turn("user", "Tell me a joke"), turn("assistant", "Why...")],
+                    "rejected": [turn("user", "Hi"), turn("assistant", "Go away."), turn("user", "Tell me a joke"), turn("assistant", "No.")]}
+    msg = _error([differ_early])
+    assert msg.startswith("data/train.jsonl, row 1: 'chosen' and 'rejected' differ at message 2, an assistant turn followed by "
+                          "more turns ('chosen' message 3 is the user's)"), msg
+    assert to_pairs([differ_early], "d", on_error="skip")[1] == {"leading_turns_differ": 1}
+    # a reply of several messages without a user turn (a tool call, its result, the answer) stays a reply
+    tools = [turn("user", "Weather?"), turn("assistant", "Calling the tool."), turn("tool", "Sunny"), turn("assistant", "Sunny.")]
+    (pair,), _ = to_pairs([{"chosen": tools, "rejected": tools[:1] + [turn("assistant", "No idea.")]}], "t")
+    assert [m["role"] for m in pair.chosen] == ["assistant", "tool", "assistant"]
 
 
 def test_undetectable_first_row():
@@ -408,6 +485,31 @@ def test_chat_truncation_keeps_im_end(chat_tokenizer):
     assert stats.truncated == 1
     assert len(tp.prompt_ids) == 40 and len(tp.chosen_ids) == 40 and tp.chosen_ids[-1] == im_end
     assert tp.rejected_ids[-1] == im_end
+
+
+def test_truncation_keeps_an_end_of_turn_marker_of_several_tokens(chat_tokenizer):
+    """Phi-3's template ends an assistant turn with <|end|>, a newline and EOS: a cut reply keeps all
+    of it last, whatever the reply's own last character merges with (here "<|end|>" is several
+    byte-level tokens, and "." before it can merge with "<|")."""
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+    )
+    marker = end_of_turn_marker(tok)
+    assert marker == "<|end|>\n<|im_end|>"
+    row = implicit_rows(1)[0]
+    row["chosen"][-1]["content"] = " ".join(["blue light from the sun"] * 40) + "."
+    pairs, _ = to_pairs([row], "i")
+    (full,), _ = tokenize_pairs(pairs, tok, 100_000, "drop")
+    assert len(full.chosen_ids) > 60 and tok.decode(full.chosen_ids).endswith(marker)
+    (tp,), stats = tokenize_pairs(pairs, tok, 100, "truncate")
+    assert stats.replies_cut == 1 and len(tp.prompt_ids) + len(tp.chosen_ids) <= 100
+    assert tok.decode(tp.chosen_ids).endswith(marker)  # the whole marker, not only its last token
+    kept_end = next(k for k in range(1, 20) if tok.decode(full.chosen_ids[-k:]).endswith(marker))
+    assert tp.chosen_ids[-kept_end:] == full.chosen_ids[-kept_end:] and kept_end > 1
+    assert tp.chosen_ids[:-kept_end] == full.chosen_ids[: len(tp.chosen_ids) - kept_end]  # the rest cut from the right
+    assert tp.rejected_ids == full.rejected_ids  # short: untouched
 
 
 def test_num_proc_gives_identical_output(chat_tokenizer):

@@ -215,7 +215,18 @@ def _split_conversations(chosen: list[Message], rejected: list[Message], noun: s
                 "the same, only the last assistant reply may differ; fix or remove the row",
                 "leading_turns_differ",
             )
-        replies.append(_reply(messages[shared:], field))
+        reply = _reply(messages[shared:], field)
+        later = next((k for k, m in enumerate(reply) if m["role"] == "user"), None)
+        if later is not None:
+            # The conversations differ at an earlier assistant turn, and go on after it: their
+            # leading turns are not a shared prompt, and the reply would train on user turns.
+            raise _RowProblem(
+                f"'chosen' and 'rejected' differ at {noun} {shared + 1}, an assistant turn followed by more "
+                f"turns ('{field}' {noun} {shared + later + 1} is the user's): the leading turns of chosen and "
+                "rejected must be the same, only the last assistant reply may differ; fix or remove the row",
+                "leading_turns_differ",
+            )
+        replies.append(reply)
     for field, messages in (("chosen", chosen), ("rejected", rejected)):
         _check_roles(_numbered(field, messages, noun=noun))
     return Pair(prompt, *replies)
@@ -228,7 +239,20 @@ def _standard(row: dict[str, Any]) -> Pair:
     return Pair(_text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected"))
 
 
+def _no_prompt(row: dict[str, Any], shape: str) -> None:
+    """Refuse a row with a prompt in a dataset whose shape, found from its first row, has none: the
+    prompt would be ignored."""
+    if row.get("prompt") is not None:
+        raise _RowProblem(
+            f"'prompt' is set in this row, but the dataset's first row has none, so its format is {shape} "
+            "(the prompt is what chosen and rejected start with) and this prompt would be ignored: give every "
+            "row a prompt or none (with data.format=standard, rows without one are errors)",
+            "mixed_shapes",
+        )
+
+
 def _standard_implicit(row: dict[str, Any]) -> Pair:
+    _no_prompt(row, "standard-implicit")
     chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
     if chosen == rejected:
         raise _Drop(DROP_SAME)
@@ -292,6 +316,7 @@ def _hh_turns(text: str, field: str) -> list[Message]:
 
 
 def _hh_rlhf(row: dict[str, Any]) -> Pair:
+    _no_prompt(row, "hh-rlhf")
     chosen_text = _text(row, "chosen", hint="", needs=_HH_NEEDS)
     rejected_text = _text(row, "rejected", hint="", needs=_HH_NEEDS)
     if chosen_text == rejected_text:
@@ -519,6 +544,23 @@ def _with_system(pair: Pair, row: dict[str, Any], system_prompt: str | None) -> 
     return Pair([{"role": "system", "content": text}] + pair.prompt, pair.chosen, pair.rejected)
 
 
+def _check_unicode(pair: Pair) -> None:
+    """Refuse text that is not valid Unicode: a lone surrogate (``"\\ud83d"``, half of an emoji cut
+    in two, which JSON can carry) cannot be encoded, so no tokenizer can read it."""
+    for field in ("prompt", "chosen", "rejected"):
+        value = getattr(pair, field)
+        texts = [value] if isinstance(value, str) else [m["content"] for m in value]
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise _RowProblem(
+                    f"'{field}' is not valid Unicode text: it holds a lone surrogate ({text[e.start]!r} at character "
+                    f"{e.start + 1}, e.g. half of an emoji cut in two); fix the text or remove the row",
+                    "invalid_unicode",
+                ) from None
+
+
 def _meta(row: dict[str, Any]) -> dict[str, Any] | None:
     meta = {k: row[k] for k in META_FIELDS if isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)}
     return meta or None
@@ -607,6 +649,7 @@ def normalize(
         try:
             pair = shape.convert(row)
             pair = _with_system(pair, row, system_prompt)
+            _check_unicode(pair)
         except _RowProblem as problem:
             fail(i, problem)
             continue

@@ -13,6 +13,8 @@ dataset) that keys the tokenization cache, so a cached dataset is never parsed a
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,8 @@ from typing import Any, Callable
 
 from dpokit.config import DataSource
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
+"""Local file types, by suffix; ``.ndjson`` is JSON Lines, and a text type may be gzipped (``.jsonl.gz``)."""
 
 MAX_SHOWN = 5
 """How many problem messages :class:`Problems` keeps to show."""
@@ -121,15 +124,20 @@ def open_source(source: DataSource) -> OpenedSource:
     Raises :class:`DataError` for a missing file or an unloadable dataset.
     """
     path = Path(source.path)
-    suffix = path.suffix.lower()
+    suffix = file_type(path)
     origin = describe(source)
-    if suffix in FILE_SUFFIXES:
+    if suffix:
         if not path.is_file():
             raise DataError(f"data file {source.path} does not exist (check the path in data.train / data.eval)")
         stat = path.stat()
         identity = {"kind": "file", "path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "split": source.split}
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
+        readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
         return OpenedSource(source, origin, identity, lambda on_error: readers[suffix](path, source.split, on_error))
+    if path.is_file():
+        raise DataError(
+            f"{source.path} is a file dpokit cannot read: data files are {', '.join(FILE_SUFFIXES)} "
+            "(the text ones may be gzipped, e.g. .jsonl.gz); convert it to one of them"
+        )
     if path.is_dir():
         dataset = _load_saved_dataset(path, source.split)
         identity = {"kind": "saved", "path": str(path.resolve()), "split": source.split, "fingerprint": dataset._fingerprint}
@@ -149,7 +157,23 @@ def load_rows(source: DataSource) -> list[dict[str, Any]]:
 
 
 def _is_local(path: str) -> bool:
-    return Path(path).suffix.lower() in FILE_SUFFIXES or Path(path).exists()
+    return bool(file_type(Path(path))) or Path(path).exists()
+
+
+def file_type(path: Path) -> str:
+    """The data file type ``path`` names, one of :data:`FILE_SUFFIXES` (a ``.gz`` ending looked
+    through for the text types), or ``""``."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if suffixes[-1:] == [".gz"]:
+        return suffixes[0] if len(suffixes) == 2 and suffixes[0] in (".jsonl", ".ndjson", ".json", ".csv") else ""
+    return suffixes[-1] if suffixes and suffixes[-1] in FILE_SUFFIXES else ""
+
+
+def _open_text(path: Path, newline: str | None = None):
+    """``path`` as UTF-8 text, gunzipped when it ends in ``.gz``; a leading byte-order mark is dropped."""
+    if path.suffix.lower() == ".gz":
+        return io.TextIOWrapper(gzip.open(path), encoding="utf-8-sig", newline=newline)
+    return open(path, encoding="utf-8-sig", newline=newline)
 
 
 # ----------------------------------------------------------------------------- local files
@@ -157,7 +181,9 @@ def _is_local(path: str) -> bool:
 
 def _parse_jsonl(text: str, path: Path, on_error: str = "raise") -> Rows:
     out = Rows([], lines=[])
-    for number, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines also splits at U+2028, U+2029, U+0085 and others, which JSON
+    # writers (json.dumps(..., ensure_ascii=False) among them) leave raw inside strings
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -184,9 +210,12 @@ def _parse_jsonl(text: str, path: Path, on_error: str = "raise") -> Rows:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with _open_text(path) as f:
+            return f.read()
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except (OSError, EOFError) as e:  # gzip: not a gzip file, or cut short
+        raise DataError(f"{path}: could not read it ({e})") from None
 
 
 def _read_jsonl(path: Path, split: str, on_error: str = "raise") -> Rows:
@@ -205,6 +234,8 @@ def _read_json(path: Path, split: str, on_error: str = "raise") -> Rows:
     if isinstance(data, dict):
         if isinstance(data.get(split), list):
             data = data[split]
+        elif _one_row_per_line(text, data):  # JSON Lines of one row, as datasets' to_json writes it
+            return _parse_jsonl(text, path, on_error)
         else:
             raise DataError(
                 f"{path} holds an object with keys {sorted(data)[:10]}; expected a list of rows, "
@@ -218,6 +249,13 @@ def _read_json(path: Path, split: str, on_error: str = "raise") -> Rows:
     return Rows(data)
 
 
+def _one_row_per_line(text: str, data: dict) -> bool:
+    """Whether a ``.json`` file holding the one object ``data`` is a row rather than splits: it is
+    written on one line, and not every value is a list (splits are) unless it has chosen/rejected."""
+    one_line = len([line for line in text.split("\n") if line.strip()]) == 1
+    return one_line and (not all(isinstance(v, list) for v in data.values()) or "chosen" in data or "rejected" in data)
+
+
 def _read_parquet(path: Path, split: str, on_error: str = "raise") -> Rows:
     import pyarrow.parquet as pq
 
@@ -229,11 +267,11 @@ def _read_parquet(path: Path, split: str, on_error: str = "raise") -> Rows:
 
 def _read_csv(path: Path, split: str, on_error: str = "raise") -> Rows:
     """CSV cells are strings: a CSV can only hold the string (standard) shape."""
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: drop an Excel BOM
+    with _open_text(path, newline="") as f:  # drops an Excel BOM
         try:
             reader = csv.DictReader(f)
             rows = [dict(row) for row in reader]
-        except (csv.Error, UnicodeDecodeError) as e:
+        except (csv.Error, UnicodeDecodeError, OSError, EOFError) as e:
             raise DataError(f"{path}: could not read it as CSV ({e})") from None
     for number, row in enumerate(rows, start=1):
         if None in row:  # more cells than header columns

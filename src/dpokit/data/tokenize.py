@@ -13,7 +13,7 @@ such as ChatML's newline, belongs to no one and is not trained on).
 Pairs longer than ``max_length`` are dropped (``truncation="drop"``) or fitted
 (``"truncate"``): a multi-turn prompt first loses its oldest whole turns (a system message
 stays), then the prompt is cut from the left and the replies from the right, each reply keeping
-its end-of-turn token. :class:`TokenizeStats` counts what each step did.
+its end-of-turn token(s). :class:`TokenizeStats` counts what each step did.
 """
 
 from __future__ import annotations
@@ -213,11 +213,23 @@ def _cut_left(ids: list[int], keep: int, bos: int | None) -> list[int]:
     return ids[len(ids) - keep :]
 
 
-def _cut_right(ids: list[int], keep: int) -> list[int]:
-    """The first ``keep - 1`` ids and the last one (the end-of-turn token)."""
+def _cut_right(ids: list[int], keep: int, tail: int = 1) -> list[int]:
+    """``keep`` ids: the first ones, then the last ``tail`` (the reply's end-of-turn tokens)."""
     if len(ids) <= keep:
         return ids
-    return ids[: keep - 1] + ids[-1:]
+    tail = min(tail, keep)
+    return ids[: keep - tail] + ids[len(ids) - tail :]
+
+
+def end_tokens(ids: list[int], marker: str, tokenizer: Any, most: int = 32) -> int:
+    """How many of a chat reply's last ``ids`` hold its end-of-turn ``marker``: the fewest whose text
+    ends with it (a marker may be several tokens, as Phi-3's ``<|end|>`` newline EOS). 1 when
+    ``marker`` is empty (the reply ends with EOS) or not found within ``most`` tokens."""
+    if marker:
+        for k in range(1, min(most, len(ids)) + 1):
+            if tokenizer.decode(ids[-k:]).endswith(marker):
+                return k
+    return 1
 
 
 def _prompt_budget(prompt_len: int, longest: int, max_length: int) -> int:
@@ -225,7 +237,9 @@ def _prompt_budget(prompt_len: int, longest: int, max_length: int) -> int:
     return max(max_length - longest, min(prompt_len, max_length // 2))
 
 
-def _fit(pair: TokenizedPair, max_length: int, truncation: str, bos: int | None) -> tuple[TokenizedPair | None, bool, bool]:
+def _fit(
+    pair: TokenizedPair, max_length: int, truncation: str, bos: int | None, tails: tuple[int, int] = (1, 1)
+) -> tuple[TokenizedPair | None, bool, bool]:
     """:func:`fit_length`, saying which parts were cut: ``(pair or None, prompt_cut, replies_cut)``."""
     longest = max(len(pair.chosen_ids), len(pair.rejected_ids))
     if len(pair.prompt_ids) + longest <= max_length:
@@ -236,21 +250,24 @@ def _fit(pair: TokenizedPair, max_length: int, truncation: str, bos: int | None)
         raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
     prompt = _cut_left(pair.prompt_ids, _prompt_budget(len(pair.prompt_ids), longest, max_length), bos)
     budget = max_length - len(prompt)
-    chosen, rejected = _cut_right(pair.chosen_ids, budget), _cut_right(pair.rejected_ids, budget)
+    chosen, rejected = _cut_right(pair.chosen_ids, budget, tails[0]), _cut_right(pair.rejected_ids, budget, tails[1])
     replies_cut = len(chosen) < len(pair.chosen_ids) or len(rejected) < len(pair.rejected_ids)
     return TokenizedPair(prompt, chosen, rejected), len(prompt) < len(pair.prompt_ids), replies_cut
 
 
-def fit_length(pair: TokenizedPair, max_length: int, truncation: str, bos: int | None = None) -> tuple[TokenizedPair | None, bool]:
+def fit_length(
+    pair: TokenizedPair, max_length: int, truncation: str, bos: int | None = None, tails: tuple[int, int] = (1, 1)
+) -> tuple[TokenizedPair | None, bool]:
     """Return ``(pair or None, truncated)`` with ``len(prompt) + max(len(replies)) <= max_length``.
 
     A pair that fits comes back unchanged. Otherwise ``"drop"`` returns None, and
     ``"truncate"`` keeps the last ``max(max_length - longest_reply, min(len(prompt), max_length // 2))``
     prompt tokens (a leading ``bos`` stays) and cuts each reply from the right to the rest,
-    keeping its final end-of-turn token. (Dropping whole old turns first needs the messages:
+    keeping its end-of-turn tokens: the last ``tails[0]`` of chosen and ``tails[1]`` of rejected
+    (:func:`end_tokens`; 1, the EOS, for string pairs). (Dropping whole old turns first needs the messages:
     :func:`tokenize_pairs` does it.)
     """
-    fitted, prompt_cut, replies_cut = _fit(pair, max_length, truncation, bos)
+    fitted, prompt_cut, replies_cut = _fit(pair, max_length, truncation, bos, tails)
     return fitted, prompt_cut or replies_cut
 
 
@@ -293,7 +310,10 @@ def _tokenize_chunk(args: tuple) -> tuple[list[TokenizedPair], TokenizeStats]:
             shorter = _drop_old_turns(pair, encoded, tokenizer, marker, max_length, first + i)
             if shorter is not None:
                 encoded, turns_dropped = shorter, True
-        fitted, prompt_cut, replies_cut = _fit(encoded, max_length, truncation, bos)
+        tails = (1, 1)
+        if too_long and truncation == "truncate" and pair.is_chat and marker:  # the marker's tokens stay last
+            tails = (end_tokens(encoded.chosen_ids, marker, tokenizer), end_tokens(encoded.rejected_ids, marker, tokenizer))
+        fitted, prompt_cut, replies_cut = _fit(encoded, max_length, truncation, bos, tails)
         if fitted is None:
             stats.dropped_too_long += 1
             continue

@@ -31,12 +31,15 @@ def make_workdir(root: Path, hidden_size: int = 32, intermediate_size: int = 64)
 
 def run_args(workdir: Path, out: str, *overrides: str) -> list[str]:
     """The overrides of a short run on the tiny model (``dpokit train`` arguments without a config file).
-    No plots unless asked (``plots=true``): drawing them costs more than such a run's training."""
+    No plots unless asked (``plots=true``): drawing them costs more than such a run's training. A run
+    that does not resume replaces what an earlier test left in its ``out`` (``overwrite_output_dir``)."""
+    resumes = any(o.startswith("resume_from_checkpoint=") for o in overrides)
     return [
         f"model.name_or_path={workdir / 'model'}", f"data.train={workdir / 'train.jsonl'}",
         f"data.eval={workdir / 'eval.jsonl'}", f"output_dir={workdir / out}", "max_length=128",
         "learning_rate=1e-3", "max_steps=4", "per_device_train_batch_size=4", "per_device_eval_batch_size=8",
-        "logging_steps=1", "seed=3", "progress_bar=false", "save_steps=null", "plots=false", *overrides,
+        "logging_steps=1", "seed=3", "progress_bar=false", "save_steps=null", "plots=false",
+        *([] if resumes else ["overwrite_output_dir=true"]), *overrides,
     ]
 
 

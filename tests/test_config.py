@@ -84,6 +84,8 @@ def test_cross_field_validation(tmp_path):
         load_config(None, ["beta=0.1"])
     with pytest.raises(ConfigError, match="per_device_train_batch_size must be at least 1"):
         load_config(write(tmp_path, BASE), ["per_device_train_batch_size=0"])
+    with pytest.raises(ConfigError, match="overwrite_output_dir=true deletes an earlier run.*set only one of them"):
+        load_config(write(tmp_path, BASE), ["overwrite_output_dir=true", "resume_from_checkpoint=latest"])
     with pytest.raises(ConfigError, match=r"loss_weights must each be > 0, got \[1.0, -0.2\]"):
         load_config(write(tmp_path, BASE), ["loss_type=[sigmoid,sft]", "loss_weights=[1.0,-0.2]"])
 

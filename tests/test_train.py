@@ -83,6 +83,33 @@ def test_resume_continues_exactly(workdir):
             assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
 
 
+def test_an_output_dir_holds_one_run(workdir, capsys):
+    """A new run in a folder holding another is refused (it would mix with it: pruning kept the old
+    run's higher-numbered checkpoints over the new ones, and `latest` picked them); resuming from an
+    earlier checkpoint of the folder removes the later ones; overwrite_output_dir starts over."""
+    from dpokit.checkpoint import list_checkpoints
+
+    run_dir = train(run_config(workdir, "one-run", "max_steps=6", "save_steps=2", "save_total_limit=2"))
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-2", "step-4"]
+    with pytest.raises(SystemExit) as e:
+        main(["train", *run_args(workdir, "one-run", "overwrite_output_dir=false", "save_steps=1")])
+    assert e.value.code == 2
+    assert (f"{run_dir} already holds a run (checkpoints step-2, step-4; final/; metrics.jsonl), which a new run would "
+            "mix with: continue it with resume_from_checkpoint=latest") in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-2", "step-4"]  # untouched
+
+    step2 = f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"
+    train(run_config(workdir, "one-run", "max_steps=6", "save_steps=1", "save_total_limit=2", step2))
+    assert "removed from" in capsys.readouterr().out
+    # step-4 of the steps redone is gone; the resumed run's saves are the newest, and kept
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-4", "step-5"]
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+    train(run_config(workdir, "one-run", "max_steps=2", "overwrite_output_dir=true"))
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "final").is_dir()
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2]
+
+
 def test_reference_tables_score_each_pair_in_the_batch_its_forward_uses(workdir, monkeypatch, tmp_path):
     """The precomputed reference scores each training pair in the micro-batch its first-epoch
     forward uses, and each eval pair in its eval batch; so where scores depend on the batch (16-bit

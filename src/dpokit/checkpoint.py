@@ -99,6 +99,48 @@ def save_checkpoint(
     return final
 
 
+RUN_OUTPUTS = ("checkpoints", "final", "plots", "metrics.jsonl")
+"""What a run writes into its ``output_dir`` besides ``config.yaml``."""
+
+
+def holds_a_run(output_dir: Path) -> list[str]:
+    """What of another run ``output_dir`` holds: its checkpoints, ``final/``, logged rows (empty: none)."""
+    checkpoints = list_checkpoints(output_dir / "checkpoints")
+    found = [f"checkpoints {', '.join(p.name for p in checkpoints)}"] if checkpoints else []
+    if (output_dir / "final").is_dir():
+        found.append("final/")
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.read_text().strip():
+        found.append("metrics.jsonl")
+    return found
+
+
+def outputs_to_replace(output_dir: Path, resume_from: Path | None, overwrite: bool) -> list[Path]:
+    """Keep one run per ``output_dir``: returns what of an earlier run to remove before this one starts.
+
+    With ``overwrite`` the outputs of a run already there are removed. Resuming from one of the
+    folder's own checkpoints removes its later checkpoints: they belong to the steps being redone
+    (left, pruning would keep them over the new saves, and ``latest`` would pick them). Otherwise a
+    run already there (checkpoints, ``final/``, logged rows) is refused: a new run would mix with it.
+    Raises FileExistsError with the fix; removes nothing itself (the main process does).
+    """
+    if overwrite:
+        return [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    own = resume_from is not None and resume_from.resolve().parent == (output_dir / "checkpoints").resolve()
+    if own:
+        step = load_train_state(resume_from).step
+        return [p for p in list_checkpoints(output_dir / "checkpoints") if int(_STEP_DIR.match(p.name).group(1)) > step]
+    found = holds_a_run(output_dir)
+    if found:
+        start = "a run resumed from another folder's checkpoint" if resume_from is not None else "a new run"
+        raise FileExistsError(
+            f"{output_dir} already holds a run ({'; '.join(found)}), which {start} would mix with: continue it with "
+            "resume_from_checkpoint=latest, choose another output_dir, or set overwrite_output_dir=true to "
+            f"delete its {', '.join(RUN_OUTPUTS)} first"
+        )
+    return []
+
+
 def find_checkpoint(spec: str, output_dir: Path) -> Path:
     """``latest`` -> the newest complete checkpoint of ``output_dir``; otherwise a folder path."""
     if spec == "latest":

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             from dpokit.data_cli import run as run_data
 
             run_data(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"dpokit: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -231,7 +231,11 @@ class RunConfig:
     save_total_limit: int | None = 2
     report_to: list[Literal["none", "tensorboard", "wandb"]] = field(default_factory=lambda: ["none"])
     resume_from_checkpoint: str | None = None
-    """A ``checkpoints/step-N`` folder, or ``latest`` for the newest in ``output_dir``."""
+    """A ``checkpoints/step-N`` folder, or ``latest`` for the newest in ``output_dir``. Resuming from
+    an earlier checkpoint of ``output_dir`` removes its later ones (the steps are redone)."""
+    overwrite_output_dir: bool = False
+    """Delete an earlier run's checkpoints, ``final/``, plots and metrics in ``output_dir`` before
+    starting; without it a new run there is refused (it would mix with the old one)."""
     progress_bar: bool = True
     plots: bool = True
     """Write ``plots/*.png`` at the end of the run (``dpokit report`` writes them from any run later)."""
@@ -502,6 +506,11 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
         value = getattr(r, key)
         if value is not None and value < 1:
             raise ConfigError(f"run.{key} must be at least 1 or null, got {value}")
+    if r.overwrite_output_dir and r.resume_from_checkpoint:
+        raise ConfigError(
+            "run.overwrite_output_dir=true deletes an earlier run in output_dir, and resume_from_checkpoint continues "
+            "one: set only one of them"
+        )
     if t.learning_rate < 0:
         raise ConfigError(f"training.learning_rate must be >= 0, got {t.learning_rate}")
     if not 0.0 <= t.warmup_ratio <= 1.0:

@@ -405,9 +405,20 @@ def train(config: Config) -> Path:
 
     hf_logging.disable_progress_bar()  # dpokit shows its own progress; weight-loading bars are noise
 
+    resume_from = ckpt.find_checkpoint(r.resume_from_checkpoint, out) if r.resume_from_checkpoint else None
+    replaced = ckpt.outputs_to_replace(out, resume_from, r.overwrite_output_dir)  # refuses mixing two runs
     if accelerator.is_main_process:
+        for path in replaced:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
+    if replaced:
+        say(f"removed from {out}: {', '.join(p.name for p in replaced)} "
+            f"({'overwrite_output_dir' if r.overwrite_output_dir else 'after the checkpoint this run resumes from'})")
+    accelerator.wait_for_everyone()
 
     check_device_requirements(config.model, t.optim, torch.cuda.is_available())
     if config.model.attn_implementation == VARLEN_ATTENTION and not torch.cuda.is_available():
@@ -418,7 +429,6 @@ def train(config: Config) -> Path:
         data = load_data(config.data, tokenizer, t.seed, log=say)
     pad_id = tokenizer.pad_token_id
 
-    resume_from = ckpt.find_checkpoint(r.resume_from_checkpoint, out) if r.resume_from_checkpoint else None
     # a resumed policy continues from its checkpoint; the reference stays the starting model
     empty = weights_on_main_only(accelerator) and not accelerator.is_main_process  # its shards come from the main process
     policy = load_policy(config.model, str(resume_from) if resume_from else None, empty=empty)

@@ -116,6 +116,9 @@ def test_live_reference_from_a_starting_adapter_is_refused_before_loading(tmp_pa
     with pytest.raises(ConfigError, match="would need the base loaded twice.*precompute_ref_log_probs=true"):
         load_config(write(tmp_path, BASE), [*adapter, "precompute_ref_log_probs=false"])
     assert load_config(write(tmp_path, BASE), adapter).training.precompute_ref_log_probs
+    with pytest.raises(ConfigError, match=r"model.lora_r, model.lora_modules_to_save describe new adapters, but "
+                       r"adapter_name_or_path trains the existing adapter runs/sft/final further"):
+        load_config(write(tmp_path, BASE), [*adapter, "lora_r=8", "lora_modules_to_save=[embed_tokens]"])
     load_config(write(tmp_path, BASE), [*adapter, "precompute_ref_log_probs=false", "loss_type=[simpo]"])
     load_config(write(tmp_path, BASE), ["use_peft=true", "precompute_ref_log_probs=false"])  # fresh adapters: base is the reference
 

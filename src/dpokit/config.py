@@ -556,6 +556,15 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
         )
     if t.fp16 and m.dtype == "bfloat16":
         raise ConfigError("training.fp16 autocasts to float16 but model.dtype is bfloat16: use dtype=float16 or float32 (or bf16=true)")
+    if m.adapter_name_or_path:
+        new_adapter = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save")
+        changed = [k for k in new_adapter if getattr(m, k) != getattr(ModelConfig(), k)]
+        if changed:
+            raise ConfigError(
+                f"model.{', model.'.join(changed)} describe new adapters, but adapter_name_or_path trains the existing "
+                f"adapter {m.adapter_name_or_path} further, with the settings in its adapter_config.json: remove "
+                f"{', '.join(changed)}, or train new adapters (use_peft=true without adapter_name_or_path)"
+            )
     if m.load_in_4bit and not (m.use_peft or m.adapter_name_or_path):
         raise ConfigError("model.load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: set use_peft=true")
     if m.lora_r < 1 or m.lora_alpha < 1 or not 0.0 <= m.lora_dropout < 1.0:

@@ -140,6 +140,24 @@ def test_saved_config_round_trips(tmp_path):
     assert "per_device_train_batch_size" in yaml.safe_load((tmp_path / "resolved.yaml").read_text())["training"]
 
 
+def test_saved_config_is_read_the_same_from_anywhere(tmp_path, monkeypatch):
+    """Local paths found relative to where the run started are saved absolute: `dpokit train
+    runs/x/config.yaml` repeats the run from any folder (a hub id stays as it is)."""
+    (tmp_path / "start" / "data").mkdir(parents=True)
+    (tmp_path / "start" / "data" / "tr.jsonl").write_text("{}\n")
+    (tmp_path / "start" / "sft").mkdir()
+    monkeypatch.chdir(tmp_path / "start")
+    cfg = load_config(None, ["data.train=data/tr.jsonl", "data.eval=[{path: data/tr.jsonl}, {path: org/hub-set}]",
+                             "model.name_or_path=Qwen/Qwen2.5-0.5B", "adapter_name_or_path=sft", "use_peft=true"])
+    save_config(cfg, tmp_path / "start" / "resolved.yaml")
+    monkeypatch.chdir(tmp_path)
+    again = load_config(tmp_path / "start" / "resolved.yaml")
+    assert again.data.train.path == str(tmp_path / "start" / "data" / "tr.jsonl")
+    assert [s.path for s in again.data.eval] == [str(tmp_path / "start" / "data" / "tr.jsonl"), "org/hub-set"]
+    assert again.model.adapter_name_or_path == str(tmp_path / "start" / "sft")
+    assert again.model.name_or_path == "Qwen/Qwen2.5-0.5B"
+
+
 def test_reference_needed_only_for_reference_losses(tmp_path):
     assert needs_reference(load_config(write(tmp_path, BASE)))
     assert not needs_reference(load_config(write(tmp_path, BASE), ["loss_type=[simpo,sft]"]))

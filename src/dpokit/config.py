@@ -594,4 +594,18 @@ def needs_reference(config: Config) -> bool:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the resolved config, local paths made absolute: relative ones were found from where the
+    run started (or its config file's folder), and a saved config is read from anywhere."""
+    tree = config.to_dict()
+
+    def absolute(value: str | None) -> str | None:
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    for key in ("name_or_path", "ref_model_name_or_path", "adapter_name_or_path"):
+        tree["model"][key] = absolute(tree["model"][key])
+    for key in ("train", "eval"):
+        for source in tree["data"][key] if isinstance(tree["data"][key], list) else [tree["data"][key]]:
+            if source is not None:
+                source["path"] = absolute(source["path"])
+    tree["run"]["resume_from_checkpoint"] = absolute(tree["run"]["resume_from_checkpoint"])
+    Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))

@@ -83,6 +83,21 @@ def test_resume_continues_exactly(workdir):
             assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
 
 
+def test_resume_between_logged_rows_logs_what_an_uninterrupted_run_logs(workdir):
+    """Logging every 3 steps, saving every 4: the checkpoint at step 4 keeps step 4's statistics and
+    tokens, not logged yet, so the resumed run's row at step 6 (steps 4-6) is the uninterrupted one's."""
+    run_dir = train(run_config(workdir, "resume-window", "max_steps=8", "save_steps=4", "logging_steps=3"))
+    uninterrupted = train_rows(run_dir)
+    train(run_config(workdir, "resume-window", "max_steps=8", "save_steps=4", "logging_steps=3",
+                     f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-4'}"))
+    resumed = train_rows(run_dir)
+    assert [r["step"] for r in resumed] == [3, 6, 8]
+    for ra, rb in zip(uninterrupted, resumed, strict=True):
+        assert ra["tokens"] == rb["tokens"], ra["step"]
+        for key in ("loss", "grad_norm", "rewards/margins", "learning_rate"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-6), (ra["step"], key)
+
+
 def test_an_output_dir_holds_one_run(workdir, capsys):
     """A new run in a folder holding another is refused (it would mix with it: pruning kept the old
     run's higher-numbered checkpoints over the new ones, and `latest` picked them); resuming from an

@@ -68,10 +68,12 @@ def save_checkpoint(
     keep: int | None,
     scaler: torch.amp.GradScaler | None = None,
     model_state: dict | None = None,
+    log_window: dict | None = None,
 ) -> Path:
     """Write ``step-N`` atomically (all processes call this), then keep the newest ``keep``.
     An enabled ``scaler`` (fp16 loss scaling) is saved too. ``optimizer_state`` and ``model_state``
-    are what the main process writes (:mod:`dpokit.sharding`; ``model_state`` None: the model's own)."""
+    are what the main process writes (:mod:`dpokit.sharding`; ``model_state`` None: the model's own);
+    ``log_window`` the steps logged since the last row (:meth:`dpokit.metrics.LogWindow.saved`)."""
     final = checkpoints_dir / f"step-{state.step}"
     tmp = checkpoints_dir / f"step-{state.step}.tmp"
     if accelerator.is_main_process:
@@ -86,7 +88,7 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None and scaler.is_enabled():
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps({**asdict(state), "log_window": log_window}, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -128,7 +130,7 @@ def outputs_to_replace(output_dir: Path, resume_from: Path | None, overwrite: bo
         return [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
     own = resume_from is not None and resume_from.resolve().parent == (output_dir / "checkpoints").resolve()
     if own:
-        step = load_train_state(resume_from).step
+        step = load_train_state(resume_from)[0].step
         return [p for p in list_checkpoints(output_dir / "checkpoints") if int(_STEP_DIR.match(p.name).group(1)) > step]
     found = holds_a_run(output_dir)
     if found:
@@ -154,8 +156,11 @@ def find_checkpoint(spec: str, output_dir: Path) -> Path:
     return path
 
 
-def load_train_state(checkpoint: Path) -> TrainState:
-    return TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
+def load_train_state(checkpoint: Path) -> tuple[TrainState, dict | None]:
+    """The checkpoint's :class:`TrainState` and its steps not logged yet (None in older checkpoints)."""
+    saved = json.loads((checkpoint / STATE_FILE).read_text())
+    log_window = saved.pop("log_window", None)
+    return TrainState(**saved), log_window
 
 
 def read_optimizer_state(checkpoint: Path) -> dict:

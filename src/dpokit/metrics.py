@@ -57,6 +57,24 @@ class LogWindow:
             names, _, lr = self.steps[i]
             self.steps[i], flat = (names, flat[:len(names)], lr), flat[len(names):]
 
+    def saved(self, accelerator) -> dict:
+        """The window as a checkpoint keeps it (values on the host, tokens summed over the processes):
+        a run resumed there logs its next row as the uninterrupted run does. Every process calls it."""
+        self.settle()
+        tokens = int(accelerator.reduce(torch.tensor(self.tokens, device=accelerator.device), "sum"))
+        return {"steps": [list(step) for step in self.steps], "tokens": tokens, "seconds": self.seconds}
+
+    @classmethod
+    def restored(cls, saved: dict | None, accelerator) -> LogWindow:
+        """The window :meth:`saved` kept (an empty one for None); its tokens are the main process's
+        (they are summed across processes again when the row is made)."""
+        window = cls()
+        if saved:
+            window.steps = [(names, values, lr) for names, values, lr in saved["steps"]]
+            window.tokens = saved["tokens"] if accelerator.is_main_process else 0
+            window.seconds = saved["seconds"]
+        return window
+
     def row(self, accelerator) -> dict:
         """The window's logged values: each statistic's mean over the steps that have it, the last
         learning rate, the real tokens of all processes, tokens per training second and the seconds.

@@ -459,9 +459,9 @@ def train(config: Config) -> Path:
     # fp16's dynamic loss scaling; with it off, scale() returns the loss and step() steps
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=t.fp16)
 
-    state = ckpt.TrainState()
+    state, unlogged = ckpt.TrainState(), None
     if resume_from is not None:
-        state = ckpt.load_train_state(resume_from)
+        state, unlogged = ckpt.load_train_state(resume_from)
         load_optimizer_state(accelerator, scorer, optimizer, lambda: ckpt.read_optimizer_state(resume_from))
         ckpt.load_scheduler_and_rng(resume_from, scheduler, accelerator.process_index, scaler)
         say(f"resumed from {resume_from} at step {state.step}")
@@ -486,7 +486,7 @@ def train(config: Config) -> Path:
 
     if r.eval_on_start and state.step == 0:
         run_eval()
-    window = LogWindow()  # training time only: evals and saves are not counted
+    window = LogWindow.restored(unlogged, accelerator)  # training time only: evals and saves are not counted
     while state.step < total_steps:
         batches = global_batches(len(data.train), global_batch, t.seed, state.epoch)
         while state.batch_in_epoch < len(batches) and state.step < total_steps:
@@ -535,7 +535,7 @@ def train(config: Config) -> Path:
             if saves:
                 ckpt.save_checkpoint(accelerator, out / "checkpoints", state, unwrapped.model, tokenizer,
                                      optimizer_state(accelerator, scorer, optimizer), scheduler, r.save_total_limit, scaler,
-                                     full_model_state(accelerator, scorer))
+                                     full_model_state(accelerator, scorer), window.saved(accelerator))
         if state.batch_in_epoch >= len(batches):
             state.epoch += 1
             state.batch_in_epoch = 0

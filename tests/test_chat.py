@@ -83,3 +83,6 @@ def test_long_conversations_drop_the_oldest_exchanges(workdir):
     assert "dropped the 2 oldest" in out.getvalue()
     tiny = Conversation(turns=[{"role": "user", "content": "far too long " * 50}])
     assert _fit_context(tiny, tokenizer, 20, 4, out) is None and tiny.turns == []
+    # a message too long even alone is refused, and the conversation before it is kept whole
+    kept = Conversation(system="sys", turns=turns[:-1] + [{"role": "user", "content": "far too long " * 50}])
+    assert _fit_context(kept, tokenizer, limit, 4, out) is None and kept.turns == turns[:-1]

@@ -316,6 +316,10 @@ def test_fsdp_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--fsdp", "0"])
     assert "--fsdp" in capsys.readouterr().err
+    for flag, value in (("--gpu-memory", "0"), ("--lora-r", "-4"), ("--lora-dropout", "1.5"), ("--prompt-length", "-100")):
+        with pytest.raises(SystemExit):  # refused in one line, not a traceback or impossible numbers
+            main([*args, flag, value])
+        assert f"dpokit: error: {flag}: {value};" in capsys.readouterr().err
 
 
 def test_tokens_replaces_the_worst_case(tmp_path, capsys):

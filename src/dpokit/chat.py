@@ -59,20 +59,22 @@ def _streamer(tokenizer, out: IO[str]):
 
 def _fit_context(conversation: Conversation, tokenizer, limit: int | None, max_new_tokens: int, out: IO[str]) -> list[int] | None:
     """Prompt ids of the conversation, dropping the oldest exchanges to leave room for the reply
-    within ``limit`` positions; None (and the last message removed) when even it alone is too long."""
+    within ``limit`` positions; None when even the last message alone is too long (that message is
+    removed, the earlier ones kept)."""
     ids = encode_prompt(conversation.messages(), tokenizer)
+    before = list(conversation.turns)
     dropped = 0
     while limit and len(ids) + max_new_tokens > limit and len(conversation.turns) > 1:
         del conversation.turns[:2]  # the oldest user message and its reply
         dropped += 1
         ids = encode_prompt(conversation.messages(), tokenizer)
-    if dropped:
-        out.write(f"(dropped the {dropped} oldest exchange(s) to fit the model's context of {limit} tokens)\n")
     if limit and len(ids) + max_new_tokens > limit:
-        conversation.turns.pop()
+        conversation.turns[:] = before[:-1]  # keep the conversation; refuse only the new message
         out.write(f"(that message is too long for the model's context of {limit} tokens with "
                   f"max_new_tokens {max_new_tokens}; say something shorter)\n")
         return None
+    if dropped:
+        out.write(f"(dropped the {dropped} oldest exchange(s) to fit the model's context of {limit} tokens)\n")
     return ids
 
 

@@ -110,8 +110,11 @@ def _eval(args) -> None:
     from accelerate import PartialState
 
     from dpokit.evaluate import evaluate_model
+    from dpokit.config import ConfigError
     from dpokit.resolve import output_dir, write_text_atomic
 
+    if args.output and Path(args.output).is_dir():  # said before any model is loaded
+        raise ConfigError(f"--output {args.output} is a folder: give the JSON file to write, e.g. {Path(args.output) / 'eval.json'}")
     report, model = evaluate_model(args.model, args.reference, args.data, args.split, args.max_pairs,
                                    args.batch_size, args.max_length, args.beta, args.dtype)
     # launched on several processes: every one holds the same report, and what is left is the main

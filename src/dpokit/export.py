@@ -23,6 +23,8 @@ def export_model(source: str, out: str | Path, merge: bool, dtype: str = "float3
     if model.is_adapter and not merge:
         raise ConfigError(f"{model.path} is a LoRA adapter: pass --merge to write base + adapter as one model")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder: choose a new folder for the model")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty: choose a new folder")
     config = ModelConfig(dtype=dtype)

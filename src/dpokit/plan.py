@@ -570,6 +570,14 @@ def run(args) -> None:
         raise ConfigError(f"--fsdp: {args.fsdp} processes; give 1 or more")
     if args.tokens is not None and args.tokens < 1:
         raise ConfigError(f"--tokens: {args.tokens}; give the tokens of one micro-batch (1 or more)")
+    if gpu is not None and gpu <= 0:
+        raise ConfigError(f"--gpu-memory: {args.gpu_memory}; give the memory of one device, more than 0 (e.g. 80GB)")
+    if args.lora_r is not None and args.lora_r < 1:
+        raise ConfigError(f"--lora-r: {args.lora_r}; a LoRA rank is 1 or more")
+    if args.lora_dropout is not None and not 0 <= args.lora_dropout < 1:
+        raise ConfigError(f"--lora-dropout: {args.lora_dropout}; a dropout probability is in [0, 1)")
+    if args.prompt_length < 0:
+        raise ConfigError(f"--prompt-length: {args.prompt_length}; give the typical prompt tokens (0 or more)")
     plan = plan_from_config(config, gpu_memory=gpu, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                             lora_dropout=args.lora_dropout, lora_targets=args.lora_target, prompt_length=args.prompt_length,
                             fsdp=args.fsdp, tokens=args.tokens)

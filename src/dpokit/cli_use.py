@@ -109,8 +109,8 @@ def _settings(args):
 def _eval(args) -> None:
     from accelerate import PartialState
 
-    from dpokit.evaluate import evaluate_model
     from dpokit.config import ConfigError
+    from dpokit.evaluate import evaluate_model
     from dpokit.resolve import output_dir, write_text_atomic
 
     if args.output and Path(args.output).is_dir():  # said before any model is loaded

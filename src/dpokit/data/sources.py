@@ -22,8 +22,9 @@ from typing import Any, Callable
 
 from dpokit.config import DataSource
 
-FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
-"""Local file types, by suffix; ``.ndjson`` is JSON Lines, and a text type may be gzipped (``.jsonl.gz``)."""
+TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
+"""Local text file types, by suffix (``.ndjson`` is JSON Lines); each may be gzipped (``.jsonl.gz``)."""
+FILE_SUFFIXES = (*TEXT_SUFFIXES, ".parquet")
 
 MAX_SHOWN = 5
 """How many problem messages :class:`Problems` keeps to show."""
@@ -165,7 +166,7 @@ def file_type(path: Path) -> str:
     through for the text types), or ``""``."""
     suffixes = [s.lower() for s in path.suffixes[-2:]]
     if suffixes[-1:] == [".gz"]:
-        return suffixes[0] if len(suffixes) == 2 and suffixes[0] in (".jsonl", ".ndjson", ".json", ".csv") else ""
+        return suffixes[0] if len(suffixes) == 2 and suffixes[0] in TEXT_SUFFIXES else ""
     return suffixes[-1] if suffixes and suffixes[-1] in FILE_SUFFIXES else ""
 
 

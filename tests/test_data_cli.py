@@ -62,6 +62,20 @@ def test_inspect_a_file(tmp_path, tokenizer_dir, capsys):
     assert "\x1b[" not in out  # not a terminal: no colour codes
 
 
+def test_inspect_reports_a_dataset_with_no_usable_pair_whole(tmp_path, tokenizer_dir, capsys):
+    """Every row dropped: the report still shows why (the reasons, the bad rows), then the command fails."""
+    path = write_jsonl(tmp_path / "none.jsonl", [{"prompt": "Hi", "chosen": "Same", "rejected": "Same"},
+                                                 {"prompt": "Hi", "chosen": "", "rejected": "No"}])
+    with pytest.raises(SystemExit) as e:
+        main(["data", "inspect", path, f"model.name_or_path={tokenizer_dir}"])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert f"train: {path}\n  format      standard (detected from the first row)\n  rows        2 read -> 0 pairs\n" in captured.out
+    assert "  dropped     1 chosen_equals_rejected, 1 empty\n" in captured.out
+    assert f"    {path}, line 2: 'chosen' is empty" in captured.out and "  example" not in captured.out
+    assert f"no usable pair in train ({path}): training would stop there" in captured.err
+
+
 class FakeTerminal(io.StringIO):
     def isatty(self) -> bool:
         return True

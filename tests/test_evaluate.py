@@ -84,12 +84,13 @@ def test_plain_model_needs_reference_and_data(workdir, capsys):
 
 
 def test_paths_that_cannot_be_written_are_refused_before_loading(workdir, tmp_path, capsys):
-    """eval --output naming a folder, export --merge naming a file: one line saying what to give."""
+    """eval --output naming a folder, export --merge and compare --output-dir naming a file: one line saying what to give."""
     model = str(workdir / "model")
     err = _exit_message(["eval", model, "--reference", model, "--data", str(workdir / "eval.jsonl"), "--output", str(tmp_path)], capsys)
     assert f"--output {tmp_path} is a folder: give the JSON file to write" in err
     (tmp_path / "afile").write_text("")
     assert "afile is a file, not a folder" in _exit_message(["export", model, "--merge", str(tmp_path / "afile")], capsys)
+    assert "afile is a file, not a folder" in _exit_message(["compare", model, "--reference", model, "--from-data", str(workdir / "eval.jsonl"), "--output-dir", str(tmp_path / "afile")], capsys)
 
 
 def test_lora_adapter_without_peft_says_how_to_install(workdir, tmp_path, capsys, monkeypatch):

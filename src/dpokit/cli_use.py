@@ -138,6 +138,8 @@ def _compare(args) -> None:
     from dpokit.resolve import output_dir
 
     settings = _settings(args)
+    if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():  # said before generating
+        raise ConfigError(f"--output-dir {args.output_dir} is a file, not a folder: give the folder compare.md and compare.jsonl go into")
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
     if args.prompts:

@@ -4,7 +4,8 @@
 included) on a config's datasets or on one dataset, with ``on_error=skip`` so every bad row is
 counted, and prints the detected format, row counts, drops by reason, token length percentiles
 before truncation, how many pairs exceed ``max_length``, and one rendered example with the
-prompt/reply boundary visible. ``convert`` writes the normalized pairs as TRL-shaped JSON lines.
+prompt/reply boundary visible (a dataset with no usable pair is reported whole, then the command
+fails as training would). ``convert`` writes the normalized pairs as TRL-shaped JSON lines.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ def inspect(source: str, overrides: list[str], out: TextIO) -> None:
     from dpokit.config import data_sources
     from dpokit.data.cache import tokenizer_fingerprint
     from dpokit.data.pipeline import prepare_source, weighted_count
+    from dpokit.data.sources import DataError
     from dpokit.modeling import load_tokenizer
 
     config = _config_for(source, overrides)
@@ -196,13 +198,15 @@ def inspect(source: str, overrides: list[str], out: TextIO) -> None:
           f"(inspect skips bad rows to show them all) system_prompt={d.system_prompt!r}", file=out)
     scan = dataclasses.replace(d, on_error="skip")
     tokenizer_id = tokenizer_fingerprint(tokenizer) if d.cache else None
-    counts = []
+    counts, unusable = [], []
     for kind, sources in (("train", data_sources(d.train)), ("eval", data_sources(d.eval))):
         for i, src in enumerate(sources):
             label = kind if len(sources) == 1 else f"{kind}[{i}]"
-            pairs, stats = prepare_source(src, scan, tokenizer, tokenizer_id)
+            pairs, stats = prepare_source(src, scan, tokenizer, tokenizer_id, allow_empty=True)
             if kind == "train":
                 counts.append((label, len(pairs), src.weight))
+            if not pairs:
+                unusable.append(f"{label} ({stats.origin})")
             print("", file=out)
             print("\n".join(_source_report(label, stats, pairs, tokenizer, d, out)), file=out)
     if len(counts) > 1 or any(w != 1 for _, _, w in counts):
@@ -210,6 +214,8 @@ def inspect(source: str, overrides: list[str], out: TextIO) -> None:
         print(f"\nmix: {mix}; {sum(weighted_count(n, w) for _, n, w in counts)} train pairs", file=out)
     if d.eval is None and d.eval_fraction > 0:
         print(f"eval: {d.eval_fraction:g} of the train pairs are held out by seed before weighting", file=out)
+    if unusable:
+        raise DataError(f"no usable pair in {', '.join(unusable)}: training would stop there (the report above says why)")
 
 
 # ----------------------------------------------------------------------------- convert

@@ -86,9 +86,10 @@ def _settings(source: DataSource, config: DataConfig) -> dict[str, Any]:
 
 
 def prepare_source(
-    source: DataSource, config: DataConfig, tokenizer: Any, tokenizer_id: str | None = None
+    source: DataSource, config: DataConfig, tokenizer: Any, tokenizer_id: str | None = None, allow_empty: bool = False
 ) -> tuple[list[TokenizedPair], SourceStats]:
-    """Return the tokenized pairs of one dataset and its counts; :class:`DataError` if none survive.
+    """Return the tokenized pairs of one dataset and its counts; :class:`DataError` if none survive
+    (unless ``allow_empty``: ``dpokit data inspect`` reports such a dataset whole).
 
     With ``config.cache`` the result is read from, or written to, the cache;
     ``tokenizer_id`` (from :func:`dpokit.data.cache.tokenizer_fingerprint`) saves recomputing it.
@@ -125,12 +126,12 @@ def prepare_source(
         notes.append(f"data.system_prompt is not used for {opened.origin}: its pairs are plain text ({result.format}), which has no roles")
     stats = SourceStats(opened.origin, rows=len(rows.rows) + rows.problems.total, dropped=dropped, tokenize=tstats,
                         format=result.format, detected=result.detected, problems=problems, notes=notes)
-    if not tokenized:
+    if not tokenized and not allow_empty:
         raise DataError(
             f"no usable pair in {opened.origin}: {stats.summary()}. "
             "Check that chosen and rejected differ, or raise data.max_length / use data.truncation=truncate"
         )
-    if key is not None:
+    if key is not None and tokenized:
         cache.save(key, tokenized, stats.to_dict(), tstats.lengths)
     return tokenized, stats
 

@@ -212,6 +212,44 @@ def test_resolve_builtin_loses_race_gracefully(monkeypatch, tmp_path, tok):
     assert [p.name for p in (tmp_path / "models").iterdir()] == [target.name]  # temp removed
 
 
+BUILD_IN_A_PROCESS_GROUP = """
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from dpokit import tiny
+from dpokit.data.cache import tokenizer_fingerprint
+from dpokit.modeling import load_tokenizer
+from dpokit.config import ModelConfig
+
+dist.init_process_group("gloo")
+rank, out = dist.get_rank(), Path(sys.argv[1])
+tiny.build_tiny_model(out / f"own-{rank}", arch="llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=64)
+assert tiny._is_complete(out / f"own-{rank}"), sorted(p.name for p in (out / f"own-{rank}").iterdir())
+found = [None, None]
+dist.all_gather_object(found, tokenizer_fingerprint(load_tokenizer(ModelConfig(name_or_path="builtin:tiny-qwen2"))))
+assert found[0] == found[1], found
+dist.destroy_process_group()
+"""
+
+
+def test_every_process_of_a_run_builds_a_whole_model(tmp_path, monkeypatch):
+    """In a process group transformers writes weights only on rank 0: a tiny model built by another
+    process (a second machine's first use) lacked its weights, and two processes resolving a
+    ``builtin:`` model at once could leave that half model in the cache for both to load."""
+    from runs import accelerate_launch
+
+    script = tmp_path / "build.py"
+    script.write_text(BUILD_IN_A_PROCESS_GROUP)
+    env_cache = tmp_path / "cache"
+    monkeypatch.setenv("DPOKIT_CACHE", str(env_cache))
+    accelerate_launch(str(script), str(tmp_path), timeout=300)
+    (built,) = (env_cache / "models").iterdir()
+    assert tiny._is_complete(built)
+
+
 # ----------------------------------------------------------------------------- data
 
 

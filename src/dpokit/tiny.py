@@ -170,6 +170,9 @@ def _write_model(out: Path, *, seed: int, tokenizer=None, **spec) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(
         bos_token_id=None, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    # transformers 5 writes weights only on rank 0 of a process group; every process of a run may build
+    # its machine's copy (each into its own folder), so this one writes them wherever it runs
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar for a one-file model
     try:
@@ -178,6 +181,8 @@ def _write_model(out: Path, *, seed: int, tokenizer=None, **spec) -> None:
         if bar:
             hf_logging.enable_progress_bar()
     tok.save_pretrained(out)
+    if not _is_complete(out):
+        raise OSError(f"building a tiny model wrote only {sorted(f.name for f in out.iterdir())} into {out}")
     for f in out.iterdir():  # safetensors writes 0600; make the folder readable like the rest
         os.chmod(f, 0o644)
 
@@ -222,13 +227,15 @@ def build_tiny_model(
                      max_position_embeddings=max_position_embeddings,
                      tie_word_embeddings=tie_word_embeddings, seed=seed, tokenizer=tokenizer)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if out.is_dir() and any(out.iterdir()):  # overwrite: swap the old folder out first
+        if overwrite and out.is_dir() and any(out.iterdir()):  # swap the old folder out first
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(tmp, out)  # atomic; onto an empty folder too
+            # atomic; onto an empty folder too. A folder another process filled meanwhile makes it
+            # fail (OSError) rather than be replaced under a reader.
+            os.rename(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

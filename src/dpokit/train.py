@@ -424,7 +424,8 @@ def train(config: Config) -> Path:
     if config.model.attn_implementation == VARLEN_ATTENTION and not torch.cuda.is_available():
         say(f"note: without CUDA, {VARLEN_ATTENTION} runs its exact per-sequence sdpa loop instead of the flash kernel "
             "(slower than attn_implementation=sdpa here)")
-    tokenizer = load_tokenizer(config.model)
+    with accelerator.local_main_process_first():  # a builtin: model is built once per machine
+        tokenizer = load_tokenizer(config.model)
     with accelerator.main_process_first():
         data = load_data(config.data, tokenizer, t.seed, log=say)
     pad_id = tokenizer.pad_token_id

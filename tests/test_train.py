@@ -160,6 +160,31 @@ def test_first_epoch_micro_batches_are_trainings_then_the_rest():
         assert sorted(i for batches in mine for b in batches for i in b) == list(range(23))  # every pair once
 
 
+PER_MACHINE_CACHE = """
+import os
+import sys
+
+os.environ["DPOKIT_CACHE"] = sys.argv[1] + os.environ["RANK"]  # as on machines with a cache each
+from dpokit.cli import main
+
+main(sys.argv[2:])
+"""
+
+
+def test_processes_compute_the_reference_together_when_one_lacks_the_cache(workdir, tmp_path, monkeypatch):
+    """The reference table in one process's cache and not another's (each machine's own disk): the
+    processes agree to compute it; one that read it went on to train while another computed, a hang."""
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache0"))
+    one = train(run_config(workdir, "own-cache", "per_device_train_batch_size=4", "max_steps=1"))
+    assert (tmp_path / "cache0" / "reference").is_dir()
+    script = tmp_path / "per_machine_cache.py"
+    script.write_text(PER_MACHINE_CACHE)
+    result = accelerate_launch(str(script), str(tmp_path / "cache"), "train",
+                               *run_args(workdir, "two-caches", "per_device_train_batch_size=2", "max_steps=1"), timeout=300)
+    assert "reference: train log-probs of" in result.stdout and "computed in" in result.stdout
+    assert read_rows(workdir / "two-caches")[0]["loss"] == pytest.approx(read_rows(one)[0]["loss"], abs=1e-5)
+
+
 def test_two_processes_match_one(workdir):
     """2 CPU processes (gloo) with half the per-device batch give the same curve as 1 process.
 

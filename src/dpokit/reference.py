@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable
@@ -149,21 +150,38 @@ def cached_table(
     batching: str = "",
 ) -> torch.Tensor:
     """The [N, 2] table for ``pairs`` from the disk cache, or ``compute()`` it and store it.
-    ``batching`` names how the pairs were batched, where that changes the numbers (16-bit compute)."""
+    ``batching`` names how the pairs were batched, where that changes the numbers (16-bit compute).
+
+    The processes decide together (``compute`` is collective): the table is read only when every one
+    finds it, as a cache on each machine's own disk may hold it on one machine and not another. Each
+    machine's first process writes it, so every machine's cache fills."""
     key = xxhash.xxh3_128(f"{model_fingerprint}:{fingerprint_pairs(pairs)}:{batching}".encode()).hexdigest()
     path = cache_dir() / f"{key}.pt"
-    if path.is_file():
-        table = torch.load(path, weights_only=True)
-        if table.shape == (len(pairs), 2):
-            log(f"reference: {what} log-probs of {len(pairs)} pairs loaded from {path}")
-            return table
+    table = _read_table(path, len(pairs))
+    found = torch.tensor([table is not None], dtype=torch.float32, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        found = accelerator.gather(found)
+    if bool(found.all()):
+        log(f"reference: {what} log-probs of {len(pairs)} pairs loaded from {path}")
+        return table
     start = time.perf_counter()
     table = compute()
-    if accelerator.is_main_process:
+    if accelerator.is_local_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # machines may share the folder
         torch.save(table, tmp)
         os.replace(tmp, path)
     accelerator.wait_for_everyone()
     log(f"reference: {what} log-probs of {len(pairs)} pairs computed in {time.perf_counter() - start:.1f}s, cached at {path}")
     return table
+
+
+def _read_table(path: Path, n_pairs: int) -> torch.Tensor | None:
+    """The cached [N, 2] table at ``path``, or None where there is none of that shape (or it cannot be read)."""
+    if not path.is_file():
+        return None
+    try:
+        table = torch.load(path, weights_only=True)
+    except Exception:  # a damaged file: computed again and replaced
+        return None
+    return table if isinstance(table, torch.Tensor) and table.shape == (n_pairs, 2) else None

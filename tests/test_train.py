@@ -83,6 +83,24 @@ def test_resume_continues_exactly(workdir):
             assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
 
 
+def test_resume_refuses_a_position_that_means_other_pairs(workdir, capsys):
+    """A checkpoint's place in the data counts global batches of the run that wrote it: resumed with
+    another global batch (e.g. on another number of processes) or other training pairs, it trained
+    some pairs twice and others never, silently."""
+    run_dir = train(run_config(workdir, "resume-other-batch", "save_steps=2"))
+    step = run_dir / "checkpoints" / "step-2"
+    for changes, said in ((["per_device_train_batch_size=2"], "was trained with a global batch of 4 pairs; this run's "
+                                                               "is 2 (2 x 1 processes x 1 accumulation)"),
+                          (["data.eval=null", "eval_fraction=0.25"], "was trained on 48 training pairs; this run has 36")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", *run_args(workdir, "resume-other-batch", "save_steps=2", *changes, f"resume_from_checkpoint={step}")])
+        assert e.value.code == 2 and f"{step} {said}" in capsys.readouterr().err
+    # the same global batch made another way resumes
+    train(run_config(workdir, "resume-other-batch", "save_steps=2", "per_device_train_batch_size=2",
+                     "gradient_accumulation_steps=2", f"resume_from_checkpoint={step}"))
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4]
+
+
 def test_resume_between_logged_rows_logs_what_an_uninterrupted_run_logs(workdir):
     """Logging every 3 steps, saving every 4: the checkpoint at step 4 keeps step 4's statistics and
     tokens, not logged yet, so the resumed run's row at step 6 (steps 4-6) is the uninterrupted one's."""

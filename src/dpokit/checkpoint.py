@@ -25,11 +25,14 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 @dataclass
 class TrainState:
-    """Where the run is: optimizer steps done, epoch, and global batches done in that epoch."""
+    """Where the run is: optimizer steps done, epoch, and global batches done in that epoch; and what
+    that position counts in: pairs per global batch and training pairs (0 in older checkpoints)."""
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    global_batch: int = 0
+    train_pairs: int = 0
 
 
 def rng_state() -> dict:
@@ -161,6 +164,27 @@ def load_train_state(checkpoint: Path) -> tuple[TrainState, dict | None]:
     saved = json.loads((checkpoint / STATE_FILE).read_text())
     log_window = saved.pop("log_window", None)
     return TrainState(**saved), log_window
+
+
+def check_same_position(state: TrainState, global_batch: int, train_pairs: int, checkpoint: Path, batch_shape: str) -> None:
+    """Refuse to resume ``state`` (from ``checkpoint``) where its position in the data means other
+    pairs: another global batch (``batch_shape`` says how this run's is made) or another number of
+    training pairs. A :class:`~dpokit.config.ConfigError` says what to give."""
+    from dpokit.config import ConfigError
+
+    if state.global_batch and state.global_batch != global_batch:
+        raise ConfigError(
+            f"{checkpoint} was trained with a global batch of {state.global_batch} pairs; this run's is {global_batch} "
+            f"({batch_shape}), so its position in the data would resume at other pairs (some trained twice, some "
+            f"never): resume with per_device_train_batch_size x processes x gradient_accumulation_steps = {state.global_batch}"
+        )
+    if state.train_pairs and state.train_pairs != train_pairs:
+        raise ConfigError(
+            f"{checkpoint} was trained on {state.train_pairs} training pairs; this run has {train_pairs}: the data or its "
+            "settings (max_length, truncation, eval_fraction, ...) changed since, and the checkpoint's position in the data "
+            "would point at other pairs. Resume with the data and settings of that run, or start a new run from its "
+            "model (model.name_or_path=<checkpoint>)"
+        )
 
 
 def read_optimizer_state(checkpoint: Path) -> dict:

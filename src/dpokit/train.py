@@ -445,6 +445,12 @@ def train(config: Config) -> Path:
     world = accelerator.num_processes
     global_batch = pairs_per_step(t, world)
     per_epoch, total_steps = plan_steps(len(data.train), global_batch, config)
+    batch_shape = f"{t.per_device_train_batch_size} x {world} processes x {t.gradient_accumulation_steps} accumulation"
+    state, unlogged = ckpt.TrainState(global_batch=global_batch, train_pairs=len(data.train)), None
+    if resume_from is not None:  # said before any reference pass
+        state, unlogged = ckpt.load_train_state(resume_from)
+        ckpt.check_same_position(state, global_batch, len(data.train), resume_from, batch_shape)
+        state.global_batch, state.train_pairs = global_batch, len(data.train)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
 
     scorer = checked_scorer(policy, config, accelerator)  # checks the model with eager forwards
@@ -460,9 +466,7 @@ def train(config: Config) -> Path:
     # fp16's dynamic loss scaling; with it off, scale() returns the loss and step() steps
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=t.fp16)
 
-    state, unlogged = ckpt.TrainState(), None
     if resume_from is not None:
-        state, unlogged = ckpt.load_train_state(resume_from)
         load_optimizer_state(accelerator, scorer, optimizer, lambda: ckpt.read_optimizer_state(resume_from))
         ckpt.load_scheduler_and_rng(resume_from, scheduler, accelerator.process_index, scaler)
         say(f"resumed from {resume_from} at step {state.step}")
@@ -470,7 +474,7 @@ def train(config: Config) -> Path:
         accelerator.init_trackers("dpokit", config={k: str(v) for k, v in config.to_dict().items()})
     log = MetricsLog(out / "metrics.jsonl", accelerator, keep_until_step=state.step if resume_from else None)
     say(f"training: {len(data.train)} pairs, {per_epoch} steps/epoch, {total_steps} steps, "
-        f"global batch {global_batch} = {t.per_device_train_batch_size} x {world} processes x {t.gradient_accumulation_steps} accumulation")
+        f"global batch {global_batch} = {batch_shape}")
 
     progress = None
     if r.progress_bar and accelerator.is_local_main_process:

@@ -52,11 +52,11 @@ LORA = ("use_peft=true", "lora_r=4", "lora_alpha=8", "lora_dropout=0.0", "lora_t
 
 
 def accelerate_launch(*command: str, launch: tuple[str, ...] = ("--multi_gpu",), processes: int = 2,
-                      timeout: int = 600) -> subprocess.CompletedProcess:
+                      timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """``accelerate launch`` of ``command`` (``-m dpokit train ...``, or a script and its arguments) in
     ``processes`` processes on a free port, with this checkout's ``src`` and ``tests`` importable;
     asserts that it succeeded. ``launch``: how the processes are asked for (``--multi_gpu`` starts
-    several even without GPUs: gloo CPU processes)."""
+    several even without GPUs: gloo CPU processes); ``check=False`` returns a failed launch too."""
     root = Path(__file__).parents[1]
     paths = [str(root / "src"), str(root / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep the caller's
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(paths)}
@@ -67,7 +67,7 @@ def accelerate_launch(*command: str, launch: tuple[str, ...] = ("--multi_gpu",),
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, f"--num_processes={processes}", "--num_machines=1",
            "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}", *command]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0 or not check, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
 

@@ -203,6 +203,20 @@ def test_processes_compute_the_reference_together_when_one_lacks_the_cache(workd
     assert read_rows(workdir / "two-caches")[0]["loss"] == pytest.approx(read_rows(one)[0]["loss"], abs=1e-5)
 
 
+def test_an_error_every_process_has_is_said_once(workdir, capsys, monkeypatch):
+    """A bad config stops every launched process: the first says so, the launcher ends the others
+    before they repeat it; an error of another process alone is said, naming it."""
+    result = accelerate_launch("-m", "dpokit", "train", *run_args(workdir, "said-once", "learnin_rate=1"), timeout=120, check=False)
+    assert result.returncode != 0
+    assert result.stderr.count("unknown config key 'learnin_rate'") == 1, result.stderr[-3000:]
+    import dpokit.cli
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setattr(dpokit.cli, "OTHER_PROCESS_ERROR_DELAY", 0.0)
+    dpokit.cli.say_error("its own data is missing")
+    assert capsys.readouterr().err == "dpokit: error (process 3): its own data is missing\n"
+
+
 def test_two_processes_match_one(workdir):
     """2 CPU processes (gloo) with half the per-device batch give the same curve as 1 process.
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 from dpokit import __version__
@@ -122,11 +124,26 @@ def main(argv: list[str] | None = None) -> None:
 
             run_data(args)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
-        print(f"dpokit: error: {e}", file=sys.stderr)
+        say_error(str(e))
         sys.exit(2)
     except KeyboardInterrupt:
         print("dpokit: interrupted; resume with resume_from_checkpoint=latest", file=sys.stderr)
         sys.exit(130)
+
+
+OTHER_PROCESS_ERROR_DELAY = 5.0
+"""Seconds a launched process other than the first waits before saying its error (see :func:`say_error`)."""
+
+
+def say_error(message: str) -> None:
+    """``dpokit: error: message`` on stderr. A launched process other than the first (``RANK`` > 0)
+    waits first: where the first process has the same error (a bad config stops every process) it
+    says it and the launcher ends the others meanwhile, so eight processes do not print it eight
+    times; an error of that process alone is still said, naming the process."""
+    rank = int(os.environ.get("RANK") or 0)
+    if rank > 0:
+        time.sleep(OTHER_PROCESS_ERROR_DELAY)
+    print(f"dpokit: error{f' (process {rank})' if rank > 0 else ''}: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,12 @@ def test_resume_continues_exactly(workdir):
             assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
 
 
+def test_the_log_says_how_many_pairs_each_epoch_leaves_out(workdir, capsys):
+    train(run_config(workdir, "tail", "per_device_train_batch_size=5", "max_steps=1"))
+    assert ("training: 48 pairs, 9 steps/epoch, 1 steps, global batch 5 = 5 x 1 processes x 1 accumulation; "
+            "each epoch leaves out 3 pairs (its shuffled tail, short of a global batch)\n") in capsys.readouterr().out
+
+
 def test_resume_refuses_a_position_that_means_other_pairs(workdir, capsys):
     """A checkpoint's place in the data counts global batches of the run that wrote it: resumed with
     another global batch (e.g. on another number of processes) or other training pairs, it trained

@@ -473,8 +473,10 @@ def train(config: Config) -> Path:
     if trackers:
         accelerator.init_trackers("dpokit", config={k: str(v) for k, v in config.to_dict().items()})
     log = MetricsLog(out / "metrics.jsonl", accelerator, keep_until_step=state.step if resume_from else None)
+    left_out = len(data.train) - per_epoch * global_batch  # each epoch's tail, a different one per epoch
     say(f"training: {len(data.train)} pairs, {per_epoch} steps/epoch, {total_steps} steps, "
-        f"global batch {global_batch} = {batch_shape}")
+        f"global batch {global_batch} = {batch_shape}"
+        + (f"; each epoch leaves out {left_out} pairs (its shuffled tail, short of a global batch)" if left_out else ""))
 
     progress = None
     if r.progress_bar and accelerator.is_local_main_process:

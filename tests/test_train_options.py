@@ -322,6 +322,94 @@ def test_reference_tables_are_cached_and_keyed_by_data(workdir, capsys, monkeypa
         assert f"reference: train log-probs of 48 pairs {seen}" in capsys.readouterr().out, (batch, seen)
 
 
+class OneProcess:
+    """What :func:`dpokit.reference.cached_table` asks of an Accelerator, for one process."""
+
+    num_processes, is_local_main_process, device = 1, True, torch.device("cpu")
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_reference_table_cache_survives_damage_read_only_disks_and_new_code(monkeypatch, tmp_path):
+    """A damaged table is scored again (it was a traceback); a cache that cannot be written leaves the
+    run its table (it was an error after the whole pass); a table scored by other code is not read."""
+    from dpokit import reference
+    from dpokit.data.tokenize import TokenizedPair
+
+    pairs = [TokenizedPair([1, 2], [3], [4, 5])]
+    scored, said = [], []
+
+    def compute():
+        scored.append(1)
+        return torch.tensor([[-1.5, -2.5]])
+
+    def table():
+        return reference.cached_table("model", pairs, compute, OneProcess(), "train", log=said.append)
+
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    assert table().tolist() == [[-1.5, -2.5]] and len(scored) == 1
+    assert table().tolist() == [[-1.5, -2.5]] and len(scored) == 1 and "loaded from" in said[-1]
+    (stored,) = (tmp_path / "cache" / "reference").iterdir()
+    stored.write_bytes(stored.read_bytes()[:40])  # a damaged file
+    assert table().tolist() == [[-1.5, -2.5]] and len(scored) == 2 and "computed" in said[-1]
+    assert table().tolist() == [[-1.5, -2.5]] and len(scored) == 2  # and replaced
+    monkeypatch.setattr(reference, "scoring_code", lambda: "another release")
+    table()
+    assert len(scored) == 3 and "computed" in said[-1]
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be made
+    assert table().tolist() == [[-1.5, -2.5]] and len(scored) == 4
+    assert "not cached (" in said[-1] and "set DPOKIT_CACHE to a writable folder" in said[-1]
+
+
+def test_reference_fingerprint_sees_the_config_and_every_buffer(tmp_path):
+    """rope_theta, rms_norm_eps, logit soft-capping live in the config (and non-persistent buffers),
+    not in the saved weights: a changed one used to read the old table back."""
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.reference import fingerprint_model
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "m", hidden_size=32, num_hidden_layers=1,
+                                                                  num_attention_heads=2, num_key_value_heads=1))
+    base = fingerprint_model(model)
+    model.config._name_or_path = "somewhere/else"
+    assert fingerprint_model(model) == base  # where it was read from does not score
+    eps, model.config.rms_norm_eps = model.config.rms_norm_eps, 0.1
+    assert fingerprint_model(model) != base
+    model.config.rms_norm_eps = eps
+    assert fingerprint_model(model) == base
+    (name, buffer), *_ = [(n, b) for n, b in model.named_buffers() if n not in model.state_dict()]
+    buffer.mul_(2)  # a non-persistent buffer (rotary inv_freq)
+    assert fingerprint_model(model) != base, name
+
+
+def test_lora_reference_is_the_base_for_any_seed_and_after_resuming(workdir, capsys, monkeypatch, tmp_path):
+    """Fresh adapters leave the base as it was: the table is keyed by the base (not the adapters'
+    random init, so another seed reads it back), and a resumed run scores it with the policy's
+    adapters off instead of loading the base a second time."""
+    import dpokit.train
+    from runs import LORA
+
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    run_dir = train(run_config(workdir, "lora-ref", *LORA, "save_steps=2"))
+    assert "reference: train log-probs of 48 pairs computed" in capsys.readouterr().out
+    train(run_config(workdir, "lora-ref-seed", *LORA, "max_steps=1", "seed=4"))
+    assert "reference: train log-probs of 48 pairs loaded from" in capsys.readouterr().out
+
+    def no_second_model(*args, **kwargs):
+        raise AssertionError("a reference model was loaded")
+
+    monkeypatch.setattr(dpokit.train, "load_reference", no_second_model)
+    uninterrupted = train_rows(run_dir)
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "other-cache"))  # scored again, adapters off
+    train(run_config(workdir, "lora-ref", *LORA, "save_steps=2", f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"))
+    assert "reference: train log-probs of 48 pairs computed" in capsys.readouterr().out
+    for a, b in zip(uninterrupted, train_rows(run_dir), strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+
+
 def test_precomputed_reference_never_copies_the_policy(workdir, monkeypatch):
     import dpokit.train
 

@@ -13,10 +13,14 @@ and data skips the pass.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import json
 import os
 import time
 import uuid
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -56,19 +60,24 @@ class LiveReference(Reference):
             return self.scorer(**batch.model_inputs())
 
 
+@contextmanager
+def adapters_switched_off(scorer: ReplyLogProbs):
+    """``scorer``'s peft model with its LoRA adapters (and trained copies of modules to save) off
+    inside the block: the base model's scores. peft marks the adapters frozen while they are off;
+    FSDP2 chooses its gradient dtypes from what trains at its first forward, which may be this one:
+    they stay marked as training."""
+    trained = [p for p in scorer.parameters() if p.requires_grad]
+    with scorer.model.disable_adapter():
+        for p in trained:
+            p.requires_grad_(True)
+        yield
+
+
 class AdapterOffReference(LiveReference):
     """The policy itself with its LoRA adapters switched off: the base weights exist once."""
 
-    def __init__(self, scorer: ReplyLogProbs):
-        super().__init__(scorer)
-        self.trained = [p for p in scorer.parameters() if p.requires_grad]
-
     def logps(self, batch: Batch, pair_indices: list[int]) -> torch.Tensor:
-        with torch.no_grad(), self.scorer.model.disable_adapter():
-            # peft marks the adapters frozen while they are off; FSDP2 chooses its gradient dtypes
-            # from what trains at its first forward, which may be this one: keep them marked
-            for p in self.trained:
-                p.requires_grad_(True)
+        with torch.no_grad(), adapters_switched_off(self.scorer):
             return self.scorer(**batch.model_inputs())
 
 
@@ -91,12 +100,27 @@ def as_reference(reference) -> Reference:
     return reference
 
 
-def fingerprint_model(model: torch.nn.Module) -> str:
-    """Content hash of every parameter and buffer (name, dtype, shape, bytes) plus the attention
-    implementation: equal fingerprints score equally."""
+NOT_SCORING = ("_name_or_path", "_commit_hash", "transformers_version", "use_cache")
+"""Config entries that do not change a model's scores (where it was read from, generation's cache)."""
+
+
+def fingerprint_model(model: torch.nn.Module, adapters_off: bool = False) -> str:
+    """Content hash of what decides ``model``'s scores: its config (rope, norm epsilon, logit scaling
+    and soft-capping live only there; less :data:`NOT_SCORING`), the attention implementation and every
+    parameter and buffer (name, dtype, shape, bytes; non-persistent buffers too): equal fingerprints
+    score equally. ``adapters_off``: of a peft model as it scores with its adapters switched off (the
+    base's names; LoRA tensors and trained copies of modules to save left out), so fresh adapters of
+    any seed, and the same adapters after training, hash as their base."""
     h = xxhash.xxh3_128()
     h.update(str(getattr(model.config, "_attn_implementation", "")).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    settings = {k: v for k, v in model.config.to_dict().items() if k not in NOT_SCORING}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    tensors = {**model.state_dict(), **dict(model.named_buffers())}
+    for name, tensor in sorted(tensors.items()):
+        if adapters_off:
+            if "lora_" in name or ".modules_to_save." in name:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -155,7 +179,7 @@ def cached_table(
     The processes decide together (``compute`` is collective): the table is read only when every one
     finds it, as a cache on each machine's own disk may hold it on one machine and not another. Each
     machine's first process writes it, so every machine's cache fills."""
-    key = xxhash.xxh3_128(f"{model_fingerprint}:{fingerprint_pairs(pairs)}:{batching}".encode()).hexdigest()
+    key = xxhash.xxh3_128(f"{model_fingerprint}:{fingerprint_pairs(pairs)}:{batching}:{scoring_code()}".encode()).hexdigest()
     path = cache_dir() / f"{key}.pt"
     table = _read_table(path, len(pairs))
     found = torch.tensor([table is not None], dtype=torch.float32, device=accelerator.device)
@@ -166,14 +190,43 @@ def cached_table(
         return table
     start = time.perf_counter()
     table = compute()
+    stored = f"cached at {path}"
     if accelerator.is_local_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # machines may share the folder
+        try:
+            _write_table(table, path)
+        except OSError as e:  # a read-only or full disk: the run goes on with the table it holds
+            stored = f"not cached ({e}; set DPOKIT_CACHE to a writable folder to keep it)"
+    accelerator.wait_for_everyone()
+    log(f"reference: {what} log-probs of {len(pairs)} pairs computed in {time.perf_counter() - start:.1f}s, {stored}")
+    return table
+
+
+def _write_table(table: torch.Tensor, path: Path) -> None:
+    """``table`` to ``path`` through a temporary file beside it (machines may share the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
         torch.save(table, tmp)
         os.replace(tmp, path)
-    accelerator.wait_for_everyone()
-    log(f"reference: {what} log-probs of {len(pairs)} pairs computed in {time.perf_counter() - start:.1f}s, cached at {path}")
-    return table
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@functools.lru_cache(maxsize=1)
+def scoring_code() -> str:
+    """A hash of dpokit's code and the torch, transformers and peft releases: a table scored by other
+    code (a fixed bug, another kernel) is not read back."""
+    h = xxhash.xxh3_128()
+    for name in ("torch", "transformers", "peft"):
+        try:
+            h.update(f"{name} {importlib.metadata.version(name)};".encode())
+        except importlib.metadata.PackageNotFoundError:
+            h.update(f"{name} none;".encode())
+    package = Path(__file__).parent
+    for source in sorted(package.rglob("*.py")):
+        h.update(str(source.relative_to(package)).encode())
+        h.update(source.read_bytes())
+    return h.hexdigest()
 
 
 def _read_table(path: Path, n_pairs: int) -> torch.Tensor | None:

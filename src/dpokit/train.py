@@ -33,6 +33,7 @@ from dpokit.reference import (
     NoReference,
     Reference,
     TableReference,
+    adapters_switched_off,
     as_reference,
     cached_table,
     compute_table,
@@ -200,6 +201,7 @@ class StartingReference:
 
     model: torch.nn.Module | None = None
     fingerprint: str | None = None
+    adapters_off: bool = False  # the policy scores it with its (fresh) LoRA adapters switched off
 
 
 def starting_reference(config: Config, policy, resumed: bool, sharded: bool = False, accelerator=None) -> StartingReference:
@@ -209,7 +211,9 @@ def starting_reference(config: Config, policy, resumed: bool, sharded: bool = Fa
     its adapters off: nothing to take). The fingerprint names how 16-bit compute is done (autocast,
     or FSDP2's mixed-precision policy when ``sharded``): each scores a little differently. Where only
     the main process holds the weights (:func:`weights_on_main_only` of ``accelerator``), the others
-    build the reference empty and take the main process's fingerprint."""
+    build the reference empty and take the main process's fingerprint. Fresh LoRA adapters (no starting
+    adapter) leave the base as it was: the reference is the policy with its adapters off, resumed or not,
+    so the base is never loaded twice."""
     t = config.training
     if not needs_reference(config) or adapters_off_reference(config):
         return StartingReference()
@@ -218,13 +222,16 @@ def starting_reference(config: Config, policy, resumed: bool, sharded: bool = Fa
     own_policy = not config.model.ref_model_name_or_path and not resumed
     if not t.precompute_ref_log_probs:
         return StartingReference(load_reference(config.model, policy if own_policy else None, empty=empty))
-    model = None if own_policy else load_reference(config.model, empty=empty)
+    m = config.model
+    adapters_off = uses_peft(m) and not m.adapter_name_or_path and not m.ref_model_name_or_path
+    model = None if own_policy or adapters_off else load_reference(m, empty=empty)
     precision = autocast_dtype(t)
     how = "fsdp2" if sharded else "autocast"
-    fingerprint = [None if empty else fingerprint_model(model or policy)]
+    fingerprint = [None if empty else fingerprint_model(model or policy, adapters_off=adapters_off)]
     if main_only:
         broadcast_object_list(fingerprint)
-    return StartingReference(model, fingerprint[0] + (f":{str(precision).replace('torch.', '')}-{how}" if precision else ""))
+    suffix = f":{str(precision).replace('torch.', '')}-{how}" if precision else ""
+    return StartingReference(model, fingerprint[0] + suffix, adapters_off)
 
 
 def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingReference, data, accelerator, pad_id: int,
@@ -255,7 +262,8 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
     def table(pairs: list[TokenizedPair], what: str, batches: list[list[int]], batching: str) -> TableReference:
         def compute() -> torch.Tensor:
             with forward_precision(config.training, accelerator):  # scored as training will score the policy
-                return compute_table(scorer, pairs, build, batches, accelerator)
+                with adapters_switched_off(scorer) if start.adapters_off else nullcontext():
+                    return compute_table(scorer, pairs, build, batches, accelerator)
 
         # in 16 bits another batching gives other last bits: then it is part of the cache key
         key = f"{batch_layout(t)}:{config.data.max_length}:{batching}" if sixteen_bit else ""

@@ -132,7 +132,10 @@ def prepare_source(
             "Check that chosen and rejected differ, or raise data.max_length / use data.truncation=truncate"
         )
     if key is not None and tokenized:
-        cache.save(key, tokenized, stats.to_dict(), tstats.lengths)
+        try:
+            cache.save(key, tokenized, stats.to_dict(), tstats.lengths)
+        except OSError as e:  # a read-only or full disk: the pairs are still here
+            stats.notes.append(f"the tokenized pairs were not cached ({e}): set DPOKIT_CACHE to a writable folder, or data.cache=false")
     return tokenized, stats
 
 

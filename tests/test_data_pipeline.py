@@ -114,6 +114,16 @@ def test_eval_list_of_sources(tmp_path, chat_tokenizer, private_cache):
 # ----------------------------------------------------------------------------- cache
 
 
+def test_a_cache_that_cannot_be_written_is_said_not_fatal(tmp_path, chat_tokenizer, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be made
+    path = write_jsonl(tmp_path / "t.jsonl", chat_rows(6))
+    lines: list[str] = []
+    data = load_data(DataConfig(train=DataSource(path), max_length=64), chat_tokenizer, seed=0, log=lines.append)
+    assert len(data.train) == 6
+    assert any(line.startswith("data: note: the tokenized pairs were not cached (") and "data.cache=false" in line for line in lines)
+
+
 def test_second_load_comes_from_the_cache(tmp_path, chat_tokenizer, private_cache, monkeypatch):
     path = write_jsonl(tmp_path / "t.jsonl", chat_rows(6))
     config = DataConfig(train=DataSource(path), max_length=64)

@@ -122,7 +122,7 @@ def fingerprint_model(model: torch.nn.Module, adapters_off: bool = False) -> str
                 continue
             name = name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".original_module.", ".")
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # 0-d too
     return h.hexdigest()
 
 

@@ -272,7 +272,7 @@ def test_row_check_refuses_a_model_that_ignores_dpokits_mask(monkeypatch):
     drop_4d_masks(monkeypatch, model)
     wrong = ReplyLogProbs(model)(**make_batch(pairs, "prefix_padded").model_inputs())
     assert (wrong - naive_logps(model, pairs)).abs().max() > 1e-2  # what the check prevents
-    with pytest.raises(ConfigError, match="ignores dpokit's attention mask .* set training.prefix_sharing=false"):
+    with pytest.raises(ConfigError, match="ignores dpokit's attention mask.* set training.prefix_sharing=false"):
         check_rows_kept_apart(model, "prefix_padded")
     assert check_rows_kept_apart(model, "packed") is False  # position ids still keep packed rows apart
 
@@ -286,14 +286,14 @@ def test_reply_scorer_checks_the_model_as_training_runs_it(monkeypatch, prefix_s
     from dpokit.train import reply_scorer
 
     seen = []
-    for name in ("_head_reproduces_logits", "_rows_kept_apart"):
+    for name in ("_head_reproduces_logits", "_rows_kept_apart", "_shared_row_kept_apart"):
         probe = getattr(dpokit.logps, name)
         monkeypatch.setattr(dpokit.logps, name, lambda model, *a, probe=probe, name=name, **kw: (
             seen.append((name, torch.is_autocast_enabled("cpu"))), probe(model, *a, **kw))[1])
     model, training = tiny_lm(), TrainingConfig(bf16=True, padding_free=True, prefix_sharing=prefix_sharing)
-    assert reply_scorer(model, training).chunked
-    assert reply_scorer(model, training).chunked
-    assert seen == [("_rows_kept_apart", True), ("_head_reproduces_logits", True)]
+    assert reply_scorer(model, training, 1024).chunked
+    assert reply_scorer(model, training, 1024).chunked
+    assert seen == [("_shared_row_kept_apart" if prefix_sharing else "_rows_kept_apart", True), ("_head_reproduces_logits", True)]
 
 
 @pytest.mark.parametrize("layout", ["padded", "prefix_packed"])
@@ -439,3 +439,63 @@ def test_backward_keeps_no_vocabulary_sized_tensor():
     assert sum(saved) < n * v / 4
     naive = torch.log_softmax(hidden @ head.weight.T, -1).gather(1, targets[:, None]).squeeze(1)
     torch.testing.assert_close(token_logps(hidden, head, targets, chunk_size=64), naive, atol=1e-5, rtol=0)
+
+
+def tiny_of(model_type: str, attn: str = "sdpa", **overrides):
+    """A 2-layer random ``model_type`` model in float32, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    config = AutoConfig.for_model(model_type, **(base | overrides))
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
+
+
+def test_row_checks_compare_with_each_sequence_alone():
+    """Being nearer to a sequence alone than to the mixed row is not enough: ALiBi (attention by column
+    distance) and a sliding window shorter than the row break prefix-shared rows only; hybrid linear
+    attention carries its state from one packed sequence into the next. Each used to pass, and train
+    on log-probs off by up to 0.8 nats."""
+    from dpokit.logps import check_rows_kept_apart
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cases = [(tiny_of("mpt", "eager"), ("prefix_packed",)), (tiny_of("mistral", sliding_window=4), ("prefix_packed",))]
+    if "qwen3_5_text" in CONFIG_MAPPING:  # transformers 5
+        cases.append((tiny_of("qwen3_5_text"), ("packed", "prefix_packed")))
+    for model, refused in cases:
+        for layout in ("packed", "prefix_packed"):
+            if layout in refused:
+                with pytest.raises(ConfigError, match="padding_free=false|prefix_sharing=false"):
+                    check_rows_kept_apart(model, layout)
+            else:
+                check_rows_kept_apart(model, layout)
+    with pytest.raises(ConfigError, match="cannot take dpokit's attention mask for packed rows .*padding_free=false"):
+        check_rows_kept_apart(tiny_of("bloom", "eager"), "packed")  # was a ValueError from inside Bloom
+
+
+def test_windows_longer_than_a_probe_are_read_from_the_config():
+    """A 4096-token window cannot be probed: where dpokit's own mask would cover whole sequences
+    longer than it (prefix-shared rows, or packed rows of a model that needs the mask), the layout is
+    refused with what to set; packed rows follow the window through their position ids."""
+    from dpokit.logps import attention_window, check_window
+
+    gemma2 = tiny_of("gemma2", "eager", sliding_window=64, head_dim=8)
+    assert attention_window(gemma2.config) == 64
+    assert attention_window(tiny_of("qwen2", sliding_window=64).config) is None  # use_sliding_window is off
+    assert attention_window(tiny_of("llama").config) is None
+    with pytest.raises(ConfigError, match="attends within 64 tokens.* set training.prefix_sharing=false .* data.max_length <= 64"):
+        check_window(gemma2, "prefix_packed", False, max_length=128)
+    with pytest.raises(ConfigError, match="set training.prefix_sharing=false and training.padding_free=false"):
+        check_window(gemma2, "packed", True, max_length=128)
+    check_window(gemma2, "packed", False, max_length=128)
+    check_window(gemma2, "prefix_packed", False, max_length=64)
+
+
+def test_recurrent_gemmas_soft_cap_is_applied():
+    from transformers import AutoConfig
+
+    from dpokit.logps import output_transform
+
+    assert output_transform(AutoConfig.for_model("recurrent_gemma", logits_soft_cap=30.0)) == (1.0, 30.0)

@@ -141,11 +141,11 @@ def _check_same_vocab(tokenizer, ref_tokenizer, ref_path: str, policy_path: str)
         )
 
 
-def _scorer(model: ResolvedModel, dtype: str, training: TrainingConfig, device) -> ReplyLogProbs:
+def _scorer(model: ResolvedModel, dtype: str, config: Config, device) -> ReplyLogProbs:
     """``model`` loaded with its own settings in ``dtype``, as a reply-log-prob scorer."""
     from dpokit.train import reply_scorer
 
-    return reply_scorer(load_model(model, model_config(model, dtype)).to(device), training)
+    return reply_scorer(load_model(model, model_config(model, dtype)).to(device), config.training, config.data.max_length)
 
 
 @sdpa_without_cudnn()
@@ -187,11 +187,11 @@ def evaluate_model(
 
     pad_id = tokenizer.pad_token_id
     build = lambda batch_pairs: build_batch(batch_pairs, config, pad_id)  # noqa: E731
-    ref_scorer = _scorer(ref_model, load_cfg.dtype, config.training, accelerator.device)
+    ref_scorer = _scorer(ref_model, load_cfg.dtype, config, accelerator.device)
     with mixed_precision(config.training, accelerator.device):  # as training scored its reference
         table = compute_table(ref_scorer, pairs, build, scoring_batches(len(pairs), config.training, accelerator), accelerator)  # [N, 2]
     del ref_scorer
-    policy = _scorer(policy_model, load_cfg.dtype, config.training, accelerator.device)
+    policy = _scorer(policy_model, load_cfg.dtype, config, accelerator.device)
     # A reference-free loss (SimPO, SFT) trained without one: its metrics ignore the reference.
     stats = pair_statistics(policy, TableReference(table) if needs_reference(config) else None, pairs, config, accelerator, pad_id)
     metrics = eval_metrics(stats)

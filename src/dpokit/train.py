@@ -24,7 +24,7 @@ from dpokit.config import CPU_ATTENTION, VARLEN_ATTENTION, Config, ConfigError, 
 from dpokit.data.batching import Batch, eval_batches, first_epoch_micro_batches, global_batches, local_micro_batches, make_batch
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.logps import ReplyLogProbs, adopt_findings, check_rows_kept_apart, probe_findings
+from dpokit.logps import ReplyLogProbs, adopt_findings, check_rows_kept_apart, check_window, probe_findings
 from dpokit.losses import PairLogps, preference_loss
 from dpokit.metrics import LogWindow, MetricsLog
 from dpokit.reference import (
@@ -119,7 +119,7 @@ def build_batch(pairs: list[TokenizedPair], config: Config, pad_id: int) -> Batc
     return batch
 
 
-def reply_scorer(model: torch.nn.Module, training: TrainingConfig) -> ReplyLogProbs:
+def reply_scorer(model: torch.nn.Module, training: TrainingConfig, max_length: int) -> ReplyLogProbs:
     """``model`` as a reply-log-prob scorer with the configured log-prob settings.
 
     What the fast paths assume of the model (that its output layer reproduces its logits; that it
@@ -129,6 +129,7 @@ def reply_scorer(model: torch.nn.Module, training: TrainingConfig) -> ReplyLogPr
     """
     with mixed_precision(training, next(model.parameters()).device):
         mask_packed_rows = check_rows_kept_apart(model, batch_layout(training))
+        check_window(model, batch_layout(training), mask_packed_rows, max_length)
         return ReplyLogProbs(model, training.logps_chunk_size, training.chunked_logps, mask_packed_rows)
 
 
@@ -137,16 +138,16 @@ def checked_scorer(model: torch.nn.Module, config: Config, accelerator) -> Reply
     only the main process holds the weights before sharding (:func:`weights_on_main_only`), the main
     process runs the checks and the others take what they found."""
     if not weights_on_main_only(accelerator):
-        return reply_scorer(placed_for_checks(model, config, accelerator), config.training)
+        return reply_scorer(placed_for_checks(model, config, accelerator), config.training, config.data.max_length)
     findings = [None]
     if accelerator.is_main_process:
-        scorer = reply_scorer(placed_for_checks(model, config, accelerator), config.training)
+        scorer = reply_scorer(placed_for_checks(model, config, accelerator), config.training, config.data.max_length)
         findings = [probe_findings(model)]
     broadcast_object_list(findings)
     if accelerator.is_main_process:
         return scorer
     adopt_findings(model, findings[0])
-    return reply_scorer(model, config.training)
+    return reply_scorer(model, config.training, config.data.max_length)
 
 
 def scoring_batches(num_pairs: int, training: TrainingConfig, accelerator) -> list[list[int]]:

@@ -31,7 +31,7 @@ pairs where the model alone gives the chosen reply the higher summed log-prob.
 
 COMPARE_EPILOG = """\
 examples:
-  dpokit compare runs/quickstart --from-data data/quickstart/eval.jsonl --n 20
+  dpokit compare runs/quickstart --from-data examples/data/quickstart/eval.jsonl --n 20
   dpokit compare my-dpo-model --reference Qwen/Qwen2.5-0.5B-Instruct --prompts prompts.txt --temperature 0
 
 --prompts: a .txt file (one prompt per line) or .jsonl (a "prompt" per row: a string or messages).

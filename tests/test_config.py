@@ -88,6 +88,9 @@ def test_cross_field_validation(tmp_path):
         load_config(write(tmp_path, BASE), ["overwrite_output_dir=true", "resume_from_checkpoint=latest"])
     with pytest.raises(ConfigError, match=r"loss_weights must each be > 0, got \[1.0, -0.2\]"):
         load_config(write(tmp_path, BASE), ["loss_type=[sigmoid,sft]", "loss_weights=[1.0,-0.2]"])
+    for key, meaning in (("warmup_steps", "0 uses warmup_ratio"), ("max_grad_norm", "0 turns clipping off"), ("weight_decay", "0 is none")):
+        with pytest.raises(ConfigError, match=rf"training.{key} must be 0 or more \({meaning}\), got -1"):
+            load_config(write(tmp_path, BASE), [f"{key}=-1"])
 
 
 def test_a_loss_setting_no_chosen_loss_reads_is_refused(tmp_path):
@@ -202,3 +205,9 @@ def test_readme_config_tour_shows_every_key(tmp_path):
     path = tmp_path / "tour.yaml"
     path.write_text(tour)
     assert load_config(path).training.chunked_logps is True
+    examples = {("model", "name_or_path"), ("data", "train")}  # what a user must give; every other value is the default
+    for section in dataclasses.fields(Config):
+        for field in dataclasses.fields(getattr(Config(), section.name)):
+            if (section.name, field.name) not in examples:
+                default = getattr(getattr(Config(), section.name), field.name)
+                assert shown[section.name][field.name] == default, (section.name, field.name)

@@ -515,6 +515,11 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
         raise ConfigError(f"training.learning_rate must be >= 0, got {t.learning_rate}")
     if not 0.0 <= t.warmup_ratio <= 1.0:
         raise ConfigError(f"training.warmup_ratio must be in [0, 1], got {t.warmup_ratio}")
+    for name, value, meaning in (("warmup_steps", t.warmup_steps, "0 uses warmup_ratio"),
+                                 ("max_grad_norm", t.max_grad_norm, "0 turns clipping off"),
+                                 ("weight_decay", t.weight_decay, "0 is none")):
+        if value < 0:
+            raise ConfigError(f"training.{name} must be 0 or more ({meaning}), got {value}")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
         raise ConfigError("set training.max_steps > 0 or training.num_train_epochs > 0")
     if not lo.loss_type:

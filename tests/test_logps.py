@@ -244,7 +244,7 @@ def test_row_check_refuses_a_model_that_lets_packed_sequences_mix_either_way(mon
     ignore_packed_restarts(monkeypatch)
     model = tiny_lm()
     drop_4d_masks(monkeypatch, model)
-    with pytest.raises(ConfigError, match="attend to each other .* and dpokit's attention mask.*set training.padding_free=false"):
+    with pytest.raises(ConfigError, match="reach each other .* and dpokit's attention mask.*set training.padding_free=false"):
         check_rows_kept_apart(model, "packed")
     with pytest.raises(ConfigError, match="ignores dpokit's attention mask"):
         check_rows_kept_apart(model, "prefix_packed")

@@ -185,7 +185,7 @@ def _head_reproduces_logits(model: nn.Module, scale: float, softcap: float | Non
         # log-probs to round-off: an unknown transform of the logits (a soft cap under another name) shows
         sixteen = model.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type)
         error = (torch.log_softmax(ours, -1) - torch.log_softmax(theirs, -1)).abs().max()
-        return bool(error <= (5e-2 if sixteen else 1e-3))
+        return bool(error <= (0.25 if sixteen else 1e-3))  # 16 bits: a missing cap of 30 on logits of 20 is off by 2.5
     except Exception:  # an unusual model: let the full-logits path show its real error, if any
         return False
 
@@ -235,12 +235,13 @@ def _rows_kept_apart(model: nn.Module, restart_positions: bool, own_mask: bool) 
 
 def _same_hidden(ours: torch.Tensor, theirs: torch.Tensor, model: nn.Module) -> bool:
     """Whether two computations of the same tokens' hidden states agree to round-off: 1e-4 of their
-    largest value in float32, 5e-2 where the forward computes in 16 bits (weights or autocast). A
+    largest value in float32, 0.1 where the forward computes in 16 bits (weights or autocast; what a
+    mask ignored, a window or ALiBi changes is of the order of the values themselves). A
     model whose recurrent or convolutional layers carry state from one sequence of a row into the next
     (hybrid linear-attention, Mamba) passes the nearer-than-mixed test but not this."""
     device = ours.device.type
     sixteen = model.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device)
-    return bool((ours - theirs).abs().max() <= (5e-2 if sixteen else 1e-4) * theirs.abs().max())
+    return bool((ours - theirs).abs().max() <= (0.1 if sixteen else 1e-4) * theirs.abs().max())
 
 
 def _shared_row_kept_apart(model: nn.Module) -> bool:

@@ -183,9 +183,8 @@ def _head_reproduces_logits(model: nn.Module, scale: float, softcap: float | Non
             if softcap:
                 ours = softcap * torch.tanh(ours / softcap)
         # log-probs to round-off: an unknown transform of the logits (a soft cap under another name) shows
-        sixteen = model.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type)
         error = (torch.log_softmax(ours, -1) - torch.log_softmax(theirs, -1)).abs().max()
-        return bool(error <= (0.25 if sixteen else 1e-3))  # 16 bits: a missing cap of 30 on logits of 20 is off by 2.5
+        return bool(error <= (0.25 if _computes_in_16_bits(model, device) else 1e-3))  # 16 bits: a missing cap of 30 on logits of 20 is off by 2.5
     except Exception:  # an unusual model: let the full-logits path show its real error, if any
         return False
 
@@ -239,9 +238,12 @@ def _same_hidden(ours: torch.Tensor, theirs: torch.Tensor, model: nn.Module) -> 
     mask ignored, a window or ALiBi changes is of the order of the values themselves). A
     model whose recurrent or convolutional layers carry state from one sequence of a row into the next
     (hybrid linear-attention, Mamba) passes the nearer-than-mixed test but not this."""
-    device = ours.device.type
-    sixteen = model.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device)
-    return bool((ours - theirs).abs().max() <= (0.1 if sixteen else 1e-4) * theirs.abs().max())
+    return bool((ours - theirs).abs().max() <= (0.1 if _computes_in_16_bits(model, ours.device) else 1e-4) * theirs.abs().max())
+
+
+def _computes_in_16_bits(model: nn.Module, device: torch.device) -> bool:
+    """Whether ``model``'s forward on ``device`` computes in 16 bits here: 16-bit weights, or autocast on."""
+    return model.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type)
 
 
 def _shared_row_kept_apart(model: nn.Module) -> bool:
@@ -344,6 +346,10 @@ def check_rows_kept_apart(model: nn.Module, layout: str) -> bool:
     return checked[shared]
 
 
+NO_4D_MASK = (TypeError, ValueError, AttributeError, RuntimeError)
+"""What a model that cannot take dpokit's 4D mask raises from its forward (Bloom's ALiBi: ValueError)."""
+
+
 def _rows_checked(model: nn.Module, shared: bool) -> bool:
     """For :func:`check_rows_kept_apart`: False (no mask needed), True (dpokit's mask needed for
     packed rows), or a ConfigError."""
@@ -356,17 +362,18 @@ def _rows_checked(model: nn.Module, shared: bool) -> bool:
         except TypeError as e:  # a forward that takes no extra keyword arguments
             problem = f"does not take dpokit's regrouped rows ({str(e).splitlines()[0]})"
         raise ConfigError(f"the {getattr(model.config, 'model_type', '?')} model {problem}: use attn_implementation=sdpa or flex_attention")
+    who = f"the {getattr(model.config, 'model_type', '?')} model ({attn} attention)"
     if shared:
         try:
             # flex_attention: the sequence alone (transformers' own flex mask) is unreliable on the CPU, where
             # torch compiles it (NaN, compile errors); its rows get dpokit's BlockMask, checked as packed rows are
-            if attn == "flex_attention" and _rows_kept_apart(model, restart_positions=False, own_mask=True):
-                return False
-            if attn != "flex_attention" and _shared_row_kept_apart(model):
-                return False
-        except (TypeError, ValueError, AttributeError, RuntimeError) as e:  # a model that cannot take a 4D mask
-            raise ConfigError(f"the {getattr(model.config, 'model_type', '?')} model ({attn} attention) cannot take dpokit's "
-                              f"attention mask for prefix-shared rows ({str(e).splitlines()[0]}): set training.prefix_sharing=false") from None
+            kept = (_rows_kept_apart(model, restart_positions=False, own_mask=True) if attn == "flex_attention"
+                    else _shared_row_kept_apart(model))
+        except NO_4D_MASK as e:
+            raise ConfigError(f"{who} cannot take dpokit's attention mask for prefix-shared rows ({str(e).splitlines()[0]}): "
+                              "set training.prefix_sharing=false") from None
+        if kept:
+            return False
         problem = ("does not give a prefix-shared row's replies what each gets after the prompt alone (it ignores dpokit's "
                    "attention mask, or its attention depends on columns, as ALiBi does, or its layers carry state along the "
                    "row): set training.prefix_sharing=false")
@@ -377,16 +384,15 @@ def _rows_checked(model: nn.Module, shared: bool) -> bool:
         try:
             if can_mask and _rows_kept_apart(model, restart_positions=True, own_mask=True):
                 return True
-        except (TypeError, ValueError, AttributeError, RuntimeError) as e:  # a model that cannot take a 4D mask (Bloom)
-            problem = f"cannot take dpokit's attention mask for packed rows ({str(e).splitlines()[0]})"
-            raise ConfigError(f"the {getattr(model.config, 'model_type', '?')} model ({attn} attention) {problem}: "
+        except NO_4D_MASK as e:
+            raise ConfigError(f"{who} cannot take dpokit's attention mask for packed rows ({str(e).splitlines()[0]}): "
                               "set training.padding_free=false and training.prefix_sharing=false") from None
         problem = "lets the sequences of a packed row reach each other (its layers carry state along the row, or it ignores the position ids that mark where each " + (
             "one starts, and dpokit's attention mask): set training.padding_free=false" if can_mask else
             f"one starts): set training.padding_free=false, or attn_implementation to one of {', '.join(PREFIX_ATTENTION)} "
             "(dpokit then masks packed rows itself)"
         )
-    raise ConfigError(f"the {getattr(model.config, 'model_type', '?')} model ({attn} attention) {problem}")
+    raise ConfigError(f"{who} {problem}")
 
 
 class ReplyLogProbs(nn.Module):

@@ -95,18 +95,28 @@ def test_gradient_checkpointing_with_lora(workdir):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-5)
 
 
-def test_export_merge_gives_the_adapter_models_logits(workdir, tmp_path, capsys):
+@pytest.mark.parametrize("targets", ["q_proj,v_proj", "q_proj,lm_head", "q_proj,embed_tokens"])
+def test_export_merge_gives_the_adapter_models_logits(workdir, tmp_path, capsys, targets):
+    """The tiny model ties its output layer to its input embeddings: an adapter on either is merged
+    into an untied copy (merging into the shared weight changed both layers)."""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    out = train(run_config(workdir, "lora-export", *LORA, "max_steps=2", "eval=null"))
+    out = train(run_config(workdir, "lora-export", *LORA, f"lora_target_modules=[{targets}]", "learning_rate=1e-2",
+                           "max_steps=2", "eval=null"))
     main(["export", str(out), "--merge", str(tmp_path / "merged")])
     assert "wrote" in capsys.readouterr().out
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     adapter = AutoPeftModelForCausalLM.from_pretrained(str(out / "final")).eval()
+    base = AutoModelForCausalLM.from_pretrained(json.loads((out / "final" / "adapter_config.json").read_text())
+                                                ["base_model_name_or_path"]).eval()
     ids = torch.tensor([[1, 40, 41, 42, 43, 2]])
     with torch.no_grad():
+        assert (adapter(ids).logits - base(ids).logits).abs().max() > 1e-3  # the adapter changed something
         torch.testing.assert_close(merged(ids).logits, adapter(ids).logits, atol=1e-5, rtol=0)
+    untied = targets != "q_proj,v_proj"
+    assert merged.config.tie_word_embeddings is not untied
+    assert (merged.get_output_embeddings().weight is merged.get_input_embeddings().weight) is not untied
     assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
 

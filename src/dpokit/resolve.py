@@ -173,7 +173,31 @@ def _load_adapter(folder: Path, config: ModelConfig) -> nn.Module:
         model = AutoPeftModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(f"could not load the LoRA adapter in {folder}: {str(e).strip().splitlines()[0]}") from None
+    untie_adapted_embeddings(model)
     return model.merge_and_unload()
+
+
+def untie_adapted_embeddings(model: nn.Module) -> bool:
+    """Give the output layer of a peft ``model`` its own copy of the input embeddings when the two
+    share one weight and a LoRA adapter sits on either; returns whether it did.
+
+    Merging writes an adapter's update into the weight it wraps: on a shared weight an adapter on
+    ``lm_head`` would also shift every input embedding (and one on ``embed_tokens`` every logit), and
+    the saved config would tie the two again on loading. Untied, the merged model computes what the
+    adapter model computed (the output layer costs vocabulary x hidden more parameters).
+    """
+    base = model.get_base_model()
+    embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if head is None:
+        return False
+    embeddings_base, head_base = getattr(embeddings, "base_layer", embeddings), getattr(head, "base_layer", head)
+    adapted = embeddings is not embeddings_base or head is not head_base
+    if not adapted or embeddings_base.weight is not head_base.weight:
+        return False
+    head_base.weight = nn.Parameter(head_base.weight.detach().clone(), requires_grad=False)
+    for config in (base.config, base.config.get_text_config()):
+        config.tie_word_embeddings = False
+    return True
 
 
 def load_model(model: ResolvedModel, config: ModelConfig) -> nn.Module:

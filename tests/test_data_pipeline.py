@@ -11,7 +11,7 @@ import pytest
 
 from dpokit.config import ConfigError, DataConfig, DataSource, load_config
 from dpokit.data import cache, pipeline
-from dpokit.data.formats import Pair
+from dpokit.data.formats import Pair, normalize
 from dpokit.data.pipeline import load_data, weighted, weighted_count
 from dpokit.data.sources import DataError
 from dpokit.data.tokenize import tokenize_pairs
@@ -249,6 +249,30 @@ def test_system_prompt_on_plain_text_is_reported_not_silently_ignored(tmp_path, 
     lines: list[str] = []
     load_data(DataConfig(train=DataSource(path), system_prompt="Be brief."), chat_tokenizer, seed=0, log=lines.append)
     assert lines[1] == f"data: note: data.system_prompt is not used for {path}: its pairs are plain text (standard), which has no roles"
+
+
+def test_a_system_column_that_is_not_used_is_reported(tmp_path, chat_tokenizer, private_cache):
+    plain = [dict(row, system="Be kind.") for row in standard_rows(3)]
+    plain[0]["system"] = " "  # blank: nothing to miss
+    own = chat_rows(3)
+    for row in own[:2]:
+        row["prompt"] = [{"role": "system", "content": "Answer in French."}] + row["prompt"]
+        row["system"] = "Be kind."
+    own[2]["system"] = "Be kind."  # no system message of its own: the column becomes it
+    for rows, note in (
+        (plain, "the 'system' column of 2 row(s) of {} is not used: its pairs are plain text (standard), which has no "
+                "roles; give the prompt as messages to train with a system message"),
+        (own, "the 'system' column of 2 row(s) of {} is not used: their prompt starts with a system message of its own, "
+              "which is kept"),
+    ):
+        path = write_jsonl(tmp_path / f"{len(rows[0]['prompt'])}.jsonl", rows)
+        for _ in ("read", "cached"):
+            lines: list[str] = []
+            data = load_data(DataConfig(train=DataSource(path)), chat_tokenizer, seed=0, log=lines.append)
+            assert f"data: note: {note.format(path)}" in lines
+    result = normalize(own, "own.jsonl")
+    assert [p.prompt[0]["content"] for p in result.pairs] == ["Answer in French.", "Answer in French.", "Be kind."]
+    assert result.unused_system == {"own_system_message": 2}
 
 
 # ----------------------------------------------------------------------------- truncation policies

@@ -26,7 +26,8 @@ wrong with it, and a one-line example. New shapes are new rows there. In detecti
 
 Before detection ``data.columns`` renames columns (``{prompt: question, chosen: good}``);
 after conversion a ``system`` column, else ``data.system_prompt``, becomes the system message
-of a conversational pair that has none. Every conversational pair is checked for role order:
+of a conversational pair that has none (:attr:`Normalized.unused_system` counts the rows whose
+column went unused). Every conversational pair is checked for role order:
 an optional system message first, then user and assistant in turns (tool results only after an
 assistant message), and the reply starts with the assistant.
 """
@@ -578,6 +579,9 @@ class Normalized:
     """The shape's name (:data:`SHAPES`)."""
     detected: bool
     """True when the format came from the first row, False when ``data.format`` named it."""
+    unused_system: dict[str, int] = field(default_factory=dict)
+    """Rows whose ``system`` column was not used, per why: ``plain_text`` (no roles to give it),
+    ``own_system_message`` (the prompt starts with a system message of its own)."""
 
 
 def normalize(
@@ -608,6 +612,7 @@ def normalize(
     mapping = column_map(columns)
     problems = Problems()
     dropped: Counter[str] = Counter()
+    unused_system: Counter[str] = Counter()
 
     def fail(i: int, problem: _RowProblem) -> None:
         message = f"{origin}, {where(i)}: {problem}"
@@ -647,8 +652,8 @@ def normalize(
         if row is None:
             continue
         try:
-            pair = shape.convert(row)
-            pair = _with_system(pair, row, system_prompt)
+            converted = shape.convert(row)
+            pair = _with_system(converted, row, system_prompt)
             _check_unicode(pair)
         except _RowProblem as problem:
             fail(i, problem)
@@ -659,8 +664,10 @@ def normalize(
         if pair.chosen == pair.rejected:
             dropped[DROP_SAME] += 1
             continue
+        if pair is converted and (row.get("system") or "").strip():
+            unused_system["own_system_message" if pair.is_chat else "plain_text"] += 1
         pairs.append(Pair(pair.prompt, pair.chosen, pair.rejected, meta=_meta(row), where=f"{origin}, {where(i)}"))
-    return Normalized(pairs, dict(dropped), problems, shape.name, detected)
+    return Normalized(pairs, dict(dropped), problems, shape.name, detected, dict(unused_system))
 
 
 def to_pairs(rows: list[dict[str, Any]], origin: str, **options: Any) -> tuple[list[Pair], dict[str, int]]:

@@ -124,6 +124,12 @@ def prepare_source(
     notes = []
     if config.system_prompt and result.pairs and not result.pairs[0].is_chat:
         notes.append(f"data.system_prompt is not used for {opened.origin}: its pairs are plain text ({result.format}), which has no roles")
+    if n := result.unused_system.get("plain_text"):
+        notes.append(f"the 'system' column of {n} row(s) of {opened.origin} is not used: its pairs are plain text "
+                     f"({result.format}), which has no roles; give the prompt as messages to train with a system message")
+    if n := result.unused_system.get("own_system_message"):
+        notes.append(f"the 'system' column of {n} row(s) of {opened.origin} is not used: their prompt starts with a "
+                     "system message of its own, which is kept")
     stats = SourceStats(opened.origin, rows=len(rows.rows) + rows.problems.total, dropped=dropped, tokenize=tstats,
                         format=result.format, detected=result.detected, problems=problems, notes=notes)
     if not tokenized and not allow_empty:

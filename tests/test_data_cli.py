@@ -101,13 +101,14 @@ def test_inspect_a_config_with_a_mix(tmp_path, tokenizer_dir, capsys):
     config = tmp_path / "mix.yaml"
     config.write_text(
         f"model: {{name_or_path: {tokenizer_dir}}}\n"
-        "data:\n  train:\n    - {path: uf.jsonl, weight: 1.5}\n    - orpo.jsonl\n  eval_fraction: 0.25\n"
+        "data:\n  train:\n    - {path: uf.jsonl, weight: 1.5, format: ultrafeedback}\n    - orpo.jsonl\n"
+        "  eval_fraction: 0.25\n"
     )
-    main(["data", "inspect", str(config), "system_prompt=Be brief."])
+    main(["data", "inspect", str(config), "system_prompt=Be brief.", "format=conversational-implicit"])
     out = capsys.readouterr().out
     assert "(the default" not in out
-    assert f"train[0]: {tmp_path / 'uf.jsonl'}\n  format      ultrafeedback" in out
-    assert f"train[1]: {tmp_path / 'orpo.jsonl'}\n  format      conversational-implicit" in out
+    assert f"train[0]: {tmp_path / 'uf.jsonl'}\n  format      ultrafeedback (set by data.train[0].format)" in out
+    assert f"train[1]: {tmp_path / 'orpo.jsonl'}\n  format      conversational-implicit (set by data.format)" in out
     assert "mix: train[0] 2 x 1.5 -> 3, train[1] 2 x 1 -> 2; 5 train pairs" in out
     assert "eval: 0.25 of the train pairs are held out by seed before weighting" in out
     assert "system_prompt='Be brief.'" in out and "<|im_start|>system\n      Be brief.<|im_end|>" in out

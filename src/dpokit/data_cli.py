@@ -24,7 +24,8 @@ examples:
   dpokit data inspect data/pairs.jsonl
   dpokit data inspect Anthropic/hh-rlhf max_length=512 model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct
   dpokit data inspect my.yaml                       # every dataset of a training config
-  dpokit data inspect rows.jsonl format=sharegpt columns.prompt=question data.train.split=test
+  dpokit data inspect rows.jsonl format=standard columns.prompt=question   # {"question", "chosen", "rejected"} rows
+  dpokit data inspect HuggingFaceH4/ultrafeedback_binarized data.train.split=test_prefs
 
 A dataset is tokenized with model.name_or_path's tokenizer (default: builtin:tiny-qwen2, whose
 ChatML template matches Qwen's); pass your model's to see its real lengths.
@@ -137,11 +138,14 @@ def render_example(pair, tokenizer, out: TextIO) -> list[str]:
     return lines
 
 
-def _source_report(label: str, stats, pairs, tokenizer, config, out: TextIO) -> list[str]:
+def _source_report(label: str, source, stats, pairs, tokenizer, config, out: TextIO) -> list[str]:
     from dpokit.data.tokenize import TokenizeStats
 
     tok: TokenizeStats = stats.tokenize
-    how = "detected from the first row" if stats.detected else "set by data.format"
+    if stats.detected:
+        how = "detected from the first row"
+    else:  # a source's own format wins over data.format
+        how = f"set by data.{label}.format" if source.format else "set by data.format"
     lines = [f"{label}: {stats.origin}", f"  format      {stats.format} ({how})"]
     lines.append(f"  rows        {stats.rows} read -> {tok.kept} pairs")
     drops = dict(stats.dropped)
@@ -208,7 +212,7 @@ def inspect(source: str, overrides: list[str], out: TextIO) -> None:
             if not pairs:
                 unusable.append(f"{label} ({stats.origin})")
             print("", file=out)
-            print("\n".join(_source_report(label, stats, pairs, tokenizer, d, out)), file=out)
+            print("\n".join(_source_report(label, src, stats, pairs, tokenizer, d, out)), file=out)
     if len(counts) > 1 or any(w != 1 for _, _, w in counts):
         mix = ", ".join(f"{label} {n} x {w:g} -> {weighted_count(n, w)}" for label, n, w in counts)
         print(f"\nmix: {mix}; {sum(weighted_count(n, w) for _, n, w in counts)} train pairs", file=out)

@@ -213,7 +213,7 @@ def _split_conversations(chosen: list[Message], rejected: list[Message], noun: s
             raise _RowProblem(
                 f"'{field}' {noun} {shared + 1} differs from the other conversation at a "
                 f"'{messages[shared]['role']}' turn: the leading turns of chosen and rejected must be "
-                "the same, only the last assistant reply may differ; fix or remove the row",
+                "the same, only the last assistant reply may differ",
                 "leading_turns_differ",
             )
         reply = _reply(messages[shared:], field)
@@ -224,7 +224,7 @@ def _split_conversations(chosen: list[Message], rejected: list[Message], noun: s
             raise _RowProblem(
                 f"'chosen' and 'rejected' differ at {noun} {shared + 1}, an assistant turn followed by more "
                 f"turns ('{field}' {noun} {shared + later + 1} is the user's): the leading turns of chosen and "
-                "rejected must be the same, only the last assistant reply may differ; fix or remove the row",
+                "rejected must be the same, only the last assistant reply may differ",
                 "leading_turns_differ",
             )
         replies.append(reply)
@@ -333,7 +333,7 @@ def _hh_rlhf(row: dict[str, Any]) -> Pair:
         raise _RowProblem(
             f"'rejected' turn {differs + 1} differs from turn {differs + 1} of 'chosen' ({len(chosen)} vs "
             f"{len(rejected)} turns): the prompt is every turn before the last Assistant turn and must be the "
-            "same in both transcripts; fix or remove the row",
+            "same in both transcripts",
             "leading_turns_differ",
         )
     reply_c = _reply(chosen[-1:], "chosen")
@@ -355,8 +355,7 @@ def _align_anything(row: dict[str, Any]) -> Pair:
         better_id = None
     if better_id not in (1, 2):
         raise _RowProblem(
-            f"'overall_response' must be 1 or 2 (which of response_1 / response_2 is better), got {better!r}; "
-            "fix or remove the row",
+            f"'overall_response' must be 1 or 2 (which of response_1 / response_2 is better), got {better!r}",
             "bad_value",
         )
     chosen = _text(row, f"response_{better_id}", hint="", needs=_AA_NEEDS)

@@ -105,13 +105,13 @@ def test_each_architecture_is_exact_under_dpokit_varlen_or_refused(model_type):
         assert error < 1e-4, f"{model_type} {layout}: off by {error:.3g}"
 
 
-def save_tiny_model(model_type: str, workdir, tmp_path):
-    """``tiny_model(model_type)`` sized to the workdir's tokenizer, saved with it; returns the folder."""
+def save_tiny_model(model_type: str, workdir, tmp_path, **overrides):
+    """``tiny_model(model_type, **overrides)`` sized to the workdir's tokenizer, saved with it; returns the folder."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     tiny_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-               eos_token_id=tokenizer.eos_token_id, bos_token_id=None).save_pretrained(tmp_path / "model")
+               eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **overrides).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     return tmp_path / "model"
 
@@ -130,6 +130,24 @@ def test_falcon_trains_packed_rows_with_dpokits_mask(workdir, tmp_path):
     for packed, padded in zip(runs[True], runs[False], strict=True):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-5), key
+
+
+def test_gemma3_trains_prefix_shared_rows_within_its_sliding_window(workdir, tmp_path):
+    """End to end: Gemma 3 with a sliding window shorter than max_length trains on prefix-shared rows
+    (the default layout; dpokit's masks keep the window, one per layer type) step for step as in the
+    padded layout with the model's own masks."""
+    from dpokit.train import train
+    from runs import run_config, train_rows
+
+    model_dir = save_tiny_model("gemma3_text", workdir, tmp_path, sliding_window=16,
+                                layer_types=["sliding_attention", "full_attention"])
+    runs = {shared: train_rows(train(run_config(
+        workdir, f"gemma3-window-{shared}", f"model.name_or_path={model_dir}", "max_steps=3", "precompute_ref_log_probs=false",
+        *([] if shared else ["prefix_sharing=false", "padding_free=false"]))))
+        for shared in (True, False)}
+    for shared, padded in zip(runs[True], runs[False], strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert shared[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-5), key
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "falcon", "phi3", "gemma2"])

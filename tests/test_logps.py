@@ -463,7 +463,7 @@ def test_row_checks_compare_with_each_sequence_alone():
 
     # (model, layouts refused, layouts accepted); MPT's packed rows depend on the release (4.56 refuses them too)
     cases = [(tiny_of("mpt", "eager"), ("prefix_packed",), ()),
-             (tiny_of("mistral", sliding_window=4), ("prefix_packed",), ("packed",))]
+             (tiny_of("mistral", sliding_window=4), (), ("packed", "prefix_packed"))]  # dpokit's mask keeps the window
     if "qwen3_5_text" in CONFIG_MAPPING:  # transformers 5
         cases.append((tiny_of("qwen3_5_text"), ("packed", "prefix_packed"), ()))
     for model, refused, accepted in cases:
@@ -477,21 +477,74 @@ def test_row_checks_compare_with_each_sequence_alone():
 
 
 def test_windows_longer_than_a_probe_are_read_from_the_config():
-    """A 4096-token window cannot be probed: where dpokit's own mask would cover whole sequences
-    longer than it (prefix-shared rows, or packed rows of a model that needs the mask), the layout is
-    refused with what to set; packed rows follow the window through their position ids."""
+    """A 4096-token window is longer than a probe: it is read from the config. Prefix-shared rows keep
+    it in dpokit's mask (one per layer type for Gemma 2) where it is shorter than max_length; packed
+    rows that need dpokit's mask cannot, and are refused with what to set; packed rows follow the
+    window through their position ids. A model that does not take the windowed masks is refused."""
     from dpokit.logps import attention_window, check_window
 
     gemma2 = tiny_of("gemma2", "eager", sliding_window=64, head_dim=8)
     assert attention_window(gemma2.config) == 64
     assert attention_window(tiny_of("qwen2", sliding_window=64).config) is None  # use_sliding_window is off
     assert attention_window(tiny_of("llama").config) is None
-    with pytest.raises(ConfigError, match="attends within 64 tokens.* set training.prefix_sharing=false .* data.max_length <= 64"):
-        check_window(gemma2, "prefix_packed", False, max_length=128)
+    assert check_window(gemma2, "prefix_packed", False, max_length=128) == {"full_attention": None, "sliding_attention": 64}
+    assert gemma2.config.sliding_window == 64  # the probe's shrunk window is given back
     with pytest.raises(ConfigError, match="set training.prefix_sharing=false and training.padding_free=false"):
         check_window(gemma2, "packed", True, max_length=128)
-    check_window(gemma2, "packed", False, max_length=128)
-    check_window(gemma2, "prefix_packed", False, max_length=64)
+    assert check_window(gemma2, "packed", False, max_length=128) is None
+    assert check_window(gemma2, "prefix_packed", False, max_length=64) is None
+    llama = tiny_of("llama", sliding_window=64, layer_types=["sliding_attention", "full_attention"])  # takes no dict of masks
+    with pytest.raises(ConfigError, match="attends within 64 tokens.* set training.prefix_sharing=false .* data.max_length <= 64"):
+        check_window(llama, "prefix_packed", False, max_length=128)
+
+
+WINDOWED = [("mistral", "sdpa", {}), ("gemma2", "eager", {"head_dim": 8}), ("gemma3_text", "sdpa", {"head_dim": 8}),
+            ("cohere2", "sdpa", {}), ("gpt_oss", "eager", {"num_local_experts": 2, "num_experts_per_tok": 1, "head_dim": 8}),
+            ("qwen2", "sdpa", {"use_sliding_window": True, "max_window_layers": 1})]
+
+
+@pytest.mark.parametrize("window", [5, 40])
+@pytest.mark.parametrize("model_type,attn,overrides", WINDOWED, ids=[case[0] for case in WINDOWED])
+def test_prefix_shared_rows_keep_sliding_windows(model_type, attn, overrides, window):
+    """Models whose layers (all, or some) attend within a window: prefix-shared rows masked with the
+    window (by position, one mask per layer type where types differ) give the naive log-probs, to 1e-4,
+    whether the window is shorter than the probe (5) or longer (40, probed shrunk); without it they are off."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from dpokit.logps import check_window
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"{model_type} is not in this transformers release")
+    types = {"layer_types": ["sliding_attention", "full_attention"]} if model_type == "gemma3_text" else {}
+    model = tiny_of(model_type, attn, sliding_window=window, **overrides, **types)
+    pairs = ragged_pairs(n=5)  # sequences of up to 49 tokens
+    assert check_rows_kept_apart(model, "prefix_packed") is False
+    windows = check_window(model, "prefix_packed", False, max_length=64)
+    assert windows is not None
+    batch = make_batch(pairs, "prefix_packed", row_tokens=70)
+    naive = naive_logps(model, pairs)
+    torch.testing.assert_close(ReplyLogProbs(model, chunk_size=16, windows=windows)(**batch.model_inputs()), naive,
+                               atol=1e-4, rtol=0)
+    if window == 5:  # a window of 40 reaches past few of these tokens' prompts
+        assert (ReplyLogProbs(model, chunk_size=16)(**batch.model_inputs()) - naive).abs().max() > 1e-3
+
+
+def test_windowed_prefix_rows_give_the_naive_gradients():
+    """Gemma 3's sliding and full layers under prefix-shared rows with windowed masks: the loss's
+    gradients equal the padded, full-logits computation's to 1e-4."""
+    model = tiny_of("gemma3_text", sliding_window=6, head_dim=8, layer_types=["sliding_attention", "full_attention"])
+    from dpokit.logps import check_window
+
+    pairs = ragged_pairs(seed=3, n=4)
+    windows = check_window(model, "prefix_packed", False, max_length=64)
+    grads = []
+    for compute in (lambda: naive_logps(model, pairs),
+                    lambda: ReplyLogProbs(model, chunk_size=16, windows=windows)(**make_batch(pairs, "prefix_packed").model_inputs())):
+        model.zero_grad()
+        logps = compute()
+        (logps[0::2] - logps[1::2]).sigmoid().log().mean().neg().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=0)
 
 
 def test_recurrent_gemmas_soft_cap_is_applied():

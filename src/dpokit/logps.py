@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dpokit.config import PREFIX_ATTENTION, VARLEN_ATTENTION, ConfigError
-from dpokit.masks import row_attention_inputs
+from dpokit.config import DENSE_MASK_ATTENTION, PREFIX_ATTENTION, VARLEN_ATTENTION, ConfigError
+from dpokit.masks import Windows, row_attention_inputs
 from dpokit.modeling import eval_mode
 
 
@@ -246,11 +246,12 @@ def _computes_in_16_bits(model: nn.Module, device: torch.device) -> bool:
     return model.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type)
 
 
-def _shared_row_kept_apart(model: nn.Module) -> bool:
+def _shared_row_kept_apart(model: nn.Module, windows: Windows = None) -> bool:
     """Whether a prefix-shared row as dpokit builds it (prompt, chosen, rejected: the rejected reply's
-    positions restart after the prompt, columns do not) gives each reply the hidden states of
-    ``prompt + reply`` alone. Catches a model that ignores dpokit's mask, and one whose attention
-    depends on columns rather than positions (ALiBi) or carries state across the chosen reply."""
+    positions restart after the prompt, columns do not; its mask keeping ``windows``) gives each reply
+    the hidden states of ``prompt + reply`` alone. Catches a model that ignores dpokit's mask, and one
+    whose attention depends on columns rather than positions (ALiBi) or carries state across the
+    chosen reply. 8-token sequences: a window of fewer tokens is in play."""
     from dpokit.data.batching import make_batch
     from dpokit.data.tokenize import TokenizedPair
 
@@ -259,10 +260,12 @@ def _shared_row_kept_apart(model: nn.Module) -> bool:
     batch = make_batch([TokenizedPair(prompt, chosen, rejected)], "prefix_packed")
     device = model.get_output_embeddings().weight.device
     decoder = decoder_of(model)
+    positions = batch.position_ids.to(device)
     inputs = row_attention_inputs(batch.groups.to(device), batch.branches.to(device),
-                                  getattr(model.config, "_attn_implementation", None), model.dtype)
+                                  getattr(model.config, "_attn_implementation", None), model.dtype,
+                                  positions=positions, windows=windows)
     with torch.no_grad(), eval_mode(model):
-        row = decoder(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), **inputs,
+        row = decoder(input_ids=batch.input_ids.to(device), position_ids=positions, **inputs,
                       use_cache=False).last_hidden_state[0].float()
         kept = True
         for columns, reply in ((slice(4, 8), chosen), (slice(8, 12), rejected)):
@@ -288,28 +291,89 @@ def attention_window(config) -> int | None:
     return min(windows) if windows else None
 
 
-def check_window(model: nn.Module, layout: str, mask_packed_rows: bool, max_length: int) -> None:
-    """Refuse a row layout that gives ``model`` dpokit's own attention mask (prefix-shared rows, or
-    packed rows of a model that needs it) when some layer attends within a window shorter than
-    ``max_length``: the mask sees the whole sequence, and one 4D mask serves every layer. Packed rows
-    without it follow the window through their position ids; dpokit_varlen passes it to its kernel."""
+def mask_windows(config) -> Windows:
+    """The sliding windows dpokit's own row masks keep for ``config``'s model: one for every layer
+    (an int: Mistral), one per layer type where the model names them (a dict for its forward, which
+    takes one mask per type: Gemma 2/3, gpt-oss, Cohere 2; None for the types that see everything),
+    or None: no sliding window, or one its masks cannot follow (chunked or local attention, which
+    :func:`attention_window` still sees)."""
+    sliding, layer_types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    if not sliding or getattr(config, "use_sliding_window", True) is False:
+        return None
+    if layer_types is None:
+        return int(sliding)
+    kinds = set(layer_types)
+    if "sliding_attention" not in kinds or not kinds <= {"full_attention", "sliding_attention"}:
+        return None
+    return {kind: int(sliding) if kind == "sliding_attention" else None for kind in sorted(kinds)}
+
+
+def _windows_in_probe(config) -> Windows:
+    """The windows dpokit's masks keep in :func:`_shared_row_kept_apart`'s 8-token row: the model's,
+    where one is shorter than that (longer ones are probed shrunk, when they matter: :func:`check_window`)."""
+    window = attention_window(config)
+    return mask_windows(config) if window is not None and window < 8 else None
+
+
+PROBE_WINDOW = 3
+"""The window the windowed-mask probe shrinks a model's to: shorter than its 8-token sequences."""
+
+
+def check_window(model: nn.Module, layout: str, mask_packed_rows: bool, max_length: int) -> Windows:
+    """The sliding windows dpokit's own attention mask must keep for ``model`` (see :func:`mask_windows`),
+    or None when no layer attends within a window shorter than ``max_length`` or the rows take no
+    mask of dpokit's.
+
+    Prefix-shared rows under a dense mask (sdpa, eager) keep the model's windows, once a probe with
+    the window shrunk below its length (the model's own masks read it from the config) shows that the
+    model reads them as its own; other layouts whose mask would ignore a window (packed rows of a
+    model that needs dpokit's mask, flex_attention, chunked or local attention, a model that does
+    not follow the windowed masks) are refused, naming what to set. Packed rows without dpokit's mask
+    follow the window through their position ids; dpokit_varlen passes it to its kernel.
+    """
     shared = layout.startswith("prefix")
     window = attention_window(model.config)
     if window is None or window >= max_length or not (shared or mask_packed_rows):
-        return
-    if getattr(model.config, "_attn_implementation", None) == VARLEN_ATTENTION:
-        return
+        return None
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn == VARLEN_ATTENTION:
+        return None
+    windows = mask_windows(model.config)
+    if shared and windows is not None and attn in (*DENSE_MASK_ATTENTION, None) and _windows_followed(model, windows):
+        return windows
     fix = ("training.prefix_sharing=false (packed rows then follow the window through their position ids)" if shared and not mask_packed_rows
            else "training.prefix_sharing=false and training.padding_free=false")
     raise ConfigError(
         f"the {getattr(model.config, 'model_type', '?')} model attends within {window} tokens on some layers, and dpokit's own "
-        f"attention mask for {'prefix-shared' if shared else 'packed'} rows sees whole sequences (max_length {max_length}): "
+        f"attention mask for {'prefix-shared' if shared else 'packed'} rows cannot keep that window here (max_length {max_length}): "
         f"set {fix}, or data.max_length <= {window}, or attn_implementation=dpokit_varlen on a CUDA GPU"
     )
 
 
-PROBES = ("_dpokit_head_plan", "_dpokit_rows_checked")
-"""Where :func:`head_plan` and :func:`check_rows_kept_apart` keep what their forwards found, on the model."""
+def _windows_followed(model: nn.Module, windows: Windows) -> bool:
+    """Whether prefix-shared rows masked with ``windows`` (shrunk to :data:`PROBE_WINDOW` tokens, as is
+    the model's own ``sliding_window`` for the probe) give each reply what it gets alone: the model
+    takes the masks, per layer type where there are several, and applies them as it applies its own
+    window. Checked once per model."""
+    checked = model.__dict__.get("_dpokit_windows_checked")
+    if checked is None:
+        shrunk = ({kind: window and PROBE_WINDOW for kind, window in windows.items()} if isinstance(windows, dict)
+                  else PROBE_WINDOW)
+        window = model.config.sliding_window
+        model.config.sliding_window = PROBE_WINDOW
+        try:
+            checked = _shared_row_kept_apart(model, shrunk)
+        except (*NO_4D_MASK, KeyError):  # a forward that takes no dict of masks, or other keys
+            checked = False
+        finally:
+            model.config.sliding_window = window
+        model.__dict__["_dpokit_windows_checked"] = checked
+    return checked
+
+
+PROBES = ("_dpokit_head_plan", "_dpokit_rows_checked", "_dpokit_windows_checked")
+"""Where :func:`head_plan`, :func:`check_rows_kept_apart` and :func:`check_window` keep what their
+forwards found, on the model."""
 
 
 def probe_findings(model: nn.Module) -> dict:
@@ -368,7 +432,7 @@ def _rows_checked(model: nn.Module, shared: bool) -> bool:
             # flex_attention: the sequence alone (transformers' own flex mask) is unreliable on the CPU, where
             # torch compiles it (NaN, compile errors); its rows get dpokit's BlockMask, checked as packed rows are
             kept = (_rows_kept_apart(model, restart_positions=False, own_mask=True) if attn == "flex_attention"
-                    else _shared_row_kept_apart(model))
+                    else _shared_row_kept_apart(model, _windows_in_probe(model.config)))
         except NO_4D_MASK as e:
             raise ConfigError(f"{who} cannot take dpokit's attention mask for prefix-shared rows ({str(e).splitlines()[0]}): "
                               "set training.prefix_sharing=false") from None
@@ -402,16 +466,19 @@ class ReplyLogProbs(nn.Module):
     that covers both the decoder and the output layer.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, chunked: bool = True, mask_packed_rows: bool = False):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, chunked: bool = True, mask_packed_rows: bool = False,
+                 windows: Windows = None):
         """``chunked=False`` (``training.chunked_logps``) always takes the model's full logits;
         otherwise they are taken only for a model whose head dpokit cannot reproduce.
         ``mask_packed_rows``: give packed rows dpokit's block-diagonal mask (for a model that
         ignores restarting position ids), or under dpokit_varlen their regrouping (see
-        :func:`check_rows_kept_apart`)."""
+        :func:`check_rows_kept_apart`). ``windows``: the sliding windows dpokit's masks keep
+        (:func:`check_window`)."""
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.mask_packed_rows = mask_packed_rows
+        self.windows = windows
         self.scale, self.softcap, self.chunked = head_plan(model) if chunked else (1.0, None, False)
 
     @property
@@ -458,7 +525,7 @@ class ReplyLogProbs(nn.Module):
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if branches is not None or (groups is not None and self.mask_packed_rows):
             attn = getattr(self.model.config, "_attn_implementation", None)
-            inputs.update(row_attention_inputs(groups, branches, attn, self.model.dtype, varlen))
+            inputs.update(row_attention_inputs(groups, branches, attn, self.model.dtype, varlen, position_ids, self.windows))
         if self.chunked:
             hidden = decoder_of(self.model)(**inputs).last_hidden_state
             selected = hidden[pred_rows, pred_cols]  # [N, H]

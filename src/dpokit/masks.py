@@ -13,6 +13,13 @@ Packed rows (each sequence its own group, no branches) get the same rule without
 term, a block-diagonal causal mask, for the few models that ignore where packed sequences restart
 (see :func:`dpokit.logps.check_rows_kept_apart`); the others need no mask for them at all.
 
+A model whose layers attend within a sliding window (Mistral, Gemma 2/3, gpt-oss, Cohere 2) gets
+the window in the mask too: ``position[q] - position[kv] < window``, by position rather than by
+column, so a rejected reply's window reaches back into its prompt as it would alone. Where some
+layers slide and others see everything, the mask is a dict with one mask per layer type
+(``{"full_attention": ..., "sliding_attention": ...}``), the form transformers' models take for
+that (see :func:`dpokit.logps.mask_windows`).
+
 The rule is written once (:func:`visible`) and given to attention in the form its kernel reads
 (:func:`row_attention_inputs`): a dense additive ``[R, 1, T, T]`` mask for sdpa and eager, a
 ``BlockMask`` for flex_attention (which skips fully blocked 128 x 128 tiles, so memory and compute
@@ -28,24 +35,33 @@ import torch
 from dpokit.config import DENSE_MASK_ATTENTION, PREFIX_ATTENTION, VARLEN_ATTENTION
 
 
-def visible(groups: torch.Tensor, branches: torch.Tensor | None, row, q, kv) -> torch.Tensor:
+Windows = int | dict[str, int | None] | None
+"""A sliding window for every layer (int), one per layer type (None: that type sees everything), or none."""
+
+
+def visible(groups: torch.Tensor, branches: torch.Tensor | None, row, q, kv,
+            positions: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Whether query column ``q`` may attend to key column ``kv`` of ``row`` (broadcasts).
 
-    groups: [R, T] long; branches: [R, T] long, or None for packed rows (no branches).
+    groups: [R, T] long; branches: [R, T] long, or None for packed rows (no branches);
+    positions: [R, T] position ids, read only with a sliding ``window``.
     """
     allowed = (kv <= q) & (groups[row, q] == groups[row, kv])
+    if window is not None:
+        allowed = allowed & (positions[row, q] - positions[row, kv] < window)
     if branches is None:
         return allowed
     b_q, b_kv = branches[row, q], branches[row, kv]
     return allowed & ((b_kv == 0) | (b_kv == b_q))
 
 
-def dense_row_mask(groups: torch.Tensor, branches: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def dense_row_mask(groups: torch.Tensor, branches: torch.Tensor | None, dtype: torch.dtype,
+                   positions: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Additive mask [R, 1, T, T] of ``dtype``: 0 where attention is allowed, dtype's min elsewhere."""
     rows, width = groups.shape
     cols = torch.arange(width, device=groups.device)
     row = torch.arange(rows, device=groups.device)[:, None, None]
-    allowed = visible(groups, branches, row, cols[None, :, None], cols[None, None, :])  # [R, T, T]
+    allowed = visible(groups, branches, row, cols[None, :, None], cols[None, None, :], positions, window)  # [R, T, T]
     blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=groups.device)
     return torch.where(allowed, torch.zeros((), dtype=dtype, device=groups.device), blocked)[:, None]
 
@@ -64,9 +80,17 @@ def flex_row_mask(groups: torch.Tensor, branches: torch.Tensor | None):
     return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=groups.device, _compile=compile_builder)
 
 
-def row_attention_mask(groups: torch.Tensor, branches: torch.Tensor | None, attn_implementation: str | None, dtype: torch.dtype):
+def row_attention_mask(groups: torch.Tensor, branches: torch.Tensor | None, attn_implementation: str | None, dtype: torch.dtype,
+                       positions: torch.Tensor | None = None, windows: Windows = None):
     """The mask of the rows (prefix-shared, or packed when ``branches`` is None) in the form
-    ``attn_implementation`` reads."""
+    ``attn_implementation`` reads; with ``windows``, a dense mask (or one per layer type) that keeps
+    each token within its layer's window of positions [R, T]."""
+    if windows is not None and attn_implementation not in (*DENSE_MASK_ATTENTION, None):
+        raise ValueError(f"dpokit's windowed row masks are dense, which {attn_implementation} does not read")
+    if isinstance(windows, dict):
+        return {kind: dense_row_mask(groups, branches, dtype, positions, window) for kind, window in windows.items()}
+    if windows is not None:
+        return dense_row_mask(groups, branches, dtype, positions, windows)
     if attn_implementation == "flex_attention":
         return flex_row_mask(groups, branches)
     if attn_implementation in DENSE_MASK_ATTENTION or attn_implementation is None:
@@ -78,13 +102,14 @@ def row_attention_mask(groups: torch.Tensor, branches: torch.Tensor | None, attn
 
 
 def row_attention_inputs(groups: torch.Tensor, branches: torch.Tensor | None, attn_implementation: str | None, dtype: torch.dtype,
-                         varlen=None) -> dict:
+                         varlen=None, positions: torch.Tensor | None = None, windows: Windows = None) -> dict:
     """The model-forward keyword arguments that keep the rows' sequences apart under
-    ``attn_implementation``: ``attention_mask`` (:func:`row_attention_mask`), or for dpokit_varlen
-    the regrouped rows: ``varlen`` when the batch brings them (built on the host with it), else
-    built here (on the host: rows on a GPU are copied back, a synchronisation) and moved to the rows' device."""
+    ``attn_implementation``: ``attention_mask`` (:func:`row_attention_mask`, windowed by
+    ``windows`` over ``positions``), or for dpokit_varlen the regrouped rows: ``varlen`` when the
+    batch brings them (built on the host with it), else built here (on the host: rows on a GPU are
+    copied back, a synchronisation) and moved to the rows' device."""
     if attn_implementation == VARLEN_ATTENTION:
         from dpokit.varlen import varlen_rows
 
         return {"dpokit_varlen": (varlen if varlen is not None else varlen_rows(groups, branches)).to(groups.device)}
-    return {"attention_mask": row_attention_mask(groups, branches, attn_implementation, dtype)}
+    return {"attention_mask": row_attention_mask(groups, branches, attn_implementation, dtype, positions, windows)}

@@ -129,8 +129,8 @@ def reply_scorer(model: torch.nn.Module, training: TrainingConfig, max_length: i
     """
     with mixed_precision(training, next(model.parameters()).device):
         mask_packed_rows = check_rows_kept_apart(model, batch_layout(training))
-        check_window(model, batch_layout(training), mask_packed_rows, max_length)
-        return ReplyLogProbs(model, training.logps_chunk_size, training.chunked_logps, mask_packed_rows)
+        windows = check_window(model, batch_layout(training), mask_packed_rows, max_length)
+        return ReplyLogProbs(model, training.logps_chunk_size, training.chunked_logps, mask_packed_rows, windows)
 
 
 def checked_scorer(model: torch.nn.Module, config: Config, accelerator) -> ReplyLogProbs:

@@ -79,7 +79,7 @@ def test_write_plots_tolerates_bad_values(tmp_path):
             {"step": 3, "loss": "oops"}, {"loss": 0.5}, {"step": 4, "loss": 0.4},
             {"step": 5, "loss": float("inf"), "grad_norm": float("nan")}]
     names = {p.name for p in write_plots(rows, tmp_path)}
-    assert names == {"loss.png", "overview.png"}
+    assert names == {"loss.png", "grad_norm.png", "overview.png"}  # grad_norm: only its non-finite mark
 
 
 def test_read_metrics_truncated_last_line(tmp_path):
@@ -108,7 +108,7 @@ def test_summarize(tmp_path):
     assert "\x1b" not in text
     assert "0.8125" in text  # final eval accuracy
     for needle in ["steps", "train loss", "train accuracy", "train margin", "eval loss",
-                   "eval accuracy", "eval margin", "mean tokens/s", "12,000", "total time",
+                   "eval accuracy", "eval margin", "mean tokens/s", "12,000", "step time",
                    "20.0s", str(tmp_path / "run"), str(tmp_path / "run" / "final"),
                    str(tmp_path / "run" / "metrics.jsonl"), str(tmp_path / "run" / "plots")]:
         assert needle in text, needle
@@ -124,7 +124,42 @@ def test_summarize(tmp_path):
 def test_summarize_train_only_and_empty(tmp_path):
     text = summarize([{"step": 3, "loss": 0.123456789}], tmp_path)
     assert "0.1235" in text and "eval" not in text and "tokens/s" not in text
-    assert "1h 01m 01s" in summarize([], tmp_path, total_seconds=3661)
+    assert summary_items(summarize([], tmp_path, total_seconds=3661))["wall time"] == "1h 01m 01s"
+
+
+def test_summary_times_steps_evals_and_the_whole_run(tmp_path):
+    rows = [{"step": 1, "loss": 0.7, "seconds": 2.0}, {"step": 2, "loss": 0.6, "seconds": 3.0},
+            {"step": 2, "eval/loss": 0.65, "eval/seconds": 1.5}]
+    items = summary_items(summarize(rows, tmp_path, total_seconds=75))
+    assert (items["step time"], items["eval time"], items["wall time"]) == ("5.0s", "1.5s", "1m 15s")
+
+
+def test_a_diverged_run_is_said_in_the_summary_and_marked_in_the_plots(tmp_path, monkeypatch):
+    """NaN losses (null in metrics.jsonl) are not hidden behind the last finite value."""
+    import dpokit.report as report
+
+    rows = [{"step": 2, "loss": 0.69, "rewards/margins": 0.0}, {"step": 4, "loss": None, "rewards/margins": None},
+            {"step": 6, "loss": float("nan"), "rewards/margins": None}, {"step": 6, "eval/loss": None}]
+    items = summary_items(summarize(rows, tmp_path))
+    assert items["train loss"] == "non-finite since step 4" and items["train margin"] == "non-finite since step 4"
+    assert items["eval loss"] == "non-finite since step 6"
+    assert report.non_finite_since("loss", rows[:1]) is None
+    marks = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: marks.extend(
+        line.get_xdata()[0] for ax in fig.axes for line in ax.get_lines() if line.get_linestyle() == ":"))
+    write_plots(rows, tmp_path)
+    assert 4 in marks and 6 in marks  # train loss from step 4, eval loss at step 6
+
+
+def test_a_single_logged_row_is_drawn(tmp_path, monkeypatch):
+    import dpokit.report as report
+
+    markers = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: markers.extend(
+        line.get_marker() for ax in fig.axes for line in ax.get_lines()))
+    write_plots([{"step": 2, "loss": 0.68, "learning_rate": 5e-5}], tmp_path)
+    assert markers and all(marker == "o" for marker in markers)  # a one-point line alone draws nothing
+    assert report.write_plots([], tmp_path / "none") == [] and not (tmp_path / "none").exists()
 
 
 def test_summary_names_the_final_model_else_the_newest_checkpoint(tmp_path):
@@ -139,6 +174,11 @@ def test_summary_names_the_final_model_else_the_newest_checkpoint(tmp_path):
     items = summary_items(summarize(rows, tmp_path))
     assert items["final model"] == str(tmp_path / "final") and "newest checkpoint" not in items
     assert items["plots"] == str(tmp_path / "plots")
+    # a run resumed from an earlier checkpoint, killed after saving past its old final/
+    (tmp_path / "final" / "dpokit_step.json").write_text('{"step": 60}')
+    assert summary_items(summarize(rows, tmp_path))["newest checkpoint"] == str(tmp_path / "checkpoints" / "step-100")
+    (tmp_path / "final" / "dpokit_step.json").write_text('{"step": 100}')
+    assert summary_items(summarize(rows, tmp_path))["final model"] == str(tmp_path / "final")
 
 
 def test_report_command(tmp_path, capsys):

@@ -34,7 +34,7 @@ def test_run_directory_is_complete(workdir, capsys):
     # `dpokit report` draws them again from metrics.jsonl and prints the same summary
     shutil.rmtree(out / "plots")
     main(["report", str(out)])
-    assert summary_items(capsys.readouterr().out) == summary
+    assert summary_items(capsys.readouterr().out) == {k: v for k, v in summary.items() if k != "wall time"}  # the run alone knows it
     assert (out / "plots" / "overview.png").is_file()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,5 +1,6 @@
 """Each training option does what it says (tiny model, a few steps each)."""
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from dpokit.cli import main
 from dpokit.config import load_config
 from dpokit.tiny import build_tiny_model
 from dpokit.train import plan_steps, train
-from runs import read_rows, run_config, train_rows
+from runs import read_rows, run_config, summary_items, train_rows
 
 
 def eval_rows(run_dir):
@@ -212,11 +213,44 @@ def test_weight_decay_and_adam_settings_reach_the_optimizer(workdir):
     assert all(group["fused"] for group in _optimizer(model, cfg, torch.device("cuda")).param_groups)
 
 
-def test_tensorboard_tracker_writes_events(workdir):
+def _tensorboard_losses(run_dir) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "dpokit"))
+    events.Reload()
+    return [(e.step, round(e.value, 6)) for e in events.Scalars("loss")]
+
+
+def test_tensorboard_events_follow_the_rows_through_resume_and_overwrite(workdir):
+    """TensorBoard (in output_dir/dpokit/) holds what metrics.jsonl holds: a run resumed from an earlier
+    checkpoint drops the events after it (they were logged twice), and starting over removes them."""
     pytest.importorskip("tensorboard")
-    out = train(run_config(workdir, "tb", "max_steps=2", "eval=null", "report_to=tensorboard"))
-    events = list(out.rglob("events.out.tfevents.*"))
-    assert events, "no tensorboard event file written"
+    settings = ("max_steps=6", "eval=null", "report_to=tensorboard", "save_steps=3", "logging_steps=2")
+    out = train(run_config(workdir, "tb", *settings))
+    rows = [(r["step"], round(r["loss"], 6)) for r in train_rows(out)]
+    assert [step for step, _ in rows] == [2, 4, 6]
+    assert _tensorboard_losses(out) == rows
+    train(run_config(workdir, "tb", *settings, f"resume_from_checkpoint={out / 'checkpoints' / 'step-3'}"))
+    assert [(r["step"], round(r["loss"], 6)) for r in train_rows(out)] == rows
+    assert sorted(_tensorboard_losses(out)) == rows  # steps 4 and 6 once, not twice
+    train(run_config(workdir, "tb", "max_steps=1", "eval=null", "report_to=tensorboard"))  # overwrites
+    assert [step for step, _ in _tensorboard_losses(out)] == [1]
+
+
+def test_a_diverged_run_writes_strict_json_and_says_so(workdir, capsys):
+    """A loss that turns NaN is written as null (jq and strict readers refuse a bare NaN), and the
+    summary says from which step, rather than showing the last finite loss. Evals are timed."""
+    out = train(run_config(workdir, "nan", "max_steps=4", "learning_rate=100", "max_grad_norm=0", "eval_steps=2"))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in metrics.jsonl")) for line in lines]
+    losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    first_bad = min(step for step, loss in losses.items() if loss is None)
+    assert all(losses[step] is None for step in losses if step >= first_bad)
+    assert all(r["eval/seconds"] > 0 for r in rows if "eval/loss" in r)
+    items = summary_items(capsys.readouterr().out)
+    assert items["train loss"] == f"non-finite since step {first_bad}"
+    assert float(items["wall time"].rstrip("s")) >= float(items["step time"].rstrip("s"))
+    assert json.loads((out / "final" / "dpokit_step.json").read_text()) == {"step": 4}
 
 
 def test_missing_tracker_package_is_an_error_not_a_silent_no_op(monkeypatch):

@@ -60,6 +60,30 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+FINAL_STEP_FILE = "dpokit_step.json"
+"""In ``final/``: the step the model was saved at ({"step": N}), beside the Hugging Face files."""
+
+
+def write_final_step(final: Path, step: int) -> None:
+    (final / FINAL_STEP_FILE).write_text(json.dumps({"step": step}) + "\n")
+
+
+def newest_model(run_dir: Path) -> Path | None:
+    """The newest model of a run: ``final/``, unless a checkpoint of a later step was saved (a run
+    resumed from an earlier checkpoint keeps the earlier ``final/`` until it ends, and may be
+    killed first), else the newest checkpoint; None when the run has saved neither."""
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    final = run_dir / "final"
+    if final.is_dir():
+        try:
+            step = int(json.loads((final / FINAL_STEP_FILE).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):  # written before dpokit kept its step
+            return final
+        if not checkpoints or step >= int(_STEP_DIR.match(checkpoints[-1].name).group(1)):
+            return final
+    return checkpoints[-1] if checkpoints else None
+
+
 def save_checkpoint(
     accelerator,
     checkpoints_dir: Path,
@@ -104,7 +128,9 @@ def save_checkpoint(
     return final
 
 
-RUN_OUTPUTS = ("checkpoints", "final", "plots", "metrics.jsonl")
+TRACKER_DIR = "dpokit"
+"""The trackers' run name: TensorBoard writes its events into ``output_dir/dpokit/``."""
+RUN_OUTPUTS = ("checkpoints", "final", "plots", "metrics.jsonl", TRACKER_DIR)
 """What a run writes into its ``output_dir`` besides ``config.yaml``."""
 
 

@@ -8,6 +8,7 @@ the host builds the next micro-batch while the GPU still works on the last.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -90,7 +91,11 @@ class LogWindow:
 
 
 class MetricsLog:
-    """Appends rows to ``metrics.jsonl`` (main process) and forwards them to trackers."""
+    """Appends rows to ``metrics.jsonl`` (main process) and forwards them to trackers.
+
+    Each row is strict JSON: a NaN or infinite value (a diverged run) is written as ``null``, which
+    every JSON reader takes (``jq`` refuses Python's bare ``NaN``); trackers get the number itself.
+    """
 
     def __init__(self, path: Path, accelerator: Accelerator, keep_until_step: int | None):
         self.path, self.accelerator = path, accelerator
@@ -103,8 +108,13 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         if self.accelerator.is_main_process:
             with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps({k: _json_number(v) for k, v in row.items()}, allow_nan=False) + "\n")
         self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
+def _json_number(value):
+    """``value``, or None for a float that is NaN or infinite."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _row_step(line: str) -> int:

@@ -127,6 +127,12 @@ CHARTS = [_LOSS, _ACC, _MARGINS, _CHOSEN_REJECTED, _LR, _GRAD]
 OVERVIEW = [_LOSS, _ACC, _MARGINS, _CHOSEN_REJECTED]
 
 
+def _non_finite_marks(rows: list[dict], lines) -> list[tuple[str, float]]:
+    """(label, step) for each of a chart's lines whose last logged values are NaN or inf (a diverged
+    run): its finite values are drawn up to there, and the step gets a mark."""
+    return [(label, step) for key, label, _ in lines if (step := non_finite_since(key, rows)) is not None]
+
+
 def _chart_data(train_rows, eval_rows, lines):
     """[(key, label, colour, steps, values)] for the lines of a chart that have data."""
     out = []
@@ -137,8 +143,9 @@ def _chart_data(train_rows, eval_rows, lines):
     return out
 
 
-def _draw(ax, title, ylabel, data):
-    """Draw one chart's lines on ``ax``; train faint raw + EMA, eval markers + line."""
+def _draw(ax, title, ylabel, data, marks=()):
+    """Draw one chart's lines on ``ax``; train faint raw + EMA, eval markers + line; ``marks``:
+    (label, step) of lines that stopped being finite (:func:`_non_finite_marks`), a dotted line each."""
     for key, label, color, steps, values in data:
         if key.startswith(EVAL_PREFIX):
             ax.plot(steps, values, color=color, linestyle="--", linewidth=1.4,
@@ -148,8 +155,13 @@ def _draw(ax, title, ylabel, data):
             span = max(5, len(values) // 20)
             ax.plot(steps, _ema(values, span), color=color, linewidth=1.6,
                     label=label, zorder=2)
-        else:
-            ax.plot(steps, values, color=color, linewidth=1.6, label=label, zorder=2)
+        else:  # a marker where a line alone would not show (one logged row)
+            ax.plot(steps, values, color=color, linewidth=1.6, label=label, zorder=2,
+                    marker="o" if len(values) == 1 else None, markersize=4)
+    for label, step in marks:
+        ax.axvline(step, color="#d62728", linestyle=":", linewidth=1.2, zorder=4)
+        ax.annotate(f"{label}: non-finite from step {_fmt(step)}", (step, 0.98), xycoords=("data", "axes fraction"),
+                    ha="right", va="top", fontsize=8, color="#d62728")
     ax.set_title(title, fontsize=11)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
@@ -170,6 +182,7 @@ def _new_figure(figsize):
 def _save(fig, path: Path) -> None:
     """Write the figure atomically (temp file + rename), so a reader never sees half a PNG."""
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=DPI)
     os.replace(tmp, path)
@@ -181,38 +194,38 @@ def write_plots(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     Charts, each against step, train and eval on the same axes: ``loss.png``,
     ``rewards_accuracies.png``, ``rewards_margins.png``, ``rewards_chosen_rejected.png``,
     ``learning_rate.png``, ``grad_norm.png``, and ``overview.png`` (2x2 of the first
-    four). A chart with no data is skipped (overview: when none of its panels has data).
+    four). A chart with no data is skipped (overview: when none of its panels has data); with no
+    chart at all nothing is written, the folder not even made.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # created with its first chart
     train_rows = [r for r in rows if not _is_eval(r)]
     eval_rows = [r for r in rows if _is_eval(r)]
 
     written: list[Path] = []
     for stem, title, ylabel, lines in CHARTS:
-        data = _chart_data(train_rows, eval_rows, lines)
-        if not data:
+        data, marks = _chart_data(train_rows, eval_rows, lines), _non_finite_marks(rows, lines)
+        if not data and not marks:
             continue
         fig = _new_figure((7.0, 4.2))
-        _draw(fig.add_subplot(1, 1, 1), title, ylabel, data)
+        _draw(fig.add_subplot(1, 1, 1), title, ylabel, data, marks)
         path = out_dir / f"{stem}.png"
         _save(fig, path)
         written.append(path)
 
-    panels = [(c, _chart_data(train_rows, eval_rows, c[3])) for c in OVERVIEW]
-    if any(data for _, data in panels):
+    panels = [(c, _chart_data(train_rows, eval_rows, c[3]), _non_finite_marks(rows, c[3])) for c in OVERVIEW]
+    if any(data or marks for _, data, marks in panels):
         fig = _new_figure((12.0, 8.0))
-        for i, ((_, title, ylabel, _), data) in enumerate(panels):
+        for i, ((_, title, ylabel, _), data, marks) in enumerate(panels):
             ax = fig.add_subplot(2, 2, i + 1)
-            if data:
-                _draw(ax, title, ylabel, data)
+            if data or marks:
+                _draw(ax, title, ylabel, data, marks)
             else:
                 ax.set_title(title, fontsize=11)
                 ax.text(0.5, 0.5, "no data", ha="center", va="center",
                         transform=ax.transAxes, color="gray")
                 ax.set_xticks([])
                 ax.set_yticks([])
-        last = max((line[3][-1] for _, data in panels for line in data), default=None)
+        last = max((line[3][-1] for _, data, _ in panels for line in data), default=None)
         suptitle = "dpokit training overview"
         if last is not None:
             suptitle += f"  (step {_fmt(last)})"
@@ -249,21 +262,46 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
 
 
-def _last(rows: list[dict], key: str):
-    _, values = _series(rows, key)
-    return values[-1] if values else None
+def _logged(rows: list[dict], key: str) -> list[tuple[float, object]]:
+    """(step, value as logged) for ``key``, sorted by step; a step logged twice keeps its later row."""
+    by_step = {}
+    for row in rows:
+        step = _number(row.get("step"))
+        if step is not None and key in row:
+            by_step[step] = row[key]
+    return sorted(by_step.items())
+
+
+def non_finite_since(key: str, rows: list[dict]) -> float | None:
+    """The step from which ``key`` has been logged as no finite number (NaN or inf, which
+    ``metrics.jsonl`` writes as null) to the last row that logs it; None while its last value is finite."""
+    since = None
+    for step, value in reversed(_logged(rows, key)):
+        if _number(value) is not None:
+            break
+        since = step
+    return since
+
+
+def _last(rows: list[dict], key: str) -> str | None:
+    """The last logged value of ``key``, formatted; "non-finite since step N" for a run that diverged."""
+    logged = _logged(rows, key)
+    if not logged:
+        return None
+    since = non_finite_since(key, rows)
+    return _fmt(logged[-1][1]) if since is None else f"non-finite since step {_fmt(since)}"
 
 
 def summarize(rows: list[dict], run_dir: str | os.PathLike,
               total_seconds: float | None = None, plots: bool = True) -> str:
     """A short plain-text end-of-run summary (no colour codes), aligned in two columns.
 
-    Shows steps, the last train loss / accuracy / margin, the last eval loss / accuracy /
-    margin if any eval ran, mean tokens/s, total time, and the run's paths: its ``final/`` model,
-    else (a run still going, or killed) its newest checkpoint, if any; ``plots/`` when ``plots``
-    (the charts were written). Missing
-    metrics are left out. Total time is the sum of the rows' ``seconds`` (train) and
-    ``eval/seconds`` (if logged) unless ``total_seconds`` (e.g. wall clock) is given.
+    Shows steps, the last train loss / accuracy / margin ("non-finite since step N" once they
+    are NaN or inf), the last eval loss / accuracy / margin if any eval ran, mean tokens/s, the
+    time of the training steps (the rows' ``seconds``) and of the evals (``eval/seconds``), the
+    wall time ``total_seconds`` when given (a training run's, loading included), and the run's
+    paths: its model (:func:`dpokit.checkpoint.newest_model`), ``plots/`` when ``plots`` (the
+    charts were written). Missing metrics are left out.
     """
     run_dir = Path(run_dir)
     train_rows = [r for r in rows if not _is_eval(r)]
@@ -282,12 +320,12 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike,
                        ("rewards/margins", "train margin")]:
         v = _last(train_rows, key)
         if v is not None:
-            items.append((label, _fmt(v)))
+            items.append((label, v))
     for key, label in [("eval/loss", "eval loss"), ("eval/rewards/accuracies", "eval accuracy"),
                        ("eval/rewards/margins", "eval margin")]:
         v = _last(eval_rows, key)
         if v is not None:
-            items.append((label, _fmt(v)))
+            items.append((label, v))
 
     # Throughput: total tokens / total seconds when both are logged, else the mean of the
     # logged rates. Dedup by step so a resumed run does not count redone steps twice.
@@ -299,10 +337,13 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike,
     elif rates:
         items.append(("mean tokens/s", _fmt(sum(rates) / len(rates))))
 
-    if total_seconds is None and secs:
-        total_seconds = sum(secs) + sum(_series(eval_rows, "eval/seconds")[1])
+    if secs:
+        items.append(("step time", _fmt_duration(sum(secs))))
+    _, eval_secs = _series(eval_rows, "eval/seconds")
+    if eval_secs:
+        items.append(("eval time", _fmt_duration(sum(eval_secs))))
     if total_seconds is not None:
-        items.append(("total time", _fmt_duration(total_seconds)))
+        items.append(("wall time", _fmt_duration(total_seconds)))
 
     items.append(("run dir", str(run_dir)))
     model = _newest_model(run_dir)
@@ -320,20 +361,19 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike,
 
 def _newest_model(run_dir: Path) -> tuple[str, str] | None:
     """("final model", path) once the run has ended, else ("newest checkpoint", path), else None."""
-    if (run_dir / "final").is_dir():
-        return "final model", str(run_dir / "final")
-    from dpokit.checkpoint import list_checkpoints
+    from dpokit.checkpoint import newest_model
 
-    checkpoints = list_checkpoints(run_dir / "checkpoints")
-    return ("newest checkpoint", str(checkpoints[-1])) if checkpoints else None
+    found = newest_model(run_dir)
+    if found is None:
+        return None
+    return ("final model" if found.name == "final" else "newest checkpoint"), str(found)
 
 
-def make_report(run_dir: str | os.PathLike, plots: bool = True) -> str:
+def make_report(run_dir: str | os.PathLike, plots: bool = True, total_seconds: float | None = None) -> str:
     """Read ``run_dir/metrics.jsonl``, write ``run_dir/plots/*.png`` (unless ``plots`` is False),
-    return the summary."""
+    return the summary (``total_seconds``: the run's wall time, when known)."""
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     rows = read_metrics(metrics) if metrics.exists() else []
-    if plots:
-        write_plots(rows, run_dir / "plots")
-    return summarize(rows, run_dir, plots=plots)
+    drawn = write_plots(rows, run_dir / "plots") if plots else []
+    return summarize(rows, run_dir, total_seconds, plots=bool(drawn))

@@ -3,7 +3,8 @@
 A MODEL is one of:
 
 - a dpokit run directory (``config.yaml`` plus ``final/`` or ``checkpoints/step-N/``): its
-  ``final/``, or the newest checkpoint when the run has no ``final/`` yet;
+  ``final/``, or the newest checkpoint when the run has no ``final/`` yet (or a checkpoint newer
+  than it: a resumed run);
 - a folder inside a run: ``<run>/final`` or ``<run>/checkpoints/step-N``;
 - a plain Hugging Face model folder (``config.json``), a hub id, or ``builtin:tiny-qwen2``;
 - a LoRA adapter folder (``adapter_config.json``), loaded through ``peft`` and merged.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from torch import nn
 
-from dpokit.checkpoint import list_checkpoints
+from dpokit.checkpoint import newest_model
 from dpokit.config import CPU_ATTENTION, Config, ConfigError, ModelConfig, load_config
 from dpokit.modeling import DTYPES, attention_kwargs, load_causal_lm, load_tokenizer, resolve_model_path
 
@@ -66,12 +67,11 @@ def is_run_dir(folder: Path) -> bool:
 
 
 def _run_model(run_dir: Path) -> tuple[Path, str]:
-    """The model folder of a run and its label: ``final/``, else the newest checkpoint."""
-    if (run_dir / "final").is_dir():
-        return run_dir / "final", "final"
-    checkpoints = list_checkpoints(run_dir / "checkpoints")
-    if checkpoints:
-        return checkpoints[-1], checkpoints[-1].name
+    """The model folder of a run and its label: ``final/``, else (a run going on, killed, or resumed
+    from an earlier checkpoint) the newest checkpoint (:func:`dpokit.checkpoint.newest_model`)."""
+    found = newest_model(run_dir)
+    if found is not None:
+        return found, found.name
     raise ConfigError(
         f"run directory {run_dir} has no final/ and no checkpoints/step-N/ yet: "
         "wait for the run to save a checkpoint (run.save_steps) or finish"

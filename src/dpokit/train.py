@@ -359,13 +359,14 @@ def plan_steps(num_pairs: int, global_batch_size: int, config: Config) -> tuple[
     return per_epoch, total
 
 
-def save_final(final: Path, model, tokenizer, state_dict: dict | None = None) -> None:
-    """The trained model in Hugging Face format, written beside and renamed into place
-    (``state_dict``: the weights gathered from shards; None: the model's own)."""
+def save_final(final: Path, model, tokenizer, step: int, state_dict: dict | None = None) -> None:
+    """The trained model in Hugging Face format, and the ``step`` it was saved at, written beside and
+    renamed into place (``state_dict``: the weights gathered from shards; None: the model's own)."""
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
+    ckpt.write_final_step(tmp, step)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
 
@@ -402,6 +403,7 @@ def _describe_reference(config: Config, sharded: bool) -> str:
 @sdpa_without_cudnn()
 def train(config: Config) -> Path:
     """Run one training job; returns the run directory."""
+    started = time.perf_counter()
     t, r = config.training, config.run
     trackers = [x for x in r.report_to if x != "none"]
     out = Path(r.output_dir)
@@ -479,8 +481,9 @@ def train(config: Config) -> Path:
         load_optimizer_state(accelerator, scorer, optimizer, lambda: ckpt.read_optimizer_state(resume_from))
         ckpt.load_scheduler_and_rng(resume_from, scheduler, accelerator.process_index, scaler)
         say(f"resumed from {resume_from} at step {state.step}")
-    if trackers:
-        accelerator.init_trackers("dpokit", config={k: str(v) for k, v in config.to_dict().items()})
+    if trackers:  # a resumed run's TensorBoard events after its checkpoint are dropped, as its rows are
+        purge = {"tensorboard": {"purge_step": state.step + 1}} if resume_from is not None and "tensorboard" in trackers else {}
+        accelerator.init_trackers(ckpt.TRACKER_DIR, config={k: str(v) for k, v in config.to_dict().items()}, init_kwargs=purge)
     log = MetricsLog(out / "metrics.jsonl", accelerator, keep_until_step=state.step if resume_from else None)
     left_out = len(data.train) - per_epoch * global_batch  # each epoch's tail, a different one per epoch
     say(f"training: {len(data.train)} pairs, {per_epoch} steps/epoch, {total_steps} steps, "
@@ -496,8 +499,10 @@ def train(config: Config) -> Path:
     def run_eval() -> dict | None:
         if not data.eval:
             return None
-        metrics = evaluate(unwrapped, eval_ref, data.eval, config, accelerator, pad_id)
-        log.write({"step": state.step, "epoch": round(state.step / per_epoch, 4), **metrics})
+        eval_start = time.perf_counter()
+        metrics = evaluate(unwrapped, eval_ref, data.eval, config, accelerator, pad_id)  # host numbers: the device is done
+        log.write({"step": state.step, "epoch": round(state.step / per_epoch, 4), **metrics,
+                   "eval/seconds": time.perf_counter() - eval_start})
         return metrics
 
     if r.eval_on_start and state.step == 0:
@@ -540,12 +545,13 @@ def train(config: Config) -> Path:
             if logs:
                 row = {"step": state.step, "epoch": round(state.step / per_epoch, 4), **window.row(accelerator)}
                 log.write(row)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
-                                         margin=f"{row['rewards/margins']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
-                window = LogWindow()
             if progress is not None:
                 progress.update(1)
+                if logs:  # after the count moved on: the bar shows this row beside its step
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
+                                         margin=f"{row['rewards/margins']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+            if logs:
+                window = LogWindow()
             if evals:
                 run_eval()
             if saves:
@@ -562,10 +568,10 @@ def train(config: Config) -> Path:
     weights = full_model_state(accelerator, scorer)  # gathered from the shards; None unsharded
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_final(out / "final", unwrapped.model, tokenizer, weights)
+        save_final(out / "final", unwrapped.model, tokenizer, state.step, weights)
         from dpokit.report import make_report
 
-        say(make_report(out, plots=r.plots))
+        say(make_report(out, plots=r.plots, total_seconds=time.perf_counter() - started))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

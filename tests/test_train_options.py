@@ -418,6 +418,20 @@ def test_reference_fingerprint_sees_the_config_and_every_buffer(tmp_path):
     assert fingerprint_model(model) != base, name
 
 
+def test_sixteen_bit_tables_of_compiled_and_eager_layers_are_kept_apart(workdir, capsys, monkeypatch, tmp_path):
+    """In 16 bits compiled layers round differently: a compiled run's reference table is its own (with
+    an eager run's, its first rewards were not 0). float32 tables are shared."""
+    import dpokit.train
+
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dpokit.train, "compile_layers", lambda model: None)  # the key is the point, not the compile
+    for precision, second in ((["bf16=true"], "computed"), ([], "loaded from")):
+        for compiled in ("false", "true"):
+            capsys.readouterr()
+            train(run_config(workdir, "compiled-table", *precision, "max_steps=1", "eval=null", f"torch_compile={compiled}"))
+        assert f"reference: train log-probs of 48 pairs {second}" in capsys.readouterr().out  # the compiled run's
+
+
 def test_lora_reference_is_the_base_for_any_seed_and_after_resuming(workdir, capsys, monkeypatch, tmp_path):
     """Fresh adapters leave the base as it was: the table is keyed by the base (not the adapters'
     random init, so another seed reads it back), and a resumed run scores it with the policy's

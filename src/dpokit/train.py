@@ -259,6 +259,7 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
 
     rank, world = accelerator.process_index, accelerator.num_processes
     sixteen_bit = computes_in_16_bits(scorer.model, t)
+    compiled = t.torch_compile and scorer is policy  # the policy's layers are compiled by now; a separate reference's are not
 
     def table(pairs: list[TokenizedPair], what: str, batches: list[list[int]], batching: str) -> TableReference:
         def compute() -> torch.Tensor:
@@ -266,8 +267,8 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
                 with adapters_switched_off(scorer) if start.adapters_off else nullcontext():
                     return compute_table(scorer, pairs, build, batches, accelerator)
 
-        # in 16 bits another batching gives other last bits: then it is part of the cache key
-        key = f"{batch_layout(t)}:{config.data.max_length}:{batching}" if sixteen_bit else ""
+        # in 16 bits another batching, or compiled layers, give other last bits: then they are part of the cache key
+        key = f"{batch_layout(t)}:{config.data.max_length}:{batching}{':compiled' if compiled else ''}" if sixteen_bit else ""
         return TableReference(cached_table(start.fingerprint, pairs, compute, accelerator, what, log=say, batching=key))
 
     # the train pairs in the first epoch's micro-batches: each pair's reference is then exactly what

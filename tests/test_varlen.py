@@ -91,6 +91,7 @@ def _fake_varlen_attn(api: str):
     asserting the arguments the GPU path must pass to that signature."""
 
     def attend(q, k, v, cu, scale, window):
+        assert q.shape[-1] == k.shape[-1] == v.shape[-1], "flash kernels take one head size"
         return _reference_kernel(q.double(), k.double(), v.double(), cu, scale, window).to(q.dtype)
 
     def newest(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1), enable_gqa=False,
@@ -115,16 +116,18 @@ def _fake_varlen_attn(api: str):
 
 @pytest.mark.parametrize("api", ["newest", "windows", "with_scale", "first"])
 @pytest.mark.parametrize("window", [None, 4])
-def test_gpu_path_adapts_to_each_varlen_attn_signature(monkeypatch, api, window):
-    """The CUDA path's call (scale, grouped-query heads, sliding window) under each signature torch's
-    varlen_attn has had, against stand-ins computing with the reference loop: the same attention."""
+@pytest.mark.parametrize("value_dim", [8, 6])
+def test_gpu_path_adapts_to_each_varlen_attn_signature(monkeypatch, api, window, value_dim):
+    """The CUDA path's call (scale, grouped-query heads, sliding window, a value head size other than
+    the query's, as DeepSeek's MLA has) under each signature torch's varlen_attn has had, against
+    stand-ins computing with the reference loop: the same attention."""
     varlen = pytest.importorskip("torch.nn.attention.varlen")
     from dpokit.varlen import _flash_kernel
 
     monkeypatch.setattr(varlen, "varlen_attn", _fake_varlen_attn(api))
     g = torch.Generator().manual_seed(0)
     q = torch.randn(15, 4, 8, generator=g).to(torch.bfloat16)
-    k, v = (torch.randn(15, 2, 8, generator=g).to(torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(15, 2, dim, generator=g).to(torch.bfloat16) for dim in (8, value_dim))
     cu = torch.tensor([0, 6, 7, 15], dtype=torch.int32)
     expected = _reference_kernel(q.double(), k.double(), v.double(), cu, 0.3, window)
     if window is not None and api not in ("newest", "windows"):
@@ -141,6 +144,32 @@ def test_gpu_path_refuses_float32_compute_outside_autocast():
     q = torch.zeros(3, 2, 8)
     with pytest.raises(ConfigError, match="takes bfloat16 or float16.*set bf16=true"):
         _flash_kernel(q, q, q, torch.tensor([0, 3], dtype=torch.int32), 3, 0.3, None)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_varlen_takes_value_heads_of_another_size(layout):
+    """DeepSeek V3's multi-head latent attention: value heads of 12, query/key heads of 16. Regrouped
+    rows give the naive log-probs (was a reshape error from inside the model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "deepseek_v3" not in CONFIG_MAPPING:
+        pytest.skip("no DeepSeek V3 in this transformers release")
+    register_varlen_attention()
+    config = AutoConfig.for_model(
+        "deepseek_v3", vocab_size=97, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=1, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+    pairs = ragged_pairs(seed=1)
+    with torch.no_grad():
+        naive = naive_logps(model, pairs)
+        model.config._attn_implementation = VARLEN_ATTENTION
+        scorer = ReplyLogProbs(model, chunk_size=7, mask_packed_rows=check_rows_kept_apart(model, layout))
+        got = scorer(**make_batch(pairs, layout, row_tokens=80).model_inputs())
+    assert (got - naive).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

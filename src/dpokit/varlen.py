@@ -92,9 +92,9 @@ def varlen_rows(groups: torch.Tensor, branches: torch.Tensor | None) -> VarlenRo
 def _reference_kernel(q, k, v, cu_seqlens: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
     """Causal attention within each sequence, one sdpa call per sequence (exact; any device/dtype).
 
-    q: [M, Hq, D], k, v: [M, Hkv, D] -> [M, Hq, D].
+    q, k: [M, Hq or Hkv, D], v: [M, Hkv, Dv] -> [M, Hq, Dv] (Dv may differ from D: DeepSeek's MLA).
     """
-    out = torch.empty_like(q)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))  # [1, H, L, D]
@@ -123,7 +123,13 @@ def _parameter_names(function) -> frozenset[str]:
 
 
 def _flash_kernel(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, window: int | None) -> torch.Tensor:
-    """torch's flash-attention varlen kernel (CUDA). Shapes as :func:`_reference_kernel`."""
+    """torch's flash-attention varlen kernel (CUDA). Shapes as :func:`_reference_kernel`; a value head
+    size other than the query's is padded with zeros to the larger (flash kernels take one size;
+    zeros add nothing to the scores, and the output is cut back)."""
+    value_dim, size = v.shape[-1], max(q.shape[-1], v.shape[-1])
+    if value_dim != q.shape[-1]:
+        q, k, v = (torch.nn.functional.pad(x, (0, size - x.shape[-1])) for x in (q, k, v))
+        return _flash_kernel(q, k, v, cu_seqlens, max_seqlen, scale, window)[..., :value_dim]
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -193,15 +199,15 @@ def varlen_attention_forward(
     rows = dpokit_varlen
 
     def flat(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [M, H, D], the kernel's sequences
-        return x.transpose(1, 2).reshape(batch * width, x.shape[1], dim).index_select(0, rows.gather)
+        return x.transpose(1, 2).reshape(batch * width, x.shape[1], x.shape[-1]).index_select(0, rows.gather)
 
     q, k, v = flat(query), flat(key), flat(value)
     if q.is_cuda:
         out = _flash_kernel(q, k, v, rows.cu_seqlens, rows.max_seqlen, scale, sliding_window)
     else:
         out = _reference_kernel(q, k, v, rows.cu_seqlens, scale, sliding_window)
-    out = out.to(query.dtype).index_select(0, rows.take)  # [B * T, Hq, D], row order
-    return out.reshape(batch, width, heads, dim), None
+    out = out.to(query.dtype).index_select(0, rows.take)  # [B * T, Hq, Dv], row order
+    return out.reshape(batch, width, heads, out.shape[-1]), None
 
 
 def register_varlen_attention() -> None:

@@ -107,6 +107,40 @@ def test_resume_refuses_a_position_that_means_other_pairs(workdir, capsys):
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4]
 
 
+def test_a_run_refused_at_start_leaves_the_folder_as_it_was(workdir):
+    """A resume refused for its global batch, or a new run over an old one whose data path has a typo:
+    the earlier run's checkpoints, final/, metrics and config.yaml stay (they were removed or
+    rewritten before the checks that refused the run)."""
+    run_dir = train(run_config(workdir, "refused", "save_steps=1"))
+
+    def files():
+        return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+
+    before = files()
+    assert "checkpoints/step-3" in before and "final" in before
+    for changes in (["per_device_train_batch_size=2", f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-1'}"],
+                    ["overwrite_output_dir=true", f"data.train={workdir / 'missing.jsonl'}"]):
+        with pytest.raises(SystemExit) as e:
+            main(["train", *run_args(workdir, "refused", "save_steps=1", *changes)])
+        assert e.value.code == 2 and files() == before
+
+
+def test_a_resumed_run_follows_its_own_learning_rate_and_schedule(workdir):
+    """Resumed with a longer max_steps, the rates are those of a run planned that long from the start
+    (the first resumed step kept the old schedule's); with another learning_rate and schedule, those
+    (the old peak rate stayed for good)."""
+    schedule = ("lr_scheduler_type=cosine", "warmup_ratio=0.1", "save_steps=2")
+    run_dir = train(run_config(workdir, "lr-resume", "max_steps=4", *schedule))
+    planned = train_rows(train(run_config(workdir, "lr-planned", "max_steps=6", *schedule)))
+    step2 = f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"
+    train(run_config(workdir, "lr-resume", "max_steps=6", *schedule, step2))
+    rates = [r["learning_rate"] for r in train_rows(run_dir)]
+    assert rates[2:] == pytest.approx([r["learning_rate"] for r in planned[2:]], rel=1e-12)
+    assert rates[2] != pytest.approx(planned[0]["learning_rate"])  # the schedule moved on
+    train(run_config(workdir, "lr-resume", "max_steps=6", *schedule, "learning_rate=1e-2", "lr_scheduler_type=constant", step2))
+    assert [r["learning_rate"] for r in train_rows(run_dir)][2:] == [1e-2] * 4
+
+
 def test_resume_between_logged_rows_logs_what_an_uninterrupted_run_logs(workdir):
     """Logging every 3 steps, saving every 4: the checkpoint at step 4 keeps step 4's statistics and
     tokens, not logged yet, so the resumed run's row at step 6 (steps 4-6) is the uninterrupted one's."""

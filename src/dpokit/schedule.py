@@ -34,3 +34,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, tot
     """A ``LambdaLR`` over ``optimizer`` following :func:`lr_factor` (its state saves and resumes as
     torch's schedulers do)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, kind=kind, warmup=warmup, total=total))
+
+
+def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, learning_rate: float) -> None:
+    """After resuming ``scheduler`` and its optimizer from a checkpoint, which hold the peak rate and the
+    rate of the next step as they were: take this run's peak ``learning_rate`` and schedule (its
+    lambdas: kind, warmup, total steps) at the step reached. A run resumed with the same settings gets
+    the same numbers; one resumed with another ``learning_rate``, schedule or ``max_steps`` follows them
+    from its first step (it kept the old rate for a step, or for good)."""
+    scheduler.base_lrs = [learning_rate] * len(scheduler.optimizer.param_groups)
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["initial_lr"], group["lr"] = learning_rate, rate
+    scheduler._last_lr = rates

@@ -51,7 +51,7 @@ from dpokit.modeling import (
     sdpa_without_cudnn,
     uses_peft,
 )
-from dpokit.schedule import make_scheduler
+from dpokit.schedule import follow_schedule, make_scheduler
 from dpokit.sharding import (
     describe,
     full_model_state,
@@ -401,6 +401,25 @@ def _describe_reference(config: Config, sharded: bool) -> str:
     return f"{source} (frozen model kept in memory{', sharded like the policy' if sharded else ''})"
 
 
+def claim_output_dir(out: Path, config: Config, replaced: list[Path], accelerator, say) -> None:
+    """Make ``out`` this run's: remove what of an earlier run it replaces (``replaced``, from
+    :func:`dpokit.checkpoint.outputs_to_replace`) and write the resolved config. Done once the data,
+    the models and the checkpoint's position have passed their checks, so that a run refused at start
+    (a typo in a path, another global batch) leaves the folder as it was."""
+    if accelerator.is_main_process:
+        for path in replaced:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    if replaced:
+        say(f"removed from {out}: {', '.join(p.name for p in replaced)} "
+            f"({'overwrite_output_dir' if config.run.overwrite_output_dir else 'after the checkpoint this run resumes from'})")
+    accelerator.wait_for_everyone()
+
+
 @sdpa_without_cudnn()
 def train(config: Config) -> Path:
     """Run one training job; returns the run directory."""
@@ -419,18 +438,6 @@ def train(config: Config) -> Path:
 
     resume_from = ckpt.find_checkpoint(r.resume_from_checkpoint, out) if r.resume_from_checkpoint else None
     replaced = ckpt.outputs_to_replace(out, resume_from, r.overwrite_output_dir)  # refuses mixing two runs
-    if accelerator.is_main_process:
-        for path in replaced:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-    if replaced:
-        say(f"removed from {out}: {', '.join(p.name for p in replaced)} "
-            f"({'overwrite_output_dir' if r.overwrite_output_dir else 'after the checkpoint this run resumes from'})")
-    accelerator.wait_for_everyone()
 
     check_device_requirements(config.model, t.optim, torch.cuda.is_available())
     if config.model.attn_implementation == VARLEN_ATTENTION and not torch.cuda.is_available():
@@ -481,7 +488,9 @@ def train(config: Config) -> Path:
     if resume_from is not None:
         load_optimizer_state(accelerator, scorer, optimizer, lambda: ckpt.read_optimizer_state(resume_from))
         ckpt.load_scheduler_and_rng(resume_from, scheduler, accelerator.process_index, scaler)
+        follow_schedule(scheduler, t.learning_rate)  # this run's rate and schedule, which a resume may change
         say(f"resumed from {resume_from} at step {state.step}")
+    claim_output_dir(out, config, replaced, accelerator, say)  # every check passed: only now is the folder changed
     if trackers:  # a resumed run's TensorBoard events after its checkpoint are dropped, as its rows are
         purge = {"tensorboard": {"purge_step": state.step + 1}} if resume_from is not None and "tensorboard" in trackers else {}
         accelerator.init_trackers(ckpt.TRACKER_DIR, config={k: str(v) for k, v in config.to_dict().items()}, init_kwargs=purge)

@@ -1,5 +1,7 @@
 """Config: YAML + overrides, defaults, and errors that name the key and the fix."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -151,7 +153,9 @@ def test_saved_config_is_read_the_same_from_anywhere(tmp_path, monkeypatch):
     (tmp_path / "start" / "sft").mkdir()
     monkeypatch.chdir(tmp_path / "start")
     cfg = load_config(None, ["data.train=data/tr.jsonl", "data.eval=[{path: data/tr.jsonl}, {path: org/hub-set}]",
-                             "model.name_or_path=Qwen/Qwen2.5-0.5B", "adapter_name_or_path=sft", "use_peft=true"])
+                             "model.name_or_path=Qwen/Qwen2.5-0.5B", "adapter_name_or_path=sft", "use_peft=true",
+                             "output_dir=runs/x"])
+    (tmp_path / "start" / "runs" / "x").mkdir(parents=True)  # a run saves its config into it
     save_config(cfg, tmp_path / "start" / "resolved.yaml")
     monkeypatch.chdir(tmp_path)
     again = load_config(tmp_path / "start" / "resolved.yaml")
@@ -159,6 +163,47 @@ def test_saved_config_is_read_the_same_from_anywhere(tmp_path, monkeypatch):
     assert [s.path for s in again.data.eval] == [str(tmp_path / "start" / "data" / "tr.jsonl"), "org/hub-set"]
     assert again.model.adapter_name_or_path == str(tmp_path / "start" / "sft")
     assert again.model.name_or_path == "Qwen/Qwen2.5-0.5B"
+    assert again.run.output_dir == str(tmp_path / "start" / "runs" / "x")
+
+
+def test_a_setting_given_twice_in_a_file_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second training: section silently dropped the first's
+    settings; a key at the top level and under its section, one of them."""
+    twice = BASE + "training:\n  max_steps: 10\n"
+    with pytest.raises(ConfigError, match=r"cfg.yaml, line 9: 'training' is given twice in the same mapping"):
+        load_config(write(tmp_path, twice))
+    with pytest.raises(ConfigError, match=r"'learning_rate' is set twice in .*cfg.yaml, at the top level and under "
+                                          r"'training:' \(1e-06 and 0.001\): keep one"):
+        load_config(write(tmp_path, BASE + "learning_rate: 1.0e-3\n"))
+    assert load_config(write(tmp_path, BASE), ["learning_rate=1e-3"]).training.learning_rate == 1e-3  # overrides override
+
+
+def test_eval_settings_without_eval_data_and_a_file_for_output_dir_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, BASE)
+    for overrides, said in ((["eval_steps=5"], "run.eval_steps=5 evaluates on data.eval or a data.eval_fraction"),
+                            (["eval_on_start=true"], "run.eval_on_start=true evaluates on data.eval"),
+                            (["data.eval=pairs.jsonl", "eval_fraction=0.1"], "data.eval gives eval data already")):
+        with pytest.raises(ConfigError, match=said):
+            load_config(path, overrides)
+    assert load_config(path, ["eval_steps=5", "eval_fraction=0.1"]).run.eval_steps == 5
+    (tmp_path / "afile").write_text("")
+    for output_dir in ("afile", "afile/sub"):
+        with pytest.raises(ConfigError, match=f"run.output_dir={output_dir}: afile is a file, not a folder"):
+            load_config(path, [f"output_dir={output_dir}"])
+
+
+def test_a_data_path_found_both_from_here_and_beside_the_config_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "pairs.jsonl").write_text("")
+    (tmp_path / "exp" / "c.yaml").write_text("data: {train: pairs.jsonl}\n")
+    monkeypatch.chdir(tmp_path / "exp")
+    assert load_config("c.yaml").data.train.path == "pairs.jsonl"  # one file, found both ways
+    monkeypatch.chdir(tmp_path)
+    assert load_config("exp/c.yaml").data.train.path == str(Path("exp") / "pairs.jsonl")
+    (tmp_path / "pairs.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"data.train=pairs.jsonl names two files, .* give the one you mean as an absolute path"):
+        load_config("exp/c.yaml")
 
 
 def test_reference_needed_only_for_reference_losses(tmp_path):

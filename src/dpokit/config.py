@@ -347,15 +347,23 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 def _nest(flat: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
     """Put section-less keys into their section; keep sectioned ones as they are."""
     nested: dict[str, dict[str, Any]] = {s: {} for s in _SECTION_CLASSES}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if key in nested[section]:
+            raise ConfigError(f"'{key}' is set twice in {source}, at the top level and under '{section}:' "
+                              f"({nested[section][key]!r} and {value!r}): keep one")
+        nested[section][key] = value
+
     for key, value in flat.items():
         if key in _SECTION_CLASSES:
             if value is None:
                 continue
             if not isinstance(value, dict):
                 raise ConfigError(f"section '{key}' in {source} must be a mapping of keys, got {value!r}")
-            nested[key].update(value)
+            for name, item in value.items():
+                put(key, name, item)
         elif key in _KEY_SECTION:
-            nested[_KEY_SECTION[key]][key] = value
+            put(_KEY_SECTION[key], key, value)
         else:
             raise _unknown_key(key, f" in {source}", list(_KEY_SECTION) + list(_SECTION_CLASSES))
     return nested
@@ -399,11 +407,28 @@ def _apply_override(tree: dict[str, Any], path: list[str], value: Any, text: str
     node[path[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently:
+    a second ``training:`` section dropped every setting of the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: '{key}' is given twice in the same mapping "
+                                  "(the second would replace the first): keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{path}, {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if data is None:
@@ -469,6 +494,29 @@ def _check_loss_settings_apply(lo: LossConfig) -> None:
         )
 
 
+def _beside_config(path: str, base_dir: Path, where: str) -> str:
+    """A relative data ``path`` found from the working directory, else from the config file's folder
+    ``base_dir``; refused when both hold a different file of that name (which one was meant?)."""
+    here, beside = Path(path), base_dir / path
+    if here.is_absolute() or not beside.exists():
+        return path
+    if not here.exists():
+        return str(beside)
+    if here.resolve() != beside.resolve():
+        raise ConfigError(f"{where}={path} names two files, {here.resolve()} (from the working directory) and "
+                          f"{beside.resolve()} (from the config file's folder): give the one you mean as an absolute path")
+    return path
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """``output_dir``, or a folder above it, must not be a file."""
+    for folder in (Path(output_dir), *Path(output_dir).parents):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"run.output_dir={output_dir}: {folder} is a file, not a folder: choose another output_dir")
+        if folder.is_dir():
+            return
+
+
 def validate(config: Config, base_dir: Path | None = None) -> None:
     """Cross-field checks; resolves relative data paths against the config file's folder."""
     d, t, lo, r = config.data, config.training, config.loss, config.run
@@ -483,9 +531,7 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
             if not source.weight > 0:
                 raise ConfigError(f"{where}.weight must be > 0 (the share of this source in the mix), got {source.weight}")
             if base_dir is not None:
-                candidate = base_dir / source.path
-                if not Path(source.path).exists() and candidate.exists():
-                    source.path = str(candidate)
+                source.path = _beside_config(source.path, base_dir, where)
     if d.num_proc is not None and d.num_proc < 1:
         raise ConfigError(f"data.num_proc must be at least 1 or null, got {d.num_proc}")
     if not 0.0 <= d.eval_fraction < 1.0:
@@ -506,6 +552,15 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
         value = getattr(r, key)
         if value is not None and value < 1:
             raise ConfigError(f"run.{key} must be at least 1 or null, got {value}")
+    _check_output_dir(r.output_dir)
+    has_eval = d.eval is not None or d.eval_fraction > 0
+    if d.eval is not None and d.eval_fraction > 0:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} holds out train pairs for evaluation, and data.eval "
+                          "gives eval data already, so it would hold out nothing: set only one of them")
+    if not has_eval and (r.eval_steps or r.eval_on_start):
+        setting = f"run.eval_steps={r.eval_steps}" if r.eval_steps else "run.eval_on_start=true"
+        raise ConfigError(f"{setting} evaluates on data.eval or a data.eval_fraction of the train pairs, and neither is "
+                          f"set, so it would evaluate nothing: give one, or leave {setting.split('=')[0]} unset")
     if r.overwrite_output_dir and r.resume_from_checkpoint:
         raise ConfigError(
             "run.overwrite_output_dir=true deletes an earlier run in output_dir, and resume_from_checkpoint continues "
@@ -613,4 +668,5 @@ def save_config(config: Config, path: str | Path) -> None:
             if source is not None:
                 source["path"] = absolute(source["path"])
     tree["run"]["resume_from_checkpoint"] = absolute(tree["run"]["resume_from_checkpoint"])
+    tree["run"]["output_dir"] = absolute(tree["run"]["output_dir"])
     Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))

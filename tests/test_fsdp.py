@@ -244,6 +244,30 @@ def test_what_is_not_supported_sharded_is_refused_before_loading(workdir):
             check_sharding(Launched(DistributedType.FSDP), run_config(workdir, "refused", *options))
 
 
+def test_use_fsdp_on_cpu_processes_says_they_are_not_sharded(workdir, monkeypatch):
+    """Accelerate shards only on accelerator devices: `accelerate launch --use_fsdp` on a CPU machine
+    runs the processes data parallel, which dpokit says rather than leave the user believing in shards."""
+    from accelerate.utils import DistributedType
+
+    from dpokit.sharding import setup
+
+    printed = []
+
+    class Launched:
+        distributed_type, is_fsdp2, mixed_precision = DistributedType.MULTI_CPU, False, "no"
+
+        def print(self, line):
+            printed.append(line)
+
+    config = run_config(workdir, "cpu-fsdp")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert setup(Launched(), config, None) is False and printed == []
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert setup(Launched(), config, None) is False
+    assert printed == ["note: launched with --use_fsdp, but Accelerate shards only on accelerator devices (GPUs): "
+                       "these CPU processes train data parallel, each holding the whole model"]
+
+
 def test_sharded_models_are_checked_on_the_host_and_never_placed_whole(workdir):
     """Under FSDP2 the model's one-time checks run on the host and sharding moves each process's
     share to its GPU: the whole model never sits on one GPU (so it need not fit one). Unsharded, or

@@ -52,6 +52,15 @@ def weights_on_main_only(accelerator) -> bool:
     return is_sharded(accelerator) and bool(getattr(accelerator.state.fsdp_plugin, "cpu_ram_efficient_loading", False))
 
 
+def fsdp_asked_but_not_given(accelerator) -> bool:
+    """Whether ``accelerate launch --use_fsdp`` started several processes that Accelerate did not shard:
+    it turns FSDP on only where there is an accelerator device, and runs CPU processes data parallel."""
+    from accelerate.utils import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    return asked and accelerator.distributed_type == DistributedType.MULTI_CPU
+
+
 def check_sharding(accelerator, config) -> None:
     """dpokit shards through FSDP2 only (Accelerate 1.6+). Before any model is loaded, refuse FSDP1,
     DeepSpeed, and what has not been made to work sharded (QLoRA's 4-bit weights, 8-bit AdamW)."""
@@ -99,6 +108,9 @@ def setup(accelerator, config, compute_dtype: torch.dtype | None) -> bool:
     """
     check_sharding(accelerator, config)
     if not is_sharded(accelerator):
+        if fsdp_asked_but_not_given(accelerator):
+            accelerator.print("note: launched with --use_fsdp, but Accelerate shards only on accelerator devices (GPUs): "
+                              "these CPU processes train data parallel, each holding the whole model")
         return False
     plugin = accelerator.state.fsdp_plugin
     if "FSDP_AUTO_WRAP_POLICY" not in os.environ:

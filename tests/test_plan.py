@@ -205,6 +205,10 @@ def test_fp16_counts_autocast_copies_like_bf16(tmp_path, capsys):
     assert weights["fp16=true"] == weights["bf16=true"] == weights["bf16=false"] + m.linear_params * 2
     main(["plan", f"model.name_or_path={tmp_path / 'm'}", "fp16=true"])
     assert "fp16=true saves time" in capsys.readouterr().out
+    main(["plan", f"model.name_or_path={tmp_path / 'm'}", "--json", "fp16=true"])  # an override after a flag counts
+    assert json.loads(capsys.readouterr().out) == totals["fp16=true"]
+    with pytest.raises(SystemExit):
+        main(["plan", f"model.name_or_path={tmp_path / 'm'}", "--json", "--no-such-flag"])
 
 
 @pytest.mark.parametrize("bf16,layout,lora,attn", [

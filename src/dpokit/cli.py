@@ -89,8 +89,20 @@ def _add_data_parser(sub) -> None:
     add_parser(sub)
 
 
+def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
+    """The command's arguments; ``key=value`` overrides may also follow its flags
+    (``dpokit plan my.yaml --gpu-memory 80GB max_length=512``: argparse alone stops at the flag)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.parse_args(argv)  # argparse's own message for what is left
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = parse_command_line(argv)
     from dpokit.config import ConfigError, load_config, split_config_argument
     from dpokit.data.sources import DataError
 

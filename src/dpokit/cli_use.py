@@ -66,7 +66,7 @@ def add_parsers(sub) -> None:
     ev.add_argument("model", help=MODEL_HELP)
     ev.add_argument("--reference", help="the reference MODEL (default: the run's reference, i.e. its starting model)")
     ev.add_argument("--data", help="preference data: .jsonl/.json/.parquet/.csv, saved dataset or hub id (default: the run's eval data)")
-    ev.add_argument("--split", default="train", help="split of a hub --data (default train)")
+    ev.add_argument("--split", default="train", help="split of --data: a hub dataset, saved DatasetDict or split-keyed .json (default train)")
     ev.add_argument("--max-pairs", type=int, help="score only the first N pairs")
     ev.add_argument("--batch-size", type=int, help="pairs per batch (default: the run's per_device_eval_batch_size, else 8)")
     ev.add_argument("--max-length", type=int, help="prompt + reply tokens (default: the run's data.max_length, else 1024)")
@@ -83,7 +83,7 @@ def add_parsers(sub) -> None:
     source = cmp.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts", help="a .txt (one prompt per line) or .jsonl file (a 'prompt' per row)")
     source.add_argument("--from-data", help="take the prompts of a preference dataset dpokit reads")
-    cmp.add_argument("--split", default="train", help="split of a hub --from-data (default train)")
+    cmp.add_argument("--split", default="train", help="split of --from-data: a hub dataset, saved DatasetDict or split-keyed .json (default train)")
     cmp.add_argument("--n", type=int, help="use the first N prompts (default: 20 from --from-data, all of --prompts)")
     _sampling_args(cmp)
     cmp.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
@@ -131,6 +131,18 @@ def _eval(args) -> None:
     print(f"wrote {path}")
 
 
+def _check_prompt_source(prompts: str | None, from_data: str | None, split: str) -> None:
+    """Refuse, before any model is loaded, a --split that would be ignored (a --prompts file, a
+    --from-data file type without splits) and a --from-data file that does not exist."""
+    from dpokit.config import ConfigError, DataSource
+    from dpokit.data.sources import check_data_argument
+
+    if prompts is not None and split != DataSource.split:
+        raise ConfigError(f"--split {split} applies to --from-data only; --prompts {prompts} has no splits: drop --split")
+    if from_data is not None:
+        check_data_argument(from_data, split, "--from-data")
+
+
 def _compare(args) -> None:
     from dpokit.compare import compare, write_comparison
     from dpokit.config import ConfigError
@@ -142,6 +154,7 @@ def _compare(args) -> None:
         raise ConfigError(f"--output-dir {args.output_dir} is a file, not a folder: give the folder compare.md and compare.jsonl go into")
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
+    _check_prompt_source(args.prompts, args.from_data, args.split)
     if args.prompts:
         prompts = read_prompt_file(args.prompts)[: args.n]
     else:

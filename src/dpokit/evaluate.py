@@ -28,12 +28,12 @@ import torch
 
 from dpokit.config import Config, ConfigError, DataSource, TrainingConfig, needs_reference
 from dpokit.data.pipeline import load_data
-from dpokit.data.sources import describe
+from dpokit.data.sources import check_data_argument, describe
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
-from dpokit.modeling import sdpa_without_cudnn
+from dpokit.modeling import not_here, sdpa_without_cudnn
 from dpokit.reference import TableReference, compute_table
-from dpokit.resolve import ResolvedModel, default_reference, load_model, load_model_tokenizer, model_config, resolve_model
+from dpokit.resolve import RUN_CONFIG, ResolvedModel, default_reference, load_model, load_model_tokenizer, model_config, resolve_model
 
 
 def logp_preference(chosen: torch.Tensor, rejected: torch.Tensor, prefix: str) -> dict[str, float]:
@@ -81,9 +81,14 @@ class EvalReport:
 def eval_config(model: ResolvedModel, data: str | None, split: str, batch_size: int | None,
                 max_length: int | None, beta: float | None) -> Config:
     """The run's config (or the defaults), with ``data`` as its only dataset when given and the
-    command-line overrides applied."""
+    command-line overrides applied. Refuses, before any model is loaded, a missing --data file, a
+    --split that would be ignored, and a run without eval data."""
     if model.run_config is None and data is None:
-        raise ConfigError(f"{model.path} is not a dpokit run, so it has no eval data: pass --data FILE_OR_HUB_ID")
+        raise ConfigError(f"{model.path} is not a dpokit run{not_here(model.path)}, so it has no eval data: pass --data FILE_OR_HUB_ID")
+    if data is None:
+        _check_run_eval_data(model, split)
+    else:
+        check_data_argument(data, split)
     for flag, value, least in (("--batch-size", batch_size, 1), ("--max-length", max_length, 2)):
         if value is not None and value < least:
             raise ConfigError(f"{flag} must be at least {least}, got {value}")
@@ -102,6 +107,22 @@ def eval_config(model: ResolvedModel, data: str | None, split: str, batch_size: 
     return config
 
 
+def _check_run_eval_data(model: ResolvedModel, split: str) -> None:
+    """The run's own eval data is what its config.yaml says: refuse a run that has none, and a
+    ``--split``, which only chooses a split of ``--data``."""
+    where = model.run_dir / RUN_CONFIG if model.run_dir is not None else "the run's config"
+    d = model.run_config.data
+    if d.eval is None and d.eval_fraction <= 0:
+        raise ConfigError(
+            f"{where} has no eval data (data.eval unset, data.eval_fraction 0): pass --data FILE_OR_HUB_ID"
+        )
+    if split != DataSource.split:
+        raise ConfigError(
+            f"--split {split} applies to --data only; the run's eval data is set by {where} (data.eval / "
+            "data.eval_fraction): drop --split, or pass --data with it"
+        )
+
+
 def eval_pairs(config: Config, tokenizer, from_run: bool, log: Callable[[str], object]) -> tuple[list[TokenizedPair], str]:
     """Tokenized eval pairs and a name for them: the run's eval data (``data.eval``, or the
     ``eval_fraction`` split with the run's seed) when ``from_run``, else all of ``data.train``."""
@@ -114,9 +135,7 @@ def eval_pairs(config: Config, tokenizer, from_run: bool, log: Callable[[str], o
         return load_data(only, tokenizer, seed, log).train, describe(d.eval)
     if d.eval_fraction > 0:
         return load_data(d, tokenizer, seed, log).eval, f"{describe(d.train)} (eval_fraction={d.eval_fraction} split, seed {seed})"
-    raise ConfigError(
-        f"the run's config ({describe(d.train)}) has no eval data (data.eval unset, data.eval_fraction 0): pass --data FILE_OR_HUB_ID"
-    )
+    raise ConfigError("the run's config.yaml has no eval data (data.eval unset, data.eval_fraction 0): pass --data FILE_OR_HUB_ID")
 
 
 def _relabel(log: Callable[[str], object]) -> Callable[[str], object]:
@@ -171,7 +190,7 @@ def evaluate_model(
     policy_model = resolve_model(model)
     ref_model = resolve_model(reference) if reference else default_reference(policy_model)
     if ref_model is None:
-        raise ConfigError(f"{policy_model.path} is not a dpokit run, so it has no default reference: pass --reference MODEL")
+        raise ConfigError(f"{policy_model.path} is not a dpokit run{not_here(policy_model.path)}, so it has no default reference: pass --reference MODEL")
     if max_pairs is not None and max_pairs < 1:
         raise ConfigError(f"--max-pairs must be at least 1, got {max_pairs}")
     config = eval_config(policy_model, data, split, batch_size, max_length, beta)

@@ -14,7 +14,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A ``builtin:`` name becomes its cached local folder (built on first use); others pass through."""
+    """A ``builtin:`` name becomes its cached local folder (built on first use); a local folder
+    passes through (``~`` expanded), and so does anything that can be a Hugging Face hub id.
+
+    Raises :class:`ConfigError` for a local path that names no folder: one that starts with
+    ``.``, ``/`` or ``~``, has more than one ``/``, breaks the hub's repo-id rules, or is a file,
+    instead of a hub lookup's error. (``runs/nothere`` can be a hub id: errors about it add
+    :func:`not_here`.)
+    """
+    from pathlib import Path
+
     if name_or_path.startswith("builtin:"):
         from dpokit.tiny import resolve_builtin
 
@@ -22,7 +31,45 @@ def resolve_model_path(name_or_path: str) -> str:
             return resolve_builtin(name_or_path)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return str(local) if name_or_path.startswith("~") else name_or_path
+    why = _not_a_hub_id(name_or_path)
+    fix = ("a folder with config.json and weights, a dpokit run or LoRA adapter folder, "
+           "a Hugging Face hub id like Qwen/Qwen2.5-0.5B-Instruct, or builtin:tiny-qwen2")
+    if local.exists():
+        raise ConfigError(f"{name_or_path} is a file, not a model folder (model.name_or_path / MODEL argument): give {fix}")
+    if why:
+        raise ConfigError(f"no such folder: {name_or_path} (model.name_or_path / MODEL argument; {why}): fix the path, or give {fix}")
     return name_or_path
+
+
+def _not_a_hub_id(name: str) -> str:
+    """Why ``name`` can only be a local path, not a Hugging Face hub id, or ``""`` when it can be one."""
+    from pathlib import Path
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")):
+        return "a path starting with '.', '/' or '~' is not a hub id"
+    if name.count("/") > 1:
+        return "a hub id has at most one '/'"
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return "not a valid hub id"
+    return ""
+
+
+def not_here(path: str) -> str:
+    """A note for messages about ``path``, a hub id that failed to load or is not a run: that no local
+    folder of that name exists either, when its first part is a local folder (``runs/nothere``)."""
+    from pathlib import Path
+
+    namespace = path.split("/")[0] if "/" in path else ""
+    if namespace and Path(namespace).expanduser().is_dir() and not Path(path).expanduser().exists():
+        return f" (there is no folder {path} either: {namespace}/ holds no such entry)"
+    return ""
 
 
 def _from_pretrained(loader, path: str, what: str, **kwargs):
@@ -31,7 +78,7 @@ def _from_pretrained(loader, path: str, what: str, **kwargs):
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
-            f"could not load the {what} from '{path}': {first_line}\n"
+            f"could not load the {what} from '{path}'{not_here(path)}: {first_line}\n"
             "Give a local folder with config.json and weights, a Hugging Face hub id reachable "
             "from this machine, or builtin:tiny-qwen2."
         ) from None

@@ -16,7 +16,7 @@ import csv
 import gzip
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,12 +105,62 @@ class OpenedSource:
         return rows
 
 
+HUB_SETTINGS = ("split", "name", "revision")
+"""The settings of a :class:`DataSource` that choose part of a dataset, not every source has."""
+
+SETTINGS_HELP = ("split, name and revision choose part of a hub dataset; split also picks a split of a "
+                 "saved DatasetDict folder or of a .json file keyed by split")
+
+_DEFAULTS = {f.name: f.default for f in fields(DataSource)}
+
+
+def given_settings(source: DataSource, names: tuple[str, ...] = HUB_SETTINGS) -> list[str]:
+    """The settings among ``names`` that ``source`` sets away from their default, as ``key=value``."""
+    return [f"{name}={getattr(source, name)}" for name in names if getattr(source, name) != _DEFAULTS[name]]
+
+
+def ignored_settings(source: DataSource) -> tuple[str, ...]:
+    """The settings of :data:`HUB_SETTINGS` that a source of this kind, told by its path alone,
+    never uses: all three for a data file but ``.json`` (which may be keyed by split), name and
+    revision for a ``.json`` file or a local folder, none for a hub id."""
+    suffix = file_type(Path(source.path))
+    if suffix == ".json" or (not suffix and Path(source.path).is_dir()):
+        return ("name", "revision")
+    return HUB_SETTINGS if suffix else ()
+
+
+def refuse_settings(source: DataSource, names: tuple[str, ...], what: str) -> None:
+    """Raise :class:`DataError` when ``source`` sets one of ``names``, which ``what`` (the kind
+    of source, e.g. "a .jsonl file") has no use for: a silently ignored setting reads other data."""
+    given = given_settings(source, names)
+    if given:
+        keys = " and ".join(setting.split("=")[0] for setting in given)
+        raise DataError(
+            f"{source.path} is {what}, so {', '.join(given)} has no effect: remove {keys} from this data source ({SETTINGS_HELP})"
+        )
+
+
+def check_data_argument(path: str, split: str, flag: str = "--data", split_flag: str = "--split") -> None:
+    """Refuse a dataset given on the command line as ``flag path`` (with ``split_flag split``)
+    that cannot be what was meant, naming the flags: a data file that does not exist, or a split
+    on a file type that has none. What only reading can tell is left to :func:`open_source`."""
+    suffix = file_type(Path(path))
+    if suffix and not Path(path).is_file():
+        raise DataError(f"data file {path} does not exist (check the path given to {flag})")
+    source = DataSource(path=path, split=split)
+    if "split" in ignored_settings(source) and given_settings(source, ("split",)):
+        raise DataError(
+            f"{split_flag} {split} has no effect on {flag} {path}, a {suffix} file, which has no splits: "
+            f"drop {split_flag} ({SETTINGS_HELP})"
+        )
+
+
 def describe(source: DataSource | list[DataSource]) -> str:
     """Return a short human name for ``source`` (or a list of them), used as the origin in messages."""
     if isinstance(source, list):
         return " + ".join(describe(s) for s in source)
     if _is_local(source.path):
-        return source.path
+        return f"{source.path} (split={source.split})" if source.split != _DEFAULTS["split"] else source.path
     subset = f", name={source.name}" if source.name else ""
     revision = f", revision={source.revision}" if source.revision else ""
     return f"{source.path} (hub dataset{subset}, split={source.split}{revision})"
@@ -122,7 +172,8 @@ def open_source(source: DataSource) -> OpenedSource:
     ``source.path`` is a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a folder written by
     ``datasets``' ``save_to_disk``, or else a Hugging Face hub dataset id loaded with
     ``load_dataset(path, name=source.name, split=source.split, revision=source.revision)``.
-    Raises :class:`DataError` for a missing file or an unloadable dataset.
+    Raises :class:`DataError` for a missing file, an unloadable dataset, or a split, name or
+    revision the source has no use for (see :func:`ignored_settings`).
     """
     path = Path(source.path)
     suffix = file_type(path)
@@ -130,8 +181,14 @@ def open_source(source: DataSource) -> OpenedSource:
     if suffix:
         if not path.is_file():
             raise DataError(f"data file {source.path} does not exist (check the path in data.train / data.eval)")
+        refuse_settings(source, ignored_settings(source), f"a {suffix} file")
         stat = path.stat()
         identity = {"kind": "file", "path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "split": source.split}
+        if suffix == ".json" and given_settings(source, ("split",)):
+            # read now, so a file that turns out to have no splits is refused even when cached;
+            # under a split there is no line to skip (JSON Lines has no splits), so on_error is moot
+            rows = _read_json(path, source.split)
+            return OpenedSource(source, origin, identity, lambda on_error: rows)
         readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
         return OpenedSource(source, origin, identity, lambda on_error: readers[suffix](path, source.split, on_error))
     if path.is_file():
@@ -140,6 +197,7 @@ def open_source(source: DataSource) -> OpenedSource:
             "(the text ones may be gzipped, e.g. .jsonl.gz); convert it to one of them"
         )
     if path.is_dir():
+        refuse_settings(source, ignored_settings(source), "a local folder")
         dataset = _load_saved_dataset(path, source.split)
         identity = {"kind": "saved", "path": str(path.resolve()), "split": source.split, "fingerprint": dataset._fingerprint}
     else:
@@ -230,24 +288,37 @@ def _read_json(path: Path, split: str, on_error: str = "raise") -> Rows:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one object per line, as `datasets` writes .json files
+            _no_split(path, split, "JSON Lines")
             return _parse_jsonl(text, path, on_error)
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(data, dict):
         if isinstance(data.get(split), list):
             data = data[split]
         elif _one_row_per_line(text, data):  # JSON Lines of one row, as datasets' to_json writes it
+            _no_split(path, split, "JSON Lines")
             return _parse_jsonl(text, path, on_error)
         else:
             raise DataError(
                 f"{path} holds an object with keys {sorted(data)[:10]}; expected a list of rows, "
                 f"or an object with the list under the split name '{split}' (set data.train.split)"
             )
+    elif isinstance(data, list):
+        _no_split(path, split, "a list of rows")
     if not isinstance(data, list):
         raise DataError(f"{path} must hold a list of row objects, got {type(data).__name__}")
     for number, row in enumerate(data, start=1):
         if not isinstance(row, dict):
             raise DataError(f"{path}, row {number}: expected a JSON object, got {type(row).__name__}")
     return Rows(data)
+
+
+def _no_split(path: Path, split: str, what: str) -> None:
+    """Refuse a non-default ``split`` for a ``.json`` file that is not keyed by split."""
+    if split != _DEFAULTS["split"]:
+        raise DataError(
+            f"{path} holds {what}, not lists keyed by split name, so split={split} has no effect: "
+            f"remove split from this data source ({SETTINGS_HELP})"
+        )
 
 
 def _one_row_per_line(text: str, data: dict) -> bool:
@@ -297,6 +368,11 @@ def _load_saved_dataset(path: Path, split: str):
         if split not in loaded:
             raise DataError(f"{path} has splits {list(loaded)}, not '{split}': set data.train.split")
         loaded = loaded[split]
+    elif split != _DEFAULTS["split"]:
+        raise DataError(
+            f"{path} is a dataset saved without splits (a Dataset, not a DatasetDict), so split={split} has no effect: "
+            f"remove split from this data source ({SETTINGS_HELP})"
+        )
     return loaded
 
 

@@ -1,0 +1,99 @@
+"""eval / compare / chat / export: arguments that cannot be what was meant, refused in one line
+before any model is loaded, naming what the user wrote (a flag, the run's config.yaml, a path)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpokit.cli import main
+from dpokit.config import ConfigError, save_config
+from dpokit.modeling import not_here, resolve_model_path
+from runs import run_config
+
+
+def _exit_message(argv, capsys, lines: int = 1) -> str:
+    """The error of a command that must fail with exit status 2: at most ``lines`` lines, no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dpokit: error: ") and "Traceback" not in err and 1 <= err.count("\n") <= lines
+    return err
+
+
+def _fake_run(workdir, folder, *overrides: str):
+    """A run directory as training leaves it (config.yaml, final/), without training: the
+    checks below all come before any model is loaded."""
+    folder.mkdir()
+    save_config(run_config(workdir, "unused", *overrides), folder / "config.yaml")
+    (folder / "final").mkdir()
+    return folder
+
+
+def test_eval_of_a_run_without_eval_data_names_its_config_yaml(workdir, tmp_path, capsys):
+    run = _fake_run(workdir, tmp_path / "run", "data.eval=null")
+    err = _exit_message(["eval", str(run)], capsys)
+    assert f"{run / 'config.yaml'} has no eval data" in err and "--data" in err
+    assert "train.jsonl" not in err  # not the train data's path
+
+
+def test_eval_split_without_data_is_refused(workdir, tmp_path, capsys):
+    run = _fake_run(workdir, tmp_path / "run")
+    err = _exit_message(["eval", str(run), "--split", "test"], capsys)
+    assert "--split test applies to --data only" in err and str(run / "config.yaml") in err
+
+
+def test_eval_and_compare_data_errors_name_the_flag(workdir, tmp_path, capsys):
+    model = str(workdir / "model")
+    missing = str(tmp_path / "nothere.jsonl")
+    err = _exit_message(["eval", model, "--reference", model, "--data", missing], capsys)
+    assert f"data file {missing} does not exist (check the path given to --data)" in err and "data.train" not in err
+    err = _exit_message(["eval", model, "--reference", model, "--data", str(workdir / "eval.jsonl"), "--split", "test"], capsys)
+    assert "--split test has no effect on --data" in err
+    err = _exit_message(["compare", model, "--reference", model, "--from-data", missing], capsys)
+    assert "check the path given to --from-data" in err
+    err = _exit_message(["compare", model, "--reference", model, "--from-data", str(workdir / "eval.jsonl"), "--split", "test"], capsys)
+    assert "--split test has no effect on --from-data" in err
+    (tmp_path / "p.txt").write_text("hi\n")
+    err = _exit_message(["compare", model, "--reference", model, "--prompts", str(tmp_path / "p.txt"), "--split", "test"], capsys)
+    assert "--split test applies to --from-data only" in err
+
+
+def test_model_paths_that_cannot_be_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for path in ("./nomodel", "/abs/nothere", "~/nothere", "a/b/c", "bad name", "a--b"):
+        with pytest.raises(ConfigError, match=r"^no such folder: .* \(model.name_or_path / MODEL argument; .*\): fix the path"):
+            resolve_model_path(path)
+    (tmp_path / "runs").mkdir()  # runs/nothere can be a hub id: left to the hub, whose error then says so
+    assert resolve_model_path("runs/nothere") == "runs/nothere"
+    assert not_here("runs/nothere") == " (there is no folder runs/nothere either: runs/ holds no such entry)"
+    assert not_here("Qwen/Qwen2.5-0.5B") == ""
+    (tmp_path / "weights.bin").write_text("")
+    with pytest.raises(ConfigError, match="weights.bin is a file, not a model folder"):
+        resolve_model_path("weights.bin")
+    (tmp_path / "home" / "m").mkdir(parents=True)
+    assert resolve_model_path("~/m") == str(tmp_path / "home" / "m")  # ~ expanded for the loaders
+    assert resolve_model_path("runs") == "runs"  # a folder passes through as given
+    for hub_id in ("gpt2", "some-org/some-model", "Qwen/Qwen2.5-0.5B-Instruct"):  # plausible hub ids: left to the hub
+        assert resolve_model_path(hub_id) == hub_id
+
+
+@pytest.mark.parametrize("path", ["./nomodel", "runs/nothere"])
+def test_every_model_command_says_no_such_folder(workdir, tmp_path, monkeypatch, capsys, path):
+    monkeypatch.chdir(tmp_path)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # runs/nothere goes to the hub: no network waits
+    (tmp_path / "runs").mkdir()
+    model = str(workdir / "model")
+    for argv in (["eval", path, "--data", str(workdir / "eval.jsonl")],
+                 ["eval", model, "--reference", path, "--data", str(workdir / "eval.jsonl")],
+                 ["export", path, "--merge", str(tmp_path / "out")],
+                 ["chat", path],
+                 ["compare", path, "--prompts", str(workdir / "eval.jsonl")],
+                 ["data", "inspect", str(workdir / "eval.jsonl"), f"model.name_or_path={path}"]):
+        err = _exit_message(argv, capsys, lines=2 if path == "runs/nothere" else 1)
+        said = ("there is no folder runs/nothere either: runs/ holds no such entry" if path == "runs/nothere"
+                else f"no such folder: {path} (model.name_or_path / MODEL argument")
+        assert said in err, (argv, err)

@@ -77,6 +77,7 @@ COLUMNS = {"dpokit": "dpokit (defaults)", "dpokit-live": "dpokit (live ref)", "d
            "dpokit-full-logits": "dpokit, chunked_logps off",
            "dpokit-checkpointing": "dpokit, gradient checkpointing", "dpokit-compile": "dpokit, torch_compile",
            "dpokit-autocast": "dpokit, float32 weights + bf16 autocast", "trl": "TRL DPOTrainer",
+           "trl-precompute": "TRL, precompute_ref_log_probs", "trl-no-cudnn": "TRL, sdpa kept off cuDNN",
            "profile": "a dpokit column under torch.profiler"}
 DPOKIT_SWITCHES = {  # column -> the dpokit settings it changes from the defaults
     "dpokit": [], "dpokit-live": ["precompute_ref_log_probs=false"], "dpokit-no-prefix": ["prefix_sharing=false"],
@@ -88,6 +89,18 @@ DPOKIT_SWITCHES = {  # column -> the dpokit settings it changes from the default
 ABLATION = ["dpokit-no-prefix", "dpokit-no-packing", "dpokit-padded", "dpokit-full-logits"]
 NAMED_ONLY = ["dpokit-checkpointing", "dpokit-compile", "dpokit-autocast"]
 """Columns ``--ablation`` adds only when named: a setting turned on rather than a speed switch off."""
+TRL_VARIANTS = {  # column -> what it changes from TRL's defaults
+    "trl-precompute": "precompute_ref_log_probs=True: the reference scored once before training (timed as its precompute), "
+                      "no reference model during the steps",
+    "trl-no-cudnn": "trainer.train() under the sdpa backends dpokit trains with (cuDNN's sdpa left out; GPU only)",
+}
+"""TRL columns ``--trl-variants`` adds: TRL as a user who tunes it would run it."""
+
+
+def is_trl(name: str) -> bool:
+    return name == "trl" or name in TRL_VARIANTS
+
+
 ATTN_COLUMN = "dpokit-attn-"
 """Prefix of the columns ``--also-attn`` adds: dpokit's defaults under another attention."""
 
@@ -363,15 +376,20 @@ def profiled(spec: dict, workdir: Path, active: int = 5):
     (workdir / "profile.txt").write_text("\n".join(text))
 
 
-def run_trl(spec: dict, workdir: Path) -> dict:
-    """Train with TRL's DPOTrainer (defaults, except the shared settings and sequential sampling)."""
+def run_trl(spec: dict, workdir: Path, name: str = "trl") -> dict:
+    """Train with TRL's DPOTrainer (defaults, except the shared settings and sequential sampling; a
+    :data:`TRL_VARIANTS` column changes what it says)."""
+    from contextlib import nullcontext
+
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    from dpokit.modeling import sdpa_without_cudnn
+
     class StepTimer(TrainerCallback):
-        """Step time as dpokit measures it (end of one step to the end of the next, batch assembly and logging
-        included), and on_step_begin -> on_step_end."""
+        """Step time from the end of one step to the end of the next (batch assembly and TRL's logging included;
+        dpokit's step time stops before it builds its logged row, a few milliseconds), and on_step_begin -> on_step_end."""
 
         def __init__(self):
             self.ends, self.inner, self.begin = [], [], None
@@ -387,11 +405,24 @@ def run_trl(spec: dict, workdir: Path) -> dict:
             self.inner.append(self.ends[-1] - self.begin)
 
     class CountingDPOTrainer(DPOTrainer):
-        """Records the non-padding and padded tokens of every micro-batch."""
+        """Records the non-padding and padded tokens of every micro-batch, and the time of the reference
+        precompute (which TRL runs while the trainer is built)."""
+
+        bench_precompute = 0.0
 
         def training_step(self, model, inputs, *args, **kwargs):
             self.bench_tokens.append((int(inputs["attention_mask"].sum()), inputs["input_ids"].numel()))
             return super().training_step(model, inputs, *args, **kwargs)
+
+        def _precompute_ref_logps(self, *args, **kwargs):
+            start = time.perf_counter()
+            out = super()._precompute_ref_logps(*args, **kwargs)
+            if self.args.device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize()
+            self.bench_precompute += time.perf_counter() - start
+            return out
 
     rows = [json.loads(line) for line in (workdir / "trl.jsonl").read_text().splitlines()]
     model_kwargs = {"dtype": spec["dtype"]} | ({"attn_implementation": spec["attn"]} if spec["attn"] else {})
@@ -401,23 +432,29 @@ def run_trl(spec: dict, workdir: Path) -> dict:
         max_grad_norm=MAX_GRAD_NORM, logging_steps=spec["logging_steps"], save_strategy="no", eval_strategy="no", report_to="none",
         seed=spec["seed"], train_sampling_strategy="sequential", bf16=spec["dtype"] == "bfloat16",
         use_cpu=spec["device"] == "cpu", model_init_kwargs=model_kwargs, disable_tqdm=True,
+        precompute_ref_log_probs=name == "trl-precompute",
         **({_checkpointing_field(DPOConfig): False} if spec["trl_no_gradient_checkpointing"] else {}),
     )
     timer = StepTimer()
-    trainer = CountingDPOTrainer(model=spec["model_dir"], args=args, train_dataset=Dataset.from_list(rows),
-                                 processing_class=AutoTokenizer.from_pretrained(spec["model_dir"]), callbacks=[timer])
-    trainer.bench_tokens = []
-    trainer.train()
+    backends = sdpa_without_cudnn() if name == "trl-no-cudnn" else nullcontext()
+    with backends:
+        trainer = CountingDPOTrainer(model=spec["model_dir"], args=args, train_dataset=Dataset.from_list(rows),
+                                     processing_class=AutoTokenizer.from_pretrained(spec["model_dir"]), callbacks=[timer])
+        trainer.bench_tokens = []
+        trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     settings = {k: getattr(args, k) for k in ("padding_free", "precompute_ref_log_probs", "gradient_checkpointing", "bf16",
                                               "pad_to_multiple_of", "truncation_mode", "train_sampling_strategy", "disable_dropout")}
-    settings.update(optim=args.optim.value, lr_scheduler_type=args.lr_scheduler_type.value, ref_model="separate copy loaded from the same folder",
-                    attn_implementation=trainer.model.config._attn_implementation)
+    reference = "log-probs precomputed, model not kept" if args.precompute_ref_log_probs else "separate copy loaded from the same folder"
+    settings.update(optim=args.optim.value, lr_scheduler_type=args.lr_scheduler_type.value, ref_model=reference,
+                    attn_implementation=trainer.model.config._attn_implementation,
+                    sdpa_backends="cuDNN left out" if name == "trl-no-cudnn" else "torch's defaults")
     every = spec["logging_steps"]  # steps between syncs: time them as dpokit's logged rows are timed
     return {"step_seconds": window_averages([b - a for a, b in zip(timer.ends, timer.ends[1:])], every),
             "step_inner_seconds": window_averages(timer.inner, every), "logging_steps": every,
             "step_tokens": [t for t, _ in trainer.bench_tokens], "padded_tokens": [p for _, p in trainer.bench_tokens],
-            "ref_tokens_per_step": [t for t, _ in trainer.bench_tokens], "precompute_seconds": 0.0, "loss": losses,
+            "ref_tokens_per_step": [0 if args.precompute_ref_log_probs else t for t, _ in trainer.bench_tokens],
+            "precompute_seconds": trainer.bench_precompute, "loss": losses,
             "settings": settings}
 
 
@@ -434,7 +471,7 @@ def child_main(name: str, workdir: Path) -> None:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
-    result = run_trl(spec, workdir) if name == "trl" else run_dpokit(spec, name, workdir)
+    result = run_trl(spec, workdir, name) if is_trl(name) else run_dpokit(spec, name, workdir)
     result.update(process_seconds=time.perf_counter() - start, peak_memory_bytes=peak_memory(spec["device"]),
                   threads=torch.get_num_threads())
     (workdir / f"result-{name}.json").write_text(json.dumps(result))
@@ -492,7 +529,7 @@ def summarize_columns(results: dict, model: dict, lengths: list[tuple[int, int, 
                       batch: int, peak: float) -> dict:
     """:func:`summarize` of each column of ``results``, its output layer counted at its reply positions."""
     head = model["vocab_size"] * model["hidden_size"]
-    return {name: summarize(r, warmup, model["N_flop_params"], peak, batch, head, scored_positions(lengths, steps, batch, name == "trl"))
+    return {name: summarize(r, warmup, model["N_flop_params"], peak, batch, head, scored_positions(lengths, steps, batch, is_trl(name)))
             for name, r in results.items()}
 
 
@@ -511,7 +548,7 @@ def check_order(results: dict, lengths: list[tuple[int, int, int]], steps: int, 
     dpokit's counts are compared by logged row (``--logging-steps``), each row summing its steps."""
     def expected(name: str, r: dict, s: int) -> int | None:
         group = lengths[s * batch:(s + 1) * batch]
-        if name == "trl":  # TRL also trains on the newline ChatML writes after <|im_end|>
+        if is_trl(name):  # TRL also trains on the newline ChatML writes after <|im_end|>
             return sum(min(p + c + 1, MAX_LENGTH) + min(p + q + 1, MAX_LENGTH) for p, c, q in group)
         if all(p + max(c, q) <= MAX_LENGTH for p, c, q in group):  # dpokit truncated none of them
             return sum((1 if r["settings"]["prefix_sharing"] else 2) * p + c + q for p, c, q in group)
@@ -519,7 +556,7 @@ def check_order(results: dict, lengths: list[tuple[int, int, int]], steps: int, 
 
     out = {}
     for name, r in results.items():
-        every = 1 if name == "trl" else r.get("logging_steps", 1)  # dpokit's counts come by logged row
+        every = 1 if is_trl(name) else r.get("logging_steps", 1)  # dpokit's counts come by logged row
         matched = checked = 0
         for start in range(0, steps, every):
             window = range(start, min(start + every, steps))
@@ -550,7 +587,7 @@ def recount(path: Path) -> None:
               f"{again['step_fraction_of_matmul_head_at_replies']:.1%} (output layer at reply positions only)")
 
 
-def table(summaries: dict, has_trl: bool, device: str) -> str:
+def table(summaries: dict, device: str) -> str:
     """The Markdown comparison table."""
     mem = "peak GPU memory allocated (MiB)" if device.startswith("cuda") else "peak RSS (MiB)"
     rows = [("median s/step (after warm-up)", "median_step_s", "{:.3f}"), ("pairs/s", "pairs_per_s", "{:.2f}"),
@@ -566,11 +603,11 @@ def table(summaries: dict, has_trl: bool, device: str) -> str:
     for label, key, fmt in rows:
         lines.append(f"| {label} | " + " | ".join("-" if math.isnan(summaries[n][key]) else fmt.format(summaries[n][key])
                                                   for n in names) + " |")
-    if has_trl:
-        trl = summaries["trl"]
-        ratios = [("speedup vs TRL (TRL s/step ÷ s/step)", lambda s: trl["median_step_s"] / s["median_step_s"]),
-                  ("end-to-end speedup vs TRL (total wall)", lambda s: trl["train_wall_s"] / s["train_wall_s"]),
-                  ("memory ratio (peak ÷ TRL peak)", lambda s: s["peak_memory_mib"] / trl["peak_memory_mib"])]
+    for peer in (n for n in names if is_trl(n)):  # TRL's defaults, and each tuned TRL column
+        trl, which = summaries[peer], "TRL" if peer == "trl" else column_label(peer)
+        ratios = [(f"speedup vs {which} (its s/step ÷ s/step)", lambda s: trl["median_step_s"] / s["median_step_s"]),
+                  (f"end-to-end speedup vs {which} (total wall)", lambda s: trl["train_wall_s"] / s["train_wall_s"]),
+                  (f"memory ratio (peak ÷ {which} peak)", lambda s: s["peak_memory_mib"] / trl["peak_memory_mib"])]
         for label, fn in ratios:
             lines.append(f"| {label} | " + " | ".join(f"{fn(summaries[n]):.2f}x" for n in names) + " |")
     if any(n in ABLATION or n in NAMED_ONLY or n.startswith(ATTN_COLUMN) for n in names):
@@ -635,6 +672,8 @@ def main() -> int:
                          "(gradient checkpointing on, as TRL's default), dpokit-compile (torch_compile=true), "
                          "dpokit-autocast (float32 weights, bfloat16 autocast)")
     ap.add_argument("--trl-no-gradient-checkpointing", action="store_true", help="TRL defaults to gradient checkpointing on; turn it off")
+    ap.add_argument("--trl-variants", nargs="*", choices=list(TRL_VARIANTS), default=[], metavar="COLUMN",
+                    help="TRL columns beside its defaults: " + "; ".join(f"{k}: {v}" for k, v in TRL_VARIANTS.items()))
     ap.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<date>-<device>.json)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the temp folder (model, data, logs of each run)")
     ap.add_argument("--profile", nargs="?", const="dpokit", default=None, metavar="COLUMN",
@@ -677,7 +716,7 @@ def main() -> int:
     (workdir / "spec.json").write_text(json.dumps(spec))
     peak = matmul_flops(a.device, a.dtype)
     names = (["dpokit"] + ([] if a.skip_live else ["dpokit-live"]) + ([] if a.ablation is None else a.ablation or ABLATION)
-             + [ATTN_COLUMN + attn for attn in a.also_attn] + ([] if a.skip_trl else ["trl"]))
+             + [ATTN_COLUMN + attn for attn in a.also_attn] + ([] if a.skip_trl else ["trl", *a.trl_variants]))
     results = {n: launch(n, workdir, spec) for n in names}
     failed = [n for n, r in results.items() if r is None]
     if "dpokit" in failed:
@@ -697,7 +736,7 @@ def main() -> int:
           f"median over steps {a.warmup + 1}..{a.steps}"
           + (f" (each step its logged row's average, logging every {a.logging_steps})" if a.logging_steps > 1 else "")
           + f"; same pairs in the same order ({', '.join(f'{n}: {v}' for n, v in order.items())})\n")
-    print(table(summaries, "trl" in names, a.device))
+    print(table(summaries, a.device))
     print(f"\nFLOP/s convention: 6N per token the policy processed (non-padding) + 2N per token the reference scored, "
           f"N = {model['N_flop_params'] / 1e6:.1f}M (non-embedding parameters + output layer); attention and recomputation "
           f"not counted. Both frameworks apply the output layer ({model['vocab_size'] * model['hidden_size'] / 1e6:.1f}M) only where a reply token is predicted; the "

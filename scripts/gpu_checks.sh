@@ -8,17 +8,19 @@
 #      autocast, and its defaults under dpokit_varlen, and at 4 pairs flex_attention) next to TRL's DPOTrainer, and torch.profiler
 #      tables (where the time goes) of dpokit's 32-pair steps and of its compiled 64-pair steps (32 and 64
 #      pairs with metrics logged every 10 steps, as both frameworks train by default);
-#   3. the same benchmark's ablation columns (each speed switch off), without TRL.
+#   3. the same benchmark's ablation columns (each speed switch off), without TRL;
+#   4. dpokit against TRL as a user who tunes it runs it (precompute_ref_log_probs; sdpa kept off
+#      cuDNN as dpokit keeps it), at 4 and 32 pairs per step (parts trl-tuned, trl-tuned-32).
 # Usage: bash scripts/gpu_checks.sh [OUTDIR [PART ...]]   (after pip install -e ".[test,bench]")
-#   OUTDIR defaults to gpu-results; PARTs (default: all, in this order, ~15 minutes on an H100):
-#   tests, 4-pairs, 32-pairs, 64-pairs, ablation. Each part takes a few minutes, so a session with
+#   OUTDIR defaults to gpu-results; PARTs (default: all, in this order, ~20 minutes on an H100):
+#   tests, 4-pairs, 32-pairs, 64-pairs, ablation, trl-tuned, trl-tuned-32. Each part takes a few minutes, so a session with
 #   a time limit per command can run them one or two at a time into the same OUTDIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu-results}"
 shift || true
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests 4-pairs 32-pairs 64-pairs ablation)
+[ ${#parts[@]} -eq 0 ] && parts=(tests 4-pairs 32-pairs 64-pairs ablation trl-tuned trl-tuned-32)
 mkdir -p "$out"
 status=0
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
@@ -39,7 +41,11 @@ for part in "${parts[@]}"; do
         --output "$out/bench-0.5b-64-pairs.json" 2>&1 | tee "$out/bench-0.5b-64-pairs.txt" || status=1 ;;
     ablation) "${bench[@]}" --steps 20 --warmup 5 --skip-trl --ablation --output "$out/bench-0.5b-ablation.json" 2>&1 \
         | tee "$out/bench-0.5b-ablation.txt" || status=1 ;;
-    *) echo "unknown part '$part' (tests, 4-pairs, 32-pairs, 64-pairs, ablation)" >&2; exit 2 ;;
+    trl-tuned) "${bench[@]}" --steps 20 --warmup 5 --trl-variants trl-precompute trl-no-cudnn \
+        --output "$out/bench-0.5b-trl-tuned.json" 2>&1 | tee "$out/bench-0.5b-trl-tuned.txt" || status=1 ;;
+    trl-tuned-32) "${bench[@]}" "${logged[@]}" --pairs-per-step 32 --trl-variants trl-precompute trl-no-cudnn \
+        --output "$out/bench-0.5b-32-pairs-trl-tuned.json" 2>&1 | tee "$out/bench-0.5b-32-pairs-trl-tuned.txt" || status=1 ;;
+    *) echo "unknown part '$part' (tests, 4-pairs, 32-pairs, 64-pairs, ablation, trl-tuned, trl-tuned-32)" >&2; exit 2 ;;
   esac
 done
 exit $status

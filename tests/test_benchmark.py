@@ -94,6 +94,26 @@ def test_benchmark_times_logged_rows_with_logging_steps(tmp_path):
         plan_vs_measured.compare(report)
 
 
+def test_tuned_trl_columns(tmp_path):
+    """TRL with precompute_ref_log_probs: its precompute is timed apart (it runs while the trainer is
+    built), its steps score no reference, and dpokit's ratios against it are in the table."""
+    pytest.importorskip("trl")
+    out = tmp_path / "result.json"
+    command = [sys.executable, str(SCRIPT), "--model-size", "tiny-test", "--steps", "3", "--warmup", "1", "--pairs-per-step", "3",
+               "--skip-live", "--trl-variants", "trl-precompute", "--threads", "2", "--output", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert list(report["summary"]) == ["dpokit", "trl", "trl-precompute"]
+    tuned, plain = report["raw"]["trl-precompute"], report["raw"]["trl"]
+    assert tuned["settings"]["precompute_ref_log_probs"] is True and plain["settings"]["precompute_ref_log_probs"] is False
+    assert tuned["precompute_seconds"] > 0 and plain["precompute_seconds"] == 0
+    assert set(tuned["ref_tokens_per_step"]) == {0} and tuned["step_tokens"] == plain["step_tokens"]
+    assert report["order_check"]["trl-precompute"] == "3/3 steps match"
+    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(tuned["loss"], plain["loss"]))  # the same reference numbers
+    assert "| speedup vs TRL, precompute_ref_log_probs (its s/step ÷ s/step) |" in result.stdout
+
+
 def test_plan_stays_within_the_gpu_peaks_measured():
     """dpokit plan at each H100 benchmark column's largest step (its real token count) against the
     peak torch's allocator measured there (benchmarks/results): within 0.8x-1.3x."""

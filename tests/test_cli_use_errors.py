@@ -97,3 +97,20 @@ def test_every_model_command_says_no_such_folder(workdir, tmp_path, monkeypatch,
         said = ("there is no folder runs/nothere either: runs/ holds no such entry" if path == "runs/nothere"
                 else f"no such folder: {path} (model.name_or_path / MODEL argument")
         assert said in err, (argv, err)
+
+
+def test_a_run_saved_with_settings_now_refused_at_start_still_resolves(workdir, tmp_path):
+    """eval, export, compare and chat read a finished run's config.yaml as it trained: an older dpokit
+    saved eval_steps without eval data, which a new run is refused for, and the run stays usable."""
+    import shutil
+
+    from dpokit.config import load_config
+    from dpokit.resolve import resolve_model
+
+    run = tmp_path / "old-run"
+    shutil.copytree(workdir / "model", run / "final")
+    config = load_config(None, [f"model.name_or_path={workdir / 'model'}", f"data.train={workdir / 'train.jsonl'}",
+                                "eval_steps=5", f"output_dir={run}"], for_training=False)
+    save_config(config, run / "config.yaml")
+    resolved = resolve_model(str(run))
+    assert resolved.run_config.run.eval_steps == 5 and resolved.path == str(run / "final")

@@ -193,6 +193,17 @@ def test_eval_settings_without_eval_data_and_a_file_for_output_dir_are_refused(t
             load_config(path, [f"output_dir={output_dir}"])
 
 
+def test_a_finished_runs_config_is_read_as_it_trained(tmp_path):
+    """A run's saved config.yaml is read back by eval, export, compare and chat: settings that a run
+    about to start is refused for (they would do nothing) stay readable there, as an older dpokit saved them."""
+    text = BASE + "run:\n  eval_steps: 5\n  eval_on_start: true\nloss:\n  loss_type: ipo\n  label_smoothing: 0.1\n"
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match="run.eval_steps=5 evaluates"):
+        load_config(path)
+    config = load_config(path, for_training=False)
+    assert config.run.eval_steps == 5 and config.loss.label_smoothing == 0.1
+
+
 def test_a_data_path_found_both_from_here_and_beside_the_config_is_refused(tmp_path, monkeypatch):
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "pairs.jsonl").write_text("")

@@ -190,6 +190,8 @@ def test_lora_settings_come_from_the_config(tmp_path, capsys):
     main(["plan", f"model.name_or_path={tmp_path / 'm'}", "lora_r=4", "lora_target_modules=[q_proj,v_proj]"])
     out = capsys.readouterr().out
     assert "LoRA r=4" in out and "q_proj" in out
+    main(["plan", f"model.name_or_path={tmp_path / 'm'}", "eval_steps=50"])  # no data: eval settings are not the plan's
+    assert capsys.readouterr().out.startswith(f"model: {tmp_path / 'm'}")
 
 
 def test_fp16_counts_autocast_copies_like_bf16(tmp_path, capsys):

@@ -453,8 +453,9 @@ def split_config_argument(first: str | None, rest: list[str]) -> tuple[str | Non
     return first, list(rest)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or none), apply ``key=value`` overrides, fill defaults, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, for_training: bool = True) -> Config:
+    """Read a YAML config (or none), apply ``key=value`` overrides, fill defaults, validate
+    (``for_training``: see :func:`validate`)."""
     source = str(path) if path else "the command line"
     raw = _read_yaml(Path(path)) if path else {}
     tree = _nest(raw, source)
@@ -463,7 +464,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply_override(tree, keys, value, text)
     sections = {name: _build(cls, tree[name], prefix=f"{name}.") for name, cls in _SECTION_CLASSES.items()}
     config = Config(**sections)
-    validate(config, base_dir=Path(path).parent if path else None)
+    validate(config, base_dir=Path(path).parent if path else None, for_training=for_training)
     return config
 
 
@@ -494,18 +495,43 @@ def _check_loss_settings_apply(lo: LossConfig) -> None:
         )
 
 
-def _beside_config(path: str, base_dir: Path, where: str) -> str:
+def _beside_config(path: str, base_dir: Path, where: str, refuse_both: bool = True) -> str:
     """A relative data ``path`` found from the working directory, else from the config file's folder
-    ``base_dir``; refused when both hold a different file of that name (which one was meant?)."""
+    ``base_dir``; with ``refuse_both``, refused when both hold a different file of that name (which
+    one was meant?)."""
     here, beside = Path(path), base_dir / path
     if here.is_absolute() or not beside.exists():
         return path
     if not here.exists():
         return str(beside)
-    if here.resolve() != beside.resolve():
+    if refuse_both and here.resolve() != beside.resolve():
         raise ConfigError(f"{where}={path} names two files, {here.resolve()} (from the working directory) and "
                           f"{beside.resolve()} (from the config file's folder): give the one you mean as an absolute path")
     return path
+
+
+def _check_settings_take_effect(config: Config) -> None:
+    """Refuse settings a run would silently do nothing with: eval settings without eval data,
+    ``eval_fraction`` beside ``data.eval``, loss settings no chosen loss reads, new-adapter settings
+    beside a starting adapter."""
+    d, r, m = config.data, config.run, config.model
+    if d.eval is not None and d.eval_fraction > 0:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} holds out train pairs for evaluation, and data.eval "
+                          "gives eval data already, so it would hold out nothing: set only one of them")
+    if d.eval is None and d.eval_fraction <= 0 and (r.eval_steps or r.eval_on_start):
+        setting = f"run.eval_steps={r.eval_steps}" if r.eval_steps else "run.eval_on_start=true"
+        raise ConfigError(f"{setting} evaluates on data.eval or a data.eval_fraction of the train pairs, and neither is "
+                          f"set, so it would evaluate nothing: give one, or leave {setting.split('=')[0]} unset")
+    _check_loss_settings_apply(config.loss)
+    if m.adapter_name_or_path:
+        new_adapter = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save")
+        changed = [k for k in new_adapter if getattr(m, k) != getattr(ModelConfig(), k)]
+        if changed:
+            raise ConfigError(
+                f"model.{', model.'.join(changed)} describe new adapters, but adapter_name_or_path trains the existing "
+                f"adapter {m.adapter_name_or_path} further, with the settings in its adapter_config.json: remove "
+                f"{', '.join(changed)}, or train new adapters (use_peft=true without adapter_name_or_path)"
+            )
 
 
 def _check_output_dir(output_dir: str) -> None:
@@ -517,8 +543,14 @@ def _check_output_dir(output_dir: str) -> None:
             return
 
 
-def validate(config: Config, base_dir: Path | None = None) -> None:
-    """Cross-field checks; resolves relative data paths against the config file's folder."""
+def validate(config: Config, base_dir: Path | None = None, for_training: bool = True) -> None:
+    """Cross-field checks; resolves relative data paths against the config file's folder.
+
+    ``for_training`` (a run about to start) also refuses what would do nothing or is ambiguous
+    (:func:`_check_settings_take_effect`, a data path found two ways, an output_dir that is a file).
+    A finished run's ``config.yaml`` read back (by eval, export, compare, chat) and ``dpokit plan``
+    skip those: such a run trained as it did, with settings an older dpokit accepted, and a plan
+    needs no data."""
     d, t, lo, r = config.data, config.training, config.loss, config.run
     train_sources = data_sources(d.train)
     if not train_sources or not all(s.path for s in train_sources):
@@ -531,7 +563,7 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
             if not source.weight > 0:
                 raise ConfigError(f"{where}.weight must be > 0 (the share of this source in the mix), got {source.weight}")
             if base_dir is not None:
-                source.path = _beside_config(source.path, base_dir, where)
+                source.path = _beside_config(source.path, base_dir, where, refuse_both=for_training)
     if d.num_proc is not None and d.num_proc < 1:
         raise ConfigError(f"data.num_proc must be at least 1 or null, got {d.num_proc}")
     if not 0.0 <= d.eval_fraction < 1.0:
@@ -552,15 +584,9 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
         value = getattr(r, key)
         if value is not None and value < 1:
             raise ConfigError(f"run.{key} must be at least 1 or null, got {value}")
-    _check_output_dir(r.output_dir)
-    has_eval = d.eval is not None or d.eval_fraction > 0
-    if d.eval is not None and d.eval_fraction > 0:
-        raise ConfigError(f"data.eval_fraction={d.eval_fraction} holds out train pairs for evaluation, and data.eval "
-                          "gives eval data already, so it would hold out nothing: set only one of them")
-    if not has_eval and (r.eval_steps or r.eval_on_start):
-        setting = f"run.eval_steps={r.eval_steps}" if r.eval_steps else "run.eval_on_start=true"
-        raise ConfigError(f"{setting} evaluates on data.eval or a data.eval_fraction of the train pairs, and neither is "
-                          f"set, so it would evaluate nothing: give one, or leave {setting.split('=')[0]} unset")
+    if for_training:
+        _check_output_dir(r.output_dir)
+        _check_settings_take_effect(config)
     if r.overwrite_output_dir and r.resume_from_checkpoint:
         raise ConfigError(
             "run.overwrite_output_dir=true deletes an earlier run in output_dir, and resume_from_checkpoint continues "
@@ -595,7 +621,6 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
         raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")
     if not 0.0 <= lo.label_smoothing < 0.5:
         raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
-    _check_loss_settings_apply(lo)
     if t.prefix_sharing and config.model.attn_implementation not in (None, *PREFIX_ATTENTION):
         raise ConfigError(
             f"training.prefix_sharing needs a custom attention mask, which {config.model.attn_implementation} "
@@ -616,15 +641,6 @@ def validate(config: Config, base_dir: Path | None = None) -> None:
         )
     if t.fp16 and m.dtype == "bfloat16":
         raise ConfigError("training.fp16 autocasts to float16 but model.dtype is bfloat16: use dtype=float16 or float32 (or bf16=true)")
-    if m.adapter_name_or_path:
-        new_adapter = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save")
-        changed = [k for k in new_adapter if getattr(m, k) != getattr(ModelConfig(), k)]
-        if changed:
-            raise ConfigError(
-                f"model.{', model.'.join(changed)} describe new adapters, but adapter_name_or_path trains the existing "
-                f"adapter {m.adapter_name_or_path} further, with the settings in its adapter_config.json: remove "
-                f"{', '.join(changed)}, or train new adapters (use_peft=true without adapter_name_or_path)"
-            )
     if m.load_in_4bit and not (m.use_peft or m.adapter_name_or_path):
         raise ConfigError("model.load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: set use_peft=true")
     if m.lora_r < 1 or m.lora_alpha < 1 or not 0.0 <= m.lora_dropout < 1.0:

@@ -561,11 +561,11 @@ def run(args) -> None:
     except ValueError as e:
         raise ConfigError(f"--gpu-memory: {e}") from None
     try:
-        config = load_config(config_path, overrides)
+        config = load_config(config_path, overrides, for_training=False)  # memory only: what a run would not use is its own check
     except ConfigError as e:
         if "data.train is not set" not in str(e):
             raise
-        config = load_config(config_path, [*overrides, "data.train=unused-by-plan"])  # plan needs no data
+        config = load_config(config_path, [*overrides, "data.train=unused-by-plan"], for_training=False)  # plan needs no data
     if args.fsdp < 1:
         raise ConfigError(f"--fsdp: {args.fsdp} processes; give 1 or more")
     if args.tokens is not None and args.tokens < 1:

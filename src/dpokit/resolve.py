@@ -104,7 +104,7 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> ResolvedMod
             f"{folder} is a folder but not a model: expected a Hugging Face model (config.json), "
             f"a LoRA adapter ({ADAPTER_FILE}) or a dpokit run directory ({RUN_CONFIG} with final/ or checkpoints/)"
         )
-    run_config = load_config(run_dir / RUN_CONFIG) if run_dir is not None else None
+    run_config = load_config(run_dir / RUN_CONFIG, for_training=False) if run_dir is not None else None  # as it trained
     return ResolvedModel(str(folder), run_dir, run_config, label)
 
 

@@ -170,6 +170,28 @@ def test_dpokit_varlen_logps_match_padded_sdpa_in_bfloat16(layout):
     torch.testing.assert_close(ours, padded, atol=0.1, rtol=0.02)
 
 
+def test_prefix_shared_rows_keep_sliding_windows_in_bfloat16():
+    """Gemma 3's sliding and full layers under dpokit's per-layer-type masks, on CUDA sdpa in bfloat16
+    (the probe that shrinks the window runs there too): the padded layout's log-probs, where the model
+    masks its own window, to bfloat16 round-off; without the windows, off by far more."""
+    from dpokit.data.batching import make_batch
+    from dpokit.logps import ReplyLogProbs, check_rows_kept_apart, check_window
+    from test_logps import tiny_of
+
+    pairs = ragged_pairs(seed=4, n=6)
+    model = tiny_of("gemma3_text", sliding_window=6, head_dim=8, layer_types=["sliding_attention", "full_attention"])
+    model.to("cuda", torch.bfloat16)
+    assert check_rows_kept_apart(model, "prefix_packed") is False
+    windows = check_window(model, "prefix_packed", False, max_length=64)
+    assert windows == {"full_attention": None, "sliding_attention": 6}
+    with torch.no_grad():
+        padded = ReplyLogProbs(model)(**make_batch(pairs, "padded").to("cuda").model_inputs())
+        ours = ReplyLogProbs(model, windows=windows)(**make_batch(pairs, "prefix_packed").to("cuda").model_inputs())
+        unwindowed = ReplyLogProbs(model)(**make_batch(pairs, "prefix_packed").to("cuda").model_inputs())
+    torch.testing.assert_close(ours, padded, atol=0.1, rtol=0.02)
+    assert (unwindowed - padded).abs().max() > 0.2  # on the CPU, 0.6
+
+
 @needs_torch_varlen
 def test_dpokit_varlen_refuses_float32_compute_naming_bf16(workdir):
     from dpokit.config import ConfigError

@@ -1,5 +1,6 @@
 """Each training option does what it says (tiny model, a few steps each)."""
 
+import copy
 import json
 import math
 
@@ -208,9 +209,35 @@ def test_weight_decay_and_adam_settings_reach_the_optimizer(workdir):
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3  # biases and norm weights skip decay
     assert decay["betas"] == (0.8, 0.95) and decay["eps"] == 1e-6
-    assert not decay["fused"]  # torch's fused kernel on CUDA only
+    assert decay["fused"]  # torch's fused kernel, on the CPU as on CUDA
     # training on CUDA: fused, even while the parameters are still on the host (FSDP2 shards them there)
     assert all(group["fused"] for group in _optimizer(model, cfg, torch.device("cuda")).param_groups)
+
+
+def test_the_fused_adamw_steps_as_the_one_tensor_at_a_time_adamw(workdir):
+    """The fused CPU kernel is the same AdamW: three steps with decay land where torch's reference
+    implementation (``foreach=False``) does, to float32 round-off."""
+    from dpokit.train import _optimizer
+
+    cfg = run_config(workdir, "unused", "weight_decay=0.1", "learning_rate=1e-2")
+    torch.manual_seed(0)
+    fused_model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
+    plain_model = copy.deepcopy(fused_model)
+    fused = _optimizer(fused_model, cfg, torch.device("cpu"))
+    plain = torch.optim.AdamW([
+        {"params": [p for p in plain_model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+        {"params": [p for p in plain_model.parameters() if p.ndim < 2], "weight_decay": 0.0}], lr=1e-2, foreach=False)
+    start = copy.deepcopy(plain_model)
+    assert fused.param_groups[0]["fused"] and not plain.param_groups[0].get("fused")
+    x = torch.randn(32, 8)
+    for _ in range(3):
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(fused_model.parameters(), start.parameters()))  # they moved
 
 
 def _tensorboard_losses(run_dir) -> list[tuple[int, float]]:

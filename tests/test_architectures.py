@@ -13,6 +13,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from dpokit.config import ConfigError
 from dpokit.data.batching import LAYOUTS, make_batch
 from dpokit.logps import ReplyLogProbs, check_rows_kept_apart
 from test_logps import VOCAB, naive_logps, ragged_pairs
@@ -86,7 +87,7 @@ VARLEN_REFUSED = {  # model_type -> why dpokit_varlen cannot run it (the check s
 def test_each_architecture_is_exact_under_dpokit_varlen_or_refused(model_type):
     """dpokit_varlen (rows regrouped for a varlen kernel; here its exact CPU loop) gives the naive
     log-probs in both multi-sequence layouts, or the check refuses the model with the reason."""
-    from dpokit.config import ConfigError, VARLEN_ATTENTION
+    from dpokit.config import VARLEN_ATTENTION
     from dpokit.varlen import register_varlen_attention
 
     if model_type not in CONFIG_MAPPING:
@@ -148,6 +149,105 @@ def test_gemma3_trains_prefix_shared_rows_within_its_sliding_window(workdir, tmp
     for shared, padded in zip(runs[True], runs[False], strict=True):
         for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
             assert shared[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-5), key
+
+
+MULTIMODAL_TEXT = dict(COMMON, **HEAD_DIM, sliding_window=5, layer_types=["sliding_attention", "full_attention"])
+MULTIMODAL_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "gemma4"])
+def test_image_text_checkpoints_train_on_text_exactly(model_type):
+    """Gemma 3 from 4B up and Gemma 4 ship as image-text checkpoints: AutoModelForCausalLM gives their
+    ...ForConditionalGeneration model, whose vocabulary, sliding window and logit soft cap live in
+    ``config.text_config`` (the probes read ``config.vocab_size`` and failed). Text pairs score through its
+    language model in every layout, the window (5 tokens here) kept in the prefix-shared rows' masks,
+    to 1e-4 of the naive log-probs."""
+    from dpokit.logps import check_window
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers release has no {model_type}")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, text_config=MULTIMODAL_TEXT, vision_config=MULTIMODAL_VISION)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    model.config._attn_implementation = "sdpa"
+    assert "ConditionalGeneration" in type(model).__name__
+    pairs = ragged_pairs(seed=1)
+    naive = naive_logps(model, pairs)
+    for layout in LAYOUTS:
+        mask_packed_rows = check_rows_kept_apart(model, layout)
+        windows = check_window(model, layout, mask_packed_rows, max_length=64)
+        assert windows == ({"full_attention": None, "sliding_attention": 5} if layout.startswith("prefix") else None)
+        scorer = ReplyLogProbs(model, chunk_size=7, mask_packed_rows=mask_packed_rows, windows=windows)
+        assert scorer.chunked
+        error = (scorer(**make_batch(pairs, layout).model_inputs()) - naive).abs().max().item()
+        assert error < 1e-4, f"{model_type} {layout}: off by {error:.3g}"
+
+
+def save_image_text_model(workdir, tmp_path):
+    """A tiny Gemma 3 image-text model sized to the workdir's tokenizer, saved with it; returns the folder."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    vocab = len(tokenizer) + 3  # and the image markers
+    text = dict(MULTIMODAL_TEXT, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=None, sliding_window=16)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gemma3", text_config=text, vision_config=MULTIMODAL_VISION, mm_tokens_per_image=4,
+                                  boi_token_index=vocab - 3, eoi_token_index=vocab - 2, image_token_index=vocab - 1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "image-text")
+    tokenizer.save_pretrained(tmp_path / "image-text")
+    return tmp_path / "image-text"
+
+
+def test_an_image_text_model_trains_its_language_model_only(workdir, tmp_path):
+    """On text pairs the vision tower and projector never run: full training freezes them, and LoRA
+    (all-linear, or named modules the vision tower shares) adapts the language model only. Left
+    trainable, two DDP processes failed at the second step waiting for their gradients; here two
+    gloo processes train to the end."""
+    from dpokit.config import load_config
+    from dpokit.modeling import load_policy
+    from runs import LORA, accelerate_launch, run_args, train_rows
+
+    model_dir = save_image_text_model(workdir, tmp_path)
+    policy = load_policy(load_config(None, run_args(workdir, "unused", f"model.name_or_path={model_dir}")).model)
+    trained = {name for name, p in policy.named_parameters() if p.requires_grad}
+    assert trained and all(name.startswith(("model.language_model.", "lm_head.")) for name in trained)
+    assert any(name.startswith("model.vision_tower.") for name, _ in policy.named_parameters())
+    for targets in ("all-linear", "[q_proj,out_proj,lm_head]"):
+        lora = load_policy(load_config(None, run_args(workdir, "unused", f"model.name_or_path={model_dir}", "use_peft=true",
+                                              f"lora_target_modules={targets}")).model)
+        adapted = {name.split(".lora_")[0] for name, p in lora.named_parameters() if p.requires_grad}
+        assert adapted and all(".language_model." in name or name.endswith(".lm_head") for name in adapted), targets
+        assert any(name.endswith("q_proj") for name in adapted)
+        assert (len([name for name in adapted if name.endswith("lm_head")]) == 1) == ("lm_head" in targets)
+    with pytest.raises(ConfigError, match="LoRA target modules"):  # out_proj is the vision tower's only
+        load_policy(load_config(None, run_args(workdir, "unused", f"model.name_or_path={model_dir}", "use_peft=true", "lora_target_modules=[out_proj]")).model)
+    out = tmp_path / "ddp"
+    result = accelerate_launch("-m", "dpokit", "train", *run_args(workdir, "unused", f"model.name_or_path={model_dir}",
+                                                         "per_device_train_batch_size=2", "max_steps=3", f"output_dir={out}"),
+                      timeout=300)
+    assert [row["step"] for row in train_rows(out)] == [1, 2, 3]
+    assert "an image-text model: its language model only, the vision parts frozen" in result.stdout
+
+
+def test_dropout_is_off_in_causal_and_image_text_models():
+    """DPO scores the policy and reference alike, so dropout is switched off: in nn.Dropout modules, in
+    attention layers that copied the rate, and in the configs (an image-text model's text_config too),
+    so that two training-mode forwards agree."""
+    from dpokit.modeling import disable_dropout, text_config
+
+    torch.manual_seed(0)
+    image_text = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gemma3", text_config=dict(MULTIMODAL_TEXT, attention_dropout=0.5), vision_config=MULTIMODAL_VISION))
+    for model in (tiny_model("qwen2", attention_dropout=0.5), tiny_model("gpt2", resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5),
+                  image_text.float()):
+        model.train()
+        ids = torch.arange(1, 9)[None]
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+        disable_dropout(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+        config = text_config(model.config)
+        assert all(getattr(config, name, 0.0) == 0.0 for name in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"))
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "falcon", "phi3", "gemma2"])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dpokit.chat import Conversation, _fit_context
+from dpokit.chat import Conversation, _fit_context, context_limit
 from dpokit.cli import main
 from dpokit.generate import encode_prompt
 from dpokit.resolve import load_model_tokenizer, model_config, resolve_model
@@ -86,3 +86,12 @@ def test_long_conversations_drop_the_oldest_exchanges(workdir):
     # a message too long even alone is refused, and the conversation before it is kept whole
     kept = Conversation(system="sys", turns=turns[:-1] + [{"role": "user", "content": "far too long " * 50}])
     assert _fit_context(kept, tokenizer, limit, 4, out) is None and kept.turns == turns[:-1]
+
+
+def test_the_context_of_an_image_text_model_is_its_language_models():
+    """Gemma 3's image-text config keeps max_position_embeddings in its text_config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("gemma3", text_config={"max_position_embeddings": 640})
+    assert context_limit(config) == 640
+    assert context_limit(AutoConfig.for_model("qwen2", max_position_embeddings=320)) == 320

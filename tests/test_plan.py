@@ -39,6 +39,30 @@ def test_lora_count_equals_peft(targets):
     assert count_model(cfg, lora_r=8, targets=targets).lora_params == trainable
 
 
+@pytest.mark.parametrize("targets", ["q_proj,out_proj", "all-linear"])
+def test_an_image_text_model_counts_what_dpokit_trains(targets):
+    """Gemma 3's image-text model: full training trains its language model (the vision parts frozen,
+    as dpokit freezes them), and LoRA adapts the language model's layers only."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma3Config
+
+    from dpokit.modeling import freeze_outside_language_model, language_model_targets
+
+    text = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=509, eoi_token_index=510,
+                       image_token_index=511)
+    shape = count_model(cfg, lora_r=8, targets=targets)
+    real = AutoModelForCausalLM.from_config(cfg)
+    assert shape.params == sum(p.numel() for p in real.parameters())
+    assert freeze_outside_language_model(real) > 0
+    assert shape.trained_params == sum(p.numel() for p in real.parameters() if p.requires_grad) < shape.params
+    lora = get_peft_model(real, LoraConfig(r=8, target_modules=language_model_targets(real, targets.split(","))))
+    assert shape.lora_params == lora.get_nb_trainable_parameters()[0]
+    assert "out_proj" not in shape.lora_modules  # the vision tower's
+
+
 def test_parse_size():
     assert parse_size("80GB") == 80 * 10**9
     assert parse_size("24GiB") == 24 * 2**30

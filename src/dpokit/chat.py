@@ -24,6 +24,7 @@ import torch
 from dpokit.config import ConfigError
 from dpokit.data.formats import Message
 from dpokit.generate import SamplingSettings, encode_prompt, generation_device, has_chat_template, new_tokens, prepare_for_generation
+from dpokit.modeling import text_config
 from dpokit.resolve import load_model, load_model_tokenizer, model_config, resolve_model, write_text_atomic
 
 HELP = (
@@ -78,11 +79,15 @@ def _fit_context(conversation: Conversation, tokenizer, limit: int | None, max_n
     return ids
 
 
+def context_limit(config) -> int | None:
+    """How many positions the model takes (its language model's, in an image-text model), or None."""
+    return getattr(text_config(config), "max_position_embeddings", None)
+
+
 def reply(model, tokenizer, conversation: Conversation, settings: SamplingSettings, out: IO[str]) -> str | None:
     """Generate and stream the assistant's answer to the conversation; append it and return it
     (None when the conversation could not fit the context)."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    ids = _fit_context(conversation, tokenizer, limit, settings.max_new_tokens, out)
+    ids = _fit_context(conversation, tokenizer, context_limit(model.config), settings.max_new_tokens, out)
     if ids is None:
         return None
     input_ids = torch.tensor([ids], device=next(model.parameters()).device)

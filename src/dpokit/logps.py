@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dpokit.config import DENSE_MASK_ATTENTION, PREFIX_ATTENTION, VARLEN_ATTENTION, ConfigError
 from dpokit.masks import Windows, row_attention_inputs
-from dpokit.modeling import eval_mode
+from dpokit.modeling import eval_mode, text_config
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -175,7 +175,7 @@ def _head_reproduces_logits(model: nn.Module, scale: float, softcap: float | Non
     checked on one 8-token sequence (eval mode, no grad)."""
     try:
         device = model.get_output_embeddings().weight.device
-        ids = torch.arange(1, 9, device=device)[None] % model.config.vocab_size
+        ids = torch.arange(1, 9, device=device)[None] % text_config(model.config).vocab_size
         with torch.no_grad(), eval_mode(model):
             theirs = model(input_ids=ids, use_cache=False).logits[0].float()
             hidden = decoder_of(model)(input_ids=ids, use_cache=False).last_hidden_state[0]
@@ -193,7 +193,7 @@ def head_plan(model: nn.Module) -> tuple[float, float | None, bool]:
     """(scale, softcap, reproduces) for ``model``, probed once and kept on the model."""
     cached = getattr(model, "_dpokit_head_plan", None)
     if cached is None:
-        scale, softcap = output_transform(model.config)
+        scale, softcap = output_transform(text_config(model.config))
         cached = (scale, softcap, _head_reproduces_logits(model, scale, softcap))
         if not cached[2]:
             warnings.warn(
@@ -213,7 +213,7 @@ def _rows_kept_apart(model: nn.Module, restart_positions: bool, own_mask: bool) 
     alone than to those of the row under one causal mask over both (what a model that ignores the
     restarts, or the mask, computes). Eval mode, no grad, the caller's device and autocast."""
     device = model.get_output_embeddings().weight.device
-    ids = torch.arange(1, 13, device=device)[None] % model.config.vocab_size  # [1, 12]: two sequences
+    ids = torch.arange(1, 13, device=device)[None] % text_config(model.config).vocab_size  # [1, 12]: two sequences
     positions = torch.arange(6, device=device).repeat(2) if restart_positions else torch.arange(12, device=device)
     positions, row_inputs = positions[None], {"attention_mask": None}  # [1, 12]
     if own_mask:
@@ -255,7 +255,7 @@ def _shared_row_kept_apart(model: nn.Module, windows: Windows = None) -> bool:
     from dpokit.data.batching import make_batch
     from dpokit.data.tokenize import TokenizedPair
 
-    vocab = model.config.vocab_size
+    vocab = text_config(model.config).vocab_size
     prompt, chosen, rejected = ([(t % (vocab - 1)) + 1 for t in range(start, start + 4)] for start in (1, 11, 21))
     batch = make_batch([TokenizedPair(prompt, chosen, rejected)], "prefix_packed")
     device = model.get_output_embeddings().weight.device
@@ -332,13 +332,13 @@ def check_window(model: nn.Module, layout: str, mask_packed_rows: bool, max_leng
     follow the window through their position ids; dpokit_varlen passes it to its kernel.
     """
     shared = layout.startswith("prefix")
-    window = attention_window(model.config)
+    window = attention_window(text_config(model.config))
     if window is None or window >= max_length or not (shared or mask_packed_rows):
         return None
     attn = getattr(model.config, "_attn_implementation", None)
     if attn == VARLEN_ATTENTION:
         return None
-    windows = mask_windows(model.config)
+    windows = mask_windows(text_config(model.config))
     if shared and windows is not None and attn in (*DENSE_MASK_ATTENTION, None) and _windows_followed(model, windows):
         return windows
     fix = ("training.prefix_sharing=false (packed rows then follow the window through their position ids)" if shared and not mask_packed_rows
@@ -359,14 +359,15 @@ def _windows_followed(model: nn.Module, windows: Windows) -> bool:
     if checked is None:
         shrunk = ({kind: window and PROBE_WINDOW for kind, window in windows.items()} if isinstance(windows, dict)
                   else PROBE_WINDOW)
-        window = model.config.sliding_window
-        model.config.sliding_window = PROBE_WINDOW
+        config = text_config(model.config)  # the one its attention layers read
+        window = config.sliding_window
+        config.sliding_window = PROBE_WINDOW
         try:
             checked = _shared_row_kept_apart(model, shrunk)
         except (*NO_4D_MASK, KeyError):  # a forward that takes no dict of masks, or other keys
             checked = False
         finally:
-            model.config.sliding_window = window
+            config.sliding_window = window
         model.__dict__["_dpokit_windows_checked"] = checked
     return checked
 
@@ -432,7 +433,7 @@ def _rows_checked(model: nn.Module, shared: bool) -> bool:
             # flex_attention: the sequence alone (transformers' own flex mask) is unreliable on the CPU, where
             # torch compiles it (NaN, compile errors); its rows get dpokit's BlockMask, checked as packed rows are
             kept = (_rows_kept_apart(model, restart_positions=False, own_mask=True) if attn == "flex_attention"
-                    else _shared_row_kept_apart(model, _windows_in_probe(model.config)))
+                    else _shared_row_kept_apart(model, _windows_in_probe(text_config(model.config))))
         except NO_4D_MASK as e:
             raise ConfigError(f"{who} cannot take dpokit's attention mask for prefix-shared rows ({str(e).splitlines()[0]}): "
                               "set training.prefix_sharing=false") from None

@@ -220,7 +220,7 @@ def apply_lora(model: nn.Module, config: ModelConfig, adapter: str | None = None
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_modules=language_model_targets(model, targets),
         modules_to_save=config.lora_modules_to_save,
         task_type="CAUSAL_LM",
     )
@@ -236,6 +236,7 @@ def load_policy(config: ModelConfig, checkpoint: str | None = None, empty: bool 
     if not uses_peft(config):
         model = load_causal_lm(config, checkpoint, empty=empty)
         disable_dropout(model)
+        freeze_outside_language_model(model)
         return model
     model = load_causal_lm(config, empty=empty)
     disable_dropout(model)
@@ -269,6 +270,64 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+def text_config(config):
+    """The config of the language model inside ``config``'s model: ``config`` itself for a causal LM,
+    its ``text_config`` for an image-text one (Gemma 3 from 4B up, Gemma 4), whose vocabulary,
+    windows and logit transforms live there."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def is_image_text(model: nn.Module) -> bool:
+    """Whether ``model`` (a peft wrapper's base included) holds a language model beside other parts
+    (a vision tower and its projector): its config keeps the language model's in ``text_config``."""
+    config = model.config
+    return text_config(config) is not config
+
+
+def language_model_names(model: nn.Module) -> tuple[str, str]:
+    """The module names of ``model``'s decoder and output layer: the parts that score text."""
+    from dpokit.logps import decoder_of
+
+    decoder, head = decoder_of(model), model.get_output_embeddings()
+    names = {id(module): name for name, module in model.named_modules()}
+    return names[id(decoder)], names[id(head)]
+
+
+def freeze_outside_language_model(model: nn.Module) -> int:
+    """Freeze what text pairs never run in an image-text model (the vision tower, its projector);
+    returns how many parameters that froze (0 for a causal LM). Left trainable they get no gradient:
+    counted as trained, and under DDP the second step fails waiting for their gradients."""
+    if not is_image_text(model):
+        return 0
+    decoder, head = language_model_names(model)
+    frozen = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and not (name.startswith(decoder + ".") or name.startswith(head + ".")):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
+def language_model_targets(model: nn.Module, targets: list[str]) -> str | list[str]:
+    """LoRA ``target_modules`` for peft: ``targets`` (module names, or ``["all-linear"]``) as given for
+    a causal LM; for an image-text model, a pattern that matches them inside its language model only
+    (decoder and output layer), where peft's own matching would also adapt the vision tower's
+    layers of the same names, which text pairs never train."""
+    if not is_image_text(model):
+        return "all-linear" if targets == ["all-linear"] else targets
+    import re
+
+    decoder, head = language_model_names(model)
+    if targets == ["all-linear"]:  # peft's meaning: every Linear but the output layer
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.get_submodule(decoder).named_modules()
+                          if isinstance(module, nn.Linear)})
+    names = "|".join(re.escape(t) for t in targets)
+    pattern = rf"{re.escape(decoder)}\.(?:.*\.)?(?:{names})"
+    if any(head == t or head.endswith("." + t) for t in targets):
+        pattern += rf"|{re.escape(head)}"
+    return pattern
+
+
 @contextmanager
 def eval_mode(model: nn.Module):
     """``model`` in eval mode inside the block, back in the mode it had after it (errors included)."""
@@ -285,9 +344,10 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if isinstance(getattr(model.config, name, None), float):
-            setattr(model.config, name, 0.0)
+    for config in {id(c): c for c in (model.config, text_config(model.config))}.values():
+        for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            if isinstance(getattr(config, name, None), float):
+                setattr(config, name, 0.0)
     for module in model.modules():  # attention layers that copied the rate at init
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0

@@ -108,6 +108,11 @@ class ModelShape:
     layer_params: int = 0
     """Parameters of one decoder layer (an FSDP unit); the rest (embedding, final norm, output
     layer) is the root unit."""
+    trained_params: int | None = None
+    """What full training trains, where not all ``params``: an image-text model's language model
+    (its vision parts stay frozen). None: all of them."""
+    trained_linear_params: int | None = None
+    """Of ``linear_params``, those in what trains (the ones autocast copies to 16 bits). None: all."""
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -133,17 +138,25 @@ def count_module(model, hf_config, lora_r: int = 16, targets: str | list[str] = 
 
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    from dpokit.modeling import is_image_text, language_model_names
+
     head = model.get_output_embeddings()
     all_linear = targets == ["all-linear"]
     linear_params = largest = lora = 0
     suffixes: list[str] = []
     first_layer = {}
+    # an image-text model trains (and LoRA adapts) its language model only: the parts named here
+    trained_parts = tuple(f"{name}." for name in language_model_names(model)) if is_image_text(model) else ("",)
+    trained_linear = 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module is head:
             continue
         n = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
         linear_params += n
         largest = max(largest, module.weight.numel())
+        if not f"{name}.".startswith(trained_parts):
+            continue
+        trained_linear += n
         if all_linear or _matches(name, targets):
             lora += lora_r * (module.in_features + module.out_features)
             suffix = name.rsplit(".", 1)[-1]
@@ -172,6 +185,9 @@ def count_module(model, hf_config, lora_r: int = 16, targets: str | list[str] = 
         layers=text.num_hidden_layers,
         vocab=text.vocab_size,
         layer_params=sum(p.numel() for p in layer.parameters()) if layer is not None else 0,
+        trained_params=(sum(p.numel() for name, p in model.named_parameters() if name.startswith(trained_parts))
+                        if trained_parts != ("",) else None),
+        trained_linear_params=trained_linear,
     )
 
 
@@ -310,13 +326,13 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
         if col == "full":
             weights = m.params * s
             if run.autocast_16bit and s > 2 and shards == 1:  # autocast keeps a 16-bit copy of each trained Linear weight
-                weights += m.linear_params * 2
+                weights += (m.linear_params if m.trained_linear_params is None else m.trained_linear_params) * 2
         elif col == "lora":
             weights = m.params * s + m.lora_params * ADAPTER_BYTES
         else:
             weights = (m.linear_params * QLORA_BYTES_PER_PARAM + (m.params - m.linear_params) * s
                        + m.lora_params * ADAPTER_BYTES + m.largest_linear * s)  # + one dequantized weight
-        trainable, tbytes = (m.params, s) if full else (m.lora_params, ADAPTER_BYTES)
+        trainable, tbytes = (m.trained_params or m.params, s) if full else (m.lora_params, ADAPTER_BYTES)
         reference = m.params * s if (full and run.live_reference) else 0.0
         layer = layer_activation_bytes(m, s, masked, full, m.lora_modules, run.lora_r, run.lora_dropout)
         final_norm = tok * m.hidden * (4 + 2 * s)

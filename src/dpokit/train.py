@@ -45,6 +45,7 @@ from dpokit.modeling import (
     count_parameters,
     enable_activation_checkpointing,
     eval_mode,
+    is_image_text,
     load_policy,
     load_reference,
     load_tokenizer,
@@ -458,7 +459,8 @@ def train(config: Config) -> Path:
     policy = load_policy(config.model, str(resume_from) if resume_from else None, empty=empty)
     total_params, trainable = count_parameters(policy)
     warn_low_precision_weights(policy, config, say)
-    say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%); "
+    say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%"
+        f"{'; an image-text model: its language model only, the vision parts frozen' if is_image_text(policy) else ''}); "
         f"reference: {_describe_reference(config, sharded)}")
     start = starting_reference(config, policy, resume_from is not None, sharded, accelerator)
     if t.gradient_checkpointing:

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from dpokit.chat import Conversation, _fit_context, context_limit
+from dpokit.chat import Conversation, _fit_context
+from dpokit.generate import context_limit
 from dpokit.cli import main
 from dpokit.generate import encode_prompt
 from dpokit.resolve import load_model_tokenizer, model_config, resolve_model

@@ -72,3 +72,118 @@ def test_prompt_files(workdir, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"{bad}, line 2" in err and "'prompt'" in err
+
+
+def _scripted(model, tokens: list[int]):
+    """``model`` made to generate ``tokens`` (then the last one over and over), whatever it is given."""
+    forward, calls = model.forward, []
+
+    def scripted(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits[:, -1, :] = -1e4
+        out.logits[:, -1, tokens[min(len(calls), len(tokens) - 1)]] = 0
+        calls.append(1)
+        return out
+
+    model.forward = scripted
+    return model
+
+
+def test_an_end_of_turn_marker_of_several_tokens_ends_the_reply(workdir, capsys):
+    """A template whose end-of-turn marker is not one token (``<|eot|>`` here: six) trains replies to
+    end with it and no eos: generation stops at it (a stop string), and the reply, streamed and
+    kept, ends before it, in compare and chat alike."""
+    from dpokit.chat import Conversation, reply
+
+    resolved = resolve_model(str(workdir / "model"))
+    config = model_config(resolved)
+    tokenizer = load_model_tokenizer(resolved, config)
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|im_end|>", "<|eot|>")
+    script = tokenizer("Hello there<|eot|>\n<|im_start|>user\nand on it goes", add_special_tokens=False)["input_ids"]
+    assert len(tokenizer("<|eot|>", add_special_tokens=False)["input_ids"]) > 1
+    greedy = SamplingSettings(temperature=0, max_new_tokens=30)
+    model = _scripted(load_model(resolved, config), script)
+    assert generate_replies(model, tokenizer, [[{"role": "user", "content": "Hi"}]], greedy) == ["Hello there"]
+    model = _scripted(load_model(resolved, config), script)
+    from dpokit.generate import prepare_for_generation
+
+    prepare_for_generation(model, tokenizer, greedy)
+    conversation = Conversation(system=None, turns=[{"role": "user", "content": "Hi"}])
+    import io
+
+    streamed = io.StringIO()
+    assert reply(model, tokenizer, conversation, greedy, streamed) == "Hello there"
+    assert streamed.getvalue().strip() == "Hello there" and conversation.turns[-1]["content"] == "Hello there"
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(workdir, tmp_path, capsys):
+    """GPT-2's positions are learned (64 here): a prompt past them crashed generation with an
+    IndexError. It keeps its last tokens, with a note; --max-new-tokens that fills the context is refused."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=None,
+                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("Tell me " + "a lot about the moon and " * 30 + "\nhi\n")
+    gpt2 = str(tmp_path / "gpt2")
+    main(["compare", gpt2, "--reference", gpt2, "--prompts", str(prompts), "--max-new-tokens", "8", "--temperature", "0",
+          "--output-dir", str(tmp_path / "out")])
+    assert "note: 1 prompt(s) (number 1) are longer than the 56 tokens the model's context of 64 leaves" in capsys.readouterr().out
+    assert len(_rows(tmp_path / "out" / "compare.jsonl")) == 2
+    with pytest.raises(SystemExit):
+        main(["compare", gpt2, "--reference", gpt2, "--prompts", str(prompts), "--max-new-tokens", "64", "--output-dir", str(tmp_path / "x")])
+    assert "--max-new-tokens 64 leaves no room for a prompt in the model's context of 64 positions: give at most 63" in capsys.readouterr().err
+
+
+def test_from_data_reads_the_data_as_the_run_did(workdir, tmp_path):
+    """A run trained with data.system_prompt (and data.columns) gives compare --from-data's prompts
+    the same system message and reads the same column names, as eval reads --data."""
+    from runs import run_args
+
+    from dpokit.train import train
+    from dpokit.config import load_config
+
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}) + "\n"
+                               for r in generate_pairs(8, 5)))
+    run = train(load_config(None, run_args(workdir, str(tmp_path / "run"), f"data.train={renamed}", "data.eval=null",
+                                           "max_steps=1", "data.system_prompt=You are terse.",
+                                           "data.columns={prompt: question, chosen: good, rejected: bad}")))
+    main(["compare", str(run), "--from-data", str(renamed), "--n", "2", "--max-new-tokens", "2", "--output-dir", str(tmp_path / "out")])
+    rows = _rows(tmp_path / "out" / "compare.jsonl")
+    system = [{"role": "system", "content": "You are terse."}]  # for prompts without a system message of their own
+    assert [r["prompt"] for r in rows] == [p["prompt"] if p["prompt"][0]["role"] == "system" else system + p["prompt"]
+                                           for p in generate_pairs(8, 5)[:2]]
+    assert any(r["prompt"][0] == system[0] for r in rows)
+
+
+def test_a_template_that_refuses_a_message_is_said_not_raised(workdir, tmp_path, monkeypatch, capsys):
+    """Gemma's template refuses a system message: chat says so, drops the message and goes on (the
+    conversation is kept); --system is refused before the model loads; compare names the prompt."""
+    import io
+    import shutil
+    import sys
+
+    model = tmp_path / "no-system"
+    shutil.copytree(workdir / "model", model)
+    template = model / "chat_template.jinja"
+    template.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                        "{% endif %}{% endfor %}" + template.read_text())
+    saved = tmp_path / "kept.json"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"hello\n/system Be nice.\nhello again\n/save {saved}\n"))
+    main(["chat", str(model), "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert "cannot render messages with roles [system, user, assistant, user]: System role not supported" in out
+    assert "that message was dropped, the conversation is kept" in out
+    assert [m["role"] for m in json.loads(saved.read_text())] == ["system", "user", "assistant"]
+    with pytest.raises(SystemExit):
+        main(["chat", str(model), "--system", "Be nice."])
+    assert "--system: the chat template cannot render messages with roles [system, user]" in capsys.readouterr().err
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": [{"role": "system", "content": "x"},
+                                                                                     {"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(SystemExit):
+        main(["compare", str(model), "--reference", str(model), "--prompts", str(prompts), "--output-dir", str(tmp_path / "o")])
+    assert "prompt 2: the chat template cannot render messages with roles [system, user]" in capsys.readouterr().err

@@ -23,8 +23,16 @@ import torch
 
 from dpokit.config import ConfigError
 from dpokit.data.formats import Message
-from dpokit.generate import SamplingSettings, encode_prompt, generation_device, has_chat_template, new_tokens, prepare_for_generation
-from dpokit.modeling import text_config
+from dpokit.data.sources import DataError
+from dpokit.generate import (
+    SamplingSettings,
+    context_limit,
+    encode_prompt,
+    generation_device,
+    has_chat_template,
+    prepare_for_generation,
+    reply_tokens,
+)
 from dpokit.resolve import load_model, load_model_tokenizer, model_config, resolve_model, write_text_atomic
 
 HELP = (
@@ -46,13 +54,28 @@ class Conversation:
         return head + self.turns
 
 
-def _streamer(tokenizer, out: IO[str]):
-    """A ``TextStreamer`` that writes the reply's text to ``out`` as it is generated."""
+def _streamer(tokenizer, out: IO[str], stop_strings: list[str] | None = None):
+    """A ``TextStreamer`` that writes the reply's text to ``out`` as it is generated, up to the first
+    of ``stop_strings`` (text that could still become one is held back until it cannot)."""
     from transformers import TextStreamer
 
+    markers = [m for m in stop_strings or [] if m]
+
     class _ToStream(TextStreamer):
+        held, stopped = "", False
+
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            out.write(text + ("\n" if stream_end else ""))
+            if not self.stopped:
+                text, self.held = self.held + text, ""
+                ends = [text.index(m) for m in markers if m in text]
+                if ends:
+                    text, self.stopped = text[:min(ends)], True
+                elif not stream_end:  # keep back a tail that a marker may start with
+                    keep = max((k for m in markers for k in range(1, len(m)) if text.endswith(m[:k])), default=0)
+                    text, self.held = (text[:-keep], text[-keep:]) if keep else (text, "")
+                out.write(text)
+            if stream_end:
+                out.write("\n")
             out.flush()
 
     return _ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -79,11 +102,6 @@ def _fit_context(conversation: Conversation, tokenizer, limit: int | None, max_n
     return ids
 
 
-def context_limit(config) -> int | None:
-    """How many positions the model takes (its language model's, in an image-text model), or None."""
-    return getattr(text_config(config), "max_position_embeddings", None)
-
-
 def reply(model, tokenizer, conversation: Conversation, settings: SamplingSettings, out: IO[str]) -> str | None:
     """Generate and stream the assistant's answer to the conversation; append it and return it
     (None when the conversation could not fit the context)."""
@@ -92,9 +110,9 @@ def reply(model, tokenizer, conversation: Conversation, settings: SamplingSettin
         return None
     input_ids = torch.tensor([ids], device=next(model.parameters()).device)
     with torch.no_grad():
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                streamer=_streamer(tokenizer, out))
-    text = tokenizer.decode(new_tokens(output[0, len(ids):], model.generation_config.eos_token_id), skip_special_tokens=True).strip()
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), tokenizer=tokenizer,
+                                streamer=_streamer(tokenizer, out, model.generation_config.stop_strings))
+    text = tokenizer.decode(reply_tokens(output[0, len(ids):], model.generation_config, tokenizer), skip_special_tokens=True).strip()
     conversation.turns.append({"role": "assistant", "content": text})
     return text
 
@@ -163,6 +181,9 @@ def chat_loop(model, tokenizer, conversation: Conversation, settings: SamplingSe
         except KeyboardInterrupt:
             conversation.turns.pop()  # the unanswered message
             out.write("\n(interrupted; that message was dropped)\n")
+        except DataError as e:  # the chat template refuses the conversation (a system message, say)
+            conversation.turns.pop()
+            out.write(f"({e}; that message was dropped, the conversation is kept)\n")
     return conversation
 
 
@@ -179,6 +200,11 @@ def chat(model: str, system: str | None = None, settings: SamplingSettings = Sam
             f"the tokenizer of {resolved.path} has no chat template: dpokit chat needs a chat/instruct model "
             "(or a tokenizer_config.json with a chat_template)"
         )
+    if system:  # a template without a system role says so now, not at the first message
+        try:
+            encode_prompt([{"role": "system", "content": system}, {"role": "user", "content": "Hi"}], tokenizer)
+        except DataError as e:
+            raise ConfigError(f"--system: {e}") from None
     lm = load_model(resolved, config).to(generation_device())
     interactive = stdin is sys.stdin and stdin.isatty()
     if interactive:

@@ -147,7 +147,7 @@ def _compare(args) -> None:
     from dpokit.compare import compare, write_comparison
     from dpokit.config import ConfigError
     from dpokit.generate import prompts_from_data, read_prompt_file
-    from dpokit.resolve import output_dir
+    from dpokit.resolve import output_dir, resolve_model
 
     settings = _settings(args)
     if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():  # said before generating
@@ -157,8 +157,9 @@ def _compare(args) -> None:
     _check_prompt_source(args.prompts, args.from_data, args.split)
     if args.prompts:
         prompts = read_prompt_file(args.prompts)[: args.n]
-    else:
-        prompts = prompts_from_data(args.from_data, args.n or 20, args.split)
+    else:  # read as the run read its data (format, columns, system prompt), as eval reads --data
+        run_config = resolve_model(args.model).run_config
+        prompts = prompts_from_data(args.from_data, args.n or 20, args.split, run_config.data if run_config else None)
     comparison, model = compare(args.model, prompts, args.reference, settings, args.batch_size, args.dtype)
     md, jsonl = write_comparison(comparison, output_dir(model, args.output_dir), model.file_suffix)
     print(f"wrote {md} and {jsonl}")

@@ -44,7 +44,8 @@ class Comparison:
     policy_replies: list[str]
 
     def rows(self) -> list[dict]:
-        """One JSON-ready row per prompt: ``index``, ``prompt`` (as given), ``reference``, ``policy``."""
+        """One JSON-ready row per prompt: ``index``, ``prompt`` (as the models got it: plain text, or
+        messages, which a prompt file's string or ``.txt`` line becomes), ``reference``, ``policy``."""
         return [
             {"index": i, "prompt": p, "reference": r, "policy": q}
             for i, (p, r, q) in enumerate(zip(self.prompts, self.reference_replies, self.policy_replies), start=1)
@@ -76,12 +77,13 @@ def _fenced(text: str) -> str:
     return f"{fence}text\n{text if text else '(empty reply)'}\n{fence}"
 
 
-def _replies(model: ResolvedModel, dtype: str | None, prompts: list[Prompt], settings: SamplingSettings, batch_size: int) -> list[str]:
+def _replies(model: ResolvedModel, dtype: str | None, prompts: list[Prompt], settings: SamplingSettings, batch_size: int,
+             log: Callable[[str], object]) -> list[str]:
     """Load ``model``, generate one reply per prompt, free the model."""
     config = model_config(model, dtype)
     tokenizer = load_model_tokenizer(model, config)
     lm = load_model(model, config).to(generation_device())
-    replies = generate_replies(lm, tokenizer, prompts, settings, batch_size)
+    replies = generate_replies(lm, tokenizer, prompts, settings, batch_size, log)
     del lm
     gc.collect()
     if torch.cuda.is_available():
@@ -111,9 +113,9 @@ def compare(
         raise ConfigError(f"{policy_model.path} is not a dpokit run{not_here(policy_model.path)}, so it has no default reference: pass --reference MODEL")
     log(f"compare: {len(prompts)} prompts, {settings.describe()}")
     log(f"compare: reference {ref_model.path}")
-    ref_replies = _replies(ref_model, dtype, prompts, settings, batch_size)
+    ref_replies = _replies(ref_model, dtype, prompts, settings, batch_size, log)
     log(f"compare: policy {policy_model.path}")
-    policy_replies = _replies(policy_model, dtype, prompts, settings, batch_size)
+    policy_replies = _replies(policy_model, dtype, prompts, settings, batch_size, log)
     return Comparison(policy_model.path, ref_model.path, settings, prompts, ref_replies, policy_replies), policy_model
 
 

@@ -16,14 +16,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 
-from dpokit.config import ConfigError, DataSource
+from dpokit.config import ConfigError, DataConfig, DataSource
 from dpokit.data.formats import Message, to_pairs
 from dpokit.data.sources import DataError, describe, load_rows
 from dpokit.data.tokenize import end_of_turn_marker
+from dpokit.modeling import text_config
 
 Prompt = Union[str, list[Message]]
 
@@ -102,13 +103,16 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     return prompts
 
 
-def prompts_from_data(path: str, n: int, split: str = "train") -> list[Prompt]:
+def prompts_from_data(path: str, n: int, split: str = "train", data: DataConfig | None = None) -> list[Prompt]:
     """The prompts of the first ``n`` pairs of a preference dataset dpokit reads, as trained on:
-    strings stay plain text, conversations stay messages."""
+    strings stay plain text, conversations stay messages. ``data``: a run's data settings, read as
+    ``dpokit eval`` reads its ``--data`` (``format``, ``columns``, ``system_prompt``, ``on_error``)."""
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
+    data = data or DataConfig()
     source = DataSource(path=path, split=split)
-    pairs, _ = to_pairs(load_rows(source), describe(source))
+    pairs, _ = to_pairs(load_rows(source), describe(source), format=data.format, columns=data.columns,
+                        system_prompt=data.system_prompt, on_error=data.on_error)
     return [pair.prompt for pair in pairs[:n]]
 
 
@@ -132,7 +136,13 @@ def encode_prompt(prompt: Prompt, tokenizer) -> list[int]:
     """Token ids of a prompt: messages through the chat template with its generation prompt
     (a lone user message is plain text for a tokenizer without one); strings as plain text."""
     if isinstance(prompt, list) and has_chat_template(tokenizer):
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja errors: "System role not supported", "roles must alternate", ...
+            roles = ", ".join(m["role"] for m in prompt)
+            hint = " (this template takes no system message: leave the system prompt out)" if "system" in roles else ""
+            raise DataError(f"the chat template cannot render messages with roles [{roles}]: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}{hint}") from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if isinstance(prompt, list):
         if len(prompt) != 1 or prompt[0]["role"] != "user":
@@ -144,24 +154,38 @@ def encode_prompt(prompt: Prompt, tokenizer) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
+def _turn_marker_ids(tokenizer) -> tuple[str, list[int]]:
+    """The chat template's end-of-turn marker and its token ids ("" and [] without one)."""
+    if not has_chat_template(tokenizer):
+        return "", []
+    try:
+        marker = end_of_turn_marker(tokenizer)
+    except DataError:
+        return "", []
+    return marker, (tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else [])
+
+
 def stop_token_ids(tokenizer, model=None) -> list[int]:
     """Ids that end a reply: eos, the chat template's end-of-turn token, the model's own eos ids."""
     ids = [tokenizer.eos_token_id]
-    if has_chat_template(tokenizer):
-        try:
-            marker = end_of_turn_marker(tokenizer)
-        except DataError:
-            marker = ""
-        marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
-        if len(marker_ids) == 1:
-            ids.append(marker_ids[0])
+    _, marker_ids = _turn_marker_ids(tokenizer)
+    if len(marker_ids) == 1:
+        ids.append(marker_ids[0])
     own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += own if isinstance(own, list) else [own]
     return sorted({i for i in ids if i is not None})
 
 
+def stop_strings(tokenizer) -> list[str] | None:
+    """The end-of-turn marker where it is several tokens (``<|eot|>`` not in the vocabulary): text that
+    ends a reply, as a stop id cannot (None where there is none, or it is one token: a stop id)."""
+    marker, marker_ids = _turn_marker_ids(tokenizer)
+    return [marker] if len(marker_ids) > 1 else None
+
+
 def prepare_for_generation(model, tokenizer, settings: SamplingSettings) -> None:
-    """Give ``model`` a generation config holding only ``settings``, the stop ids and the pad id."""
+    """Give ``model`` a generation config holding only ``settings``, the stop ids and strings and the
+    pad id. A config with stop strings needs ``tokenizer=`` in ``generate``."""
     from transformers import GenerationConfig
 
     stops = stop_token_ids(tokenizer, model)
@@ -173,6 +197,7 @@ def prepare_for_generation(model, tokenizer, settings: SamplingSettings) -> None
         top_p=settings.top_p if sample else None,
         top_k=settings.top_k if sample else None,
         eos_token_id=stops,
+        stop_strings=stop_strings(tokenizer),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
         bos_token_id=tokenizer.bos_token_id,
         use_cache=True,
@@ -189,18 +214,65 @@ def new_tokens(ids: torch.Tensor, stops: list[int]) -> list[int]:
     return out
 
 
-def generate_replies(model, tokenizer, prompts: list[Prompt], settings: SamplingSettings, batch_size: int = 8) -> list[str]:
+def reply_tokens(ids: torch.Tensor, generation_config, tokenizer) -> list[int]:
+    """A reply's ids from its generated ids [L]: up to the first stop token, or the first stop string
+    (``generation_config.stop_strings``: a marker of several tokens), not including either."""
+    out = new_tokens(ids, generation_config.eos_token_id)
+    for marker in generation_config.stop_strings or []:
+        if marker not in tokenizer.decode(out):
+            continue
+        low, high = 1, len(out)  # the fewest leading tokens whose text holds the marker
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (mid + 1, high) if marker not in tokenizer.decode(out[:mid]) else (low, mid)
+        start = max(k for k in range(high) if marker in tokenizer.decode(out[k:high]))  # where the marker starts
+        out = out[:start]
+    return out
+
+
+def context_limit(config) -> int | None:
+    """How many positions the model takes (its language model's, in an image-text model), or None."""
+    return getattr(text_config(config), "max_position_embeddings", None)
+
+
+def fit_prompts(encoded: list[list[int]], limit: int | None, max_new_tokens: int, log: Callable[[str], object]) -> list[list[int]]:
+    """Prompt ids that leave room for ``max_new_tokens`` within the model's ``limit`` positions: a
+    longer prompt keeps its last tokens (as training cuts a long prompt's start), and says so."""
+    if not limit:
+        return encoded
+    room = limit - max_new_tokens
+    if room < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                          f"{limit} positions: give at most {limit - 1}")
+    long = [k for k, ids in enumerate(encoded, start=1) if len(ids) > room]
+    if long:
+        log(f"note: {len(long)} prompt(s) (number {', '.join(map(str, long[:5]))}{', ...' if len(long) > 5 else ''}) are "
+            f"longer than the {room} tokens the model's context of {limit} leaves beside --max-new-tokens "
+            f"{max_new_tokens}: they keep their last {room} tokens")
+    return [ids[-room:] if len(ids) > room else ids for ids in encoded]
+
+
+def _encode_numbered(number: int, prompt: Prompt, tokenizer) -> list[int]:
+    try:
+        return encode_prompt(prompt, tokenizer)
+    except DataError as e:
+        raise DataError(f"prompt {number}: {e}") from None
+
+
+def generate_replies(model, tokenizer, prompts: list[Prompt], settings: SamplingSettings, batch_size: int = 8,
+                     log: Callable[[str], object] = print) -> list[str]:
     """One reply per prompt, in order, generated in left-padded batches of ``batch_size``.
 
     The torch RNG is seeded with ``settings.seed`` first, so two models of one vocabulary given
     the same prompts and settings draw the same random stream. Replies are decoded from the new
-    tokens only, special tokens stripped.
+    tokens only, special tokens stripped. A prompt too long for the model's context keeps its end
+    (:func:`fit_prompts`).
     """
     prepare_for_generation(model, tokenizer, settings)
-    stops = model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id
     device = next(model.parameters()).device
-    encoded = [encode_prompt(p, tokenizer) for p in prompts]
+    encoded = fit_prompts([_encode_numbered(k, p, tokenizer) for k, p in enumerate(prompts, start=1)],
+                          context_limit(model.config), settings.max_new_tokens, log)
     torch.manual_seed(settings.seed)
     replies = []
     for start in range(0, len(encoded), batch_size):
@@ -209,9 +281,9 @@ def generate_replies(model, tokenizer, prompts: list[Prompt], settings: Sampling
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, tokenizer=tokenizer)
         for row in out[:, width:]:
-            replies.append(tokenizer.decode(new_tokens(row, stops), skip_special_tokens=True).strip())
+            replies.append(tokenizer.decode(reply_tokens(row, model.generation_config, tokenizer), skip_special_tokens=True).strip())
     return replies
 
 

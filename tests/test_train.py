@@ -1,5 +1,6 @@
 """End-to-end training runs with a tiny model built in the test."""
 
+import json
 import shutil
 
 import pytest
@@ -91,13 +92,17 @@ def test_the_log_says_how_many_pairs_each_epoch_leaves_out(workdir, capsys):
 
 def test_resume_refuses_a_position_that_means_other_pairs(workdir, capsys):
     """A checkpoint's place in the data counts global batches of the run that wrote it: resumed with
-    another global batch (e.g. on another number of processes) or other training pairs, it trained
-    some pairs twice and others never, silently."""
+    another global batch (e.g. on another number of processes), other training pairs (as many, other
+    ones) or another seed (each epoch's shuffle), it trained some pairs twice and others never, silently."""
     run_dir = train(run_config(workdir, "resume-other-batch", "save_steps=2"))
     step = run_dir / "checkpoints" / "step-2"
+    other = workdir / "other-48.jsonl"  # as many pairs, other ones
+    other.write_text("".join([(workdir / "eval.jsonl").read_text()] * 4))
     for changes, said in ((["per_device_train_batch_size=2"], "was trained with a global batch of 4 pairs; this run's "
                                                                "is 2 (2 x 1 processes x 1 accumulation)"),
-                          (["data.eval=null", "eval_fraction=0.25"], "was trained on 48 training pairs; this run has 36")):
+                          (["data.eval=null", "eval_fraction=0.25"], "was trained on 48 training pairs; this run has 36"),
+                          ([f"data.train={other}"], "was trained on other training pairs than this run's 48"),
+                          (["seed=4"], "was trained with seed 3, which each epoch's shuffle is drawn from; this run's is 4")):
         with pytest.raises(SystemExit) as e:
             main(["train", *run_args(workdir, "resume-other-batch", "save_steps=2", *changes, f"resume_from_checkpoint={step}")])
         assert e.value.code == 2 and f"{step} {said}" in capsys.readouterr().err
@@ -139,6 +144,54 @@ def test_a_resumed_run_follows_its_own_learning_rate_and_schedule(workdir):
     assert rates[2] != pytest.approx(planned[0]["learning_rate"])  # the schedule moved on
     train(run_config(workdir, "lr-resume", "max_steps=6", *schedule, "learning_rate=1e-2", "lr_scheduler_type=constant", step2))
     assert [r["learning_rate"] for r in train_rows(run_dir)][2:] == [1e-2] * 4
+
+
+def test_a_resumed_run_follows_its_own_optimizer_settings(workdir):
+    """The checkpoint's optimizer state brings its weight decay, betas and epsilon: a run resumed with
+    others trains with them (they were silently the checkpoint's), the decay on the decayed group only."""
+    from dpokit.train import _optimizer, follow_optimizer_settings
+
+    run_dir = train(run_config(workdir, "opt-resume", "save_steps=2"))
+    uninterrupted = train_rows(run_dir)
+    train(run_config(workdir, "opt-resume", "save_steps=2", "adam_epsilon=1.0", f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"))
+    resumed = train_rows(run_dir)
+    assert resumed[1]["loss"] == uninterrupted[1]["loss"] and resumed[3]["loss"] != pytest.approx(uninterrupted[3]["loss"], abs=1e-6)
+    optimizer = _optimizer(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)), run_config(workdir, "unused"), torch.device("cpu"))
+    follow_optimizer_settings(optimizer, run_config(workdir, "unused", "weight_decay=0.3", "adam_beta1=0.5", "adam_epsilon=1e-3").training)
+    decay, no_decay = optimizer.param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.3, 0.0)
+    assert decay["betas"] == no_decay["betas"] == (0.5, 0.999) and decay["eps"] == no_decay["eps"] == 1e-3
+
+
+def test_resuming_at_max_steps_ends_the_run_there(workdir, capsys):
+    """A checkpoint at step 4 of an 8-step run resumed with max_steps=4: nothing is trained, the steps
+    since the last row are logged, the step's eval row (saved before the checkpoint) is not repeated,
+    and final/ is step 4; max_steps=2 (below the checkpoint) is refused."""
+    options = ("max_steps=8", "save_steps=4", "logging_steps=3", "eval_steps=2")
+    run_dir = train(run_config(workdir, "resume-at-end", *options))
+    step4 = run_dir / "checkpoints" / "step-4"
+    train(run_config(workdir, "resume-at-end", *options, "max_steps=4", f"resume_from_checkpoint={step4}"))
+    rows = read_rows(run_dir)
+    assert [(r["step"], "eval/loss" in r) for r in rows] == [(2, True), (3, False), (4, True), (4, False)]
+    assert json.loads((run_dir / "final" / "dpokit_step.json").read_text())["step"] == 4
+    with pytest.raises(SystemExit):
+        main(["train", *run_args(workdir, "resume-at-end", *options, "max_steps=2", f"resume_from_checkpoint={step4}")])
+    assert f"{step4} is at step 4, past this run's 2 steps" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_is_refused_with_the_one_before(workdir, capsys):
+    """Saves are atomic, so a checkpoint lacking a file was damaged after it: resuming from it names
+    the file and the checkpoint before; one without this process's random state resumes with a note."""
+    run_dir = train(run_config(workdir, "damaged", "save_steps=1", "max_steps=3", "data.eval=null"))
+    (run_dir / "checkpoints" / "step-2" / "optimizer.pt").unlink()
+    with pytest.raises(SystemExit):
+        main(["train", *run_args(workdir, "damaged", "save_steps=1", "max_steps=3", "data.eval=null", "resume_from_checkpoint=latest")])
+    assert "checkpoint" in (err := capsys.readouterr().err) and "step-2 is incomplete, missing optimizer.pt" in err
+    assert f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-1'}" in err
+    step1 = run_dir / "checkpoints" / "step-1"
+    (step1 / "rng_state_0.pt").rename(step1 / "rng_state_1.pt")  # as if saved by a process this run does not have
+    train(run_config(workdir, "damaged", "save_steps=1", "max_steps=3", "data.eval=null", f"resume_from_checkpoint={step1}"))
+    assert "holds no random state for process 0" in capsys.readouterr().out
 
 
 def test_resume_between_logged_rows_logs_what_an_uninterrupted_run_logs(workdir):

@@ -26,13 +26,17 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 @dataclass
 class TrainState:
     """Where the run is: optimizer steps done, epoch, and global batches done in that epoch; and what
-    that position counts in: pairs per global batch and training pairs (0 in older checkpoints)."""
+    that position counts in: pairs per global batch, the training pairs and the shuffle's seed."""
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     global_batch: int = 0
     train_pairs: int = 0
+    seed: int | None = None
+    """The seed each epoch's shuffle is drawn from (None in older checkpoints)."""
+    pairs_digest: str = ""
+    """A hash of the training pairs' token ids, in order (empty in older checkpoints)."""
 
 
 def rng_state() -> dict:
@@ -178,10 +182,12 @@ def find_checkpoint(spec: str, output_dir: Path) -> Path:
         found = list_checkpoints(output_dir / "checkpoints")
         if not found:
             raise FileNotFoundError(f"resume_from_checkpoint=latest but {output_dir / 'checkpoints'} holds no checkpoint")
+        check_complete(found[-1])
         return found[-1]
     path = Path(spec)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a dpokit checkpoint (no {STATE_FILE}); give a checkpoints/step-N folder")
+    check_complete(path)
     return path
 
 
@@ -192,12 +198,14 @@ def load_train_state(checkpoint: Path) -> tuple[TrainState, dict | None]:
     return TrainState(**saved), log_window
 
 
-def check_same_position(state: TrainState, global_batch: int, train_pairs: int, checkpoint: Path, batch_shape: str) -> None:
+def check_same_position(state: TrainState, current: TrainState, checkpoint: Path, batch_shape: str) -> None:
     """Refuse to resume ``state`` (from ``checkpoint``) where its position in the data means other
-    pairs: another global batch (``batch_shape`` says how this run's is made) or another number of
-    training pairs. A :class:`~dpokit.config.ConfigError` says what to give."""
+    pairs in this run (``current``): another global batch (``batch_shape`` says how this run's is
+    made), other training pairs (their number, their tokens or their order), or another seed (each
+    epoch's shuffle). A :class:`~dpokit.config.ConfigError` says what to give."""
     from dpokit.config import ConfigError
 
+    global_batch, train_pairs = current.global_batch, current.train_pairs
     if state.global_batch and state.global_batch != global_batch:
         raise ConfigError(
             f"{checkpoint} was trained with a global batch of {state.global_batch} pairs; this run's is {global_batch} "
@@ -209,7 +217,20 @@ def check_same_position(state: TrainState, global_batch: int, train_pairs: int, 
             f"{checkpoint} was trained on {state.train_pairs} training pairs; this run has {train_pairs}: the data or its "
             "settings (max_length, truncation, eval_fraction, ...) changed since, and the checkpoint's position in the data "
             "would point at other pairs. Resume with the data and settings of that run, or start a new run from its "
-            "model (model.name_or_path=<checkpoint>)"
+            f"model (model.name_or_path={checkpoint})"
+        )
+    if state.pairs_digest and state.pairs_digest != current.pairs_digest:
+        raise ConfigError(
+            f"{checkpoint} was trained on other training pairs than this run's {train_pairs} (the same number, other "
+            "tokens or another order: the data, its settings or the tokenizer changed since), so its position in the data "
+            "would point at other pairs. Resume with the data and settings of that run, or start a new run from its "
+            f"model (model.name_or_path={checkpoint})"
+        )
+    if state.seed is not None and state.seed != current.seed:
+        raise ConfigError(
+            f"{checkpoint} was trained with seed {state.seed}, which each epoch's shuffle is drawn from; this run's is "
+            f"{current.seed}, so the rest of the epoch would train some pairs twice and others never: resume with "
+            f"seed={state.seed}"
         )
 
 
@@ -218,10 +239,45 @@ def read_optimizer_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
 
 
-def load_scheduler_and_rng(checkpoint: Path, scheduler, process_index: int, scaler: torch.amp.GradScaler | None = None) -> None:
+def load_scheduler_and_rng(checkpoint: Path, scheduler, process_index: int, scaler: torch.amp.GradScaler | None = None) -> str | None:
+    """Restore the schedule, fp16's loss scale and this process's random state; returns a note when
+    the checkpoint holds no random state for this process (saved by fewer processes: it draws afresh)."""
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
     if scaler is not None and scaler.is_enabled() and (checkpoint / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=False))
     rng_file = checkpoint / f"rng_state_{process_index}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
+        return None
+    return (f"note: {checkpoint} holds no random state for process {process_index} (it was saved by fewer processes): "
+            "that process's dropout and sampling draw afresh, so the run is not repeated exactly")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin",
+                "adapter_model.bin")
+
+
+def check_complete(checkpoint: Path) -> None:
+    """Refuse a checkpoint folder that lacks what resuming reads (saves are atomic, so only a damaged
+    or hand-edited folder does), naming the missing file and an earlier checkpoint to resume from."""
+    from dpokit.config import ConfigError
+
+    missing = [name for name in (STATE_FILE, "optimizer.pt", "scheduler.pt") if not (checkpoint / name).is_file()]
+    if not any((checkpoint / name).is_file() for name in ("config.json", "adapter_config.json")):
+        missing.append("config.json or adapter_config.json")
+    if not any((checkpoint / name).is_file() for name in WEIGHT_FILES):
+        missing.append("model weights (model.safetensors or adapter_model.safetensors)")
+    if not any(checkpoint.glob("rng_state_*.pt")):
+        missing.append("rng_state_<process>.pt")
+    if missing:
+        earlier = [p for p in list_checkpoints(checkpoint.parent) if p.name != checkpoint.name and _step(p) < _step(checkpoint)]
+        raise ConfigError(
+            f"checkpoint {checkpoint} is incomplete, missing {', '.join(missing)}: it was damaged after it was saved. "
+            + (f"Resume from an earlier one (resume_from_checkpoint={earlier[-1]}), or remove it" if earlier
+               else "Remove it and start the run again")
+        )
+
+
+def _step(checkpoint: Path) -> int:
+    found = _STEP_DIR.match(checkpoint.name)
+    return int(found.group(1)) if found else -1

@@ -8,6 +8,7 @@ Accelerate supplies the processes (``accelerate launch -m dpokit train cfg.yaml`
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -38,6 +39,7 @@ from dpokit.reference import (
     cached_table,
     compute_table,
     fingerprint_model,
+    fingerprint_pairs,
 )
 from dpokit.modeling import (
     check_device_requirements,
@@ -248,6 +250,8 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
     if adapters_off_reference(config):
         live = AdapterOffReference(policy)
         return live, live
+    if start.model is not None and t.torch_compile and t.precompute_ref_log_probs:
+        compile_layers(start.model)  # its table is scored as the compiled policy would score it (exact on resume)
     scorer = policy if start.model is None else place_frozen(start.model, config, accelerator)
     start.model = None  # the scorer holds it from here; with tables, nothing does once they are computed
     if scorer is not policy and is_sharded(accelerator):
@@ -260,7 +264,7 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
 
     rank, world = accelerator.process_index, accelerator.num_processes
     sixteen_bit = computes_in_16_bits(scorer.model, t)
-    compiled = t.torch_compile and scorer is policy  # the policy's layers are compiled by now; a separate reference's are not
+    compiled = t.torch_compile  # the policy's layers are compiled by now, and a separate reference's (above)
 
     def table(pairs: list[TokenizedPair], what: str, batches: list[list[int]], batching: str) -> TableReference:
         def compute() -> torch.Tensor:
@@ -311,6 +315,38 @@ def placed_for_checks(model: torch.nn.Module, config: Config, accelerator) -> to
 
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch.optim.AdamW(fused=True) runs (torch >= 2.4 on the CPU)
+
+
+def check_steps_left(step: int, total_steps: int, checkpoint: Path) -> None:
+    """Refuse to resume at ``step`` a run whose ``max_steps`` (or epochs) end before it: its model would
+    be saved as final with more steps than asked for."""
+    if total_steps < step:
+        raise ConfigError(
+            f"{checkpoint} is at step {step}, past this run's {total_steps} steps (max_steps / num_train_epochs): give "
+            f"max_steps >= {step}, or use that checkpoint's model as it is (model.name_or_path={checkpoint})"
+        )
+
+
+def evaluated_at(metrics: Path, step: int, accelerator) -> bool:
+    """Whether ``metrics`` already holds an eval row of ``step`` (a run resumed at its last step, from a
+    checkpoint saved after that step's eval); decided by the main process, for all."""
+    found = [False]
+    if accelerator.is_main_process and metrics.is_file():
+        rows = (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
+        found = [any(row.get("step") == step and any(k.startswith("eval/") for k in row) for row in rows)]
+    broadcast_object_list(found)
+    return found[0]
+
+
+def follow_optimizer_settings(optimizer: torch.optim.Optimizer, training: TrainingConfig) -> None:
+    """After loading a checkpoint's optimizer state, which brings its parameter groups' settings as
+    they were: this run's ``weight_decay`` (on the decayed group, see :func:`_optimizer`), betas and
+    epsilon, as the learning rate follows this run's (:func:`dpokit.schedule.follow_schedule`)."""
+    decay, no_decay = optimizer.param_groups
+    for group, weight_decay in ((decay, training.weight_decay), (no_decay, 0.0)):
+        group["weight_decay"] = weight_decay
+        group["betas"] = (training.adam_beta1, training.adam_beta2)
+        group["eps"] = training.adam_epsilon
 
 
 def _optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -471,11 +507,15 @@ def train(config: Config) -> Path:
     global_batch = pairs_per_step(t, world)
     per_epoch, total_steps = plan_steps(len(data.train), global_batch, config)
     batch_shape = f"{t.per_device_train_batch_size} x {world} processes x {t.gradient_accumulation_steps} accumulation"
-    state, unlogged = ckpt.TrainState(global_batch=global_batch, train_pairs=len(data.train)), None
+    state = ckpt.TrainState(global_batch=global_batch, train_pairs=len(data.train), seed=t.seed,
+                            pairs_digest=fingerprint_pairs(data.train))
+    unlogged = None
     if resume_from is not None:  # said before any reference pass
-        state, unlogged = ckpt.load_train_state(resume_from)
-        ckpt.check_same_position(state, global_batch, len(data.train), resume_from, batch_shape)
-        state.global_batch, state.train_pairs = global_batch, len(data.train)
+        this_run, (state, unlogged) = state, ckpt.load_train_state(resume_from)
+        ckpt.check_same_position(state, this_run, resume_from, batch_shape)
+        check_steps_left(state.step, total_steps, resume_from)
+        state.global_batch, state.train_pairs, state.seed, state.pairs_digest = (
+            this_run.global_batch, this_run.train_pairs, this_run.seed, this_run.pairs_digest)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
 
     scorer = checked_scorer(policy, config, accelerator)  # checks the model with eager forwards
@@ -493,8 +533,11 @@ def train(config: Config) -> Path:
 
     if resume_from is not None:
         load_optimizer_state(accelerator, scorer, optimizer, lambda: ckpt.read_optimizer_state(resume_from))
-        ckpt.load_scheduler_and_rng(resume_from, scheduler, accelerator.process_index, scaler)
+        note = ckpt.load_scheduler_and_rng(resume_from, scheduler, accelerator.process_index, scaler)
+        if note:
+            print(note)  # this process's own
         follow_schedule(scheduler, t.learning_rate)  # this run's rate and schedule, which a resume may change
+        follow_optimizer_settings(optimizer, t)  # and its weight decay, betas and epsilon
         say(f"resumed from {resume_from} at step {state.step}")
     claim_output_dir(out, config, replaced, accelerator, say)  # every check passed: only now is the folder changed
     if trackers:  # a resumed run's TensorBoard events after its checkpoint are dropped, as its rows are
@@ -580,7 +623,10 @@ def train(config: Config) -> Path:
     if progress is not None:
         progress.close()
 
-    run_eval()
+    if window.steps:  # resumed at max_steps: the checkpoint's steps since its last row are that row
+        log.write({"step": state.step, "epoch": round(state.step / per_epoch, 4), **window.row(accelerator)})
+    if not evaluated_at(out / "metrics.jsonl", state.step, accelerator):  # a checkpoint at max_steps may have one
+        run_eval()
     weights = full_model_state(accelerator, scorer)  # gathered from the shards; None unsharded
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

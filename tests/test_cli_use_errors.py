@@ -74,7 +74,7 @@ def test_model_paths_that_cannot_be_hub_ids(tmp_path, monkeypatch):
         resolve_model_path("weights.bin")
     (tmp_path / "home" / "m").mkdir(parents=True)
     assert resolve_model_path("~/m") == str(tmp_path / "home" / "m")  # ~ expanded for the loaders
-    assert resolve_model_path("runs") == "runs"  # a folder passes through as given
+    assert resolve_model_path("runs") == str(tmp_path / "runs")  # a folder, made absolute (an adapter names its base so)
     for hub_id in ("gpt2", "some-org/some-model", "Qwen/Qwen2.5-0.5B-Instruct"):  # plausible hub ids: left to the hub
         assert resolve_model_path(hub_id) == hub_id
 

@@ -143,3 +143,43 @@ def test_example_configs_are_valid(name):
 
     config = load_config(Path(__file__).parents[1] / "examples" / name)
     assert config.model.use_peft
+
+
+def test_export_takes_the_runs_base_dtype_and_never_a_users_folder(workdir, tmp_path, monkeypatch, capsys):
+    """A LoRA run trained from a relative model path is exported onto that base from any folder (the
+    adapter named its base by the relative path: from another folder holding a ``model`` of its own, the
+    merge went onto that one, silently); the written dtype is the run's (bfloat16 here; float32 was
+    forced); a folder named OUT.tmp of the user's is left alone (it was deleted)."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.tiny import build_tiny_model
+
+    monkeypatch.chdir(workdir)
+    out = train(run_config(workdir, str(tmp_path / "rel"), *LORA, "model.name_or_path=model", "dtype=bfloat16",
+                           "learning_rate=1e-2", "max_steps=2", "eval=null"))
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(workdir / "model")
+    other = tmp_path / "elsewhere"
+    build_tiny_model(other / "model", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=64, seed=7)
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "model"  # as an older dpokit wrote it
+    (out / "final" / "adapter_config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(other)
+    (other / "merged.tmp").mkdir()
+    (other / "merged.tmp" / "notes.txt").write_text("mine")
+    main(["export", str(out), "--merge", "merged"])
+    assert (other / "merged.tmp" / "notes.txt").read_text() == "mine"
+    assert {t.dtype for t in load_file(other / "merged" / "model.safetensors").values()} == {torch.bfloat16}
+    merged = AutoModelForCausalLM.from_pretrained(other / "merged", dtype=torch.float32).eval()
+    assert merged.config.use_cache
+    shutil.rmtree(other / "model")
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2]])
+    expected = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.bfloat16)
+    from peft import PeftModel
+
+    expected = PeftModel.from_pretrained(expected, str(out / "final")).merge_and_unload().float().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected(ids).logits, atol=1e-3, rtol=0)

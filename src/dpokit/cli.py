@@ -65,7 +65,9 @@ def _add_export_parser(sub) -> None:
     )
     export.add_argument("model", help="run directory, checkpoints/step-N folder, adapter folder or model folder")
     export.add_argument("--merge", metavar="OUT", required=True, help="folder to write the merged model to")
-    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the written weights")
+    export.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                        help="dtype of the written weights (default: the run's model.dtype, where it is auto or outside a run the "
+                             "checkpoint's own)")
 
 
 def _add_plan_parser(sub) -> None:

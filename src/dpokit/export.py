@@ -7,17 +7,21 @@ With ``--merge``, LoRA adapters are folded into their base weights, so the resul
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
-from dpokit.config import ConfigError, ModelConfig
-from dpokit.resolve import load_model, load_model_tokenizer, resolve_model
+from dpokit.config import ConfigError
+from dpokit.resolve import load_model, load_model_tokenizer, model_config, resolve_model
 
 
-def export_model(source: str, out: str | Path, merge: bool, dtype: str = "float32") -> Path:
+def export_model(source: str, out: str | Path, merge: bool, dtype: str | None = None) -> Path:
     """Write the model ``source`` names (run dir, checkpoint, HF folder, adapter) to ``out``.
 
     An adapter needs ``merge=True`` (a merged copy is what this command makes); a full model is
-    copied in Hugging Face format either way. The folder is written beside ``out`` and renamed.
+    copied in Hugging Face format either way. Loaded as eval and chat load it (the run's settings:
+    ``trust_remote_code``, the base the run trained); written in ``dtype``, by default the run's
+    ``model.dtype`` (``auto``, and outside a run: the checkpoint's own). The folder is written beside
+    ``out`` and renamed.
     """
     model = resolve_model(source)
     if model.is_adapter and not merge:
@@ -27,14 +31,18 @@ def export_model(source: str, out: str | Path, merge: bool, dtype: str = "float3
         raise ConfigError(f"{out} is a file, not a folder: choose a new folder for the model")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty: choose a new folder")
-    config = ModelConfig(dtype=dtype)
+    config = model_config(model, dtype if dtype is not None else None if model.run_config is not None else "auto")
     lm = load_model(model, config)  # adapters merged, eval mode
+    lm.config.use_cache = True  # as a model to use, not to train
     tokenizer = load_model_tokenizer(model, config)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # never a folder of the user's
+    try:
+        lm.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

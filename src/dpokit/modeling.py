@@ -32,8 +32,8 @@ def resolve_model_path(name_or_path: str) -> str:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        return str(local) if name_or_path.startswith("~") else name_or_path
+    if local.is_dir():  # absolute: a LoRA adapter saved from it names its base so, wherever it is read from
+        return str(local.resolve())
     why = _not_a_hub_id(name_or_path)
     fix = ("a folder with config.json and weights, a dpokit run or LoRA adapter folder, "
            "a Hugging Face hub id like Qwen/Qwen2.5-0.5B-Instruct, or builtin:tiny-qwen2")

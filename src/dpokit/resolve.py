@@ -160,17 +160,26 @@ def _adapter_config(folder: Path) -> dict:
         raise ConfigError(f"{folder / ADAPTER_FILE} cannot be read as JSON: {e}") from None
 
 
-def _load_adapter(folder: Path, config: ModelConfig) -> nn.Module:
-    """The adapter's base model with the LoRA weights merged in (inference only)."""
+def _load_adapter(folder: Path, config: ModelConfig, base: ModelConfig | None = None) -> nn.Module:
+    """The adapter's base model with the LoRA weights merged in (inference only). ``base``: the model
+    the adapter was trained on (a run's ``model`` settings); else the one ``adapter_config.json`` names,
+    whose relative path (an older dpokit wrote the path as given) is read from the run's folder's
+    point of view no better than from here: the run's settings are preferred."""
     try:
-        from peft import AutoPeftModelForCausalLM
+        from peft import PeftModel
     except ImportError:
         raise ConfigError(
             f"{folder} is a LoRA adapter ({ADAPTER_FILE}); loading it needs the peft package: pip install peft"
         ) from None
-    kwargs = dict(dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code, **attention_kwargs(config))
+    if base is None:
+        named = _adapter_config(folder).get("base_model_name_or_path")
+        if not named:
+            raise ConfigError(f"{folder / ADAPTER_FILE} names no base model (base_model_name_or_path)")
+        base = dataclasses.replace(config, name_or_path=named, revision=_adapter_config(folder).get("revision"))
+    lm = load_causal_lm(dataclasses.replace(config, use_peft=False, adapter_name_or_path=None),
+                        base.name_or_path, base.revision)
     try:
-        model = AutoPeftModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        model = PeftModel.from_pretrained(lm, str(folder))
     except (OSError, ValueError) as e:
         raise ConfigError(f"could not load the LoRA adapter in {folder}: {str(e).strip().splitlines()[0]}") from None
     untie_adapted_embeddings(model)
@@ -205,8 +214,8 @@ def load_model(model: ResolvedModel, config: ModelConfig) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no weight-loading bars between dpokit's own output
-    if model.is_adapter:
-        lm = _load_adapter(Path(model.path), config)
+    if model.is_adapter:  # a run's adapter goes on the base the run trained
+        lm = _load_adapter(Path(model.path), config, model.run_config.model if model.run_config is not None else None)
     else:
         lm = load_causal_lm(config, model.path, model.revision)
     lm.eval()

@@ -69,9 +69,25 @@ def test_parse_size():
     assert parse_size("80000MB") == 80 * 10**9
     assert parse_size("1.5 gib") == int(1.5 * 2**30)
     assert parse_size("1024") == 1024
-    for bad in ("eighty", "80XB", "", "GB"):
+    for bad in ("eighty", "80XB", "", "GB", "1e400GB"):
         with pytest.raises(ValueError, match="80GB"):
             parse_size(bad)
+
+
+def test_long_prompts_and_8bit_adam_are_counted_as_they_run():
+    """A prompt longer than max_length // 2 keeps at least that many tokens when a pair is cut (the
+    worst case counted 2 * max_length minus the whole prompt: too few tokens); optim=adamw_8bit keeps
+    2 bytes of state per trained parameter, not 2 x the dtype's."""
+    from dataclasses import replace
+
+    from dpokit.plan import micro_batch_tokens
+
+    run = RunShape(batch_size=4, max_length=1024)
+    assert micro_batch_tokens(replace(run, prompt_length=5000)) == micro_batch_tokens(replace(run, prompt_length=512)) == 4 * 1536
+    assert micro_batch_tokens(replace(run, prompt_length=100)) == 4 * (2048 - 100)
+    m = count_model(_config())
+    full = estimate(m, run)["full"]["optimizer"]
+    assert estimate(m, replace(run, adam_8bit=True))["full"]["optimizer"] == full / 4  # float32 m and v: 8 bytes -> 2
 
 
 def test_columns_and_fits_verdict(tmp_path, capsys):

@@ -37,6 +37,7 @@ communication buffers of distributed training.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 
@@ -50,6 +51,8 @@ QLORA_COMPUTE_BYTES = 2
 """QLoRA computes in bfloat16: unquantized weights and activations are 2 bytes."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 COLUMNS = ("full", "lora", "qlora")
+ADAM_8BIT_BYTES = 2.0
+"""bitsandbytes' 8-bit AdamW: m and v in one byte each per parameter (its block statistics are ~1% more)."""
 ROWS = ("weights", "reference", "gradients", "optimizer", "activations", "logps_buffer", "total")
 ROW_LABELS = {"logps_buffer": "log-prob buffer"}
 
@@ -67,7 +70,7 @@ def parse_size(text: str | int | float) -> int:
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).upper() if m else None
-    if not m or unit not in _UNITS:
+    if not m or unit not in _UNITS or not math.isfinite(float(m.group(1)) * _UNITS[unit]):
         raise ValueError(f"cannot read memory size {text!r}: write it like 80GB, 24GiB or 80000MB")
     return int(float(m.group(1)) * _UNITS[unit])
 
@@ -220,6 +223,8 @@ class RunShape:
     """FSDP2 over this many processes (1: unsharded)."""
     tokens: int | None = None
     """Tokens per micro-batch, when known (e.g. the data's largest batch); None: the worst case."""
+    adam_8bit: bool = False
+    """``optim: adamw_8bit``: bitsandbytes keeps m and v in 8 bits (2 bytes per trained parameter)."""
 
 
 def micro_batch_tokens(run: RunShape) -> int:
@@ -228,8 +233,8 @@ def micro_batch_tokens(run: RunShape) -> int:
     if run.tokens is not None:
         return run.tokens
     per_pair = 2 * run.max_length
-    if run.layout.startswith("prefix"):
-        per_pair -= min(run.prompt_length, run.max_length - 1)
+    if run.layout.startswith("prefix"):  # a too-long pair keeps at least min(prompt, max_length // 2) prompt tokens
+        per_pair -= min(run.prompt_length, run.max_length // 2)
     return run.batch_size * per_pair
 
 
@@ -351,7 +356,7 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
             "weights": weights / shards,
             "reference": reference / shards,
             "gradients": trainable * tbytes / shards,
-            "optimizer": 2 * trainable * tbytes / shards,
+            "optimizer": trainable * (ADAM_8BIT_BYTES if run.adam_8bit else 2 * tbytes) / shards,
             "activations": activations,
             "logps_buffer": logps,
         }
@@ -492,12 +497,17 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         lora_dropout=dropout,
         regrouped_rows=config.model.attn_implementation == VARLEN_ATTENTION,
         shards=fsdp,
+        adam_8bit=t.optim == "adamw_8bit",
     )
     notes = [
         f"full and LoRA train in {dtype} ({run.dtype_bytes} bytes); QLoRA stores Linear weights in NF4 "
         f"(~{QLORA_BYTES_PER_PARAM:.3f} bytes/param with double quantization) and computes in bfloat16",
-        "AdamW keeps m and v in the parameter dtype; LoRA adapters, their gradients and states are float32",
+        ("optim=adamw_8bit keeps m and v in 8 bits (2 bytes per trained parameter)" if run.adam_8bit else
+         "AdamW keeps m and v in the parameter dtype") + "; LoRA adapters, their gradients and states are float32",
     ]
+    if prompt_length > config.data.max_length // 2 and run.layout.startswith("prefix") and tokens is None:
+        notes.append(f"--prompt-length {prompt_length} is counted as {config.data.max_length // 2}: a pair too long for "
+                     f"max_length {config.data.max_length} keeps at least that many prompt tokens (max_length // 2)")
     if t.bf16 or t.fp16:
         name, width = ("bf16", "bfloat16") if t.bf16 else ("fp16", "float16")
         notes.append(f"{name}=true saves time more than activation memory (autocast keeps float32 norms, residuals "

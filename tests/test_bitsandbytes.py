@@ -126,17 +126,20 @@ def test_qlora_continues_an_sft_adapter(wide_workdir, on_cpu_anyway, fix_cpu_rep
 
 
 def test_qlora_run_exports_a_full_precision_merged_model(wide_workdir, on_cpu_anyway, fix_cpu_repacking, tmp_path):
-    """``export --merge`` folds the adapter into the float32 base (not the 4-bit one): a plain model
-    with no quantization config, whose logits are those of the float32 base with the adapter."""
+    """``export --merge`` folds the adapter into the unquantized base (not the 4-bit one): a plain model
+    with no quantization config, in the run's dtype by default, and with ``--dtype float32`` the logits
+    of the float32 base with the adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from dpokit.cli import main
 
     out = train(run_config(wide_workdir, "qlora-export", *QLORA, "dtype=bfloat16", "max_steps=2", "eval=null"))
-    main(["export", str(out), "--merge", str(tmp_path / "merged")])
-    config = json.loads((tmp_path / "merged" / "config.json").read_text())
-    assert "quantization_config" not in config
+    main(["export", str(out), "--merge", str(tmp_path / "as-trained")])
+    config = json.loads((tmp_path / "as-trained" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    main(["export", str(out), "--merge", str(tmp_path / "merged"), "--dtype", "float32"])
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(wide_workdir / "model", dtype=torch.float32).eval()
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])

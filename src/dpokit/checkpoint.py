@@ -83,7 +83,7 @@ def newest_model(run_dir: Path) -> Path | None:
             step = int(json.loads((final / FINAL_STEP_FILE).read_text())["step"])
         except (OSError, ValueError, KeyError, TypeError):  # written before dpokit kept its step
             return final
-        if not checkpoints or step >= int(_STEP_DIR.match(checkpoints[-1].name).group(1)):
+        if not checkpoints or step >= _step(checkpoints[-1]):
             return final
     return checkpoints[-1] if checkpoints else None
 
@@ -164,7 +164,7 @@ def outputs_to_replace(output_dir: Path, resume_from: Path | None, overwrite: bo
     own = resume_from is not None and resume_from.resolve().parent == (output_dir / "checkpoints").resolve()
     if own:
         step = load_train_state(resume_from)[0].step
-        return [p for p in list_checkpoints(output_dir / "checkpoints") if int(_STEP_DIR.match(p.name).group(1)) > step]
+        return [p for p in list_checkpoints(output_dir / "checkpoints") if _step(p) > step]
     found = holds_a_run(output_dir)
     if found:
         start = "a run resumed from another folder's checkpoint" if resume_from is not None else "a new run"
@@ -270,7 +270,7 @@ def check_complete(checkpoint: Path) -> None:
     if not any(checkpoint.glob("rng_state_*.pt")):
         missing.append("rng_state_<process>.pt")
     if missing:
-        earlier = [p for p in list_checkpoints(checkpoint.parent) if p.name != checkpoint.name and _step(p) < _step(checkpoint)]
+        earlier = [p for p in list_checkpoints(checkpoint.parent) if _step(p) < _step(checkpoint)]
         raise ConfigError(
             f"checkpoint {checkpoint} is incomplete, missing {', '.join(missing)}: it was damaged after it was saved. "
             + (f"Resume from an earlier one (resume_from_checkpoint={earlier[-1]}), or remove it" if earlier

@@ -31,7 +31,7 @@ def export_model(source: str, out: str | Path, merge: bool, dtype: str | None = 
         raise ConfigError(f"{out} is a file, not a folder: choose a new folder for the model")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty: choose a new folder")
-    config = model_config(model, dtype if dtype is not None else None if model.run_config is not None else "auto")
+    config = model_config(model, dtype or ("auto" if model.run_config is None else None))  # None: the run's dtype
     lm = load_model(model, config)  # adapters merged, eval mode
     lm.config.use_cache = True  # as a model to use, not to train
     tokenizer = load_model_tokenizer(model, config)

@@ -23,7 +23,7 @@ import torch
 from dpokit.config import ConfigError, DataConfig, DataSource
 from dpokit.data.formats import Message, to_pairs
 from dpokit.data.sources import DataError, describe, load_rows
-from dpokit.data.tokenize import end_of_turn_marker
+from dpokit.data.tokenize import end_of_turn_marker, template_refusal
 from dpokit.modeling import text_config
 
 Prompt = Union[str, list[Message]]
@@ -139,10 +139,10 @@ def encode_prompt(prompt: Prompt, tokenizer) -> list[int]:
         try:
             text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # jinja errors: "System role not supported", "roles must alternate", ...
-            roles = ", ".join(m["role"] for m in prompt)
-            hint = " (this template takes no system message: leave the system prompt out)" if "system" in roles else ""
-            raise DataError(f"the chat template cannot render messages with roles [{roles}]: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}{hint}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = (" (this template takes no system message: leave the system prompt out)"
+                    if any(m["role"] == "system" for m in prompt) else "")
+            raise DataError(template_refusal(prompt, first) + hint) from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if isinstance(prompt, list):
         if len(prompt) != 1 or prompt[0]["role"] != "user":

@@ -172,14 +172,17 @@ def cached_table(
     what: str,
     log=print,
     batching: str = "",
+    pairs_digest: str | None = None,
 ) -> torch.Tensor:
     """The [N, 2] table for ``pairs`` from the disk cache, or ``compute()`` it and store it.
-    ``batching`` names how the pairs were batched, where that changes the numbers (16-bit compute).
+    ``batching`` names how the pairs were batched, where that changes the numbers (16-bit compute);
+    ``pairs_digest``: :func:`fingerprint_pairs` of ``pairs``, where the caller has it already.
 
     The processes decide together (``compute`` is collective): the table is read only when every one
     finds it, as a cache on each machine's own disk may hold it on one machine and not another. Each
     machine's first process writes it, so every machine's cache fills."""
-    key = xxhash.xxh3_128(f"{model_fingerprint}:{fingerprint_pairs(pairs)}:{batching}:{scoring_code()}".encode()).hexdigest()
+    digest = pairs_digest or fingerprint_pairs(pairs)
+    key = xxhash.xxh3_128(f"{model_fingerprint}:{digest}:{batching}:{scoring_code()}".encode()).hexdigest()
     path = cache_dir() / f"{key}.pt"
     table = _read_table(path, len(pairs))
     found = torch.tensor([table is not None], dtype=torch.float32, device=accelerator.device)

@@ -172,10 +172,10 @@ def _load_adapter(folder: Path, config: ModelConfig, base: ModelConfig | None = 
             f"{folder} is a LoRA adapter ({ADAPTER_FILE}); loading it needs the peft package: pip install peft"
         ) from None
     if base is None:
-        named = _adapter_config(folder).get("base_model_name_or_path")
-        if not named:
+        adapter = _adapter_config(folder)
+        if not adapter.get("base_model_name_or_path"):
             raise ConfigError(f"{folder / ADAPTER_FILE} names no base model (base_model_name_or_path)")
-        base = dataclasses.replace(config, name_or_path=named, revision=_adapter_config(folder).get("revision"))
+        base = dataclasses.replace(config, name_or_path=adapter["base_model_name_or_path"], revision=adapter.get("revision"))
     lm = load_causal_lm(dataclasses.replace(config, use_peft=False, adapter_name_or_path=None),
                         base.name_or_path, base.revision)
     try:

@@ -239,11 +239,12 @@ def starting_reference(config: Config, policy, resumed: bool, sharded: bool = Fa
 
 
 def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingReference, data, accelerator, pad_id: int,
-                       say) -> tuple[Reference, Reference]:
+                       say, train_digest: str | None = None) -> tuple[Reference, Reference]:
     """(train reference, eval reference) once ``policy`` is prepared (its weights still the starting
     ones): log-prob tables computed once (cached on disk), a live frozen model, the policy with its
     adapters off, or none. A separate reference model is placed as the policy is (sharded under
-    FSDP2) and, for tables, dropped once they are computed."""
+    FSDP2) and, for tables, dropped once they are computed. ``train_digest``: the train pairs'
+    :func:`dpokit.reference.fingerprint_pairs`, where the caller has it."""
     t = config.training
     if not needs_reference(config):
         return NoReference(), NoReference()
@@ -266,7 +267,8 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
     sixteen_bit = computes_in_16_bits(scorer.model, t)
     compiled = t.torch_compile  # the policy's layers are compiled by now, and a separate reference's (above)
 
-    def table(pairs: list[TokenizedPair], what: str, batches: list[list[int]], batching: str) -> TableReference:
+    def table(pairs: list[TokenizedPair], what: str, batches: list[list[int]], batching: str,
+              digest: str | None = None) -> TableReference:
         def compute() -> torch.Tensor:
             with forward_precision(config.training, accelerator):  # scored as training will score the policy
                 with adapters_switched_off(scorer) if start.adapters_off else nullcontext():
@@ -274,7 +276,8 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
 
         # in 16 bits another batching, or compiled layers, give other last bits: then they are part of the cache key
         key = f"{batch_layout(t)}:{config.data.max_length}:{batching}{':compiled' if compiled else ''}" if sixteen_bit else ""
-        return TableReference(cached_table(start.fingerprint, pairs, compute, accelerator, what, log=say, batching=key))
+        return TableReference(cached_table(start.fingerprint, pairs, compute, accelerator, what, log=say, batching=key,
+                                           pairs_digest=digest))
 
     # the train pairs in the first epoch's micro-batches: each pair's reference is then exactly what
     # its first-epoch forward would score, in 16 bits too (rewards exactly 0 before the first update)
@@ -282,7 +285,7 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
                                               t.per_device_train_batch_size, t.per_device_eval_batch_size)
     train_batching = f"seed {t.seed}, {t.per_device_train_batch_size} x {world} x {t.gradient_accumulation_steps}, rest {t.per_device_eval_batch_size}"
     with eval_mode(scorer):
-        train_table = table(data.train, "train", train_batches, train_batching)
+        train_table = table(data.train, "train", train_batches, train_batching, train_digest)
         if not data.eval:
             return train_table, NoReference()
         eval_table = table(data.eval, "eval", scoring_batches(len(data.eval), t, accelerator), f"eval {t.per_device_eval_batch_size} x {world}")
@@ -527,7 +530,7 @@ def train(config: Config) -> Path:
     unwrapped = accelerator.unwrap_model(scorer)
     if sharded:
         say(f"sharding: {describe(scorer, accelerator)}")
-    train_ref, eval_ref = prepare_references(config, unwrapped, start, data, accelerator, pad_id, say)
+    train_ref, eval_ref = prepare_references(config, unwrapped, start, data, accelerator, pad_id, say, state.pairs_digest)
     # fp16's dynamic loss scaling; with it off, scale() returns the loss and step() steps
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=t.fp16)
 
@@ -567,6 +570,7 @@ def train(config: Config) -> Path:
     if r.eval_on_start and state.step == 0:
         run_eval()
     window = LogWindow.restored(unlogged, accelerator)  # training time only: evals and saves are not counted
+    resumed_at_end = resume_from is not None and state.step == total_steps  # nothing left to train
     while state.step < total_steps:
         batches = global_batches(len(data.train), global_batch, t.seed, state.epoch)
         while state.batch_in_epoch < len(batches) and state.step < total_steps:
@@ -623,9 +627,9 @@ def train(config: Config) -> Path:
     if progress is not None:
         progress.close()
 
-    if window.steps:  # resumed at max_steps: the checkpoint's steps since its last row are that row
+    if resumed_at_end and window.steps:  # the checkpoint's steps since its last row are that row
         log.write({"step": state.step, "epoch": round(state.step / per_epoch, 4), **window.row(accelerator)})
-    if not evaluated_at(out / "metrics.jsonl", state.step, accelerator):  # a checkpoint at max_steps may have one
+    if not (resumed_at_end and evaluated_at(out / "metrics.jsonl", state.step, accelerator)):  # saved after its eval
         run_eval()
     weights = full_model_state(accelerator, scorer)  # gathered from the shards; None unsharded
     accelerator.wait_for_everyone()

@@ -103,13 +103,18 @@ def end_of_turn_marker(tokenizer: Any) -> str:
     return text.split(_SENTINEL)[-1].rstrip()
 
 
+def template_refusal(messages: list[Message], error: object) -> str:
+    """What to say when a chat template refuses ``messages`` (jinja's ``error``: "System role not
+    supported", "roles must alternate", ...)."""
+    return f"the chat template cannot render messages with roles [{', '.join(m['role'] for m in messages)}]: {error}"
+
+
 def _apply_template(tokenizer: Any, messages: list[Message], generation_prompt: bool, where: str, field: str) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as e:  # jinja errors, "roles must alternate", ...
-        roles = ", ".join(m["role"] for m in messages)
         raise RowError(
-            f"{where}: '{field}': the chat template cannot render messages with roles [{roles}]: {e}. "
+            f"{where}: '{field}': {template_refusal(messages, e)}. "
             "Use a tokenizer whose chat template accepts these roles (for a template without a system "
             "role, leave data.system_prompt unset)",
             "template_error",

@@ -250,12 +250,13 @@ def test_dropout_is_off_in_causal_and_image_text_models():
         assert all(getattr(config, name, 0.0) == 0.0 for name in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"))
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "falcon", "phi3", "gemma2"])
+@pytest.mark.parametrize("model_type", ["gpt2", "falcon", "phi3", "gemma2", "mixtral"])
 def test_lora_trains_and_merges_on_unusual_layers(workdir, tmp_path, model_type):
     """End to end on architectures whose linear layers are not Llama's: GPT-2's Conv1D (weights
     stored transposed), Falcon's fused query_key_value, Phi-3's fused qkv_proj and gate_up_proj,
-    Gemma 2's soft-capped eager attention. LoRA on all-linear trains, and the merged export gives
-    the adapter model's logits."""
+    Gemma 2's soft-capped eager attention, Mixtral's experts (fused parameters on transformers 5,
+    which peft adapts without dropout: the default lora_dropout is refused naming the fix). LoRA on
+    all-linear trains, and the merged export gives the adapter model's logits."""
     from peft import AutoPeftModelForCausalLM
 
     from dpokit.export import export_model
@@ -264,6 +265,10 @@ def test_lora_trains_and_merges_on_unusual_layers(workdir, tmp_path, model_type)
 
     model_dir = save_tiny_model(model_type, workdir, tmp_path)
     attn = ATTENTION.get(model_type, "sdpa")
+    if model_type == "mixtral" and not TRANSFORMERS_4:
+        with pytest.raises(ConfigError, match=r"lora_dropout != 0.*\(set model.lora_dropout: 0\)"):
+            train(run_config(workdir, "arch-lora-mixtral-dropout", f"model.name_or_path={model_dir}", "max_steps=1",
+                             "use_peft=true", "lora_dropout=0.05"))
     out = train(run_config(workdir, f"arch-lora-{model_type}", f"model.name_or_path={model_dir}",
                            f"attn_implementation={attn}", "max_steps=2", "use_peft=true", "lora_r=4", "lora_alpha=8",
                            "lora_dropout=0.0", "lora_target_modules=[all-linear]"))

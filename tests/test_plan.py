@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+import transformers
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from dpokit.plan import RunShape, backward_workspace_bytes, count_model, estimate, parse_size
@@ -39,6 +40,75 @@ def test_lora_count_equals_peft(targets):
     assert count_model(cfg, lora_r=8, targets=targets).lora_params == trainable
 
 
+@pytest.mark.parametrize("targets,to_save", [("all-linear", None), ("q_proj,lm_head", None), ("q_proj", ["lm_head"])])
+def test_lora_count_is_peft_own_on_a_mixture_of_experts(targets, to_save):
+    """What peft adapts is what is counted: on Mixtral its all-linear also adapts the fused experts and
+    the router (counting nn.Linear layers found ~1/9 of it here); a named output layer is adapted;
+    lora_modules_to_save trains whole copies, counted apart in the model dtype."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import MixtralConfig
+
+    cfg = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=4)
+    shape = count_model(cfg, lora_r=8, targets=targets, modules_to_save=to_save)
+    peft_targets = "all-linear" if targets == "all-linear" else targets.split(",")
+    real = get_peft_model(AutoModelForCausalLM.from_config(cfg), LoraConfig(r=8, target_modules=peft_targets, modules_to_save=to_save))
+    trained = {name: p.numel() for name, p in real.named_parameters() if p.requires_grad}
+    assert shape.lora_params == sum(n for name, n in trained.items() if "lora_" in name) > 0
+    assert shape.saved_params == sum(n for name, n in trained.items() if "modules_to_save" in name) == (64 * 512 if to_save else 0)
+    assert ("lm_head" in shape.lora_modules) == ("lm_head" in targets)
+    if targets == "all-linear":
+        assert "gate" in shape.lora_modules and {"experts", "w1"} & set(shape.lora_modules)  # fused on transformers 5
+        layer = real.base_model.model.model.layers[0]
+        adapters = [m for m in layer.modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+        assert shape.lora_rank_features == sum(m.lora_A["default"].weight.shape[0] for m in adapters)
+        assert shape.lora_in_features == sum(m.lora_A["default"].weight.shape[1] for m in adapters)
+
+
+@pytest.mark.skipif(transformers.__version__.startswith("4."), reason="transformers 4 keeps Mixtral's experts as Linear layers")
+def test_plan_says_when_peft_refuses_the_lora_settings(tmp_path, capsys):
+    """Mixtral's fused experts take no LoRA dropout: plan says peft refuses the default 0.05 (training
+    would stop there) rather than count nothing silently, and counts with lora_dropout=0."""
+    from transformers import MixtralConfig
+
+    from dpokit.cli import main
+
+    MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4).save_pretrained(tmp_path / "m")
+    main(["plan", f"model.name_or_path={tmp_path / 'm'}", "max_length=128", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["lora_parameters"] == 0
+    assert any("peft refuses" in n and "lora_dropout != 0" in n and "set model.lora_dropout: 0" in n for n in out["notes"])
+    main(["plan", f"model.name_or_path={tmp_path / 'm'}", "max_length=128", "lora_dropout=0", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["lora_parameters"] > 0 and not any("peft refuses" in n for n in out["notes"])
+
+
+def test_lora_modules_to_save_are_trained_in_the_estimate():
+    """A saved copy adds its weights, gradients and AdamW states (in the model dtype) to LoRA and QLoRA."""
+    cfg = _config()
+    plain, saved = count_model(cfg), count_model(cfg, modules_to_save=["embed_tokens"])
+    extra = TINY["vocab_size"] * TINY["hidden_size"]
+    assert saved.saved_params == extra and saved.lora_params == plain.lora_params
+    run = RunShape(batch_size=2, max_length=128)
+    for col in ("lora", "qlora"):
+        a, b = estimate(plain, run)[col], estimate(saved, run)[col]
+        s = 4 if col == "lora" else 2
+        assert (b["weights"] - a["weights"], b["gradients"] - a["gradients"], b["optimizer"] - a["optimizer"]) == (
+            extra * s, extra * s, 2 * extra * s)
+    assert estimate(plain, run)["full"] == estimate(saved, run)["full"]
+
+
+def test_lora_count_without_peft_adapts_the_linear_layers(monkeypatch):
+    """Without peft installed, plan still counts: adapters on the targeted nn.Linear layers."""
+    cfg = _config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, tie_word_embeddings=False)
+    with_peft = count_model(cfg, lora_r=8)
+    monkeypatch.setitem(sys.modules, "peft", None)
+    without = count_model(cfg, lora_r=8)
+    assert without == with_peft  # a dense model: the same count either way
+    assert without.lora_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 @pytest.mark.parametrize("targets", ["q_proj,out_proj", "all-linear"])
 def test_an_image_text_model_counts_what_dpokit_trains(targets):
     """Gemma 3's image-text model: full training trains its language model (the vision parts frozen,
@@ -46,6 +116,7 @@ def test_an_image_text_model_counts_what_dpokit_trains(targets):
     from peft import LoraConfig, get_peft_model
     from transformers import Gemma3Config
 
+    from dpokit.logps import decoder_of
     from dpokit.modeling import freeze_outside_language_model, language_model_targets
 
     text = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -58,6 +129,7 @@ def test_an_image_text_model_counts_what_dpokit_trains(targets):
     assert shape.params == sum(p.numel() for p in real.parameters())
     assert freeze_outside_language_model(real) > 0
     assert shape.trained_params == sum(p.numel() for p in real.parameters() if p.requires_grad) < shape.params
+    assert shape.layer_params == sum(p.numel() for p in decoder_of(real).layers[0].parameters())  # not a vision layer
     lora = get_peft_model(real, LoraConfig(r=8, target_modules=language_model_targets(real, targets.split(","))))
     assert shape.lora_params == lora.get_nb_trainable_parameters()[0]
     assert "out_proj" not in shape.lora_modules  # the vision tower's

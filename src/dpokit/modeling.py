@@ -204,7 +204,7 @@ def apply_lora(model: nn.Module, config: ModelConfig, adapter: str | None = None
     """``model`` with LoRA adapters: loaded from ``adapter`` (or ``adapter_name_or_path``), else new
     ones from the ``lora_*`` settings. Dropout of the base was disabled before; LoRA's own stays."""
     try:
-        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+        from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
     except ImportError:
         raise ConfigError("LoRA training needs the peft package: pip install peft") from None
     if config.load_in_4bit:
@@ -215,19 +215,32 @@ def apply_lora(model: nn.Module, config: ModelConfig, adapter: str | None = None
             return PeftModel.from_pretrained(model, resolve_model_path(source), is_trainable=trainable)
         except (OSError, ValueError) as e:
             raise ConfigError(f"could not load the LoRA adapter '{source}': {str(e).strip().splitlines()[0]}") from None
-    targets = config.lora_target_modules
-    lora = LoraConfig(
+    try:
+        return get_peft_model(model, new_lora_config(model, config))
+    except ValueError as e:
+        raise ConfigError(lora_refusal(config.lora_target_modules, e)) from None
+
+
+def lora_refusal(targets: list[str], error: ValueError) -> str:
+    """What to tell the user when peft refuses adapters on ``targets``."""
+    reason = str(error).strip().splitlines()[0]
+    fix = " (set model.lora_dropout: 0)" if "lora_dropout" in reason else ""
+    return f"LoRA target modules {targets}: {reason}{fix}"
+
+
+def new_lora_config(model: nn.Module, config: ModelConfig):
+    """peft's ``LoraConfig`` for new adapters on ``model`` from the ``lora_*`` settings (what training
+    adapts, and what ``dpokit plan`` counts on a meta-device model)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=language_model_targets(model, targets),
+        target_modules=language_model_targets(model, config.lora_target_modules),
         modules_to_save=config.lora_modules_to_save,
         task_type="CAUSAL_LM",
     )
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as e:
-        raise ConfigError(f"LoRA target modules {targets}: {str(e).strip().splitlines()[0]}") from None
 
 
 def load_policy(config: ModelConfig, checkpoint: str | None = None, empty: bool = False) -> nn.Module:

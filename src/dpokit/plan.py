@@ -3,16 +3,17 @@
 Nothing is loaded but the model's ``config.json``: the model is built on the meta device, so
 parameter counts are exact and free. Every other number is an estimate from these formulas
 (bytes; ``s`` = bytes per element of the training dtype, ``P`` = parameters, ``A`` = LoRA
-adapter parameters, ``tok`` = tokens in one micro-batch, ``n`` = layers)::
+adapter parameters as peft adds them, ``M`` = parameters of the ``lora_modules_to_save`` copies,
+``tok`` = tokens in one micro-batch, ``n`` = layers)::
 
-    weights      full: P*s           LoRA: P*s + A*4          QLoRA: Pq*QLORA_BYTES + (P-Pq)*2 + A*4
+    weights      full: P*s           LoRA: P*s + A*4 + M*s    QLoRA: Pq*QLORA_BYTES + (P-Pq)*2 + A*4 + M*2
                  (bf16/fp16=true over float32 weights, full: + PL*2, autocast's 16-bit copies of the
                  Linear weights; activations stay about float32-sized: autocast keeps float32 norms,
                  residuals and rotary outputs beside its 16-bit copies)
     reference    P*s when a frozen model is kept in memory (precompute_ref_log_probs=false and a
                  reference-based loss), for full training only; LoRA/QLoRA score the reference
                  with the adapters off, so 0. 0 whenever the log-probs are precomputed.
-    gradients    trainable * bytes (full: P*s; adapters: A*4, peft keeps them in float32)
+    gradients    trainable * bytes (full: P*s; adapters: A*4, peft keeps them in float32, + M*s)
     optimizer    AdamW m and v in the parameter dtype: 2 * trainable * bytes
     activations  n * tok * per_layer_bytes + tok * H * (4 + 2s) (final norm) + mask + workspace,
                  or, with gradient checkpointing, n * tok * H * s (layer inputs) + one layer's
@@ -36,6 +37,7 @@ communication buffers of distributed training.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -97,12 +99,13 @@ class ModelShape:
     """Parameters of nn.Linear layers except the output layer (what QLoRA quantizes)."""
     largest_linear: int
     lora_params: int
+    """Adapter parameters (float32)."""
     lora_modules: list[str]
-    """Distinct targeted module suffixes (``q_proj``, ...)."""
+    """Distinct adapted module suffixes (``q_proj``, ...)."""
     lora_in_features: int
-    """Sum over one layer's targeted Linears of their input width (for dropout copies)."""
+    """Sum over the first layer's adapters of their input width (for dropout copies)."""
     lora_rank_features: int
-    """Sum over one layer's targeted Linears of ``r`` (their ``lora_A`` outputs)."""
+    """Sum over the first layer's adapters of their ``lora_A`` outputs (``r`` each)."""
     hidden: int
     intermediate: int
     kv_dim: int
@@ -116,82 +119,142 @@ class ModelShape:
     (its vision parts stay frozen). None: all of them."""
     trained_linear_params: int | None = None
     """Of ``linear_params``, those in what trains (the ones autocast copies to 16 bits). None: all."""
+    saved_params: int = 0
+    """``lora_modules_to_save``: trained copies of whole modules beside the adapters (model dtype)."""
+    lora_refused: str | None = None
+    """Why peft refuses the LoRA settings on this model (then nothing is counted for adapters)."""
 
 
 def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def count_model(hf_config, lora_r: int = 16, targets: str | list[str] = "all-linear") -> ModelShape:
+def count_model(hf_config, lora_r: int = 16, targets: str | list[str] = "all-linear",
+                modules_to_save: list[str] | None = None, lora_dropout: float = 0.0) -> ModelShape:
     """Build ``hf_config``'s causal LM on the meta device and count parameters and LoRA parameters.
 
-    ``targets``: ``all-linear`` (every Linear but the output layer, as peft) or module names
-    matched as peft does (the full name or its last dotted parts).
+    ``targets``: ``all-linear`` or module names, as ``model.lora_target_modules``;
+    ``modules_to_save``: as ``model.lora_modules_to_save`` (modules trained whole beside the adapters);
+    ``lora_dropout``: only whether peft accepts the adapters depends on it.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    return count_module(model, hf_config, lora_r, targets)
+        return count_module(model, hf_config, lora_r, targets, modules_to_save, lora_dropout)
 
 
-def count_module(model, hf_config, lora_r: int = 16, targets: str | list[str] = "all-linear") -> ModelShape:
+def count_module(model, hf_config, lora_r: int = 16, targets: str | list[str] = "all-linear",
+                 modules_to_save: list[str] | None = None, lora_dropout: float = 0.0) -> ModelShape:
+    """:func:`count_model` for a built ``model`` (on the meta device: peft's adapters are added to it
+    in place to be counted)."""
     from torch import nn
+
+    from dpokit.logps import decoder_of
+    from dpokit.modeling import is_image_text, language_model_names
 
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    from dpokit.modeling import is_image_text, language_model_names
-
     head = model.get_output_embeddings()
-    all_linear = targets == ["all-linear"]
-    linear_params = largest = lora = 0
-    suffixes: list[str] = []
-    first_layer = {}
+    linear_params = largest = trained_linear = 0
     # an image-text model trains (and LoRA adapts) its language model only: the parts named here
     trained_parts = tuple(f"{name}." for name in language_model_names(model)) if is_image_text(model) else ("",)
-    trained_linear = 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module is head:
-            continue
-        n = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
-        linear_params += n
-        largest = max(largest, module.weight.numel())
-        if not f"{name}.".startswith(trained_parts):
-            continue
-        trained_linear += n
-        if all_linear or _matches(name, targets):
-            lora += lora_r * (module.in_features + module.out_features)
-            suffix = name.rsplit(".", 1)[-1]
-            if suffix not in suffixes:
-                suffixes.append(suffix)
-            first_layer.setdefault(suffix, module.in_features)
+        if isinstance(module, nn.Linear) and module is not head:
+            n = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+            linear_params += n
+            largest = max(largest, module.weight.numel())
+            trained_linear += n if f"{name}.".startswith(trained_parts) else 0
     params = sum(p.numel() for p in model.parameters())
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
-    layer = next((m for m in model.modules() if type(m).__name__ in layer_classes), None)
+    layer = next((m for m in decoder_of(model).modules() if type(m).__name__ in layer_classes), None)
+    layer_params = sum(p.numel() for p in layer.parameters()) if layer is not None else 0
+    trained_params = (sum(p.numel() for name, p in model.named_parameters() if name.startswith(trained_parts))
+                      if trained_parts != ("",) else None)
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     hidden = text.hidden_size
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    try:
+        adapters = _count_adapters(model, layer, lora_r, targets, modules_to_save, lora_dropout)
+    except ImportError:  # no peft: LoRA on the Linear layers (peft also adapts fused MoE experts)
+        adapters = _count_linear_adapters(model, head, trained_parts, lora_r, targets)
     return ModelShape(
         params=params,
         linear_params=linear_params,
         largest_linear=largest,
-        lora_params=lora,
-        lora_modules=suffixes,
-        lora_in_features=sum(first_layer.values()),
-        lora_rank_features=lora_r * len(first_layer),
         hidden=hidden,
         intermediate=getattr(text, "intermediate_size", None) or 4 * hidden,
         kv_dim=kv_heads * head_dim,
         layers=text.num_hidden_layers,
         vocab=text.vocab_size,
-        layer_params=sum(p.numel() for p in layer.parameters()) if layer is not None else 0,
-        trained_params=(sum(p.numel() for name, p in model.named_parameters() if name.startswith(trained_parts))
-                        if trained_parts != ("",) else None),
+        layer_params=layer_params,
+        trained_params=trained_params,
         trained_linear_params=trained_linear,
+        **adapters,
     )
+
+
+def _count_adapters(model, layer, lora_r: int, targets: list[str], modules_to_save: list[str] | None,
+                    lora_dropout: float) -> dict:
+    """LoRA counts from peft itself: ``model`` (meta device) gets the adapters training would give it
+    (:func:`dpokit.modeling.new_lora_config`), so whatever peft adapts is counted (a MoE's fused
+    experts and router included). Per-layer features are read from ``layer`` (the first decoder
+    layer). Settings peft refuses count nothing, its reason kept in ``lora_refused``."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from dpokit.config import ModelConfig
+    from dpokit.modeling import lora_refusal, new_lora_config
+
+    settings = ModelConfig(lora_r=lora_r, lora_dropout=lora_dropout, lora_target_modules=targets,
+                           lora_modules_to_save=modules_to_save)
+    counts = dict(lora_params=0, saved_params=0, lora_modules=[], lora_in_features=0, lora_rank_features=0)
+    try:
+        wrapped = get_peft_model(model, new_lora_config(model, settings))
+    except ValueError as e:  # training stops there too (apply_lora)
+        return {**counts, "lora_refused": lora_refusal(targets, e)}
+    in_layer = {id(m) for m in layer.modules()} if layer is not None else set()
+    for name, module in wrapped.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        suffix = re.sub(r"(\.base_layer)+$", "", name).rsplit(".", 1)[-1]
+        if suffix not in counts["lora_modules"]:
+            counts["lora_modules"].append(suffix)
+        if id(module) in in_layer:
+            for lora_a in module.lora_A.values():  # [r, in] (a fused MoE's: [r * experts, in])
+                counts["lora_rank_features"] += lora_a.weight.shape[0]
+                counts["lora_in_features"] += lora_a.weight.shape[1]
+            for lora_a in module.lora_embedding_A.values():  # [r, vocab]: indices in, nothing copied
+                counts["lora_rank_features"] += lora_a.shape[0]
+    for name, param in wrapped.named_parameters():
+        if param.requires_grad:
+            counts["saved_params" if ".modules_to_save." in name else "lora_params"] += param.numel()
+    return counts
+
+
+def _count_linear_adapters(model, head, trained_parts: tuple[str, ...], lora_r: int, targets: list[str]) -> dict:
+    """LoRA counts without peft: adapters on the targeted ``nn.Linear`` layers (all but the output
+    layer for ``all-linear``) of the trained parts; per-layer features from each name's first one."""
+    from torch import nn
+
+    all_linear = targets == ["all-linear"]
+    lora = 0
+    suffixes: list[str] = []
+    first_layer: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not f"{name}.".startswith(trained_parts):
+            continue
+        if (all_linear and module is not head) or (not all_linear and _matches(name, targets)):
+            lora += lora_r * (module.in_features + module.out_features)
+            suffix = name.rsplit(".", 1)[-1]
+            if suffix not in suffixes:
+                suffixes.append(suffix)
+            first_layer.setdefault(suffix, module.in_features)
+    return dict(lora_params=lora, saved_params=0, lora_modules=suffixes, lora_in_features=sum(first_layer.values()),
+                lora_rank_features=lora_r * len(first_layer))
 
 
 # ----------------------------------------------------------------------------- estimate
@@ -333,11 +396,12 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
             if run.autocast_16bit and s > 2 and shards == 1:  # autocast keeps a 16-bit copy of each trained Linear weight
                 weights += (m.linear_params if m.trained_linear_params is None else m.trained_linear_params) * 2
         elif col == "lora":
-            weights = m.params * s + m.lora_params * ADAPTER_BYTES
+            weights = m.params * s + m.lora_params * ADAPTER_BYTES + m.saved_params * s
         else:
             weights = (m.linear_params * QLORA_BYTES_PER_PARAM + (m.params - m.linear_params) * s
-                       + m.lora_params * ADAPTER_BYTES + m.largest_linear * s)  # + one dequantized weight
-        trainable, tbytes = (m.trained_params or m.params, s) if full else (m.lora_params, ADAPTER_BYTES)
+                       + m.lora_params * ADAPTER_BYTES + m.saved_params * s + m.largest_linear * s)  # + one dequantized weight
+        # (parameters, bytes each) of what trains: the model, or the adapters and lora_modules_to_save's copies
+        trained = [(m.trained_params or m.params, s)] if full else [(m.lora_params, ADAPTER_BYTES), (m.saved_params, s)]
         reference = m.params * s if (full and run.live_reference) else 0.0
         layer = layer_activation_bytes(m, s, masked, full, m.lora_modules, run.lora_r, run.lora_dropout)
         final_norm = tok * m.hidden * (4 + 2 * s)
@@ -355,8 +419,8 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
         row = {
             "weights": weights / shards,
             "reference": reference / shards,
-            "gradients": trainable * tbytes / shards,
-            "optimizer": trainable * (ADAM_8BIT_BYTES if run.adam_8bit else 2 * tbytes) / shards,
+            "gradients": sum(n * b for n, b in trained) / shards,
+            "optimizer": sum(n * (ADAM_8BIT_BYTES if run.adam_8bit else 2 * b) for n, b in trained) / shards,
             "activations": activations,
             "logps_buffer": logps,
         }
@@ -399,6 +463,7 @@ class Plan:
             "model": self.model,
             "parameters": self.shape.params,
             "lora_parameters": self.shape.lora_params,
+            "lora_modules_to_save_parameters": self.shape.saved_params,
             "lora_target_modules": self.shape.lora_modules,
             "run": asdict(self.run),
             "micro_batch_tokens": micro_batch_tokens(self.run),
@@ -419,8 +484,9 @@ class Plan:
         fmt = lambda cells: "  ".join(c.ljust(widths[0]) if j == 0 else c.rjust(widths[j]) for j, c in enumerate(cells)).rstrip()  # noqa: E731
         lines = [
             f"model: {self.model}: {s.params / 1e6:,.1f}M parameters, {s.layers} layers, hidden {s.hidden}, vocab {s.vocab}",
-            f"LoRA: r={r.lora_r} on {self.lora_targets} ({', '.join(s.lora_modules) or 'no module matched'}): "
-            f"{s.lora_params / 1e6:,.2f}M trainable parameters",
+            f"LoRA: r={r.lora_r} on {self.lora_targets} ({', '.join(s.lora_modules) or 'refused by peft, see the notes'}): "
+            f"{s.lora_params / 1e6:,.2f}M trainable parameters"
+            + (f" + {s.saved_params / 1e6:,.2f}M in lora_modules_to_save" if s.saved_params else ""),
             f"micro-batch: {r.batch_size} pairs x max_length {r.max_length}, layout {r.layout} -> "
             f"{micro_batch_tokens(r):,} tokens"
             + (" (given by --tokens)" if r.tokens is not None else " (worst case: every sequence max_length)")
@@ -476,7 +542,7 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"could not read the model config of '{mc.name_or_path}': {first}") from None
     r, _alpha, dropout, targets = _lora_settings(config, lora_r, lora_alpha, lora_dropout, lora_targets)
-    shape = count_model(hf_config, r, targets)
+    shape = count_model(hf_config, r, targets, config.model.lora_modules_to_save, dropout)
     if mc.dtype == "auto":
         dtype = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32").replace("torch.", "")
     else:
@@ -505,6 +571,12 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         ("optim=adamw_8bit keeps m and v in 8 bits (2 bytes per trained parameter)" if run.adam_8bit else
          "AdamW keeps m and v in the parameter dtype") + "; LoRA adapters, their gradients and states are float32",
     ]
+    if shape.lora_refused:
+        notes.append(f"LoRA and QLoRA columns count no adapters: peft refuses these settings ({shape.lora_refused}); "
+                     "training with them would stop there")
+    elif importlib.util.find_spec("peft") is None:
+        notes.append("peft is not installed (LoRA training needs it): adapters are counted on the targeted Linear "
+                     "layers, which misses what peft also adapts in some models (a mixture of experts' fused experts)")
     if prompt_length > config.data.max_length // 2 and run.layout.startswith("prefix") and tokens is None:
         notes.append(f"--prompt-length {prompt_length} is counted as {config.data.max_length // 2}: a pair too long for "
                      f"max_length {config.data.max_length} keeps at least that many prompt tokens (max_length // 2)")

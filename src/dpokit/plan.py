@@ -17,7 +17,9 @@ adapter parameters as peft adds them, ``M`` = parameters of the ``lora_modules_t
     optimizer    AdamW m and v in the parameter dtype: 2 * trainable * bytes
     activations  n * tok * per_layer_bytes + tok * H * (4 + 2s) (final norm) + mask + workspace,
                  or, with gradient checkpointing, n * tok * H * s (layer inputs) + one layer's
-                 activations (recomputed in backward)
+                 activations (recomputed in backward); eager attention (Gemma 2, gpt-oss) adds its
+                 scores per layer, rows * heads * width^2 * 4-8 bytes; a mixture of experts' MLP
+                 is its top-k experts (and shared experts) wide
     logps        2 * min(chunk, tok) * V * 4: one chunk of float32 logits and their gradient;
                  chunked_logps=false: tok * V * s (the model's full logits, kept until the reply rows
                  are taken) + 2 * tok * V * 4 (those rows in float32 and their gradient; worst case,
@@ -108,6 +110,7 @@ class ModelShape:
     """Sum over the first layer's adapters of their ``lora_A`` outputs (``r`` each)."""
     hidden: int
     intermediate: int
+    """Per-token MLP width: the intermediate size; a mixture of experts' top-k experts and shared ones."""
     kv_dim: int
     layers: int
     vocab: int
@@ -119,6 +122,14 @@ class ModelShape:
     (its vision parts stay frozen). None: all of them."""
     trained_linear_params: int | None = None
     """Of ``linear_params``, those in what trains (the ones autocast copies to 16 bits). None: all."""
+    experts_per_token: int = 0
+    """A mixture of experts' top-k (0: a dense MLP)."""
+    heads: int = 0
+    attention: str = "sdpa"
+    """The attention transformers gives the model when none is asked for (``eager`` where it has no
+    sdpa path: Gemma 2, gpt-oss)."""
+    attention_softcap: bool = False
+    """Attention scores soft-capped (Gemma 2): eager keeps one more score-sized tensor."""
     saved_params: int = 0
     """``lora_modules_to_save``: trained copies of whole modules beside the adapters (model dtype)."""
     lora_refused: str | None = None
@@ -186,8 +197,12 @@ def count_module(model, hf_config, lora_r: int = 16, targets: str | list[str] = 
         linear_params=linear_params,
         largest_linear=largest,
         hidden=hidden,
-        intermediate=getattr(text, "intermediate_size", None) or 4 * hidden,
+        intermediate=_mlp_width(text),
+        experts_per_token=getattr(text, "num_experts_per_tok", None) or 0,
         kv_dim=kv_heads * head_dim,
+        heads=heads,
+        attention=getattr(model.config, "_attn_implementation", None) or "sdpa",
+        attention_softcap=bool(getattr(text, "attn_logit_softcapping", None)),
         layers=text.num_hidden_layers,
         vocab=text.vocab_size,
         layer_params=layer_params,
@@ -195,6 +210,19 @@ def count_module(model, hf_config, lora_r: int = 16, targets: str | list[str] = 
         trained_linear_params=trained_linear,
         **adapters,
     )
+
+
+def _mlp_width(text) -> int:
+    """Activations per token of ``text``'s MLP are this wide: a dense MLP's ``intermediate_size``; a
+    mixture of experts runs each token through its top ``num_experts_per_tok`` experts (each
+    ``moe_intermediate_size`` wide where the config has one) and its shared experts."""
+    dense = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    top_k = getattr(text, "num_experts_per_tok", None) or 0
+    if not top_k:
+        return dense
+    expert = getattr(text, "moe_intermediate_size", None) or dense
+    shared = getattr(text, "shared_expert_intermediate_size", None) or (getattr(text, "n_shared_experts", None) or 0) * expert
+    return top_k * expert + shared
 
 
 def _count_adapters(model, layer, lora_r: int, targets: list[str], modules_to_save: list[str] | None,
@@ -288,6 +316,8 @@ class RunShape:
     """Tokens per micro-batch, when known (e.g. the data's largest batch); None: the worst case."""
     adam_8bit: bool = False
     """``optim: adamw_8bit``: bitsandbytes keeps m and v in 8 bits (2 bytes per trained parameter)."""
+    attention: str | None = None
+    """``model.attn_implementation``; None: the model's own (:attr:`ModelShape.attention`)."""
 
 
 def micro_batch_tokens(run: RunShape) -> int:
@@ -301,20 +331,46 @@ def micro_batch_tokens(run: RunShape) -> int:
     return run.batch_size * per_pair
 
 
-def _mask_bytes(run: RunShape, s: float) -> float:
-    """Attention masks kept for backward: the prefix layouts' additive [R, 1, W, W] float mask
-    (one row of up to 2 * max_length per pair), the padded layout's [2B, 1, L, L] bool mask;
-    none for rows regrouped for dpokit_varlen (its padded layout runs sdpa's mask)."""
-    if run.regrouped_rows and run.layout != "padded":
-        return 0.0
-    if run.layout.startswith("prefix"):
-        width = micro_batch_tokens(run) // run.batch_size
-        return run.batch_size * width * width * s
+def row_shape(run: RunShape) -> tuple[float, int]:
+    """(rows, row width) of a micro-batch: two rows of max_length per pair padded; one row per pair
+    (prompt + chosen + rejected) for prefix sharing, the worst-case pair's width; the packed layouts
+    fill rows of up to 2 * max_length, one worst-case pair (or two worst-case sequences) each, or,
+    for a ``--tokens`` count, as many full rows as it makes."""
     if run.layout == "padded":
-        return 2 * run.batch_size * run.max_length**2
-    # packed: sequences told apart by positions, no dense mask (except for a model that ignores
-    # them, Falcon for one, whose packed rows get dpokit's mask at run time: not counted here)
-    return 0.0
+        return 2 * run.batch_size, run.max_length
+    worst_pair = micro_batch_tokens(replace(run, tokens=None)) // run.batch_size
+    if run.tokens is None or run.layout == "prefix_padded":
+        return run.batch_size, worst_pair
+    width = min(run.tokens, 2 * run.max_length)
+    return run.tokens / width, width
+
+
+def dense_mask(m: ModelShape, run: RunShape) -> bool:
+    """Whether attention runs with a dense [R, 1, W, W] mask: dpokit's for prefix-shared rows,
+    transformers' for padded rows and for packed rows (told apart by their position ids) under sdpa
+    and eager attention. flash_attention_2 takes packed and padded rows without one, flex_attention
+    a block mask, dpokit_varlen regroups rows (its padded layout runs sdpa's mask)."""
+    if run.regrouped_rows:
+        return run.layout == "padded"
+    return (run.attention or m.attention) in ("sdpa", "eager") or run.layout.startswith("prefix")
+
+
+def _mask_bytes(m: ModelShape, run: RunShape, s: float) -> float:
+    """The attention mask kept for backward: float (additive, or turned so by sdpa on the CPU), the
+    padded layout's bool."""
+    if not dense_mask(m, run):
+        return 0.0
+    rows, width = row_shape(run)
+    return rows * width * width * (1 if run.layout == "padded" else s)
+
+
+def eager_scores_bytes(m: ModelShape, run: RunShape, compute_bytes: float) -> float:
+    """What eager attention keeps for backward in one layer: the [R, heads, W, W] scores after
+    softmax in float32 (4 bytes each), their copy in a 16-bit compute dtype (2), and with a soft cap
+    its tanh output (compute bytes). Every score of a packed row is computed, masked or not."""
+    rows, width = row_shape(run)
+    per_score = 4 + (2 if compute_bytes == 2 else 0) + (compute_bytes if m.attention_softcap else 0)
+    return rows * m.heads * width * width * per_score
 
 
 def layer_activation_bytes(m: ModelShape, s: float, masked: bool, trainable_base: bool,
@@ -329,14 +385,16 @@ def layer_activation_bytes(m: ModelShape, s: float, masked: bool, trainable_base
     input only if it carries an adapter (for lora_A's grad; a float32 copy per adapter when the
     base is not float32, as peft casts inputs to the adapter's dtype); each adapter adds its r-wide
     float32 lora_A output, and a dropout copy of its input when dropout > 0.
+    A mixture of experts' MLP is ``I`` = its top-k experts wide and keeps each expert's output (for
+    the routing weight's grad) and, trained, each token's copy gathered as an expert's input (kH each).
     """
-    h, i = m.hidden, m.intermediate
+    h, i, k = m.hidden, m.intermediate, m.experts_per_token
     kv = h if masked else m.kv_dim
     attention = s * (h + 2 * kv + h)  # q, k after rotary, v, sdpa output
-    mlp = s * 3 * i  # gate, up, silu(gate)
+    mlp = s * 3 * i + s * k * h  # gate, up, silu(gate); the experts' outputs
     norms = 2 * 4 * h
     if trainable_base:
-        inputs = s * (2 * h + h + i)  # norm outputs (2), o_proj input, down_proj input
+        inputs = s * (2 * h + h + i + k * h)  # norm outputs (2), o_proj input, down_proj input, the experts' inputs
         normalized = 2 * s * h  # each norm's normalized value, kept for its weight's grad
         return norms + normalized + attention + mlp + inputs
     targets = lora_targets or []
@@ -389,7 +447,8 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
         # wide as the weights (autocast keeps float32 norms, residuals and rotary outputs beside its copies)
         s = QLORA_COMPUTE_BYTES if col == "qlora" else run.dtype_bytes
         full = col == "full"
-        masked = run.layout != "packed" and not run.regrouped_rows  # a mask makes transformers repeat the kv heads
+        eager = (run.attention or m.attention) == "eager"
+        masked = dense_mask(m, run) or eager  # a mask makes transformers repeat the kv heads; eager always does
         shards = run.shards if col != "qlora" else 1
         if col == "full":
             weights = m.params * s
@@ -406,11 +465,12 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
         layer = layer_activation_bytes(m, s, masked, full, m.lora_modules, run.lora_r, run.lora_dropout)
         final_norm = tok * m.hidden * (4 + 2 * s)
         workspace = backward_workspace_bytes(m, tok, s)
+        scores = eager_scores_bytes(m, run, 2 if run.autocast_16bit or s == 2 else 4) if eager else 0.0
         if run.gradient_checkpointing:
-            layers = m.layers * tok * m.hidden * s + tok * layer
+            layers = m.layers * tok * m.hidden * s + tok * layer + scores
         else:
-            layers = m.layers * tok * layer
-        activations = layers + final_norm + workspace + _mask_bytes(run, s)
+            layers = m.layers * (tok * layer + scores)
+        activations = layers + final_norm + workspace + _mask_bytes(m, run, s)
         if run.chunked_logps:
             logps = chunked_logps_bytes(m, run)
         else:
@@ -564,6 +624,7 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         regrouped_rows=config.model.attn_implementation == VARLEN_ATTENTION,
         shards=fsdp,
         adam_8bit=t.optim == "adamw_8bit",
+        attention=mc.attn_implementation,
     )
     notes = [
         f"full and LoRA train in {dtype} ({run.dtype_bytes} bytes); QLoRA stores Linear weights in NF4 "
@@ -577,6 +638,14 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
     elif importlib.util.find_spec("peft") is None:
         notes.append("peft is not installed (LoRA training needs it): adapters are counted on the targeted Linear "
                      "layers, which misses what peft also adapts in some models (a mixture of experts' fused experts)")
+    if (run.attention or shape.attention) == "eager":
+        rows, width = row_shape(run)
+        notes.append(f"eager attention ({'asked for' if run.attention else 'the model has no sdpa path'}) keeps every "
+                     f"score for backward: {rows:g} rows x {shape.heads} heads x {width}^2 per layer, counted under "
+                     "activations")
+    if shape.experts_per_token:
+        notes.append(f"a mixture of experts: its MLP activations are counted for the {shape.experts_per_token} experts "
+                     f"each token runs through ({shape.intermediate} wide)")
     if prompt_length > config.data.max_length // 2 and run.layout.startswith("prefix") and tokens is None:
         notes.append(f"--prompt-length {prompt_length} is counted as {config.data.max_length // 2}: a pair too long for "
                      f"max_length {config.data.max_length} keeps at least that many prompt tokens (max_length // 2)")

@@ -264,9 +264,9 @@ def _error(rows, origin="data/train.jsonl") -> str:
     [
         (standard_rows, 17, "chosen", lambda r: r.pop("chosen"), "'chosen' is missing (each row needs prompt, chosen and rejected"),
         (standard_rows, 5, "rejected", lambda r: r.update(rejected=None), "'rejected' is null"),
-        (standard_rows, 3, "prompt", lambda r: r.update(prompt=["x"]), "'prompt' must be a string like in the first row"),
+        (standard_rows, 3, "prompt", lambda r: r.update(prompt=["x"]), "'prompt' must be a string (the dataset's format is standard: strings)"),
         (standard_rows, 2, "chosen", lambda r: r.update(chosen="  "), "'chosen' is empty"),
-        (standard_rows, 1, "prompt", lambda r: r.pop("prompt"), "'prompt' is missing (string chosen/rejected need a 'prompt' column"),
+        (standard_rows, 1, "prompt", lambda r: r.pop("prompt"), "'prompt' is missing (each row needs prompt, chosen and rejected"),
         (explicit_rows, 9, "chosen", lambda r: r["chosen"][0].update(content=[{"type": "text"}]), "'chosen' message 1: 'content' must be a string, got list"),
         (explicit_rows, 4, "rejected", lambda r: r.update(rejected="text"), "'rejected' must be a list of {\"role\", \"content\"} messages"),
         (explicit_rows, 6, "chosen", lambda r: r.update(chosen=[]), "'chosen' has no reply messages"),
@@ -304,8 +304,8 @@ def test_rows_that_would_be_read_wrongly_are_errors():
     implicit = [{"prompt": None, "chosen": "Paris is the capital.", "rejected": "Paris is a city."},
                 {"prompt": "Is the sky blue?", "chosen": "The answer is yes.", "rejected": "The answer is no."}]
     msg = _error(implicit)
-    assert msg.startswith("data/train.jsonl, row 2: 'prompt' is set in this row, but the dataset's first row has none, "
-                          "so its format is standard-implicit"), msg
+    assert msg.startswith("data/train.jsonl, row 2: 'prompt' is set in this row, but the dataset's format is "
+                          "standard-implicit, whose rows have none"), msg  # a tie: the first row's shape
     hh = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: What?"}] * 2
     hh = [hh[0], {**hh[1], "prompt": "Hi"}]
     assert "row 2: 'prompt' is set in this row" in _error(hh) and "format is hh-rlhf" in _error(hh)

@@ -43,7 +43,7 @@ def test_inspect_a_file(tmp_path, tokenizer_dir, capsys):
     main(["data", "inspect", path, f"model.name_or_path={tokenizer_dir}", "max_length=80"])
     out = capsys.readouterr().out
     assert f"tokenizer: {tokenizer_dir}\n" in out
-    assert f"train: {path}\n  format      hh-rlhf (detected from the first row)\n  rows        5 read -> 2 pairs\n" in out
+    assert f"train: {path}\n  format      hh-rlhf (detected from the rows)\n  rows        5 read -> 2 pairs\n" in out
     assert "  dropped     1 malformed_json, 1 leading_turns_differ, 1 chosen_equals_rejected\n" in out
     assert "  bad rows    2 (the first 2):\n" in out
     assert f"    {path}, line 5: not valid JSON" in out
@@ -70,7 +70,7 @@ def test_inspect_reports_a_dataset_with_no_usable_pair_whole(tmp_path, tokenizer
         main(["data", "inspect", path, f"model.name_or_path={tokenizer_dir}"])
     assert e.value.code == 2
     captured = capsys.readouterr()
-    assert f"train: {path}\n  format      standard (detected from the first row)\n  rows        2 read -> 0 pairs\n" in captured.out
+    assert f"train: {path}\n  format      standard (detected from the rows)\n  rows        2 read -> 0 pairs\n" in captured.out
     assert "  dropped     1 chosen_equals_rejected, 1 empty\n" in captured.out
     assert f"    {path}, line 2: 'chosen' is empty" in captured.out and "  example" not in captured.out
     assert f"no usable pair in train ({path}): training would stop there" in captured.err
@@ -92,7 +92,7 @@ def test_inspect_colours_on_a_terminal(tmp_path, tokenizer_dir, monkeypatch):
     assert "▌" not in example
     assert "\x1b[2m<|im_start|>system" in example  # the prompt dimmed
     assert "\x1b[0m\x1b[1;32m你好！我是一个人工智能助手" in example and "\x1b[1;31m不知道。<|im_end|>\x1b[0m" in example
-    assert "format      conversational-implicit (detected from the first row)" in text
+    assert "format      conversational-implicit (detected from the rows)" in text
 
 
 def test_inspect_a_config_with_a_mix(tmp_path, tokenizer_dir, capsys):

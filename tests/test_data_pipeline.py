@@ -332,6 +332,23 @@ def test_truncation_counts_per_policy_in_the_log(tmp_path, chat_tokenizer, priva
     assert "4 rows -> 2 pairs (dropped: 2 too_long), 0 truncated" in lines[1]
 
 
+def test_replies_the_same_once_cut_are_dropped_not_trained(tmp_path, chat_tokenizer, private_cache):
+    """Replies that differ only past max_length are the same tokens once cut: nothing to prefer (a
+    trained pair gave loss log 2 and margin 0); dropped and counted (equal_tokens), in the log and
+    in inspect's report."""
+    shared = "Here is a detailed explanation of the topic. " * 20
+    rows = [{"prompt": [{"role": "user", "content": f"Explain topic {i}."}],
+             "chosen": [{"role": "assistant", "content": shared + "In short: yes."}],
+             "rejected": [{"role": "assistant", "content": shared + "In short: no, never."}]} for i in range(3)]
+    path = write_jsonl(tmp_path / "same.jsonl", rows + chat_rows(2))
+    lines: list[str] = []
+    data = load_data(DataConfig(train=DataSource(path), max_length=128), chat_tokenizer, seed=0, log=lines.append)
+    assert "5 rows -> 2 pairs (dropped: 3 equal_tokens), 0 truncated" in lines[0]
+    assert all(pair.chosen_ids != pair.rejected_ids for pair in data.train)
+    _, stats = tokenize_pairs(normalize(rows, "same.jsonl").pairs, chat_tokenizer, 100_000, "truncate")
+    assert stats.kept == 3 and stats.dropped_equal_tokens == 0  # whole, they differ
+
+
 # ----------------------------------------------------------------------------- hub
 
 

@@ -234,6 +234,9 @@ def test_align_anything_overall_response_picks_the_better():
     rows[1]["overall_response"] = 3
     msg_ = _error(rows)
     assert msg_.startswith("data/train.jsonl, row 2: 'overall_response' must be 1 or 2") and "got 3" in msg_
+    for bad in ("inf", float("inf"), float("nan")):  # inf was an OverflowError traceback
+        rows[1]["overall_response"] = bad
+        assert _error(rows).startswith("data/train.jsonl, row 2: 'overall_response' must be 1 or 2")
     rows = align_anything_rows()
     rows[0]["response_2"] = None
     assert _error(rows).startswith("data/train.jsonl, row 1: 'response_2' is null (align-anything rows need")
@@ -384,10 +387,22 @@ def test_undetectable_rows_list_the_formats():
     assert msg_.startswith("data/train.jsonl, row 1: 'chosen' is missing")
     assert "The formats dpokit reads are sharegpt, align-anything, hh-rlhf, standard" in msg_
     assert "data.columns={prompt: question, chosen: good, rejected: bad}" in msg_
-    # under skip the first row any format fits decides
+    # the rows a format fits decide
     rows = [{"junk": 1}] + trl_standard_rows()
     result = normalize(rows, "d", on_error="skip")
     assert result.format == "standard" and len(result.pairs) == 2 and result.dropped == {"missing_field": 1}
+
+
+def test_a_broken_first_row_does_not_decide_the_format():
+    """A first row with a null prompt looks like standard-implicit; the format is the one most rows
+    have, so under skip that row is dropped (not the 200 good ones as mixed_shapes) and under raise
+    the error names it, not the good row after it."""
+    good = [{"prompt": f"Question {i}?", "chosen": " Yes.", "rejected": " No."} for i in range(200)]
+    rows = [{"prompt": None, "chosen": "The sky is blue.", "rejected": "The sky is green."}] + good
+    result = normalize(rows, "d.jsonl", on_error="skip")
+    assert result.format == "standard" and len(result.pairs) == 200 and result.dropped == {"missing_field": 1}
+    with pytest.raises(DataError, match=r"d.jsonl, row 1: 'prompt' is null"):
+        normalize(rows, "d.jsonl")
 
 
 def test_pairs_know_where_they_came_from():

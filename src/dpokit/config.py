@@ -77,7 +77,7 @@ FormatName = Literal[
     "auto", "standard", "standard-implicit", "conversational", "conversational-implicit",
     "ultrafeedback", "hh-rlhf", "align-anything", "sharegpt",
 ]
-"""Dataset shapes :mod:`dpokit.data.formats` reads (``auto``: detected from the first row)."""
+"""Dataset shapes :mod:`dpokit.data.formats` reads (``auto``: detected from the first rows)."""
 
 
 @dataclass
@@ -127,7 +127,7 @@ class DataConfig:
     (keeping their end-of-turn token); ``drop`` removes them."""
     num_proc: int | None = None
     format: FormatName = "auto"
-    """Dataset shape; ``auto`` detects it from the first row of each source."""
+    """Dataset shape; ``auto`` detects it from the first rows of each source (the shape most have)."""
     columns: Columns | None = None
     """Rename columns before detection, e.g. ``{prompt: question, chosen: good, rejected: bad}``."""
     system_prompt: str | None = None

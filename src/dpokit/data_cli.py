@@ -143,14 +143,13 @@ def _source_report(label: str, source, stats, pairs, tokenizer, config, out: Tex
 
     tok: TokenizeStats = stats.tokenize
     if stats.detected:
-        how = "detected from the first row"
+        how = "detected from the rows"
     else:  # a source's own format wins over data.format
         how = f"set by data.{label}.format" if source.format else "set by data.format"
     lines = [f"{label}: {stats.origin}", f"  format      {stats.format} ({how})"]
     lines.append(f"  rows        {stats.rows} read -> {tok.kept} pairs")
     drops = dict(stats.dropped)
-    if tok.dropped_too_long:
-        drops["too_long"] = tok.dropped_too_long
+    drops.update(tok.drops())
     lines.append("  dropped     " + (", ".join(f"{n} {reason}" for reason, n in drops.items()) or "none"))
     if stats.problems:
         shown = len(stats.problems.examples)

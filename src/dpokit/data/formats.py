@@ -1,7 +1,7 @@
-"""Dataset shapes -> :class:`Pair`: detect the shape from the first row, normalize every row.
+"""Dataset shapes -> :class:`Pair`: detect the shape from the first rows, normalize every row.
 
 A shape is a row in :data:`SHAPES`: a name (the value of ``data.format``), a predicate that
-recognizes the first row, a converter that turns any row into a :class:`Pair` or says what is
+recognizes a row of it, a converter that turns any row into a :class:`Pair` or says what is
 wrong with it, and a one-line example. New shapes are new rows there. In detection order:
 
 - ``sharegpt``: LLaMA-Factory ranking data, ``conversations`` (``from``/``value`` messages,
@@ -91,7 +91,7 @@ _NEEDS = (
     "each row needs prompt, chosen and rejected as strings, or as lists of "
     '{"role", "content"} messages, or chosen and rejected as whole conversations without prompt'
 )
-_STRING_SHAPE = " like in the first row (the dataset has the standard string shape)"
+_STRING_SHAPE = " (the dataset's format is standard: strings)"
 
 
 def _get(row: dict[str, Any], field: str, needs: str = _NEEDS) -> Any:
@@ -118,8 +118,8 @@ def _messages(value: Any, field: str) -> list[Message]:
     """Return ``value`` as a list of ``{"role", "content"}`` string messages (other keys dropped)."""
     if not isinstance(value, list):
         raise _RowProblem(
-            f"'{field}' must be a list of {{\"role\", \"content\"}} messages like in the first row "
-            f"(the dataset has the conversational shape), got {type(value).__name__}",
+            f"'{field}' must be a list of {{\"role\", \"content\"}} messages (the dataset's format is "
+            f"conversational), got {type(value).__name__}",
             "wrong_type",
         )
     messages = []
@@ -241,13 +241,12 @@ def _standard(row: dict[str, Any]) -> Pair:
 
 
 def _no_prompt(row: dict[str, Any], shape: str) -> None:
-    """Refuse a row with a prompt in a dataset whose shape, found from its first row, has none: the
-    prompt would be ignored."""
+    """Refuse a row with a prompt in a dataset whose shape has none: the prompt would be ignored."""
     if row.get("prompt") is not None:
         raise _RowProblem(
-            f"'prompt' is set in this row, but the dataset's first row has none, so its format is {shape} "
-            "(the prompt is what chosen and rejected start with) and this prompt would be ignored: give every "
-            "row a prompt or none (with data.format=standard, rows without one are errors)",
+            f"'prompt' is set in this row, but the dataset's format is {shape}, whose rows have none (the prompt "
+            "is what chosen and rejected start with), so this prompt would be ignored: give every row a prompt "
+            "or none (with data.format=standard, rows without one are errors)",
             "mixed_shapes",
         )
 
@@ -351,7 +350,7 @@ def _align_anything(row: dict[str, Any]) -> Pair:
     better = _get(row, "overall_response", _AA_NEEDS)
     try:
         better_id = int(better) if not isinstance(better, bool) and float(better) == int(float(better)) else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: "inf"
         better_id = None
     if better_id not in (1, 2):
         raise _RowProblem(
@@ -409,7 +408,7 @@ def _sharegpt(row: dict[str, Any]) -> Pair:
 
 @dataclass(frozen=True)
 class Shape:
-    """A dataset shape: ``matches`` recognizes it from the first row, ``convert`` reads any row."""
+    """A dataset shape: ``matches`` recognizes a row of it, ``convert`` reads any row."""
 
     name: str
     matches: Callable[[dict[str, Any]], bool]
@@ -479,8 +478,28 @@ SHAPES: list[Shape] = [
 SHAPES_BY_NAME = {shape.name: shape for shape in SHAPES}
 
 
+DETECT_ROWS = 100
+
+
+def detect_shape(rows: Sequence[dict[str, Any]]) -> Shape | None:
+    """The shape most of the first :data:`DETECT_ROWS` ``rows`` have (a row's shape: the first in
+    :data:`SHAPES` that recognizes it), ties to the earliest row's; None if none is recognized.
+    A dataset whose first row is broken (a null prompt) is read as the rest of it is, and that row
+    is reported with what is wrong with it."""
+    votes: Counter[str] = Counter()
+    first_seen: dict[str, int] = {}
+    for i, row in enumerate(rows[:DETECT_ROWS]):
+        shape = next((s for s in SHAPES if s.matches(row)), None)
+        if shape is not None:
+            votes[shape.name] += 1
+            first_seen.setdefault(shape.name, i)
+    if not votes:
+        return None
+    return SHAPES_BY_NAME[max(votes, key=lambda name: (votes[name], -first_seen[name]))]
+
+
 def _undetected(row: dict[str, Any]) -> _RowProblem:
-    """Explain why no shape in :data:`SHAPES` recognizes ``row`` (the first row)."""
+    """Explain why no shape in :data:`SHAPES` recognizes ``row``."""
     for field in ("chosen", "rejected"):
         try:
             _get(row, field)
@@ -500,14 +519,6 @@ _FORMATS_HINT = (
     f"The formats dpokit reads are {', '.join(SHAPES_BY_NAME)} (see the README); map other column names "
     "with data.columns, e.g. data.columns={prompt: question, chosen: good, rejected: bad}"
 )
-
-
-def detect_shape(row: dict[str, Any], origin: str) -> Shape:
-    """Return the :class:`Shape` the first ``row`` has; raise :class:`DataError` if none fits."""
-    for shape in SHAPES:
-        if shape.matches(row):
-            return shape
-    raise DataError(f"{origin}, row 1: {_undetected(row)}. {_FORMATS_HINT}")
 
 
 # ----------------------------------------------------------------------------- normalize
@@ -577,7 +588,7 @@ class Normalized:
     format: str
     """The shape's name (:data:`SHAPES`)."""
     detected: bool
-    """True when the format came from the first row, False when ``data.format`` named it."""
+    """True when the format was detected from the rows, False when ``data.format`` named it."""
     unused_system: dict[str, int] = field(default_factory=dict)
     """Rows whose ``system`` column was not used, per why: ``plain_text`` (no roles to give it),
     ``own_system_message`` (the prompt starts with a system message of its own)."""
@@ -595,8 +606,9 @@ def normalize(
 ) -> Normalized:
     """Turn ``rows`` (all of one shape) into pairs, in row order.
 
-    The shape is ``format`` (a name in :data:`SHAPES`), or, for ``"auto"``/None, the first one
-    whose predicate fits the first row (under ``skip``: the first row any shape fits).
+    The shape is ``format`` (a name in :data:`SHAPES`), or, for ``"auto"``/None, the one most of
+    the first :data:`DETECT_ROWS` readable rows have (:func:`detect_shape`): one bad first row does
+    not decide it.
     ``columns`` renames columns first; ``system_prompt`` is the system message of conversational
     pairs with none. A bad row raises :class:`DataError` naming ``origin``, the row (``line N``
     when ``lines`` gives .jsonl line numbers, else ``row N``), the field and the fix; under
@@ -639,8 +651,7 @@ def normalize(
         candidates = [r for r in renamed if r is not None]
         if not candidates:
             raise DataError(f"{origin}: no row could be read ({problems.total} skipped, first: {problems.examples[:1]})")
-        fits = candidates[:1] if on_error != "skip" else candidates
-        shape = next((s for r in fits for s in SHAPES if s.matches(r)), None)
+        shape = detect_shape(candidates)
         if shape is None:
             first = next(i for i, r in enumerate(renamed) if r is not None)
             raise DataError(f"{origin}, {where(first)}: {_undetected(candidates[0])}. {_FORMATS_HINT}")

@@ -27,7 +27,7 @@ class SourceStats:
     origin: str
     rows: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
-    """Rows or pairs dropped per reason, except ``too_long`` (in ``tokenize``)."""
+    """Rows or pairs dropped per reason, except ``too_long`` and ``equal_tokens`` (in ``tokenize``)."""
     tokenize: TokenizeStats = field(default_factory=TokenizeStats)
     format: str = ""
     detected: bool = True
@@ -40,8 +40,7 @@ class SourceStats:
     def summary(self) -> str:
         """One line of counts, e.g. ``train.jsonl: 100 rows -> 97 pairs (dropped: ...), 3 truncated; format standard (detected)``."""
         drops = dict(self.dropped)
-        if self.tokenize.dropped_too_long:
-            drops["too_long"] = self.tokenize.dropped_too_long
+        drops.update(self.tokenize.drops())
         dropped = ", ".join(f"{n} {reason}" for reason, n in drops.items()) or "none"
         how = " (detected)" if self.detected else " (data.format)"
         cached = ", from cache" if self.cached else ""

@@ -41,7 +41,8 @@ class TokenizedPair:
 
 @dataclass
 class TokenizeStats:
-    """Counts from :func:`tokenize_pairs`: ``kept = total - dropped_too_long - problems.total``.
+    """Counts from :func:`tokenize_pairs`:
+    ``kept = total - dropped_too_long - dropped_equal_tokens - problems.total``.
 
     Of the kept pairs, ``truncated`` were shortened (``truncation="truncate"``), by one or more
     of: ``turns_dropped`` (the prompt lost its oldest whole turns), ``prompt_cut`` (prompt
@@ -52,6 +53,9 @@ class TokenizeStats:
     kept: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
+    dropped_equal_tokens: int = 0
+    """Pairs whose chosen and rejected ids are the same once cut to ``max_length`` (they differ only
+    past it) or tokenized: nothing to prefer."""
     turns_dropped: int = 0
     prompt_cut: int = 0
     replies_cut: int = 0
@@ -62,10 +66,15 @@ class TokenizeStats:
 
     def add(self, other: TokenizeStats) -> None:
         """Add ``other``'s counts into this one (``other`` comes after it)."""
-        for name in ("total", "kept", "truncated", "dropped_too_long", "turns_dropped", "prompt_cut", "replies_cut"):
+        for name in ("total", "kept", "truncated", "dropped_too_long", "dropped_equal_tokens", "turns_dropped", "prompt_cut",
+                     "replies_cut"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.problems.extend(other.problems)
         self.lengths.extend(other.lengths)
+
+    def drops(self) -> dict[str, int]:
+        """Pairs dropped here, by reason (``too_long``, ``equal_tokens``), the ones that happened."""
+        return {reason: n for reason, n in (("too_long", self.dropped_too_long), ("equal_tokens", self.dropped_equal_tokens)) if n}
 
     def truncation_summary(self) -> str:
         """``"3 truncated (2 dropped old turns, 1 cut the prompt, 1 cut replies)"``, or ``"0 truncated"``."""
@@ -321,6 +330,9 @@ def _tokenize_chunk(args: tuple) -> tuple[list[TokenizedPair], TokenizeStats]:
         fitted, prompt_cut, replies_cut = _fit(encoded, max_length, truncation, bos, tails)
         if fitted is None:
             stats.dropped_too_long += 1
+            continue
+        if fitted.chosen_ids == fitted.rejected_ids:  # the cut kept only what the replies share
+            stats.dropped_equal_tokens += 1
             continue
         stats.turns_dropped += turns_dropped
         stats.prompt_cut += prompt_cut

@@ -388,6 +388,16 @@ def test_standard_pairs_get_eos_and_bos(chat_tokenizer):
     assert stats.truncated == 1
     assert cut.prompt_ids == [0] + full.prompt_ids[3:] and (cut.chosen_ids, cut.rejected_ids) == (full.chosen_ids, full.rejected_ids)
 
+    # Text a chat template already wrote (TRL tutorials' ChatML strings): its BOS and end-of-turn
+    # tokens are not doubled (no second BOS; no EOS after a reply ending with <|im_end|>).
+    templated = [Pair("<|endoftext|><|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+                      "The answer is 4.<|im_end|>\n", "5")]
+    (t,), _ = tokenize_pairs(templated, bos_tok, max_length=4096, truncation="drop")
+    assert t.prompt_ids == bos_tok(templated[0].prompt, add_special_tokens=False)["input_ids"] and t.prompt_ids[:2] != [0, 0]
+    assert t.chosen_ids == bos_tok("The answer is 4.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert t.chosen_ids.count(tok.eos_token_id) == 1
+    assert t.rejected_ids == bos_tok("5", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # its end added
+
 
 def test_conversational_data_needs_a_chat_template(chat_tokenizer):
     tok = copy.deepcopy(chat_tokenizer)

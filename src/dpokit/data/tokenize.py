@@ -178,9 +178,12 @@ def _encode_pairs(
     """Return the untruncated :class:`TokenizedPair` of each pair; ``first`` numbers them in errors.
 
     A pair the chat template cannot render raises :class:`RowError`, or under ``on_error="skip"``
-    is counted in ``problems`` and comes back as None.
+    is counted in ``problems`` and comes back as None. A string pair's prompt gets the tokenizer's
+    special tokens (BOS) unless it starts with BOS, each reply EOS unless it ends with a special
+    token (text a chat template wrote).
     """
     prompts, chosen, rejected, special, add_eos, rendered = [], [], [], [], [], []
+    bos_text, written_ends = tokenizer.bos_token, _special_texts(tokenizer)
     for i, pair in enumerate(pairs, start=first):
         if pair.is_chat:
             try:
@@ -196,10 +199,14 @@ def _encode_pairs(
         rendered.append(True)
         for column, text in zip((prompts, chosen, rejected), texts):
             column.append(text)
-        special.append(not pair.is_chat)  # a chat template writes its own BOS
-        add_eos.append(not pair.is_chat or not marker)
+        # a chat template writes its own BOS, and so did a text that starts with it
+        special.append(not pair.is_chat and not (bos_text and texts[0].startswith(bos_text)))
+        if pair.is_chat:
+            add_eos.append((not marker, not marker))
+        else:  # a text that ends with a special token (<|im_end|>, written by a template) has its end
+            add_eos.append(tuple(not text.rstrip().endswith(written_ends) for text in texts[1:]))
     eos = tokenizer.eos_token_id
-    if any(add_eos) and eos is None:
+    if any(any(flags) for flags in add_eos) and eos is None:
         raise DataError("the tokenizer has no eos_token, needed to end each reply: set tokenizer.eos_token")
     # Batch calls per flag value: fast tokenizers encode a batch in parallel.
     prompt_ids = [None] * len(prompts)
@@ -210,12 +217,18 @@ def _encode_pairs(
     chosen_ids = _encode(tokenizer, chosen, add_special_tokens=False)
     rejected_ids = _encode(tokenizer, rejected, add_special_tokens=False)
     encoded = []
-    for p, c, r, e in zip(prompt_ids, chosen_ids, rejected_ids, add_eos):
-        if e:
-            c, r = c + [eos], r + [eos]
-        encoded.append(TokenizedPair(p, c, r))
+    for p, c, r, (eos_c, eos_r) in zip(prompt_ids, chosen_ids, rejected_ids, add_eos):
+        encoded.append(TokenizedPair(p, c + [eos] * eos_c, r + [eos] * eos_r))
     it = iter(encoded)
     return [next(it) if ok else None for ok in rendered]
+
+
+def _special_texts(tokenizer: Any) -> tuple[str, ...]:
+    """The texts of ``tokenizer``'s special tokens (EOS, ``<|im_end|>``, ``<|eot_id|>``, ...)."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    texts.update(token.content for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+                 if getattr(token, "special", False))
+    return tuple(text for text in texts if text)
 
 
 def _cut_left(ids: list[int], keep: int, bos: int | None) -> list[int]:

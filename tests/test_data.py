@@ -12,9 +12,9 @@ import textwrap
 import pytest
 
 from dpokit.config import DataConfig, DataSource
-from dpokit.data.formats import Pair, to_pairs
+from dpokit.data.formats import Pair, normalize, to_pairs
 from dpokit.data.pipeline import load_data, split_eval
-from dpokit.data.sources import DataError, load_rows
+from dpokit.data.sources import DataError, load_rows, open_source
 from dpokit.data.tokenize import (
     TokenizedPair,
     end_of_turn_marker,
@@ -165,6 +165,25 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     path.write_text('["a list", "not an object"]\n')
     with pytest.raises(DataError, match="line 1: expected a JSON object"):
         load_rows(DataSource(str(path)))
+
+
+
+def test_json_rows_that_are_not_objects_and_broken_json_lines_can_be_skipped(tmp_path):
+    """A .json list's non-object rows are reported by row number, or skipped (counted) under skip,
+    as in .jsonl; JSON Lines saved as .json whose first line is broken are read as JSON Lines (the
+    whole file failed as "not valid JSON", and skip could not help)."""
+    good = standard_rows(2)
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([good[0], "oops", None, good[1]]))
+    with pytest.raises(DataError, match="rows.json, row 2: expected an object"):
+        to_pairs(load_rows(DataSource(str(array))), str(array))
+    result = normalize(load_rows(DataSource(str(array))), str(array), on_error="skip")
+    assert len(result.pairs) == 2 and result.dropped == {"not_an_object": 2}
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"prompt": "x", "chosen": \n' + "".join(json.dumps(r) + "\n" for r in good))
+    with pytest.raises(DataError, match="lines.json, line 1: not valid JSON"):
+        load_rows(DataSource(str(lines)))
+    assert open_source(DataSource(str(lines))).read(on_error="skip").rows == good
 
 
 def test_missing_empty_and_bad_files(tmp_path):

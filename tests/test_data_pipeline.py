@@ -321,6 +321,24 @@ def test_truncate_drops_whole_old_turns_before_cutting_tokens(chat_tokenizer):
     assert kept == [tl] and stats.dropped_too_long == 1 and stats.truncated == 0
 
 
+def test_dropping_old_turns_renders_a_long_conversation_a_few_times(chat_tokenizer, monkeypatch):
+    """The kept turns are found by binary search: a 256-turn prompt is rendered ~10 times, not once
+    per dropped turn (a 1000-turn prompt took minutes), with the same result as one turn at a time."""
+    from dpokit.data import tokenize
+
+    reply_c, reply_r = [{"role": "assistant", "content": "Also blue."}], [{"role": "assistant", "content": "Green."}]
+    full = Pair(_turns(256), reply_c, reply_r)
+    budget_turns = 5  # room for the system, the newest 5 old turns and the question
+    kept = Pair(_turns(0)[:1] + _turns(256)[-(2 * budget_turns + 1):], reply_c, reply_r)
+    fits = _lengths(kept, chat_tokenizer)
+    calls = []
+    encode = tokenize._encode_pairs
+    monkeypatch.setattr(tokenize, "_encode_pairs", lambda pairs, *a, **k: calls.append(len(pairs)) or encode(pairs, *a, **k))
+    (cut,), stats = tokenize_pairs([full], chat_tokenizer, len(fits.prompt_ids) + len(fits.chosen_ids), "truncate")
+    assert cut == fits and (stats.turns_dropped, stats.prompt_cut) == (1, 0)
+    assert len(calls) <= 1 + 10
+
+
 def test_truncation_counts_per_policy_in_the_log(tmp_path, chat_tokenizer, private_cache):
     long_rows = [{"prompt": _turns(2), "chosen": [{"role": "assistant", "content": "Also blue."}],
                   "rejected": [{"role": "assistant", "content": "Green."}]}] * 2

@@ -220,6 +220,8 @@ def test_hh_rlhf_empty_last_reply_and_human_last():
     assert "row 1: 'chosen' reply is empty" in _error(rows)
     rows[0]["chosen"] = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye"
     assert "row 1: 'chosen' ends with a Human turn" in _error(rows)
+    rows[0] = {"chosen": "\n\nHuman: \n\nAssistant: Hi there", "rejected": "\n\nHuman: \n\nAssistant: Yo"}
+    assert "row 1: the Human turns before the Assistant's reply are empty; every pair needs a prompt" in _error(rows)
 
 
 def test_align_anything_overall_response_picks_the_better():
@@ -287,6 +289,11 @@ def test_trl_standard_implicit_prompt_is_the_shared_words():
     assert pairs[1] == Pair("Water is", " wet.", " made of fire.")
     msg_ = _error([{"chosen": "Blue.", "rejected": "Green."}])
     assert msg_.startswith("data/train.jsonl, row 1: 'prompt' is missing") and "add a 'prompt' column" in msg_
+    # text without whitespace is cut where the replies first differ (Chinese; TRL does the same)
+    (cjk,), _ = to_pairs([{"chosen": "你好世界，今天天气很好", "rejected": "你好世界，今天天气很差"}], "s")
+    assert cjk == Pair("你好世界，今天天气很", "好", "差")
+    msg_ = _error([{"chosen": "Same words here ", "rejected": "Same words here  "}])  # whitespace is no reply
+    assert msg_.startswith("data/train.jsonl, row 1: 'chosen' is only whitespace after the text both replies start with")
 
 
 def test_column_mapping():

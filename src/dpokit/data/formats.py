@@ -260,13 +260,18 @@ def _standard_implicit(row: dict[str, Any]) -> Pair:
     while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
         common += 1
     # Cut back to the last whitespace of the shared text: the replies start with it, as in TRL.
-    cut = max((m.start() for m in re.finditer(r"\s", chosen[:common])), default=-1)
+    # Shared text without whitespace (Chinese, Japanese) is cut where the two first differ.
+    cut = max((m.start() for m in re.finditer(r"\s", chosen[:common])), default=common)
     if cut <= 0 or not chosen[:cut].strip():
         raise _RowProblem(
             "'prompt' is missing (string chosen/rejected need a 'prompt' column, unless both start with "
-            "the same words, TRL's implicit prompt; these share none): add a 'prompt' column",
+            "the same text, TRL's implicit prompt; these share none): add a 'prompt' column",
             "leading_turns_differ",
         )
+    for field, reply in (("chosen", chosen[cut:]), ("rejected", rejected[cut:])):
+        if not reply.strip():
+            raise _RowProblem(f"'{field}' is only whitespace after the text both replies start with (the implicit "
+                              "prompt); every pair needs two non-empty replies", "empty")
     return Pair(chosen[:cut], chosen[cut:], rejected[cut:])
 
 
@@ -335,6 +340,8 @@ def _hh_rlhf(row: dict[str, Any]) -> Pair:
             "same in both transcripts",
             "leading_turns_differ",
         )
+    if not any(turn["content"] for turn in chosen[:-1]):
+        raise _RowProblem("the Human turns before the Assistant's reply are empty; every pair needs a prompt", "empty")
     reply_c = _reply(chosen[-1:], "chosen")
     reply_r = _reply(rejected[-1:], "rejected")
     for field, turns in (("chosen", chosen), ("rejected", rejected)):

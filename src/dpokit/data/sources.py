@@ -287,9 +287,9 @@ def _read_json(path: Path, split: str, on_error: str = "raise") -> Rows:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # one object per line, as `datasets` writes .json files
+        if e.msg == "Extra data" or _some_line_is_an_object(text):  # JSON Lines, as `datasets` writes .json files
             _no_split(path, split, "JSON Lines")
-            return _parse_jsonl(text, path, on_error)
+            return _parse_jsonl(text, path, on_error)  # a broken line is reported (or skipped) as in .jsonl
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(data, dict):
         if isinstance(data.get(split), list):
@@ -306,10 +306,22 @@ def _read_json(path: Path, split: str, on_error: str = "raise") -> Rows:
         _no_split(path, split, "a list of rows")
     if not isinstance(data, list):
         raise DataError(f"{path} must hold a list of row objects, got {type(data).__name__}")
-    for number, row in enumerate(data, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}, row {number}: expected a JSON object, got {type(row).__name__}")
-    return Rows(data)
+    return Rows(data)  # a row that is not an object is reported (or skipped) by its number when normalized
+
+
+def _some_line_is_an_object(text: str, most: int = 50) -> bool:
+    """Whether ``text`` that is not one JSON value reads as JSON Lines: more than one line, and one
+    of its first ``most`` lines a JSON object on its own (so its first line may be the broken one)."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    if len(lines) < 2:
+        return False
+    for line in lines[:most]:
+        try:
+            if isinstance(json.loads(line), dict):
+                return True
+        except json.JSONDecodeError:
+            continue
+    return False
 
 
 def _no_split(path: Path, split: str, what: str) -> None:

@@ -312,13 +312,26 @@ def _drop_old_turns(pair: Pair, encoded: TokenizedPair, tokenizer: Any, marker: 
         return None
     head = pair.prompt[:1] if pair.prompt[0]["role"] == "system" else []
     body = pair.prompt[len(head) :]
-    best = None
-    for start in (k for k in range(1, len(body)) if body[k]["role"] == "user"):
-        shorter = Pair(head + body[start:], pair.chosen, pair.rejected, where=pair.where)
-        (best,) = _encode_pairs([shorter], tokenizer, marker, number)
-        if len(best.prompt_ids) <= budget:
-            break
-    return best
+    starts = [k for k in range(1, len(body)) if body[k]["role"] == "user"]
+    if not starts:
+        return None
+
+    def encoded_from(start: int) -> TokenizedPair:
+        (shorter,) = _encode_pairs([Pair(head + body[start:], pair.chosen, pair.rejected, where=pair.where)],
+                                   tokenizer, marker, number)
+        return shorter
+
+    # the prompt shrinks as turns go: binary search for the most turns that fit (a 1000-turn
+    # prompt took minutes re-rendered one turn at a time), else the last turn alone
+    low, high, best = 0, len(starts) - 1, None
+    while low <= high:
+        middle = (low + high) // 2
+        candidate = encoded_from(starts[middle])
+        if len(candidate.prompt_ids) <= budget:
+            best, high = candidate, middle - 1
+        else:
+            low = middle + 1
+    return best if best is not None else encoded_from(starts[-1])
 
 
 def _tokenize_chunk(args: tuple) -> tuple[list[TokenizedPair], TokenizeStats]:

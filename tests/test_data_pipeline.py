@@ -367,6 +367,33 @@ def test_replies_the_same_once_cut_are_dropped_not_trained(tmp_path, chat_tokeni
     assert stats.kept == 3 and stats.dropped_equal_tokens == 0  # whole, they differ
 
 
+def test_without_a_chat_template_the_error_names_the_data_and_its_fix(tmp_path, chat_tokenizer, private_cache):
+    """Chat-shaped data and a tokenizer without a template: the error names the file and format,
+    and for hh-rlhf transcripts (strings in the file) the plain-text format that reads them."""
+    import copy as copy_
+
+    tok = copy_.deepcopy(chat_tokenizer)
+    tok.chat_template = None
+    hh = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!",
+                                              "rejected": "\n\nHuman: Hi\n\nAssistant: What?"}])
+    with pytest.raises(DataError, match=rf"{hh} \(format hh-rlhf\): the pairs are chat messages .* no chat template.*"
+                                        r"data.format=standard-implicit trains on them as plain text"):
+        load_data(DataConfig(train=DataSource(hh)), tok, seed=0, log=quiet)
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(2))
+    with pytest.raises(DataError, match=rf"{chat} \(format conversational\): .*format standard\)$"):
+        load_data(DataConfig(train=DataSource(chat)), tok, seed=0, log=quiet)
+
+
+def test_a_system_prompt_that_prompts_own_system_messages_keep_out_is_said(tmp_path, chat_tokenizer, private_cache):
+    rows = chat_rows(3)
+    for row in rows[:2]:
+        row["prompt"].insert(0, {"role": "system", "content": "You are terse."})
+    path = write_jsonl(tmp_path / "own.jsonl", rows)
+    lines: list[str] = []
+    load_data(DataConfig(train=DataSource(path), system_prompt="You are a pirate."), chat_tokenizer, seed=0, log=lines.append)
+    assert any("data.system_prompt is not used for 2 pair(s)" in line and "system message of its own" in line for line in lines)
+
+
 # ----------------------------------------------------------------------------- hub
 
 

@@ -683,6 +683,8 @@ def normalize(
             continue
         if pair is converted and (row.get("system") or "").strip():
             unused_system["own_system_message" if pair.is_chat else "plain_text"] += 1
+        elif pair is converted and system_prompt and pair.is_chat:  # data.system_prompt not given to this pair
+            unused_system["system_prompt_own_message"] += 1
         pairs.append(Pair(pair.prompt, pair.chosen, pair.rejected, meta=_meta(row), where=f"{origin}, {where(i)}"))
     return Normalized(pairs, dict(dropped), problems, shape.name, detected, dict(unused_system))
 

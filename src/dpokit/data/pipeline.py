@@ -17,7 +17,7 @@ from dpokit.config import DataConfig, DataSource, data_sources
 from dpokit.data import cache
 from dpokit.data.formats import column_map, normalize
 from dpokit.data.sources import DataError, Problems, open_source
-from dpokit.data.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
+from dpokit.data.tokenize import NO_CHAT_TEMPLATE, TokenizedPair, TokenizeStats, tokenize_pairs
 
 
 @dataclass
@@ -112,7 +112,15 @@ def prepare_source(
         rows.rows, opened.origin, format=settings["format"], columns=settings["columns"],
         system_prompt=config.system_prompt, on_error=config.on_error, lines=rows.lines,
     )
-    tokenized, tstats = tokenize_pairs(result.pairs, tokenizer, config.max_length, config.truncation, config.num_proc, config.on_error)
+    try:
+        tokenized, tstats = tokenize_pairs(result.pairs, tokenizer, config.max_length, config.truncation,
+                                           config.num_proc, config.on_error)
+    except DataError as e:
+        if not str(e).startswith(NO_CHAT_TEMPLATE):
+            raise
+        plain = ("; for these transcripts, data.format=standard-implicit trains on them as plain text"
+                 if result.format == "hh-rlhf" else "")
+        raise DataError(f"{opened.origin} (format {result.format}): {e}{plain}") from None
     problems = Problems()
     dropped: dict[str, int] = {}
     for part in (rows.problems.counts, result.dropped, tstats.problems.counts):
@@ -126,6 +134,9 @@ def prepare_source(
     if n := result.unused_system.get("plain_text"):
         notes.append(f"the 'system' column of {n} row(s) of {opened.origin} is not used: its pairs are plain text "
                      f"({result.format}), which has no roles; give the prompt as messages to train with a system message")
+    if n := result.unused_system.get("system_prompt_own_message"):
+        notes.append(f"data.system_prompt is not used for {n} pair(s) of {opened.origin}: their prompt starts with a "
+                     "system message of its own, which is kept")
     if n := result.unused_system.get("own_system_message"):
         notes.append(f"the 'system' column of {n} row(s) of {opened.origin} is not used: their prompt starts with a "
                      "system message of its own, which is kept")

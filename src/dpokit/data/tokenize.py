@@ -86,6 +86,9 @@ class TokenizeStats:
 # ----------------------------------------------------------------------------- chat templates
 
 
+NO_CHAT_TEMPLATE = "the pairs are chat messages (roles and turns) but the tokenizer has no chat template"
+
+
 def _has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -98,10 +101,8 @@ def end_of_turn_marker(tokenizer: Any) -> str:
     for a template that writes nothing after the reply; then replies get ``eos_token_id``.
     """
     if not _has_chat_template(tokenizer):
-        raise DataError(
-            "the data is conversational (lists of messages) but the tokenizer has no chat template: "
-            "use the tokenizer of a chat/instruct model, or give prompt/chosen/rejected as strings"
-        )
+        raise DataError(f"{NO_CHAT_TEMPLATE}: use the tokenizer of a chat/instruct model (model.name_or_path), or "
+                        "plain-text pairs (prompt, chosen and rejected as strings: format standard)")
     dummy = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
     try:
         text = tokenizer.apply_chat_template(dummy, tokenize=False)

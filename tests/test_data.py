@@ -598,5 +598,11 @@ def test_load_data_with_no_surviving_pair(tmp_path, chat_tokenizer):
     for r in rows:
         r["rejected"] = r["chosen"]
     path = write_jsonl(tmp_path / "same.jsonl", rows)
-    with pytest.raises(DataError, match=f"no usable pair in {path}: .*2 chosen_equals_rejected"):
+    with pytest.raises(DataError, match=f"no usable pair in {path}: .*2 chosen_equals_rejected.*check that chosen and rejected differ$"):
         load_data(DataConfig(train=DataSource(path)), chat_tokenizer, seed=0, log=lambda _: None)
+    # every row skipped as bad: the first one's message is the hint (it used to say "check that chosen
+    # and rejected differ", and the per-row messages were never shown)
+    orca = write_jsonl(tmp_path / "orca.jsonl", [{"system": "", "question": "Hi?", "chosen": "Hello!", "rejected": "Go."}] * 2)
+    with pytest.raises(DataError, match=r"\(dropped: 2 leading_turns_differ\).*the first bad row: .*orca.jsonl, line 1: "
+                                        r"'prompt' is missing .*: name the column that holds it: data.columns.prompt=question$"):
+        load_data(DataConfig(train=DataSource(orca), on_error="skip"), chat_tokenizer, seed=0, log=lambda _: None)

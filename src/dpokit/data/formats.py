@@ -263,9 +263,11 @@ def _standard_implicit(row: dict[str, Any]) -> Pair:
     # Shared text without whitespace (Chinese, Japanese) is cut where the two first differ.
     cut = max((m.start() for m in re.finditer(r"\s", chosen[:common])), default=common)
     if cut <= 0 or not chosen[:cut].strip():
+        texts = [k for k, v in row.items() if k not in ("chosen", "rejected", "system") and isinstance(v, str) and v.strip()]
+        fix = f"name the column that holds it: data.columns.prompt={texts[0]}" if texts else "add a 'prompt' column"
         raise _RowProblem(
             "'prompt' is missing (string chosen/rejected need a 'prompt' column, unless both start with "
-            "the same text, TRL's implicit prompt; these share none): add a 'prompt' column",
+            f"the same text, TRL's implicit prompt; these share none): {fix}",
             "leading_turns_differ",
         )
     for field, reply in (("chosen", chosen[cut:]), ("rejected", rejected[cut:])):

@@ -143,10 +143,13 @@ def prepare_source(
     stats = SourceStats(opened.origin, rows=len(rows.rows) + rows.problems.total, dropped=dropped, tokenize=tstats,
                         format=result.format, detected=result.detected, problems=problems, notes=notes)
     if not tokenized and not allow_empty:
-        raise DataError(
-            f"no usable pair in {opened.origin}: {stats.summary()}. "
-            "Check that chosen and rejected differ, or raise data.max_length / use data.truncation=truncate"
-        )
+        drops = {**dropped, **tstats.drops()}
+        hints = [f"the first bad row: {problems.examples[0]}"] if problems.examples else []
+        if "chosen_equals_rejected" in drops:
+            hints.append("check that chosen and rejected differ")
+        if {"too_long", "equal_tokens"} & set(drops):
+            hints.append("raise data.max_length" + (" or use data.truncation=truncate" if config.truncation == "drop" else ""))
+        raise DataError(f"no usable pair in {opened.origin}: {stats.summary()}. " + "; ".join(hints))
     if key is not None and tokenized:
         try:
             cache.save(key, tokenized, stats.to_dict(), tstats.lengths)

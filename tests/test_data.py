@@ -95,6 +95,14 @@ def test_jsonl_json_parquet_csv_round_trip(tmp_path):
     assert load_rows(DataSource(str(tmp_path / "lines.json"))) == rows
     assert load_rows(DataSource(str(tmp_path / "d.parquet"))) == rows
     assert load_rows(DataSource(str(tmp_path / "d.csv"))) == standard_rows(4)
+    # message lists written out by pandas' to_csv (Python reprs) or as JSON text: refused, not trained as text
+    pd.DataFrame(rows).to_csv(tmp_path / "messages.csv", index=False)
+    with pytest.raises(DataError, match=r"messages.csv, row 1: column 'chosen' holds a list of messages written out as "
+                                        r"text .*save this data as .jsonl or .parquet"):
+        load_rows(DataSource(str(tmp_path / "messages.csv")))
+    pd.DataFrame([{k: json.dumps(v) for k, v in row.items()} for row in rows]).to_csv(tmp_path / "json.csv", index=False)
+    with pytest.raises(DataError, match="json.csv, row 1: column 'chosen' holds a list of messages"):
+        load_rows(DataSource(str(tmp_path / "json.csv")))
     # Every file type gives the same pairs.
     pairs = to_pairs(load_rows(DataSource(str(tmp_path / "d.parquet"))), "d.parquet")[0]
     assert pairs == to_pairs(rows, "x")[0]

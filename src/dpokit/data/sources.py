@@ -16,6 +16,7 @@ import csv
 import gzip
 import io
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -360,7 +361,18 @@ def _read_csv(path: Path, split: str, on_error: str = "raise") -> Rows:
     for number, row in enumerate(rows, start=1):
         if None in row:  # more cells than header columns
             raise DataError(f"{path}, row {number}: has more cells than the header has columns")
+    for number, row in enumerate(rows[:100], start=1):
+        column = next((name for name, cell in row.items() if _SERIALIZED_MESSAGES.match(cell or "")), None)
+        if column is not None:  # pandas' to_csv of message lists: their text would be trained as a reply
+            raise DataError(
+                f"{path}, row {number}: column '{column}' holds a list of messages written out as text "
+                f"({row[column][:40]}...); a CSV holds only text, so save this data as .jsonl or .parquet "
+                "(pandas: df.to_json(path, orient='records', lines=True))"
+            )
     return Rows(rows)
+
+
+_SERIALIZED_MESSAGES = re.compile(r"""\s*\[\s*\{\s*['"](role|from)['"]\s*:""")
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -296,6 +296,19 @@ def test_trl_standard_implicit_prompt_is_the_shared_words():
     assert msg_.startswith("data/train.jsonl, row 1: 'chosen' is only whitespace after the text both replies start with")
 
 
+def test_messages_with_tool_calls_are_refused_not_emptied():
+    """An OpenAI-style tool call kept as role/content alone rendered as an empty assistant turn, and
+    replies differing only in their calls were dropped as equal: such rows are refused, said why."""
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "id": "c1",
+                                                                "function": {"name": "get_weather", "arguments": "{}"}}]}
+    rows = [{"prompt": [user("Weather in Paris?"), call, {"role": "tool", "tool_call_id": "c1", "content": "18C"}],
+             "chosen": [bot("It is 18C and sunny.")], "rejected": [bot("No idea.")]}]
+    msg_ = _error(rows)
+    assert msg_.startswith("data/train.jsonl, row 1: 'prompt' message 2 has tool_calls, which dpokit does not pass")
+    result = normalize(rows + trl_conversational_rows(), "d", on_error="skip")
+    assert result.dropped == {"unsupported": 1} and len(result.pairs) == len(trl_conversational_rows())
+
+
 def test_column_mapping():
     rows = [{"question": "The sky is", "good": " blue.", "bad": " green.", "id": 1}]
     pairs, _ = to_pairs(rows, "m", columns={"prompt": "question", "chosen": "good", "rejected": "bad"})

@@ -126,6 +126,10 @@ def _messages(value: Any, field: str) -> list[Message]:
     for i, message in enumerate(value, start=1):
         if not isinstance(message, dict):
             raise _RowProblem(f"'{field}' message {i} must be an object with role and content, got {type(message).__name__}", "wrong_type")
+        calls = [key for key in _TOOL_KEYS if message.get(key)]
+        if calls:  # kept role and content alone, the call would vanish (an empty assistant turn) unsaid
+            raise _RowProblem(f"'{field}' message {i} has {' and '.join(calls)}, which dpokit does not pass to the chat "
+                              "template yet: write the call into its content, or remove the row", "unsupported")
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 got = "nothing" if message.get(key) is None else type(message[key]).__name__
@@ -133,6 +137,10 @@ def _messages(value: Any, field: str) -> list[Message]:
                 raise _RowProblem(f"'{field}' message {i}: '{key}' must be a string, got {got}", reason)
         messages.append({"role": message["role"], "content": message["content"]})
     return messages
+
+
+_TOOL_KEYS = ("tool_calls", "function_call")
+"""OpenAI-style calls in a message (not passed on: such messages are refused, not silently emptied)."""
 
 
 def _reply(messages: list[Message], field: str) -> list[Message]:

@@ -124,8 +124,33 @@ def test_live_reference_from_a_starting_adapter_is_refused_before_loading(tmp_pa
     with pytest.raises(ConfigError, match=r"model.lora_r, model.lora_modules_to_save describe new adapters, but "
                        r"adapter_name_or_path trains the existing adapter runs/sft/final further"):
         load_config(write(tmp_path, BASE), [*adapter, "lora_r=8", "lora_modules_to_save=[embed_tokens]"])
-    load_config(write(tmp_path, BASE), [*adapter, "precompute_ref_log_probs=false", "loss_type=[simpo]"])
+    load_config(write(tmp_path, BASE), [*adapter, "loss_type=[simpo]"])
     load_config(write(tmp_path, BASE), ["use_peft=true", "precompute_ref_log_probs=false"])  # fresh adapters: base is the reference
+
+
+def test_settings_of_what_a_run_does_not_use_are_refused(tmp_path):
+    """Each of these trained without a word: LoRA settings without use_peft did full fine-tuning;
+    reference settings with a reference-free loss, eval batch size without eval data, a chunk size
+    with chunking off, a checkpoint limit without checkpoints all did nothing."""
+    refused = {
+        ("lora_r=8", "lora_target_modules=[q_proj]"): r"model.lora_r, model.lora_target_modules describe LoRA adapters, "
+                                                      r"but model.use_peft is false, so the whole model would train",
+        ("loss_type=[simpo]", "ref_model_name_or_path=builtin:tiny-llama"): r"model.ref_model_name_or_path concern.*"
+                                                                           r"uses none \(reference-free\): remove it",
+        ("loss_type=[simpo]", "precompute_ref_log_probs=false"): "training.precompute_ref_log_probs=false concern",
+        ("ref_revision=main",): "model.ref_revision is the revision of model.ref_model_name_or_path, which is not set",
+        ("chunked_logps=false", "logps_chunk_size=64"): "logps_chunk_size=64 sizes the chunks of chunked_logps, which is false",
+        ("save_total_limit=5", "save_steps=null"): "save_total_limit=5 keeps the newest checkpoints, and run.save_steps is not set",
+        ("per_device_eval_batch_size=2",): "per_device_eval_batch_size=2 sizes eval batches, and there is no eval data",
+    }
+    for overrides, message in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, BASE), list(overrides))
+        load_config(write(tmp_path, BASE), list(overrides), for_training=False)  # a finished run's config, a plan
+    for overrides in (["use_peft=true", "lora_r=8"], ["ref_model_name_or_path=builtin:tiny-llama", "ref_revision=main"],
+                      ["save_total_limit=5", "save_steps=10"], ["per_device_eval_batch_size=2", "eval_fraction=0.1"],
+                      ["loss_type=[simpo]"], ["save_steps=null"]):
+        load_config(write(tmp_path, BASE), overrides)
 
 
 def test_bad_files(tmp_path):

@@ -512,9 +512,35 @@ def _beside_config(path: str, base_dir: Path, where: str, refuse_both: bool = Tr
 
 def _check_settings_take_effect(config: Config) -> None:
     """Refuse settings a run would silently do nothing with: eval settings without eval data,
-    ``eval_fraction`` beside ``data.eval``, loss settings no chosen loss reads, new-adapter settings
-    beside a starting adapter."""
-    d, r, m = config.data, config.run, config.model
+    ``eval_fraction`` beside ``data.eval``, loss settings no chosen loss reads, LoRA settings
+    without LoRA, new-adapter settings beside a starting adapter, reference settings for a
+    reference-free loss, settings of a switched-off feature."""
+    d, r, m, t = config.data, config.run, config.model, config.training
+    default_model, default_training = ModelConfig(), TrainingConfig()
+    if d.eval is None and d.eval_fraction <= 0 and t.per_device_eval_batch_size != default_training.per_device_eval_batch_size:
+        raise ConfigError(f"training.per_device_eval_batch_size={t.per_device_eval_batch_size} sizes eval batches, and "
+                          "there is no eval data (data.eval or data.eval_fraction): give some, or remove it")
+    lora_settings = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save")
+    changed = [k for k in lora_settings if getattr(m, k) != getattr(default_model, k)]
+    if changed and not (m.use_peft or m.adapter_name_or_path):
+        raise ConfigError(f"model.{', model.'.join(changed)} describe LoRA adapters, but model.use_peft is false, so the "
+                          "whole model would train (full fine-tuning) and they would do nothing: set model.use_peft=true, "
+                          f"or remove {', '.join(changed)}")
+    if not needs_reference(config):
+        ref = [f"model.{k}" for k in ("ref_model_name_or_path", "ref_revision") if getattr(m, k)]
+        ref += ["training.precompute_ref_log_probs=false"] if not t.precompute_ref_log_probs else []
+        if ref:
+            raise ConfigError(f"{', '.join(ref)} concern the reference model, and loss {config.loss.loss_type} uses none "
+                              f"(reference-free): remove {'them' if len(ref) > 1 else 'it'}")
+    elif m.ref_revision and not m.ref_model_name_or_path:
+        raise ConfigError("model.ref_revision is the revision of model.ref_model_name_or_path, which is not set (the "
+                          "reference is the starting policy): set ref_model_name_or_path, or remove ref_revision")
+    if not t.chunked_logps and t.logps_chunk_size != default_training.logps_chunk_size:
+        raise ConfigError(f"training.logps_chunk_size={t.logps_chunk_size} sizes the chunks of chunked_logps, which is "
+                          "false: remove one of them")
+    if r.save_total_limit != RunConfig().save_total_limit and r.save_total_limit is not None and not r.save_steps:
+        raise ConfigError(f"run.save_total_limit={r.save_total_limit} keeps the newest checkpoints, and run.save_steps "
+                          "is not set, so none are saved: set save_steps, or remove save_total_limit")
     if d.eval is not None and d.eval_fraction > 0:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} holds out train pairs for evaluation, and data.eval "
                           "gives eval data already, so it would hold out nothing: set only one of them")
@@ -524,8 +550,6 @@ def _check_settings_take_effect(config: Config) -> None:
                           f"set, so it would evaluate nothing: give one, or leave {setting.split('=')[0]} unset")
     _check_loss_settings_apply(config.loss)
     if m.adapter_name_or_path:
-        new_adapter = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save")
-        changed = [k for k in new_adapter if getattr(m, k) != getattr(ModelConfig(), k)]
         if changed:
             raise ConfigError(
                 f"model.{', model.'.join(changed)} describe new adapters, but adapter_name_or_path trains the existing "

@@ -164,7 +164,9 @@ def _scorer(model: ResolvedModel, dtype: str, config: Config, device) -> ReplyLo
     """``model`` loaded with its own settings in ``dtype``, as a reply-log-prob scorer."""
     from dpokit.train import reply_scorer
 
-    return reply_scorer(load_model(model, model_config(model, dtype)).to(device), config.training, config.data.max_length)
+    # an adapter unmerged: scored as training scored it (merged into 16-bit weights it is rounded)
+    lm = load_model(model, model_config(model, dtype), merge=False)
+    return reply_scorer(lm.to(device), config.training, config.data.max_length)
 
 
 @sdpa_without_cudnn()

@@ -160,8 +160,10 @@ def _adapter_config(folder: Path) -> dict:
         raise ConfigError(f"{folder / ADAPTER_FILE} cannot be read as JSON: {e}") from None
 
 
-def _load_adapter(folder: Path, config: ModelConfig, base: ModelConfig | None = None) -> nn.Module:
-    """The adapter's base model with the LoRA weights merged in (inference only). ``base``: the model
+def _load_adapter(folder: Path, config: ModelConfig, base: ModelConfig | None = None, merge: bool = True) -> nn.Module:
+    """The adapter's base model with the LoRA weights merged in (inference only), or with the adapter
+    as it trained beside the base (``merge=False``: peft's float32 adapters on a 16-bit base compute
+    what training computed, which merging into 16-bit weights rounds). ``base``: the model
     the adapter was trained on (a run's ``model`` settings); else the one ``adapter_config.json`` names,
     whose relative path (an older dpokit wrote the path as given) is read from the run's folder's
     point of view no better than from here: the run's settings are preferred."""
@@ -182,6 +184,8 @@ def _load_adapter(folder: Path, config: ModelConfig, base: ModelConfig | None = 
         model = PeftModel.from_pretrained(lm, str(folder))
     except (OSError, ValueError) as e:
         raise ConfigError(f"could not load the LoRA adapter in {folder}: {str(e).strip().splitlines()[0]}") from None
+    if not merge:
+        return model
     untie_adapted_embeddings(model)
     return model.merge_and_unload()
 
@@ -209,13 +213,14 @@ def untie_adapted_embeddings(model: nn.Module) -> bool:
     return True
 
 
-def load_model(model: ResolvedModel, config: ModelConfig) -> nn.Module:
-    """The causal LM ``model`` names, in eval mode with gradients off (LoRA adapters merged)."""
+def load_model(model: ResolvedModel, config: ModelConfig, merge: bool = True) -> nn.Module:
+    """The causal LM ``model`` names, in eval mode with gradients off; LoRA adapters merged, or
+    (``merge=False``, to score as training did) kept beside the base."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no weight-loading bars between dpokit's own output
     if model.is_adapter:  # a run's adapter goes on the base the run trained
-        lm = _load_adapter(Path(model.path), config, model.run_config.model if model.run_config is not None else None)
+        lm = _load_adapter(Path(model.path), config, model.run_config.model if model.run_config is not None else None, merge)
     else:
         lm = load_causal_lm(config, model.path, model.revision)
     lm.eval()

@@ -216,24 +216,31 @@ def test_an_output_dir_holds_one_run(workdir, capsys):
     from dpokit.checkpoint import list_checkpoints
 
     run_dir = train(run_config(workdir, "one-run", "max_steps=6", "save_steps=2", "save_total_limit=2"))
-    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-2", "step-4"]
+    # the last step is saved too: a finished run can be continued
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-4", "step-6"]
     with pytest.raises(SystemExit) as e:
         main(["train", *run_args(workdir, "one-run", "overwrite_output_dir=false", "save_steps=1")])
     assert e.value.code == 2
-    assert (f"{run_dir} already holds a run (checkpoints step-2, step-4; final/; metrics.jsonl), which a new run would "
-            "mix with: continue it with resume_from_checkpoint=latest") in capsys.readouterr().err
-    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-2", "step-4"]  # untouched
+    assert (f"{run_dir} already holds a run (checkpoints step-4, step-6; final/; metrics.jsonl), which a new run would "
+            "mix with: continue it with resume_from_checkpoint=latest (its newest checkpoint is step 6)") in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-4", "step-6"]  # untouched
 
-    step2 = f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"
-    train(run_config(workdir, "one-run", "max_steps=6", "save_steps=1", "save_total_limit=2", step2))
-    assert "removed from" in capsys.readouterr().out
-    # step-4 of the steps redone is gone; the resumed run's saves are the newest, and kept
-    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-4", "step-5"]
+    step4 = f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-4'}"
+    train(run_config(workdir, "one-run", "max_steps=6", "save_steps=1", "save_total_limit=2", step4))
+    out = capsys.readouterr().out
+    assert "removed from" in out and f"note: {run_dir / 'final'} holds step 6: steps 5-6 are trained again" in out
+    # step-6 of the steps redone is gone; the resumed run's saves are the newest, and kept
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-5", "step-6"]
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4, 5, 6]
+    train(run_config(workdir, "one-run", "max_steps=8", "save_steps=1", "save_total_limit=2", "resume_from_checkpoint=latest"))
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4, 5, 6, 7, 8]  # continued past its end
 
     train(run_config(workdir, "one-run", "max_steps=2", "overwrite_output_dir=true"))
     assert not (run_dir / "checkpoints").exists() and (run_dir / "final").is_dir()
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2]
+    with pytest.raises(SystemExit):  # nothing to continue from: not advised
+        main(["train", *run_args(workdir, "one-run", "overwrite_output_dir=false")])
+    assert "which a new run would mix with: it saved no checkpoint to continue from (save_steps); choose another" in capsys.readouterr().err
 
 
 def test_reference_tables_score_each_pair_in_the_batch_its_forward_uses(workdir, monkeypatch, tmp_path):

@@ -72,6 +72,14 @@ def write_final_step(final: Path, step: int) -> None:
     (final / FINAL_STEP_FILE).write_text(json.dumps({"step": step}) + "\n")
 
 
+def final_step(run_dir: Path) -> int | None:
+    """The step ``run_dir/final`` was saved at; None without one (or written before dpokit kept it)."""
+    try:
+        return int(json.loads((run_dir / "final" / FINAL_STEP_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def newest_model(run_dir: Path) -> Path | None:
     """The newest model of a run: ``final/``, unless a checkpoint of a later step was saved (a run
     resumed from an earlier checkpoint keeps the earlier ``final/`` until it ends, and may be
@@ -79,11 +87,8 @@ def newest_model(run_dir: Path) -> Path | None:
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     final = run_dir / "final"
     if final.is_dir():
-        try:
-            step = int(json.loads((final / FINAL_STEP_FILE).read_text())["step"])
-        except (OSError, ValueError, KeyError, TypeError):  # written before dpokit kept its step
-            return final
-        if not checkpoints or step >= _step(checkpoints[-1]):
+        step = final_step(run_dir)
+        if step is None or not checkpoints or step >= _step(checkpoints[-1]):  # None: before dpokit kept its step
             return final
     return checkpoints[-1] if checkpoints else None
 
@@ -168,10 +173,12 @@ def outputs_to_replace(output_dir: Path, resume_from: Path | None, overwrite: bo
     found = holds_a_run(output_dir)
     if found:
         start = "a run resumed from another folder's checkpoint" if resume_from is not None else "a new run"
+        resumable = list_checkpoints(output_dir / "checkpoints")
+        go_on = (f"continue it with resume_from_checkpoint=latest (its newest checkpoint is step {_step(resumable[-1])})"
+                 if resumable else "it saved no checkpoint to continue from (save_steps)")
         raise FileExistsError(
-            f"{output_dir} already holds a run ({'; '.join(found)}), which {start} would mix with: continue it with "
-            "resume_from_checkpoint=latest, choose another output_dir, or set overwrite_output_dir=true to "
-            f"delete its {', '.join(RUN_OUTPUTS)} first"
+            f"{output_dir} already holds a run ({'; '.join(found)}), which {start} would mix with: {go_on}; "
+            f"choose another output_dir, or set overwrite_output_dir=true to delete its {', '.join(RUN_OUTPUTS)} first"
         )
     return []
 

@@ -542,6 +542,10 @@ def train(config: Config) -> Path:
         follow_schedule(scheduler, t.learning_rate)  # this run's rate and schedule, which a resume may change
         follow_optimizer_settings(optimizer, t)  # and its weight decay, betas and epsilon
         say(f"resumed from {resume_from} at step {state.step}")
+        ahead = ckpt.final_step(out)
+        if ahead is not None and ahead > state.step and resume_from.resolve().parent == (out / "checkpoints").resolve():
+            say(f"note: {out / 'final'} holds step {ahead}: steps {state.step + 1}-{ahead} are trained again from "
+                f"this checkpoint, and final/ is replaced when the run ends")
     claim_output_dir(out, config, replaced, accelerator, say)  # every check passed: only now is the folder changed
     if trackers:  # a resumed run's TensorBoard events after its checkpoint are dropped, as its rows are
         purge = {"tensorboard": {"purge_step": state.step + 1}} if resume_from is not None and "tensorboard" in trackers else {}
@@ -601,7 +605,8 @@ def train(config: Config) -> Path:
             window.add(step_stats, None if skipped else grad_norm, lr, step_tokens, accelerator)
             logs = state.step % r.logging_steps == 0 or state.step == total_steps
             evals = bool(r.eval_steps) and state.step % r.eval_steps == 0 and state.step < total_steps
-            saves = bool(r.save_steps) and state.step % r.save_steps == 0 and state.step < total_steps
+            # the last step too (as transformers' Trainer): a finished run can be continued from it
+            saves = bool(r.save_steps) and (state.step % r.save_steps == 0 or state.step == total_steps)
             if logs or evals or saves:
                 window.settle()  # waits for the device, so that the seconds include this step's work
             window.seconds += time.perf_counter() - step_start

@@ -1,6 +1,7 @@
 """LoRA through peft: one copy of the base, exact references, adapters saved, merged export."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -172,6 +173,10 @@ def test_export_takes_the_runs_base_dtype_and_never_a_users_folder(workdir, tmp_
     (other / "merged.tmp" / "notes.txt").write_text("mine")
     main(["export", str(out), "--merge", "merged"])
     assert (other / "merged.tmp" / "notes.txt").read_text() == "mine"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (other / "merged").stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp's 0700 opened as a mkdir's
+    assert (other / "merged" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # safetensors' 0600
     assert {t.dtype for t in load_file(other / "merged" / "model.safetensors").values()} == {torch.bfloat16}
     merged = AutoModelForCausalLM.from_pretrained(other / "merged", dtype=torch.float32).eval()
     assert merged.config.use_cache

@@ -314,6 +314,15 @@ def test_estimate_matches_measured_cpu_training_memory(bf16, chunked):
     assert 0.5 <= ratio <= 2.0
 
 
+def test_plan_prints_no_library_warning(tmp_path):
+    """peft's FutureWarning about transformers' is_gradient_checkpointing came with every plan (and
+    every LoRA run); the command line silences it."""
+    _config().save_pretrained(tmp_path / "m")
+    result = subprocess.run([sys.executable, "-W", "default", "-m", "dpokit", "plan", f"model.name_or_path={tmp_path / 'm'}",
+                             "max_length=64", "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "is_gradient_checkpointing" not in result.stderr, result.stderr
+
+
 def test_lora_settings_come_from_the_config(tmp_path, capsys):
     from dpokit.cli import main
 

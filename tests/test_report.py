@@ -195,6 +195,20 @@ def test_report_command(tmp_path, capsys):
     assert f"{tmp_path / 'nowhere' / 'metrics.jsonl'} not found" in capsys.readouterr().err
 
 
+def test_output_piped_into_a_reader_that_stops_is_no_traceback(tmp_path):
+    """`dpokit report RUN | head -3`: the reader gone before the report is written ended in a
+    BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in synthetic_rows(30)) + "\n")
+    process = subprocess.Popen([sys.executable, "-m", "dpokit", "report", str(tmp_path), "--no-plots"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader stops before the first line
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+
+
 def test_summarize_resumed_run_counts_steps_once(tmp_path):
     # killed at step 3, resumed from a checkpoint at step 1: steps 2 and 3 logged twice
     rows = [{"step": s, "loss": 1.0, "tokens": 100, "seconds": 1.0} for s in (1, 2, 3, 2, 3, 4)]

@@ -141,6 +141,8 @@ TRACKER_DIR = "dpokit"
 """The trackers' run name: TensorBoard writes its events into ``output_dir/dpokit/``."""
 RUN_OUTPUTS = ("checkpoints", "final", "plots", "metrics.jsonl", TRACKER_DIR)
 """What a run writes into its ``output_dir`` besides ``config.yaml``."""
+USE_OUTPUTS = ("eval*.json", "compare*.md", "compare*.jsonl")
+"""What ``dpokit eval`` and ``compare`` write into a run's folder (of that run's models)."""
 
 
 def holds_a_run(output_dir: Path) -> list[str]:
@@ -165,7 +167,8 @@ def outputs_to_replace(output_dir: Path, resume_from: Path | None, overwrite: bo
     Raises FileExistsError with the fix; removes nothing itself (the main process does).
     """
     if overwrite:
-        return [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+        return ([output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+                + sorted(p for pattern in USE_OUTPUTS for p in output_dir.glob(pattern) if p.is_file()))
     own = resume_from is not None and resume_from.resolve().parent == (output_dir / "checkpoints").resolve()
     if own:
         step = load_train_state(resume_from)[0].step
@@ -178,7 +181,8 @@ def outputs_to_replace(output_dir: Path, resume_from: Path | None, overwrite: bo
                  if resumable else "it saved no checkpoint to continue from (save_steps)")
         raise FileExistsError(
             f"{output_dir} already holds a run ({'; '.join(found)}), which {start} would mix with: {go_on}; "
-            f"choose another output_dir, or set overwrite_output_dir=true to delete its {', '.join(RUN_OUTPUTS)} first"
+            f"choose another output_dir, or set overwrite_output_dir=true to delete its {', '.join(RUN_OUTPUTS)} "
+            f"(and {', '.join(USE_OUTPUTS)}) first"
         )
     return []
 

@@ -103,8 +103,17 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+QUIET_WARNINGS = ((FutureWarning, r".*is_gradient_checkpointing.* is deprecated"),)
+"""Library warnings about library internals (peft reading transformers' old attribute) that every
+LoRA run and ``dpokit plan`` printed, and that a user can do nothing about."""
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_command_line(argv)
+    import warnings
+
+    for category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     from dpokit.config import ConfigError, load_config, split_config_argument
     from dpokit.data.sources import DataError
 
@@ -143,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("dpokit: interrupted; resume with resume_from_checkpoint=latest", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # output piped into a reader that stopped (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so flushing at exit does not fail again
+        sys.exit(1)
 
 
 OTHER_PROCESS_ERROR_DELAY = 5.0

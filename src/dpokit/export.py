@@ -6,6 +6,7 @@ With ``--merge``, LoRA adapters are folded into their base weights, so the resul
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,9 +41,20 @@ def export_model(source: str, out: str | Path, merge: bool, dtype: str | None = 
     try:
         lm.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _readable_as_umask_allows(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """Give ``folder`` and its files the modes a plain mkdir and open would (``mkdtemp`` makes the
+    folder 0700 and safetensors its files 0600: a serving container of another user could not read them)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

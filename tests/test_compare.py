@@ -33,6 +33,17 @@ def test_compare_run_writes_both_columns_for_the_same_prompts(workdir, tmp_path)
         assert prompt in md
 
 
+def test_a_section_is_titled_with_the_question_the_reply_answers():
+    """A multi-turn prompt's heading was its first turn, a system prompt's the system message (the
+    same for every prompt); it is the last user message's first line."""
+    from dpokit.compare import _title
+
+    conversation = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Capital of Canada?"},
+                    {"role": "assistant", "content": "Ottawa."}, {"role": "user", "content": "\nNow what about honey bees?\nBriefly."}]
+    assert _title(conversation) == "Now what about honey bees?"
+    assert _title("  \nThe sky is") == "The sky is" and _title([{"role": "user", "content": " "}]) == "(empty prompt)"
+
+
 def test_same_model_same_settings_gives_the_same_replies(workdir, tmp_path):
     """Both columns draw the same random stream: a model compared with itself agrees with itself."""
     model = str(workdir / "model")

@@ -159,8 +159,8 @@ def test_parse_size():
     assert parse_size("24GiB") == 24 * 2**30
     assert parse_size("80000MB") == 80 * 10**9
     assert parse_size("1.5 gib") == int(1.5 * 2**30)
-    assert parse_size("1024") == 1024
-    for bad in ("eighty", "80XB", "", "GB", "1e400GB"):
+    assert parse_size("1024B") == parse_size(1024) == 1024
+    for bad in ("eighty", "80XB", "", "GB", "1e400GB", "80"):  # a bare 80 was 80 bytes
         with pytest.raises(ValueError, match="80GB"):
             parse_size(bad)
 
@@ -478,10 +478,13 @@ def test_fsdp_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--fsdp", "0"])
     assert "--fsdp" in capsys.readouterr().err
-    for flag, value in (("--gpu-memory", "0"), ("--lora-r", "-4"), ("--lora-dropout", "1.5"), ("--prompt-length", "-100")):
+    for flag, value in (("--gpu-memory", "0GB"), ("--lora-r", "-4"), ("--lora-dropout", "1.5"), ("--prompt-length", "-100")):
         with pytest.raises(SystemExit):  # refused in one line, not a traceback or impossible numbers
             main([*args, flag, value])
         assert f"dpokit: error: {flag}: {value};" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # 80 bytes was read, and nothing fitted
+        main([*args, "--gpu-memory", "80"])
+    assert "dpokit: error: --gpu-memory: cannot read memory size '80': write it with its unit, like 80GB" in capsys.readouterr().err
 
 
 def test_tokens_replaces_the_worst_case(tmp_path, capsys):

@@ -63,11 +63,23 @@ class Comparison:
         ]
         for row in self.rows():
             text = prompt_text(row["prompt"])
-            title = text.splitlines()[0] if text.strip() else "(empty prompt)"
+            title = _title(row["prompt"])
             out += [f"## {row['index']}. {title[:80]}{'...' if len(title) > 80 else ''}", ""]
             out += ["**Prompt**", "", _fenced(text), "", "**Reference**", "", _fenced(row["reference"]), ""]
             out += ["**Policy**", "", _fenced(row["policy"]), ""]
         return "\n".join(out)
+
+
+def _title(prompt) -> str:
+    """A heading for ``prompt``: the first line of its last user message (what the reply answers;
+    a conversation's first line is its system message or its first question), else of its text."""
+    if isinstance(prompt, list):
+        users = [m["content"] for m in prompt if m["role"] == "user" and m["content"].strip()]
+        text = users[-1] if users else prompt_text(prompt)
+    else:
+        text = prompt
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[0].strip() if lines else "(empty prompt)"
 
 
 def _fenced(text: str) -> str:

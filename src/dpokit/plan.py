@@ -69,13 +69,15 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 def parse_size(text: str | int | float) -> int:
-    """``80GB`` -> 80e9 bytes, ``24GiB`` -> 24 * 2**30, ``80000MB``, ``1.5TB``; a bare number is bytes."""
+    """``80GB`` -> 80e9 bytes, ``24GiB`` -> 24 * 2**30, ``80000MB``, ``1.5TB``, ``1024B``. Text needs
+    its unit (``80`` was read as 80 bytes: a GPU's memory in GB is the likelier meaning); a Python
+    number is bytes."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).upper() if m else None
-    if not m or unit not in _UNITS or not math.isfinite(float(m.group(1)) * _UNITS[unit]):
-        raise ValueError(f"cannot read memory size {text!r}: write it like 80GB, 24GiB or 80000MB")
+    if not m or not unit or unit not in _UNITS or not math.isfinite(float(m.group(1)) * _UNITS[unit]):
+        raise ValueError(f"cannot read memory size {text!r}: write it with its unit, like 80GB, 24GiB or 80000MB")
     return int(float(m.group(1)) * _UNITS[unit])
 
 

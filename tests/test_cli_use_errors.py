@@ -114,3 +114,13 @@ def test_a_run_saved_with_settings_now_refused_at_start_still_resolves(workdir, 
     save_config(config, run / "config.yaml")
     resolved = resolve_model(str(run))
     assert resolved.run_config.run.eval_steps == 5 and resolved.path == str(run / "final")
+
+
+def test_a_builtin_model_is_named_as_written(workdir, tmp_path, capsys):
+    """`dpokit eval builtin:tiny-qwen2 --data ...` said "<cache folder> is not a dpokit run"."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n')
+    err = _exit_message(["eval", "builtin:tiny-qwen2", "--data", str(data)], capsys)
+    assert err.startswith("dpokit: error: builtin:tiny-qwen2 is not a dpokit run, so it has no default reference")
+    err = _exit_message(["compare", "builtin:tiny-qwen2", "--prompts", str(data)], capsys)
+    assert "builtin:tiny-qwen2 is not a dpokit run" in err

@@ -122,7 +122,7 @@ def compare(
     policy_model = resolve_model(model)
     ref_model = resolve_model(reference) if reference else default_reference(policy_model)
     if ref_model is None:
-        raise ConfigError(f"{policy_model.path} is not a dpokit run{not_here(policy_model.path)}, so it has no default reference: pass --reference MODEL")
+        raise ConfigError(f"{policy_model.name} is not a dpokit run{not_here(policy_model.name)}, so it has no default reference: pass --reference MODEL")
     log(f"compare: {len(prompts)} prompts, {settings.describe()}")
     log(f"compare: reference {ref_model.path}")
     ref_replies = _replies(ref_model, dtype, prompts, settings, batch_size, log)

@@ -84,7 +84,7 @@ def eval_config(model: ResolvedModel, data: str | None, split: str, batch_size: 
     command-line overrides applied. Refuses, before any model is loaded, a missing --data file, a
     --split that would be ignored, and a run without eval data."""
     if model.run_config is None and data is None:
-        raise ConfigError(f"{model.path} is not a dpokit run{not_here(model.path)}, so it has no eval data: pass --data FILE_OR_HUB_ID")
+        raise ConfigError(f"{model.name} is not a dpokit run{not_here(model.name)}, so it has no eval data: pass --data FILE_OR_HUB_ID")
     if data is None:
         _check_run_eval_data(model, split)
     else:
@@ -192,7 +192,7 @@ def evaluate_model(
     policy_model = resolve_model(model)
     ref_model = resolve_model(reference) if reference else default_reference(policy_model)
     if ref_model is None:
-        raise ConfigError(f"{policy_model.path} is not a dpokit run{not_here(policy_model.path)}, so it has no default reference: pass --reference MODEL")
+        raise ConfigError(f"{policy_model.name} is not a dpokit run{not_here(policy_model.name)}, so it has no default reference: pass --reference MODEL")
     if max_pairs is not None and max_pairs < 1:
         raise ConfigError(f"--max-pairs must be at least 1, got {max_pairs}")
     config = eval_config(policy_model, data, split, batch_size, max_length, beta)

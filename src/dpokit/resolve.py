@@ -49,6 +49,13 @@ class ResolvedModel:
     load_settings: ModelConfig | None = None
     """How to load a model outside any run that is a run's reference: that run's model settings
     (dtype, attention, trust_remote_code), as training loaded it."""
+    given: str = ""
+    """The MODEL argument as the user wrote it (``builtin:tiny-qwen2``, not its cache folder)."""
+
+    @property
+    def name(self) -> str:
+        """What to call the model in messages: as given, else its path."""
+        return self.given or self.path
 
     @property
     def is_adapter(self) -> bool:
@@ -92,7 +99,7 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> ResolvedMod
     folder that is none of a run, a model or an adapter."""
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
-        return ResolvedModel(resolve_model_path(name_or_path), revision=revision)
+        return ResolvedModel(resolve_model_path(name_or_path), revision=revision, given=name_or_path)
     folder = folder.resolve()
     if is_run_dir(folder):
         run_dir = folder
@@ -105,7 +112,7 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> ResolvedMod
             f"a LoRA adapter ({ADAPTER_FILE}) or a dpokit run directory ({RUN_CONFIG} with final/ or checkpoints/)"
         )
     run_config = load_config(run_dir / RUN_CONFIG, for_training=False) if run_dir is not None else None  # as it trained
-    return ResolvedModel(str(folder), run_dir, run_config, label)
+    return ResolvedModel(str(folder), run_dir, run_config, label, given=name_or_path)
 
 
 def default_reference(model: ResolvedModel) -> ResolvedModel | None:

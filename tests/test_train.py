@@ -209,6 +209,17 @@ def test_resume_between_logged_rows_logs_what_an_uninterrupted_run_logs(workdir)
             assert ra[key] == pytest.approx(rb[key], abs=1e-6), (ra["step"], key)
 
 
+def test_progress_into_a_log_file_is_a_line_per_logged_step(workdir, capsys):
+    """Off a terminal (output redirected to a file) a bar's redraws piled up into one long line: each
+    logged step is a plain line instead, and the reference and eval passes draw nothing."""
+    train(run_config(workdir, "progress-lines", "max_steps=2", "progress_bar=true"))
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 1/2", "step 2/2"]
+    assert all("loss=" in line and "tok_s=" in line for line in lines)
+    assert "\r" not in captured.err and "it/s" not in captured.err
+
+
 def test_an_output_dir_holds_one_run(workdir, capsys):
     """A new run in a folder holding another is refused (it would mix with it: pruning kept the old
     run's higher-numbered checkpoints over the new ones, and `latest` picked them); resuming from an

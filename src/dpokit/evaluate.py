@@ -210,11 +210,14 @@ def evaluate_model(
     build = lambda batch_pairs: build_batch(batch_pairs, config, pad_id)  # noqa: E731
     ref_scorer = _scorer(ref_model, load_cfg.dtype, config, accelerator.device)
     with mixed_precision(config.training, accelerator.device):  # as training scored its reference
-        table = compute_table(ref_scorer, pairs, build, scoring_batches(len(pairs), config.training, accelerator), accelerator)  # [N, 2]
+        shows = "reference" if accelerator.is_local_main_process else None
+        table = compute_table(ref_scorer, pairs, build, scoring_batches(len(pairs), config.training, accelerator), accelerator,
+                              shows)  # [N, 2]
     del ref_scorer
     policy = _scorer(policy_model, load_cfg.dtype, config, accelerator.device)
     # A reference-free loss (SimPO, SFT) trained without one: its metrics ignore the reference.
-    stats = pair_statistics(policy, TableReference(table) if needs_reference(config) else None, pairs, config, accelerator, pad_id)
+    stats = pair_statistics(policy, TableReference(table) if needs_reference(config) else None, pairs, config, accelerator,
+                            pad_id, "policy" if accelerator.is_local_main_process else None)
     metrics = eval_metrics(stats)
     metrics["eval/logps/accuracies"] = (stats["logps/chosen"] > stats["logps/rejected"]).float().mean().item()
     metrics.update(logp_preference(table[:, 0], table[:, 1], "eval/ref_logps/"))

@@ -142,14 +142,18 @@ def compute_table(
     build: Callable[[list[TokenizedPair]], Batch],
     batches: list[list[int]],
     accelerator,
+    progress: str | None = None,
 ) -> torch.Tensor:
     """Score all ``pairs`` with no grad, in the caller's autocast state (training's mixed precision):
     this process the pair indices of its ``batches`` (each built by ``build``), the processes together
     every pair once (:func:`dpokit.data.batching.eval_batches`, or training's
-    :func:`~dpokit.data.batching.first_epoch_micro_batches`). Every process gets the whole [N, 2] table."""
+    :func:`~dpokit.data.batching.first_epoch_micro_batches`). Every process gets the whole [N, 2] table.
+    ``progress``: the label of a bar over the batches on a terminal (:func:`dpokit.progress.shown`)."""
+    from dpokit.progress import shown
+
     parts = []
     with torch.no_grad():
-        for idx, keep in in_lockstep(batches, accelerator, scorer):
+        for idx, keep in shown(in_lockstep(batches, accelerator, scorer), len(batches), progress):
             logps = scorer(**build([pairs[i] for i in idx]).to(accelerator.device).model_inputs())
             if keep:
                 parts.append((idx, logps.float().cpu().view(-1, 2)))

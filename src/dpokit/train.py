@@ -28,6 +28,7 @@ from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs, adopt_findings, check_rows_kept_apart, check_window, probe_findings
 from dpokit.losses import PairLogps, preference_loss
 from dpokit.metrics import LogWindow, MetricsLog
+from dpokit.progress import bar, on_terminal
 from dpokit.reference import (
     AdapterOffReference,
     LiveReference,
@@ -159,18 +160,22 @@ def scoring_batches(num_pairs: int, training: TrainingConfig, accelerator) -> li
     return eval_batches(num_pairs, training.per_device_eval_batch_size, accelerator.process_index, accelerator.num_processes)
 
 
-def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int) -> dict[str, torch.Tensor]:
+def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int,
+                    progress: str | None = None) -> dict[str, torch.Tensor]:
     """Per-pair loss statistics over all ``pairs`` (split over processes, gathered): name -> [N]
     float32 tensor in pair order, on every process. Names as :func:`score_batch` (``loss``,
     ``rewards/...``, ``logps/chosen``, ``logps/rejected``).
 
     ``reference``: a :class:`dpokit.reference.Reference`, a live :class:`ReplyLogProbs`, or None.
+    ``progress``: the label of a bar over the batches on a terminal.
     """
+    from dpokit.progress import shown
+
     reference = as_reference(reference)
     parts = []
     batches = scoring_batches(len(pairs), config.training, accelerator)
     with torch.no_grad(), forward_precision(config.training, accelerator), eval_mode(policy):
-        for idx, keep in in_lockstep(batches, accelerator, policy):
+        for idx, keep in shown(in_lockstep(batches, accelerator, policy), len(batches), progress):
             batch = build_batch([pairs[i] for i in idx], config, pad_id).to(accelerator.device)
             _, stats = score_batch(policy, reference.logps(batch, idx), batch, config)
             if keep:
@@ -188,9 +193,10 @@ def eval_metrics(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     return {f"eval/{k}": v.mean().item() for k, v in stats.items()}
 
 
-def evaluate(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int) -> dict:
+def evaluate(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int,
+             progress: str | None = None) -> dict:
     """Eval metrics over all ``pairs`` (see :func:`eval_metrics`)."""
-    return eval_metrics(pair_statistics(policy, reference, pairs, config, accelerator, pad_id))
+    return eval_metrics(pair_statistics(policy, reference, pairs, config, accelerator, pad_id, progress))
 
 
 def adapters_off_reference(config: Config) -> bool:
@@ -272,7 +278,8 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
         def compute() -> torch.Tensor:
             with forward_precision(config.training, accelerator):  # scored as training will score the policy
                 with adapters_switched_off(scorer) if start.adapters_off else nullcontext():
-                    return compute_table(scorer, pairs, build, batches, accelerator)
+                    shows = config.run.progress_bar and accelerator.is_local_main_process
+                    return compute_table(scorer, pairs, build, batches, accelerator, f"reference: {what}" if shows else None)
 
         # in 16 bits another batching, or compiled layers, give other last bits: then they are part of the cache key
         key = f"{batch_layout(t)}:{config.data.max_length}:{batching}{':compiled' if compiled else ''}" if sixteen_bit else ""
@@ -556,17 +563,16 @@ def train(config: Config) -> Path:
         f"global batch {global_batch} = {batch_shape}"
         + (f"; each epoch leaves out {left_out} pairs (its shuffled tail, short of a global batch)" if left_out else ""))
 
-    progress = None
-    if r.progress_bar and accelerator.is_local_main_process:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total_steps, initial=state.step, desc="train", dynamic_ncols=True)
+    # a bar on a terminal; into a log file, a line per logged step (a bar's redraws made one long line)
+    shows = r.progress_bar and accelerator.is_local_main_process
+    progress = bar(total_steps, "train", initial=state.step) if shows and on_terminal() else None
+    eval_progress = "eval" if shows else None
 
     def run_eval() -> dict | None:
         if not data.eval:
             return None
         eval_start = time.perf_counter()
-        metrics = evaluate(unwrapped, eval_ref, data.eval, config, accelerator, pad_id)  # host numbers: the device is done
+        metrics = evaluate(unwrapped, eval_ref, data.eval, config, accelerator, pad_id, eval_progress)  # host numbers: the device is done
         log.write({"step": state.step, "epoch": round(state.step / per_epoch, 4), **metrics,
                    "eval/seconds": time.perf_counter() - eval_start})
         return metrics
@@ -613,11 +619,15 @@ def train(config: Config) -> Path:
             if logs:
                 row = {"step": state.step, "epoch": round(state.step / per_epoch, 4), **window.row(accelerator)}
                 log.write(row)
+            if shows and logs:
+                brief = dict(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
+                             margin=f"{row['rewards/margins']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+                if progress is None:
+                    say(f"step {state.step}/{total_steps}: " + ", ".join(f"{k}={v}" for k, v in brief.items()))
             if progress is not None:
                 progress.update(1)
                 if logs:  # after the count moved on: the bar shows this row beside its step
-                    progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
-                                         margin=f"{row['rewards/margins']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+                    progress.set_postfix(**brief)
             if logs:
                 window = LogWindow()
             if evals:

@@ -136,7 +136,7 @@ def test_resolve_model_forms(workdir, tmp_path):
     partial.mkdir()
     shutil.copy(run / "config.yaml", partial / "config.yaml")
     shutil.copytree(run / "checkpoints", partial / "checkpoints")
-    assert resolve_model(str(partial)).label == "step-2"
+    assert resolve_model(str(partial)).label == "step-4"  # the newest (the last step is saved too)
     shutil.rmtree(partial / "checkpoints")
     with pytest.raises(ConfigError, match="no final/ and no checkpoints"):
         resolve_model(str(partial))

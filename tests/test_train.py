@@ -22,11 +22,11 @@ def test_run_directory_is_complete(workdir, capsys):
     assert [r["step"] for r in eval_rows] == [2, 4]
     assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"} <= set(eval_rows[0])
     assert all(r["tokens"] > 0 and r["tokens_per_second"] > 0 for r in trained)
-    # checkpoints: newest only (limit 1), complete, loadable
+    # checkpoints: newest only (limit 1; the last step is saved too), complete, loadable
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert ckpts == ["step-2"]
+    assert ckpts == ["step-4"]
     for name in ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state_0.pt"):
-        assert (out / "checkpoints" / "step-2" / name).is_file(), name
+        assert (out / "checkpoints" / "step-4" / name).is_file(), name
     assert (out / "config.yaml").is_file()
     for name in ("loss.png", "rewards_accuracies.png", "rewards_margins.png", "rewards_chosen_rejected.png"):
         assert (out / "plots" / name).is_file(), name
@@ -134,7 +134,7 @@ def test_a_resumed_run_follows_its_own_learning_rate_and_schedule(workdir):
     """Resumed with a longer max_steps, the rates are those of a run planned that long from the start
     (the first resumed step kept the old schedule's); with another learning_rate and schedule, those
     (the old peak rate stayed for good)."""
-    schedule = ("lr_scheduler_type=cosine", "warmup_ratio=0.1", "save_steps=2")
+    schedule = ("lr_scheduler_type=cosine", "warmup_ratio=0.1", "save_steps=2", "save_total_limit=3")
     run_dir = train(run_config(workdir, "lr-resume", "max_steps=4", *schedule))
     planned = train_rows(train(run_config(workdir, "lr-planned", "max_steps=6", *schedule)))
     step2 = f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"
@@ -182,15 +182,16 @@ def test_resuming_at_max_steps_ends_the_run_there(workdir, capsys):
 def test_a_damaged_checkpoint_is_refused_with_the_one_before(workdir, capsys):
     """Saves are atomic, so a checkpoint lacking a file was damaged after it: resuming from it names
     the file and the checkpoint before; one without this process's random state resumes with a note."""
-    run_dir = train(run_config(workdir, "damaged", "save_steps=1", "max_steps=3", "data.eval=null"))
-    (run_dir / "checkpoints" / "step-2" / "optimizer.pt").unlink()
+    settings = ("save_steps=1", "max_steps=3", "data.eval=null", "save_total_limit=3")
+    run_dir = train(run_config(workdir, "damaged", *settings))
+    (run_dir / "checkpoints" / "step-3" / "optimizer.pt").unlink()
     with pytest.raises(SystemExit):
-        main(["train", *run_args(workdir, "damaged", "save_steps=1", "max_steps=3", "data.eval=null", "resume_from_checkpoint=latest")])
-    assert "checkpoint" in (err := capsys.readouterr().err) and "step-2 is incomplete, missing optimizer.pt" in err
-    assert f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-1'}" in err
+        main(["train", *run_args(workdir, "damaged", *settings, "resume_from_checkpoint=latest")])
+    assert "checkpoint" in (err := capsys.readouterr().err) and "step-3 is incomplete, missing optimizer.pt" in err
+    assert f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}" in err
     step1 = run_dir / "checkpoints" / "step-1"
     (step1 / "rng_state_0.pt").rename(step1 / "rng_state_1.pt")  # as if saved by a process this run does not have
-    train(run_config(workdir, "damaged", "save_steps=1", "max_steps=3", "data.eval=null", f"resume_from_checkpoint={step1}"))
+    train(run_config(workdir, "damaged", *settings, f"resume_from_checkpoint={step1}"))
     assert "holds no random state for process 0" in capsys.readouterr().out
 
 

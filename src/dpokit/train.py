@@ -28,7 +28,7 @@ from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs, adopt_findings, check_rows_kept_apart, check_window, probe_findings
 from dpokit.losses import PairLogps, preference_loss
 from dpokit.metrics import LogWindow, MetricsLog
-from dpokit.progress import bar, on_terminal
+from dpokit.progress import bar, on_terminal, shown
 from dpokit.reference import (
     AdapterOffReference,
     LiveReference,
@@ -169,8 +169,6 @@ def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair]
     ``reference``: a :class:`dpokit.reference.Reference`, a live :class:`ReplyLogProbs`, or None.
     ``progress``: the label of a bar over the batches on a terminal.
     """
-    from dpokit.progress import shown
-
     reference = as_reference(reference)
     parts = []
     batches = scoring_batches(len(pairs), config.training, accelerator)

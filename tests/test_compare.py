@@ -33,6 +33,28 @@ def test_compare_run_writes_both_columns_for_the_same_prompts(workdir, tmp_path)
         assert prompt in md
 
 
+def test_a_run_trained_on_plain_text_gets_plain_text_prompts(workdir, tmp_path, capsys):
+    """A run trained on strings (format standard) never saw a chat template: --prompts go to it as
+    plain text, as its training prompts went (data.json says each train source's format); a run on
+    conversations still gets them through the template."""
+    from dpokit.train import train
+    from runs import run_config
+
+    data = tmp_path / "plain.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"The sky {i} is", "chosen": " blue.", "rejected": " green."}) + "\n"
+                            for i in range(8)))
+    run = train(run_config(workdir, str(tmp_path / "plain-run"), f"data.train={data}", "data.eval=null", "max_steps=1"))
+    assert json.loads((run / "data.json").read_text())["train"]["format"] == "standard"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The sea is\n")
+    main(["compare", str(run), "--prompts", str(prompts), "--max-new-tokens", "2", "--temperature", "0"])
+    assert "the run trained on plain-text pairs, so the prompts are given as plain text" in capsys.readouterr().out
+    assert _rows(run / "compare.jsonl")[0]["prompt"] == "The sea is"
+    chat_run = trained_run(workdir)
+    main(["compare", str(chat_run), "--prompts", str(prompts), "--max-new-tokens", "2", "--temperature", "0"])
+    assert _rows(chat_run / "compare.jsonl")[0]["prompt"] == [{"role": "user", "content": "The sea is"}]
+
+
 def test_a_section_is_titled_with_the_question_the_reply_answers():
     """A multi-turn prompt's heading was its first turn, a system prompt's the system message (the
     same for every prompt); it is the last user message's first line."""

@@ -28,6 +28,8 @@ def test_run_directory_is_complete(workdir, capsys):
     for name in ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state_0.pt"):
         assert (out / "checkpoints" / "step-4" / name).is_file(), name
     assert (out / "config.yaml").is_file()
+    sources = json.loads((out / "data.json").read_text())  # what became of each dataset
+    assert set(sources) == {"train", "eval"} and sources["train"]["tokenize"]["kept"] > 0 and sources["train"]["format"]
     for name in ("loss.png", "rewards_accuracies.png", "rewards_margins.png", "rewards_chosen_rejected.png"):
         assert (out / "plots" / name).is_file(), name
     summary = summary_items(capsys.readouterr().out)
@@ -251,7 +253,7 @@ def test_an_output_dir_holds_one_run(workdir, capsys):
         (run_dir / name).write_text("{}")
     train(run_config(workdir, "one-run", "max_steps=2", "overwrite_output_dir=true"))
     assert not (run_dir / "checkpoints").exists() and (run_dir / "final").is_dir()
-    assert sorted(p.name for p in run_dir.glob("*.*")) == ["config.yaml", "metrics.jsonl", "notes.md"]  # the old run's gone
+    assert sorted(p.name for p in run_dir.glob("*.*")) == ["config.yaml", "data.json", "metrics.jsonl", "notes.md"]  # the old run's gone
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2]
     with pytest.raises(SystemExit):  # nothing to continue from: not advised
         main(["train", *run_args(workdir, "one-run", "overwrite_output_dir=false")])

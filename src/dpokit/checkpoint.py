@@ -139,7 +139,9 @@ def save_checkpoint(
 
 TRACKER_DIR = "dpokit"
 """The trackers' run name: TensorBoard writes its events into ``output_dir/dpokit/``."""
-RUN_OUTPUTS = ("checkpoints", "final", "plots", "metrics.jsonl", TRACKER_DIR)
+DATA_FILE = "data.json"
+"""In a run's folder: what became of each dataset (its format, rows, pairs, drops), as logged at start."""
+RUN_OUTPUTS = ("checkpoints", "final", "plots", "metrics.jsonl", DATA_FILE, TRACKER_DIR)
 """What a run writes into its ``output_dir`` besides ``config.yaml``."""
 USE_OUTPUTS = ("eval*.json", "compare*.md", "compare*.jsonl")
 """What ``dpokit eval`` and ``compare`` write into a run's folder (of that run's models)."""

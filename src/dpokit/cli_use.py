@@ -146,7 +146,7 @@ def _check_prompt_source(prompts: str | None, from_data: str | None, split: str)
 def _compare(args) -> None:
     from dpokit.compare import compare, write_comparison
     from dpokit.config import ConfigError
-    from dpokit.generate import prompts_from_data, read_prompt_file
+    from dpokit.generate import as_plain_text, prompts_from_data, read_prompt_file, trained_on_plain_text
     from dpokit.resolve import output_dir, resolve_model
 
     settings = _settings(args)
@@ -157,6 +157,9 @@ def _compare(args) -> None:
     _check_prompt_source(args.prompts, args.from_data, args.split)
     if args.prompts:
         prompts = read_prompt_file(args.prompts)[: args.n]
+        if trained_on_plain_text(resolve_model(args.model).run_dir):  # as it trained: no chat template
+            prompts = as_plain_text(prompts)
+            print("compare: the run trained on plain-text pairs, so the prompts are given as plain text")
     else:  # read as the run read its data (format, columns, system prompt), as eval reads --data
         run_config = resolve_model(args.model).run_config
         prompts = prompts_from_data(args.from_data, args.n or 20, args.split, run_config.data if run_config else None)

@@ -116,6 +116,29 @@ def prompts_from_data(path: str, n: int, split: str = "train", data: DataConfig 
     return [pair.prompt for pair in pairs[:n]]
 
 
+PLAIN_TEXT_FORMATS = ("standard", "standard-implicit")
+
+
+def trained_on_plain_text(run_dir: Path | None) -> bool:
+    """Whether the run in ``run_dir`` trained on plain-text pairs only (its ``data.json`` says each
+    train source's format): its prompts were never rendered by a chat template. False for anything
+    else, a run saved before dpokit kept ``data.json`` included."""
+    from dpokit.checkpoint import DATA_FILE
+
+    try:
+        sources = json.loads((run_dir / DATA_FILE).read_text()) if run_dir is not None else {}
+    except (OSError, ValueError):
+        return False
+    train = [s for label, s in sources.items() if label.startswith("train") and isinstance(s, dict)]
+    return bool(train) and all(s.get("format") in PLAIN_TEXT_FORMATS for s in train)
+
+
+def as_plain_text(prompts: list[Prompt]) -> list[Prompt]:
+    """``prompts`` for a model trained on plain text: a lone user message becomes its text (encoded
+    as training encoded its prompts, without a chat template); conversations stay messages."""
+    return [p[0]["content"] if isinstance(p, list) and len(p) == 1 and p[0]["role"] == "user" else p for p in prompts]
+
+
 def prompt_text(prompt: Prompt) -> str:
     """A prompt as readable text: a lone user message is its content, else ``role: content`` lines."""
     if isinstance(prompt, str):

@@ -450,9 +450,10 @@ def _describe_reference(config: Config, sharded: bool) -> str:
     return f"{source} (frozen model kept in memory{', sharded like the policy' if sharded else ''})"
 
 
-def claim_output_dir(out: Path, config: Config, replaced: list[Path], accelerator, say) -> None:
+def claim_output_dir(out: Path, config: Config, replaced: list[Path], accelerator, say, data_stats: dict) -> None:
     """Make ``out`` this run's: remove what of an earlier run it replaces (``replaced``, from
-    :func:`dpokit.checkpoint.outputs_to_replace`) and write the resolved config. Done once the data,
+    :func:`dpokit.checkpoint.outputs_to_replace`) and write the resolved config and what became of
+    each dataset (``data_stats``, :attr:`PreparedData.stats`, into ``data.json``). Done once the data,
     the models and the checkpoint's position have passed their checks, so that a run refused at start
     (a typo in a path, another global batch) leaves the folder as it was."""
     if accelerator.is_main_process:
@@ -463,6 +464,8 @@ def claim_output_dir(out: Path, config: Config, replaced: list[Path], accelerato
                 path.unlink()
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
+        summary = {label: stats.to_dict() for label, stats in data_stats.items()}
+        (out / ckpt.DATA_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     if replaced:
         say(f"removed from {out}: {', '.join(p.name for p in replaced)} "
             f"({'overwrite_output_dir' if config.run.overwrite_output_dir else 'after the checkpoint this run resumes from'})")
@@ -551,7 +554,7 @@ def train(config: Config) -> Path:
         if ahead is not None and ahead > state.step and resume_from.resolve().parent == (out / "checkpoints").resolve():
             say(f"note: {out / 'final'} holds step {ahead}: steps {state.step + 1}-{ahead} are trained again from "
                 f"this checkpoint, and final/ is replaced when the run ends")
-    claim_output_dir(out, config, replaced, accelerator, say)  # every check passed: only now is the folder changed
+    claim_output_dir(out, config, replaced, accelerator, say, data.stats)  # every check passed: only now is the folder changed
     if trackers:  # a resumed run's TensorBoard events after its checkpoint are dropped, as its rows are
         purge = {"tensorboard": {"purge_step": state.step + 1}} if resume_from is not None and "tensorboard" in trackers else {}
         accelerator.init_trackers(ckpt.TRACKER_DIR, config={k: str(v) for k, v in config.to_dict().items()}, init_kwargs=purge)

@@ -314,6 +314,27 @@ def test_estimate_matches_measured_cpu_training_memory(bf16, chunked):
     assert 0.5 <= ratio <= 2.0
 
 
+def test_plan_of_a_run_folder_and_folders_that_are_no_model(tmp_path, capsys):
+    """`dpokit plan RUN_DIR` plans the run's config.yaml; a run's folder or an empty folder given as the
+    model is named for what it is (transformers said "Should have a `model_type` key in its config.json")."""
+    from dpokit.cli import main
+    from dpokit.config import load_config, save_config
+
+    _config().save_pretrained(tmp_path / "m")
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    save_config(load_config(None, [f"model.name_or_path={tmp_path / 'm'}", "data.train=x.jsonl", "max_length=96"],
+                            for_training=False), run / "config.yaml")
+    main(["plan", str(run), "--json"])
+    assert json.loads(capsys.readouterr().out)["run"]["max_length"] == 96
+    (tmp_path / "empty").mkdir()
+    for folder, why in ((run, f"{run} is a dpokit run's folder, not a model: its model is {run / 'final'}"),
+                        (tmp_path / "empty", f"{tmp_path / 'empty'} holds no config.json")):
+        with pytest.raises(SystemExit):
+            main(["plan", f"model.name_or_path={folder}"])
+        assert f"could not read the model config of '{folder}': {why}" in capsys.readouterr().err
+
+
 def test_plan_prints_no_library_warning(tmp_path):
     """peft's FutureWarning about transformers' is_gradient_checkpointing came with every plan (and
     every LoRA run); the command line silences it."""

@@ -72,7 +72,22 @@ def not_here(path: str) -> str:
     return ""
 
 
+def no_model_config(path: str) -> str | None:
+    """Why the local folder ``path`` is no model to load (it holds no ``config.json``; a dpokit run's
+    folder names its model), or None (not a local folder, or one with a config.json)."""
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return None
+    if (folder / "config.yaml").is_file() and ((folder / "final").is_dir() or (folder / "checkpoints").is_dir()):
+        return f"{path} is a dpokit run's folder, not a model: its model is {folder / 'final'} (or a checkpoints/step-N)"
+    return f"{path} holds no config.json, so it is no Hugging Face model folder"
+
+
 def _from_pretrained(loader, path: str, what: str, **kwargs):
+    if what in ("model", "model config") and (why := no_model_config(path)):
+        raise ConfigError(f"could not load the {what} from '{path}': {why}")
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

@@ -44,6 +44,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 QLORA_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 """NF4 with double quantization: 4 bits a weight, one 8-bit absmax per 64-weight block, one
@@ -594,10 +595,12 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
     from transformers import AutoConfig
 
     from dpokit.config import VARLEN_ATTENTION, ConfigError, batch_layout, needs_reference
-    from dpokit.modeling import resolve_model_path
+    from dpokit.modeling import no_model_config, resolve_model_path
 
     mc, t = config.model, config.training
     path = resolve_model_path(mc.name_or_path)
+    if why := no_model_config(path):
+        raise ConfigError(f"could not read the model config of '{mc.name_or_path}': {why}")
     try:
         hf_config = AutoConfig.from_pretrained(path, revision=mc.revision, trust_remote_code=mc.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -725,6 +728,8 @@ def run(args) -> None:
     from dpokit.config import ConfigError, load_config, split_config_argument
 
     config_path, overrides = split_config_argument(args.config, args.overrides)
+    if config_path and Path(config_path).is_dir() and (Path(config_path) / "config.yaml").is_file():
+        config_path = str(Path(config_path) / "config.yaml")  # a run's folder: the config it trained with
     try:
         gpu = parse_size(args.gpu_memory) if args.gpu_memory else None
     except ValueError as e:

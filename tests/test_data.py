@@ -426,6 +426,35 @@ def test_standard_pairs_get_eos_and_bos(chat_tokenizer):
     assert t.rejected_ids == bos_tok("5", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # its end added
 
 
+TOOL_TEMPLATE = (  # ChatML with Qwen2.5's way of writing tool calls and results
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{%- for call in message.get('tool_calls', []) %}"
+    "{{- '<tool_call>' + call['function']['name'] + ' ' + call['function']['arguments'] + '</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_tool_calls_are_rendered_or_the_pair_refused(chat_tokenizer):
+    """Replies that differ only in their tool call train as different replies under a template that
+    renders tool_calls; a template that drops them (as the plain ChatML one here) is refused by name."""
+    call = lambda name: [{"role": "assistant", "content": "", "tool_calls": [  # noqa: E731
+        {"type": "function", "id": "c1", "function": {"name": name, "arguments": "{}"}}]}]
+    pair = Pair([{"role": "user", "content": "Weather in Paris?"}], call("get_weather"), call("get_time"))
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = TOOL_TEMPLATE
+    (tp,), stats = tokenize_pairs([pair], tok, 4096, "drop")
+    assert "<tool_call>get_weather {}</tool_call><|im_end|>" in tok.decode(tp.chosen_ids)
+    assert tp.chosen_ids != tp.rejected_ids and stats.kept == 1
+    with pytest.raises(DataError, match=r"'chosen': the chat template does not render tool calls \(the call to get_weather"):
+        tokenize_pairs([pair], chat_tokenizer, 4096, "drop")
+    _, stats = tokenize_pairs([pair], chat_tokenizer, 4096, "drop", on_error="skip")
+    assert stats.kept == 0 and stats.problems.counts == {"unsupported": 1}
+
+
 def test_conversational_data_needs_a_chat_template(chat_tokenizer):
     tok = copy.deepcopy(chat_tokenizer)
     tok.chat_template = None

@@ -296,17 +296,27 @@ def test_trl_standard_implicit_prompt_is_the_shared_words():
     assert msg_.startswith("data/train.jsonl, row 1: 'chosen' is only whitespace after the text both replies start with")
 
 
-def test_messages_with_tool_calls_are_refused_not_emptied():
-    """An OpenAI-style tool call kept as role/content alone rendered as an empty assistant turn, and
-    replies differing only in their calls were dropped as equal: such rows are refused, said why."""
-    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "id": "c1",
-                                                                "function": {"name": "get_weather", "arguments": "{}"}}]}
-    rows = [{"prompt": [user("Weather in Paris?"), call, {"role": "tool", "tool_call_id": "c1", "content": "18C"}],
+def test_tool_calls_are_kept_for_the_chat_template():
+    """OpenAI-style tool use: an assistant message's tool_calls (content may be null) and a tool
+    result's tool_call_id and name are kept (kept as role and content alone, the call vanished into
+    an empty assistant turn, and replies differing only in their calls were dropped as equal);
+    OpenAI's older function_call is refused, said why."""
+    call = lambda name: {"role": "assistant", "content": None, "tool_calls": [  # noqa: E731
+        {"type": "function", "id": "c1", "function": {"name": name, "arguments": "{\"city\": \"Paris\"}"}}]}
+    result = {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": "18C"}
+    rows = [{"prompt": [user("Weather in Paris?")], "chosen": [call("get_weather")], "rejected": [call("get_time")]},
+            {"prompt": [user("Weather in Paris?"), call("get_weather"), result],
              "chosen": [bot("It is 18C and sunny.")], "rejected": [bot("No idea.")]}]
-    msg_ = _error(rows)
-    assert msg_.startswith("data/train.jsonl, row 1: 'prompt' message 2 has tool_calls, which dpokit does not pass")
-    result = normalize(rows + trl_conversational_rows(), "d", on_error="skip")
-    assert result.dropped == {"unsupported": 1} and len(result.pairs) == len(trl_conversational_rows())
+    (first, second), dropped = to_pairs(rows, "tools")
+    assert not dropped
+    assert first.chosen == [{"role": "assistant", "content": "", "tool_calls": call("get_weather")["tool_calls"]}]
+    assert first.chosen != first.rejected
+    assert second.prompt[2] == result
+    legacy = [{"prompt": [user("Hi")], "chosen": [{"role": "assistant", "content": None,
+                                                    "function_call": {"name": "f", "arguments": "{}"}}],
+               "rejected": [bot("No.")]}]
+    assert _error(legacy).startswith("data/train.jsonl, row 1: 'chosen' message 1 has a function_call (OpenAI's older form)")
+    assert normalize(legacy + trl_conversational_rows(), "d", on_error="skip").dropped == {"unsupported": 1}
 
 
 def test_column_mapping():

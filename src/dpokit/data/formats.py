@@ -115,7 +115,9 @@ def _text(row: dict[str, Any], field: str, hint: str = _STRING_SHAPE, needs: str
 
 
 def _messages(value: Any, field: str) -> list[Message]:
-    """Return ``value`` as a list of ``{"role", "content"}`` string messages (other keys dropped)."""
+    """Return ``value`` as a list of ``{"role", "content"}`` string messages, with OpenAI-style
+    ``tool_calls`` (an assistant's, content then may be null), ``tool_call_id`` and ``name`` (a tool
+    result's) kept for the chat template; other keys dropped."""
     if not isinstance(value, list):
         raise _RowProblem(
             f"'{field}' must be a list of {{\"role\", \"content\"}} messages (the dataset's format is "
@@ -126,21 +128,35 @@ def _messages(value: Any, field: str) -> list[Message]:
     for i, message in enumerate(value, start=1):
         if not isinstance(message, dict):
             raise _RowProblem(f"'{field}' message {i} must be an object with role and content, got {type(message).__name__}", "wrong_type")
-        calls = [key for key in _TOOL_KEYS if message.get(key)]
-        if calls:  # kept role and content alone, the call would vanish (an empty assistant turn) unsaid
-            raise _RowProblem(f"'{field}' message {i} has {' and '.join(calls)}, which dpokit does not pass to the chat "
-                              "template yet: write the call into its content, or remove the row", "unsupported")
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                got = "nothing" if message.get(key) is None else type(message[key]).__name__
-                reason = "missing_field" if message.get(key) is None else "wrong_type"
-                raise _RowProblem(f"'{field}' message {i}: '{key}' must be a string, got {got}", reason)
-        messages.append({"role": message["role"], "content": message["content"]})
+        if message.get("function_call"):  # OpenAI's older single call: no chat template reads it
+            raise _RowProblem(f"'{field}' message {i} has a function_call (OpenAI's older form): give it as "
+                              "tool_calls, which chat templates render, or write the call into its content", "unsupported")
+        calls = message.get("tool_calls") or None
+        if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+            raise _RowProblem(f"'{field}' message {i}: 'tool_calls' must be a list of call objects, got "
+                              f"{type(calls).__name__}", "wrong_type")
+        content = "" if message.get("content") is None and calls else message.get("content")
+        for key, value in (("role", message.get("role")), ("content", content)):
+            if not isinstance(value, str):
+                reason = "missing_field" if value is None else "wrong_type"
+                raise _RowProblem(f"'{field}' message {i}: '{key}' must be a string, got "
+                                  f"{'nothing' if value is None else type(value).__name__}", reason)
+        kept = {"role": message["role"], "content": content}
+        if calls:
+            kept["tool_calls"] = calls
+        kept.update({key: message[key] for key in ("tool_call_id", "name") if isinstance(message.get(key), str)})
+        messages.append(kept)
     return messages
 
 
-_TOOL_KEYS = ("tool_calls", "function_call")
-"""OpenAI-style calls in a message (not passed on: such messages are refused, not silently emptied)."""
+def tool_call_names(message: Message) -> list[str]:
+    """The function names of ``message``'s tool calls (OpenAI's ``{"function": {"name"}}``, or a bare ``name``)."""
+    names = []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call.get("function"), dict) else call
+        if isinstance(function.get("name"), str):
+            names.append(function["name"])
+    return names
 
 
 def _reply(messages: list[Message], field: str) -> list[Message]:
@@ -153,7 +169,7 @@ def _reply(messages: list[Message], field: str) -> list[Message]:
             "(the reply is what the model writes after the prompt)",
             "roles_out_of_order",
         )
-    if not any(m["content"].strip() for m in messages):
+    if not any(m["content"].strip() or m.get("tool_calls") for m in messages):
         raise _RowProblem(f"'{field}' reply is empty; every pair needs two non-empty replies", "empty")
     return messages
 

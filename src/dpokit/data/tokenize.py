@@ -131,6 +131,20 @@ def _apply_template(tokenizer: Any, messages: list[Message], generation_prompt: 
         ) from None
 
 
+def _check_tool_calls_rendered(messages: list[Message], text: str, where: str, field: str) -> None:
+    """Refuse ``messages`` whose tool calls the chat template left out of ``text`` (their rendering):
+    templates without tool support drop them silently, and a call is what the reply says."""
+    from dpokit.data.formats import tool_call_names
+
+    missing = [name for message in messages for name in tool_call_names(message) if name not in text]
+    if missing:
+        raise RowError(
+            f"{where}: '{field}': the chat template does not render tool calls (the call to {missing[0]} is not "
+            "in its text): use a tokenizer whose template renders tool_calls, or write the calls into the content",
+            "unsupported",
+        )
+
+
 def render_chat(pair: Pair, tokenizer: Any, marker: str, where: str = "pair") -> tuple[str, str, str]:
     """Return ``(prompt_text, chosen_text, rejected_text)`` for a conversational ``pair``.
 
@@ -139,9 +153,11 @@ def render_chat(pair: Pair, tokenizer: Any, marker: str, where: str = "pair") ->
     ``marker`` is ``""``). ``prompt_text + reply_text`` is a prefix of the rendered conversation.
     """
     prompt = _apply_template(tokenizer, pair.prompt, True, where, "prompt")
+    _check_tool_calls_rendered(pair.prompt, prompt, where, "prompt")
     replies = []
     for field, reply in (("chosen", pair.chosen), ("rejected", pair.rejected)):
         full = _apply_template(tokenizer, pair.prompt + reply, False, where, field)
+        _check_tool_calls_rendered(reply, full[len(prompt):], where, field)
         if not full.startswith(prompt):
             raise RowError(
                 f"{where}: '{field}': the chat template does not put the reply at the end: the conversation "

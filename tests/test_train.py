@@ -249,11 +249,11 @@ def test_an_output_dir_holds_one_run(workdir, capsys):
     train(run_config(workdir, "one-run", "max_steps=8", "save_steps=1", "save_total_limit=2", "resume_from_checkpoint=latest"))
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4, 5, 6, 7, 8]  # continued past its end
 
-    for name in ("eval.json", "eval-step-4.json", "compare.md", "compare.jsonl", "notes.md"):  # eval/compare's, and a user's
+    for name in ("eval.json", "eval-step-4.json", "compare.md", "compare.jsonl", "notes.md", "evaluation.json"):  # eval/compare's, and a user's
         (run_dir / name).write_text("{}")
     train(run_config(workdir, "one-run", "max_steps=2", "overwrite_output_dir=true"))
     assert not (run_dir / "checkpoints").exists() and (run_dir / "final").is_dir()
-    assert sorted(p.name for p in run_dir.glob("*.*")) == ["config.yaml", "data.json", "metrics.jsonl", "notes.md"]  # the old run's gone
+    assert sorted(p.name for p in run_dir.glob("*.*")) == ["config.yaml", "data.json", "evaluation.json", "metrics.jsonl", "notes.md"]  # the old run's gone
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2]
     with pytest.raises(SystemExit):  # nothing to continue from: not advised
         main(["train", *run_args(workdir, "one-run", "overwrite_output_dir=false")])

@@ -143,7 +143,7 @@ DATA_FILE = "data.json"
 """In a run's folder: what became of each dataset (its format, rows, pairs, drops), as logged at start."""
 RUN_OUTPUTS = ("checkpoints", "final", "plots", "metrics.jsonl", DATA_FILE, TRACKER_DIR)
 """What a run writes into its ``output_dir`` besides ``config.yaml``."""
-USE_OUTPUTS = ("eval*.json", "compare*.md", "compare*.jsonl")
+USE_OUTPUTS = ("eval.json", "eval-step-*.json", "compare.md", "compare.jsonl", "compare-step-*.md", "compare-step-*.jsonl")
 """What ``dpokit eval`` and ``compare`` write into a run's folder (of that run's models)."""
 
 
@@ -184,7 +184,7 @@ def outputs_to_replace(output_dir: Path, resume_from: Path | None, overwrite: bo
         raise FileExistsError(
             f"{output_dir} already holds a run ({'; '.join(found)}), which {start} would mix with: {go_on}; "
             f"choose another output_dir, or set overwrite_output_dir=true to delete its {', '.join(RUN_OUTPUTS)} "
-            f"(and {', '.join(USE_OUTPUTS)}) first"
+            "(and its eval and compare files) first"
         )
     return []
 

@@ -155,14 +155,14 @@ def _compare(args) -> None:
     if args.n is not None and args.n < 1:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
     _check_prompt_source(args.prompts, args.from_data, args.split)
+    policy = resolve_model(args.model)
     if args.prompts:
         prompts = read_prompt_file(args.prompts)[: args.n]
-        if trained_on_plain_text(resolve_model(args.model).run_dir):  # as it trained: no chat template
+        if trained_on_plain_text(policy.run_dir):  # as it trained: no chat template
             prompts = as_plain_text(prompts)
             print("compare: the run trained on plain-text pairs, so the prompts are given as plain text")
     else:  # read as the run read its data (format, columns, system prompt), as eval reads --data
-        run_config = resolve_model(args.model).run_config
-        prompts = prompts_from_data(args.from_data, args.n or 20, args.split, run_config.data if run_config else None)
+        prompts = prompts_from_data(args.from_data, args.n or 20, args.split, policy.run_config.data if policy.run_config else None)
     comparison, model = compare(args.model, prompts, args.reference, settings, args.batch_size, args.dtype)
     md, jsonl = write_comparison(comparison, output_dir(model, args.output_dir), model.file_suffix)
     print(f"wrote {md} and {jsonl}")

@@ -148,9 +148,7 @@ def _source_report(label: str, source, stats, pairs, tokenizer, config, out: Tex
         how = f"set by data.{label}.format" if source.format else "set by data.format"
     lines = [f"{label}: {stats.origin}", f"  format      {stats.format} ({how})"]
     lines.append(f"  rows        {stats.rows} read -> {tok.kept} pairs")
-    drops = dict(stats.dropped)
-    drops.update(tok.drops())
-    lines.append("  dropped     " + (", ".join(f"{n} {reason}" for reason, n in drops.items()) or "none"))
+    lines.append("  dropped     " + (", ".join(f"{n} {reason}" for reason, n in stats.drops().items()) or "none"))
     if stats.problems:
         shown = len(stats.problems.examples)
         lines.append(f"  bad rows    {stats.problems.total} (the first {shown}):")

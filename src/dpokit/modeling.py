@@ -77,10 +77,12 @@ def no_model_config(path: str) -> str | None:
     folder names its model), or None (not a local folder, or one with a config.json)."""
     from pathlib import Path
 
+    from dpokit.resolve import is_run_dir
+
     folder = Path(path).expanduser()
     if not folder.is_dir() or (folder / "config.json").is_file():
         return None
-    if (folder / "config.yaml").is_file() and ((folder / "final").is_dir() or (folder / "checkpoints").is_dir()):
+    if is_run_dir(folder):
         return f"{path} is a dpokit run's folder, not a model: its model is {folder / 'final'} (or a checkpoints/step-N)"
     return f"{path} holds no config.json, so it is no Hugging Face model folder"
 

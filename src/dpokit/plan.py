@@ -726,10 +726,11 @@ def add_parser(sub) -> None:
 
 def run(args) -> None:
     from dpokit.config import ConfigError, load_config, split_config_argument
+    from dpokit.resolve import RUN_CONFIG, is_run_dir
 
     config_path, overrides = split_config_argument(args.config, args.overrides)
-    if config_path and Path(config_path).is_dir() and (Path(config_path) / "config.yaml").is_file():
-        config_path = str(Path(config_path) / "config.yaml")  # a run's folder: the config it trained with
+    if config_path and is_run_dir(Path(config_path)):
+        config_path = str(Path(config_path) / RUN_CONFIG)  # a run's folder: the config it trained with
     try:
         gpu = parse_size(args.gpu_memory) if args.gpu_memory else None
     except ValueError as e:

@@ -37,11 +37,13 @@ class SourceStats:
     cached: str | None = None
     """The cache file the pairs came from, or None when they were tokenized in this run."""
 
+    def drops(self) -> dict[str, int]:
+        """Rows and pairs dropped per reason, those of tokenization (``too_long``, ``equal_tokens``) included."""
+        return {**self.dropped, **self.tokenize.drops()}
+
     def summary(self) -> str:
         """One line of counts, e.g. ``train.jsonl: 100 rows -> 97 pairs (dropped: ...), 3 truncated; format standard (detected)``."""
-        drops = dict(self.dropped)
-        drops.update(self.tokenize.drops())
-        dropped = ", ".join(f"{n} {reason}" for reason, n in drops.items()) or "none"
+        dropped = ", ".join(f"{n} {reason}" for reason, n in self.drops().items()) or "none"
         how = " (detected)" if self.detected else " (data.format)"
         cached = ", from cache" if self.cached else ""
         return (f"{self.origin}: {self.rows} rows -> {self.tokenize.kept} pairs (dropped: {dropped}), "
@@ -143,7 +145,7 @@ def prepare_source(
     stats = SourceStats(opened.origin, rows=len(rows.rows) + rows.problems.total, dropped=dropped, tokenize=tstats,
                         format=result.format, detected=result.detected, problems=problems, notes=notes)
     if not tokenized and not allow_empty:
-        drops = {**dropped, **tstats.drops()}
+        drops = stats.drops()
         hints = [f"the first bad row: {problems.examples[0]}"] if problems.examples else []
         if "chosen_equals_rejected" in drops:
             hints.append("check that chosen and rejected differ")

@@ -690,6 +690,7 @@ PLAN_EPILOG = """\
 examples:
   dpokit plan my.yaml --gpu-memory 80GB
   dpokit plan my.yaml --fsdp 8 --gpu-memory 24GB
+  dpokit plan runs/quickstart --gpu-memory 24GB         (a run's folder: the config it trained with)
   dpokit plan my.yaml per_device_train_batch_size=4 gradient_checkpointing=true --gpu-memory 24GiB
   dpokit plan model.name_or_path=Qwen/Qwen2.5-7B-Instruct max_length=2048 --lora-target q_proj,v_proj --json
 """

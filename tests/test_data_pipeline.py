@@ -150,6 +150,7 @@ def test_second_load_comes_from_the_cache(tmp_path, chat_tokenizer, private_cach
         DataConfig(train=DataSource(path), max_length=65),
         DataConfig(train=DataSource(path), max_length=64, truncation="drop"),
         DataConfig(train=DataSource(path), max_length=64, system_prompt="Be brief."),
+        DataConfig(train=DataSource(path), max_length=64, chat_template_kwargs={"enable_thinking": False}),
     ):
         with pytest.raises(AssertionError, match="tokenized again"):
             load_data(changed, chat_tokenizer, seed=0, log=quiet)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 import torch
 
@@ -43,10 +43,12 @@ HELP = (
 
 @dataclass
 class Conversation:
-    """The system prompt (or None) and the user/assistant turns so far."""
+    """The system prompt (or None) and the user/assistant turns so far; ``template_kwargs``: the chat
+    template's variables (a run's ``data.chat_template_kwargs``, e.g. ``enable_thinking``)."""
 
     system: str | None = None
     turns: list[Message] = field(default_factory=list)
+    template_kwargs: dict[str, Any] | None = None
 
     def messages(self) -> list[Message]:
         """What the chat template renders: the system message first when there is one."""
@@ -85,13 +87,13 @@ def _fit_context(conversation: Conversation, tokenizer, limit: int | None, max_n
     """Prompt ids of the conversation, dropping the oldest exchanges to leave room for the reply
     within ``limit`` positions; None when even the last message alone is too long (that message is
     removed, the earlier ones kept)."""
-    ids = encode_prompt(conversation.messages(), tokenizer)
+    ids = encode_prompt(conversation.messages(), tokenizer, conversation.template_kwargs)
     before = list(conversation.turns)
     dropped = 0
     while limit and len(ids) + max_new_tokens > limit and len(conversation.turns) > 1:
         del conversation.turns[:2]  # the oldest user message and its reply
         dropped += 1
-        ids = encode_prompt(conversation.messages(), tokenizer)
+        ids = encode_prompt(conversation.messages(), tokenizer, conversation.template_kwargs)
     if limit and len(ids) + max_new_tokens > limit:
         conversation.turns[:] = before[:-1]  # keep the conversation; refuse only the new message
         out.write(f"(that message is too long for the model's context of {limit} tokens with "
@@ -200,9 +202,10 @@ def chat(model: str, system: str | None = None, settings: SamplingSettings = Sam
             f"the tokenizer of {resolved.path} has no chat template: dpokit chat needs a chat/instruct model "
             "(or a tokenizer_config.json with a chat_template)"
         )
+    variables = resolved.run_config.data.chat_template_kwargs if resolved.run_config else None  # as the run rendered its pairs
     if system:  # a template without a system role says so now, not at the first message
         try:
-            encode_prompt([{"role": "system", "content": system}, {"role": "user", "content": "Hi"}], tokenizer)
+            encode_prompt([{"role": "system", "content": system}, {"role": "user", "content": "Hi"}], tokenizer, variables)
         except DataError as e:
             raise ConfigError(f"--system: {e}") from None
     lm = load_model(resolved, config).to(generation_device())
@@ -213,4 +216,4 @@ def chat(model: str, system: str | None = None, settings: SamplingSettings = Sam
         except ImportError:
             pass
     out.write(f"chatting with {resolved.path} ({settings.describe()}); {HELP}\n")
-    return chat_loop(lm, tokenizer, Conversation(system=system or None), settings, stdin, out, interactive)
+    return chat_loop(lm, tokenizer, Conversation(system=system or None, template_kwargs=variables), settings, stdin, out, interactive)

@@ -156,14 +156,17 @@ def _compare(args) -> None:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
     _check_prompt_source(args.prompts, args.from_data, args.split)
     policy = resolve_model(args.model)
+    run_data = policy.run_config.data if policy.run_config else None
     if args.prompts:
         prompts = read_prompt_file(args.prompts)[: args.n]
+        variables = [run_data.chat_template_kwargs if run_data else None] * len(prompts)  # as the run rendered its pairs
         if trained_on_plain_text(policy.run_dir):  # as it trained: no chat template
             prompts = as_plain_text(prompts)
             print("compare: the run trained on plain-text pairs, so the prompts are given as plain text")
-    else:  # read as the run read its data (format, columns, system prompt), as eval reads --data
-        prompts = prompts_from_data(args.from_data, args.n or 20, args.split, policy.run_config.data if policy.run_config else None)
-    comparison, model = compare(args.model, prompts, args.reference, settings, args.batch_size, args.dtype)
+    else:  # read as the run read its data (format, columns, system prompt, template variables), as eval reads --data
+        prompts, variables = prompts_from_data(args.from_data, args.n or 20, args.split, run_data)
+    comparison, model = compare(args.model, prompts, args.reference, settings, args.batch_size, args.dtype,
+                                template_kwargs=variables)
     md, jsonl = write_comparison(comparison, output_dir(model, args.output_dir), model.file_suffix)
     print(f"wrote {md} and {jsonl}")
 

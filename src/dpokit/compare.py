@@ -90,12 +90,12 @@ def _fenced(text: str) -> str:
 
 
 def _replies(model: ResolvedModel, dtype: str | None, prompts: list[Prompt], settings: SamplingSettings, batch_size: int,
-             log: Callable[[str], object]) -> list[str]:
+             log: Callable[[str], object], template_kwargs: list[dict[str, Any] | None] | None) -> list[str]:
     """Load ``model``, generate one reply per prompt, free the model."""
     config = model_config(model, dtype)
     tokenizer = load_model_tokenizer(model, config)
     lm = load_model(model, config).to(generation_device())
-    replies = generate_replies(lm, tokenizer, prompts, settings, batch_size, log)
+    replies = generate_replies(lm, tokenizer, prompts, settings, batch_size, log, template_kwargs)
     del lm
     gc.collect()
     if torch.cuda.is_available():
@@ -111,8 +111,10 @@ def compare(
     batch_size: int = 8,
     dtype: str | None = None,
     log: Callable[[str], object] = print,
+    template_kwargs: list[dict[str, Any] | None] | None = None,
 ) -> tuple[Comparison, ResolvedModel]:
-    """Generate the reference's and then the policy's replies to ``prompts``.
+    """Generate the reference's and then the policy's replies to ``prompts`` (their chat template
+    variables: ``template_kwargs``, one per prompt).
 
     Returns the comparison and the resolved policy (see :func:`dpokit.resolve.output_dir`).
     """
@@ -125,9 +127,9 @@ def compare(
         raise ConfigError(f"{policy_model.name} is not a dpokit run{not_here(policy_model.name)}, so it has no default reference: pass --reference MODEL")
     log(f"compare: {len(prompts)} prompts, {settings.describe()}")
     log(f"compare: reference {ref_model.path}")
-    ref_replies = _replies(ref_model, dtype, prompts, settings, batch_size, log)
+    ref_replies = _replies(ref_model, dtype, prompts, settings, batch_size, log, template_kwargs)
     log(f"compare: policy {policy_model.path}")
-    policy_replies = _replies(policy_model, dtype, prompts, settings, batch_size, log)
+    policy_replies = _replies(policy_model, dtype, prompts, settings, batch_size, log, template_kwargs)
     return Comparison(policy_model.path, ref_model.path, settings, prompts, ref_replies, policy_replies), policy_model
 
 

@@ -132,6 +132,10 @@ class DataConfig:
     """Rename columns before detection, e.g. ``{prompt: question, chosen: good, rejected: bad}``."""
     system_prompt: str | None = None
     """System message for conversational pairs that have none (a ``system`` column wins)."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Variables for the chat template of every conversational pair, e.g. ``{enable_thinking: false}``
+    (Qwen3); a row's own ``chat_template_kwargs`` column wins. Generation (compare, chat) of the run
+    uses them too."""
     on_error: Literal["raise", "skip"] = "raise"
     """A bad row: ``raise`` stops with its file, row and field; ``skip`` drops it, counted by reason."""
     cache: bool = True
@@ -300,6 +304,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in args:
             return value
         raise ConfigError(f"'{key}' must be one of {list(args)}, got {value!r}.{_suggest(str(value), [str(a) for a in args])}")
+    if tp is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, e.g. {{enable_thinking: false}}, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = args
         items = value if isinstance(value, list) else [value]
@@ -579,6 +589,10 @@ def validate(config: Config, base_dir: Path | None = None, for_training: bool = 
     train_sources = data_sources(d.train)
     if not train_sources or not all(s.path for s in train_sources):
         raise ConfigError("data.train is not set: give a .jsonl/.json/.parquet/.csv file or a hub dataset id")
+    if d.chat_template_kwargs:
+        from dpokit.data.formats import check_template_kwargs
+
+        check_template_kwargs(d.chat_template_kwargs, "data.chat_template_kwargs", ConfigError)
     for key, sources in (("data.train", train_sources), ("data.eval", data_sources(d.eval))):
         for i, source in enumerate(sources):
             where = f"{key}[{i}]" if len(sources) > 1 else key

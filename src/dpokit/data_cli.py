@@ -196,7 +196,8 @@ def inspect(source: str, overrides: list[str], out: TextIO) -> None:
     hint = " (the default; set model.name_or_path=... for your model's)" if default_model else ""
     print(f"tokenizer: {config.model.name_or_path}{hint}", file=out)
     print(f"settings: max_length={d.max_length} truncation={d.truncation} on_error={d.on_error} "
-          f"(inspect skips bad rows to show them all) system_prompt={d.system_prompt!r}", file=out)
+          f"(inspect skips bad rows to show them all) system_prompt={d.system_prompt!r}"
+          + (f" chat_template_kwargs={d.chat_template_kwargs!r}" if d.chat_template_kwargs else ""), file=out)
     scan = dataclasses.replace(d, on_error="skip")
     tokenizer_id = tokenizer_fingerprint(tokenizer) if d.cache else None
     counts, unusable = [], []
@@ -222,9 +223,17 @@ def inspect(source: str, overrides: list[str], out: TextIO) -> None:
 # ----------------------------------------------------------------------------- convert
 
 
-def trl_row(pair) -> dict[str, Any]:
-    """``pair`` in TRL's shape: message lists for conversational pairs, strings for plain text."""
-    return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, **(pair.meta or {})}
+def trl_row(pair, template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``pair`` in TRL's shape: message lists for conversational pairs, strings for plain text; its
+    chat template variables (``template_kwargs``, ``data.chat_template_kwargs``, updated by the row's
+    own) as the ``tools`` and ``chat_template_kwargs`` columns TRL reads."""
+    row = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, **(pair.meta or {})}
+    variables = {**(template_kwargs or {}), **(pair.template_kwargs or {})} if pair.is_chat else {}
+    if "tools" in variables:
+        row["tools"] = variables.pop("tools")
+    if variables:
+        row["chat_template_kwargs"] = variables
+    return row
 
 
 def convert(source: str, output: str, overrides: list[str], out: TextIO) -> None:
@@ -268,7 +277,7 @@ def convert(source: str, output: str, overrides: list[str], out: TextIO) -> None
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             for pair in written:
-                f.write(json.dumps(trl_row(pair), ensure_ascii=False) + "\n")
+                f.write(json.dumps(trl_row(pair, d.chat_template_kwargs), ensure_ascii=False) + "\n")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

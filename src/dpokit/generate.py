@@ -103,17 +103,21 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     return prompts
 
 
-def prompts_from_data(path: str, n: int, split: str = "train", data: DataConfig | None = None) -> list[Prompt]:
+def prompts_from_data(path: str, n: int, split: str = "train", data: DataConfig | None = None
+                      ) -> tuple[list[Prompt], list[dict[str, Any] | None]]:
     """The prompts of the first ``n`` pairs of a preference dataset dpokit reads, as trained on:
-    strings stay plain text, conversations stay messages. ``data``: a run's data settings, read as
-    ``dpokit eval`` reads its ``--data`` (``format``, ``columns``, ``system_prompt``, ``on_error``)."""
+    strings stay plain text, conversations stay messages; and each one's chat template variables
+    (``data.chat_template_kwargs`` updated by its row's ``tools`` and ``chat_template_kwargs``).
+    ``data``: a run's data settings, read as ``dpokit eval`` reads its ``--data`` (``format``,
+    ``columns``, ``system_prompt``, ``on_error``)."""
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
     data = data or DataConfig()
     source = DataSource(path=path, split=split)
     pairs, _ = to_pairs(load_rows(source), describe(source), format=data.format, columns=data.columns,
                         system_prompt=data.system_prompt, on_error=data.on_error)
-    return [pair.prompt for pair in pairs[:n]]
+    variables = [{**(data.chat_template_kwargs or {}), **(pair.template_kwargs or {})} or None for pair in pairs[:n]]
+    return [pair.prompt for pair in pairs[:n]], variables
 
 
 PLAIN_TEXT_FORMATS = ("standard", "standard-implicit")
@@ -155,12 +159,13 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_prompt(prompt: Prompt, tokenizer) -> list[int]:
-    """Token ids of a prompt: messages through the chat template with its generation prompt
-    (a lone user message is plain text for a tokenizer without one); strings as plain text."""
+def encode_prompt(prompt: Prompt, tokenizer, template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Token ids of a prompt: messages through the chat template with its generation prompt and
+    ``template_kwargs`` (a lone user message is plain text for a tokenizer without one); strings as
+    plain text."""
     if isinstance(prompt, list) and has_chat_template(tokenizer):
         try:
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **(template_kwargs or {}))
         except Exception as e:  # jinja errors: "System role not supported", "roles must alternate", ...
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             hint = (" (this template takes no system message: leave the system prompt out)"
@@ -275,16 +280,17 @@ def fit_prompts(encoded: list[list[int]], limit: int | None, max_new_tokens: int
     return [ids[-room:] if len(ids) > room else ids for ids in encoded]
 
 
-def _encode_numbered(number: int, prompt: Prompt, tokenizer) -> list[int]:
+def _encode_numbered(number: int, prompt: Prompt, tokenizer, template_kwargs: dict[str, Any] | None) -> list[int]:
     try:
-        return encode_prompt(prompt, tokenizer)
+        return encode_prompt(prompt, tokenizer, template_kwargs)
     except DataError as e:
         raise DataError(f"prompt {number}: {e}") from None
 
 
 def generate_replies(model, tokenizer, prompts: list[Prompt], settings: SamplingSettings, batch_size: int = 8,
-                     log: Callable[[str], object] = print) -> list[str]:
-    """One reply per prompt, in order, generated in left-padded batches of ``batch_size``.
+                     log: Callable[[str], object] = print, template_kwargs: list[dict[str, Any] | None] | None = None) -> list[str]:
+    """One reply per prompt, in order, generated in left-padded batches of ``batch_size``; the chat
+    template renders prompt ``k`` with ``template_kwargs[k]`` (none when not given).
 
     The torch RNG is seeded with ``settings.seed`` first, so two models of one vocabulary given
     the same prompts and settings draw the same random stream. Replies are decoded from the new
@@ -294,7 +300,8 @@ def generate_replies(model, tokenizer, prompts: list[Prompt], settings: Sampling
     prepare_for_generation(model, tokenizer, settings)
     pad = model.generation_config.pad_token_id
     device = next(model.parameters()).device
-    encoded = fit_prompts([_encode_numbered(k, p, tokenizer) for k, p in enumerate(prompts, start=1)],
+    variables = template_kwargs or [None] * len(prompts)
+    encoded = fit_prompts([_encode_numbered(k, p, tokenizer, v) for k, (p, v) in enumerate(zip(prompts, variables), start=1)],
                           context_limit(model.config), settings.max_new_tokens, log)
     torch.manual_seed(settings.seed)
     replies = []

@@ -24,6 +24,11 @@ wrong with it, and a one-line example. New shapes are new rows there. In detecti
   ``chosen``/``rejected`` are whole conversations; the prompt is the messages both start with.
   A ``prompt`` column next to them is not used.
 
+Any conversational row may also carry, as TRL reads them, ``tools`` (the tool definitions the
+chat template renders: a list of JSON schema objects, or that list as a JSON string) and
+``chat_template_kwargs`` (an object of template variables, e.g. ``{"enable_thinking": false}``);
+both go to the chat template with this pair (:attr:`Pair.template_kwargs`).
+
 Before detection ``data.columns`` renames columns (``{prompt: question, chosen: good}``);
 after conversion a ``system`` column, else ``data.system_prompt``, becomes the system message
 of a conversational pair that has none (:attr:`Normalized.unused_system` counts the rows whose
@@ -34,6 +39,7 @@ assistant message), and the reply starts with the assistant.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -64,6 +70,8 @@ class Pair:
     rejected: str | list[Message]
     meta: dict[str, Any] | None = field(default=None, compare=False)
     where: str = field(default="", compare=False)
+    template_kwargs: dict[str, Any] | None = field(default=None, compare=False)
+    """The row's own chat template variables: its ``tools`` and ``chat_template_kwargs`` columns."""
 
     @property
     def is_chat(self) -> bool:
@@ -117,7 +125,8 @@ def _text(row: dict[str, Any], field: str, hint: str = _STRING_SHAPE, needs: str
 def _messages(value: Any, field: str) -> list[Message]:
     """Return ``value`` as a list of ``{"role", "content"}`` string messages, with OpenAI-style
     ``tool_calls`` (an assistant's, content then may be null), ``tool_call_id`` and ``name`` (a tool
-    result's) kept for the chat template; other keys dropped."""
+    result's) and an assistant's reasoning (:data:`REASONING_KEYS`) kept for the chat template;
+    other keys dropped."""
     if not isinstance(value, list):
         raise _RowProblem(
             f"'{field}' must be a list of {{\"role\", \"content\"}} messages (the dataset's format is "
@@ -145,6 +154,7 @@ def _messages(value: Any, field: str) -> list[Message]:
         if calls:
             kept["tool_calls"] = calls
         kept.update({key: message[key] for key in ("tool_call_id", "name") if isinstance(message.get(key), str)})
+        kept.update({key: message[key] for key in REASONING_KEYS if isinstance(message.get(key), str) and message[key].strip()})
         messages.append(kept)
     return messages
 
@@ -157,6 +167,63 @@ def tool_call_names(message: Message) -> list[str]:
         if isinstance(function.get("name"), str):
             names.append(function["name"])
     return names
+
+
+REASONING_KEYS = ("reasoning_content", "thinking")
+"""Message keys chat templates read an assistant's reasoning from (Qwen3 and DeepSeek-R1's
+``reasoning_content``, gpt-oss's ``thinking``)."""
+
+TEMPLATE_ONLY_KEYS = ("tool_calls", *REASONING_KEYS)
+"""Message keys only a chat template turns into text: a template that ignores one drops it silently."""
+
+
+def _json_value(row: dict[str, Any], key: str, kind: type, example: str) -> Any:
+    """Row field ``key`` as a ``kind`` (list/dict), parsed when written as JSON text (CSV, some
+    parquet exports); None when absent, null or empty."""
+    value = row.get(key)
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise _RowProblem(f"'{key}' is text but not JSON ({e}); give {example}", "wrong_type") from None
+    if value is None or value == kind():
+        return None
+    if not isinstance(value, kind):
+        raise _RowProblem(f"'{key}' must be {example}, got {type(value).__name__}", "wrong_type")
+    return value
+
+
+def _row_template_kwargs(row: dict[str, Any], pair: Pair) -> dict[str, Any] | None:
+    """The row's ``tools`` and ``chat_template_kwargs`` as chat template arguments, or None."""
+    tools = _json_value(row, "tools", list, "a list of tool definitions (JSON schema objects)")
+    if tools is not None and not all(isinstance(tool, dict) for tool in tools):
+        raise _RowProblem("'tools' must be a list of tool definitions (JSON schema objects), got a list holding "
+                          f"{type(next(t for t in tools if not isinstance(t, dict))).__name__}", "wrong_type")
+    kwargs = _json_value(row, "chat_template_kwargs", dict, 'an object of template variables, e.g. {"enable_thinking": false}')
+    if kwargs is not None:
+        check_template_kwargs(kwargs, "'chat_template_kwargs'", _RowProblem)
+    merged = {**(kwargs or {}), **({"tools": tools} if tools else {})}
+    if merged and not pair.is_chat:
+        given = " and ".join(f"'{key}'" for key in ("tools", "chat_template_kwargs") if row.get(key))
+        raise _RowProblem(f"{given} need conversational pairs (a chat template renders them), but this row is plain "
+                          "text, which is trained as written: give prompt and replies as messages", "unsupported")
+    return merged or None
+
+
+RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "add_generation_prompt", "continue_final_message", "tokenize",
+                            "padding", "truncation", "max_length", "return_tensors", "return_dict",
+                            "return_assistant_tokens_mask", "tokenizer_kwargs")
+"""``apply_chat_template`` arguments dpokit sets itself: not chat template variables."""
+
+
+def check_template_kwargs(kwargs: dict[str, Any], where: str, error: type[Exception]) -> None:
+    """Refuse template variables that are ``apply_chat_template``'s own arguments (dpokit sets them)."""
+    taken = [key for key in kwargs if key in RESERVED_TEMPLATE_KWARGS or not isinstance(key, str)]
+    if taken:
+        raise error(f"{where}: {taken[0]!r} is not a chat template variable (dpokit sets apply_chat_template's "
+                    "own arguments); give template variables only, e.g. enable_thinking")
 
 
 def _reply(messages: list[Message], field: str) -> list[Message]:
@@ -698,6 +765,7 @@ def normalize(
             converted = shape.convert(row)
             pair = _with_system(converted, row, system_prompt)
             _check_unicode(pair)
+            template_kwargs = _row_template_kwargs(row, pair)
         except _RowProblem as problem:
             fail(i, problem)
             continue
@@ -711,7 +779,8 @@ def normalize(
             unused_system["own_system_message" if pair.is_chat else "plain_text"] += 1
         elif pair is converted and system_prompt and pair.is_chat:  # data.system_prompt not given to this pair
             unused_system["system_prompt_own_message"] += 1
-        pairs.append(Pair(pair.prompt, pair.chosen, pair.rejected, meta=_meta(row), where=f"{origin}, {where(i)}"))
+        pairs.append(Pair(pair.prompt, pair.chosen, pair.rejected, meta=_meta(row), where=f"{origin}, {where(i)}",
+                          template_kwargs=template_kwargs))
     return Normalized(pairs, dict(dropped), problems, shape.name, detected, dict(unused_system))
 
 

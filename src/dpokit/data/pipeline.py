@@ -81,6 +81,7 @@ def _settings(source: DataSource, config: DataConfig) -> dict[str, Any]:
         "format": source.format or config.format,
         "columns": column_map(source.columns if source.columns is not None else config.columns),
         "system_prompt": config.system_prompt,
+        "chat_template_kwargs": config.chat_template_kwargs,
         "max_length": config.max_length,
         "truncation": config.truncation,
     }
@@ -116,7 +117,7 @@ def prepare_source(
     )
     try:
         tokenized, tstats = tokenize_pairs(result.pairs, tokenizer, config.max_length, config.truncation,
-                                           config.num_proc, config.on_error)
+                                           config.num_proc, config.on_error, config.chat_template_kwargs)
     except DataError as e:
         if not str(e).startswith(NO_CHAT_TEMPLATE):
             raise
@@ -133,6 +134,9 @@ def prepare_source(
     notes = []
     if config.system_prompt and result.pairs and not result.pairs[0].is_chat:
         notes.append(f"data.system_prompt is not used for {opened.origin}: its pairs are plain text ({result.format}), which has no roles")
+    if config.chat_template_kwargs and result.pairs and not result.pairs[0].is_chat:
+        notes.append(f"data.chat_template_kwargs is not used for {opened.origin}: its pairs are plain text ({result.format}), "
+                     "which no chat template renders")
     if n := result.unused_system.get("plain_text"):
         notes.append(f"the 'system' column of {n} row(s) of {opened.origin} is not used: its pairs are plain text "
                      f"({result.format}), which has no roles; give the prompt as messages to train with a system message")

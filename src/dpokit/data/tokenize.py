@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from dpokit.data.formats import Message, Pair
+from dpokit.data.formats import TEMPLATE_ONLY_KEYS, Message, Pair, tool_call_names
 from dpokit.data.sources import DataError, Problems, RowError
 
 _SENTINEL = "\u2063dpokit-sentinel-reply\u2063"
@@ -93,7 +94,7 @@ def _has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def end_of_turn_marker(tokenizer: Any) -> str:
+def end_of_turn_marker(tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> str:
     """Return the text the chat template writes right after an assistant message's content.
 
     Found by rendering a dummy conversation whose assistant content is a sentinel and taking
@@ -105,7 +106,7 @@ def end_of_turn_marker(tokenizer: Any) -> str:
                         "plain-text pairs (prompt, chosen and rejected as strings: format standard)")
     dummy = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
     try:
-        text = tokenizer.apply_chat_template(dummy, tokenize=False)
+        text = tokenizer.apply_chat_template(dummy, tokenize=False, **(template_kwargs or {}))
     except Exception as e:
         raise DataError(f"the tokenizer's chat template fails on a plain user/assistant exchange: {e}") from None
     if _SENTINEL not in text:
@@ -119,9 +120,10 @@ def template_refusal(messages: list[Message], error: object) -> str:
     return f"the chat template cannot render messages with roles [{', '.join(m['role'] for m in messages)}]: {error}"
 
 
-def _apply_template(tokenizer: Any, messages: list[Message], generation_prompt: bool, where: str, field: str) -> str:
+def _apply_template(tokenizer: Any, messages: list[Message], generation_prompt: bool, where: str, field: str,
+                    template_kwargs: dict[str, Any]) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **template_kwargs)
     except Exception as e:  # jinja errors, "roles must alternate", ...
         raise RowError(
             f"{where}: '{field}': {template_refusal(messages, e)}. "
@@ -131,33 +133,46 @@ def _apply_template(tokenizer: Any, messages: list[Message], generation_prompt: 
         ) from None
 
 
-def _check_tool_calls_rendered(messages: list[Message], text: str, where: str, field: str) -> None:
-    """Refuse ``messages`` whose tool calls the chat template left out of ``text`` (their rendering):
-    templates without tool support drop them silently, and a call is what the reply says."""
-    from dpokit.data.formats import tool_call_names
+def _check_template_only_keys_rendered(messages: list[Message], text: str, render: Callable[[list[Message]], str],
+                                      keys: Sequence[str], where: str, field: str) -> None:
+    """Refuse ``messages`` whose tool calls or reasoning (``keys``) the chat template leaves out of
+    ``text``, their rendering: ``render`` of the messages without them must give another text.
+    Templates without tool support drop calls silently, and a call is what the reply says."""
+    for key in keys:
+        if any(key in message for message in messages):
+            without = [{k: v for k, v in message.items() if k != key} for message in messages]
+            if render(without) == text:
+                names = [name for message in messages for name in tool_call_names(message)]
+                what = (f"tool calls (the call to {names[0] if names else 'a tool'} is left out)" if key == "tool_calls"
+                        else f"an assistant's reasoning ('{key}')")
+                raise RowError(
+                    f"{where}: '{field}': the chat template does not render {what}: its text is the same without "
+                    "them. Use a tokenizer whose template renders '{key}', or write it into the content",
+                    "unsupported",
+                )
 
-    missing = [name for message in messages for name in tool_call_names(message) if name not in text]
-    if missing:
-        raise RowError(
-            f"{where}: '{field}': the chat template does not render tool calls (the call to {missing[0]} is not "
-            "in its text): use a tokenizer whose template renders tool_calls, or write the calls into the content",
-            "unsupported",
-        )
 
-
-def render_chat(pair: Pair, tokenizer: Any, marker: str, where: str = "pair") -> tuple[str, str, str]:
+def render_chat(pair: Pair, tokenizer: Any, marker: str, where: str = "pair",
+                template_kwargs: dict[str, Any] | None = None) -> tuple[str, str, str]:
     """Return ``(prompt_text, chosen_text, rejected_text)`` for a conversational ``pair``.
 
     ``prompt_text`` ends with the generation prompt (e.g. ``<|im_start|>assistant\\n``); each
     reply text runs from there to the end of ``marker``'s last occurrence (all of it when
     ``marker`` is ``""``). ``prompt_text + reply_text`` is a prefix of the rendered conversation.
+    The template gets ``template_kwargs`` (``data.chat_template_kwargs``), updated by the pair's own
+    (its row's ``tools`` and ``chat_template_kwargs``).
     """
-    prompt = _apply_template(tokenizer, pair.prompt, True, where, "prompt")
-    _check_tool_calls_rendered(pair.prompt, prompt, where, "prompt")
+    kwargs = {**(template_kwargs or {}), **(pair.template_kwargs or {})}
+    prompt = _apply_template(tokenizer, pair.prompt, True, where, "prompt", kwargs)
+    # a prompt's earlier reasoning may be left out by design (Qwen3 keeps only the last turn's)
+    _check_template_only_keys_rendered(pair.prompt, prompt, lambda m: _apply_template(tokenizer, m, True, where, "prompt", kwargs),
+                                       ("tool_calls",), where, "prompt")
     replies = []
     for field, reply in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-        full = _apply_template(tokenizer, pair.prompt + reply, False, where, field)
-        _check_tool_calls_rendered(reply, full[len(prompt):], where, field)
+        full = _apply_template(tokenizer, pair.prompt + reply, False, where, field, kwargs)
+        _check_template_only_keys_rendered(
+            reply, full, lambda m: _apply_template(tokenizer, pair.prompt + m, False, where, field, kwargs),
+            TEMPLATE_ONLY_KEYS, where, field)
         if not full.startswith(prompt):
             raise RowError(
                 f"{where}: '{field}': the chat template does not put the reply at the end: the conversation "
@@ -190,9 +205,11 @@ def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[
 
 
 def _encode_pairs(
-    pairs: Sequence[Pair], tokenizer: Any, marker: str | None, first: int, on_error: str = "raise", problems: Problems | None = None
+    pairs: Sequence[Pair], tokenizer: Any, marker: str | None, first: int, on_error: str = "raise", problems: Problems | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[TokenizedPair | None]:
-    """Return the untruncated :class:`TokenizedPair` of each pair; ``first`` numbers them in errors.
+    """Return the untruncated :class:`TokenizedPair` of each pair; ``first`` numbers them in errors;
+    ``template_kwargs`` go to the chat template (:func:`render_chat`).
 
     A pair the chat template cannot render raises :class:`RowError`, or under ``on_error="skip"``
     is counted in ``problems`` and comes back as None. A string pair's prompt gets the tokenizer's
@@ -204,7 +221,7 @@ def _encode_pairs(
     for i, pair in enumerate(pairs, start=first):
         if pair.is_chat:
             try:
-                texts = render_chat(pair, tokenizer, marker or "", where=pair.where or f"pair {i}")
+                texts = render_chat(pair, tokenizer, marker or "", where=pair.where or f"pair {i}", template_kwargs=template_kwargs)
             except RowError as e:
                 if on_error != "skip" or problems is None:
                     raise RowError(f"{e} (or set data.on_error=skip to drop such pairs, counted)", e.reason) from None
@@ -315,7 +332,8 @@ def fit_length(
     return fitted, prompt_cut or replies_cut
 
 
-def _drop_old_turns(pair: Pair, encoded: TokenizedPair, tokenizer: Any, marker: str | None, max_length: int, number: int) -> TokenizedPair | None:
+def _drop_old_turns(pair: Pair, encoded: TokenizedPair, tokenizer: Any, marker: str | None, max_length: int, number: int,
+                    template_kwargs: dict[str, Any] | None = None) -> TokenizedPair | None:
     """Re-encode a too-long chat ``pair`` without its oldest whole turns, or None if that is not needed.
 
     The prompt's budget is the one :func:`fit_length` gives it; turns (a user message and what
@@ -334,8 +352,8 @@ def _drop_old_turns(pair: Pair, encoded: TokenizedPair, tokenizer: Any, marker: 
         return None
 
     def encoded_from(start: int) -> TokenizedPair:
-        (shorter,) = _encode_pairs([Pair(head + body[start:], pair.chosen, pair.rejected, where=pair.where)],
-                                   tokenizer, marker, number)
+        (shorter,) = _encode_pairs([dataclasses.replace(pair, prompt=head + body[start:])], tokenizer, marker, number,
+                                   template_kwargs=template_kwargs)
         return shorter
 
     # the prompt shrinks as turns go: binary search for the most turns that fit (a 1000-turn
@@ -353,18 +371,19 @@ def _drop_old_turns(pair: Pair, encoded: TokenizedPair, tokenizer: Any, marker: 
 
 def _tokenize_chunk(args: tuple) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize and fit one chunk of pairs; top-level so a process pool can run it."""
-    pairs, tokenizer, max_length, truncation, marker, first, on_error = args
+    pairs, tokenizer, max_length, truncation, marker, first, on_error, template_kwargs = args
     stats = TokenizeStats(total=len(pairs))
     bos = tokenizer.bos_token_id
     out = []
-    for i, (pair, encoded) in enumerate(zip(pairs, _encode_pairs(pairs, tokenizer, marker, first, on_error, stats.problems))):
+    encoded_pairs = _encode_pairs(pairs, tokenizer, marker, first, on_error, stats.problems, template_kwargs)
+    for i, (pair, encoded) in enumerate(zip(pairs, encoded_pairs)):
         if encoded is None:
             continue
         stats.lengths.append((len(encoded.prompt_ids), len(encoded.chosen_ids), len(encoded.rejected_ids)))
         turns_dropped = False
         too_long = len(encoded.prompt_ids) + max(len(encoded.chosen_ids), len(encoded.rejected_ids)) > max_length
         if too_long and truncation == "truncate" and pair.is_chat:
-            shorter = _drop_old_turns(pair, encoded, tokenizer, marker, max_length, first + i)
+            shorter = _drop_old_turns(pair, encoded, tokenizer, marker, max_length, first + i, template_kwargs)
             if shorter is not None:
                 encoded, turns_dropped = shorter, True
         tails = (1, 1)
@@ -393,6 +412,7 @@ def tokenize_pairs(
     truncation: str,
     num_proc: int | None = None,
     on_error: str = "raise",
+    template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize ``pairs`` and apply the length rule; return the kept pairs in order and counts.
 
@@ -402,15 +422,17 @@ def tokenize_pairs(
     identical to ``num_proc=None``. Raises :class:`DataError` for conversational pairs when the
     tokenizer has no usable chat template, and :class:`RowError` (naming the pair's file and row)
     when the template cannot render a pair; under ``on_error="skip"`` such pairs are counted in
-    ``stats.problems`` instead.
+    ``stats.problems`` instead. ``template_kwargs`` (``data.chat_template_kwargs``) go to the chat
+    template with every conversational pair, updated by the pair's own.
     """
     if truncation not in ("truncate", "drop"):
         raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
-    marker = end_of_turn_marker(tokenizer) if any(p.is_chat for p in pairs) else None
+    marker = end_of_turn_marker(tokenizer, template_kwargs) if any(p.is_chat for p in pairs) else None
     if not num_proc or num_proc <= 1 or len(pairs) < 2 * num_proc:
-        return _tokenize_chunk((list(pairs), tokenizer, max_length, truncation, marker, 1, on_error))
+        return _tokenize_chunk((list(pairs), tokenizer, max_length, truncation, marker, 1, on_error, template_kwargs))
     size = math.ceil(len(pairs) / (4 * num_proc))
-    chunks = [(list(pairs[s : s + size]), tokenizer, max_length, truncation, marker, s + 1, on_error) for s in range(0, len(pairs), size)]
+    chunks = [(list(pairs[s : s + size]), tokenizer, max_length, truncation, marker, s + 1, on_error, template_kwargs)
+              for s in range(0, len(pairs), size)]
     # spawn, not fork: the parent may hold torch and tokenizers threads, which fork can deadlock.
     with multiprocessing.get_context("spawn").Pool(num_proc) as pool:
         results = pool.map(_tokenize_chunk, chunks)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from dpokit.config import VARLEN_ATTENTION, ConfigError, ModelConfig
+from dpokit.hub import OFFLINE_HINT, unreachable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -90,6 +92,9 @@ def no_model_config(path: str) -> str | None:
 def _from_pretrained(loader, path: str, what: str, **kwargs):
     if what in ("model", "model config") and (why := no_model_config(path)):
         raise ConfigError(f"could not load the {what} from '{path}': {why}")
+    if not Path(path).expanduser().exists() and (why := unreachable(path, "model")):
+        raise ConfigError(f"could not load the {what} from '{path}'{not_here(path)}: {why}.\n"
+                          f"Give a local folder with config.json and weights or builtin:tiny-qwen2, or {OFFLINE_HINT}.")
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

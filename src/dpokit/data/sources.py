@@ -403,6 +403,11 @@ def _load_saved_dataset(path: Path, split: str):
 def _load_hub(source: DataSource):
     import datasets
 
+    from dpokit.hub import OFFLINE_HINT, unreachable
+
+    if why := unreachable(source.path, "dataset"):
+        raise DataError(f"could not load '{source.path}' from the Hugging Face Hub: {why}. No local file or folder "
+                        f"named '{source.path}' exists either; give a .jsonl/.json/.parquet/.csv file, or {OFFLINE_HINT}")
     try:
         return datasets.load_dataset(source.path, name=source.name, split=source.split, revision=source.revision)
     except Exception as e:  # network, auth, unknown id, unknown split: all end up here

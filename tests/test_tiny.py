@@ -303,3 +303,19 @@ def test_quickstart_files_match_generator(tmp_path):
         assert [json.loads(x) for x in lines] == generate_pairs(n, seed), f"regenerate {name}.jsonl"
     size = sum(p.stat().st_size for p in shipped.glob("*.jsonl"))
     assert size < 2_000_000
+
+
+def test_a_builtin_is_named_as_given_in_reports(tmp_path):
+    """eval.json, compare.md and the log lines name a builtin reference ``builtin:tiny-qwen2``, not
+    the cache folder it was built in."""
+    from dpokit.config import Config, DataConfig, DataSource, save_config
+    from dpokit.resolve import default_reference, resolve_model
+
+    model = resolve_model("builtin:tiny-qwen2")
+    assert model.shown == "builtin:tiny-qwen2" and Path(model.path).is_dir()
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(Config(data=DataConfig(train=DataSource("pairs.jsonl"))), run / "config.yaml")
+    tiny.build_tiny_model(run / "final", num_hidden_layers=1, hidden_size=32)
+    assert default_reference(resolve_model(str(run))).shown == "builtin:tiny-qwen2"
+    assert resolve_model(str(run)).shown == str(run / "final")  # folders keep their path

@@ -199,7 +199,7 @@ def chat(model: str, system: str | None = None, settings: SamplingSettings = Sam
     tokenizer = load_model_tokenizer(resolved, config)
     if not has_chat_template(tokenizer):
         raise ConfigError(
-            f"the tokenizer of {resolved.path} has no chat template: dpokit chat needs a chat/instruct model "
+            f"the tokenizer of {resolved.shown} has no chat template: dpokit chat needs a chat/instruct model "
             "(or a tokenizer_config.json with a chat_template)"
         )
     variables = resolved.run_config.data.chat_template_kwargs if resolved.run_config else None  # as the run rendered its pairs
@@ -215,5 +215,5 @@ def chat(model: str, system: str | None = None, settings: SamplingSettings = Sam
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    out.write(f"chatting with {resolved.path} ({settings.describe()}); {HELP}\n")
+    out.write(f"chatting with {resolved.shown} ({settings.describe()}); {HELP}\n")
     return chat_loop(lm, tokenizer, Conversation(system=system or None, template_kwargs=variables), settings, stdin, out, interactive)

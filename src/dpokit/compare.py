@@ -126,11 +126,11 @@ def compare(
     if ref_model is None:
         raise ConfigError(f"{policy_model.name} is not a dpokit run{not_here(policy_model.name)}, so it has no default reference: pass --reference MODEL")
     log(f"compare: {len(prompts)} prompts, {settings.describe()}")
-    log(f"compare: reference {ref_model.path}")
+    log(f"compare: reference {ref_model.shown}")
     ref_replies = _replies(ref_model, dtype, prompts, settings, batch_size, log, template_kwargs)
-    log(f"compare: policy {policy_model.path}")
+    log(f"compare: policy {policy_model.shown}")
     policy_replies = _replies(policy_model, dtype, prompts, settings, batch_size, log, template_kwargs)
-    return Comparison(policy_model.path, ref_model.path, settings, prompts, ref_replies, policy_replies), policy_model
+    return Comparison(policy_model.shown, ref_model.shown, settings, prompts, ref_replies, policy_replies), policy_model
 
 
 def write_comparison(comparison: Comparison, folder: Path, suffix: str = "") -> tuple[Path, Path]:

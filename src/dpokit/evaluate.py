@@ -199,7 +199,7 @@ def evaluate_model(
     load_cfg = model_config(policy_model, dtype)
     tokenizer = load_model_tokenizer(policy_model, load_cfg)
     ref_tokenizer = load_model_tokenizer(ref_model, model_config(ref_model, load_cfg.dtype))
-    _check_same_vocab(tokenizer, ref_tokenizer, ref_model.path, policy_model.path)
+    _check_same_vocab(tokenizer, ref_tokenizer, ref_model.shown, policy_model.shown)
     accelerator = _accelerator()
     if not accelerator.is_main_process:  # launched on several processes: one says what is loaded
         log = lambda line: None  # noqa: E731
@@ -221,4 +221,4 @@ def evaluate_model(
     metrics = eval_metrics(stats)
     metrics["eval/logps/accuracies"] = (stats["logps/chosen"] > stats["logps/rejected"]).float().mean().item()
     metrics.update(logp_preference(table[:, 0], table[:, 1], "eval/ref_logps/"))
-    return EvalReport(policy_model.path, ref_model.path, origin, len(pairs), metrics), policy_model
+    return EvalReport(policy_model.shown, ref_model.shown, origin, len(pairs), metrics), policy_model

@@ -58,6 +58,12 @@ class ResolvedModel:
         return self.given or self.path
 
     @property
+    def shown(self) -> str:
+        """How reports and logs name the model: its folder or hub id, a builtin by its name
+        (``builtin:tiny-qwen2``, not the cache folder it was built in)."""
+        return self.given if self.given.startswith("builtin:") else self.path
+
+    @property
     def is_adapter(self) -> bool:
         """True for a LoRA adapter folder (it has ``adapter_config.json``)."""
         return (Path(self.path) / ADAPTER_FILE).is_file()

@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+import dpokit.hub
 from dpokit.config import ConfigError, DataConfig, DataSource, load_config
 from dpokit.data import cache, pipeline
 from dpokit.data.formats import Pair, normalize
@@ -409,6 +410,7 @@ def test_hub_subset_split_and_revision_reach_load_dataset(monkeypatch, chat_toke
                                             "overall_response": 1, "safety_rate_1": 3}] * 2)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(dpokit.hub, "unreachable", lambda repo_id, kind: None)  # the hub "answers"
     source = DataSource("PKU-Alignment/Align-Anything", name="text-to-text", split="val", revision="abc123")
     lines: list[str] = []
     data = load_data(DataConfig(train=source), chat_tokenizer, seed=0, log=lines.append)

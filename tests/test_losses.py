@@ -95,6 +95,17 @@ def test_reward_statistics_follow_trl():
     assert stats["logps/chosen"].item() == -10.0 and stats["logps/rejected"].item() == -12.0
 
 
+def test_accuracy_of_a_diverged_pair_is_nan_not_zero():
+    """NaN log-probs (a diverged run) compared False, so such a run logged accuracy 0, a real-looking
+    value, while its loss and margins said non-finite."""
+    nan = torch.tensor([float("nan"), -10.0])
+    diverged = PairLogps(chosen=nan, rejected=torch.tensor([-12.0, -12.0]), chosen_tokens=torch.tensor([3.0, 3.0]),
+                         rejected_tokens=torch.tensor([4.0, 4.0]), ref_chosen=torch.tensor([-11.0, -11.0]),
+                         ref_rejected=torch.tensor([-11.5, -11.5]))
+    accuracy = preference_loss(diverged, ["sigmoid"], beta=0.1)[1]["rewards/accuracies"]
+    assert accuracy.isnan().tolist() == [True, False] and accuracy[1].item() == 1.0
+
+
 def test_pairwise_loss_without_reference_is_an_error():
     free = PairLogps(chosen=LOGPS.chosen, rejected=LOGPS.rejected, chosen_tokens=LOGPS.chosen_tokens, rejected_tokens=LOGPS.rejected_tokens)
     with pytest.raises(ValueError, match="reference"):

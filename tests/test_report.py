@@ -230,11 +230,25 @@ def test_train_curves_smoothed_but_not_learning_rate(tmp_path, monkeypatch):
     import dpokit.report as report
 
     calls = []
-    real = report._ema
-    monkeypatch.setattr(report, "_ema", lambda v, span: calls.append(len(v)) or real(v, span))
+    real = report._centered_mean
+    monkeypatch.setattr(report, "_centered_mean", lambda v, half: calls.append(len(v)) or real(v, half))
     rows = [{"step": s, "loss": 1.0 / s, "learning_rate": 1e-5 * s} for s in range(1, 31)]
     write_plots(rows, tmp_path)
     assert calls == [30, 30]  # loss.png and the overview's loss panel, never learning_rate
     calls.clear()
     write_plots(rows[:20], tmp_path)  # 20 points or fewer: raw only
     assert calls == []
+
+
+def test_smoothing_is_centered_and_said_in_the_legend(tmp_path, monkeypatch):
+    """A trailing average drew a falling loss well above its logged values (0.34 against 0.24 at
+    step 50 of the quickstart), as if train and eval parted: the mean is centered, so a straight
+    line stays where it is, and the legend names both the logged and the smoothed line."""
+    import dpokit.report as report
+
+    assert report._centered_mean([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2) == [2.0, 2.5, 3.0, 4.0, 4.5, 5.0]
+    labels = []
+    real = report._draw
+    monkeypatch.setattr(report, "_draw", lambda ax, *a, **k: (real(ax, *a, **k), labels.append(ax.get_legend_handles_labels()[1])))
+    write_plots([{"step": s, "loss": 1.0 - 0.01 * s} for s in range(1, 81)], tmp_path)
+    assert labels[0] == ["train (logged)", "train (mean of 5 rows)"]

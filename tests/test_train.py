@@ -215,11 +215,14 @@ def test_resume_between_logged_rows_logs_what_an_uninterrupted_run_logs(workdir)
 def test_progress_into_a_log_file_is_a_line_per_logged_step(workdir, capsys):
     """Off a terminal (output redirected to a file) a bar's redraws piled up into one long line: each
     logged step is a plain line instead, and the reference and eval passes draw nothing."""
-    train(run_config(workdir, "progress-lines", "max_steps=2", "progress_bar=true"))
+    run_dir = train(run_config(workdir, "progress-lines", "max_steps=3", "progress_bar=true", "eval_steps=2"))
     captured = capsys.readouterr()
-    lines = [line for line in captured.out.splitlines() if line.startswith("step ")]
-    assert [line.split(":")[0] for line in lines] == ["step 1/2", "step 2/2"]
-    assert all("loss=" in line and "tok_s=" in line for line in lines)
+    lines = [line for line in captured.out.splitlines() if line.startswith(("step ", "eval "))]
+    assert [line.split(":")[0] for line in lines] == ["step 1/3", "step 2/3", "eval at step 2", "step 3/3", "eval at step 3"]
+    assert all("loss=" in line and "tok_s=" in line for line in lines if line.startswith("step"))
+    evals = [row for row in read_rows(run_dir) if "eval/loss" in row]
+    assert lines[2] == (f"eval at step 2: loss={evals[0]['eval/loss']:.4f}, acc={evals[0]['eval/rewards/accuracies']:.2f}, "
+                        f"margin={evals[0]['eval/rewards/margins']:.3f}")
     assert "\r" not in captured.err and "it/s" not in captured.err
 
 

@@ -276,6 +276,7 @@ def test_a_diverged_run_writes_strict_json_and_says_so(workdir, capsys):
     assert all(r["eval/seconds"] > 0 for r in rows if "eval/loss" in r)
     items = summary_items(capsys.readouterr().out)
     assert items["train loss"] == f"non-finite since step {first_bad}"
+    assert items["train accuracy"] == f"non-finite since step {first_bad}"  # not a real-looking 0
     assert float(items["wall time"].rstrip("s")) >= float(items["step time"].rstrip("s"))
     assert json.loads((out / "final" / "dpokit_step.json").read_text()) == {"step": 4}
 

@@ -166,7 +166,9 @@ def preference_loss(
         stats = {
             "rewards/chosen": reward_chosen,
             "rewards/rejected": reward_rejected,
-            "rewards/accuracies": (reward_chosen > reward_rejected).float(),
+            # NaN where a reward is not finite (a diverged run): NaN > NaN is False, a real-looking 0
+            "rewards/accuracies": (reward_chosen > reward_rejected).float().masked_fill(
+                ~(reward_chosen - reward_rejected).isfinite(), float("nan")),
             "rewards/margins": reward_chosen - reward_rejected,
             "logps/chosen": logps.chosen.detach(),
             "logps/rejected": logps.rejected.detach(),

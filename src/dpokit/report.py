@@ -22,7 +22,7 @@ from pathlib import Path
 
 EVAL_PREFIX = "eval/"
 DPI = 110
-EMA_MIN_POINTS = 20  # smooth train curves only when there are more points than this
+SMOOTH_MIN_POINTS = 20  # smooth train curves only when there are more points than this
 UNSMOOTHED = {"learning_rate"}  # schedules are exact: never smoothed
 
 TRAIN_COLOR = "#1f77b4"
@@ -91,14 +91,22 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return steps, [by_step[s] for s in steps]
 
 
-def _ema(values: list[float], span: int) -> list[float]:
-    """Exponential moving average, started at the first value."""
-    alpha = 2.0 / (span + 1.0)
-    out, acc = [], values[0]
+def _centered_mean(values: list[float], half: int) -> list[float]:
+    """Each value replaced by the mean of the ``half`` values either side of it and itself (fewer at
+    the ends): smooth, and level with the logged values, where a trailing average lags behind them."""
+    sums = [0.0]
     for v in values:
-        acc = alpha * v + (1.0 - alpha) * acc
-        out.append(acc)
+        sums.append(sums[-1] + v)
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        out.append((sums[hi] - sums[lo]) / (hi - lo))
     return out
+
+
+def smoothing_half_width(points: int) -> int:
+    """How many rows either side a train curve of ``points`` rows is averaged over."""
+    return max(2, points // 40)
 
 
 # ---------------------------------------------------------------------------- plotting
@@ -144,29 +152,30 @@ def _chart_data(train_rows, eval_rows, lines):
 
 
 def _draw(ax, title, ylabel, data, marks=()):
-    """Draw one chart's lines on ``ax``; train faint raw + EMA, eval markers + line; ``marks``:
-    (label, step) of lines that stopped being finite (:func:`_non_finite_marks`), a dotted line each."""
+    """Draw one chart's lines on ``ax``; train faint as logged + a centered mean (both in the legend),
+    eval markers + line; ``marks``: (label, step) of lines that stopped being finite
+    (:func:`_non_finite_marks`), a dotted line each, their labels one under another."""
     for key, label, color, steps, values in data:
         if key.startswith(EVAL_PREFIX):
             ax.plot(steps, values, color=color, linestyle="--", linewidth=1.4,
                     marker="o", markersize=4, label=label, zorder=3)
-        elif key not in UNSMOOTHED and len(values) > EMA_MIN_POINTS:
-            ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.3, zorder=1)
-            span = max(5, len(values) // 20)
-            ax.plot(steps, _ema(values, span), color=color, linewidth=1.6,
-                    label=label, zorder=2)
+        elif key not in UNSMOOTHED and len(values) > SMOOTH_MIN_POINTS:
+            half = smoothing_half_width(len(values))
+            ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.3, zorder=1, label=f"{label} (logged)")
+            ax.plot(steps, _centered_mean(values, half), color=color, linewidth=1.6,
+                    label=f"{label} (mean of {2 * half + 1} rows)", zorder=2)
         else:  # a marker where a line alone would not show (one logged row)
             ax.plot(steps, values, color=color, linewidth=1.6, label=label, zorder=2,
                     marker="o" if len(values) == 1 else None, markersize=4)
-    for label, step in marks:
+    for k, (label, step) in enumerate(marks):
         ax.axvline(step, color="#d62728", linestyle=":", linewidth=1.2, zorder=4)
-        ax.annotate(f"{label}: non-finite from step {_fmt(step)}", (step, 0.98), xycoords=("data", "axes fraction"),
+        ax.annotate(f"{label}: non-finite from step {_fmt(step)}", (step, 0.98 - 0.06 * k), xycoords=("data", "axes fraction"),
                     ha="right", va="top", fontsize=8, color="#d62728")
     ax.set_title(title, fontsize=11)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if len(data) > 1 or any(k.startswith(EVAL_PREFIX) for k, *_ in data):
+    if len(data) > 1 or any(k.startswith(EVAL_PREFIX) for k, *_ in data) or ax.get_legend_handles_labels()[1][1:]:
         ax.legend(loc="best", fontsize=8, framealpha=0.8)
 
 

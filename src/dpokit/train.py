@@ -576,6 +576,10 @@ def train(config: Config) -> Path:
         metrics = evaluate(unwrapped, eval_ref, data.eval, config, accelerator, pad_id, eval_progress)  # host numbers: the device is done
         log.write({"step": state.step, "epoch": round(state.step / per_epoch, 4), **metrics,
                    "eval/seconds": time.perf_counter() - eval_start})
+        if shows:  # a line per eval, above the bar on a terminal: overfitting shows while the run goes on
+            line = (f"eval at step {state.step}: loss={metrics['eval/loss']:.4f}, acc={metrics['eval/rewards/accuracies']:.2f}, "
+                    f"margin={metrics['eval/rewards/margins']:.3f}")
+            progress.write(line) if progress is not None else say(line)
         return metrics
 
     if r.eval_on_start and state.step == 0:

@@ -245,7 +245,8 @@ def _tensorboard_losses(run_dir) -> list[tuple[int, float]]:
 
     events = EventAccumulator(str(run_dir / "dpokit"))
     events.Reload()
-    return [(e.step, round(e.value, 6)) for e in events.Scalars("loss")]
+    assert {"train/rewards/margins", "train/learning_rate"} <= set(events.Tags()["scalars"])  # named as TRL's runs
+    return [(e.step, round(e.value, 6)) for e in events.Scalars("train/loss")]
 
 
 def test_tensorboard_events_follow_the_rows_through_resume_and_overwrite(workdir):

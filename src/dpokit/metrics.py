@@ -91,7 +91,8 @@ class LogWindow:
 
 
 class MetricsLog:
-    """Appends rows to ``metrics.jsonl`` (main process) and forwards them to trackers.
+    """Appends rows to ``metrics.jsonl`` (main process) and forwards them to trackers (keys as
+    :func:`tracker_key` names them).
 
     Each row is strict JSON: a NaN or infinite value (a diverged run) is written as ``null``, which
     every JSON reader takes (``jq`` refuses Python's bare ``NaN``); trackers get the number itself.
@@ -109,7 +110,14 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             with self.path.open("a") as f:
                 f.write(json.dumps({k: _json_number(v) for k, v in row.items()}, allow_nan=False) + "\n")
-        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        self.accelerator.log({tracker_key(k): v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
+def tracker_key(key: str) -> str:
+    """A row's key as TensorBoard and W&B get it, named as transformers' Trainer (TRL) names it there:
+    eval keys as they are (``eval/loss``), the others under ``train/`` (``train/rewards/margins``),
+    so dashboards made for TRL runs show dpokit's."""
+    return key if key.startswith("eval/") else f"train/{key}"
 
 
 def _json_number(value):

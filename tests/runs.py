@@ -14,7 +14,7 @@ from dpokit.tiny import build_tiny_model
 METRIC_KEYS = {
     "step", "epoch", "loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected",
     "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "tokens",
-    "tokens_per_second", "seconds",
+    "tokens_per_second", "pairs", "pairs_per_second", "seconds",
 }
 
 

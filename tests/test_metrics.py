@@ -45,9 +45,10 @@ def test_a_window_copies_to_the_host_once_per_row(monkeypatch):
         window.add([{"loss": torch.tensor([loss, loss])}], norm, lr, tokens, TwoProcesses())
     assert reads == []  # nothing waited for the device yet
     window.seconds = 2.0
-    row = window.row(TwoProcesses())
+    row = window.row(TwoProcesses(), pairs_per_step=4)
     assert reads.count("tolist") == 1 and "item" not in reads and "__float__" not in reads
-    assert row == {"loss": 3.0, "grad_norm": 3.0, "learning_rate": 3e-3, "tokens": 120, "tokens_per_second": 60.0, "seconds": 2.0}
+    assert row == {"loss": 3.0, "grad_norm": 3.0, "learning_rate": 3e-3, "tokens": 120, "tokens_per_second": 60.0,
+                   "pairs": 12, "pairs_per_second": 6.0, "seconds": 2.0}
 
 
 def test_settling_keeps_the_values_for_the_row():
@@ -58,5 +59,5 @@ def test_settling_keeps_the_values_for_the_row():
     window.settle()  # nothing left to copy
     window.add([{"loss": torch.tensor([2.0])}], torch.tensor(3.0), 1e-3, 5, TwoProcesses())
     window.seconds = 1.0
-    row = window.row(TwoProcesses())
+    row = window.row(TwoProcesses(), pairs_per_step=1)
     assert row["loss"] == pytest.approx(1.5) and row["grad_norm"] == pytest.approx(2.0) and row["tokens"] == 20

@@ -128,10 +128,15 @@ def test_summarize_train_only_and_empty(tmp_path):
 
 
 def test_summary_times_steps_evals_and_the_whole_run(tmp_path):
-    rows = [{"step": 1, "loss": 0.7, "seconds": 2.0}, {"step": 2, "loss": 0.6, "seconds": 3.0},
+    rows = [{"step": 1, "loss": 0.7, "seconds": 2.0, "pairs": 8, "tokens": 900},
+            {"step": 2, "loss": 0.6, "seconds": 3.0, "pairs": 8, "tokens": 1100},
             {"step": 2, "eval/loss": 0.65, "eval/seconds": 1.5}]
     items = summary_items(summarize(rows, tmp_path, total_seconds=75))
     assert (items["step time"], items["eval time"], items["wall time"]) == ("5.0s", "1.5s", "1m 15s")
+    assert items["pairs trained"] == "16  (3.2 pairs/s, 2,000 tokens)"
+    # a resumed run's rows hold the earlier steps' times; its wall time is this process's alone
+    items = summary_items(summarize(rows, tmp_path, total_seconds=4, resumed_at=1))
+    assert items["wall time"] == "4.0s  (since resuming at step 1)"
 
 
 def test_a_diverged_run_is_said_in_the_summary_and_marked_in_the_plots(tmp_path, monkeypatch):

@@ -76,18 +76,23 @@ class LogWindow:
             window.seconds = saved["seconds"]
         return window
 
-    def row(self, accelerator) -> dict:
+    def row(self, accelerator, pairs_per_step: int) -> dict:
         """The window's logged values: each statistic's mean over the steps that have it, the last
-        learning rate, the real tokens of all processes, tokens per training second and the seconds.
-        Every process calls it at the same step (the token count is summed across them)."""
+        learning rate, the real tokens of all processes, tokens per training second, the pairs
+        (``pairs_per_step``, the global batch, per step) and pairs per training second, and the
+        seconds. Tokens per second depend on the batch layout (prefix sharing counts a prompt once);
+        pairs per second compare across layouts. Every process calls it at the same step (the token
+        count is summed across them)."""
         self.settle()
         sums: dict[str, list[float]] = {}
         for names, values, _ in self.steps:
             for name, value in zip(names, values):
                 sums.setdefault(name, []).append(value)
         tokens = int(accelerator.reduce(torch.tensor(self.tokens, device=accelerator.device), "sum"))
+        pairs = pairs_per_step * len(self.steps)
         return {**{k: sum(v) / len(v) for k, v in sums.items()}, "learning_rate": self.steps[-1][2],
-                "tokens": tokens, "tokens_per_second": tokens / self.seconds, "seconds": self.seconds}
+                "tokens": tokens, "tokens_per_second": tokens / self.seconds, "pairs": pairs,
+                "pairs_per_second": pairs / self.seconds, "seconds": self.seconds}
 
 
 class MetricsLog:

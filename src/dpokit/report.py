@@ -302,13 +302,14 @@ def _last(rows: list[dict], key: str) -> str | None:
 
 
 def summarize(rows: list[dict], run_dir: str | os.PathLike,
-              total_seconds: float | None = None, plots: bool = True) -> str:
+              total_seconds: float | None = None, plots: bool = True, resumed_at: int | None = None) -> str:
     """A short plain-text end-of-run summary (no colour codes), aligned in two columns.
 
     Shows steps, the last train loss / accuracy / margin ("non-finite since step N" once they
     are NaN or inf), the last eval loss / accuracy / margin if any eval ran, mean tokens/s, the
-    time of the training steps (the rows' ``seconds``) and of the evals (``eval/seconds``), the
-    wall time ``total_seconds`` when given (a training run's, loading included), and the run's
+    pairs trained with pairs/s and tokens, the time of the training steps (the rows' ``seconds``)
+    and of the evals (``eval/seconds``), the wall time ``total_seconds`` when given (a training
+    run's, loading included; since ``resumed_at``, the step it resumed from, if it did), and the run's
     paths: its model (:func:`dpokit.checkpoint.newest_model`), ``plots/`` when ``plots`` (the
     charts were written). Missing metrics are left out.
     """
@@ -345,14 +346,18 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike,
         items.append(("mean tokens/s", _fmt(sum(tokens) / sum(secs))))
     elif rates:
         items.append(("mean tokens/s", _fmt(sum(rates) / len(rates))))
+    _, pairs = _series(train_rows, "pairs")  # logged since pairs/s compares across layouts (tokens/s does not)
+    if pairs and secs and len(pairs) == len(secs) and sum(secs) > 0:
+        items.append(("pairs trained", f"{sum(pairs):,.0f}  ({_fmt(sum(pairs) / sum(secs))} pairs/s, {sum(tokens):,.0f} tokens)"))
 
     if secs:
         items.append(("step time", _fmt_duration(sum(secs))))
     _, eval_secs = _series(eval_rows, "eval/seconds")
     if eval_secs:
         items.append(("eval time", _fmt_duration(sum(eval_secs))))
-    if total_seconds is not None:
-        items.append(("wall time", _fmt_duration(total_seconds)))
+    if total_seconds is not None:  # this process's: a resumed run's step and eval times include the earlier ones'
+        items.append(("wall time", _fmt_duration(total_seconds) + (f"  (since resuming at step {_fmt(resumed_at)})"
+                                                                   if resumed_at is not None else "")))
 
     items.append(("run dir", str(run_dir)))
     model = _newest_model(run_dir)
@@ -378,11 +383,12 @@ def _newest_model(run_dir: Path) -> tuple[str, str] | None:
     return ("final model" if found.name == "final" else "newest checkpoint"), str(found)
 
 
-def make_report(run_dir: str | os.PathLike, plots: bool = True, total_seconds: float | None = None) -> str:
+def make_report(run_dir: str | os.PathLike, plots: bool = True, total_seconds: float | None = None,
+                resumed_at: int | None = None) -> str:
     """Read ``run_dir/metrics.jsonl``, write ``run_dir/plots/*.png`` (unless ``plots`` is False),
-    return the summary (``total_seconds``: the run's wall time, when known)."""
+    return the summary (``total_seconds``: the run's wall time, when known, since ``resumed_at``)."""
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     rows = read_metrics(metrics) if metrics.exists() else []
     drawn = write_plots(rows, run_dir / "plots") if plots else []
-    return summarize(rows, run_dir, total_seconds, plots=bool(drawn))
+    return summarize(rows, run_dir, total_seconds, plots=bool(drawn), resumed_at=resumed_at)

@@ -520,9 +520,10 @@ def train(config: Config) -> Path:
     batch_shape = f"{t.per_device_train_batch_size} x {world} processes x {t.gradient_accumulation_steps} accumulation"
     state = ckpt.TrainState(global_batch=global_batch, train_pairs=len(data.train), seed=t.seed,
                             pairs_digest=fingerprint_pairs(data.train))
-    unlogged = None
+    unlogged, resumed_at = None, None
     if resume_from is not None:  # said before any reference pass
         this_run, (state, unlogged) = state, ckpt.load_train_state(resume_from)
+        resumed_at = state.step
         ckpt.check_same_position(state, this_run, resume_from, batch_shape)
         check_steps_left(state.step, total_steps, resume_from)
         state.global_batch, state.train_pairs, state.seed, state.pairs_digest = (
@@ -622,7 +623,7 @@ def train(config: Config) -> Path:
                 window.settle()  # waits for the device, so that the seconds include this step's work
             window.seconds += time.perf_counter() - step_start
             if logs:
-                row = {"step": state.step, "epoch": round(state.step / per_epoch, 4), **window.row(accelerator)}
+                row = {"step": state.step, "epoch": round(state.step / per_epoch, 4), **window.row(accelerator, global_batch)}
                 log.write(row)
             if shows and logs:
                 brief = dict(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
@@ -648,7 +649,7 @@ def train(config: Config) -> Path:
         progress.close()
 
     if resumed_at_end and window.steps:  # the checkpoint's steps since its last row are that row
-        log.write({"step": state.step, "epoch": round(state.step / per_epoch, 4), **window.row(accelerator)})
+        log.write({"step": state.step, "epoch": round(state.step / per_epoch, 4), **window.row(accelerator, global_batch)})
     if not (resumed_at_end and evaluated_at(out / "metrics.jsonl", state.step, accelerator)):  # saved after its eval
         run_eval()
     weights = full_model_state(accelerator, scorer)  # gathered from the shards; None unsharded
@@ -657,7 +658,7 @@ def train(config: Config) -> Path:
         save_final(out / "final", unwrapped.model, tokenizer, state.step, weights)
         from dpokit.report import make_report
 
-        say(make_report(out, plots=r.plots, total_seconds=time.perf_counter() - started))
+        say(make_report(out, plots=r.plots, total_seconds=time.perf_counter() - started, resumed_at=resumed_at))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

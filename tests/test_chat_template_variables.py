@@ -140,7 +140,8 @@ def test_a_prompts_tool_call_left_out_is_refused_even_when_the_tools_name_it(cha
     history = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
                {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]
     (pair,) = normalize([row(prompt=history, tools=TOOLS)], "d").pairs
-    with pytest.raises(DataError, match=r"'prompt': the chat template does not render tool calls \(the call to get_weather is left out\)"):
+    with pytest.raises(DataError, match=r"'prompt': the chat template does not render tool calls \(the call to get_weather is left out\): "
+                       r"its text is the same without them. Use a tokenizer whose template renders 'tool_calls'"):
         tokenize_pairs([pair], tok, 4096, "drop")
 
 

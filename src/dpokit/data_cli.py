@@ -228,7 +228,7 @@ def trl_row(pair, template_kwargs: dict[str, Any] | None = None) -> dict[str, An
     chat template variables (``template_kwargs``, ``data.chat_template_kwargs``, updated by the row's
     own) as the ``tools`` and ``chat_template_kwargs`` columns TRL reads."""
     row = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, **(pair.meta or {})}
-    variables = {**(template_kwargs or {}), **(pair.template_kwargs or {})} if pair.is_chat else {}
+    variables = pair.template_variables(template_kwargs) if pair.is_chat else {}
     if "tools" in variables:
         row["tools"] = variables.pop("tools")
     if variables:

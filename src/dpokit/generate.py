@@ -116,7 +116,7 @@ def prompts_from_data(path: str, n: int, split: str = "train", data: DataConfig 
     source = DataSource(path=path, split=split)
     pairs, _ = to_pairs(load_rows(source), describe(source), format=data.format, columns=data.columns,
                         system_prompt=data.system_prompt, on_error=data.on_error)
-    variables = [{**(data.chat_template_kwargs or {}), **(pair.template_kwargs or {})} or None for pair in pairs[:n]]
+    variables = [pair.template_variables(data.chat_template_kwargs) or None for pair in pairs[:n]]
     return [pair.prompt for pair in pairs[:n]], variables
 
 

@@ -580,7 +580,10 @@ def train(config: Config) -> Path:
         if shows:  # a line per eval, above the bar on a terminal: overfitting shows while the run goes on
             line = (f"eval at step {state.step}: loss={metrics['eval/loss']:.4f}, acc={metrics['eval/rewards/accuracies']:.2f}, "
                     f"margin={metrics['eval/rewards/margins']:.3f}")
-            progress.write(line) if progress is not None else say(line)
+            if progress is not None:
+                progress.write(line)
+            else:
+                say(line)
         return metrics
 
     if r.eval_on_start and state.step == 0:

@@ -73,6 +73,11 @@ class Pair:
     template_kwargs: dict[str, Any] | None = field(default=None, compare=False)
     """The row's own chat template variables: its ``tools`` and ``chat_template_kwargs`` columns."""
 
+    def template_variables(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The chat template's variables for this pair: ``defaults`` (``data.chat_template_kwargs``)
+        updated by the row's own (:attr:`template_kwargs`)."""
+        return {**(defaults or {}), **(self.template_kwargs or {})}
+
     @property
     def is_chat(self) -> bool:
         """True when the pair is conversational (message lists, rendered by a chat template)."""

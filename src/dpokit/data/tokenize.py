@@ -147,7 +147,7 @@ def _check_template_only_keys_rendered(messages: list[Message], text: str, rende
                         else f"an assistant's reasoning ('{key}')")
                 raise RowError(
                     f"{where}: '{field}': the chat template does not render {what}: its text is the same without "
-                    "them. Use a tokenizer whose template renders '{key}', or write it into the content",
+                    f"them. Use a tokenizer whose template renders '{key}', or write it into the content",
                     "unsupported",
                 )
 
@@ -162,7 +162,7 @@ def render_chat(pair: Pair, tokenizer: Any, marker: str, where: str = "pair",
     The template gets ``template_kwargs`` (``data.chat_template_kwargs``), updated by the pair's own
     (its row's ``tools`` and ``chat_template_kwargs``).
     """
-    kwargs = {**(template_kwargs or {}), **(pair.template_kwargs or {})}
+    kwargs = pair.template_variables(template_kwargs)
     prompt = _apply_template(tokenizer, pair.prompt, True, where, "prompt", kwargs)
     # a prompt's earlier reasoning may be left out by design (Qwen3 keeps only the last turn's)
     _check_template_only_keys_rendered(pair.prompt, prompt, lambda m: _apply_template(tokenizer, m, True, where, "prompt", kwargs),

@@ -24,8 +24,6 @@ def resolve_model_path(name_or_path: str) -> str:
     instead of a hub lookup's error. (``runs/nothere`` can be a hub id: errors about it add
     :func:`not_here`.)
     """
-    from pathlib import Path
-
     if name_or_path.startswith("builtin:"):
         from dpokit.tiny import resolve_builtin
 
@@ -48,8 +46,6 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def _not_a_hub_id(name: str) -> str:
     """Why ``name`` can only be a local path, not a Hugging Face hub id, or ``""`` when it can be one."""
-    from pathlib import Path
-
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if name.startswith((".", "/", "~")):
@@ -66,8 +62,6 @@ def _not_a_hub_id(name: str) -> str:
 def not_here(path: str) -> str:
     """A note for messages about ``path``, a hub id that failed to load or is not a run: that no local
     folder of that name exists either, when its first part is a local folder (``runs/nothere``)."""
-    from pathlib import Path
-
     namespace = path.split("/")[0] if "/" in path else ""
     if namespace and Path(namespace).expanduser().is_dir() and not Path(path).expanduser().exists():
         return f" (there is no folder {path} either: {namespace}/ holds no such entry)"
@@ -77,8 +71,6 @@ def not_here(path: str) -> str:
 def no_model_config(path: str) -> str | None:
     """Why the local folder ``path`` is no model to load (it holds no ``config.json``; a dpokit run's
     folder names its model), or None (not a local folder, or one with a config.json)."""
-    from pathlib import Path
-
     from dpokit.resolve import is_run_dir
 
     folder = Path(path).expanduser()

@@ -175,7 +175,7 @@ def _draw(ax, title, ylabel, data, marks=()):
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if len(data) > 1 or any(k.startswith(EVAL_PREFIX) for k, *_ in data) or ax.get_legend_handles_labels()[1][1:]:
+    if len(ax.get_legend_handles_labels()[1]) > 1 or any(k.startswith(EVAL_PREFIX) for k, *_ in data):
         ax.legend(loc="best", fontsize=8, framealpha=0.8)
 
 

@@ -231,6 +231,7 @@ assert tiny._is_complete(out / f"own-{rank}"), sorted(p.name for p in (out / f"o
 found = [None, None]
 dist.all_gather_object(found, tokenizer_fingerprint(load_tokenizer(ModelConfig(name_or_path="builtin:tiny-qwen2"))))
 assert found[0] == found[1], found
+dist.barrier()  # as dpokit's commands end: a process leaving first can make gloo's threads abort the other
 dist.destroy_process_group()
 """
 

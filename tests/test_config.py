@@ -90,6 +90,16 @@ def test_cross_field_validation(tmp_path):
         load_config(write(tmp_path, BASE), ["overwrite_output_dir=true", "resume_from_checkpoint=latest"])
     with pytest.raises(ConfigError, match=r"loss_weights must each be > 0, got \[1.0, -0.2\]"):
         load_config(write(tmp_path, BASE), ["loss_type=[sigmoid,sft]", "loss_weights=[1.0,-0.2]"])
+    for overrides, said in ((["beta=0"], "loss.beta must be > 0, got 0"),  # the boundaries, not only far outside them
+                            (["loss_type=[sigmoid,sft]", "loss_weights=[1.0,0]"], r"loss_weights must each be > 0"),
+                            (["loss_type=[sigmoid,sft,sigmoid]"], "loss.loss_type lists a loss twice"),
+                            (["warmup_ratio=1.01"], r"warmup_ratio must be in \[0, 1\], got 1.01"),
+                            (["warmup_ratio=-0.1"], r"warmup_ratio must be in \[0, 1\]"),
+                            (["label_smoothing=-0.1"], "label_smoothing must be in")):
+        with pytest.raises(ConfigError, match=said):
+            load_config(write(tmp_path, BASE), overrides)
+    for fine in (["warmup_ratio=1.0"], ["label_smoothing=0.49"], ["beta=1e-4"]):
+        load_config(write(tmp_path, BASE), fine)
     for key, meaning in (("warmup_steps", "0 uses warmup_ratio"), ("max_grad_norm", "0 turns clipping off"), ("weight_decay", "0 is none")):
         with pytest.raises(ConfigError, match=rf"training.{key} must be 0 or more \({meaning}\), got -1"):
             load_config(write(tmp_path, BASE), [f"{key}=-1"])

@@ -121,3 +121,67 @@ def test_sigmoid_gradient_direction():
     # dL/d chosen = -β σ(-βh)
     assert chosen.grad.item() == pytest.approx(-0.1 / (1 + math.exp(0.15)), abs=1e-6)
     assert rejected.grad.item() == pytest.approx(0.1 / (1 + math.exp(0.15)), abs=1e-6)
+
+
+# The training loop's side: score_batch hands the configured settings and each reply's token count to the loss.
+
+def scored(loss_settings: dict, with_reference: bool = True) -> tuple[float, dict]:
+    """score_batch's loss and stats for one pair of the values above (LOGPS): chosen of 4 reply
+    tokens, rejected of 2, a stand-in policy answering the policy log-probs."""
+    from dpokit.config import Config, LossConfig
+    from dpokit.data.batching import make_batch
+    from dpokit.data.tokenize import TokenizedPair
+    from dpokit.train import score_batch
+
+    batch = make_batch([TokenizedPair(prompt_ids=[5, 6, 7], chosen_ids=[8, 9, 10, 2], rejected_ids=[11, 2])], "padded")
+    assert batch.seq_tokens.tolist() == [4, 2]
+    config = Config(loss=LossConfig(**loss_settings))
+    ref = torch.tensor([-11.0, -11.5]) if with_reference else None
+    loss, stats = score_batch(lambda **inputs: torch.tensor([-10.0, -12.0]), ref, batch, config)
+    return loss.item(), {k: v.item() for k, v in stats.items()}
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"beta": 0.1}, -logsig(0.15)),
+    ({"beta": 0.5}, -logsig(0.75)),
+    ({"beta": 0.1, "label_smoothing": 0.2}, -0.8 * logsig(0.15) - 0.2 * logsig(-0.15)),
+    ({"loss_type": ["robust"], "beta": 0.1, "label_smoothing": 0.2}, (-0.8 * logsig(0.15) + 0.2 * logsig(-0.15)) / 0.6),
+    ({"beta": 0.1, "length_normalize": True}, -logsig(0.05)),
+    ({"loss_type": ["ipo"], "beta": 0.1}, (H_AVG - 5) ** 2),
+    ({"loss_type": ["ipo"], "beta": 0.1, "length_normalize": False}, (H - 5) ** 2),
+    ({"loss_type": ["hinge"], "beta": 0.4}, 1 - 0.4 * H),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.2], "beta": 0.1}, -logsig(0.15) + 0.2 * 10 / 4),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [0.5, 2.0], "beta": 0.1}, -0.5 * logsig(0.15) + 2.0 * 10 / 4),
+])
+def test_the_training_step_scores_with_the_configured_loss(settings, expected):
+    """What the loop computes (score_batch) under each setting, against the value by hand: a setting
+    dropped on its way to the loss, or the chosen and rejected token counts swapped, changes it."""
+    assert scored(settings)[0] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"loss_type": ["simpo"], "beta": 2.0, "simpo_gamma": 0.5}, -logsig(6.5)),  # 2.0 * (-10/4 - -12/2) - 0.5
+    ({"loss_type": ["simpo"], "beta": 2.0, "simpo_gamma": 1.5}, -logsig(5.5)),
+    ({"loss_type": ["simpo"], "beta": 2.0, "label_smoothing": 0.2}, -0.8 * logsig(6.5) - 0.2 * logsig(-6.5)),
+    ({"loss_type": ["sft"]}, 10 / 4),
+    ({"loss_type": ["simpo", "sft"], "loss_weights": [1.0, 0.3], "beta": 2.0}, -logsig(6.5) + 0.3 * 10 / 4),
+])
+def test_the_training_step_scores_reference_free_losses_per_token(settings, expected):
+    assert scored(settings, with_reference=False)[0] == pytest.approx(expected, abs=1e-6)
+
+
+def test_simpo_label_smoothing():
+    free = PairLogps(chosen=LOGPS.chosen, rejected=LOGPS.rejected, chosen_tokens=LOGPS.chosen_tokens, rejected_tokens=LOGPS.rejected_tokens)
+    loss, _ = preference_loss(free, ["simpo"], beta=2.0, simpo_gamma=0.5, label_smoothing=0.2)
+    assert loss.item() == pytest.approx(-0.8 * logsig(6.5) - 0.2 * logsig(-6.5), abs=1e-6)
+
+
+def test_rewards_are_of_summed_log_probs_whatever_the_loss_averages():
+    """As TRL: β·(log π - log ref) over the whole reply, also where the loss itself averages per token
+    (ipo, length_normalize); without a reference, β·(average log π) (SimPO's reward)."""
+    for settings in ({"loss_type": ["ipo"], "beta": 0.1}, {"beta": 0.1, "length_normalize": True}):
+        stats = scored(settings)[1]
+        assert stats["rewards/chosen"] == pytest.approx(0.1 * 1.0) and stats["rewards/rejected"] == pytest.approx(0.1 * -0.5)
+        assert stats["rewards/margins"] == pytest.approx(0.15) and stats["loss"] == pytest.approx(scored(settings)[0])
+    stats = scored({"loss_type": ["simpo"], "beta": 2.0}, with_reference=False)[1]
+    assert stats["rewards/chosen"] == pytest.approx(2.0 * -2.5) and stats["rewards/rejected"] == pytest.approx(2.0 * -6.0)

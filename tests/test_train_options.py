@@ -47,6 +47,26 @@ def test_epochs_decide_the_step_count(workdir):
     assert rows[-1]["epoch"] == pytest.approx(0.25)
 
 
+def test_a_run_over_an_epoch_boundary_reshuffles_and_saves_its_last_step(workdir, monkeypatch):
+    """1.3 epochs of 12 steps: 16 steps (rounded up); the first 12 take every pair once, the next
+    4 the second epoch's own order; checkpoints every 5 steps and at the last step (a finished run
+    can be continued from it)."""
+    import dpokit.train
+    from dpokit.data.batching import global_batches
+
+    taken = []
+    real = dpokit.train.local_micro_batches
+    monkeypatch.setattr(dpokit.train, "local_micro_batches", lambda batch, *a: taken.append(list(batch)) or real(batch, *a))
+    cfg = run_config(workdir, "epochs-cross", "max_steps=-1", "num_train_epochs=1.3", "save_steps=5", "save_total_limit=2", "eval=null")
+    assert plan_steps(48, 4, cfg) == (12, 16)
+    out = train(cfg)
+    assert len(taken) == 16 and sorted(i for batch in taken[:12] for i in batch) == list(range(48))
+    assert taken[:12] == global_batches(48, 4, 3, 0) and taken[12:] == global_batches(48, 4, 3, 1)[:4]
+    assert taken[12:] != taken[:4]
+    assert [r["epoch"] for r in train_rows(out)][11:13] == [1.0, pytest.approx(13 / 12, abs=1e-4)]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-15", "step-16"]
+
+
 def test_logging_steps_average_the_window(workdir):
     every = train_rows(train(run_config(workdir, "log1", "max_steps=4", "logging_steps=1", "eval=null")))
     pairs = train_rows(train(run_config(workdir, "log2", "max_steps=4", "logging_steps=2", "eval=null")))
@@ -55,8 +75,10 @@ def test_logging_steps_average_the_window(workdir):
     assert pairs[1]["tokens"] == every[2]["tokens"] + every[3]["tokens"]
 
 
-def test_eval_on_start_gives_the_reference_baseline(workdir):
-    out = train(run_config(workdir, "evalstart", "eval_on_start=true", "eval_steps=2", "max_steps=4"))
+@pytest.mark.parametrize("precision", [[], ["bf16=true"]])
+def test_eval_on_start_gives_the_reference_baseline(workdir, precision):
+    """In 16 bits too: the eval pass scores the policy under the autocast its reference table had."""
+    out = train(run_config(workdir, "evalstart", "eval_on_start=true", "eval_steps=2", "max_steps=4", *precision))
     rows = eval_rows(out)
     assert [r["step"] for r in rows] == [0, 2, 4]
     # before any update the policy is the reference: zero rewards, loss log 2
@@ -360,6 +382,24 @@ def test_each_speed_switch_trains_identically(workdir, padding_free, prefix_shar
     assert (train_rows(other)[0]["tokens"] > default[0]["tokens"]) == (not prefix_sharing)
 
 
+def test_logps_chunk_size_sizes_the_output_layer_chunks(workdir, monkeypatch):
+    """Every reply-token log-prob of the run (reference, training, eval) goes through the output layer
+    in chunks of the configured size, and the numbers are those of the default size."""
+    import dpokit.logps
+
+    sizes = []
+    real = dpokit.logps.token_logps
+    monkeypatch.setattr(dpokit.logps, "token_logps", lambda hidden, head, targets, chunk_size, *a: sizes.append(chunk_size)
+                        or real(hidden, head, targets, chunk_size, *a))
+    small = train_rows(train(run_config(workdir, "chunk-16", "max_steps=2", "logps_chunk_size=16")))
+    assert sizes and set(sizes) == {16}
+    sizes.clear()
+    default = train_rows(train(run_config(workdir, "chunk-default", "max_steps=2")))
+    assert set(sizes) == {1024}
+    for a, b in zip(small, default):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
 def test_precomputed_reference_equals_live_reference(workdir):
     live = read_rows(train(run_config(workdir, "ref-live", "max_steps=3", "precompute_ref_log_probs=false", "eval_steps=3")))
     cached = read_rows(train(run_config(workdir, "ref-table", "max_steps=3", "eval_steps=3")))
@@ -380,9 +420,11 @@ def test_reference_tables_are_cached_and_keyed_by_data(workdir, capsys, monkeypa
     # float32 scores alike in any batches; 16-bit compute does not: there the batching is in the key
     train(run_config(workdir, "refcache-4", "max_steps=1", "per_device_train_batch_size=2"))
     assert "reference: train log-probs of 48 pairs loaded from" in capsys.readouterr().out
-    for batch, seen in ((4, "computed"), (2, "computed"), (2, "loaded from")):
-        train(run_config(workdir, "refcache-bf16", "max_steps=1", "bf16=true", f"per_device_train_batch_size={batch}"))
-        assert f"reference: train log-probs of 48 pairs {seen}" in capsys.readouterr().out, (batch, seen)
+    for changed, seen in ((["per_device_train_batch_size=4"], "computed"), (["per_device_train_batch_size=2"], "computed"),
+                          (["per_device_train_batch_size=2"], "loaded from"), (["seed=4"], "computed"),
+                          (["prefix_sharing=false"], "computed"), (["max_length=120"], "computed")):
+        train(run_config(workdir, "refcache-bf16", "max_steps=1", "bf16=true", "per_device_train_batch_size=2", *changed))
+        assert f"reference: train log-probs of 48 pairs {seen}" in capsys.readouterr().out, (changed, seen)
 
 
 class OneProcess:
@@ -424,6 +466,18 @@ def test_reference_table_cache_survives_damage_read_only_disks_and_new_code(monk
     monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be made
     assert table().tolist() == [[-1.5, -2.5]] and len(scored) == 4
     assert "not cached (" in said[-1] and "set DPOKIT_CACHE to a writable folder" in said[-1]
+
+
+def test_pairs_fingerprint_sees_where_each_part_ends():
+    """The same ids split otherwise between prompt and replies score otherwise: another table."""
+    from dpokit.data.tokenize import TokenizedPair
+    from dpokit.reference import fingerprint_pairs
+
+    base = fingerprint_pairs([TokenizedPair([1, 2], [3, 4], [5])])
+    assert base == fingerprint_pairs([TokenizedPair([1, 2], [3, 4], [5])])
+    for moved in (TokenizedPair([1], [2, 3, 4], [5]), TokenizedPair([1, 2, 3], [4], [5]), TokenizedPair([1, 2], [3], [4, 5])):
+        assert fingerprint_pairs([moved]) != base, moved
+    assert fingerprint_pairs([TokenizedPair([1, 2], [3, 4], [5])] * 2) != base
 
 
 def test_reference_fingerprint_sees_the_config_and_every_buffer(tmp_path):

@@ -157,7 +157,7 @@ def test_settings_of_what_a_run_does_not_use_are_refused(tmp_path):
         with pytest.raises(ConfigError, match=message):
             load_config(write(tmp_path, BASE), list(overrides))
         load_config(write(tmp_path, BASE), list(overrides), for_training=False)  # a finished run's config, a plan
-    for overrides in (["use_peft=true", "lora_r=8"], ["ref_model_name_or_path=builtin:tiny-llama", "ref_revision=main"],
+    for overrides in (["use_peft=true", "lora_r=8"], ["ref_model_name_or_path=org/reference", "ref_revision=main"],
                       ["save_total_limit=5", "save_steps=10"], ["per_device_eval_batch_size=2", "eval_fraction=0.1"],
                       ["loss_type=[simpo]"], ["save_steps=null"]):
         load_config(write(tmp_path, BASE), overrides)

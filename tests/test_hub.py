@@ -7,6 +7,7 @@ import socket
 import pytest
 
 import dpokit.hub
+import dpokit.modeling
 from dpokit.config import ConfigError, DataSource, ModelConfig
 from dpokit.data.sources import DataError, load_rows
 from dpokit.hub import _probe, unreachable
@@ -62,3 +63,43 @@ def test_probe_tells_a_refused_connection_from_an_open_one():
         assert _probe.__wrapped__("127.0.0.1", port, timeout=5) == ""
     assert _probe.__wrapped__("127.0.0.1", port, timeout=5).startswith(f"no connection to port {port}: ")
     assert _probe.__wrapped__("name.invalid", 443, timeout=5).startswith("name lookup failed: ")
+
+
+def test_revisions_reach_the_hub_loads(monkeypatch, tmp_path):
+    """model.revision picks the policy's (and tokenizer's) version, ref_revision the separate
+    reference's: each reaches from_pretrained with its own model."""
+    import transformers
+
+    from dpokit.modeling import load_causal_lm, load_reference
+    from dpokit.tiny import build_tiny_model
+
+    tiny = build_tiny_model(tmp_path / "tiny", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    asked = []
+
+    def from_pretrained(path, **kwargs):
+        asked.append((path, kwargs.get("revision")))
+        return real(tiny)
+
+    monkeypatch.setattr(dpokit.modeling, "unreachable", lambda *a: None)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    config = ModelConfig(name_or_path="org/policy", revision="v1", ref_model_name_or_path="org/reference", ref_revision="r2")
+    load_causal_lm(config)
+    load_reference(config)
+    assert asked == [("org/policy", "v1"), ("org/reference", "r2")]
+    asked.clear()
+    load_reference(ModelConfig(name_or_path="org/policy", revision="v1"))  # the reference is the starting policy
+    assert asked == [("org/policy", "v1")]
+
+
+@pytest.mark.parametrize("key, model", [("revision", "name_or_path"), ("ref_revision", "ref_model_name_or_path")])
+def test_a_revision_of_a_local_folder_is_refused(tmp_path, key, model):
+    """transformers reads a local folder as it is, whatever the revision: it would change nothing."""
+    from dpokit.config import load_config
+
+    (tmp_path / "pairs.jsonl").write_text("")
+    base = [f"data.train={tmp_path / 'pairs.jsonl'}", f"output_dir={tmp_path / 'out'}"]
+    for name in (str(tmp_path), "builtin:tiny-llama"):
+        with pytest.raises(ConfigError, match=f"model.{key}=v1 picks a version of a hub model, and model.{model}={name} is "):
+            load_config(None, [*base, f"{model}={name}", f"{key}=v1"])
+    load_config(None, [*base, f"{model}=org/name", f"{key}=v1"])

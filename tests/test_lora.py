@@ -25,6 +25,7 @@ def test_lora_trains_adapters_only_and_saves_an_adapter(workdir):
         assert "model.safetensors" not in names  # no copy of the base weights
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["r"] == 4 and set(config["target_modules"]) == {"q_proj", "v_proj"}
+    assert config["lora_alpha"] == 8 and config["lora_dropout"] == 0.0  # scaling alpha / r = 2
 
 
 def test_live_reference_is_the_policy_with_adapters_off_and_never_a_copy(workdir, no_second_model):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from dpokit.cli import main
 from dpokit.train import train
-from runs import METRIC_KEYS, accelerate_launch, read_rows, run_args, run_config, summary_items, train_rows
+from runs import LORA, METRIC_KEYS, accelerate_launch, read_rows, run_args, run_config, summary_items, train_rows
 
 
 def test_run_directory_is_complete(workdir, capsys):
@@ -84,6 +84,17 @@ def test_resume_continues_exactly(workdir):
     for ra, rb in zip(uninterrupted, resumed, strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "learning_rate"):
             assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
+
+
+def test_resume_continues_dropout_exactly(workdir):
+    """Dropout draws from the random state: the checkpoint's is restored, so the resumed steps draw
+    the masks the uninterrupted run drew (from the seed alone they draw others)."""
+    dropout = (*LORA[:3], "lora_dropout=0.3", *LORA[4:])
+    run_dir = train(run_config(workdir, "resume-dropout", *dropout, "save_steps=2"))
+    uninterrupted = train_rows(run_dir)
+    train(run_config(workdir, "resume-dropout", *dropout, "save_steps=2", f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"))
+    for ra, rb in zip(uninterrupted, train_rows(run_dir), strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6) and ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5), ra["step"]
 
 
 def test_the_log_says_how_many_pairs_each_epoch_leaves_out(workdir, capsys):

@@ -545,6 +545,12 @@ def _check_settings_take_effect(config: Config) -> None:
     elif m.ref_revision and not m.ref_model_name_or_path:
         raise ConfigError("model.ref_revision is the revision of model.ref_model_name_or_path, which is not set (the "
                           "reference is the starting policy): set ref_model_name_or_path, or remove ref_revision")
+    for key, revision_key in (("name_or_path", "revision"), ("ref_model_name_or_path", "ref_revision")):
+        name, revision = getattr(m, key), getattr(m, revision_key)
+        if revision and name and (name.startswith("builtin:") or Path(name).expanduser().is_dir()):
+            what = "a model dpokit builds" if name.startswith("builtin:") else "a local folder"
+            raise ConfigError(f"model.{revision_key}={revision} picks a version of a hub model, and model.{key}={name} is "
+                              f"{what}, read as it is, so it would change nothing: remove {revision_key}")
     if not t.chunked_logps and t.logps_chunk_size != default_training.logps_chunk_size:
         raise ConfigError(f"training.logps_chunk_size={t.logps_chunk_size} sizes the chunks of chunked_logps, which is "
                           "false: remove one of them")

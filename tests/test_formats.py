@@ -201,6 +201,16 @@ def test_hh_rlhf_prompt_is_the_shared_turns_reply_the_last():
     assert single.prompt == [user("Can you tell me a joke?")] and single.rejected == [bot("No.")]
 
 
+def test_hh_rlhf_turns_lose_the_spaces_around_them():
+    """Real rows carry stray spaces and newlines around turns ("Human: hi \n\nAssistant:  Sure. \n"):
+    a chat template would render them into the prompt, and replies differing only there are one reply."""
+    row = {"chosen": "\n\nHuman:  How do I boil an egg? \n\nAssistant:  Put it in boiling water for 9 minutes. \n",
+           "rejected": "\n\nHuman:  How do I boil an egg? \n\nAssistant: Fry it.\n\n"}
+    (pair,), _ = to_pairs([row], "hh")
+    assert pair.prompt == [user("How do I boil an egg?")]
+    assert pair.chosen == [bot("Put it in boiling water for 9 minutes.")] and pair.rejected == [bot("Fry it.")]
+
+
 def test_hh_rlhf_rows_whose_leading_turns_differ_are_reported():
     rows = hh_rlhf_rows()
     rows[1]["rejected"] = "\n\nHuman: Can you tell me a story?\n\nAssistant: No."

@@ -134,6 +134,12 @@ def test_token_logps_with_bias_and_softcap_uses_generic_path():
     capped = 30.0 * torch.tanh(logits / 30.0)
     expected = torch.log_softmax(capped, -1).gather(1, targets[:, None]).squeeze(1)
     torch.testing.assert_close(token_logps(hidden, head, targets, chunk_size=4, softcap=30.0), expected)
+    # a scale and a soft cap together (no known model has both; the generic path takes them in that order)
+    for bias in (True, False):
+        head = torch.nn.Linear(8, 11, bias=bias)
+        capped = 3.0 * torch.tanh(0.5 * head(hidden) / 3.0)
+        expected = torch.log_softmax(capped, -1).gather(1, targets[:, None]).squeeze(1)
+        torch.testing.assert_close(token_logps(hidden, head, targets, chunk_size=4, softcap=3.0, scale=0.5), expected)
 
 
 def _scaled_head_models():

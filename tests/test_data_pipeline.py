@@ -97,7 +97,7 @@ def test_eval_fraction_is_held_out_before_weighting(tmp_path, chat_tokenizer, pr
     config = DataConfig(train=[DataSource(a, weight=3.0), DataSource(b)], eval_fraction=0.2, max_length=256)
     lines: list[str] = []
     data = load_data(config, chat_tokenizer, seed=5, log=lines.append)
-    assert len(data.eval) == 6
+    assert len(data.eval) == data.eval_held_out == 6  # run.json says they came from the train data
     assert not {repr(p) for p in data.eval} & {repr(p) for p in data.train}  # never trained on
     assert any("6 pairs (eval_fraction=0.2, seed=5); 24 left to train" in line for line in lines)
     again = load_data(config, chat_tokenizer, seed=5, log=quiet)

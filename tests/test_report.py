@@ -10,7 +10,7 @@ from runs import summary_items
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_CHARTS = {"loss.png", "rewards_accuracies.png", "rewards_margins.png",
-              "rewards_chosen_rejected.png", "learning_rate.png", "grad_norm.png",
+              "rewards_chosen_rejected.png", "logps_chosen_rejected.png", "learning_rate.png", "grad_norm.png",
               "overview.png"}
 
 
@@ -124,19 +124,32 @@ def test_summarize(tmp_path):
 def test_summarize_train_only_and_empty(tmp_path):
     text = summarize([{"step": 3, "loss": 0.123456789}], tmp_path)
     assert "0.1235" in text and "eval" not in text and "tokens/s" not in text
-    assert summary_items(summarize([], tmp_path, total_seconds=3661))["wall time"] == "1h 01m 01s"
+    record = {"sessions": [{"from_step": 0, "to_step": 3, "wall_seconds": 3661, "finished": True}]}
+    assert summary_items(summarize([], tmp_path, record=record))["wall time"] == "1h 01m 01s"
 
 
 def test_summary_times_steps_evals_and_the_whole_run(tmp_path):
     rows = [{"step": 1, "loss": 0.7, "seconds": 2.0, "pairs": 8, "tokens": 900},
             {"step": 2, "loss": 0.6, "seconds": 3.0, "pairs": 8, "tokens": 1100},
             {"step": 2, "eval/loss": 0.65, "eval/seconds": 1.5}]
-    items = summary_items(summarize(rows, tmp_path, total_seconds=75))
+    first = {"from_step": 0, "to_step": 2, "wall_seconds": 75.0, "reference_seconds": 12.5, "finished": True}
+    shape = {"processes": 2, "global_batch": 8, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+             "train_pairs": 1000, "left_out_per_epoch": 0, "eval_pairs": 50, "eval_held_out": 0}
+    items = summary_items(summarize(rows, tmp_path, record={**shape, "sessions": [first]}))
     assert (items["step time"], items["eval time"], items["wall time"]) == ("5.0s", "1.5s", "1m 15s")
-    assert items["pairs trained"] == "16  (3.2 pairs/s, 2,000 tokens)"
-    # a resumed run's rows hold the earlier steps' times; its wall time is this process's alone
-    items = summary_items(summarize(rows, tmp_path, total_seconds=4, resumed_at=1))
-    assert items["wall time"] == "4.0s  (since resuming at step 1)"
+    assert items["reference pass"] == "12.5s" and items["pairs trained"] == "16  (3.2 pairs/s, 2,000 tokens)"
+    assert items["global batch"] == "8 pairs = 2 x 2 processes x 2 accumulation" and items["pairs"] == "1,000 train, 50 eval"
+    # a run killed at step 1, then resumed there: the wall time is both sessions' (loading included), the
+    # reference pass each session's that had one (a resume with the table on disk reads it again)
+    killed = {**first, "to_step": 1, "wall_seconds": 30.0, "finished": False}
+    resumed = {"from_step": 1, "to_step": 2, "wall_seconds": 4.0, "reference_seconds": 0.5, "finished": True}
+    items = summary_items(summarize(rows, tmp_path, record={**shape, "left_out_per_epoch": 3, "eval_held_out": 50,
+                                                            "sessions": [killed, resumed]}))
+    assert items["wall time"] == "34.0s  (2 sessions; the last, from step 1: 4.0s)" and items["reference pass"] == "13.0s"
+    assert items["pairs"] == "1,000 train (each epoch leaves out 3), 50 eval (held out of the train data)"
+    items = summary_items(summarize(rows, tmp_path, record={**shape, "sessions": [killed]}))  # still running, or killed
+    assert items["wall time"] == "30.0s  (to step 1: not finished)"
+    assert "wall time" not in summary_items(summarize(rows, tmp_path, record={}))  # an older run's folder: none
 
 
 def test_a_diverged_run_is_said_in_the_summary_and_marked_in_the_plots(tmp_path, monkeypatch):

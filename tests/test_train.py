@@ -30,14 +30,23 @@ def test_run_directory_is_complete(workdir, capsys):
     assert (out / "config.yaml").is_file()
     sources = json.loads((out / "data.json").read_text())  # what became of each dataset
     assert set(sources) == {"train", "eval"} and sources["train"]["tokenize"]["kept"] > 0 and sources["train"]["format"]
-    for name in ("loss.png", "rewards_accuracies.png", "rewards_margins.png", "rewards_chosen_rejected.png"):
+    for name in ("loss.png", "rewards_accuracies.png", "rewards_margins.png", "rewards_chosen_rejected.png", "logps_chosen_rejected.png"):
         assert (out / "plots" / name).is_file(), name
+    run = json.loads((out / "run.json").read_text())  # what the config came to here, and where the time went
+    shape = ("processes", "device", "global_batch", "train_pairs", "left_out_per_epoch", "eval_pairs", "eval_held_out",
+             "steps_per_epoch", "total_steps")
+    assert [run[k] for k in shape] == [1, "cpu", 4, 48, 0, 12, 0, 12, 4]
+    assert run["versions"]["torch"] == torch.__version__ and run["versions"]["dpokit"]
+    (session,) = run["sessions"]
+    assert session["finished"] and (session["from_step"], session["to_step"]) == (0, 4)
+    assert session["wall_seconds"] > session["reference_seconds"] > 0
     summary = summary_items(capsys.readouterr().out)
+    assert summary["global batch"] == "4 pairs = 4 x 1 processes x 1 accumulation" and summary["pairs"] == "48 train, 12 eval"
     assert summary["final model"] == str(out / "final") and summary["plots"] == str(out / "plots")
     # `dpokit report` draws them again from metrics.jsonl and prints the same summary
     shutil.rmtree(out / "plots")
     main(["report", str(out)])
-    assert summary_items(capsys.readouterr().out) == {k: v for k, v in summary.items() if k != "wall time"}  # the run alone knows it
+    assert summary_items(capsys.readouterr().out) == summary  # its wall time too, from run.json
     assert (out / "plots" / "overview.png").is_file()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,6 +90,8 @@ def test_resume_continues_exactly(workdir):
     train(run_config(workdir, "resume", "save_steps=2", f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"))
     resumed = train_rows(run_dir)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    sessions = json.loads((run_dir / "run.json").read_text())["sessions"]  # the first run's time is kept
+    assert [(s["from_step"], s["to_step"], s["finished"]) for s in sessions] == [(0, 4, True), (2, 4, True)]
     for ra, rb in zip(uninterrupted, resumed, strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "learning_rate"):
             assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpokit.run_record import RUN_FILE
+
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -141,7 +143,7 @@ TRACKER_DIR = "dpokit"
 """The trackers' run name: TensorBoard writes its events into ``output_dir/dpokit/``."""
 DATA_FILE = "data.json"
 """In a run's folder: what became of each dataset (its format, rows, pairs, drops), as logged at start."""
-RUN_OUTPUTS = ("checkpoints", "final", "plots", "metrics.jsonl", DATA_FILE, TRACKER_DIR)
+RUN_OUTPUTS = ("checkpoints", "final", "plots", "metrics.jsonl", DATA_FILE, RUN_FILE, TRACKER_DIR)
 """What a run writes into its ``output_dir`` besides ``config.yaml``."""
 USE_OUTPUTS = ("eval.json", "eval-step-*.json", "compare.md", "compare.jsonl", "compare-step-*.md", "compare-step-*.jsonl")
 """What ``dpokit eval`` and ``compare`` write into a run's folder (of that run's models)."""

@@ -126,12 +126,17 @@ _CHOSEN_REJECTED = ("rewards_chosen_rejected", "Rewards: chosen vs rejected", "r
                      ("rewards/rejected", "train rejected", REJECTED_COLOR),
                      ("eval/rewards/chosen", "eval chosen", EVAL_CHOSEN_COLOR),
                      ("eval/rewards/rejected", "eval rejected", EVAL_REJECTED_COLOR)])
+_LOGPS = ("logps_chosen_rejected", "Policy log-probs of the replies (summed over tokens)", "log-prob",
+          [("logps/chosen", "train chosen", CHOSEN_COLOR),
+           ("logps/rejected", "train rejected", REJECTED_COLOR),
+           ("eval/logps/chosen", "eval chosen", EVAL_CHOSEN_COLOR),
+           ("eval/logps/rejected", "eval rejected", EVAL_REJECTED_COLOR)])
 _LR = ("learning_rate", "Learning rate", "learning rate",
        [("learning_rate", "train", TRAIN_COLOR)])
 _GRAD = ("grad_norm", "Gradient norm (before clipping)", "grad norm",
          [("grad_norm", "train", TRAIN_COLOR)])
 
-CHARTS = [_LOSS, _ACC, _MARGINS, _CHOSEN_REJECTED, _LR, _GRAD]
+CHARTS = [_LOSS, _ACC, _MARGINS, _CHOSEN_REJECTED, _LOGPS, _LR, _GRAD]
 OVERVIEW = [_LOSS, _ACC, _MARGINS, _CHOSEN_REJECTED]
 
 
@@ -202,6 +207,7 @@ def write_plots(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
 
     Charts, each against step, train and eval on the same axes: ``loss.png``,
     ``rewards_accuracies.png``, ``rewards_margins.png``, ``rewards_chosen_rejected.png``,
+    ``logps_chosen_rejected.png`` (both falling together is the likelihood drop DPO is known for),
     ``learning_rate.png``, ``grad_norm.png``, and ``overview.png`` (2x2 of the first
     four). A chart with no data is skipped (overview: when none of its panels has data); with no
     chart at all nothing is written, the folder not even made.
@@ -301,15 +307,14 @@ def _last(rows: list[dict], key: str) -> str | None:
     return _fmt(logged[-1][1]) if since is None else f"non-finite since step {_fmt(since)}"
 
 
-def summarize(rows: list[dict], run_dir: str | os.PathLike,
-              total_seconds: float | None = None, plots: bool = True, resumed_at: int | None = None) -> str:
+def summarize(rows: list[dict], run_dir: str | os.PathLike, plots: bool = True, record: dict | None = None) -> str:
     """A short plain-text end-of-run summary (no colour codes), aligned in two columns.
 
     Shows steps, the last train loss / accuracy / margin ("non-finite since step N" once they
     are NaN or inf), the last eval loss / accuracy / margin if any eval ran, mean tokens/s, the
     pairs trained with pairs/s and tokens, the time of the training steps (the rows' ``seconds``)
-    and of the evals (``eval/seconds``), the wall time ``total_seconds`` when given (a training
-    run's, loading included; since ``resumed_at``, the step it resumed from, if it did), and the run's
+    and of the evals (``eval/seconds``); from the run's ``record`` (``run.json``, when given: see
+    :mod:`dpokit.run_record`) its global batch, pairs, wall time and reference pass; and the run's
     paths: its model (:func:`dpokit.checkpoint.newest_model`), ``plots/`` when ``plots`` (the
     charts were written). Missing metrics are left out.
     """
@@ -355,9 +360,8 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike,
     _, eval_secs = _series(eval_rows, "eval/seconds")
     if eval_secs:
         items.append(("eval time", _fmt_duration(sum(eval_secs))))
-    if total_seconds is not None:  # this process's: a resumed run's step and eval times include the earlier ones'
-        items.append(("wall time", _fmt_duration(total_seconds) + (f"  (since resuming at step {_fmt(resumed_at)})"
-                                                                   if resumed_at is not None else "")))
+    if record:
+        items += _record_items(record)
 
     items.append(("run dir", str(run_dir)))
     model = _newest_model(run_dir)
@@ -373,6 +377,39 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike,
     return "\n".join(lines)
 
 
+def _record_items(record: dict) -> list[tuple[str, str]]:
+    """The summary's items from a run's ``run.json``: the global batch and how it was made, the pairs
+    trained and evaluated, the wall time over every session (one killed midway counts to its last
+    checkpoint) and the reference passes' time. Keys an older record lacks are left out."""
+    items = []
+    if {"global_batch", "per_device_train_batch_size", "processes", "gradient_accumulation_steps"} <= set(record):
+        items.append(("global batch", f"{record['global_batch']} pairs = {record['per_device_train_batch_size']} x "
+                                      f"{record['processes']} processes x {record['gradient_accumulation_steps']} accumulation"))
+    if "train_pairs" in record:
+        text = f"{record['train_pairs']:,} train"
+        if record.get("left_out_per_epoch"):
+            text += f" (each epoch leaves out {record['left_out_per_epoch']})"
+        if record.get("eval_pairs"):
+            text += f", {record['eval_pairs']:,} eval"
+            if record.get("eval_held_out"):
+                text += " (held out of the train data)"
+        items.append(("pairs", text))
+    sessions = record.get("sessions") or []
+    if sessions:
+        last = sessions[-1]
+        text = _fmt_duration(sum(s.get("wall_seconds") or 0.0 for s in sessions))
+        if len(sessions) > 1:
+            text += (f"  ({len(sessions)} sessions; the last, from step {_fmt(last.get('from_step'))}: "
+                     f"{_fmt_duration(last.get('wall_seconds') or 0.0)})")
+        if not last.get("finished"):
+            text += f"  (to step {_fmt(last.get('to_step'))}: not finished)"
+        items.append(("wall time", text))
+    reference = [s["reference_seconds"] for s in sessions if s.get("reference_seconds") is not None]
+    if reference:
+        items.append(("reference pass", _fmt_duration(sum(reference))))
+    return items
+
+
 def _newest_model(run_dir: Path) -> tuple[str, str] | None:
     """("final model", path) once the run has ended, else ("newest checkpoint", path), else None."""
     from dpokit.checkpoint import newest_model
@@ -383,12 +420,13 @@ def _newest_model(run_dir: Path) -> tuple[str, str] | None:
     return ("final model" if found.name == "final" else "newest checkpoint"), str(found)
 
 
-def make_report(run_dir: str | os.PathLike, plots: bool = True, total_seconds: float | None = None,
-                resumed_at: int | None = None) -> str:
-    """Read ``run_dir/metrics.jsonl``, write ``run_dir/plots/*.png`` (unless ``plots`` is False),
-    return the summary (``total_seconds``: the run's wall time, when known, since ``resumed_at``)."""
+def make_report(run_dir: str | os.PathLike, plots: bool = True) -> str:
+    """Read ``run_dir/metrics.jsonl`` (and ``run.json``), write ``run_dir/plots/*.png`` (unless
+    ``plots`` is False), return the summary."""
+    from dpokit.run_record import read_run_record
+
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     rows = read_metrics(metrics) if metrics.exists() else []
     drawn = write_plots(rows, run_dir / "plots") if plots else []
-    return summarize(rows, run_dir, total_seconds, plots=bool(drawn), resumed_at=resumed_at)
+    return summarize(rows, run_dir, plots=bool(drawn), record=read_run_record(run_dir))

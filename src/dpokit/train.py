@@ -55,6 +55,7 @@ from dpokit.modeling import (
     sdpa_without_cudnn,
     uses_peft,
 )
+from dpokit.run_record import RunRecord, describe_device
 from dpokit.schedule import follow_schedule, make_scheduler
 from dpokit.sharding import (
     describe,
@@ -539,7 +540,9 @@ def train(config: Config) -> Path:
     unwrapped = accelerator.unwrap_model(scorer)
     if sharded:
         say(f"sharding: {describe(scorer, accelerator)}")
+    reference_start = time.perf_counter()
     train_ref, eval_ref = prepare_references(config, unwrapped, start, data, accelerator, pad_id, say, state.pairs_digest)
+    reference_seconds = time.perf_counter() - reference_start if isinstance(train_ref, TableReference) else None
     # fp16's dynamic loss scaling; with it off, scale() returns the loss and step() steps
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=t.fp16)
 
@@ -556,11 +559,23 @@ def train(config: Config) -> Path:
             say(f"note: {out / 'final'} holds step {ahead}: steps {state.step + 1}-{ahead} are trained again from "
                 f"this checkpoint, and final/ is replaced when the run ends")
     claim_output_dir(out, config, replaced, accelerator, say, data.stats)  # every check passed: only now is the folder changed
+    left_out = len(data.train) - per_epoch * global_batch  # each epoch's tail, a different one per epoch
+    shape = {"processes": world, "device": describe_device(accelerator.device), "global_batch": global_batch,
+             "per_device_train_batch_size": t.per_device_train_batch_size,
+             "gradient_accumulation_steps": t.gradient_accumulation_steps, "train_pairs": len(data.train),
+             "left_out_per_epoch": left_out, "eval_pairs": len(data.eval or []), "eval_held_out": data.eval_held_out,
+             "steps_per_epoch": per_epoch, "total_steps": total_steps}
+    record = RunRecord.start(out, shape, resumed_at) if accelerator.is_main_process else None
+
+    def keep_record(**session) -> None:  # this session's steps and time, in run.json
+        if record is not None:
+            record.update(to_step=state.step, wall_seconds=round(time.perf_counter() - started, 3), **session)
+
+    keep_record(reference_seconds=None if reference_seconds is None else round(reference_seconds, 3))
     if trackers:  # a resumed run's TensorBoard events after its checkpoint are dropped, as its rows are
         purge = {"tensorboard": {"purge_step": state.step + 1}} if resume_from is not None and "tensorboard" in trackers else {}
         accelerator.init_trackers(ckpt.TRACKER_DIR, config={k: str(v) for k, v in config.to_dict().items()}, init_kwargs=purge)
     log = MetricsLog(out / "metrics.jsonl", accelerator, keep_until_step=state.step if resume_from else None)
-    left_out = len(data.train) - per_epoch * global_batch  # each epoch's tail, a different one per epoch
     say(f"training: {len(data.train)} pairs, {per_epoch} steps/epoch, {total_steps} steps, "
         f"global batch {global_batch} = {batch_shape}"
         + (f"; each epoch leaves out {left_out} pairs (its shuffled tail, short of a global batch)" if left_out else ""))
@@ -645,6 +660,7 @@ def train(config: Config) -> Path:
                 ckpt.save_checkpoint(accelerator, out / "checkpoints", state, unwrapped.model, tokenizer,
                                      optimizer_state(accelerator, scorer, optimizer), scheduler, r.save_total_limit, scaler,
                                      full_model_state(accelerator, scorer), window.saved(accelerator))
+                keep_record()
         if state.batch_in_epoch >= len(batches):
             state.epoch += 1
             state.batch_in_epoch = 0
@@ -659,9 +675,10 @@ def train(config: Config) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(out / "final", unwrapped.model, tokenizer, state.step, weights)
+        keep_record(finished=True)
         from dpokit.report import make_report
 
-        say(make_report(out, plots=r.plots, total_seconds=time.perf_counter() - started, resumed_at=resumed_at))
+        say(make_report(out, plots=r.plots))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

@@ -73,6 +73,8 @@ class PreparedData:
     eval: list[TokenizedPair] | None
     stats: dict[str, SourceStats]
     """Keyed ``"train"`` and ``"eval"``, or ``"train[0]"``, ``"train[1]"``, ... for lists of sources."""
+    eval_held_out: int = 0
+    """Eval pairs split off the train data (``eval_fraction``); 0 when eval data was given or there is none."""
 
 
 def _settings(source: DataSource, config: DataConfig) -> dict[str, Any]:
@@ -254,4 +256,5 @@ def load_data(config: DataConfig, tokenizer: Any, seed: int, log: Callable[[str]
         train.extend(mixed)
     if len(train_sources) > 1 or any(s.weight != 1 for s in train_sources):
         log(f"data: mix: {', '.join(shares)}; {len(train)} train pairs")
-    return PreparedData(train=train, eval=evaluation, stats=stats)
+    held_out = len(evaluation) if evaluation is not None and not eval_sources else 0
+    return PreparedData(train=train, eval=evaluation, stats=stats, eval_held_out=held_out)

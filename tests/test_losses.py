@@ -84,6 +84,10 @@ def test_a_reply_of_no_tokens_averages_to_zero_not_nan():
 def test_weighted_combination_rpo():
     expected = 1.0 * -logsig(0.15) + 0.2 * 2.5
     assert loss_of(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2], beta=0.1) == pytest.approx(expected, abs=1e-6)
+    # each part is logged as it is, unweighted; a single loss has no parts
+    _, stats = preference_loss(LOGPS, ["sigmoid", "sft"], loss_weights=[1.0, 0.2], beta=0.1)
+    assert stats["loss/sigmoid"].item() == pytest.approx(-logsig(0.15), abs=1e-6) and stats["loss/sft"].item() == pytest.approx(2.5)
+    assert not any(k.startswith("loss/") for k in preference_loss(LOGPS, ["sigmoid"], beta=0.1)[1])
 
 
 def test_reward_statistics_follow_trl():

@@ -81,6 +81,12 @@ def test_every_loss_trains(workdir, loss_type):
                            "max_steps=2", "label_smoothing=0.1" if "robust" in loss_type else "beta=0.1"))
     rows = train_rows(out)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    if loss_type == "[sigmoid,sft]":  # a combined loss logs each part, in training and eval
+        assert all(r["loss"] == pytest.approx(r["loss/sigmoid"] + r["loss/sft"], rel=1e-5) for r in rows)
+        evals = [r for r in read_rows(out) if "eval/loss" in r]
+        assert evals[-1]["eval/loss"] == pytest.approx(evals[-1]["eval/loss/sigmoid"] + evals[-1]["eval/loss/sft"], rel=1e-5)
+    else:
+        assert not any(k.startswith("loss/") for k in rows[0])
 
 
 def test_resume_continues_exactly(workdir):

@@ -117,7 +117,8 @@ def preference_loss(
     Returns:
         per_pair_loss: [P], the weighted sum of every named loss for each pair.
         stats: per-pair tensors [P] (detached) for ``rewards/chosen``, ``rewards/rejected``,
-            ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``.
+            ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, and with
+            more than one loss each one's own value, unweighted (``loss/sigmoid``, ``loss/sft``).
             Rewards are β·(log π - log ref) with a reference, β·(avg log π) without (SimPO's).
     """
     weights = loss_weights or [1.0] * len(loss_type)
@@ -127,6 +128,7 @@ def preference_loss(
         return per_token(policy, tokens) if uses_length_normalization(name, length_normalize) else policy
 
     total = torch.zeros_like(logps.chosen)
+    parts: dict[str, torch.Tensor] = {}
     for name, weight in zip(loss_type, weights):
         if name in PAIRWISE_WITH_REFERENCE:
             if not has_ref:
@@ -155,6 +157,7 @@ def preference_loss(
         else:
             raise ValueError(f"unknown loss '{name}'; known: {', '.join(ALL_LOSSES)}")
         total = total + weight * loss
+        parts[f"loss/{name}"] = loss.detach()
 
     with torch.no_grad():
         if has_ref:
@@ -172,5 +175,6 @@ def preference_loss(
             "rewards/margins": reward_chosen - reward_rejected,
             "logps/chosen": logps.chosen.detach(),
             "logps/rejected": logps.rejected.detach(),
+            **(parts if len(parts) > 1 else {}),  # a combined loss's parts, each unweighted
         }
     return total, stats

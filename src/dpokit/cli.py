@@ -49,7 +49,7 @@ def _add_report_parser(sub) -> None:
     report = sub.add_parser(
         "report",
         help="write a run's plots and print its summary (while it trains, after it ends or is killed)",
-        description="Read RUN_DIR/metrics.jsonl, write RUN_DIR/plots/*.png and print the run's summary: what "
+        description="Read RUN_DIR/metrics.jsonl and run.json, write RUN_DIR/plots/*.png and print the run's summary: what "
         "`dpokit train` prints at its end, for a run still going, a killed one, or one trained with plots=false.",
     )
     report.add_argument("run_dir", help="a dpokit run directory (the output_dir of `dpokit train`)")

@@ -97,15 +97,17 @@ def test_gradient_checkpointing_with_lora(workdir):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-5)
 
 
-@pytest.mark.parametrize("targets", ["q_proj,v_proj", "q_proj,lm_head", "q_proj,embed_tokens"])
-def test_export_merge_gives_the_adapter_models_logits(workdir, tmp_path, capsys, targets):
+@pytest.mark.parametrize("targets, saved", [("q_proj,v_proj", None), ("q_proj,lm_head", None), ("q_proj,embed_tokens", None),
+                                            ("q_proj,v_proj", "lm_head")])
+def test_export_merge_gives_the_adapter_models_logits(workdir, tmp_path, capsys, targets, saved):
     """The tiny model ties its output layer to its input embeddings: an adapter on either is merged
-    into an untied copy (merging into the shared weight changed both layers)."""
+    into an untied copy (merging into the shared weight changed both layers); an output layer trained
+    whole (lora_modules_to_save) is a copy already, and stays apart from the embeddings."""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
     out = train(run_config(workdir, "lora-export", *LORA, f"lora_target_modules=[{targets}]", "learning_rate=1e-2",
-                           "max_steps=2", "eval=null"))
+                           "max_steps=2", "eval=null", *([f"lora_modules_to_save=[{saved}]"] if saved else [])))
     main(["export", str(out), "--merge", str(tmp_path / "merged")])
     assert "wrote" in capsys.readouterr().out
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -116,7 +118,7 @@ def test_export_merge_gives_the_adapter_models_logits(workdir, tmp_path, capsys,
     with torch.no_grad():
         assert (adapter(ids).logits - base(ids).logits).abs().max() > 1e-3  # the adapter changed something
         torch.testing.assert_close(merged(ids).logits, adapter(ids).logits, atol=1e-5, rtol=0)
-    untied = targets != "q_proj,v_proj"
+    untied = targets != "q_proj,v_proj" or saved is not None
     assert merged.config.tie_word_embeddings is not untied
     assert (merged.get_output_embeddings().weight is merged.get_input_embeddings().weight) is not untied
     assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
@@ -189,3 +191,30 @@ def test_export_takes_the_runs_base_dtype_and_never_a_users_folder(workdir, tmp_
     expected = PeftModel.from_pretrained(expected, str(out / "final")).merge_and_unload().float().eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, expected(ids).logits, atol=1e-3, rtol=0)
+
+
+def test_a_tied_layer_trained_whole_is_said_plainly(tmp_path):
+    """peft's warnings (other words in each release, none for some cases) name options and issue
+    threads; dpokit says, on every release, what happens to the model, once."""
+    import warnings
+
+    from dpokit.config import ModelConfig
+    from dpokit.modeling import load_policy
+    from dpokit.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "tied", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    for targets, whole, said in ((["q_proj"], ["lm_head"], "the output layer (lora_modules_to_save)"),
+                                 (["q_proj"], ["embed_tokens"], "the input embeddings (lora_modules_to_save)"),
+                                 (["q_proj", "lm_head"], None, "the output layer (lora_target_modules)"),
+                                 (["q_proj"], None, None)):
+        config = ModelConfig(name_or_path=str(path), use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=targets,
+                             lora_modules_to_save=whole)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = load_policy(config)
+        notes = [str(w.message) for w in caught if "tie_word_embeddings" in str(w.message)]
+        assert notes == ([] if said is None else [f"dpokit: the input embeddings and the output layer share one weight matrix "
+                         f"(tie_word_embeddings), and the adapter changes {said} on its own: the two differ from the first "
+                         "step, and a merged export keeps them apart (tie_word_embeddings=false)"]), (targets, whole)
+        if whole:  # trained as a copy
+            assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight

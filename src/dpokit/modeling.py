@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -226,13 +228,55 @@ def apply_lora(model: nn.Module, config: ModelConfig, adapter: str | None = None
     source = adapter or config.adapter_name_or_path
     if source:
         try:
-            return PeftModel.from_pretrained(model, resolve_model_path(source), is_trainable=trainable)
+            return _tied_layers_said_plainly(lambda: PeftModel.from_pretrained(model, resolve_model_path(source), is_trainable=trainable))
         except (OSError, ValueError) as e:
             raise ConfigError(f"could not load the LoRA adapter '{source}': {str(e).strip().splitlines()[0]}") from None
     try:
-        return get_peft_model(model, new_lora_config(model, config))
+        return _tied_layers_said_plainly(lambda: get_peft_model(model, new_lora_config(model, config)))
     except ValueError as e:
         raise ConfigError(lora_refusal(config.lora_target_modules, e)) from None
+
+
+def wrapped_layer(module: nn.Module) -> nn.Module:
+    """The layer a peft wrapper holds (a LoRA layer's ``base_layer``, a trained-whole module's
+    ``original_module``), or ``module`` itself when it is no wrapper."""
+    for name in ("base_layer", "original_module"):
+        inner = getattr(module, name, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return module
+
+
+def adapted_tied_layers(model: nn.Module) -> list[str]:
+    """Which of the input embeddings and output layer of a peft ``model``, where the two share one
+    weight (``tie_word_embeddings``), its adapter changes, each with the setting that asks for it:
+    ``["the output layer (lora_modules_to_save)"]``; empty when the two are apart or neither changes."""
+    base = model.get_base_model()
+    embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if head is None or wrapped_layer(embeddings).weight is not wrapped_layer(head).weight:
+        return []
+    adapted = []
+    for name, layer in (("the input embeddings", embeddings), ("the output layer", head)):
+        if hasattr(layer, "original_module"):
+            adapted.append(f"{name} (lora_modules_to_save)")
+        elif wrapped_layer(layer) is not layer:
+            adapted.append(f"{name} (lora_target_modules)")
+    return adapted
+
+
+def _tied_layers_said_plainly(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` (new or loaded adapters on a model) without peft's warnings about a tied layer in
+    the adapter (they name options and issue threads, and change from release to release); dpokit
+    says instead what happens to the model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True", category=UserWarning)
+        model = build()
+    adapted = adapted_tied_layers(model)
+    if adapted:
+        warnings.warn(f"dpokit: the input embeddings and the output layer share one weight matrix (tie_word_embeddings), "
+                      f"and the adapter changes {' and '.join(adapted)} on its own: the two differ from the first step, "
+                      "and a merged export keeps them apart (tie_word_embeddings=false)", UserWarning, stacklevel=3)
+    return model
 
 
 def lora_refusal(targets: list[str], error: ValueError) -> str:

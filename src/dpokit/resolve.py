@@ -26,7 +26,15 @@ from torch import nn
 
 from dpokit.checkpoint import newest_model
 from dpokit.config import CPU_ATTENTION, Config, ConfigError, ModelConfig, load_config
-from dpokit.modeling import DTYPES, attention_kwargs, load_causal_lm, load_tokenizer, resolve_model_path
+from dpokit.modeling import (
+    DTYPES,
+    adapted_tied_layers,
+    attention_kwargs,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+    wrapped_layer,
+)
 
 ADAPTER_FILE = "adapter_config.json"
 RUN_CONFIG = "config.yaml"
@@ -205,21 +213,20 @@ def _load_adapter(folder: Path, config: ModelConfig, base: ModelConfig | None = 
 
 def untie_adapted_embeddings(model: nn.Module) -> bool:
     """Give the output layer of a peft ``model`` its own copy of the input embeddings when the two
-    share one weight and a LoRA adapter sits on either; returns whether it did.
+    share one weight and a LoRA adapter sits on either, or either is trained whole
+    (``modules_to_save``); returns whether it did.
 
     Merging writes an adapter's update into the weight it wraps: on a shared weight an adapter on
     ``lm_head`` would also shift every input embedding (and one on ``embed_tokens`` every logit), and
-    the saved config would tie the two again on loading. Untied, the merged model computes what the
-    adapter model computed (the output layer costs vocabulary x hidden more parameters).
+    the saved config would tie the two again on loading (a layer trained whole is merged as its own
+    copy, which older peft releases left under a config that ties it back to the other on loading).
+    Untied, the merged model computes what the adapter model computed (the output layer costs
+    vocabulary x hidden more parameters).
     """
+    if not adapted_tied_layers(model):
+        return False
     base = model.get_base_model()
-    embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
-    if head is None:
-        return False
-    embeddings_base, head_base = getattr(embeddings, "base_layer", embeddings), getattr(head, "base_layer", head)
-    adapted = embeddings is not embeddings_base or head is not head_base
-    if not adapted or embeddings_base.weight is not head_base.weight:
-        return False
+    head_base = wrapped_layer(base.get_output_embeddings())
     head_base.weight = nn.Parameter(head_base.weight.detach().clone(), requires_grad=False)
     for config in (base.config, base.config.get_text_config()):
         config.tie_word_embeddings = False

@@ -53,7 +53,8 @@ def read_run_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 class RunRecord:
     """The record of the run in ``path`` (``output_dir/run.json``), as the main process keeps it.
 
-    ``shape``: what the run is (processes, global batch, pairs, steps; see :func:`dpokit.train.train`).
+    ``shape``: what the run is (processes, global batch, pairs, steps; see :func:`dpokit.train.train`)
+    and the library versions it runs on.
     ``sessions``: the earlier sessions' entries (kept on resume), then this session's, the last.
     """
 
@@ -69,13 +70,13 @@ class RunRecord:
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         session = {"started": now, "from_step": resumed_at or 0, "to_step": resumed_at or 0,
                    "wall_seconds": 0.0, "reference_seconds": None, "finished": False}
-        return cls(run_dir / RUN_FILE, shape, [*earlier, session])
+        return cls(run_dir / RUN_FILE, {**shape, "versions": library_versions()}, [*earlier, session])
 
     def update(self, **session: Any) -> None:
         """Set items of this session's entry (``to_step``, ``wall_seconds``, ...) and write the file
         (beside, then renamed into place: a reader never sees half of it)."""
         self.sessions[-1].update(session)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({**self.shape, "versions": library_versions(), "sessions": self.sessions}, indent=1) + "\n")
+        tmp.write_text(json.dumps({**self.shape, "sessions": self.sessions}, indent=1) + "\n")
         tmp.replace(self.path)
 

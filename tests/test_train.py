@@ -284,7 +284,9 @@ def test_an_output_dir_holds_one_run(workdir, capsys):
         (run_dir / name).write_text("{}")
     train(run_config(workdir, "one-run", "max_steps=2", "overwrite_output_dir=true"))
     assert not (run_dir / "checkpoints").exists() and (run_dir / "final").is_dir()
-    assert sorted(p.name for p in run_dir.glob("*.*")) == ["config.yaml", "data.json", "evaluation.json", "metrics.jsonl", "notes.md"]  # the old run's gone
+    assert sorted(p.name for p in run_dir.glob("*.*")) == ["config.yaml", "data.json", "evaluation.json", "metrics.jsonl", "notes.md",
+                                                          "run.json"]  # the old run's gone
+    assert [(s["from_step"], s["to_step"]) for s in json.loads((run_dir / "run.json").read_text())["sessions"]] == [(0, 2)]
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2]
     with pytest.raises(SystemExit):  # nothing to continue from: not advised
         main(["train", *run_args(workdir, "one-run", "overwrite_output_dir=false")])

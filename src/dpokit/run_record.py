@@ -22,13 +22,17 @@ LIBRARIES = ("dpokit", "torch", "transformers", "accelerate", "peft")
 
 
 def library_versions() -> dict[str, str | None]:
-    """The installed version of each of :data:`LIBRARIES` (None: not installed)."""
+    """The installed version of each of :data:`LIBRARIES` (None: not installed); torch's with its build
+    (``2.6.0+cu124``), which a wheel's metadata may leave out."""
+    import torch
+
     versions = {}
     for name in LIBRARIES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    versions["torch"] = torch.__version__
     return versions
 
 

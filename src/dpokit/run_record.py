@@ -79,8 +79,8 @@ class RunRecord:
     def update(self, **session: Any) -> None:
         """Set items of this session's entry (``to_step``, ``wall_seconds``, ...) and write the file
         (beside, then renamed into place: a reader never sees half of it)."""
+        from dpokit.resolve import write_text_atomic  # here: resolve imports checkpoint, which imports this module
+
         self.sessions[-1].update(session)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({**self.shape, "sessions": self.sessions}, indent=1) + "\n")
-        tmp.replace(self.path)
+        write_text_atomic(self.path, json.dumps({**self.shape, "sessions": self.sessions}, indent=1) + "\n")
 

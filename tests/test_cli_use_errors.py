@@ -3,6 +3,8 @@ before any model is loaded, naming what the user wrote (a flag, the run's config
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dpokit.cli import main
@@ -124,3 +126,41 @@ def test_a_builtin_model_is_named_as_written(workdir, tmp_path, capsys):
     assert err.startswith("dpokit: error: builtin:tiny-qwen2 is not a dpokit run, so it has no default reference")
     err = _exit_message(["compare", "builtin:tiny-qwen2", "--prompts", str(data)], capsys)
     assert "builtin:tiny-qwen2 is not a dpokit run" in err
+
+
+def _no_model_load(monkeypatch):
+    import dpokit.export
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the folders were checked")
+
+    monkeypatch.setattr(dpokit.export, "load_model", refuse)
+
+
+def test_export_into_a_non_empty_folder_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch, capsys):
+    _no_model_load(monkeypatch)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    err = _exit_message(["export", str(model), "--merge", str(out)], capsys)
+    assert err == f"dpokit: error: {out} exists and is not empty: choose a new folder\n"
+    assert (out / "notes.txt").read_text() == "mine\n"
+    (tmp_path / "file").write_text("")
+    err = _exit_message(["export", str(model), "--merge", str(tmp_path / "file")], capsys)
+    assert f"{tmp_path / 'file'} is a file, not a folder: choose a new folder for the model" in err
+
+
+def test_exporting_an_adapter_without_merging_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch):
+    from dpokit.export import export_model
+
+    _no_model_load(monkeypatch)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    said = f"{adapter.resolve()} is a LoRA adapter: pass --merge to write base + adapter as one model"
+    with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
+        export_model(str(adapter), tmp_path / "out", merge=False)
+    assert not (tmp_path / "out").exists()

@@ -220,3 +220,220 @@ def test_a_template_that_refuses_a_message_is_said_not_raised(workdir, tmp_path,
     with pytest.raises(SystemExit):
         main(["compare", str(model), "--reference", str(model), "--prompts", str(prompts), "--output-dir", str(tmp_path / "o")])
     assert "prompt 2: the chat template cannot render messages with roles [system, user]" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- columns and files, with replies faked
+
+
+def _fake_replies(monkeypatch):
+    """``dpokit.compare._replies`` made to answer without a model: each reply names the model that
+    gave it and the prompt; returns the calls, ``(model shown, template_kwargs)`` each, in order."""
+    import dpokit.compare
+
+    calls = []
+
+    def replies(model, dtype, prompts, settings, batch_size, log, template_kwargs):
+        calls.append((model.shown, template_kwargs))
+        return [f"by {model.shown} to {prompt_text(p)}" for p in prompts]
+
+    monkeypatch.setattr(dpokit.compare, "_replies", replies)
+    return calls
+
+
+def _section(markdown: str, start: str, end: str) -> str:
+    """The text of ``markdown`` between the first ``start`` and the next ``end`` after it."""
+    return markdown.split(start, 1)[1].split(end, 1)[0]
+
+
+def test_each_column_holds_its_own_models_replies_and_both_get_the_same_template_variables(monkeypatch):
+    from dpokit.compare import compare
+
+    calls = _fake_replies(monkeypatch)
+    prompts = ["The moon is", [{"role": "user", "content": "Why is the sky blue?"}]]
+    variables = [{"enable_thinking": False}, None]
+    comparison, policy = compare("org/policy", prompts, reference="org/reference", log=lambda line: None,
+                                 template_kwargs=variables)
+    assert calls == [("org/reference", variables), ("org/policy", variables)]  # the reference first, same variables
+    assert policy.shown == comparison.model == "org/policy" and comparison.reference == "org/reference"
+    assert comparison.reference_replies == ["by org/reference to The moon is", "by org/reference to Why is the sky blue?"]
+    assert comparison.policy_replies == ["by org/policy to The moon is", "by org/policy to Why is the sky blue?"]
+    assert comparison.rows() == [
+        {"index": 1, "prompt": prompts[0], "reference": "by org/reference to The moon is", "policy": "by org/policy to The moon is"},
+        {"index": 2, "prompt": prompts[1], "reference": "by org/reference to Why is the sky blue?",
+         "policy": "by org/policy to Why is the sky blue?"},
+    ]
+    md = comparison.markdown()
+    assert "- policy: `org/policy`" in md and "- reference: `org/reference`" in md
+    for section in md.split("\n## ")[1:]:
+        reference, policy_part = _section(section, "**Reference**", "**Policy**"), section.split("**Policy**", 1)[1]
+        assert "by org/reference" in reference and "by org/policy" not in reference
+        assert "by org/policy" in policy_part and "by org/reference" not in policy_part
+
+
+def _code_blocks(markdown: str) -> list[str]:
+    """The contents of ``markdown``'s backtick-fenced blocks, read as CommonMark reads them: a block
+    ends at the first line of only backticks, at least as many as opened it."""
+    import re
+
+    blocks, fence, body = [], None, []
+    for line in markdown.splitlines():
+        if fence is None:
+            opening = re.fullmatch(r"(`{3,})[^`]*", line)
+            if opening:
+                fence, body = opening.group(1), []
+        elif re.fullmatch(f"`{{{len(fence)},}}\\s*", line):
+            blocks.append("\n".join(body))
+            fence = None
+        else:
+            body.append(line)
+    assert fence is None, "a code block is left open"
+    return blocks
+
+
+def test_a_reply_holding_code_fences_shows_verbatim_in_one_block():
+    """A reply with a ``` (or ````) block of its own gets a longer fence: its fences do not close
+    the block it is shown in."""
+    from dpokit.compare import Comparison
+
+    three = "Here is code:\n```\nprint(1)\n```\nDone."
+    four = "Nested:\n````markdown\n```\nx\n```\n````\nend ```inline``` too"
+    comparison = Comparison("org/policy", "org/reference", SamplingSettings(), ["Show me code.", "Show me more."],
+                            [three, four], [four, three])
+    md = comparison.markdown()
+    assert _code_blocks(md) == ["Show me code.", three, four, "Show me more.", four, three]
+    assert "\n````text\n" + three + "\n````\n" in md and "\n`````text\n" + four + "\n`````\n" in md
+
+
+# ----------------------------------------------------------------------------- generation, with the model faked
+
+
+class _ScriptedLM:
+    """Stands in for a causal LM in :func:`generate_replies`: records what ``generate`` is given and
+    returns each row of ``input_ids`` followed by ``new`` (as ``generate`` returns prompt + reply)."""
+
+    def __init__(self, new: list[int], limit: int | None = None):
+        import torch
+        from types import SimpleNamespace
+
+        self.new, self.calls = new, []
+        self.config = SimpleNamespace(max_position_embeddings=limit, use_cache=False)
+        self._weight = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        return iter([self._weight])
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        import torch
+
+        self.calls.append({"input_ids": input_ids, "attention_mask": attention_mask, **kwargs})
+        return torch.cat([input_ids, torch.tensor([self.new] * len(input_ids))], dim=1)
+
+
+def test_a_batch_is_left_padded_and_masked_and_only_the_new_tokens_are_the_reply(chat_tokenizer):
+    from dpokit.generate import encode_prompt
+
+    new = chat_tokenizer("Sure, here it is.", add_special_tokens=False)["input_ids"]
+    model = _ScriptedLM(new)
+    prompts = ["The moon", "Honey bees live in large colonies with a queen", [{"role": "user", "content": "hi"}]]
+    replies = generate_replies(model, chat_tokenizer, prompts, SamplingSettings(temperature=0), batch_size=3)
+    assert replies == ["Sure, here it is."] * 3  # not the prompt, nor its last token
+    encoded = [encode_prompt(p, chat_tokenizer) for p in prompts]
+    width, pad = max(map(len, encoded)), chat_tokenizer.pad_token_id
+    (call,) = model.calls
+    assert call["input_ids"].tolist() == [[pad] * (width - len(ids)) + ids for ids in encoded]
+    assert call["attention_mask"].tolist() == [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded]
+    assert len({len(ids) for ids in encoded}) == 3  # each row has its own amount of padding
+
+
+def test_sampling_settings_and_nothing_else_make_the_generation_config(chat_tokenizer):
+    from dpokit.generate import prepare_for_generation
+
+    model = _ScriptedLM([])
+    prepare_for_generation(model, chat_tokenizer, SamplingSettings(temperature=0.5, top_p=0.8, top_k=7, max_new_tokens=9))
+    config = model.generation_config
+    assert (config.do_sample, config.temperature, config.top_p, config.top_k, config.max_new_tokens) == (True, 0.5, 0.8, 7, 9)
+    assert config.eos_token_id == [chat_tokenizer.eos_token_id] and config.pad_token_id == chat_tokenizer.pad_token_id
+    assert model.config.use_cache is True
+    prepare_for_generation(model, chat_tokenizer, SamplingSettings(temperature=0, top_p=0.8, top_k=7))
+    config = model.generation_config
+    assert (config.do_sample, config.temperature, config.top_p, config.top_k) == (False, None, None, None)  # greedy
+
+
+def test_a_prompt_too_long_for_the_context_keeps_its_last_tokens_and_says_so():
+    from dpokit.generate import fit_prompts
+
+    lines = []
+    assert fit_prompts([[1, 2, 3, 4, 5, 6], [7]], 6, 2, lines.append) == [[3, 4, 5, 6], [7]]
+    assert lines == ["note: 1 prompt(s) (number 1) are longer than the 4 tokens the model's context of 6 leaves beside "
+                     "--max-new-tokens 2: they keep their last 4 tokens"]
+    lines.clear()
+    assert fit_prompts([[1, 2, 3, 4], [7]], 6, 2, lines.append) == [[1, 2, 3, 4], [7]] and lines == []  # fits: as it was
+    assert fit_prompts([[1, 2, 3, 4, 5, 6]], None, 2, lines.append) == [[1, 2, 3, 4, 5, 6]] and lines == []  # no limit known
+
+
+def test_the_models_own_eos_ids_also_stop_a_reply(chat_tokenizer):
+    """Llama 3 names several eos ids in its generation config (a list): each one ends a reply."""
+    from types import SimpleNamespace
+
+    eos = chat_tokenizer.eos_token_id
+    several = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[eos, 7, 5]))
+    assert stop_token_ids(chat_tokenizer, several) == sorted({eos, 5, 7})
+    one = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=9))
+    assert stop_token_ids(chat_tokenizer, one) == sorted({eos, 9})
+    assert stop_token_ids(chat_tokenizer) == [eos]
+
+
+def test_a_chat_prompt_gets_only_the_bos_its_template_writes(chat_tokenizer):
+    """A tokenizer that adds a BOS to any text, with a template that writes one: the rendered prompt
+    is encoded without special tokens (one BOS, not two); a plain-text prompt gets the tokenizer's."""
+    import copy
+
+    from tokenizers import processors
+
+    from conftest import CHATML_TEMPLATE
+    from dpokit.generate import encode_prompt
+
+    tokenizer = copy.deepcopy(chat_tokenizer)
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                                       special_tokens=[("<s>", bos)])
+    tokenizer.chat_template = "{{ bos_token }}" + CHATML_TEMPLATE
+    assert tokenizer("hi")["input_ids"][0] == bos  # the tokenizer adds one
+    chat = encode_prompt([{"role": "user", "content": "hi"}], tokenizer)
+    assert chat[0] == bos and chat.count(bos) == 1
+    plain = encode_prompt("hi", tokenizer)
+    assert plain[0] == bos and plain.count(bos) == 1
+
+
+def _data_json(tmp_path, **formats):
+    """A run folder whose ``data.json`` gives each label's format (``train_0`` stands for ``train[0]``)."""
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    labels = {label.replace("_0", "[0]").replace("_1", "[1]"): {"format": f, "rows": 3} for label, f in formats.items()}
+    (run / "data.json").write_text(json.dumps(labels))
+    return run
+
+
+def test_only_a_run_trained_on_plain_text_alone_counts_as_plain_text(tmp_path):
+    """Every train source must be plain text (a mix keeps the chat template); eval data does not count."""
+    from dpokit.generate import trained_on_plain_text
+
+    assert trained_on_plain_text(_data_json(tmp_path, train="standard"))
+    assert trained_on_plain_text(_data_json(tmp_path, train_0="standard", train_1="standard-implicit"))
+    assert trained_on_plain_text(_data_json(tmp_path, train="standard-implicit", eval="conversational"))
+    assert not trained_on_plain_text(_data_json(tmp_path, train_0="standard", train_1="conversational"))
+    assert not trained_on_plain_text(_data_json(tmp_path, train_0="conversational", train_1="standard"))
+    assert not trained_on_plain_text(_data_json(tmp_path, train="conversational", eval="standard"))
+    assert not trained_on_plain_text(_data_json(tmp_path, eval="standard"))  # no train source: not known
+    assert not trained_on_plain_text(tmp_path / "no-such-run") and not trained_on_plain_text(None)
+
+
+def test_as_plain_text_turns_only_a_lone_user_message_into_its_text():
+    from dpokit.generate import as_plain_text
+
+    conversation = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    two_users = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    lone_system = [{"role": "system", "content": "Be terse."}]
+    assert as_plain_text([[{"role": "user", "content": "The sky is"}], "The sea is", conversation, two_users, lone_system]) == [
+        "The sky is", "The sea is", conversation, two_users, lone_system]

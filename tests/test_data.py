@@ -148,6 +148,35 @@ def test_line_separators_in_strings_bom_gzip_ndjson_and_one_row_json(tmp_path):
         load_rows(DataSource(str(tmp_path / "broken.jsonl.gz")))
 
 
+def test_gz_is_looked_through_only_for_text_files(tmp_path):
+    """A ``.gz`` ending is read through gzip for the text types alone (in any case): a .tar.gz
+    archive (even of a .jsonl), a gzipped .parquet or a bare .gz is not a data file, and is named as
+    such (not read as the type inside it, nor looked up on the hub)."""
+    import gzip
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = standard_rows(2)
+    lines = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    with gzip.open(tmp_path / "UPPER.JSONL.GZ", "wb") as f:
+        f.write(lines)
+    assert load_rows(DataSource(str(tmp_path / "UPPER.JSONL.GZ"))) == rows
+    with tarfile.open(tmp_path / "train.tar.gz", "w:gz") as tar:
+        member = tarfile.TarInfo("train.jsonl")
+        member.size = len(lines)
+        tar.addfile(member, io.BytesIO(lines))
+    parquet = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    (tmp_path / "train.parquet.gz").write_bytes(gzip.compress(parquet.getvalue()))
+    (tmp_path / "train.gz").write_bytes(gzip.compress(lines))
+    for name in ("train.tar.gz", "train.parquet.gz", "train.gz"):
+        with pytest.raises(DataError, match=rf"{name} is a file dpokit cannot read: data files are .jsonl, .*\.jsonl\.gz"):
+            load_rows(DataSource(str(tmp_path / name)))
+
+
 def test_saved_to_disk_folder(tmp_path):
     import datasets
 
@@ -213,6 +242,21 @@ def test_missing_empty_and_bad_files(tmp_path):
     (tmp_path / "header.csv").write_text("prompt,chosen,rejected\n")
     with pytest.raises(DataError, match="has no rows"):
         load_rows(DataSource(str(tmp_path / "header.csv")))
+
+
+@pytest.mark.parametrize("bad_row", [2, 150])
+def test_a_csv_row_with_more_cells_than_the_header_names_file_and_row(tmp_path, bad_row):
+    """A row with a cell past the header's columns (an unquoted comma) is a DataError naming the
+    row and the fix, wherever it is: among the first 100 rows (which the message-list check reads;
+    the extra cells are a list there) and past them."""
+    rows = [f"Why is the sky blue? ({i}),Because.,No." for i in range(1, 201)]
+    rows[bad_row - 1] = "Why is the sky blue?,Because light scatters, mostly.,No."
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError) as e:
+        load_rows(DataSource(str(path)))
+    assert str(e.value) == (f"{path}, row {bad_row}: has more cells than the header (4 cells, 3 columns: prompt, chosen, "
+                            'rejected); quote every cell that holds a comma ("like, this"), or name every column in the header line')
 
 
 def test_hub_failure_is_a_clear_error(tmp_path):
@@ -455,6 +499,25 @@ def test_tool_calls_are_rendered_or_the_pair_refused(chat_tokenizer):
     assert stats.kept == 0 and stats.problems.counts == {"unsupported": 1}
 
 
+def test_a_reply_of_several_messages_runs_to_its_last_end_of_turn_marker(chat_tokenizer):
+    """A reply of a tool call, the tool's result and the answer holds ChatML's <|im_end|> after each
+    message: it is trained whole, up to the last marker, not cut after the call's."""
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "id": "c1", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+    result = {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": "18C and sunny"}
+    answer = {"role": "assistant", "content": "It is 18C and sunny in Paris."}
+    pair = Pair([{"role": "user", "content": "Weather in Paris?"}], [call, result, answer],
+                [{"role": "assistant", "content": "No idea."}])
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = TOOL_TEMPLATE
+    (tp,), stats = tokenize_pairs([pair], tok, 4096, "drop")
+    assert stats.kept == 1
+    assert tok.decode(tp.chosen_ids) == ('<tool_call>get_weather {"city": "Paris"}</tool_call><|im_end|>\n'
+                                         "<|im_start|>tool\n18C and sunny<|im_end|>\n"
+                                         "<|im_start|>assistant\nIt is 18C and sunny in Paris.<|im_end|>")
+    assert tok.decode(tp.rejected_ids) == "No idea.<|im_end|>"
+
+
 def test_conversational_data_needs_a_chat_template(chat_tokenizer):
     tok = copy.deepcopy(chat_tokenizer)
     tok.chat_template = None
@@ -489,17 +552,31 @@ def test_template_render_error_is_a_data_error(chat_tokenizer):
         tokenize_pairs(pairs, tok, 512, "drop")
 
 
+NO_MARKER_TEMPLATE = (  # writes nothing after an assistant's message: no end-of-turn marker
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['role'] != 'assistant' %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
 def test_template_without_end_marker_uses_eos(chat_tokenizer):
     tok = copy.deepcopy(chat_tokenizer)
-    tok.chat_template = (
-        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['role'] != 'assistant' %}{{ '\\n' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-    )
+    tok.chat_template = NO_MARKER_TEMPLATE
     assert end_of_turn_marker(tok) == ""
     pairs, _ = to_pairs(explicit_rows(1), "c")
     (tp,), _ = tokenize_pairs(pairs, tok, 512, "drop")
     assert tp.chosen_ids[-1] == tok.eos_token_id
     assert tok.decode(tp.chosen_ids[:-1]) == "A small cat said hello to the moon."
+
+
+def test_template_without_end_marker_ends_both_replies_with_one_eos(chat_tokenizer):
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = NO_MARKER_TEMPLATE
+    pairs, _ = to_pairs(explicit_rows(2), "c")
+    tokenized, _ = tokenize_pairs(pairs, tok, 512, "drop")
+    for tp, pair in zip(tokenized, pairs):
+        for ids, reply in ((tp.chosen_ids, pair.chosen), (tp.rejected_ids, pair.rejected)):
+            assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+            assert tok.decode(ids[:-1]) == reply[0]["content"]
 
 
 def _long_pairs(n: int, words: int) -> list[Pair]:
@@ -518,6 +595,18 @@ def test_fit_length_rule():
     # the reply is longer than max_length: prompt keeps min(10, 6) = 6, replies get 6 with EOT last
     assert cut.prompt_ids == [4, 5, 6, 7, 8, 9]
     assert cut.chosen_ids == [100, 101, 102, 103, 104, 999] and cut.rejected_ids == [200, 999]
+
+
+def test_a_pair_whose_rejected_reply_alone_is_cut_counts_as_truncated(chat_tokenizer):
+    # prompt keeps max(6 - 5, min(2, 3)) = 2 tokens; chosen fits in the 4 left, rejected is cut to them
+    cut, truncated = fit_length(TokenizedPair([1, 2], [3, 4], [5, 6, 7, 8, 9]), 6, "truncate")
+    assert truncated and cut == TokenizedPair([1, 2], [3, 4], [5, 6, 7, 9])
+    pair = Pair("Why?", " Yes.", " " + " ".join(["the sky is blue because light"] * 8))
+    (full,), _ = tokenize_pairs([pair], chat_tokenizer, 100_000, "drop")
+    max_length = len(full.prompt_ids) + len(full.rejected_ids) - 3
+    (tp,), stats = tokenize_pairs([pair], chat_tokenizer, max_length, "truncate")
+    assert (tp.prompt_ids, tp.chosen_ids) == (full.prompt_ids, full.chosen_ids) and len(tp.rejected_ids) == len(full.rejected_ids) - 3
+    assert (stats.truncated, stats.replies_cut, stats.prompt_cut) == (1, 1, 0)
 
 
 def test_truncation_drop_and_truncate_counts(chat_tokenizer):
@@ -643,3 +732,18 @@ def test_load_data_with_no_surviving_pair(tmp_path, chat_tokenizer):
     with pytest.raises(DataError, match=r"\(dropped: 2 leading_turns_differ\).*the first bad row: .*orca.jsonl, line 1: "
                                         r"'prompt' is missing .*: name the column that holds it: data.columns.prompt=question$"):
         load_data(DataConfig(train=DataSource(orca), on_error="skip"), chat_tokenizer, seed=0, log=lambda _: None)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_packing_puts_a_sequence_that_exactly_fills_a_row_in_it():
+    """A packed row takes a sequence while its length stays within row_tokens, the bound included."""
+    from dpokit.data.batching import make_batch
+
+    pair = TokenizedPair([1, 2], [3, 4], [5, 6, 7])  # sequences of 4 and 5 tokens
+    assert make_batch([pair], "packed", row_tokens=9).input_ids.tolist() == [[1, 2, 3, 4, 1, 2, 5, 6, 7]]
+    assert make_batch([pair], "packed", row_tokens=8).input_ids.shape[0] == 2
+    pairs = [pair, TokenizedPair([8], [9, 10], [11, 12])]  # shared-prompt pairs of 7 and 5 tokens
+    assert make_batch(pairs, "prefix_packed", row_tokens=12).input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+    assert make_batch(pairs, "prefix_packed", row_tokens=11).input_ids.shape[0] == 2

@@ -112,6 +112,20 @@ def test_eval_list_of_sources(tmp_path, chat_tokenizer, private_cache):
     assert len(data.eval) == 5 and set(data.stats) == {"train", "eval[0]", "eval[1]"}
 
 
+def test_eval_sources_are_weighted_like_train_sources(tmp_path, chat_tokenizer, private_cache):
+    a = write_jsonl(tmp_path / "a.jsonl", standard_rows(4, "a"))
+    e1 = write_jsonl(tmp_path / "e1.jsonl", standard_rows(10, "e"))
+    e2 = write_jsonl(tmp_path / "e2.jsonl", chat_rows(2))
+    one = load_data(DataConfig(train=DataSource(a), eval=DataSource(e1, weight=0.5)), chat_tokenizer, seed=3, log=quiet)
+    alone_1 = load_data(DataConfig(train=DataSource(e1)), chat_tokenizer, seed=3, log=quiet).train
+    alone_2 = load_data(DataConfig(train=DataSource(e2)), chat_tokenizer, seed=3, log=quiet).train
+    assert len(one.eval) == 5 and one.eval == weighted(alone_1, 0.5, seed=3, index=0)
+    config = DataConfig(train=DataSource(a), eval=[DataSource(e1, weight=0.5), DataSource(e2, weight=1.5)])
+    two = load_data(config, chat_tokenizer, seed=3, log=quiet)
+    assert len(two.eval) == 5 + 3
+    assert two.eval == weighted(alone_1, 0.5, seed=3, index=0) + weighted(alone_2, 1.5, seed=3, index=1)
+
+
 # ----------------------------------------------------------------------------- cache
 
 
@@ -165,6 +179,24 @@ def test_second_load_comes_from_the_cache(tmp_path, chat_tokenizer, private_cach
     monkeypatch.undo()
     monkeypatch.setenv("DPOKIT_CACHE", str(private_cache.parent))
     assert len(load_data(config, chat_tokenizer, seed=0, log=quiet).train) == 7
+
+
+def test_a_same_size_edit_of_a_data_file_is_read_again_not_served_from_the_cache(tmp_path, chat_tokenizer, private_cache):
+    """The file's modification time is part of the cache key: an edit in place that keeps its size
+    (one character for another) gives the new pairs, not the cached ones."""
+    path = tmp_path / "t.jsonl"
+    write_jsonl(path, standard_rows(4, "a"))
+    config = DataConfig(train=DataSource(str(path)), max_length=64)
+    first = load_data(config, chat_tokenizer, seed=0, log=quiet)
+    before = os.stat(path)
+    write_jsonl(path, standard_rows(4, "b"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    assert os.stat(path).st_size == before.st_size and os.stat(path).st_ino == before.st_ino
+    lines: list[str] = []
+    second = load_data(config, chat_tokenizer, seed=0, log=lines.append)
+    assert "from cache" not in lines[0]
+    assert second.train != first.train
+    assert second.train == load_data(DataConfig(train=DataSource(str(path)), max_length=64, cache=False), chat_tokenizer, 0, quiet).train
 
 
 def test_cache_off_writes_nothing_and_errors_are_not_cached(tmp_path, chat_tokenizer, private_cache):

@@ -245,3 +245,52 @@ def test_use_commands_load_as_the_run_did_minus_training_only_settings(workdir, 
             loaded = model_config(model)
             assert loaded.load_in_4bit is False
             assert loaded.attn_implementation == "sdpa"  # on a machine without CUDA
+
+
+def test_data_flag_is_scored_whole_with_the_command_line_settings(tmp_path):
+    """--data replaces the run's datasets and is scored whole (no eval_fraction split taken off it);
+    --beta, --max-length and --batch-size override the run's; the run's own config is left as it was."""
+    import dataclasses
+
+    from dpokit.config import Config, DataSource
+    from dpokit.evaluate import eval_config
+    from dpokit.resolve import ResolvedModel
+
+    base = Config()
+    run_config = dataclasses.replace(base, data=dataclasses.replace(base.data, train=DataSource(path="run-train.jsonl"),
+                                                                    eval=DataSource(path="run-eval.jsonl"), eval_fraction=0.25,
+                                                                    max_length=512))
+    model = ResolvedModel("org/policy", tmp_path, run_config, "final")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("")
+    config = eval_config(model, str(data), "train", batch_size=3, max_length=64, beta=0.5)
+    assert config.data.train == DataSource(path=str(data), split="train")
+    assert config.data.eval is None and config.data.eval_fraction == 0.0
+    assert config.data.max_length == 64 and config.training.per_device_eval_batch_size == 3 and config.loss.beta == 0.5
+    assert (run_config.data.eval_fraction, run_config.data.max_length, run_config.loss.beta) == (0.25, 512, base.loss.beta)
+    assert run_config.training.per_device_eval_batch_size == base.training.per_device_eval_batch_size
+    kept = eval_config(model, None, "train", None, None, None)  # nothing given: the run's own
+    assert kept.data == run_config.data and kept.loss.beta == base.loss.beta
+    assert kept.training.per_device_eval_batch_size == base.training.per_device_eval_batch_size
+
+
+def test_a_reference_with_another_tokenizer_is_refused_before_any_model_loads(workdir, tmp_path, monkeypatch):
+    """DPO compares log-probs of the same token ids: a reference whose vocabulary differs is refused."""
+    import re
+
+    import dpokit.evaluate
+    from transformers import AutoTokenizer
+
+    reference = tmp_path / "other-vocab"
+    shutil.copytree(workdir / "model", reference)
+    tokenizer = AutoTokenizer.from_pretrained(reference)
+    tokenizer.add_tokens(["<extra_token>"])
+    tokenizer.save_pretrained(reference)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(dpokit.evaluate, "load_model", refuse)
+    policy = str(workdir / "model")
+    with pytest.raises(ConfigError, match=re.escape(f"the reference {reference} has a different tokenizer than the policy {policy}")):
+        dpokit.evaluate.evaluate_model(policy, reference=str(reference), data=str(workdir / "eval.jsonl"))

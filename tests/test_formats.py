@@ -264,6 +264,30 @@ def test_conversations_with_the_prompt_inside():
     assert capybara.rejected == [bot("Ten.")]
 
 
+def test_conversational_replies_that_repeat_the_prompt_keep_only_what_follows_it():
+    """Under format: conversational, chosen/rejected may be whole conversations (ultrafeedback_binarized
+    writes them so): the copy of the prompt they start with is removed, whole, and a bad message is
+    numbered where it is in the conversation. A reply that starts like the prompt but differs is kept
+    as given (and refused: it does not start with the assistant)."""
+    result = normalize(ultrafeedback_rows(), "uf.jsonl", format="conversational")
+    assert result.pairs[0] == Pair([user("What is the capital of France?")], [bot("Paris is the capital of France.")], [bot("Lyon.")])
+    assert result.pairs[1].rejected == [bot("At 50.")]
+    system = msg("system", "Answer in one word.")
+    row = {"prompt": [system, user("Capital of France?")],
+           "chosen": [system, user("Capital of France?"), bot("Paris.")],
+           "rejected": [system, user("Capital of France?"), bot("Lyon.")]}
+    (pair,), _ = to_pairs([row], "c", format="conversational")
+    assert pair == Pair([system, user("Capital of France?")], [bot("Paris.")], [bot("Lyon.")])
+    bad = copy.deepcopy(row)
+    bad["rejected"].append({"role": "human", "content": "Sure?"})
+    assert _error([bad], format="conversational").startswith(
+        "data/train.jsonl, row 1: 'rejected' message 4: role 'human' is not one of system, user, assistant, tool")
+    partial = copy.deepcopy(row)
+    partial["chosen"] = [system, user("Capital of Spain?"), bot("Madrid.")]
+    assert _error([partial], format="conversational").startswith(
+        "data/train.jsonl, row 1: 'chosen' reply must start with an assistant message, got role 'system'")
+
+
 def test_ultrafeedback_keeps_scores_as_metadata():
     pairs, _ = to_pairs(ultrafeedback_rows(), "uf")
     assert pairs[0] == Pair([user("What is the capital of France?")], [bot("Paris is the capital of France.")], [bot("Lyon.")])

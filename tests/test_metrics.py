@@ -61,3 +61,39 @@ def test_settling_keeps_the_values_for_the_row():
     window.seconds = 1.0
     row = window.row(TwoProcesses(), pairs_per_step=1)
     assert row["loss"] == pytest.approx(1.5) and row["grad_norm"] == pytest.approx(2.0) and row["tokens"] == 20
+
+
+class OneProcess:
+    """An accelerator of one process in a run of several: main or not, and its own token count
+    summed with nothing (``reduce`` leaves it as it is)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, main: bool):
+        self.is_main_process = main
+
+    @staticmethod
+    def reduce(t, op):
+        assert op == "sum"
+        return t
+
+
+def test_a_restored_window_counts_its_tokens_on_the_main_process_only():
+    """A checkpoint keeps the window's tokens summed over the processes: restored, the main process
+    holds them and every other process 0, so the row's sum over processes counts them once."""
+    saved = {"steps": [[["loss"], [0.5], 1e-3], [["loss"], [1.5], 2e-3]], "tokens": 120, "seconds": 3.0}
+    main, other = LogWindow.restored(saved, OneProcess(True)), LogWindow.restored(saved, OneProcess(False))
+    assert (main.tokens, other.tokens) == (120, 0)
+    assert main.seconds == other.seconds == 3.0 and main.steps == other.steps
+    row = main.row(OneProcess(True), pairs_per_step=2)
+    assert (row["loss"], row["tokens"], row["learning_rate"], row["tokens_per_second"]) == (1.0, 120, 2e-3, 40.0)
+    assert LogWindow.restored(None, OneProcess(True)).tokens == 0
+
+
+def test_tracker_keys_keep_eval_names_and_put_the_rest_under_train():
+    from dpokit.metrics import tracker_key
+
+    assert tracker_key("eval/loss") == "eval/loss"
+    assert tracker_key("eval/rewards/margins") == "eval/rewards/margins"
+    assert tracker_key("loss") == "train/loss"
+    assert tracker_key("rewards/margins") == "train/rewards/margins"

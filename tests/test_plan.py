@@ -533,3 +533,127 @@ def test_tokens_replaces_the_worst_case(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--tokens", "0"])
     assert "--tokens: 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("attention", [None, "eager"])
+def test_gradient_checkpointing_keeps_every_layer_input_and_one_layer_recomputed(attention):
+    """With gradient checkpointing each layer keeps its input (tok * H * s) and backward recomputes
+    one layer at a time: its activations (and eager attention's scores) are counted once, not
+    once per layer."""
+    from dataclasses import replace
+
+    from dpokit.plan import dense_mask, eager_scores_bytes, layer_activation_bytes, micro_batch_tokens
+
+    m = count_model(_config())
+    run = RunShape(batch_size=2, max_length=128, layout="packed", attention=attention)
+    tok, n = micro_batch_tokens(run), m.layers
+    off, on = estimate(m, run), estimate(m, replace(run, gradient_checkpointing=True))
+    for col, s in (("full", 4), ("lora", 4), ("qlora", 2)):
+        layer = tok * layer_activation_bytes(m, s, dense_mask(m, run) or attention == "eager", col == "full",
+                                             m.lora_modules, run.lora_r, run.lora_dropout)
+        if attention == "eager":
+            layer += eager_scores_bytes(m, run, s)
+        assert off[col]["activations"] - on[col]["activations"] == pytest.approx(
+            (n - 1) * layer - n * tok * m.hidden * s, rel=1e-12), col
+
+
+def test_padded_rows_are_two_per_pair():
+    """The padded layout holds each pair as two rows of max_length (chosen, rejected): 2 * batch rows,
+    which eager attention's scores and sdpa's bool mask are counted over."""
+    from dataclasses import replace
+
+    from dpokit.plan import row_shape
+
+    B, L = 3, 64
+    run = RunShape(batch_size=B, max_length=L, layout="padded", attention="sdpa")
+    assert row_shape(run) == (2 * B, L)
+    m = count_model(_config())
+    sdpa, eager = estimate(m, run)["full"], estimate(m, replace(run, attention="eager"))["full"]
+    assert eager["activations"] - sdpa["activations"] == m.layers * 2 * B * m.heads * L * L * 4  # float32 scores
+    flash = estimate(m, replace(run, attention="flash_attention_2"))["full"]  # no mask, no repeated kv heads
+    tok = 2 * B * L
+    assert sdpa["activations"] - flash["activations"] == (m.layers * tok * 4 * 2 * (m.hidden - m.kv_dim)
+                                                          + 2 * B * L * L * 1)  # bool mask
+
+
+def test_a_mask_makes_the_kv_heads_repeated_in_the_activations():
+    """Under sdpa or eager with a mask, transformers repeats the kv heads to the query heads: k and v
+    are saved H wide, not kv_dim wide; flash_attention_2 on packed rows takes no mask and keeps them
+    kv_dim wide."""
+    from dataclasses import replace
+
+    from dpokit.plan import layer_activation_bytes, micro_batch_tokens
+
+    m = count_model(_config())
+    assert m.kv_dim == 128 < m.hidden == 256  # 2 kv heads of 4
+    for full in (True, False):
+        assert (layer_activation_bytes(m, 4, True, full, m.lora_modules)
+                - layer_activation_bytes(m, 4, False, full, m.lora_modules)) == 4 * 2 * (m.hidden - m.kv_dim)
+    run = RunShape(batch_size=2, max_length=128, layout="packed", attention="sdpa")
+    tok = micro_batch_tokens(run)
+    sdpa, flash = estimate(m, run), estimate(m, replace(run, attention="flash_attention_2"))
+    for col, s in (("full", 4), ("lora", 4), ("qlora", 2)):
+        mask = 2 * (2 * 128) ** 2 * s  # two packed rows of 2 * max_length, a float mask
+        assert sdpa[col]["activations"] - flash[col]["activations"] == m.layers * tok * s * 2 * (m.hidden - m.kv_dim) + mask
+
+
+def test_qlora_weights_count_one_dequantized_linear_weight():
+    """QLoRA's weights: NF4 Linear weights, the rest in bfloat16, float32 adapters, and one Linear
+    weight dequantized to bfloat16 at a time (the largest, the MLP's here)."""
+    from dpokit.plan import QLORA_BYTES_PER_PARAM
+
+    m = count_model(_config())
+    assert m.largest_linear == TINY["hidden_size"] * TINY["intermediate_size"]
+    weights = estimate(m, RunShape(batch_size=2, max_length=128))["qlora"]["weights"]
+    assert weights == pytest.approx(m.linear_params * QLORA_BYTES_PER_PARAM + (m.params - m.linear_params) * 2
+                                    + m.lora_params * 4 + m.largest_linear * 2, rel=1e-12)
+
+
+def test_checkpointing_verdicts_only_for_columns_that_do_not_fit():
+    """fits_with_checkpointing: only the columns that do not fit as configured get a verdict, and a
+    total equal to the memory fits; none without --gpu-memory or with checkpointing already on."""
+    from dpokit.plan import Plan
+
+    totals = {"full": 150.0, "lora": 120.0, "qlora": 80.0}
+    plan = Plan(model="m", shape=None, run=RunShape(), lora_targets="all-linear",
+                estimate={c: {"total": t} for c, t in totals.items()}, gpu_memory=100,
+                checkpointed_totals={"full": 101.0, "lora": 100.0, "qlora": 60.0})
+    assert plan.fits() == {"full": False, "lora": False, "qlora": True}
+    assert plan.fits_with_checkpointing() == {"full": False, "lora": True}
+    assert Plan(**{**plan.__dict__, "gpu_memory": 80}).fits() == {"full": False, "lora": False, "qlora": True}
+    assert Plan(**{**plan.__dict__, "gpu_memory": None}).fits_with_checkpointing() is None
+    assert Plan(**{**plan.__dict__, "checkpointed_totals": None}).fits_with_checkpointing() is None
+
+
+def test_plan_reads_8bit_adam_lora_r_and_the_checkpoint_dtype_from_the_config(tmp_path, capsys):
+    """optim=adamw_8bit, --lora-r and dtype=auto reach the estimate: 2 bytes of optimizer state per
+    trained parameter; the flag's rank over the config's; the checkpoint's own dtype (config.json's
+    dtype, or an older checkpoint's torch_dtype) for the weights."""
+    from dpokit.cli import main
+
+    _config().save_pretrained(tmp_path / "m")
+    args = ["plan", f"model.name_or_path={tmp_path / 'm'}", "max_length=128", "per_device_train_batch_size=2", "--json"]
+    m = count_model(_config())
+    main([*args, "optim=adamw_8bit"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["run"]["adam_8bit"] is True and out["bytes"]["full"]["optimizer"] == m.params * 2
+    assert out["bytes"]["lora"]["optimizer"] == m.lora_params * 2
+    assert any(n.startswith("optim=adamw_8bit keeps m and v in 8 bits") for n in out["notes"])
+
+    main([*args, "lora_r=4", "--lora-r", "8"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["run"]["lora_r"] == 8 and out["lora_parameters"] == count_model(_config(), lora_r=8).lora_params
+    assert out["lora_parameters"] == 2 * count_model(_config(), lora_r=4).lora_params
+
+    _config(dtype="bfloat16").save_pretrained(tmp_path / "bf16")
+    old = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    old.pop("dtype")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**old, "torch_dtype": "float16"}))
+    for folder, dtype in (("bf16", "bfloat16"), ("old", "float16")):
+        main([*args[:-1], f"model.name_or_path={tmp_path / folder}", "dtype=auto", "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert out["run"]["dtype_bytes"] == 2 and out["bytes"]["full"]["weights"] == m.params * 2, folder
+        assert out["notes"][0].startswith(f"full and LoRA train in {dtype} (2 bytes)")
+    main([*args, "dtype=auto"])  # a float32 checkpoint
+    assert json.loads(capsys.readouterr().out)["bytes"]["full"]["weights"] == m.params * 4

@@ -276,3 +276,18 @@ def test_training_batches_bring_their_regrouping_from_the_host(workdir, monkeypa
         assert torch.equal(scorer(**batch.to("cpu").model_inputs()), built_in_forward)
     sdpa = load_config(None, [f"data.train={workdir / 'train.jsonl'}"])
     assert build_batch(pairs, sdpa, pad_id=0).varlen is None
+
+
+@pytest.mark.parametrize("attn", ["flex_attention", VARLEN_ATTENTION, "flash_attention_2"])
+def test_windowed_row_masks_are_refused_for_attention_that_reads_no_dense_mask(attn):
+    """A sliding window is kept by the dense mask only: asked of another attention it is refused
+    with a clear error rather than built and ignored; sdpa and eager get the windowed mask."""
+    from dpokit.masks import row_attention_mask
+
+    groups, branches = torch.tensor([[0, 0, 0, 0, 0, -1]]), torch.tensor([[0, 0, 1, 1, 2, 0]])
+    positions = torch.tensor([[0, 1, 2, 3, 2, 0]])
+    with pytest.raises(ValueError, match=f"^dpokit's windowed row masks are dense, which {attn} does not read$"):
+        row_attention_mask(groups, branches, attn, torch.float32, positions, windows=2)
+    for dense in ("sdpa", "eager", None):
+        mask = row_attention_mask(groups, branches, dense, torch.float32, positions, windows=2)
+        assert torch.equal(mask, dense_row_mask(groups, branches, torch.float32, positions, 2))

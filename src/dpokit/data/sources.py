@@ -356,11 +356,17 @@ def _read_csv(path: Path, split: str, on_error: str = "raise") -> Rows:
         try:
             reader = csv.DictReader(f)
             rows = [dict(row) for row in reader]
+            header = reader.fieldnames or []
         except (csv.Error, UnicodeDecodeError, OSError, EOFError) as e:
             raise DataError(f"{path}: could not read it as CSV ({e})") from None
     for number, row in enumerate(rows, start=1):
-        if None in row:  # more cells than header columns
-            raise DataError(f"{path}, row {number}: has more cells than the header has columns")
+        extra = row.get(None)  # csv.DictReader puts the cells past the header's columns under None
+        if extra is not None:
+            raise DataError(
+                f"{path}, row {number}: has more cells than the header ({len(header) + len(extra)} cells, "
+                f"{len(header)} columns: {', '.join(header)}); quote every cell that holds a comma "
+                '("like, this"), or name every column in the header line'
+            )
     for number, row in enumerate(rows[:100], start=1):
         column = next((name for name, cell in row.items() if _SERIALIZED_MESSAGES.match(cell or "")), None)
         if column is not None:  # pandas' to_csv of message lists: their text would be trained as a reply

@@ -13,7 +13,8 @@ from dpokit.tiny import build_tiny_model
 
 METRIC_KEYS = {
     "step", "epoch", "loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected",
-    "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "tokens",
+    "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "entropy", "logits/chosen",
+    "logits/rejected", "mean_token_accuracy", "tokens",
     "tokens_per_second", "pairs", "pairs_per_second", "seconds",
 }
 

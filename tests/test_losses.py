@@ -131,7 +131,8 @@ def test_sigmoid_gradient_direction():
 
 def scored(loss_settings: dict, with_reference: bool = True) -> tuple[float, dict]:
     """score_batch's loss and stats for one pair of the values above (LOGPS): chosen of 4 reply
-    tokens, rejected of 2, a stand-in policy answering the policy log-probs."""
+    tokens, rejected of 2, a stand-in policy answering the policy log-probs (and token statistics:
+    entropy, mean logit and top-1 summed over each reply's tokens)."""
     from dpokit.config import Config, LossConfig
     from dpokit.data.batching import make_batch
     from dpokit.data.tokenize import TokenizedPair
@@ -141,7 +142,8 @@ def scored(loss_settings: dict, with_reference: bool = True) -> tuple[float, dic
     assert batch.seq_tokens.tolist() == [4, 2]
     config = Config(loss=LossConfig(**loss_settings))
     ref = torch.tensor([-11.0, -11.5]) if with_reference else None
-    loss, stats = score_batch(lambda **inputs: torch.tensor([-10.0, -12.0]), ref, batch, config)
+    token_stats = torch.tensor([[8.0, 0.4, 3.0], [5.0, -0.2, 0.0]])
+    loss, stats = score_batch(lambda **inputs: (torch.tensor([-10.0, -12.0]), token_stats), ref, batch, config)
     return loss.item(), {k: v.item() for k, v in stats.items()}
 
 
@@ -189,3 +191,12 @@ def test_rewards_are_of_summed_log_probs_whatever_the_loss_averages():
         assert stats["rewards/margins"] == pytest.approx(0.15) and stats["loss"] == pytest.approx(scored(settings)[0])
     stats = scored({"loss_type": ["simpo"], "beta": 2.0}, with_reference=False)[1]
     assert stats["rewards/chosen"] == pytest.approx(2.0 * -2.5) and stats["rewards/rejected"] == pytest.approx(2.0 * -6.0)
+
+
+def test_the_training_step_keeps_the_sums_behind_trls_token_means():
+    """Per pair: the entropy summed over both replies, each reply's summed mean logit, the chosen
+    reply's top-1 hits, and each reply's token count (4 and 2), for means over all tokens later."""
+    stats = scored({"beta": 0.1})[1]
+    assert stats["sum/entropy"] == 13.0 and stats["sum/mean_token_accuracy"] == 3.0
+    assert stats["sum/logits/chosen"] == pytest.approx(0.4) and stats["sum/logits/rejected"] == pytest.approx(-0.2)
+    assert stats["tokens/chosen"] == 4 and stats["tokens/rejected"] == 2

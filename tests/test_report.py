@@ -10,8 +10,8 @@ from runs import summary_items
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_CHARTS = {"loss.png", "rewards_accuracies.png", "rewards_margins.png",
-              "rewards_chosen_rejected.png", "logps_chosen_rejected.png", "learning_rate.png", "grad_norm.png",
-              "overview.png"}
+              "rewards_chosen_rejected.png", "logps_chosen_rejected.png", "entropy.png", "learning_rate.png",
+              "grad_norm.png", "overview.png"}
 
 
 def synthetic_rows(n_steps=60, eval_every=10):
@@ -27,7 +27,7 @@ def synthetic_rows(n_steps=60, eval_every=10):
             "rewards/chosen": 0.5 * t + noise, "rewards/rejected": -0.8 * t - noise,
             "rewards/accuracies": 0.5 + 0.4 * t + noise,
             "rewards/margins": 1.3 * t + 2 * noise,
-            "logps/chosen": -50.0, "logps/rejected": -55.0,
+            "logps/chosen": -50.0, "logps/rejected": -55.0, "entropy": 2.0 - t,
             "tokens": 4000, "tokens_per_second": 12000.0, "seconds": 4000 / 12000.0,
         }
         if step % 7 == 0:  # robust to missing keys
@@ -37,7 +37,7 @@ def synthetic_rows(n_steps=60, eval_every=10):
             rows.append({"step": step, "epoch": round(2 * t, 3),
                          "eval/loss": 0.7 - 0.3 * t, "eval/rewards/accuracies": 0.5 + 0.3 * t,
                          "eval/rewards/margins": t, "eval/rewards/chosen": 0.3 * t,
-                         "eval/rewards/rejected": -0.7 * t})
+                         "eval/rewards/rejected": -0.7 * t, "eval/entropy": 2.1 - t})
     rows[-1]["eval/rewards/accuracies"] = 0.8125
     return rows
 
@@ -270,3 +270,51 @@ def test_smoothing_is_centered_and_said_in_the_legend(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "_draw", lambda ax, *a, **k: (real(ax, *a, **k), labels.append(ax.get_legend_handles_labels()[1])))
     write_plots([{"step": s, "loss": 1.0 - 0.01 * s} for s in range(1, 81)], tmp_path)
     assert labels[0] == ["train (logged)", "train (mean of 5 rows)"]
+
+
+def test_a_step_logged_twice_keeps_its_later_row(tmp_path, monkeypatch):
+    """A run killed after step 2 and resumed from step 1 logs step 2 again: the resumed row is the
+    one the summary and the plots show (its loss, its seconds; a NaN the killed run logged there is
+    gone), not the killed run's."""
+    import dpokit.report as report
+
+    rows = [{"step": 1, "loss": 0.9, "seconds": 1.0, "grad_norm": 1.0},
+            {"step": 2, "loss": None, "seconds": 10.0, "grad_norm": 7.0},  # the killed run's step 2
+            {"step": 2, "loss": 0.5, "seconds": 2.0, "grad_norm": 3.0}]  # the resumed run's
+    items = summary_items(summarize(rows, tmp_path))
+    assert items["train loss"] == "0.5" and items["step time"] == "3.0s"
+    drawn = {}
+    monkeypatch.setattr(report, "_draw", lambda ax, title, ylabel, data, marks=(): drawn.setdefault(
+        title, {key: (steps, values) for key, _, _, steps, values in data}))
+    monkeypatch.setattr(report, "_save", lambda fig, path: None)
+    write_plots(rows, tmp_path)
+    assert drawn["Gradient norm (before clipping)"]["grad_norm"] == ([1.0, 2.0], [1.0, 3.0])
+    assert drawn["Loss"]["loss"] == ([1.0, 2.0], [0.9, 0.5])
+
+
+def test_a_loss_that_recovers_after_a_nan_is_not_called_non_finite(tmp_path):
+    """Only NaNs up to the last logged row make "non-finite since step N": a NaN followed by finite
+    values is history, and a run that diverges again is dated from its latest NaN, not its first."""
+    from dpokit.report import non_finite_since
+
+    recovered = [{"step": 1, "loss": 0.7}, {"step": 2, "loss": None}, {"step": 3, "loss": 0.6}]
+    assert non_finite_since("loss", recovered) is None
+    assert summary_items(summarize(recovered, tmp_path))["train loss"] == "0.6"
+    again = [*recovered, {"step": 4, "loss": None}, {"step": 5, "loss": float("nan")}]
+    assert non_finite_since("loss", again) == 4
+    assert summary_items(summarize(again, tmp_path))["train loss"] == "non-finite since step 4"
+
+
+def test_tokens_per_second_divides_totals_only_when_every_row_has_both(tmp_path):
+    """Mean tokens/s is the tokens over the seconds of the same rows: when every step logged both
+    (and the seconds add up to more than 0); else the mean of the logged rates (older rows without a
+    token count)."""
+    both = [{"step": 1, "tokens": 100, "seconds": 1.0, "tokens_per_second": 100.0},
+            {"step": 2, "tokens": 400, "seconds": 3.0, "tokens_per_second": 400 / 3}]
+    assert summary_items(summarize(both, tmp_path))["mean tokens/s"] == "125"  # 500 / 4, not (100 + 133.3) / 2
+    some = [{"step": 1, "seconds": 1.0, "tokens_per_second": 100.0},  # no token count
+            {"step": 2, "tokens": 400, "seconds": 1.0, "tokens_per_second": 400.0}]
+    assert summary_items(summarize(some, tmp_path))["mean tokens/s"] == "250"  # the rates' mean, not 400 / 2
+    no_time = [{"step": 1, "tokens": 100, "seconds": 0.0, "tokens_per_second": 50.0}]
+    assert summary_items(summarize(no_time, tmp_path))["mean tokens/s"] == "50"
+    assert "mean tokens/s" not in summary_items(summarize([{"step": 1, "tokens": 100}], tmp_path))

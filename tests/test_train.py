@@ -304,7 +304,9 @@ def test_reference_tables_score_each_pair_in_the_batch_its_forward_uses(workdir,
     forward = dpokit.logps.ReplyLogProbs.forward
 
     def batch_dependent(self, input_ids, *args, **kwargs):
-        return forward(self, input_ids, *args, **kwargs) + 1e-3 * (input_ids.sum() % 101) / 101
+        offset = 1e-3 * (input_ids.sum() % 101) / 101
+        out = forward(self, input_ids, *args, **kwargs)  # log-probs, or with token_stats (log-probs, stats)
+        return (out[0] + offset, out[1]) if isinstance(out, tuple) else out + offset
 
     monkeypatch.setattr(dpokit.logps.ReplyLogProbs, "forward", batch_dependent)
     monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))  # tables scored with the offset, not other tests' tables

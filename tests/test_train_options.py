@@ -388,9 +388,9 @@ def test_logps_chunk_size_sizes_the_output_layer_chunks(workdir, monkeypatch):
     import dpokit.logps
 
     sizes = []
-    real = dpokit.logps.token_logps
-    monkeypatch.setattr(dpokit.logps, "token_logps", lambda hidden, head, targets, chunk_size, *a: sizes.append(chunk_size)
-                        or real(hidden, head, targets, chunk_size, *a))
+    real = dpokit.logps.token_logps_and_statistics
+    monkeypatch.setattr(dpokit.logps, "token_logps_and_statistics",
+                        lambda hidden, head, targets, chunk_size, *a: sizes.append(chunk_size) or real(hidden, head, targets, chunk_size, *a))
     small = train_rows(train(run_config(workdir, "chunk-16", "max_steps=2", "logps_chunk_size=16")))
     assert sizes and set(sizes) == {16}
     sizes.clear()

@@ -16,6 +16,8 @@ tokens):
 - ``eval/logps/accuracies``: share of pairs where ``log π(chosen) > log π(rejected)``;
 - ``eval/ref_logps/chosen``, ``eval/ref_logps/rejected``, ``eval/ref_logps/accuracies``: the
   same three for the reference alone (its implicit reward against itself is always 0).
+- ``eval/entropy``, ``eval/logits/chosen``, ``eval/logits/rejected``, ``eval/mean_token_accuracy``:
+  the policy's token means, as TRL logs them (over all reply tokens, see :data:`dpokit.metrics.TOKEN_MEANS`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The model's decoder gives hidden states ``[R, T, H]``. Only the positions that p
 tokens are kept (``N`` of them over the whole batch), the output layer is applied to those in
 chunks of ``chunk_size`` rows, and each chunk's log-softmax is reduced at once to the one number
 needed (the target's log-prob), in float32. The backward pass recomputes each chunk's logits, so
-memory stays at ``O(chunk_size * V)`` whatever the batch.
+memory stays at ``O(chunk_size * V)`` whatever the batch. Training's forward also takes, from the
+same chunks, the token statistics TRL logs (entropy, mean logit, top-1: :func:`token_statistics`).
 
 The naive computation it must equal (tests prove it): ``model(...).logits`` on the padded batch,
 ``log_softmax``, ``gather`` the next token, sum over reply tokens.
@@ -35,32 +36,71 @@ from dpokit.masks import Windows, row_attention_inputs
 from dpokit.modeling import eval_mode, text_config
 
 
+TOKEN_STATS = ("entropy", "mean_logit", "top1")
+"""The columns of :func:`token_statistics`, per reply token."""
+
+
+def _logsumexp_and_statistics(logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
+    """The logsumexp of each row of ``logits`` [C, V] float32, and with ``stats`` [C, 3] given,
+    :func:`token_statistics` written into it for little more than the logsumexp alone: the max pass
+    gives the top-1 too, and the exponentials give the entropy. Returns [C]. Not differentiable (the
+    chunked log-probs' backward is written by hand); one temporary the size of ``logits``."""
+    top, top_index = logits.max(dim=-1)
+    shift = top.masked_fill(top.isinf(), 0)[:, None]  # as torch.logsumexp: a row of -inf stays -inf
+    if stats is not None:
+        stats[:, 1] = logits.mean(dim=-1)
+        stats[:, 2] = top_index == targets
+    total_and_expected = (logits - shift).exp_()  # [C, V]
+    total = total_and_expected.sum(dim=-1)
+    lse = total.log() + shift[:, 0]
+    if stats is not None:  # entropy = lse - sum(p * logits), p = exp(logits - lse)
+        stats[:, 0] = lse - total_and_expected.mul_(logits).nansum(dim=-1) / total  # nansum: exp(-inf) * -inf adds 0
+    return lse
+
+
+@torch.no_grad()
+def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """What TRL logs of each reply token's next-token distribution, from one chunk's logits:
+    its entropy, the mean of its logits over the vocabulary, and whether the target is its most
+    likely token (1.0 or 0.0), as columns in the order of :data:`TOKEN_STATS`.
+
+    logits: [C, V] float32, targets: [C] -> [C, 3] float32. One temporary the size of ``logits``.
+    """
+    stats = logits.new_empty(logits.shape[0], len(TOKEN_STATS))
+    _logsumexp_and_statistics(logits, targets, stats)
+    return stats
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log softmax(h @ Wᵀ)[target] per row, chunked over rows, with a hand-written backward.
 
-    forward: hidden [N, H], weight [V, H], targets [N] -> token_logps [N] (float32)
+    forward: hidden [N, H], weight [V, H], targets [N] -> token_logps [N] (float32), and with
+    ``with_stats`` each token's :func:`token_statistics` [N, 3] (else [0, 3]; no gradient)
 
     The matmuls run in ``compute_dtype`` (the weight's dtype, or the autocast dtype under mixed
     precision) in both passes; softmax statistics and the weight gradient accumulate in float32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype):
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype, with_stats=False):
         acc = torch.promote_types(compute_dtype, torch.float32)  # float32, or float64 in gradcheck
         w = weight.to(compute_dtype)
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         lse = torch.empty_like(out)
+        stats = torch.empty(hidden.shape[0] if with_stats else 0, len(TOKEN_STATS), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
             logits = (hidden[start:end].to(compute_dtype) @ w.T).to(acc)
-            lse[start:end] = torch.logsumexp(logits, dim=-1)
-            out[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+            out[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1)
+            lse[start:end] = _logsumexp_and_statistics(logits, targets[start:end], stats[start:end] if with_stats else None)
+            out[start:end] -= lse[start:end]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
-        return out
+        ctx.mark_non_differentiable(stats)
+        return out, stats
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_stats=None):
         hidden, weight, targets, lse = ctx.saved_tensors
         cd = ctx.compute_dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -81,7 +121,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 grad_w = grad_logits.T @ h
             elif need_w:
                 grad_w += (grad_logits.T @ h).to(lse.dtype)
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -93,26 +133,37 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def _token_logps_generic(
-    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int, softcap: float | None, scale: float = 1.0
-) -> torch.Tensor:
-    """Any output layer (bias, scale, soft-capping): chunked, each chunk recomputed in backward."""
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int, softcap: float | None, scale: float = 1.0,
+    with_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Any output layer (bias, scale, soft-capping): chunked, each chunk recomputed in backward.
+    With ``with_stats``, each chunk's :func:`token_statistics` too, taken in its forward (not again
+    when backward recomputes it)."""
 
-    def one_chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def one_chunk(h: torch.Tensor, t: torch.Tensor, stats_of_chunk: list | None) -> torch.Tensor:
         logits = head(h).float()
         if scale != 1.0:
             logits = logits * scale
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
-        return logits.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1)
+        if stats_of_chunk == []:  # the first run of this chunk: the forward
+            stats_of_chunk.append(token_statistics(logits, t))
+        return logits.gather(1, t[:, None]).squeeze(1) - lse
 
-    parts = []
+    parts, stats = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        stats_of_chunk = [] if with_stats else None
         if torch.is_grad_enabled():
-            parts.append(checkpoint(one_chunk, h, t, use_reentrant=False))
+            parts.append(checkpoint(one_chunk, h, t, stats_of_chunk, use_reentrant=False))
         else:
-            parts.append(one_chunk(h, t))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+            parts.append(one_chunk(h, t, stats_of_chunk))
+        stats += stats_of_chunk or []
+    logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    if not with_stats:
+        return logps, None
+    return logps, torch.cat(stats) if stats else hidden.new_zeros(0, len(TOKEN_STATS), dtype=torch.float32)
 
 
 def token_logps(
@@ -127,11 +178,29 @@ def token_logps(
 
     hidden: [N, H], targets: [N] -> [N] float32.
     """
+    return token_logps_and_statistics(hidden, head, targets, chunk_size, softcap, scale, with_stats=False)[0]
+
+
+def token_logps_and_statistics(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    softcap: float | None = None,
+    scale: float = 1.0,
+    with_stats: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`token_logps`, and with ``with_stats`` each token's :func:`token_statistics` (else None).
+
+    hidden: [N, H], targets: [N] -> [N] float32, and [N, 3] float32 or None.
+    """
     plain_linear = isinstance(head, nn.Linear) and head.bias is None and not softcap
     if plain_linear:  # scale * (h @ Wᵀ) == (scale * h) @ Wᵀ
         scaled = hidden * scale if scale != 1.0 else hidden
-        return _ChunkedTokenLogps.apply(scaled, head.weight, targets, chunk_size, _compute_dtype(hidden, head.weight))
-    return _token_logps_generic(hidden, head, targets, chunk_size, softcap, scale)
+        logps, stats = _ChunkedTokenLogps.apply(scaled, head.weight, targets, chunk_size, _compute_dtype(hidden, head.weight),
+                                                with_stats)
+        return logps, stats if with_stats else None
+    return _token_logps_generic(hidden, head, targets, chunk_size, softcap, scale, with_stats)
 
 
 # model_type -> the constant its CausalLM multiplies the output layer's logits by
@@ -505,7 +574,8 @@ class ReplyLogProbs(nn.Module):
         groups: torch.Tensor | None = None,
         branches: torch.Tensor | None = None,
         varlen=None,
-    ) -> torch.Tensor:
+        token_stats: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probs of the reply tokens of each sequence.
 
         Args:
@@ -519,9 +589,11 @@ class ReplyLogProbs(nn.Module):
                 regrouping) is built from them here, on the model's device; packed rows otherwise
                 go by their position ids.
             varlen: under dpokit_varlen, the rows' regrouping if the batch brings it (else built here).
+            token_stats: also return each sequence's sums of :func:`token_statistics` over its reply tokens.
 
         Returns:
-            [num_seqs] float32 summed log-probs.
+            [num_seqs] float32 summed log-probs; with ``token_stats`` also [num_seqs, 3] float32 sums
+            (no gradient), columns as :data:`TOKEN_STATS`.
         """
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if branches is not None or (groups is not None and self.mask_packed_rows):
@@ -531,8 +603,15 @@ class ReplyLogProbs(nn.Module):
             hidden = decoder_of(self.model)(**inputs).last_hidden_state
             selected = hidden[pred_rows, pred_cols]  # [N, H]
             head = self.model.get_output_embeddings()
-            logps = token_logps(selected, head, targets, self.chunk_size, self.softcap, self.scale)
+            logps, stats = token_logps_and_statistics(selected, head, targets, self.chunk_size, self.softcap, self.scale,
+                                                      token_stats)
         else:  # the naive way: [R, T, V] logits over every position, then the reply rows
             logits = self.model(**inputs).logits[pred_rows, pred_cols].float()  # [N, V]
-            logps = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-        return torch.zeros(num_seqs, dtype=torch.float32, device=logps.device).index_add(0, seq_index, logps)
+            lse = torch.logsumexp(logits, dim=-1)
+            logps = logits.gather(1, targets[:, None]).squeeze(1) - lse
+            stats = token_statistics(logits, targets) if token_stats else None
+        seq_logps = torch.zeros(num_seqs, dtype=torch.float32, device=logps.device).index_add(0, seq_index, logps)
+        if not token_stats:
+            return seq_logps
+        return seq_logps, torch.zeros(num_seqs, len(TOKEN_STATS), dtype=torch.float32, device=logps.device).index_add(
+            0, seq_index, stats.float())

@@ -15,13 +15,56 @@ import torch
 from accelerate import Accelerator
 
 
+# Token means as TRL logs them (over all reply tokens of a step, not per pair first): name -> the
+# per-pair sum and the per-pair token counts it is divided by (see :func:`token_sums`).
+TOKEN_MEANS = {
+    "entropy": ("sum/entropy", ("tokens/chosen", "tokens/rejected")),
+    "logits/chosen": ("sum/logits/chosen", ("tokens/chosen",)),
+    "logits/rejected": ("sum/logits/rejected", ("tokens/rejected",)),
+    "mean_token_accuracy": ("sum/mean_token_accuracy", ("tokens/chosen",)),
+}
+
+
+def token_sums(seq_stats: torch.Tensor, seq_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-pair sums behind :data:`TOKEN_MEANS`, from each sequence's summed token statistics.
+
+    seq_stats: [2P, 3] sums over each reply's tokens, columns as :data:`dpokit.logps.TOKEN_STATS`
+    (entropy, mean logit, top-1), chosen and rejected interleaved; seq_tokens: [2P] reply token
+    counts. Returns name -> [P]: the entropy over both replies, the mean logit of each, the chosen
+    reply's top-1 hits, and the two token counts.
+    """
+    chosen, rejected = seq_stats[0::2].float(), seq_stats[1::2].float()
+    return {
+        "sum/entropy": chosen[:, 0] + rejected[:, 0],
+        "sum/logits/chosen": chosen[:, 1],
+        "sum/logits/rejected": rejected[:, 1],
+        "sum/mean_token_accuracy": chosen[:, 2],
+        "tokens/chosen": seq_tokens[0::2].float(),
+        "tokens/rejected": seq_tokens[1::2].float(),
+    }
+
+
+def token_means(means: dict) -> dict:
+    """``means`` (name -> mean over pairs, a number or a 0-d tensor) with the sums of
+    :func:`token_sums` replaced by the token means of :data:`TOKEN_MEANS`: the mean of the sums over
+    the mean of the counts is the sum over all tokens divided by their number."""
+    if not all(total in means for total, _ in TOKEN_MEANS.values()):
+        return means
+    out = {k: v for k, v in means.items() if not k.startswith(("sum/", "tokens/"))}
+    for name, (total, counts) in TOKEN_MEANS.items():
+        out[name] = means[total] / sum(means[c] for c in counts)
+    return out
+
+
 def step_means(stats: list[dict[str, torch.Tensor]], accelerator) -> tuple[list[str], torch.Tensor]:
     """One step's per-pair statistics averaged over its micro-batches and all processes (equal pair
-    counts per process), in one gather and no host copy. ``stats``: per micro-batch, name -> [pairs].
-    Returns the names and a [names] float32 tensor on the device."""
+    counts per process), in one gather and no host copy; token statistics become token means
+    (:func:`token_means`). ``stats``: per micro-batch, name -> [pairs]. Returns the names and a
+    [names] float32 tensor on the device."""
     names = list(stats[0])
     local = torch.stack([torch.cat([s[k].float() for s in stats]) for k in names], dim=1)  # [pairs, names]
-    return names, accelerator.gather(local).mean(dim=0)
+    means = token_means(dict(zip(names, accelerator.gather(local).mean(dim=0))))
+    return list(means), torch.stack(list(means.values()))
 
 
 def _whole(norm) -> torch.Tensor:

@@ -131,12 +131,14 @@ _LOGPS = ("logps_chosen_rejected", "Policy log-probs of the replies (summed over
            ("logps/rejected", "train rejected", REJECTED_COLOR),
            ("eval/logps/chosen", "eval chosen", EVAL_CHOSEN_COLOR),
            ("eval/logps/rejected", "eval rejected", EVAL_REJECTED_COLOR)])
+_ENTROPY = ("entropy", "Entropy of the next-token distribution (mean over reply tokens)", "entropy (nats)",
+            [("entropy", "train", TRAIN_COLOR), ("eval/entropy", "eval", EVAL_COLOR)])
 _LR = ("learning_rate", "Learning rate", "learning rate",
        [("learning_rate", "train", TRAIN_COLOR)])
 _GRAD = ("grad_norm", "Gradient norm (before clipping)", "grad norm",
          [("grad_norm", "train", TRAIN_COLOR)])
 
-CHARTS = [_LOSS, _ACC, _MARGINS, _CHOSEN_REJECTED, _LOGPS, _LR, _GRAD]
+CHARTS = [_LOSS, _ACC, _MARGINS, _CHOSEN_REJECTED, _LOGPS, _ENTROPY, _LR, _GRAD]
 OVERVIEW = [_LOSS, _ACC, _MARGINS, _CHOSEN_REJECTED]
 
 
@@ -208,9 +210,10 @@ def write_plots(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     Charts, each against step, train and eval on the same axes: ``loss.png``,
     ``rewards_accuracies.png``, ``rewards_margins.png``, ``rewards_chosen_rejected.png``,
     ``logps_chosen_rejected.png`` (both falling together is the likelihood drop DPO is known for),
-    ``learning_rate.png``, ``grad_norm.png``, and ``overview.png`` (2x2 of the first
-    four). A chart with no data is skipped (overview: when none of its panels has data); with no
-    chart at all nothing is written, the folder not even made.
+    ``entropy.png`` (a falling entropy: a policy growing more certain), ``learning_rate.png``,
+    ``grad_norm.png``, and ``overview.png`` (2x2 of the first four). A chart with no data is
+    skipped (overview: when none of its panels has data); with no chart at all nothing is written,
+    the folder not even made.
     """
     out_dir = Path(out_dir)  # created with its first chart
     train_rows = [r for r in rows if not _is_eval(r)]

@@ -27,7 +27,7 @@ from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs, adopt_findings, check_rows_kept_apart, check_window, probe_findings
 from dpokit.losses import PairLogps, preference_loss
-from dpokit.metrics import LogWindow, MetricsLog
+from dpokit.metrics import LogWindow, MetricsLog, token_means, token_sums
 from dpokit.progress import bar, on_terminal, shown
 from dpokit.reference import (
     AdapterOffReference,
@@ -93,9 +93,10 @@ def mixed_precision(training: TrainingConfig, device: torch.device):
 def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair loss [P] and per-pair statistics for one micro-batch.
 
-    ``ref_logps``: [2P] reference log-probs (chosen, rejected interleaved), or None.
+    ``ref_logps``: [2P] reference log-probs (chosen, rejected interleaved), or None. Besides the
+    loss's statistics, the per-pair sums behind TRL's token means (:func:`dpokit.metrics.token_sums`).
     """
-    seq_logps = policy(**batch.model_inputs())  # [2P]: chosen, rejected interleaved
+    seq_logps, seq_stats = policy(**batch.model_inputs(), token_stats=True)  # [2P], [2P, 3]: chosen, rejected interleaved
     tokens = batch.seq_tokens.to(seq_logps.dtype)
     logps = PairLogps(
         chosen=seq_logps[0::2],
@@ -110,6 +111,7 @@ def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Co
         logps, lo.loss_type, lo.loss_weights, lo.beta, lo.label_smoothing, lo.length_normalize, lo.simpo_gamma
     )
     stats["loss"] = loss.detach()
+    stats.update(token_sums(seq_stats, batch.seq_tokens))
     return loss, stats
 
 
@@ -188,8 +190,9 @@ def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair]
 
 
 def eval_metrics(stats: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The means of :func:`pair_statistics`' per-pair tensors, prefixed ``eval/``."""
-    return {f"eval/{k}": v.mean().item() for k, v in stats.items()}
+    """The means of :func:`pair_statistics`' per-pair tensors, the token statistics as token means
+    (:func:`dpokit.metrics.token_means`), prefixed ``eval/``."""
+    return {f"eval/{k}": v for k, v in token_means({k: v.mean().item() for k, v in stats.items()}).items()}
 
 
 def evaluate(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair], config: Config, accelerator, pad_id: int,

@@ -145,12 +145,6 @@ def _relabel(log: Callable[[str], object]) -> Callable[[str], object]:
     return lambda line: log(line.replace("data: train ", "data: ", 1))
 
 
-def _accelerator():
-    from accelerate import Accelerator
-
-    from dpokit.train import has_accelerator_device
-
-    return Accelerator(cpu=not has_accelerator_device())
 
 
 def _check_same_vocab(tokenizer, ref_tokenizer, ref_path: str, policy_path: str) -> None:
@@ -189,7 +183,7 @@ def evaluate_model(
 
     Returns the report (see the module docstring for the metrics) and the resolved policy.
     """
-    from dpokit.train import build_batch, eval_metrics, mixed_precision, pair_statistics, scoring_batches
+    from dpokit.train import build_batch, eval_metrics, mixed_precision, new_accelerator, pair_statistics, scoring_batches
 
     policy_model = resolve_model(model)
     ref_model = resolve_model(reference) if reference else default_reference(policy_model)
@@ -202,7 +196,7 @@ def evaluate_model(
     tokenizer = load_model_tokenizer(policy_model, load_cfg)
     ref_tokenizer = load_model_tokenizer(ref_model, model_config(ref_model, load_cfg.dtype))
     _check_same_vocab(tokenizer, ref_tokenizer, ref_model.shown, policy_model.shown)
-    accelerator = _accelerator()
+    accelerator = new_accelerator()
     if not accelerator.is_main_process:  # launched on several processes: one says what is loaded
         log = lambda line: None  # noqa: E731
     pairs, origin = eval_pairs(config, tokenizer, from_run=data is None, log=log)

@@ -8,6 +8,7 @@ Accelerate supplies the processes (``accelerate launch -m dpokit train cfg.yaml`
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import shutil
@@ -443,6 +444,21 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
+def new_accelerator(**kwargs) -> Accelerator:
+    """An ``Accelerator`` on this machine's device (gloo CPU processes without one): it starts the
+    process group of a launched run, which ``end_training`` destroys.
+
+    ``torch.distributed.nn`` is imported before that: its functions take ``group.WORLD`` as a
+    default argument, so imported after the group exists (transformers and Accelerate import it
+    lazily) they held the group past ``destroy_process_group``. gloo's threads then stopped only
+    in the interpreter's teardown, where they could abort a run that had succeeded ("terminate
+    called without an active exception", exit code -6)."""
+    if torch.distributed.is_available():
+        importlib.import_module("torch.distributed.nn")
+
+    return Accelerator(cpu=not has_accelerator_device(), **kwargs)
+
+
 def _describe_reference(config: Config, sharded: bool) -> str:
     if not needs_reference(config):
         return "none (reference-free loss)"
@@ -484,7 +500,7 @@ def train(config: Config) -> Path:
     trackers = [x for x in r.report_to if x != "none"]
     out = Path(r.output_dir)
     check_trackers(trackers)
-    accelerator = Accelerator(log_with=trackers or None, project_dir=str(out), cpu=not has_accelerator_device())
+    accelerator = new_accelerator(log_with=trackers or None, project_dir=str(out))
     sharded = setup_sharding(accelerator, config, autocast_dtype(t))
     set_seed(t.seed)
     say = accelerator.print

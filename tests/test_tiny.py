@@ -223,9 +223,9 @@ from dpokit import tiny
 from dpokit.data.cache import tokenizer_fingerprint
 from dpokit.modeling import load_tokenizer
 from dpokit.config import ModelConfig
-from dpokit.train import new_accelerator
+from dpokit import train
 
-accelerator = new_accelerator()  # the process group, as dpokit's commands start it
+accelerator = train.new_accelerator()  # the process group, as dpokit's commands start it
 rank, out = accelerator.process_index, Path(sys.argv[1])
 tiny.build_tiny_model(out / f"own-{rank}", arch="llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, intermediate_size=64)
@@ -237,9 +237,10 @@ accelerator.wait_for_everyone()  # as dpokit's commands end: a process leaving f
 accelerator.end_training()
 # transformers imported torch.distributed.nn after the group existed: had it kept the group alive,
 # gloo's threads would be running still, to stop in the interpreter's teardown, where they aborted
-# 1 run in ~10 under load ("terminate called without an active exception")
-threads = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
-assert not [name for name in threads if "gloo" in name], threads
+# 9 runs in 51 under load ("terminate called without an active exception")
+if train._torch_release() >= train.GLOO_RELEASED_FROM:
+    threads = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    assert not [name for name in threads if "gloo" in name], threads
 """
 
 

@@ -444,19 +444,33 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
+GLOO_RELEASED_FROM = (2, 13)
+"""The first torch release where dpokit lets ``destroy_process_group`` really free a gloo group.
+On 2.13 that is clean; on 2.6 freeing it hung one process of a two-process run's end in about 5
+under load (in gloo, with nothing of dpokit's involved), so releases before 2.13 (those between
+are not measured) keep the group until the process exits, as they always did."""
+
+
 def new_accelerator(**kwargs) -> Accelerator:
     """An ``Accelerator`` on this machine's device (gloo CPU processes without one): it starts the
     process group of a launched run, which ``end_training`` destroys.
 
-    ``torch.distributed.nn`` is imported before that: its functions take ``group.WORLD`` as a
-    default argument, so imported after the group exists (transformers and Accelerate import it
-    lazily) they held the group past ``destroy_process_group``. gloo's threads then stopped only
-    in the interpreter's teardown, where they could abort a run that had succeeded ("terminate
-    called without an active exception", exit code -6)."""
-    if torch.distributed.is_available():
+    From torch 2.13 (:data:`GLOO_RELEASED_FROM`), ``torch.distributed.nn`` is imported before that:
+    its functions take ``group.WORLD`` as a default argument, so imported after the group exists
+    (transformers and Accelerate import it lazily) they held the group past
+    ``destroy_process_group``. gloo's threads then stopped only in the interpreter's teardown, where
+    they aborted runs that had succeeded ("terminate called without an active exception", exit
+    code -6; 9 of 51 two-process runs under load)."""
+    if torch.distributed.is_available() and _torch_release() >= GLOO_RELEASED_FROM:
         importlib.import_module("torch.distributed.nn")
 
     return Accelerator(cpu=not has_accelerator_device(), **kwargs)
+
+
+def _torch_release() -> tuple[int, int]:
+    """torch's (major, minor) release, e.g. (2, 13) for 2.13.0+cpu."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def _describe_reference(config: Config, sharded: bool) -> str:

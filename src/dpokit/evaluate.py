@@ -145,8 +145,6 @@ def _relabel(log: Callable[[str], object]) -> Callable[[str], object]:
     return lambda line: log(line.replace("data: train ", "data: ", 1))
 
 
-
-
 def _check_same_vocab(tokenizer, ref_tokenizer, ref_path: str, policy_path: str) -> None:
     """DPO compares log-probs of the same token ids: the reference must share the tokenizer."""
     if ref_tokenizer.get_vocab() != tokenizer.get_vocab():

@@ -164,3 +164,59 @@ def test_exporting_an_adapter_without_merging_is_refused_before_the_model_is_loa
     with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
         export_model(str(adapter), tmp_path / "out", merge=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_writes_the_dtype_asked_for(tmp_path, monkeypatch, capsys):
+    import dpokit.export
+
+    asked = []
+    monkeypatch.setattr(dpokit.export, "export_model", lambda model, out, merge, dtype: asked.append((model, out, merge, dtype)) or out)
+    for flags, dtype in (([], None), (["--dtype", "bfloat16"], "bfloat16")):
+        main(["export", "runs/x", "--merge", str(tmp_path / "out"), *flags])
+        assert asked.pop() == ("runs/x", str(tmp_path / "out"), True, dtype)
+
+
+def test_compare_takes_the_prompts_and_sampling_settings_asked_for(workdir, tmp_path, monkeypatch, capsys):
+    """--n cuts either prompt source (20 from --from-data by default, all of --prompts); the sampling
+    flags reach generation, and without them the settings are SamplingSettings' defaults."""
+    import dpokit.compare
+    from dpokit.generate import SamplingSettings
+    from dpokit.resolve import resolve_model
+
+    calls = []
+
+    def compare(model, prompts, reference, settings, batch_size, dtype, template_kwargs):
+        calls.append((prompts, settings))
+        return None, resolve_model(model)
+
+    monkeypatch.setattr(dpokit.compare, "compare", compare)
+    monkeypatch.setattr(dpokit.compare, "write_comparison", lambda *a: ("compare.md", "compare.jsonl"))
+    model = str(workdir / "model")
+    assert sum(1 for _ in open(workdir / "train.jsonl")) > 20
+    main(["compare", model, "--reference", model, "--from-data", str(workdir / "train.jsonl")])
+    prompts, settings = calls.pop()
+    assert len(prompts) == 20 and settings == SamplingSettings()
+    lines = tmp_path / "p.txt"
+    lines.write_text("".join(f"prompt {i}\n" for i in range(5)))
+    main(["compare", model, "--reference", model, "--prompts", str(lines)])
+    assert len(calls.pop()[0]) == 5
+    main(["compare", model, "--reference", model, "--prompts", str(lines), "--n", "3", "--seed", "7", "--top-k", "5",
+          "--top-p", "0.5", "--temperature", "0.2", "--max-new-tokens", "9"])
+    prompts, settings = calls.pop()
+    assert [p[-1]["content"] for p in prompts] == ["prompt 0", "prompt 1", "prompt 2"]
+    assert settings == SamplingSettings(temperature=0.2, top_p=0.5, top_k=5, max_new_tokens=9, seed=7)
+    err = _exit_message(["compare", model, "--reference", model, "--prompts", str(lines), "--n", "0"], capsys)
+    assert "--n must be at least 1, got 0" in err and not calls
+
+
+def test_ctrl_c_ends_a_use_command_with_status_130(monkeypatch, capsys):
+    import dpokit.chat
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dpokit.chat, "chat", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["chat", "builtin:tiny-qwen2"])
+    assert exc.value.code == 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+    assert capsys.readouterr().err == "dpokit chat: interrupted\n"

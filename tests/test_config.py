@@ -1,11 +1,21 @@
 """Config: YAML + overrides, defaults, and errors that name the key and the fix."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dpokit.config import ConfigError, DataSource, load_config, needs_reference, save_config
+from dpokit.config import (
+    ConfigError,
+    DataSource,
+    LossConfig,
+    RunConfig,
+    TrainingConfig,
+    load_config,
+    needs_reference,
+    save_config,
+)
 
 
 def write(tmp_path, text: str):
@@ -302,3 +312,96 @@ def test_readme_config_tour_shows_every_key(tmp_path):
             if (section.name, field.name) not in examples:
                 default = getattr(getattr(Config(), section.name), field.name)
                 assert shown[section.name][field.name] == default, (section.name, field.name)
+
+
+@pytest.mark.parametrize("override, said", [
+    ("max_steps=true", "'training.max_steps' must be an integer, got True"),  # not read as 1
+    ("beta=true", "'loss.beta' must be a number, got True"),  # not read as 1.0
+    ("name_or_path=true", "'model.name_or_path' must be a string, got True"),  # not read as "True"
+])
+def test_a_boolean_is_not_read_as_a_number_or_a_string(tmp_path, override, said):
+    with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
+        load_config(write(tmp_path, BASE), [override])
+
+
+def test_a_number_given_for_a_string_setting_is_its_text(tmp_path):
+    """YAML reads `revision: 2024` or `name: 2023` as numbers: they are what the user typed, as text."""
+    cfg = load_config(write(tmp_path, BASE), ["revision=2024", "data.train.name=2023"])
+    assert cfg.model.revision == "2024" and cfg.data.train.name == "2023"
+
+
+def test_empty_and_malformed_sections_and_files(tmp_path):
+    """A section with every key commented out is empty, not an error; a section or a file that is not
+    a mapping is refused in one line (no AttributeError traceback)."""
+    cfg = load_config(write(tmp_path, BASE + "loss:\nrun:\n"))
+    assert cfg.loss == LossConfig() and cfg.run.output_dir == RunConfig().output_dir
+    with pytest.raises(ConfigError, match=r"section 'loss' in .*cfg.yaml must be a mapping of keys, got 5"):
+        load_config(write(tmp_path, BASE + "loss: 5\n"))
+    empty = write(tmp_path, "")
+    assert load_config(empty, [f"data.train={tmp_path / 'pairs.jsonl'}"]).training == TrainingConfig()
+    with pytest.raises(ConfigError, match=r"cfg.yaml must hold a mapping of config keys, got list"):
+        load_config(write(tmp_path, "- learning_rate\n- beta\n"))
+
+
+def test_override_values_are_taken_whole(tmp_path):
+    """Only the first `=` splits key from value; text YAML cannot read stays the text typed."""
+    path = write(tmp_path, BASE)
+    assert load_config(path, ["system_prompt=Use a=b, c=d."]).data.system_prompt == "Use a=b, c=d."
+    assert load_config(path, ["system_prompt=Note: a: b"]).data.system_prompt == "Note: a: b"  # YAML: not a mapping
+    with pytest.raises(ConfigError, match="override '=5' has an empty key"):
+        load_config(path, ["=5"])
+
+
+def test_a_config_file_with_an_equals_sign_in_its_name_is_a_file():
+    from dpokit.config import split_config_argument
+
+    assert split_config_argument("runs/lr=1e-6.yaml", ["beta=0.2"]) == ("runs/lr=1e-6.yaml", ["beta=0.2"])
+    assert split_config_argument("sweep/b=2.yml", []) == ("sweep/b=2.yml", [])
+    assert split_config_argument("learning_rate=1e-6", ["beta=0.2"]) == (None, ["learning_rate=1e-6", "beta=0.2"])
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (["num_proc=0"], r"data.num_proc must be at least 1 or null, got 0"),
+    (["eval_fraction=1.0"], r"data.eval_fraction must be in \[0, 1\), got 1.0"),  # nothing left to train
+    (["max_length=1"], "data.max_length must be at least 2, got 1"),
+    (["logging_steps=0"], "run.logging_steps must be at least 1, got 0"),
+    (["logps_chunk_size=0"], "training.logps_chunk_size must be at least 1, got 0"),
+    (["eval_fraction=0.1", "eval_steps=0"], "run.eval_steps must be at least 1 or null, got 0"),
+    (["save_steps=0"], "run.save_steps must be at least 1 or null, got 0"),
+    (["save_total_limit=0"], "run.save_total_limit must be at least 1 or null, got 0"),
+    (["num_train_epochs=0"], r"set training.max_steps > 0 or training.num_train_epochs > 0"),
+    (["loss_type=[]"], "loss.loss_type is empty: name at least one of"),
+    (["use_peft=true", "lora_r=0"], r"LoRA needs lora_r >= 1, .*got 0, 32, 0.05"),
+    (["use_peft=true", "lora_alpha=0"], r"LoRA needs .*lora_alpha >= 1.*got 16, 0, 0.05"),
+    (["use_peft=true", "lora_dropout=1.0"], r"LoRA needs .*lora_dropout in \[0, 1\): got 16, 32, 1.0"),
+    (["lora_dropout=0.1"], r"model.lora_dropout describe LoRA adapters, but model.use_peft is false"),
+    (["use_peft=true", "ref_model_name_or_path=org/reference"], "with LoRA the reference is the base model.*unset ref_model_name_or_path"),
+    (["report_to=[none,wandb]"], r"run.report_to mixes 'none' with trackers: \['none', 'wandb'\]"),
+    (["data.eval.split=test"], r"data.eval.path is not set: give a .jsonl/.json/.parquet/.csv file or a hub dataset id"),
+    (["data.eval=[{path: pairs.jsonl}, {split: test}]"], r"data.eval\[1\].path is not set"),
+])
+def test_values_just_outside_their_range_are_refused(tmp_path, overrides, said):
+    """The first value past each bound (0 where 1 is the least, 1.0 where [0, 1) ends), not only far outside."""
+    with pytest.raises(ConfigError, match=said):
+        load_config(write(tmp_path, BASE), overrides)
+
+
+@pytest.mark.parametrize("overrides", [["learning_rate=0"], ["num_proc=1"], ["eval_fraction=0.99"], ["max_length=2"],
+                                       ["use_peft=true", "lora_r=1", "lora_alpha=1", "lora_dropout=0.0"],
+                                       ["max_steps=5", "num_train_epochs=0"]])
+def test_values_at_their_bound_are_accepted(tmp_path, overrides):
+    load_config(write(tmp_path, BASE), overrides)
+
+
+def test_saved_config_makes_the_reference_and_resume_paths_absolute(tmp_path, monkeypatch):
+    """Like the data and model paths: a saved run config names the same reference and checkpoint from any folder."""
+    (tmp_path / "start" / "ref").mkdir(parents=True)
+    (tmp_path / "start" / "runs" / "x" / "checkpoints" / "step-2").mkdir(parents=True)
+    (tmp_path / "start" / "pairs.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path / "start")
+    cfg = load_config(None, ["data.train=pairs.jsonl", "ref_model_name_or_path=ref", "output_dir=runs/x",
+                             "resume_from_checkpoint=runs/x/checkpoints/step-2"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    saved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
+    assert saved["model"]["ref_model_name_or_path"] == str(tmp_path / "start" / "ref")
+    assert saved["run"]["resume_from_checkpoint"] == str(tmp_path / "start" / "runs" / "x" / "checkpoints" / "step-2")

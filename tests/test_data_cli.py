@@ -167,3 +167,78 @@ def test_data_command_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["data"])
     assert "inspect,convert" in capsys.readouterr().err
+
+
+def _table(out: str) -> dict[str, list[int]]:
+    """The token length table of an inspect report: p50, p90, p99, max per column."""
+    return {line.split()[0]: [int(x) for x in line.split()[1:5]] for line in out.split("  example")[0].splitlines()
+            if line.startswith("    ") and line.split()[0] in ("prompt", "chosen", "rejected", "pair")}
+
+
+def test_inspect_counts_a_pair_by_its_longer_reply_and_max_length_as_the_limit(tmp_path, tokenizer_dir):
+    """The `pair` column is prompt + the longer reply (the rejected one here); a pair of exactly max_length
+    fits; each side of the example says its own reply's length."""
+    path = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "Why is the sky blue?", "chosen": " Light.",
+                                                 "rejected": " Because the air scatters the blue light of the sun more."}])
+    out = io.StringIO()
+    inspect(path, [f"model.name_or_path={tokenizer_dir}"], out)
+    table = _table(out.getvalue())
+    (prompt,), (chosen,), (rejected,) = (set(table[k]) for k in ("prompt", "chosen", "rejected"))  # one pair: p50 = max
+    assert rejected > chosen and set(table["pair"]) == {prompt + rejected}
+    assert f"    chosen ({prompt} prompt + {chosen} reply tokens):" in out.getvalue()
+    assert f"    rejected ({prompt} prompt + {rejected} reply tokens):" in out.getvalue()
+    for max_length, over in ((prompt + rejected, "0 of 1 pairs (0.0%)"), (prompt + rejected - 1, "1 of 1 pairs (100.0%)")):
+        out = io.StringIO()
+        inspect(path, [f"model.name_or_path={tokenizer_dir}", f"max_length={max_length}"], out)
+        assert f"  over max_length ({max_length}): {over}" in out.getvalue()
+
+
+def test_inspect_shows_the_mix_of_one_weighted_dataset(tmp_path, tokenizer_dir):
+    path = write_jsonl(tmp_path / "s.jsonl", FIXTURES["standard"]())
+    out = io.StringIO()
+    inspect(path, [f"model.name_or_path={tokenizer_dir}", "data.train.weight=2.5"], out)
+    n = len(FIXTURES["standard"]())
+    assert f"mix: train {n} x 2.5 -> {round(2.5 * n)}; {round(2.5 * n)} train pairs" in out.getvalue()
+
+
+def test_inspect_has_no_colour_under_no_color(tmp_path, tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")  # https://no-color.org
+    monkeypatch.setenv("TERM", "xterm-256color")
+    out = FakeTerminal()
+    inspect(write_jsonl(tmp_path / "s.jsonl", FIXTURES["standard"]()), [f"model.name_or_path={tokenizer_dir}"], out)
+    assert "\x1b[" not in out.getvalue() and "▌ marks where the trained reply starts" in out.getvalue()
+
+
+def test_convert_counts_every_row_of_the_file_and_reads_each_source_as_configured(tmp_path, capsys):
+    source = hh_file(tmp_path)
+    lines = len(open(source).read().splitlines())
+    main(["data", "convert", source, str(tmp_path / "a.jsonl"), "on_error=skip"])
+    assert f"{source}: {lines} rows -> 2 pairs (dropped: 1 malformed_json, " in capsys.readouterr().out
+    # a source's own format and columns win over data.format / data.columns (here: none and auto)
+    hh = write_jsonl(tmp_path / "hh2.jsonl", hh_rlhf_rows())
+    main(["data", "convert", hh, str(tmp_path / "b.jsonl"), "data.train.format=standard-implicit"])
+    assert "format standard-implicit\n" in capsys.readouterr().out
+    assert all(isinstance(json.loads(line)["prompt"], str) for line in (tmp_path / "b.jsonl").read_text().splitlines())
+    renamed = write_jsonl(tmp_path / "q.jsonl", [{"question": "Hi", "good": "Hello!", "bad": "Go."}])
+    main(["data", "convert", renamed, str(tmp_path / "c.jsonl"), "data.train.columns={prompt: question, chosen: good, rejected: bad}"])
+    assert [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()] == [
+        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go."}]
+
+
+def test_convert_writes_the_system_prompt_into_pairs_without_one(tmp_path):
+    rows = FIXTURES["conversational"]()  # the first has no system message, the second its own
+    main(["data", "convert", write_jsonl(tmp_path / "c.jsonl", rows), str(tmp_path / "out.jsonl"), "system_prompt=Be kind."])
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert written[0]["prompt"] == [{"role": "system", "content": "Be kind."}, *rows[0]["prompt"]]
+    assert written[1]["prompt"] == rows[1]["prompt"]
+
+
+def test_convert_refuses_to_mix_plain_text_and_conversational_pairs_in_one_file(tmp_path, capsys):
+    plain = write_jsonl(tmp_path / "plain.jsonl", FIXTURES["standard"]())
+    chat = write_jsonl(tmp_path / "chat.jsonl", FIXTURES["conversational"]())
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"data:\n  train: [{plain}, {chat}]\n")
+    with pytest.raises(SystemExit) as e:
+        main(["data", "convert", str(config), str(tmp_path / "out.jsonl")])
+    assert e.value.code == 2 and "the datasets mix plain-text and conversational pairs" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()

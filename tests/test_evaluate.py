@@ -144,6 +144,58 @@ def test_resolve_model_forms(workdir, tmp_path):
         resolve_model(str(tmp_path))
 
 
+def test_hub_revisions_and_a_models_own_config_yaml(tmp_path):
+    """A hub MODEL keeps its revision, and a run's reference its ref_revision (or, for a run that
+    started from an adapter, is that adapter); a model folder that happens to hold a config.yaml
+    (another tool's) is a model, not a run."""
+    from dpokit.config import Config, ModelConfig
+    from dpokit.resolve import ResolvedModel, model_config
+
+    hub = resolve_model("some-org/some-model", "v2")
+    assert (hub.path, hub.revision, hub.run_dir) == ("some-org/some-model", "v2", None)
+    with pytest.raises(ConfigError, match=r"--dtype must be one of \[.*'bfloat16'.*\], got 'float64'"):
+        model_config(hub, "float64")
+    run = Config(model=ModelConfig(name_or_path="org/base", revision="b1", ref_model_name_or_path="org/ref", ref_revision="r1"))
+    reference = default_reference(ResolvedModel("unused", tmp_path, run, "final"))
+    assert (reference.path, reference.revision) == ("org/ref", "r1")
+    run.model.ref_model_name_or_path = run.model.ref_revision = None
+    reference = default_reference(ResolvedModel("unused", tmp_path, run, "final"))  # the starting policy
+    assert (reference.path, reference.revision) == ("org/base", "b1")
+    adapter = tmp_path / "sft-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
+    run.model.use_peft, run.model.adapter_name_or_path = True, str(adapter)
+    reference = default_reference(ResolvedModel("unused", tmp_path, run, "final"))
+    assert reference.path == str(adapter) and reference.load_settings == run.model  # base + the starting adapter
+    model = tmp_path / "hf-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "config.yaml").write_text("unrelated: true\n")
+    resolved = resolve_model(str(model))
+    assert (resolved.path, resolved.run_dir, resolved.run_config) == (str(model), None, None)
+
+
+def test_an_adapter_folders_own_tokenizer_wins_over_its_bases(workdir, tmp_path, chat_tokenizer):
+    from dpokit.resolve import ResolvedModel, load_model_tokenizer, model_config
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(workdir / "model")}))
+    resolved = resolve_model(str(adapter))
+    base = load_model_tokenizer(resolved, model_config(resolved)).get_vocab()  # no tokenizer of its own: the base's
+    chat_tokenizer.save_pretrained(str(adapter))  # one saved with the adapter (added tokens, say)
+    own = load_model_tokenizer(resolved, model_config(resolved)).get_vocab()
+    assert own == chat_tokenizer.get_vocab() != base
+
+
+def test_reports_name_a_builtin_model_by_its_name_and_others_by_their_path():
+    from dpokit.resolve import ResolvedModel
+
+    assert ResolvedModel("/cache/builtin/tiny-qwen2", given="builtin:tiny-qwen2").shown == "builtin:tiny-qwen2"
+    assert ResolvedModel("/home/u/models/m", given="models/m").shown == "/home/u/models/m"
+    assert ResolvedModel("/home/u/models/m", given="models/m").name == "models/m"
+
+
 def _lora_adapter(workdir, folder):
     """A LoRA adapter on the tiny model with non-zero weights (so it changes the model), saved with peft."""
     import torch

@@ -103,3 +103,36 @@ def test_a_revision_of_a_local_folder_is_refused(tmp_path, key, model):
         with pytest.raises(ConfigError, match=f"model.{key}=v1 picks a version of a hub model, and model.{model}={name} is "):
             load_config(None, [*base, f"{model}={name}", f"{key}=v1"])
     load_config(None, [*base, f"{model}=org/name", f"{key}=v1"])
+
+
+@pytest.mark.parametrize("endpoint, asked", [("http://hub.internal", ("hub.internal", 80)),
+                                             ("https://hub.internal", ("hub.internal", 443)),
+                                             ("https://hub.internal:8443", ("hub.internal", 8443))])
+def test_the_host_and_port_asked_are_the_endpoints(offline_network, monkeypatch, endpoint, asked):
+    """HF_ENDPOINT (a mirror, a private hub) is the host to reach, at its port or its scheme's default."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    assert unreachable("org/model", "model").startswith(f"{asked[0]} cannot be reached from this machine")
+    assert offline_network == [asked]
+
+
+def test_nothing_is_said_when_the_host_answers_or_is_not_a_host(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    for name in dpokit.hub.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(dpokit.hub, "_probe", lambda host, port: "")  # it answers
+    assert unreachable("org/model", "model") is None
+    monkeypatch.setattr(dpokit.hub, "_probe", lambda host, port: pytest.fail("asked a host"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "file:///srv/hub")  # no host to ask
+    assert unreachable("org/model", "model") is None
+
+
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"])
+def test_any_proxy_variable_means_the_host_is_not_asked(offline_network, monkeypatch, variable):
+    """The variables requests (and so huggingface_hub) reads: the hub is reached through the proxy."""
+    monkeypatch.setenv(variable, "http://proxy:3128")
+    assert unreachable("org/model", "model") is None and offline_network == []

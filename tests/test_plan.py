@@ -657,3 +657,16 @@ def test_plan_reads_8bit_adam_lora_r_and_the_checkpoint_dtype_from_the_config(tm
         assert out["notes"][0].startswith(f"full and LoRA train in {dtype} (2 bytes)")
     main([*args, "dtype=auto"])  # a float32 checkpoint
     assert json.loads(capsys.readouterr().out)["bytes"]["full"]["weights"] == m.params * 4
+
+
+def test_overrides_may_follow_the_flags_and_anything_else_there_is_refused(capsys):
+    """argparse alone stops taking positionals at the first flag: key=value items after it are
+    still overrides; anything else there (a stray word, an unknown --flag=value) is argparse's error."""
+    from dpokit.cli import parse_command_line
+
+    args = parse_command_line(["plan", "my.yaml", "--gpu-memory", "80GB", "max_length=512", "lora_r=8"])
+    assert (args.config, args.overrides, args.gpu_memory) == ("my.yaml", ["max_length=512", "lora_r=8"], "80GB")
+    for stray in (["max_length=512", "stray"], ["--bogus=1"], ["max_length=512", "--bogus=1"]):
+        with pytest.raises(SystemExit) as e:
+            parse_command_line(["plan", "my.yaml", "--gpu-memory", "80GB", *stray])
+        assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err

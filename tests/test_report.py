@@ -318,3 +318,46 @@ def test_tokens_per_second_divides_totals_only_when_every_row_has_both(tmp_path)
     no_time = [{"step": 1, "tokens": 100, "seconds": 0.0, "tokens_per_second": 50.0}]
     assert summary_items(summarize(no_time, tmp_path))["mean tokens/s"] == "50"
     assert "mean tokens/s" not in summary_items(summarize([{"step": 1, "tokens": 100}], tmp_path))
+
+
+def test_run_record_sessions_and_what_a_reader_makes_of_a_damaged_file(tmp_path):
+    """run.json: a session starts unfinished at its checkpoint's step, a resumed one comes after the
+    earlier sessions, updates go to the newest; a file that is not JSON reads as no record."""
+    from dpokit.run_record import RUN_FILE, RunRecord, read_run_record
+
+    assert read_run_record(tmp_path) is None
+    first = RunRecord.start(tmp_path, {"processes": 1}, resumed_at=None)
+    first.update(to_step=2, wall_seconds=5.0)
+    written = read_run_record(tmp_path)
+    assert written["processes"] == 1 and set(written["versions"]) >= {"dpokit", "torch"}
+    assert [(s["from_step"], s["to_step"], s["finished"]) for s in written["sessions"]] == [(0, 2, False)]  # killed at step 2
+    second = RunRecord.start(tmp_path, {"processes": 1}, resumed_at=2)
+    second.update(reference_seconds=0.5)  # killed before its first step: it got from step 2 to step 2
+    assert [(s["from_step"], s["to_step"]) for s in read_run_record(tmp_path)["sessions"]] == [(0, 2), (2, 2)]
+    second.update(to_step=4, finished=True)
+    sessions = read_run_record(tmp_path)["sessions"]
+    assert [(s["from_step"], s["to_step"], s["finished"]) for s in sessions] == [(0, 2, False), (2, 4, True)]
+    (tmp_path / RUN_FILE).write_text('{"sessions": [{"from_step": 0,')  # torn by a full disk, say
+    assert read_run_record(tmp_path) is None
+
+
+def test_run_record_names_torch_with_its_build_and_a_gpu_by_its_name(monkeypatch):
+    """A wheel's metadata may leave out torch's build (+cu124): the version torch itself reports is
+    recorded; a library that is not installed is None."""
+    import torch
+
+    import dpokit.run_record as run_record
+
+    real = run_record.metadata.version
+
+    def version(name):
+        if name == "peft":
+            raise run_record.metadata.PackageNotFoundError(name)
+        return "0.0.0" if name == "torch" else real(name)
+
+    monkeypatch.setattr(run_record.metadata, "version", version)
+    versions = run_record.library_versions()
+    assert versions["torch"] == torch.__version__ and versions["peft"] is None
+    assert run_record.describe_device(torch.device("cpu")) == "cpu"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Test GPU")
+    assert run_record.describe_device(torch.device("cuda", 0)) == "cuda (NVIDIA Test GPU)"

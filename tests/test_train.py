@@ -369,6 +369,19 @@ def test_an_error_every_process_has_is_said_once(workdir, capsys, monkeypatch):
     assert capsys.readouterr().err == "dpokit: error (process 3): its own data is missing\n"
 
 
+def test_ctrl_c_ends_training_with_status_130_and_says_how_to_resume(workdir, capsys, monkeypatch):
+    import dpokit.train
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dpokit.train, "train", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["train", *run_args(workdir, "interrupted")])
+    assert e.value.code == 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+    assert capsys.readouterr().err == "dpokit: interrupted; resume with resume_from_checkpoint=latest\n"
+
+
 def test_two_processes_match_one(workdir):
     """2 CPU processes (gloo) with half the per-device batch give the same curve as 1 process.
 

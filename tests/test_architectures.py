@@ -280,3 +280,33 @@ def test_lora_trains_and_merges_on_unusual_layers(workdir, tmp_path, model_type)
     ids = torch.tensor([[5, 9, 30, 7, 2]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapter(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_loaded_policies_and_references_score_without_dropout(tmp_path):
+    """A model saved with dropout on is loaded with it off, as the policy and as a reference loaded
+    again: two training-mode forwards agree (with dropout they differ, see above)."""
+    from dpokit.config import load_config
+    from dpokit.modeling import load_policy, load_reference
+
+    tiny_model("qwen2", attention_dropout=0.5).save_pretrained(tmp_path / "dropout")
+    config = load_config(None, [f"model.name_or_path={tmp_path / 'dropout'}", "data.train=x.jsonl"]).model
+    ids = torch.arange(1, 9)[None]
+    for model in (load_policy(config), load_reference(config)):
+        model.train()
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_eos(tmp_path, chat_tokenizer):
+    """Llama-style tokenizers name no pad token: batches are padded with the end-of-sequence token."""
+    from transformers import AutoTokenizer
+
+    from dpokit.config import ModelConfig
+    from dpokit.modeling import load_tokenizer
+
+    chat_tokenizer.save_pretrained(tmp_path / "saved")
+    unpadded = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    unpadded.pad_token = None
+    unpadded.save_pretrained(tmp_path / "no-pad")
+    assert AutoTokenizer.from_pretrained(tmp_path / "no-pad").pad_token_id is None
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "no-pad")))
+    assert tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>") == chat_tokenizer.eos_token_id

@@ -267,6 +267,12 @@ def test_use_fsdp_on_cpu_processes_says_they_are_not_sharded(workdir, monkeypatc
     assert printed == ["note: launched with --use_fsdp, but Accelerate shards only on accelerator devices (GPUs): "
                        "these CPU processes train data parallel, each holding the whole model"]
 
+    class Alone(Launched):
+        distributed_type = DistributedType.NO
+
+    printed.clear()
+    assert setup(Alone(), config, None) is False and printed == []  # one process: no processes to say that of
+
 
 def test_sharded_models_are_checked_on_the_host_and_never_placed_whole(workdir):
     """Under FSDP2 the model's one-time checks run on the host and sharding moves each process's

@@ -14,8 +14,10 @@ from dpokit.train import train  # noqa: E402
 from runs import LORA, read_rows, run_config, sft_adapter, train_rows  # noqa: E402
 
 
-def test_lora_trains_adapters_only_and_saves_an_adapter(workdir):
+def test_lora_trains_adapters_only_and_saves_an_adapter(workdir, capsys):
     out = train(run_config(workdir, "lora", *LORA, "save_steps=2"))
+    # r=4 on q_proj (32 -> 32) and v_proj (32 -> 2 kv heads x 8 = 16) of 2 layers: A is r x in, B out x r
+    assert f"({2 * (4 * (32 + 32) + 4 * (32 + 16)):,} trainable" in capsys.readouterr().out
     rows = train_rows(out)
     assert rows[0]["rewards/margins"] == 0.0  # step 1: policy == reference (B = 0)
     assert rows[-1]["rewards/margins"] != 0.0
@@ -63,7 +65,8 @@ def test_adapter_off_reference_equals_the_base_model(workdir):
 
 def test_starting_from_an_sft_adapter(workdir, tmp_path):
     adapter = sft_adapter(workdir, tmp_path / "sft")
-    out = train(run_config(workdir, "lora-from-sft", "use_peft=true", f"adapter_name_or_path={adapter}", "max_steps=2"))
+    sft = ("use_peft=true", f"adapter_name_or_path={adapter}", "max_steps=2", "save_steps=1")
+    out = train(run_config(workdir, "lora-from-sft", *sft))
     rows = train_rows(out)
     assert rows[0]["rewards/margins"] == 0.0  # the reference is base + the SFT adapter, as the policy starts
     base_only = train_rows(train(run_config(workdir, "lora-fresh", *LORA, "max_steps=1")))
@@ -78,6 +81,10 @@ def test_starting_from_an_sft_adapter(workdir, tmp_path):
     trained = [r for r in read_rows(out) if "eval/loss" in r][-1]
     for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen"):
         assert report["metrics"][key] == pytest.approx(trained[key], abs=1e-5), key
+    # resumed, the reference is still base + the SFT adapter (loaded again, not the base alone): step 2 repeats
+    train(run_config(workdir, "lora-from-sft", *sft, f"resume_from_checkpoint={out / 'checkpoints' / 'step-1'}"))
+    for key in ("loss", "rewards/margins", "rewards/chosen"):
+        assert train_rows(out)[1][key] == pytest.approx(rows[1][key], abs=1e-5), key
 
 
 def test_lora_resume_continues_exactly(workdir):
@@ -137,6 +144,19 @@ def test_qlora_and_8bit_adam_need_cuda_and_say_so_before_loading(workdir, monkey
         assert "need a CUDA GPU" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="set use_peft=true"):
         run_config(workdir, "q", "load_in_4bit=true")
+
+
+def test_only_the_bitsandbytes_options_need_bitsandbytes(workdir, monkeypatch):
+    """On a CUDA machine without bitsandbytes, QLoRA is refused naming the package; flex_attention
+    (torch's own) is not."""
+    import sys
+
+    from dpokit.modeling import check_device_requirements
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed: importing it fails
+    check_device_requirements(run_config(workdir, "x", "attn_implementation=flex_attention").model, "adamw_torch", cuda=True)
+    with pytest.raises(ConfigError, match="need the bitsandbytes package: pip install bitsandbytes"):
+        check_device_requirements(run_config(workdir, "x", *LORA, "load_in_4bit=true").model, "adamw_torch", cuda=True)
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-1.5b-lora.yaml", "qlora-7b.yaml"])
@@ -218,3 +238,10 @@ def test_a_tied_layer_trained_whole_is_said_plainly(tmp_path):
                          "step, and a merged export keeps them apart (tie_word_embeddings=false)"]), (targets, whole)
         if whole:  # trained as a copy
             assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    # a model whose two layers are apart: nothing to say
+    untied = build_tiny_model(tmp_path / "untied", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, tie_word_embeddings=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_policy(ModelConfig(name_or_path=str(untied), use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "lm_head"]))
+    assert not [w for w in caught if "tie_word_embeddings" in str(w.message)]

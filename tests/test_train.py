@@ -21,6 +21,7 @@ def test_run_directory_is_complete(workdir, capsys):
     assert METRIC_KEYS <= set(trained[0])
     assert [r["step"] for r in eval_rows] == [2, 4]
     assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"} <= set(eval_rows[0])
+    assert [r["epoch"] for r in eval_rows] == [round(2 / 12, 4), round(4 / 12, 4)]  # 48 pairs / 4 a step: 12 steps an epoch
     assert all(r["tokens"] > 0 and r["tokens_per_second"] > 0 for r in trained)
     # checkpoints: newest only (limit 1; the last step is saved too), complete, loadable
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -68,6 +69,7 @@ def test_gradient_accumulation_equals_larger_batch(workdir):
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen"):
             assert ra[key] == pytest.approx(rb[key], abs=1e-4), (ra["step"], key)
+        assert ra["tokens"] == rb["tokens"], ra["step"]  # every micro-batch's tokens counted
     # Adam divides by sqrt(v): entries with near-zero gradients turn round-off into visible
     # differences, so weights agree to a tenth of one step (lr 1e-3); grad_norm above is the sharp check
     wa, wb = load_file(big / "final" / "model.safetensors"), load_file(small / "final" / "model.safetensors")
@@ -90,12 +92,13 @@ def test_every_loss_trains(workdir, loss_type):
 
 
 def test_resume_continues_exactly(workdir):
-    run_dir = train(run_config(workdir, "resume", "save_steps=2"))
+    run_dir = train(run_config(workdir, "resume", "save_steps=2", "eval_on_start=true"))
     uninterrupted = train_rows(run_dir)
     # resume from the step-2 checkpoint, as a run killed after step 2 would; steps 3-4 are redone
-    train(run_config(workdir, "resume", "save_steps=2", f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"))
+    train(run_config(workdir, "resume", "save_steps=2", "eval_on_start=true", f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"))
     resumed = train_rows(run_dir)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_rows(run_dir) if "eval/loss" in r] == [0, 4]  # the start's eval once: a resume is no start
     sessions = json.loads((run_dir / "run.json").read_text())["sessions"]  # the first run's time is kept
     assert [(s["from_step"], s["to_step"], s["finished"]) for s in sessions] == [(0, 4, True), (2, 4, True)]
     for ra, rb in zip(uninterrupted, resumed, strict=True):
@@ -115,9 +118,12 @@ def test_resume_continues_dropout_exactly(workdir):
 
 
 def test_the_log_says_how_many_pairs_each_epoch_leaves_out(workdir, capsys):
-    train(run_config(workdir, "tail", "per_device_train_batch_size=5", "max_steps=1"))
-    assert ("training: 48 pairs, 9 steps/epoch, 1 steps, global batch 5 = 5 x 1 processes x 1 accumulation; "
-            "each epoch leaves out 3 pairs (its shuffled tail, short of a global batch)\n") in capsys.readouterr().out
+    out = train(run_config(workdir, "tail", "per_device_train_batch_size=7", "max_steps=1"))
+    # 48 pairs in global batches of 7: 6 steps (42 pairs), 6 left out
+    assert ("training: 48 pairs, 6 steps/epoch, 1 steps, global batch 7 = 7 x 1 processes x 1 accumulation; "
+            "each epoch leaves out 6 pairs (its shuffled tail, short of a global batch)\n") in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert (run["left_out_per_epoch"], run["steps_per_epoch"], run["global_batch"]) == (6, 6, 7)
 
 
 def test_resume_refuses_a_position_that_means_other_pairs(workdir, capsys):
@@ -140,6 +146,14 @@ def test_resume_refuses_a_position_that_means_other_pairs(workdir, capsys):
     train(run_config(workdir, "resume-other-batch", "save_steps=2", "per_device_train_batch_size=2",
                      "gradient_accumulation_steps=2", f"resume_from_checkpoint={step}"))
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4]
+    # a checkpoint of an older dpokit, which kept none of these, resumes; its next checkpoint keeps this run's
+    saved = json.loads((step / "trainer_state.json").read_text())
+    kept = {key: saved.pop(key) for key in ("global_batch", "train_pairs", "seed", "pairs_digest")}
+    assert kept["global_batch"] == 4 and kept["train_pairs"] == 48 and kept["seed"] == 3 and kept["pairs_digest"]
+    (step / "trainer_state.json").write_text(json.dumps(saved))
+    train(run_config(workdir, "resume-other-batch", "save_steps=2", f"resume_from_checkpoint={step}"))
+    newer = json.loads((run_dir / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert {key: newer[key] for key in kept} == kept
 
 
 def test_a_run_refused_at_start_leaves_the_folder_as_it_was(workdir):
@@ -197,6 +211,8 @@ def test_resuming_at_max_steps_ends_the_run_there(workdir, capsys):
     """A checkpoint at step 4 of an 8-step run resumed with max_steps=4: nothing is trained, the steps
     since the last row are logged, the step's eval row (saved before the checkpoint) is not repeated,
     and final/ is step 4; max_steps=2 (below the checkpoint) is refused."""
+    from dpokit.checkpoint import list_checkpoints
+
     options = ("max_steps=8", "save_steps=4", "logging_steps=3", "eval_steps=2")
     run_dir = train(run_config(workdir, "resume-at-end", *options))
     step4 = run_dir / "checkpoints" / "step-4"
@@ -207,6 +223,14 @@ def test_resuming_at_max_steps_ends_the_run_there(workdir, capsys):
     with pytest.raises(SystemExit):
         main(["train", *run_args(workdir, "resume-at-end", *options, "max_steps=2", f"resume_from_checkpoint={step4}")])
     assert f"{step4} is at step 4, past this run's 2 steps" in capsys.readouterr().err
+    # a checkpoint whose step has a training row but no eval row: the run ends with that step's eval;
+    # the next step's checkpoint, of the steps dropped, is removed
+    options = ("max_steps=4", "save_steps=1", "logging_steps=3", "eval_steps=2")
+    run_dir = train(run_config(workdir, "resume-at-end-2", *options))
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-3", "step-4"]
+    train(run_config(workdir, "resume-at-end-2", *options, "max_steps=3", f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-3'}"))
+    assert [(r["step"], "eval/loss" in r) for r in read_rows(run_dir)] == [(2, True), (3, False), (3, True)]
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-3"]
 
 
 def test_a_damaged_checkpoint_is_refused_with_the_one_before(workdir, capsys):
@@ -219,10 +243,61 @@ def test_a_damaged_checkpoint_is_refused_with_the_one_before(workdir, capsys):
         main(["train", *run_args(workdir, "damaged", *settings, "resume_from_checkpoint=latest")])
     assert "checkpoint" in (err := capsys.readouterr().err) and "step-3 is incomplete, missing optimizer.pt" in err
     assert f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}" in err
+    step2 = run_dir / "checkpoints" / "step-2"
+    (step2 / "scheduler.pt").unlink()
+    (step2 / "rng_state_0.pt").unlink()
+    with pytest.raises(SystemExit):  # named by its path: the same, naming the checkpoint before it
+        main(["train", *run_args(workdir, "damaged", *settings, f"resume_from_checkpoint={step2}")])
+    err = capsys.readouterr().err
+    assert f"{step2} is incomplete, missing scheduler.pt, rng_state_<process>.pt" in err
+    assert f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-1'}" in err
     step1 = run_dir / "checkpoints" / "step-1"
     (step1 / "rng_state_0.pt").rename(step1 / "rng_state_1.pt")  # as if saved by a process this run does not have
+    (run_dir / "checkpoints" / "step-3.tmp").mkdir()  # a save cut short when the run was killed
     train(run_config(workdir, "damaged", *settings, f"resume_from_checkpoint={step1}"))
     assert "holds no random state for process 0" in capsys.readouterr().out
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-1", "step-2", "step-3"]  # saved over it
+
+
+def test_a_run_stopped_before_its_end_says_in_run_json_how_far_it_got(workdir, monkeypatch):
+    """run.json's session entry is rewritten at every checkpoint: a run killed before its end (here while
+    saving its final model) still says the steps it trained, and that it did not finish; resumed from its
+    last checkpoint (it has no final/ yet), it finishes."""
+    import dpokit.train
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(dpokit.train, "save_final", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(run_config(workdir, "stopped", "max_steps=3", "save_steps=2", "data.eval=null"))
+    (session,) = json.loads((workdir / "stopped" / "run.json").read_text())["sessions"]
+    assert (session["from_step"], session["to_step"], session["finished"]) == (0, 3, False)  # saved at steps 2 and 3
+    assert session["wall_seconds"] > 0
+    monkeypatch.undo()
+    train(run_config(workdir, "stopped", "max_steps=3", "save_steps=2", "data.eval=null", "resume_from_checkpoint=latest"))
+    sessions = json.loads((workdir / "stopped" / "run.json").read_text())["sessions"]
+    assert [(s["from_step"], s["to_step"], s["finished"]) for s in sessions] == [(0, 3, False), (3, 3, True)]
+    assert json.loads((workdir / "stopped" / "final" / "dpokit_step.json").read_text()) == {"step": 3}
+
+
+def test_a_checkpoints_random_state_brings_back_every_generator():
+    """What a checkpoint keeps of the random state (Python's, NumPy's, torch's) draws, once restored,
+    what it drew after being taken."""
+    import random
+
+    import numpy as np
+
+    from dpokit.checkpoint import rng_state, set_rng_state
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    saved = rng_state()
+    first = draws()
+    assert draws() != first
+    set_rng_state(saved)
+    assert draws() == first
 
 
 def test_resume_between_logged_rows_logs_what_an_uninterrupted_run_logs(workdir):
@@ -278,6 +353,7 @@ def test_an_output_dir_holds_one_run(workdir, capsys):
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-5", "step-6"]
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4, 5, 6]
     train(run_config(workdir, "one-run", "max_steps=8", "save_steps=1", "save_total_limit=2", "resume_from_checkpoint=latest"))
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-6'} at step 6" in capsys.readouterr().out  # the newest
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4, 5, 6, 7, 8]  # continued past its end
 
     for name in ("eval.json", "eval-step-4.json", "compare.md", "compare.jsonl", "notes.md", "evaluation.json"):  # eval/compare's, and a user's
@@ -291,6 +367,34 @@ def test_an_output_dir_holds_one_run(workdir, capsys):
     with pytest.raises(SystemExit):  # nothing to continue from: not advised
         main(["train", *run_args(workdir, "one-run", "overwrite_output_dir=false")])
     assert "which a new run would mix with: it saved no checkpoint to continue from (save_steps); choose another" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_folder_does_not_make_a_folder_holding_a_run_its_own(tmp_path):
+    """Resuming into a folder from one of its own checkpoints removes its later ones; from another folder's
+    checkpoint, a folder holding a run is refused (the two runs would mix)."""
+    from dpokit.checkpoint import outputs_to_replace
+
+    out, other = tmp_path / "out", tmp_path / "other"
+    for run in (out, other):
+        (run / "checkpoints" / "step-2").mkdir(parents=True)
+        (run / "checkpoints" / "step-2" / "trainer_state.json").write_text('{"step": 2}')
+    (out / "checkpoints" / "step-4").mkdir()
+    with pytest.raises(FileExistsError, match="which a run resumed from another folder's checkpoint would mix with"):
+        outputs_to_replace(out, other / "checkpoints" / "step-2", overwrite=False)
+    assert outputs_to_replace(out, out / "checkpoints" / "step-2", overwrite=False) == [out / "checkpoints" / "step-4"]
+
+
+def test_a_run_stopped_before_logging_a_row_holds_no_run(tmp_path):
+    """An output_dir with only an empty metrics.jsonl (a run stopped before its first row) has nothing to
+    mix with or continue: a new run may take it; one logged row makes it a run's."""
+    from dpokit.checkpoint import holds_a_run, outputs_to_replace
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert holds_a_run(tmp_path) == [] and outputs_to_replace(tmp_path, None, overwrite=False) == []
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    assert holds_a_run(tmp_path) == ["metrics.jsonl"]
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        outputs_to_replace(tmp_path, None, overwrite=False)
 
 
 def test_reference_tables_score_each_pair_in_the_batch_its_forward_uses(workdir, monkeypatch, tmp_path):
@@ -383,13 +487,16 @@ def test_ctrl_c_ends_training_with_status_130_and_says_how_to_resume(workdir, ca
 
 
 def test_two_processes_match_one(workdir):
-    """2 CPU processes (gloo) with half the per-device batch give the same curve as 1 process.
+    """2 CPU processes (gloo) with a quarter of the per-device batch and 2 accumulation steps give the
+    same curve as 1 process: the gradients are averaged over the processes once, after the last
+    micro-batch of each step (the ones before accumulate unsynchronized).
 
     `accelerate launch` starts several processes only through its multi-process launcher
     (--multi_gpu, which is torchrun); on a machine without GPUs dpokit makes them gloo CPU processes.
     """
     one = train(run_config(workdir, "dp1", "per_device_train_batch_size=4"))
-    accelerate_launch("-m", "dpokit", "train", *run_args(workdir, "dp2", "per_device_train_batch_size=2"), timeout=300)
+    accelerate_launch("-m", "dpokit", "train", *run_args(workdir, "dp2", "per_device_train_batch_size=1",
+                                                         "gradient_accumulation_steps=2"), timeout=300)
     a, b = read_rows(one), read_rows(workdir / "dp2")
     assert len(a) == len(b)
     for ra, rb in zip(a, b):

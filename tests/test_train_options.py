@@ -67,12 +67,24 @@ def test_a_run_over_an_epoch_boundary_reshuffles_and_saves_its_last_step(workdir
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-15", "step-16"]
 
 
-def test_logging_steps_average_the_window(workdir):
+def test_logging_steps_average_the_window(workdir, monkeypatch):
+    """A row averages the statistics of the steps since the last row, and counts their tokens and their
+    training seconds (a clock that moves 1s per reading: 1s per step) for its rates."""
+    import itertools
+    import types
+
+    import dpokit.train
+
+    ticks = itertools.count()
+    monkeypatch.setattr(dpokit.train, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     every = train_rows(train(run_config(workdir, "log1", "max_steps=4", "logging_steps=1", "eval=null")))
     pairs = train_rows(train(run_config(workdir, "log2", "max_steps=4", "logging_steps=2", "eval=null")))
     assert [r["step"] for r in pairs] == [2, 4]
     assert pairs[0]["loss"] == pytest.approx((every[0]["loss"] + every[1]["loss"]) / 2, abs=1e-6)
     assert pairs[1]["tokens"] == every[2]["tokens"] + every[3]["tokens"]
+    assert [r["seconds"] for r in every] == [1.0] * 4 and [r["seconds"] for r in pairs] == [2.0, 2.0]
+    assert [(r["pairs"], r["pairs_per_second"]) for r in pairs] == [(8, 4.0), (8, 4.0)]  # 2 steps of 4 pairs in 2s
+    assert pairs[1]["tokens_per_second"] == pytest.approx((every[2]["tokens"] + every[3]["tokens"]) / 2)
 
 
 @pytest.mark.parametrize("precision", [[], ["bf16=true"]])
@@ -134,6 +146,21 @@ def test_pure_bfloat16_weights_lose_small_updates_and_dpokit_says_so(workdir, ca
     assert AutoModelForCausalLM.from_pretrained(out / "final", dtype="auto").dtype == torch.bfloat16
     assert "dtype=float32 with bf16=true" in capsys.readouterr().out
     assert _changed_fraction(out, workdir / "model") < 0.2  # most AdamW steps rounded away
+
+
+def test_the_low_precision_warning_is_about_trained_weights_only(workdir):
+    """Frozen 16-bit weights lose no update (LoRA's float32 adapters on a bfloat16 base): no warning;
+    trained 16-bit ones do."""
+    from dpokit.train import warn_low_precision_weights
+
+    said = []
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4).to(torch.bfloat16).requires_grad_(False), torch.nn.Linear(4, 4))
+    config = run_config(workdir, "unused")
+    warn_low_precision_weights(model, config, said.append)
+    assert said == []
+    model[0].requires_grad_(True)
+    warn_low_precision_weights(model, config, said.append)
+    assert len(said) == 1 and said[0].startswith("warning: the trained weights are bfloat16")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -205,6 +232,12 @@ def test_fp16_resume_restores_the_loss_scale(workdir, monkeypatch):
     for a, b in zip(uninterrupted, resumed, strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "learning_rate"):
             assert a.get(key) == pytest.approx(b.get(key), abs=1e-5), (a["step"], key)
+    # a checkpoint without a loss scale (saved by a float32 run) resumes under fp16 from the initial scale,
+    # which step 1 took without overflowing
+    (run_dir / "checkpoints" / "step-2" / "scaler.pt").unlink()
+    train(run_config(workdir, "fp16-resume", "save_steps=2", "fp16=true", "eval=null",
+                     f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"))
+    assert "grad_norm" in train_rows(run_dir)[2]
 
 
 def test_gradient_clipping_bounds_the_update(workdir):
@@ -283,6 +316,9 @@ def test_tensorboard_events_follow_the_rows_through_resume_and_overwrite(workdir
     train(run_config(workdir, "tb", *settings, f"resume_from_checkpoint={out / 'checkpoints' / 'step-3'}"))
     assert [(r["step"], round(r["loss"], 6)) for r in train_rows(out)] == rows
     assert sorted(_tensorboard_losses(out)) == rows  # steps 4 and 6 once, not twice
+    # resumed at its last step, whose row was logged: nothing to redo, and that row's event stays
+    train(run_config(workdir, "tb", *settings, f"resume_from_checkpoint={out / 'checkpoints' / 'step-6'}"))
+    assert sorted(_tensorboard_losses(out)) == rows
     train(run_config(workdir, "tb", "max_steps=1", "eval=null", "report_to=tensorboard"))  # overwrites
     assert [step for step, _ in _tensorboard_losses(out)] == [1]
 
@@ -425,6 +461,11 @@ def test_reference_tables_are_cached_and_keyed_by_data(workdir, capsys, monkeypa
                           (["prefix_sharing=false"], "computed"), (["max_length=120"], "computed")):
         train(run_config(workdir, "refcache-bf16", "max_steps=1", "bf16=true", "per_device_train_batch_size=2", *changed))
         assert f"reference: train log-probs of 48 pairs {seen}" in capsys.readouterr().out, (changed, seen)
+    # bfloat16 weights compute in 16 bits without autocast: their batching is in the key too
+    for batch in ("2", "4"):
+        train(run_config(workdir, "refcache-bf16-weights", "max_steps=1", "data.eval=null", "max_length=40", "dtype=bfloat16",
+                         f"per_device_train_batch_size={batch}"))
+        assert "reference: train log-probs of 48 pairs computed" in capsys.readouterr().out, batch
 
 
 class OneProcess:
@@ -629,3 +670,21 @@ def test_training_keeps_sdpa_off_cudnn_and_restores_it(workdir, monkeypatch):
     train(run_config(workdir, "no-cudnn", "max_steps=2", "eval_steps=1"))
     assert seen and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_training_steps_run_in_training_mode_and_evaluation_in_eval_mode(workdir, monkeypatch):
+    """The reference pass and each eval put the policy in eval mode and give it back in training mode:
+    left in eval mode, every step after trained with its dropout (LoRA's) silently off."""
+    import dpokit.train
+
+    modes = []
+    real = dpokit.train.score_batch
+
+    def recording(policy, *args):
+        modes.append((torch.is_grad_enabled(), policy.training))
+        return real(policy, *args)
+
+    monkeypatch.setattr(dpokit.train, "score_batch", recording)
+    train(run_config(workdir, "train-mode", "max_steps=2", "eval_steps=1", "eval_on_start=true"))
+    assert {training for grad, training in modes if grad} == {True}  # the 2 steps' forwards
+    assert {training for grad, training in modes if not grad} == {False}  # the 3 evals' forwards

@@ -6,7 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from dpokit.data.batching import LAYOUTS, make_batch
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.config import ConfigError
+from dpokit.config import VARLEN_ATTENTION, ConfigError
 from dpokit.logps import ReplyLogProbs, check_rows_kept_apart, token_logps
 from dpokit.masks import dense_row_mask, flex_row_mask
 
@@ -95,6 +95,21 @@ def test_token_logps_custom_backward_matches_autograd():
     assert torch.autograd.gradcheck(lambda h, w: token_logps(h, _with_weight(head, w), targets, chunk_size=4), (hidden, head.weight.detach().clone().requires_grad_()))
 
 
+def test_weight_gradient_adds_chunks_up_in_float32():
+    """bfloat16 weights: the chunks' weight gradients are added up in float32 and rounded once. 512
+    identical chunks give 512 times one chunk's gradient; added up in bfloat16 the sum would stop
+    growing at 256 of them (one chunk is then half a unit in the last place)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 5, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(1, 8).to(torch.bfloat16).expand(1024, 8).contiguous()
+    targets = torch.full((1024,), 2)
+    (grad,) = torch.autograd.grad(token_logps(hidden, head, targets, chunk_size=2).sum(), [head.weight])
+    assert grad.dtype == torch.bfloat16
+    h, w = hidden[0].double(), head.weight.double()
+    one_row = (torch.eye(5, dtype=torch.float64)[2] - torch.softmax(w @ h, -1))[:, None] * h  # d log p(2) / dW, by hand
+    torch.testing.assert_close(grad.double(), 1024 * one_row, atol=0, rtol=0.02)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_token_logps_under_autocast_match_an_autocast_linear(dtype):
     """Mixed precision: the chunked path runs its matmuls in the autocast dtype in both passes, as
@@ -114,6 +129,10 @@ def test_token_logps_under_autocast_match_an_autocast_linear(dtype):
     grad_ours = torch.autograd.grad(ours.sum(), [hidden, head.weight])
     grad_expected = torch.autograd.grad(expected.sum(), [hidden, head.weight])
     assert grad_ours[1].dtype == torch.float32
+    # the backward's matmuls run in 16 bits too: the hidden states' gradient is the autocast Linear's, not float32's
+    full = torch.log_softmax(hidden @ head.weight.T, -1).gather(1, targets[:, None]).squeeze(1)
+    (grad_float32,) = torch.autograd.grad(full.sum(), [hidden])
+    assert (grad_ours[0] - grad_expected[0]).abs().max() < (grad_ours[0] - grad_float32).abs().max() / 4
     for a, b in zip(grad_ours, grad_expected):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
@@ -142,22 +161,25 @@ def test_token_logps_with_bias_and_softcap_uses_generic_path():
         torch.testing.assert_close(token_logps(hidden, head, targets, chunk_size=4, softcap=3.0, scale=0.5), expected)
 
 
-def _scaled_head_models():
-    """Tiny models of architectures that change the logits after the output layer."""
-    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+SCALED_HEADS = {  # name -> (model_type, config overrides): each changes the logits after its output layer
+    "cohere": ("cohere", dict(logit_scale=0.25)),
+    "cohere2": ("cohere2", dict(logit_scale=0.25)),
+    "granite": ("granite", dict(logits_scaling=4.0)),  # divides the logits
+    "hyperclovax": ("hyperclovax", dict(logits_scaling=4.0)),  # multiplies them
+    "minicpm3": ("minicpm3", dict(dim_model_base=8, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                                  qk_rope_head_dim=4, v_head_dim=8)),  # divides the hidden states by hidden_size / dim_model_base
+    "gemma2": ("gemma2", dict(head_dim=8, final_logit_softcapping=3.0)),
+}
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    yield "cohere", CohereForCausalLM(CohereConfig(**common, logit_scale=0.25))
-    yield "granite", GraniteForCausalLM(GraniteConfig(**common, logits_scaling=4.0))
-    yield "gemma2", Gemma2ForCausalLM(Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0))
 
-
-@pytest.mark.parametrize("name", ["cohere", "granite", "gemma2"])
+@pytest.mark.parametrize("name", list(SCALED_HEADS))
 def test_scaled_and_softcapped_heads_stay_chunked_and_exact(name):
-    model = dict(_scaled_head_models())[name].float().train()
-    model.config._attn_implementation = "eager" if name == "gemma2" else "sdpa"
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type, overrides = SCALED_HEADS[name]
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"{model_type} is not in this transformers release")
+    model = tiny_of(model_type, "eager" if name == "gemma2" else "sdpa", **overrides).train()
     pairs = ragged_pairs(seed=2)
     scorer = ReplyLogProbs(model, chunk_size=7)
     assert scorer.chunked and (scorer.scale != 1.0 or scorer.softcap)
@@ -177,16 +199,32 @@ def test_scaled_and_softcapped_heads_stay_chunked_and_exact(name):
 class _UnknownHeadLM(LlamaForCausalLM):
     """An architecture dpokit does not know: it rescales its logits after the output layer."""
 
+    factor = 3.0
+
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
-        out.logits = out.logits * 3.0
+        out.logits = out.logits * self.factor
         return out
 
 
-def test_unknown_output_transform_falls_back_to_full_logits_and_says_so():
+class _SubtlyScaledLM(_UnknownHeadLM):
+    """A rescaling by 5%: its log-probs differ from the output layer's by much less than 0.25, much more than round-off."""
+
+    factor = 1.05
+
+
+class _NoOutputEmbeddingsLM(LlamaForCausalLM):
+    """Remote code that does not name its output layer: dpokit cannot apply it itself."""
+
+    def get_output_embeddings(self):
+        return None
+
+
+@pytest.mark.parametrize("unusual", [_UnknownHeadLM, _SubtlyScaledLM, _NoOutputEmbeddingsLM])
+def test_unknown_output_transform_falls_back_to_full_logits_and_says_so(unusual):
     torch.manual_seed(0)
-    model = _UnknownHeadLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = unusual(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2)).eval()
     pairs = ragged_pairs(seed=4)
     with pytest.warns(UserWarning, match="full logits"):
         scorer = ReplyLogProbs(model)
@@ -269,6 +307,32 @@ def test_row_check_names_a_maskable_attention_when_flash_attention_ignores_resta
     with pytest.raises(ConfigError, match="padding_free=false, or attn_implementation to one of sdpa, eager, flex_attention"):
         check_rows_kept_apart(model, "packed")
     assert calls == [dict(restart_positions=True, own_mask=False)]  # dpokit's mask was not tried
+
+
+def test_flex_prefix_rows_are_not_kept_apart_by_restarting_positions_alone(monkeypatch):
+    """A prefix-shared row's positions restart only after the prompt, never where a sequence starts: a
+    flex_attention model that keeps sequences apart by restarting positions alone, ignoring dpokit's
+    BlockMask (a stand-in for its probe here: flex compiles slowly on the CPU), is refused."""
+    import dpokit.logps
+
+    model = tiny_lm()
+    model.config._attn_implementation = "flex_attention"
+    monkeypatch.setattr(dpokit.logps, "_rows_kept_apart", lambda m, restart_positions, own_mask: restart_positions)
+    with pytest.raises(ConfigError, match="prefix_sharing=false"):
+        check_rows_kept_apart(model, "prefix_packed")
+
+
+def test_row_check_masks_packed_rows_of_a_model_without_an_attention_implementation(monkeypatch):
+    """A model that names no attention implementation (older remote code) takes dpokit's 4D mask:
+    where it ignores the restarts, its packed rows get dpokit's mask instead of a refusal."""
+    import dpokit.logps
+
+    model = tiny_lm()
+    model.config._attn_implementation = None
+    calls = []
+    monkeypatch.setattr(dpokit.logps, "_rows_kept_apart", lambda m, **kinds: calls.append(kinds) or kinds["own_mask"])
+    assert check_rows_kept_apart(model, "packed") is True
+    assert calls == [dict(restart_positions=True, own_mask=False), dict(restart_positions=True, own_mask=True)]
 
 
 def test_row_check_refuses_a_model_that_ignores_dpokits_mask(monkeypatch):
@@ -426,12 +490,14 @@ def test_packed_rows_respect_the_token_budget_and_stay_exact(layout):
     torch.testing.assert_close(ReplyLogProbs(model)(**batch.model_inputs()), naive_logps(model, pairs), atol=1e-4, rtol=0)
 
 
-def test_backward_keeps_no_vocabulary_sized_tensor():
-    """What autograd saves for the output layer is O(N*H + V*H), never the [N, V] logits."""
+@pytest.mark.parametrize("bias, softcap", [(False, None), (True, None), (False, 30.0)])
+def test_backward_keeps_no_vocabulary_sized_tensor(bias, softcap):
+    """What autograd saves for the output layer is O(N*H + V*H), never the [N, V] logits: on the
+    plain path, and on the generic one (a bias, a soft cap), which recomputes each chunk in backward."""
     torch.manual_seed(0)
     n, h, v = 512, 16, 8192
     hidden = torch.randn(n, h, requires_grad=True)
-    head = torch.nn.Linear(h, v, bias=False)
+    head = torch.nn.Linear(h, v, bias=bias)
     targets = torch.randint(0, v, (n,))
     saved = []
 
@@ -440,11 +506,30 @@ def test_backward_keeps_no_vocabulary_sized_tensor():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        token_logps(hidden, head, targets, chunk_size=64).sum().backward()
+        token_logps(hidden, head, targets, chunk_size=64, softcap=softcap).sum().backward()
     assert max(saved) <= v * h  # the weight itself is the largest thing kept
     assert sum(saved) < n * v / 4
-    naive = torch.log_softmax(hidden @ head.weight.T, -1).gather(1, targets[:, None]).squeeze(1)
-    torch.testing.assert_close(token_logps(hidden, head, targets, chunk_size=64), naive, atol=1e-5, rtol=0)
+    logits = head(hidden)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    naive = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(token_logps(hidden, head, targets, chunk_size=64, softcap=softcap), naive, atol=1e-5, rtol=0)
+
+
+def test_sixteen_bit_logits_are_normalized_in_float32():
+    """A bfloat16 model's logits are taken to float32 before the log-softmax: on the full-logits path
+    and on the generic (bias) head path, as the naive computation does."""
+    model, pairs = tiny_lm().to(torch.bfloat16), ragged_pairs()
+    with torch.no_grad():
+        ours = ReplyLogProbs(model, chunked=False)(**make_batch(pairs, "padded").model_inputs())
+        torch.testing.assert_close(ours, naive_logps(model, pairs), atol=1e-4, rtol=0)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, VOCAB).to(torch.bfloat16)
+    hidden, targets = torch.randn(23, 16).to(torch.bfloat16), torch.randint(0, VOCAB, (23,))
+    ours = token_logps(hidden, head, targets, chunk_size=5)
+    assert ours.dtype == torch.float32
+    naive = torch.log_softmax(head(hidden).float(), -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(ours, naive, atol=1e-5, rtol=0)
 
 
 def tiny_of(model_type: str, attn: str = "sdpa", **overrides):
@@ -456,6 +541,21 @@ def tiny_of(model_type: str, attn: str = "sdpa", **overrides):
                 num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
     config = AutoConfig.for_model(model_type, **(base | overrides))
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
+
+
+def test_a_model_that_names_itself_its_decoder_stays_chunked():
+    """Llama 4's text model answers ``get_decoder()`` with itself: its decoder stack is found where
+    ``base_model_prefix`` names it, and its replies stay on the chunked path, exact."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "llama4_text" not in CONFIG_MAPPING:
+        pytest.skip("llama4_text is not in this transformers release")
+    model = tiny_of("llama4_text", head_dim=8, num_local_experts=2, intermediate_size_mlp=64, attention_chunk_size=64)
+    pairs = ragged_pairs()
+    scorer = ReplyLogProbs(model, chunk_size=7)
+    assert scorer.chunked
+    with torch.no_grad():
+        torch.testing.assert_close(scorer(**make_batch(pairs, "padded").model_inputs()), naive_logps(model, pairs), atol=1e-4, rtol=0)
 
 
 def test_row_checks_compare_with_each_sequence_alone():
@@ -472,6 +572,9 @@ def test_row_checks_compare_with_each_sequence_alone():
              (tiny_of("mistral", sliding_window=4), (), ("packed", "prefix_packed"))]  # dpokit's mask keeps the window
     if "qwen3_5_text" in CONFIG_MAPPING:  # transformers 5
         cases.append((tiny_of("qwen3_5_text"), ("packed", "prefix_packed"), ()))
+    # Mamba layers carry their state into the next sequence: nearer to it alone than to the mixed row, yet not the same
+    cases.append((tiny_of("jamba", num_experts=2, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
+                          expert_layer_period=2, mamba_d_state=8), ("packed", "prefix_packed"), ()))
     for model, refused, accepted in cases:
         for layout in refused:
             with pytest.raises(ConfigError, match="padding_free=false|prefix_sharing=false"):
@@ -486,7 +589,8 @@ def test_windows_longer_than_a_probe_are_read_from_the_config():
     """A 4096-token window is longer than a probe: it is read from the config. Prefix-shared rows keep
     it in dpokit's mask (one per layer type for Gemma 2) where it is shorter than max_length; packed
     rows that need dpokit's mask cannot, and are refused with what to set; packed rows follow the
-    window through their position ids. A model that does not take the windowed masks is refused."""
+    window through their position ids. A model that does not take the windowed masks is refused.
+    Under dpokit_varlen the kernel keeps the window itself: no layout is refused."""
     from dpokit.logps import attention_window, check_window
 
     gemma2 = tiny_of("gemma2", "eager", sliding_window=64, head_dim=8)
@@ -499,10 +603,66 @@ def test_windows_longer_than_a_probe_are_read_from_the_config():
         check_window(gemma2, "packed", True, max_length=128)
     assert check_window(gemma2, "packed", False, max_length=128) is None
     assert check_window(gemma2, "prefix_packed", False, max_length=64) is None
+    varlen = tiny_of("gemma2", "eager", sliding_window=64, head_dim=8)
+    varlen.config._attn_implementation = VARLEN_ATTENTION  # its kernel takes the window: no mask of dpokit's keeps it
+    for layout in ("prefix_packed", "packed"):
+        assert check_window(varlen, layout, True, max_length=128) is None
     llama = tiny_of("llama", sliding_window=64, layer_types=["sliding_attention", "full_attention"])  # takes no dict of masks
     with pytest.raises(ConfigError, match="attends within 64 tokens.* set training.prefix_sharing=false .* data.max_length <= 64"):
         check_window(llama, "prefix_packed", False, max_length=128)
 
+
+def test_attention_window_is_the_narrowest_span_any_layer_sees():
+    """A sliding window, an attention chunk, GPT-Neo's local layers: the narrowest one counts. Layer
+    types other than sliding and full attention are windows dpokit's masks cannot follow."""
+    from types import SimpleNamespace
+
+    from transformers import GPTNeoConfig
+
+    from dpokit.logps import attention_window, mask_windows
+
+    assert attention_window(SimpleNamespace(sliding_window=16, attention_chunk_size=8)) == 8
+    assert attention_window(SimpleNamespace(sliding_window=8, attention_chunk_size=16)) == 8
+    neo = GPTNeoConfig(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=4)
+    assert attention_window(neo) == 4 and mask_windows(neo) is None
+    chunked = SimpleNamespace(sliding_window=16, attention_chunk_size=32, layer_types=["sliding_attention", "chunked_attention"])
+    assert mask_windows(chunked) is None and attention_window(chunked) == 16
+
+
+def test_window_probe_runs_once_and_its_findings_carry_to_another_process(monkeypatch):
+    """The probes of a model run once; a process that takes another's findings runs none and decides alike."""
+    import dpokit.logps
+    from dpokit.logps import adopt_findings, check_window, probe_findings
+
+    model = tiny_of("mistral", sliding_window=64)
+    calls = []
+    for name in ("_shared_row_kept_apart", "_head_reproduces_logits"):
+        probe = getattr(dpokit.logps, name)
+        monkeypatch.setattr(dpokit.logps, name, lambda *a, probe=probe, name=name, **kw: calls.append(name) or probe(*a, **kw))
+    for _ in range(2):
+        assert check_rows_kept_apart(model, "prefix_packed") is False
+        assert check_window(model, "prefix_packed", False, max_length=128) == 64
+        assert ReplyLogProbs(model).chunked
+    assert sorted(calls) == ["_head_reproduces_logits", "_shared_row_kept_apart", "_shared_row_kept_apart"]  # rows, window
+
+    other = tiny_of("mistral", sliding_window=64)
+    adopt_findings(other, probe_findings(model))
+    calls.clear()
+    assert check_rows_kept_apart(other, "prefix_packed") is False
+    assert check_window(other, "prefix_packed", False, max_length=128) == 64
+    assert ReplyLogProbs(other).chunked
+    assert calls == []
+
+
+def test_sixteen_bit_compute_is_compared_to_its_round_off():
+    """Under autocast a float32 model computes in 16 bits: two computations agreeing to 1e-3 of their
+    values agree to its round-off, which they do not in float32."""
+    from dpokit.logps import _same_hidden
+
+    model, x = tiny_lm(), torch.linspace(-1, 1, 64)
+    assert not _same_hidden(x * (1 + 1e-3), x, model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _same_hidden(x * (1 + 1e-3), x, model)
 
 WINDOWED = [("mistral", "sdpa", {}), ("gemma2", "eager", {"head_dim": 8}), ("gemma3_text", "sdpa", {"head_dim": 8}),
             ("cohere2", "sdpa", {}), ("gpt_oss", "eager", {"num_local_experts": 2, "num_experts_per_tok": 1, "head_dim": 8}),

@@ -50,15 +50,20 @@ def test_reply_token_statistics_match_naive(layout, chunked, chunk_size):
 
 
 @pytest.mark.parametrize("softcap, bias", [(None, True), (3.0, False)])
-def test_token_statistics_of_a_transformed_head_are_taken_once_in_training(softcap, bias):
+def test_token_statistics_of_a_transformed_head_are_taken_once_in_training(softcap, bias, monkeypatch):
     """The generic head path (bias, soft-capping) recomputes each chunk in backward: its statistics
     are those of the transformed logits, taken once, and its gradients are as without them."""
+    import dpokit.logps
+
     torch.manual_seed(0)
     head = nn.Linear(16, VOCAB, bias=bias)
     hidden = torch.randn(23, 16, requires_grad=True)
     targets = torch.randint(0, VOCAB, (23,))
+    taken = []
+    monkeypatch.setattr(dpokit.logps, "token_statistics", lambda logits, t: taken.append(len(t)) or token_statistics(logits, t))
     logps, stats = token_logps_and_statistics(hidden, head, targets, chunk_size=5, softcap=softcap, scale=0.5)
     (logps * torch.arange(23)).sum().backward()
+    assert taken == [5, 5, 5, 5, 3]  # once per chunk of 5 rows, in the forward only
     grad = hidden.grad.clone()
     hidden.grad = None
     (token_logps(hidden, head, targets, chunk_size=5, softcap=softcap, scale=0.5) * torch.arange(23)).sum().backward()

@@ -27,6 +27,8 @@ def eval_rows(run_dir):
         ("cosine", [0.0, 5e-4] + [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]),
     ],
 )
+
+
 def test_schedulers_with_warmup(workdir, scheduler, expected):
     out = train(run_config(workdir, f"sched-{scheduler}", f"lr_scheduler_type={scheduler}", "max_steps=8", "warmup_steps=2", "eval=null"))
     assert [r["learning_rate"] for r in train_rows(out)] == pytest.approx(expected, abs=1e-9)
@@ -405,6 +407,8 @@ def test_activation_checkpointing_recomputes_layers_in_backward():
 
 @pytest.mark.parametrize("padding_free,prefix_sharing,chunked_logps",
                          [(False, False, True), (True, False, True), (False, True, True), (True, True, False)])
+
+
 def test_each_speed_switch_trains_identically(workdir, padding_free, prefix_sharing, chunked_logps):
     """Turning off packing, prefix sharing or chunked log-probs changes speed and memory, not numbers."""
     default = train_rows(train(run_config(workdir, "layout-default", "max_steps=3")))  # packed + prefix-shared
@@ -479,7 +483,8 @@ class OneProcess:
 
 def test_reference_table_cache_survives_damage_read_only_disks_and_new_code(monkeypatch, tmp_path):
     """A damaged table is scored again (it was a traceback); a cache that cannot be written leaves the
-    run its table (it was an error after the whole pass); a table scored by other code is not read."""
+    run its table (it was an error after the whole pass); a table scored by other code, by another
+    reference, or of another shape is not read."""
     from dpokit import reference
     from dpokit.data.tokenize import TokenizedPair
 
@@ -500,13 +505,95 @@ def test_reference_table_cache_survives_damage_read_only_disks_and_new_code(monk
     stored.write_bytes(stored.read_bytes()[:40])  # a damaged file
     assert table().tolist() == [[-1.5, -2.5]] and len(scored) == 2 and "computed" in said[-1]
     assert table().tolist() == [[-1.5, -2.5]] and len(scored) == 2  # and replaced
+    torch.save(torch.zeros(3, 2), stored)  # a table, but not of these pairs' shape
+    assert table().tolist() == [[-1.5, -2.5]] and len(scored) == 3 and "computed" in said[-1]
+    reference.cached_table("another model", pairs, compute, OneProcess(), "train", log=said.append)
+    assert len(scored) == 4 and "computed" in said[-1]  # another reference's table is not read back
+    for second in (TokenizedPair([1, 2], [3], [4, 6]), TokenizedPair([1, 2], [3], [4, 7])):  # the same first pair
+        reference.cached_table("model", pairs + [second], lambda: torch.zeros(2, 2), OneProcess(), "train", log=said.append)
+        assert "computed" in said[-1]  # other pairs, another table
     monkeypatch.setattr(reference, "scoring_code", lambda: "another release")
     table()
-    assert len(scored) == 3 and "computed" in said[-1]
+    assert len(scored) == 5 and "computed" in said[-1]
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be made
-    assert table().tolist() == [[-1.5, -2.5]] and len(scored) == 4
+    assert table().tolist() == [[-1.5, -2.5]] and len(scored) == 6
     assert "not cached (" in said[-1] and "set DPOKIT_CACHE to a writable folder" in said[-1]
+
+
+def test_scoring_code_hash_sees_every_module_and_the_releases(monkeypatch, tmp_path):
+    """A fix anywhere in dpokit (a subpackage's module too), or another torch, transformers or peft
+    release, may score otherwise: the tables it scored are not read back."""
+    import importlib.metadata
+    import shutil
+    from pathlib import Path
+
+    from dpokit import reference
+
+    package = tmp_path / "dpokit"
+    shutil.copytree(Path(reference.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    try:
+        monkeypatch.setattr(reference, "__file__", str(package / "reference.py"))
+        reference.scoring_code.cache_clear()
+        seen = {reference.scoring_code()}
+        for module in (package / "data" / "batching.py", package / "logps.py"):
+            module.write_text(module.read_text().replace("return", "return  ", 1))  # a changed line
+            reference.scoring_code.cache_clear()
+            seen.add(reference.scoring_code())
+        version = importlib.metadata.version
+        for name in ("torch", "transformers", "peft"):
+            monkeypatch.setattr(importlib.metadata, "version", lambda of, name=name: "0.0.1" if of == name else version(of))
+            reference.scoring_code.cache_clear()
+            seen.add(reference.scoring_code())
+        assert len(seen) == 6
+    finally:
+        monkeypatch.undo()
+        reference.scoring_code.cache_clear()
+
+
+def test_reference_table_drops_the_forwards_that_only_keep_processes_in_step(monkeypatch):
+    """Sharded, a process with fewer batches than another runs forwards of pair 0 only to keep in step,
+    and drops their results: pair 0 keeps the score of its own batch (in 16 bits, another batch's
+    last bits differ; the scorer here makes that plain: each sequence scores minus the batch's size)."""
+    from dpokit import reference
+    from dpokit.data.batching import make_batch
+    from dpokit.data.tokenize import TokenizedPair
+
+    pairs = [TokenizedPair([1, 2], [3], [4, 5]), TokenizedPair([1], [6, 7], [8])]
+    monkeypatch.setattr(reference, "in_lockstep", lambda batches, accelerator, model: iter([([0, 1], True), ([0], False)]))
+
+    def scorer(num_seqs, **inputs):
+        return torch.full((num_seqs,), -float(num_seqs))
+
+    table = reference.compute_table(scorer, pairs, lambda chosen: make_batch(chosen, "padded"), [[0, 1]], OneProcess())
+    assert table.tolist() == [[-4.0, -4.0], [-4.0, -4.0]]
+
+
+def test_a_bare_scorer_is_a_live_reference_scored_without_gradients():
+    """A bare :class:`ReplyLogProbs` given as the reference scores live, as itself, and keeps no graph
+    even where its weights would train."""
+    from dpokit.data.batching import make_batch
+    from dpokit.logps import ReplyLogProbs
+    from dpokit.reference import as_reference
+    from test_logps import naive_logps, ragged_pairs, tiny_lm
+
+    model, pairs = tiny_lm(), ragged_pairs(n=2)
+    assert all(p.requires_grad for p in model.parameters())
+    logps = as_reference(ReplyLogProbs(model)).logps(make_batch(pairs, "packed"), [0, 1])
+    assert not logps.requires_grad  # no graph kept for numbers that are never differentiated
+    with torch.no_grad():
+        torch.testing.assert_close(logps, naive_logps(model, pairs), atol=1e-4, rtol=0)
+
+
+def test_a_table_that_cannot_be_stored_leaves_no_temporary_file(tmp_path):
+    """The table goes through a temporary file beside its place; where it cannot take that place
+    (here a folder holds it), the error reaches the caller and the temporary file is gone."""
+    from dpokit.reference import _write_table
+
+    (tmp_path / "key.pt" / "in-the-way").mkdir(parents=True)
+    with pytest.raises(OSError):
+        _write_table(torch.zeros(2, 2), tmp_path / "key.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key.pt"]
 
 
 def test_pairs_fingerprint_sees_where_each_part_ends():
@@ -516,7 +603,8 @@ def test_pairs_fingerprint_sees_where_each_part_ends():
 
     base = fingerprint_pairs([TokenizedPair([1, 2], [3, 4], [5])])
     assert base == fingerprint_pairs([TokenizedPair([1, 2], [3, 4], [5])])
-    for moved in (TokenizedPair([1], [2, 3, 4], [5]), TokenizedPair([1, 2, 3], [4], [5]), TokenizedPair([1, 2], [3], [4, 5])):
+    for moved in (TokenizedPair([1], [2, 3, 4], [5]), TokenizedPair([1, 2, 3], [4], [5]), TokenizedPair([1, 2], [3], [4, 5]),
+                  TokenizedPair([1, 2], [3, 4], [6])):  # the last: another rejected reply
         assert fingerprint_pairs([moved]) != base, moved
     assert fingerprint_pairs([TokenizedPair([1, 2], [3, 4], [5])] * 2) != base
 
@@ -527,6 +615,7 @@ def test_reference_fingerprint_sees_the_config_and_every_buffer(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from dpokit.reference import fingerprint_model
+    from test_logps import tiny_of
 
     model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "m", hidden_size=32, num_hidden_layers=1,
                                                                   num_attention_heads=2, num_key_value_heads=1))
@@ -537,9 +626,52 @@ def test_reference_fingerprint_sees_the_config_and_every_buffer(tmp_path):
     assert fingerprint_model(model) != base
     model.config.rms_norm_eps = eps
     assert fingerprint_model(model) == base
+    model.config._attn_implementation, attn = "eager", model.config._attn_implementation
+    assert attn != "eager" and fingerprint_model(model) != base  # other kernels: other last bits in 16 bits
+    model.config._attn_implementation = attn
+    assert fingerprint_model(model) == base
+    norm = model.model.norm.weight.data
+    assert torch.equal(norm, torch.ones_like(norm))
+    norm[:2] = torch.tensor([2.0, 0.0])  # another model, with the same sum (and mean) of weights
+    assert fingerprint_model(model) != base
+    norm.fill_(1.0)
+    assert fingerprint_model(model) == base
     (name, buffer), *_ = [(n, b) for n, b in model.named_buffers() if n not in model.state_dict()]
     buffer.mul_(2)  # a non-persistent buffer (rotary inv_freq)
     assert fingerprint_model(model) != base, name
+    gemma2 = tiny_of("gemma2", "eager", head_dim=8, final_logit_softcapping=30.0)
+    capped = fingerprint_model(gemma2)
+    gemma2.config.final_logit_softcapping = 20.0
+    assert fingerprint_model(gemma2) != capped
+
+
+def test_adapters_off_fingerprint_is_the_bases_and_switching_them_off_keeps_them_training(tmp_path):
+    """A peft model with its adapters off scores as its base: its fingerprint is the base's (LoRA
+    tensors, the trained copies of modules to save and peft's renaming left out), whatever the
+    adapters and the trained copies hold. Switched off for a reference pass, the adapters stay
+    marked as training (FSDP2 picks its gradient dtypes from what trains at its first forward)."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.logps import ReplyLogProbs
+    from dpokit.reference import adapters_switched_off, fingerprint_model
+
+    folder = build_tiny_model(tmp_path / "m", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    plain = AutoModelForCausalLM.from_pretrained(folder)
+    base = fingerprint_model(plain)
+    model = peft.get_peft_model(copy.deepcopy(plain), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    assert fingerprint_model(model, adapters_off=True) == base
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trained) and any(".modules_to_save." in n for n in trained)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in trained:
+                param.add_(0.5)  # as training leaves them
+    assert fingerprint_model(model, adapters_off=True) == base
+    with adapters_switched_off(ReplyLogProbs(model)):
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == trained
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained
 
 
 def test_sixteen_bit_tables_of_compiled_and_eager_layers_are_kept_apart(workdir, capsys, monkeypatch, tmp_path):

@@ -7,9 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import transformers
+
 from dpokit.config import load_config
 from dpokit.quickstart_data import generate_pairs
 from dpokit.tiny import build_tiny_model
+
+TRANSFORMERS_4 = transformers.__version__.startswith("4.")
+"""Whether the installed transformers is a 4.x release, whose models differ from 5.x's in places."""
 
 METRIC_KEYS = {
     "step", "epoch", "loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected",

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from dpokit.config import ConfigError
 from dpokit.data.batching import LAYOUTS, make_batch
 from dpokit.logps import ReplyLogProbs, check_rows_kept_apart
+from runs import TRANSFORMERS_4
 from test_logps import VOCAB, naive_logps, ragged_pairs
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -33,7 +33,6 @@ ARCHITECTURES = {  # model_type -> config settings beyond COMMON
     "falcon": dict(new_decoder_architecture=True, num_kv_heads=2),
 }
 ATTENTION = {"gemma2": "eager"}  # soft-capped attention: not sdpa
-TRANSFORMERS_4 = transformers.__version__.startswith("4.")
 
 
 def tiny_model(model_type: str, **overrides):

@@ -51,7 +51,7 @@ def test_inspect_a_file(tmp_path, tokenizer_dir, capsys):
     assert "with data.on_error=raise training stops at the first of these" in out
     header = next(line for line in out.splitlines() if line.startswith("  tokens"))
     assert header.split()[1:5] == ["p50", "p90", "p99", "max"] and "(before truncation, 2 pairs)" in header
-    rows = {line.split()[0]: [int(x) for x in line.split()[1:5]] for line in out[: out.index("  example")].splitlines() if line.startswith("    ") and line.split()[0] in ("prompt", "chosen", "rejected", "pair")}
+    rows = _table(out)
     assert set(rows) == {"prompt", "chosen", "rejected", "pair"}
     for values in rows.values():
         assert values == sorted(values)  # p50 <= p90 <= p99 <= max

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from dpokit.data.batching import LAYOUTS, make_batch
@@ -10,6 +9,7 @@ from dpokit.data.tokenize import TokenizedPair
 from dpokit.config import VARLEN_ATTENTION, ConfigError
 from dpokit.logps import ReplyLogProbs, check_rows_kept_apart, token_logps
 from dpokit.masks import dense_row_mask, flex_row_mask
+from runs import TRANSFORMERS_4
 
 VOCAB = 97
 
@@ -549,7 +549,7 @@ def test_a_model_that_names_itself_its_decoder_stays_chunked():
     ``base_model_prefix`` names it, and its replies stay on the chunked path, exact."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if "llama4_text" not in CONFIG_MAPPING or transformers.__version__.startswith("4."):
+    if "llama4_text" not in CONFIG_MAPPING or TRANSFORMERS_4:
         pytest.skip("llama4_text as transformers 5 writes it (4.56's differs from its own naive forward by 6e-3: not looked into yet)")
     model = tiny_of("llama4_text", head_dim=8, num_local_experts=2, intermediate_size_mlp=64, attention_chunk_size=64)
     pairs = ragged_pairs()
@@ -574,7 +574,7 @@ def test_row_checks_compare_with_each_sequence_alone():
     if "qwen3_5_text" in CONFIG_MAPPING:  # transformers 5
         cases.append((tiny_of("qwen3_5_text"), ("packed", "prefix_packed"), ()))
     # Mamba layers carry their state into the next sequence: nearer to it alone than to the mixed row, yet not the same
-    if not transformers.__version__.startswith("4."):  # 4.56's Jamba wants CUDA mamba kernels for a training forward
+    if not TRANSFORMERS_4:  # 4.56's Jamba wants CUDA mamba kernels for a training forward
         cases.append((tiny_of("jamba", num_experts=2, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
                               expert_layer_period=2, mamba_d_state=8), ("packed", "prefix_packed"), ()))
     for model, refused, accepted in cases:

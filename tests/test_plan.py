@@ -9,10 +9,11 @@ import sys
 import textwrap
 
 import pytest
-import transformers
 from transformers import AutoModelForCausalLM, Gemma2Config, MixtralConfig, Qwen2Config
 
 from dpokit.plan import RunShape, backward_workspace_bytes, count_model, estimate, parse_size
+from dpokit.train import torch_release
+from runs import TRANSFORMERS_4
 
 TINY = dict(vocab_size=3072, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False)
@@ -65,7 +66,7 @@ def test_lora_count_is_peft_own_on_a_mixture_of_experts(targets, to_save):
         assert shape.lora_in_features == sum(m.lora_A["default"].weight.shape[1] for m in adapters)
 
 
-@pytest.mark.skipif(transformers.__version__.startswith("4."), reason="transformers 4 keeps Mixtral's experts as Linear layers")
+@pytest.mark.skipif(TRANSFORMERS_4, reason="transformers 4 keeps Mixtral's experts as Linear layers")
 def test_plan_says_when_peft_refuses_the_lora_settings(tmp_path, capsys):
     """Mixtral's fused experts take no LoRA dropout: plan says peft refuses the default 0.05 (training
     would stop there) rather than count nothing silently, and counts with lora_dropout=0."""
@@ -98,7 +99,7 @@ def test_plan_counts_eager_attention_scores(tmp_path, capsys):
         out = json.loads(capsys.readouterr().out)
         totals[name] = out["bytes"]["full"]["activations"]
         said = [n for n in out["notes"] if n.startswith("eager attention")]
-        own_eager = name == "gemma2" and not transformers.__version__.startswith("4.")  # 4.x gives Gemma 2 sdpa
+        own_eager = name == "gemma2" and not TRANSFORMERS_4  # 4.x gives Gemma 2 sdpa
         assert bool(said) == (own_eager or name == "qwen2-eager"), name
     pairs = out["run"]["batch_size"]  # a row of 2 * max_length each (prefix sharing, no --prompt-length)
     layers, heads = TINY["num_hidden_layers"], TINY["num_attention_heads"]
@@ -403,7 +404,7 @@ def test_activation_estimate_matches_tensors_saved_for_backward(layout, lora, bf
     each token through two experts."""
     import torch
 
-    if bf16 and tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 13):
+    if bf16 and torch_release() < (2, 13):
         pytest.skip("the bfloat16 rows are checked against torch 2.13's CPU autocast; torch 2.6's keeps far fewer "
                     "bytes for backward (the estimate is then further above, on the safe side)")
     from peft import LoraConfig, get_peft_model

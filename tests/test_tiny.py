@@ -238,7 +238,7 @@ accelerator.end_training()
 # transformers imported torch.distributed.nn after the group existed: had it kept the group alive,
 # gloo's threads would be running still, to stop in the interpreter's teardown, where they aborted
 # 9 runs in 51 under load ("terminate called without an active exception")
-if train._torch_release() >= train.GLOO_RELEASED_FROM:
+if train.torch_release() >= train.GLOO_RELEASED_FROM:
     threads = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
     assert not [name for name in threads if "gloo" in name], threads
 """

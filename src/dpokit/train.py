@@ -461,13 +461,13 @@ def new_accelerator(**kwargs) -> Accelerator:
     ``destroy_process_group``. gloo's threads then stopped only in the interpreter's teardown, where
     they aborted runs that had succeeded ("terminate called without an active exception", exit
     code -6; 9 of 51 two-process runs under load)."""
-    if torch.distributed.is_available() and _torch_release() >= GLOO_RELEASED_FROM:
+    if torch.distributed.is_available() and torch_release() >= GLOO_RELEASED_FROM:
         importlib.import_module("torch.distributed.nn")
 
     return Accelerator(cpu=not has_accelerator_device(), **kwargs)
 
 
-def _torch_release() -> tuple[int, int]:
+def torch_release() -> tuple[int, int]:
     """torch's (major, minor) release, e.g. (2, 13) for 2.13.0+cpu."""
     major, minor = torch.__version__.split(".")[:2]
     return int(major), int(minor)

@@ -205,7 +205,7 @@ def test_an_image_text_model_trains_its_language_model_only(workdir, tmp_path):
     gloo processes train to the end."""
     from dpokit.config import load_config
     from dpokit.modeling import load_policy
-    from runs import LORA, accelerate_launch, run_args, train_rows
+    from runs import accelerate_launch, run_args, train_rows
 
     model_dir = save_image_text_model(workdir, tmp_path)
     policy = load_policy(load_config(None, run_args(workdir, "unused", f"model.name_or_path={model_dir}")).model)

@@ -302,7 +302,7 @@ def test_a_system_column_that_is_not_used_is_reported(tmp_path, chat_tokenizer, 
         path = write_jsonl(tmp_path / f"{len(rows[0]['prompt'])}.jsonl", rows)
         for _ in ("read", "cached"):
             lines: list[str] = []
-            data = load_data(DataConfig(train=DataSource(path)), chat_tokenizer, seed=0, log=lines.append)
+            load_data(DataConfig(train=DataSource(path)), chat_tokenizer, seed=0, log=lines.append)
             assert f"data: note: {note.format(path)}" in lines
     result = normalize(own, "own.jsonl")
     assert [p.prompt[0]["content"] for p in result.pairs] == ["Answer in French.", "Answer in French.", "Be kind."]

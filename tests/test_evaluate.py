@@ -176,7 +176,7 @@ def test_hub_revisions_and_a_models_own_config_yaml(tmp_path):
 
 
 def test_an_adapter_folders_own_tokenizer_wins_over_its_bases(workdir, tmp_path, chat_tokenizer):
-    from dpokit.resolve import ResolvedModel, load_model_tokenizer, model_config
+    from dpokit.resolve import load_model_tokenizer, model_config
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from dpokit.config import Config, ConfigError, DataSource, TrainingConfig, needs_reference
+from dpokit.config import Config, ConfigError, DataSource, needs_reference
 from dpokit.data.pipeline import load_data
 from dpokit.data.sources import check_data_argument, describe
 from dpokit.data.tokenize import TokenizedPair

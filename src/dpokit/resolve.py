@@ -29,7 +29,6 @@ from dpokit.config import CPU_ATTENTION, Config, ConfigError, ModelConfig, load_
 from dpokit.modeling import (
     DTYPES,
     adapted_tied_layers,
-    attention_kwargs,
     load_causal_lm,
     load_tokenizer,
     resolve_model_path,

@@ -63,13 +63,14 @@ class LiveReference(Reference):
 @contextmanager
 def adapters_switched_off(scorer: ReplyLogProbs):
     """``scorer``'s peft model with its LoRA adapters (and trained copies of modules to save) off
-    inside the block: the base model's scores. peft marks the adapters frozen while they are off;
+    inside the block: the base model's scores. peft marks the adapters frozen while they are off
+    (and peft 0.13 the original of a module to save trainable, with a tied embedding's weight);
     FSDP2 chooses its gradient dtypes from what trains at its first forward, which may be this one:
-    they stay marked as training."""
-    trained = [p for p in scorer.parameters() if p.requires_grad]
+    what trains stays marked as training, and nothing else."""
+    trained = {id(p) for p in scorer.parameters() if p.requires_grad}
     with scorer.model.disable_adapter():
-        for p in trained:
-            p.requires_grad_(True)
+        for p in scorer.parameters():
+            p.requires_grad_(id(p) in trained)
         yield
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -62,19 +63,44 @@ def accelerate_launch(*command: str, launch: tuple[str, ...] = ("--multi_gpu",),
     """``accelerate launch`` of ``command`` (``-m dpokit train ...``, or a script and its arguments) in
     ``processes`` processes on a free port, with this checkout's ``src`` and ``tests`` importable;
     asserts that it succeeded. ``launch``: how the processes are asked for (``--multi_gpu`` starts
-    several even without GPUs: gloo CPU processes); ``check=False`` returns a failed launch too."""
+    several even without GPUs: gloo CPU processes); ``check=False`` returns a failed launch too.
+    A launch still running after ``timeout`` seconds fails with every process's Python stack (where it hung)."""
     root = Path(__file__).parents[1]
     paths = [str(root / "src"), str(root / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep the caller's
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(paths)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(paths), "PYTHONFAULTHANDLER": "1"}
     env.pop("FSDP_AUTO_WRAP_POLICY", None)  # dpokit's default (a unit per layer) unless a test sets one
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, f"--num_processes={processes}", "--num_machines=1",
            "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}", *command]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as launch_process:
+        try:
+            stdout, stderr = launch_process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in _descendants(launch_process.pid):  # the workers: faulthandler prints each one's stack
+                os.kill(pid, signal.SIGABRT)
+            try:
+                stdout, stderr = launch_process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(launch_process.pid, signal.SIGKILL)
+                stdout, stderr = launch_process.communicate()
+            raise AssertionError(f"still running after {timeout}s; the stacks:\n{stderr[-12000:]}") from None
+    result = subprocess.CompletedProcess(cmd, launch_process.returncode, stdout, stderr)
     assert result.returncode == 0 or not check, result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes started by ``pid``, by its children, and so on (from /proc)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # the task ended meanwhile
+            pass
+    return [p for child in children for p in (child, *_descendants(child))]
 
 
 def summary_items(printed: str) -> dict[str, str]:

@@ -177,3 +177,21 @@ def test_generation_renders_prompts_with_the_same_variables(tmp_path, tokenizer)
     conversation = Conversation(turns=[{"role": "user", "content": "Weather in Paris?"}], template_kwargs={"enable_thinking": False})
     ids = _fit_context(conversation, tokenizer, None, 8, io.StringIO())
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n<think></think>")
+
+
+
+def test_the_end_of_turn_marker_is_found_with_the_configured_variables(chat_tokenizer):
+    """A template whose end-of-turn text comes from a variable (here ``eot``) writes it only with
+    data.chat_template_kwargs: the marker is looked for with them, so a reply is its content and
+    that marker, not the marker, the newline after it and an EOS besides."""
+    from dpokit.data.formats import Pair
+    from dpokit.data.tokenize import end_of_turn_marker
+
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eot + '\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    kwargs = {"eot": "<|im_end|>"}
+    assert end_of_turn_marker(tok, kwargs) == "<|im_end|>"
+    pair = Pair([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yes."}], [{"role": "assistant", "content": "No."}])
+    (tp,), _ = tokenize_pairs([pair], tok, 512, "drop", template_kwargs=kwargs)
+    assert tok.decode(tp.chosen_ids) == "Yes.<|im_end|>" and tok.decode(tp.rejected_ids) == "No.<|im_end|>"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -667,11 +668,135 @@ def test_truncation_keeps_an_end_of_turn_marker_of_several_tokens(chat_tokenizer
     assert tp.rejected_ids == full.rejected_ids  # short: untouched
 
 
+
+def test_each_cut_reply_keeps_its_own_end_of_turn_tokens(chat_tokenizer):
+    """A marker whose first characters merge with a reply's last ones (byte-level BPE: " s" + "un"
+    is the one token " sun") takes 2 tokens at the end of one reply and 3 at the end of another:
+    when both are cut, each keeps its own count, so both still end with the whole marker."""
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + 'un<|im_end|>\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    marker = end_of_turn_marker(tok)
+    assert marker == "un<|im_end|>"
+    body = " ".join(["blue light from the sun"] * 20)
+    pair = Pair([{"role": "user", "content": "Why?"}], [{"role": "assistant", "content": body + " s"}],
+                [{"role": "assistant", "content": body + " x"}])
+    (full,), _ = tokenize_pairs([pair], tok, 100_000, "drop")
+    assert tok.decode(full.chosen_ids[-2:]) == " sun<|im_end|>" and tok.decode(full.rejected_ids[-3:]).endswith("un<|im_end|>")
+    (tp,), stats = tokenize_pairs([pair], tok, 40, "truncate")
+    assert stats.replies_cut == 1 and len(tp.chosen_ids) < len(full.chosen_ids) and len(tp.rejected_ids) < len(full.rejected_ids)
+    assert tok.decode(tp.chosen_ids).endswith(marker) and tok.decode(tp.rejected_ids).endswith(marker)
+
+
 def test_num_proc_gives_identical_output(chat_tokenizer):
     pairs = to_pairs(implicit_rows(12), "i")[0] + _long_pairs(4, 30)
     one = tokenize_pairs(pairs, chat_tokenizer, 150, "drop")
     many = tokenize_pairs(pairs, chat_tokenizer, 150, "drop", num_proc=2)
     assert one[1].kept == 12 and one[1].dropped_too_long == 4
+    assert one == many
+
+
+
+def test_a_template_that_does_not_write_the_reply_as_given_is_refused(chat_tokenizer):
+    """A chat template that rewrites the assistant's text (here: upper-cases it) leaves no end-of-turn
+    marker to find after it: refused by name, not given a "marker" made of the whole conversation."""
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper + '<|im_end|>\\n' }}{% endfor %}"
+    with pytest.raises(DataError, match="does not write the assistant's message content as given"):
+        end_of_turn_marker(tok)
+
+
+def test_a_reply_the_template_does_not_close_with_its_marker_is_refused(chat_tokenizer):
+    """A template that writes its end-of-turn marker after some assistant messages only (here: not
+    after an empty one) cannot say where such a reply ends: the pair is refused by field and marker
+    (reason no_end_marker), not trained on a reply cut at a guessed place."""
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['content'] %}{{ '<END>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    assert end_of_turn_marker(tok) == "<END>"
+    pair = Pair([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Hello."}], [{"role": "assistant", "content": ""}])
+    with pytest.raises(DataError, match=r"row 7: 'rejected': the chat template does not end the reply with its end-of-turn marker '<END>'") as e:
+        render_chat(pair, tok, "<END>", where="d.jsonl, row 7")
+    assert e.value.reason == "no_end_marker"
+
+
+def test_plain_text_pairs_need_an_eos_token_chat_pairs_with_a_marker_do_not(chat_tokenizer):
+    """A string pair's replies end with EOS: a tokenizer without one is an error naming the setting,
+    not replies ending in None. Chat replies end with the template's marker and need no EOS."""
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.eos_token = None
+    with pytest.raises(DataError, match="the tokenizer has no eos_token, needed to end each reply: set tokenizer.eos_token"):
+        tokenize_pairs([Pair("Why?", "Yes.", "No.")], tok, 512, "drop")
+    pairs, _ = to_pairs(explicit_rows(1), "c")
+    (tp,), _ = tokenize_pairs(pairs, tok, 512, "drop")
+    assert tok.decode(tp.chosen_ids) == "A small cat said hello to the moon.<|im_end|>"
+
+
+def test_fit_length_with_room_for_one_prompt_token_and_fewer_reply_tokens_than_its_end():
+    """With max_length 3 the prompt keeps min(4, 3 // 2) = 1 token: its last one, the one the reply
+    follows, not a lone BOS; each reply gets the 2 left, which is fewer than its 3 end-of-turn
+    tokens: it keeps the last 2 of them, and the pair fits max_length."""
+    tp = TokenizedPair([7, 1, 2, 3], [10, 11, 12, 13, 14, 15, 16], [20, 21, 22, 23, 24])
+    cut, truncated = fit_length(tp, 3, "truncate", bos=7, tails=(3, 3))
+    assert truncated and cut == TokenizedPair([3], [15, 16], [23, 24])
+    cut, _ = fit_length(tp, 4, "truncate", bos=7, tails=(3, 3))  # room for 2 prompt tokens: BOS and the last
+    assert cut == TokenizedPair([7, 3], [15, 16], [23, 24])
+
+
+def test_end_tokens_of_a_reply_that_is_only_its_marker(chat_tokenizer):
+    """A reply with empty content is only its end-of-turn marker: all of its tokens hold the marker
+    (here the 8 byte-level tokens of "<|end|>\\n<|im_end|>"), up to ``most``, so a cut keeps them all."""
+    from dpokit.data.tokenize import end_tokens
+
+    marker = "<|end|>\n<|im_end|>"
+    ids = chat_tokenizer(marker, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 8 and end_tokens(ids, marker, chat_tokenizer) == 8
+    assert end_tokens([5, 6] + ids, marker, chat_tokenizer, most=8) == 8
+    assert end_tokens([5, 6] + ids, marker, chat_tokenizer, most=7) == 1  # not found within most: the last token
+    assert end_tokens(ids, "", chat_tokenizer) == 1
+
+
+def test_tokenize_pairs_refuses_an_unknown_truncation_even_when_all_pairs_fit(chat_tokenizer):
+    """A misspelt truncation policy is an error at once, not only once some pair is too long."""
+    with pytest.raises(ValueError, match="truncation must be 'truncate' or 'drop', got 'cut'"):
+        tokenize_pairs([Pair("Why?", "Yes.", "No.")], chat_tokenizer, 4096, "cut")
+
+
+def test_tokenize_stats_add_and_truncation_summary():
+    """Stats of chunks (num_proc) add up counter by counter, problems and lengths in order; the
+    summary names each truncation step with its own count."""
+    from dpokit.data.tokenize import TokenizeStats
+
+    a = TokenizeStats(total=10, kept=6, truncated=3, dropped_too_long=1, dropped_equal_tokens=2, turns_dropped=1, prompt_cut=2,
+                      replies_cut=3, lengths=[(1, 2, 3)])
+    a.problems.add("template_error", "pair 1: bad")
+    b = TokenizeStats(total=5, kept=4, truncated=2, dropped_too_long=0, dropped_equal_tokens=1, turns_dropped=4, prompt_cut=0,
+                      replies_cut=5, lengths=[(4, 5, 6)])
+    b.problems.add("unsupported", "pair 12: bad")
+    a.add(b)
+    assert (a.total, a.kept, a.truncated, a.dropped_too_long, a.dropped_equal_tokens) == (15, 10, 5, 1, 3)
+    assert (a.turns_dropped, a.prompt_cut, a.replies_cut) == (5, 2, 8)
+    assert a.lengths == [(1, 2, 3), (4, 5, 6)] and a.problems.counts == {"template_error": 1, "unsupported": 1}
+    assert a.drops() == {"too_long": 1, "equal_tokens": 3} and TokenizeStats(dropped_equal_tokens=2).drops() == {"equal_tokens": 2}
+    assert a.truncation_summary() == "5 truncated (5 dropped old turns, 2 cut the prompt, 8 cut replies)"
+    assert TokenizeStats(truncated=1, prompt_cut=1).truncation_summary() == "1 truncated (1 cut the prompt)"
+    assert TokenizeStats().truncation_summary() == "0 truncated"
+
+
+def test_num_proc_numbers_skipped_pairs_as_one_process_does(chat_tokenizer):
+    """Skipped pairs without a file row are named "pair N", N counted from 1 over all pairs, the same
+    with a process pool (each chunk starts where it is in the list) as without."""
+    call = [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "id": "c1", "function": {"name": "get_weather", "arguments": "{}"}}]}]
+    good = to_pairs(explicit_rows(8), "c")[0]
+    pairs = [dataclasses.replace(p, where="") for p in good]
+    for i in (2, 6):  # pairs 3 and 7: a tool call the plain ChatML template drops
+        pairs[i] = Pair([{"role": "user", "content": f"Weather {i}?"}], call, [{"role": "assistant", "content": "No."}])
+    one = tokenize_pairs(pairs, chat_tokenizer, 4096, "drop", on_error="skip")
+    many = tokenize_pairs(pairs, chat_tokenizer, 4096, "drop", num_proc=2, on_error="skip")
+    assert [m.split(":")[0] for m in one[1].problems.examples] == ["pair 3", "pair 7"]
     assert one == many
 
 
@@ -724,14 +849,45 @@ def test_load_data_with_no_surviving_pair(tmp_path, chat_tokenizer):
     for r in rows:
         r["rejected"] = r["chosen"]
     path = write_jsonl(tmp_path / "same.jsonl", rows)
-    with pytest.raises(DataError, match=f"no usable pair in {path}: .*2 chosen_equals_rejected.*check that chosen and rejected differ$"):
+    with pytest.raises(DataError, match=f"no usable pair in {path}: .*2 chosen_equals_rejected.*check that chosen and rejected differ$") as e:
         load_data(DataConfig(train=DataSource(path)), chat_tokenizer, seed=0, log=lambda _: None)
+    assert str(e.value).count(str(path)) == 1  # named once
     # every row skipped as bad: the first one's message is the hint (it used to say "check that chosen
     # and rejected differ", and the per-row messages were never shown)
     orca = write_jsonl(tmp_path / "orca.jsonl", [{"system": "", "question": "Hi?", "chosen": "Hello!", "rejected": "Go."}] * 2)
     with pytest.raises(DataError, match=r"\(dropped: 2 leading_turns_differ\).*the first bad row: .*orca.jsonl, line 1: "
                                         r"'prompt' is missing .*: name the column that holds it: data.columns.prompt=question$"):
         load_data(DataConfig(train=DataSource(orca), on_error="skip"), chat_tokenizer, seed=0, log=lambda _: None)
+
+
+
+def test_no_usable_pair_hints_at_the_truncation_setting_only_when_it_drops(tmp_path, chat_tokenizer):
+    """Pairs all too long under truncation=drop: the hint names both fixes (max_length, truncation);
+    under truncation=truncate, pairs cut to the same tokens: only max_length."""
+    rows = [{"prompt": f"Why is the sky blue? ({i})", "chosen": " The sky is blue.", "rejected": " The sky is green."} for i in range(2)]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    with pytest.raises(DataError, match=r"\(dropped: 2 too_long\).*raise data.max_length or use data.truncation=truncate$"):
+        load_data(DataConfig(train=DataSource(path), max_length=4, truncation="drop"), chat_tokenizer, seed=0, log=lambda _: None)
+    with pytest.raises(DataError, match=r"\(dropped: 2 equal_tokens\).*\. raise data.max_length$"):
+        load_data(DataConfig(train=DataSource(path), max_length=4), chat_tokenizer, seed=0, log=lambda _: None)
+
+
+def test_a_dataset_inspected_with_no_usable_pair_is_not_cached_for_training(tmp_path, chat_tokenizer, monkeypatch):
+    """``dpokit data inspect`` reads a dataset with no usable pair whole (allow_empty); that empty
+    result is not cached, so training on it afterwards still stops with the error."""
+    from dpokit.data.pipeline import prepare_source
+
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    rows = standard_rows(2)
+    for r in rows:
+        r["rejected"] = r["chosen"]
+    path = write_jsonl(tmp_path / "same.jsonl", rows)
+    config = DataConfig(train=DataSource(path))
+    pairs, stats = prepare_source(DataSource(path), config, chat_tokenizer, allow_empty=True)
+    assert pairs == [] and stats.dropped == {"chosen_equals_rejected": 2}
+    assert not (tmp_path / "cache" / "datasets").exists()
+    with pytest.raises(DataError, match=f"no usable pair in {path}"):
+        load_data(config, chat_tokenizer, seed=0, log=lambda _: None)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -104,6 +105,29 @@ def test_eval_fraction_is_held_out_before_weighting(tmp_path, chat_tokenizer, pr
     assert (again.train, again.eval) == (data.train, data.eval)
 
 
+
+def test_given_eval_data_is_not_counted_as_held_out(tmp_path, chat_tokenizer, private_cache):
+    """eval_held_out counts eval pairs split off the train data; with data.eval given (an
+    eval_fraction beside it is not used) it is 0, and all train pairs are trained on."""
+    a = write_jsonl(tmp_path / "a.jsonl", standard_rows(4, "a"))
+    e = write_jsonl(tmp_path / "e.jsonl", standard_rows(3, "e"))
+    data = load_data(DataConfig(train=DataSource(a), eval=DataSource(e), eval_fraction=0.5), chat_tokenizer, seed=0, log=quiet)
+    assert (len(data.train), len(data.eval), data.eval_held_out) == (4, 3, 0)
+
+
+def test_the_log_says_how_the_format_was_chosen_and_a_single_sources_weight(tmp_path, chat_tokenizer, private_cache):
+    """The counts line says "(data.format)" for a format given in the config, "(detected)" otherwise;
+    a single source with a weight other than 1 gets a mix line, one of weight 1 none."""
+    a = write_jsonl(tmp_path / "a.jsonl", standard_rows(4, "a"))
+    lines: list[str] = []
+    load_data(DataConfig(train=DataSource(a, weight=0.5), format="standard"), chat_tokenizer, seed=0, log=lines.append)
+    assert lines[0].endswith("; format standard (data.format)")
+    assert lines[-1] == "data: mix: train 4 x 0.5 -> 2; 2 train pairs"
+    lines.clear()
+    load_data(DataConfig(train=DataSource(a)), chat_tokenizer, seed=0, log=lines.append)
+    assert lines[0].endswith("; format standard (detected)") and len(lines) == 1
+
+
 def test_eval_list_of_sources(tmp_path, chat_tokenizer, private_cache):
     a = write_jsonl(tmp_path / "a.jsonl", standard_rows(4, "a"))
     e1 = write_jsonl(tmp_path / "e1.jsonl", standard_rows(3, "e"))
@@ -181,6 +205,47 @@ def test_second_load_comes_from_the_cache(tmp_path, chat_tokenizer, private_cach
     assert len(load_data(config, chat_tokenizer, seed=0, log=quiet).train) == 7
 
 
+
+def test_reading_the_same_file_another_way_is_not_served_from_the_cache(tmp_path, chat_tokenizer, private_cache):
+    """The format and the columns are part of the cache key: hh-rlhf transcripts read again with
+    data.format=standard-implicit give plain-text pairs, and a source's own columns that swap which
+    column is chosen give swapped pairs, not the entry the first reading cached."""
+    from dpokit.config import Columns
+    from dpokit.data.tokenize import TokenizedPair
+
+    hh = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": f"\n\nHuman: Hi {i}\n\nAssistant: Hello!",
+                                              "rejected": f"\n\nHuman: Hi {i}\n\nAssistant: What?"} for i in range(3)])
+    as_chat = load_data(DataConfig(train=DataSource(hh)), chat_tokenizer, 0, quiet)
+    assert as_chat.stats["train"].format == "hh-rlhf"
+    plain = DataConfig(train=DataSource(hh), format="standard-implicit")
+    as_text = load_data(plain, chat_tokenizer, 0, quiet)
+    assert as_text.stats["train"].cached is None and as_text.stats["train"].format == "standard-implicit"
+    assert as_text.train != as_chat.train
+    assert as_text.train == load_data(dataclasses.replace(plain, cache=False), chat_tokenizer, 0, quiet).train
+
+    rows = [{"question": f"Why is the sky blue? ({i})", "good": " Because light scatters.", "bad": f" It is green {i}."} for i in range(3)]
+    path = write_jsonl(tmp_path / "renamed.jsonl", rows)
+    config = DataConfig(train=DataSource(path), columns=Columns(prompt="question", chosen="good", rejected="bad"))
+    first = load_data(config, chat_tokenizer, 0, quiet)
+    swapped = load_data(dataclasses.replace(config, train=DataSource(path, columns=Columns(prompt="question", chosen="bad", rejected="good"))),
+                        chat_tokenizer, 0, quiet)
+    assert swapped.stats["train"].cached is None
+    assert swapped.train == [TokenizedPair(p.prompt_ids, p.rejected_ids, p.chosen_ids) for p in first.train]
+
+
+def test_a_cache_hit_is_reported_under_the_name_the_data_is_given_now(tmp_path, chat_tokenizer, private_cache, monkeypatch):
+    """The same file named another way (relative, then absolute path) is the same cache entry, and
+    its counts are reported under the name the config gives now, not the one of the run that cached it."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "t.jsonl", standard_rows(3))
+    load_data(DataConfig(train=DataSource("t.jsonl")), chat_tokenizer, 0, quiet)
+    absolute = str(tmp_path / "t.jsonl")
+    lines: list[str] = []
+    again = load_data(DataConfig(train=DataSource(absolute)), chat_tokenizer, 0, lines.append)
+    assert again.stats["train"].cached is not None and again.stats["train"].origin == absolute
+    assert lines[0].startswith(f"data: train {absolute}: 3 rows -> 3 pairs") and lines[0].endswith(", from cache")
+
+
 def test_a_same_size_edit_of_a_data_file_is_read_again_not_served_from_the_cache(tmp_path, chat_tokenizer, private_cache):
     """The file's modification time is part of the cache key: an edit in place that keeps its size
     (one character for another) gives the new pairs, not the cached ones."""
@@ -230,7 +295,90 @@ def test_tokenizer_fingerprint_sees_vocab_template_and_specials(chat_tokenizer):
     assert cache.tokenizer_fingerprint(other) != base
 
 
+
+def test_cache_files_round_trip_token_ids_of_any_size(private_cache):
+    """Ids are stored as int32 when they fit and int64 otherwise: ids at and past 2**31, and
+    negative ones, come back as they were, with the info and the untruncated lengths."""
+    from dpokit.data.tokenize import TokenizedPair
+
+    pairs = [TokenizedPair([1, 2], [3], [4, 5, 6]), TokenizedPair([2**31 - 1], [2**31, 7], [2**40])]
+    assert cache.save("big", pairs, {"origin": "x"}, [(2, 1, 3), (9, 8, 7)]) == private_cache / "big.npz"
+    assert cache.load("big") == (pairs, {"origin": "x"}, [(2, 1, 3), (9, 8, 7)])
+    for name, pairs in (("negative", [TokenizedPair([-1, 0], [2**31 - 1], [5])]),
+                        ("largest-int32", [TokenizedPair([0], [2**31 - 1], [5])]),
+                        ("past-int32", [TokenizedPair([0], [2**31], [5])])):
+        cache.save(name, pairs, {}, [(1, 1, 1)])
+        assert cache.load(name)[0] == pairs, name
+    assert cache.load("absent") is None
+
+
+def test_the_cache_key_sees_a_change_in_any_file_of_the_data_code(tmp_path, monkeypatch):
+    """An edit of the code that reads, normalizes, tokenizes or stores the data changes every cache
+    key: an upgraded dpokit never serves pairs an older one made."""
+    import shutil
+    from pathlib import Path
+
+    code = tmp_path / "data"
+    shutil.copytree(Path(cache.__file__).parent, code)
+    monkeypatch.setattr(cache, "__file__", str(code / "cache.py"))
+    keys = {}
+    try:
+        for name in (None, "sources.py", "formats.py", "tokenize.py", "pipeline.py", "cache.py"):
+            if name:
+                with open(code / name, "a") as f:
+                    f.write("\n# edited\n")
+            cache._code_hash.cache_clear()
+            keys[name] = cache.cache_key({"path": "t.jsonl"}, "tok", {"max_length": 64})
+    finally:
+        cache._code_hash.cache_clear()
+    assert len(set(keys.values())) == 6, keys
+
+
+@pytest.mark.parametrize("library", ["transformers", "tokenizers", "jinja2"])
+def test_the_cache_key_sees_another_release_of_a_library_that_renders_or_tokenizes(monkeypatch, library):
+    """A chat template rendered by another jinja2 or transformers, or text split by another
+    tokenizers, may give other ids: their releases are in the key."""
+    import importlib.metadata
+
+    key = cache.cache_key({"path": "t.jsonl"}, "tok", {"max_length": 64})
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == library else real(name))
+    assert cache.cache_key({"path": "t.jsonl"}, "tok", {"max_length": 64}) != key
+
+
 # ----------------------------------------------------------------------------- skip, drops, template
+
+
+def test_tokenizer_fingerprint_of_a_tokenizer_without_a_fast_backend():
+    """A "slow" tokenizer (no backend_tokenizer: its algorithm is its class's code) is fingerprinted
+    by its vocabulary, its class and its add_bos_token / add_eos_token settings: a change of any of
+    them changes the fingerprint."""
+
+    class SlowTokenizer:
+        chat_template = None
+        special_tokens_map = {"eos_token": "</s>"}
+        bos_token_id, eos_token_id, pad_token_id, unk_token_id = None, 2, None, None
+        add_bos_token, add_eos_token = False, False
+
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+    class OtherSlowTokenizer(SlowTokenizer):
+        pass
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "sky": 3}
+    base = cache.tokenizer_fingerprint(SlowTokenizer(vocab))
+    assert cache.tokenizer_fingerprint(SlowTokenizer(dict(vocab))) == base
+    assert cache.tokenizer_fingerprint(SlowTokenizer({**vocab, "sea": 4})) != base
+    assert cache.tokenizer_fingerprint(OtherSlowTokenizer(vocab)) != base
+    for setting in ("add_bos_token", "add_eos_token"):
+        other = SlowTokenizer(vocab)
+        setattr(other, setting, True)
+        assert cache.tokenizer_fingerprint(other) != base, setting
+
 
 
 def test_on_error_skip_counts_and_shows_bad_rows(tmp_path, chat_tokenizer, private_cache):
@@ -353,6 +501,20 @@ def test_truncate_drops_whole_old_turns_before_cutting_tokens(chat_tokenizer):
     # drop: the pair goes, counted
     kept, stats = tokenize_pairs([full, last_only], tok, len(tl.prompt_ids) + longest, "drop")
     assert kept == [tl] and stats.dropped_too_long == 1 and stats.truncated == 0
+
+
+
+def test_a_too_long_prompt_of_one_turn_is_cut_not_counted_as_dropping_turns(chat_tokenizer):
+    """A prompt of a system message and one question has no old turn to drop: it is cut from the
+    left, and the counts say so (prompt_cut, not turns_dropped)."""
+    tok = chat_tokenizer
+    prompt = _turns(0)[:1] + [{"role": "user", "content": "Why is the sky blue? " * 12}]
+    pair = Pair(prompt, [{"role": "assistant", "content": "Also blue."}], [{"role": "assistant", "content": "Green."}])
+    full = _lengths(pair, tok)
+    (cut,), stats = tokenize_pairs([pair], tok, len(full.prompt_ids) + len(full.chosen_ids) - 5, "truncate")
+    assert (stats.truncated, stats.turns_dropped, stats.prompt_cut, stats.replies_cut) == (1, 0, 1, 0)
+    assert cut.prompt_ids == full.prompt_ids[5:] and cut.chosen_ids == full.chosen_ids
+    assert stats.truncation_summary() == "1 truncated (1 cut the prompt)"
 
 
 def test_dropping_old_turns_renders_a_long_conversation_a_few_times(chat_tokenizer, monkeypatch):

@@ -13,7 +13,8 @@ One file per dataset, ``<cache>/datasets/<key>.npz`` (``<cache>`` is ``$DPOKIT_C
   truncation); not ``num_proc``, whose output is identical, nor ``on_error`` (see
   :func:`dpokit.data.pipeline.prepare_source`);
 - :data:`CACHE_VERSION` and a hash of the code of the data package, so a dpokit change that could
-  change the output never reads an old file.
+  change the output never reads an old file;
+- the releases of transformers, tokenizers and jinja2, which render chat templates and tokenize.
 
 Files are written to a temporary name and renamed into place, so a killed run or two processes
 writing at once never leave a half-written file behind.
@@ -34,7 +35,8 @@ import numpy as np
 from dpokit.data.tokenize import TokenizedPair
 
 CACHE_VERSION = 1
-_CODE_FILES = ("sources.py", "formats.py", "tokenize.py", "cache.py")
+_CODE_FILES = ("sources.py", "formats.py", "tokenize.py", "pipeline.py", "cache.py")
+_LIBRARIES = ("transformers", "tokenizers", "jinja2")
 
 
 def cache_root() -> Path:
@@ -51,6 +53,19 @@ def _code_hash() -> str:
     for name in _CODE_FILES:
         h.update((here / name).read_bytes())
     return h.hexdigest()
+
+
+def _library_releases() -> dict[str, str | None]:
+    """The installed release of each library in :data:`_LIBRARIES` (None where it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    releases: dict[str, str | None] = {}
+    for name in _LIBRARIES:
+        try:
+            releases[name] = version(name)
+        except PackageNotFoundError:
+            releases[name] = None
+    return releases
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -75,7 +90,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def cache_key(identity: dict[str, Any], tokenizer_id: str, settings: dict[str, Any]) -> str:
     """The cache key of one tokenized dataset (see the module docstring)."""
-    blob = {"version": CACHE_VERSION, "code": _code_hash(), "source": identity, "tokenizer": tokenizer_id, "settings": settings}
+    blob = {"version": CACHE_VERSION, "code": _code_hash(), "libraries": _library_releases(), "source": identity,
+            "tokenizer": tokenizer_id, "settings": settings}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -157,7 +157,7 @@ def prepare_source(
             hints.append("check that chosen and rejected differ")
         if {"too_long", "equal_tokens"} & set(drops):
             hints.append("raise data.max_length" + (" or use data.truncation=truncate" if config.truncation == "drop" else ""))
-        raise DataError(f"no usable pair in {opened.origin}: {stats.summary()}. " + "; ".join(hints))
+        raise DataError(f"no usable pair in {stats.summary()}. " + "; ".join(hints))  # the summary starts with the origin
     if key is not None and tokenized:
         try:
             cache.save(key, tokenized, stats.to_dict(), tstats.lengths)

@@ -266,7 +266,8 @@ def _special_texts(tokenizer: Any) -> tuple[str, ...]:
 
 
 def _cut_left(ids: list[int], keep: int, bos: int | None) -> list[int]:
-    """The last ``keep`` ids; a leading BOS token stays first (it counts toward ``keep``)."""
+    """The last ``keep`` ids; a leading BOS token stays first (it counts toward ``keep``) where at
+    least one other id fits beside it (with ``keep`` 1 the last id is kept, not a lone BOS)."""
     if len(ids) <= keep:
         return ids
     if bos is not None and ids and ids[0] == bos and keep >= 2:

@@ -14,7 +14,6 @@ and data skips the pass.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import json
 import os
 import time
@@ -29,6 +28,7 @@ import xxhash
 from accelerate.utils import gather_object
 
 from dpokit.data.batching import Batch, to_device
+from dpokit.data.cache import library_releases
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
 from dpokit.sharding import in_lockstep
@@ -225,11 +225,8 @@ def scoring_code() -> str:
     """A hash of dpokit's code and the torch, transformers and peft releases: a table scored by other
     code (a fixed bug, another kernel) is not read back."""
     h = xxhash.xxh3_128()
-    for name in ("torch", "transformers", "peft"):
-        try:
-            h.update(f"{name} {importlib.metadata.version(name)};".encode())
-        except importlib.metadata.PackageNotFoundError:
-            h.update(f"{name} none;".encode())
+    for name, release in library_releases(("torch", "transformers", "peft")).items():
+        h.update(f"{name} {release or 'none'};".encode())
     package = Path(__file__).parent
     for source in sorted(package.rglob("*.py")):
         h.update(str(source.relative_to(package)).encode())

@@ -55,12 +55,12 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
-def _library_releases() -> dict[str, str | None]:
-    """The installed release of each library in :data:`_LIBRARIES` (None where it is not installed)."""
+def library_releases(names: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed release of each library in ``names`` (None where it is not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     releases: dict[str, str | None] = {}
-    for name in _LIBRARIES:
+    for name in names:
         try:
             releases[name] = version(name)
         except PackageNotFoundError:
@@ -90,7 +90,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def cache_key(identity: dict[str, Any], tokenizer_id: str, settings: dict[str, Any]) -> str:
     """The cache key of one tokenized dataset (see the module docstring)."""
-    blob = {"version": CACHE_VERSION, "code": _code_hash(), "libraries": _library_releases(), "source": identity,
+    blob = {"version": CACHE_VERSION, "code": _code_hash(), "libraries": library_releases(_LIBRARIES), "source": identity,
             "tokenizer": tokenizer_id, "settings": settings}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -437,3 +437,141 @@ def test_as_plain_text_turns_only_a_lone_user_message_into_its_text():
     lone_system = [{"role": "system", "content": "Be terse."}]
     assert as_plain_text([[{"role": "user", "content": "The sky is"}], "The sea is", conversation, two_users, lone_system]) == [
         "The sky is", "The sea is", conversation, two_users, lone_system]
+
+
+def test_sampling_settings_take_their_edges_and_refuse_what_is_past_them():
+    """temperature 0 (greedy), top_p 1, top_k 0 (off) and one new token are settings; top_p 0, a
+    negative top_k and no new token are refused naming the flag. describe() says each setting that applies."""
+    from dpokit.config import ConfigError
+
+    for fine in (SamplingSettings(temperature=0), SamplingSettings(top_p=1.0), SamplingSettings(top_k=0),
+                 SamplingSettings(max_new_tokens=1)):
+        assert fine.check() is fine
+    for bad, flag in ((SamplingSettings(temperature=-0.1), "--temperature"), (SamplingSettings(top_p=0.0), "--top-p"),
+                      (SamplingSettings(top_k=-1), "--top-k"), (SamplingSettings(max_new_tokens=0), "--max-new-tokens")):
+        with pytest.raises(ConfigError, match=f"^{flag} "):
+            bad.check()
+    assert SamplingSettings(temperature=0.5, top_p=0.9).describe() == "temperature 0.5, top_p 0.9, max_new_tokens 256, seed 42"
+    assert SamplingSettings(top_k=5, seed=1).describe() == "temperature 0.7, top_p 0.95, top_k 5, max_new_tokens 256, seed 1"
+    assert SamplingSettings(temperature=0, top_k=5, max_new_tokens=8).describe() == "greedy, max_new_tokens 8, seed 42"
+
+
+def test_blank_prompts_are_skipped_in_a_txt_file_and_refused_in_a_jsonl_row(tmp_path):
+    """A .txt file's blank lines are no prompts; a file with none left holds no prompt; a .jsonl row
+    whose prompt is blank or an empty list of messages is refused with its line number."""
+    from dpokit.data.sources import DataError
+
+    lines = tmp_path / "p.txt"
+    lines.write_text("first\n\n   \nsecond\n")
+    assert read_prompt_file(lines) == [[{"role": "user", "content": "first"}], [{"role": "user", "content": "second"}]]
+    lines.write_text("\n  \n")
+    with pytest.raises(DataError, match="holds no prompt"):
+        read_prompt_file(lines)
+    rows = tmp_path / "p.jsonl"
+    for blank in ("  ", []):
+        rows.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": blank}) + "\n")
+        with pytest.raises(DataError, match=r"p\.jsonl, line 2: 'prompt' must be a non-empty string"):
+            read_prompt_file(rows)
+
+
+def test_a_prompt_reads_as_its_text_or_as_role_lines(chat_tokenizer):
+    """compare writes a string or a lone user message as its text, a conversation as "role: content" lines."""
+    assert prompt_text("The sky is") == "The sky is"
+    assert prompt_text([{"role": "user", "content": "Hi"}]) == "Hi"
+    assert prompt_text([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]) == "system: Be terse.\nuser: Hi"
+
+
+def test_a_template_that_refuses_is_told_to_leave_out_the_system_prompt_only_when_there_is_one(chat_tokenizer):
+    """The hint to leave the system prompt out follows a refusal only where the prompt holds a system message."""
+    import copy
+
+    from dpokit.data.sources import DataError
+    from dpokit.generate import encode_prompt
+
+    tokenizer = copy.deepcopy(chat_tokenizer)
+    tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    hint = "leave the system prompt out"
+    with pytest.raises(DataError, match="Conversation roles must alternate") as refused:
+        encode_prompt([{"role": "user", "content": "Hi"}, {"role": "user", "content": "again"}], tokenizer)
+    assert hint not in str(refused.value)
+    with pytest.raises(DataError, match=hint):
+        encode_prompt([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}], tokenizer)
+
+
+def test_the_models_own_eos_ends_the_reply_before_it_even_when_it_is_a_plain_token(chat_tokenizer):
+    """A generation config's eos id that is an ordinary token (not stripped as a special one on
+    decoding): the reply is the text before it, the eos and what follows left out."""
+    from types import SimpleNamespace
+
+    new = chat_tokenizer("Sure. And then more", add_special_tokens=False)["input_ids"]
+    stop = chat_tokenizer(".", add_special_tokens=False)["input_ids"]
+    assert len(stop) == 1 and stop[0] in new
+    model = _ScriptedLM(new)
+    model.generation_config = SimpleNamespace(eos_token_id=stop[0])
+    assert generate_replies(model, chat_tokenizer, ["Go on"], SamplingSettings(temperature=0)) == ["Sure"]
+
+
+def test_the_note_on_long_prompts_numbers_five_then_says_there_are_more():
+    """Five long prompts are all numbered; a sixth makes the list end in ", ..."."""
+    from dpokit.generate import fit_prompts
+
+    lines = []
+    fit_prompts([[1, 2, 3]] * 5, 4, 2, lines.append)
+    fit_prompts([[1, 2, 3]] * 6, 4, 2, lines.append)
+    assert [line.split(") are ")[0] for line in lines] == ["note: 5 prompt(s) (number 1, 2, 3, 4, 5",
+                                                           "note: 6 prompt(s) (number 1, 2, 3, 4, 5, ..."]
+
+
+def test_a_reply_is_its_text_without_special_tokens_or_surrounding_blanks(chat_tokenizer):
+    """A special token inside the reply that is no stop (``<|im_start|>``) is left out, and so are the
+    blanks and line ends around the reply."""
+    new = chat_tokenizer("  Hi<|im_start|> there\n", add_special_tokens=False)["input_ids"]
+    assert chat_tokenizer.convert_tokens_to_ids("<|im_start|>") in new
+    assert generate_replies(_ScriptedLM(new), chat_tokenizer, ["Go on"], SamplingSettings(temperature=0)) == ["Hi there"]
+
+
+def test_each_prompt_is_rendered_with_its_own_template_variables(chat_tokenizer):
+    """generate_replies renders prompt k with template_kwargs[k]: the first prompt's variable shows in
+    its ids only, the second (None) renders as without any."""
+    import copy
+
+    from conftest import CHATML_TEMPLATE
+
+    tokenizer = copy.deepcopy(chat_tokenizer)
+    tokenizer.chat_template = "{% if greeting %}{{ greeting }}\n{% endif %}" + CHATML_TEMPLATE
+    model = _ScriptedLM(tokenizer("Sure.", add_special_tokens=False)["input_ids"])
+    hi = [{"role": "user", "content": "hi"}]
+    generate_replies(model, tokenizer, [hi, hi], SamplingSettings(temperature=0), template_kwargs=[{"greeting": "Ahoy"}, None])
+    (call,) = model.calls
+    first, second = (tokenizer.decode(row) for row in call["input_ids"].tolist())
+    assert "Ahoy" in first and "Ahoy" not in second
+
+
+def test_a_one_token_end_of_turn_marker_is_a_stop_id_even_where_the_tokenizer_adds_a_bos(chat_tokenizer):
+    """A Llama 3-like tokenizer (a BOS added to any text, eos not the end-of-turn marker): the marker is
+    encoded without the BOS, so it is one token, a stop id beside eos, and no stop string."""
+    import copy
+
+    from tokenizers import processors
+
+    from dpokit.generate import stop_strings
+
+    tokenizer = copy.deepcopy(chat_tokenizer)
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    tokenizer.eos_token = "<|endoftext|>"
+    im_end, eos = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert eos != im_end
+    assert stop_token_ids(tokenizer) == sorted({eos, im_end}) and stop_strings(tokenizer) is None
+
+
+def test_from_data_takes_at_least_one_pair(tmp_path):
+    from dpokit.config import ConfigError
+    from dpokit.generate import prompts_from_data
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(ConfigError, match="^--n must be at least 1, got 0$"):
+        prompts_from_data(str(path), 0)
+    assert prompts_from_data(str(path), 1)[0] == ["p"]

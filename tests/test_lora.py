@@ -245,3 +245,57 @@ def test_a_tied_layer_trained_whole_is_said_plainly(tmp_path):
         warnings.simplefilter("always")
         load_policy(ModelConfig(name_or_path=str(untied), use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "lm_head"]))
     assert not [w for w in caught if "tie_word_embeddings" in str(w.message)]
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def test_export_of_a_full_model_writes_the_dtype_asked_for_beside_out(workdir, tmp_path, monkeypatch):
+    """A full model (no adapter, no run) is copied as it is: in its checkpoint's own dtype (float32
+    here) unless --dtype names another; into parent folders made as needed, through a folder beside
+    OUT (so the rename stays on one filesystem), readable as the umask allows; the path returned is
+    OUT, and the process's umask is as it was. A save that fails leaves nothing behind."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    import dpokit.export
+    from dpokit.export import export_model
+
+    written_in, fail = [], []
+    real = dpokit.export.load_model
+
+    def load(*args, **kwargs):
+        lm = real(*args, **kwargs)
+        save = lm.save_pretrained
+
+        def save_pretrained(path, **kw):
+            written_in.append(Path(path).parent)
+            if fail:
+                raise OSError("No space left on device")
+            return save(path, **kw)
+
+        lm.save_pretrained = save_pretrained
+        return lm
+
+    monkeypatch.setattr(dpokit.export, "load_model", load)
+    out = tmp_path / "a" / "b" / "plain"
+    previous = os.umask(0o027)
+    try:
+        assert export_model(str(workdir / "model"), out, merge=False) == out
+        assert _umask() == 0o027
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o750 and (out / "model.safetensors").stat().st_mode & 0o777 == 0o640
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
+    assert written_in == [out.parent] and [p.name for p in out.parent.iterdir()] == ["plain"]  # no temp folder left
+    half = tmp_path / "half"
+    assert export_model(str(workdir / "model"), half, merge=True, dtype="bfloat16") == half
+    assert {t.dtype for t in load_file(half / "model.safetensors").values()} == {torch.bfloat16}
+    fail.append(True)
+    with pytest.raises(OSError, match="No space left"):
+        export_model(str(workdir / "model"), tmp_path / "full" / "out", merge=False)
+    assert list((tmp_path / "full").iterdir()) == []

@@ -361,3 +361,107 @@ def test_run_record_names_torch_with_its_build_and_a_gpu_by_its_name(monkeypatch
     assert run_record.describe_device(torch.device("cpu")) == "cpu"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Test GPU")
     assert run_record.describe_device(torch.device("cuda", 0)) == "cuda (NVIDIA Test GPU)"
+
+
+def test_summary_numbers_are_written_as_a_reader_reads_them(tmp_path):
+    """Steps are the highest step logged (not how many rows), with the highest epoch; integers get
+    thousands separators from 10,000 on only (a step count of 1500 stays "1500"); a large non-integer
+    rate is rounded to a whole number with separators; durations round to the second and read
+    "1m 00s" from 60 s on."""
+    rows = [{"step": 1499, "epoch": 0.25, "seconds": 0.0, "tokens": 0},
+            {"step": 1500, "epoch": 0.75, "seconds": 60.0, "tokens": 740_740},  # 12,345.67 tokens/s
+            {"step": 1500, "epoch": 0.75, "eval/loss": 0.5}]
+    items = summary_items(summarize(rows, tmp_path))
+    assert items["steps"] == "1500  (epoch 0.75)"
+    assert items["mean tokens/s"] == "12,346"
+    assert items["step time"] == "1m 00s"
+    items = summary_items(summarize([{"step": 12_000, "seconds": 89.6}], tmp_path))
+    assert items["steps"] == "12,000" and items["step time"] == "1m 30s"  # 89.6 s rounds up, not cut to 1m 29s
+
+
+def test_summary_epoch_is_the_highest_logged(tmp_path):
+    """A run killed at step 3 and resumed from step 1: the summary's steps and epoch are the furthest
+    the run got (step 3, epoch 1.5), read together, not the epoch of whichever row came last."""
+    rows = [{"step": s, "epoch": s / 2, "loss": 0.5} for s in (1, 2, 3)] + [{"step": 2, "epoch": 1.0, "loss": 0.4}]
+    assert summary_items(summarize(rows, tmp_path))["steps"] == "3  (epoch 1.5)"
+
+
+def test_summary_text_is_two_aligned_columns(tmp_path):
+    """The whole summary of a small run, to the character: a title line, then each label padded to
+    the longest label, two spaces, the value."""
+    text = summarize([{"step": 3, "loss": 0.5}], tmp_path, plots=False)
+    assert text == ("dpokit run summary\n"
+                    "  steps       3\n"
+                    "  train loss  0.5\n"
+                    f"  run dir     {tmp_path}\n"
+                    f"  metrics     {tmp_path / 'metrics.jsonl'}")
+
+
+def test_a_value_that_is_no_number_is_not_counted(tmp_path):
+    """A logged true or a string is not a number of seconds (true is not 1): the step time adds up
+    only the numbers."""
+    rows = [{"step": 1, "seconds": True}, {"step": 2, "seconds": 2.0}, {"step": 3, "seconds": "3"}]
+    assert summary_items(summarize(rows, tmp_path))["step time"] == "2.0s"
+
+
+def test_report_of_a_run_without_metrics(tmp_path):
+    """A run folder with no metrics.jsonl yet (killed while loading): the summary says no metrics
+    were logged, and names no plots folder, since no chart was drawn."""
+    text = make_report(tmp_path)
+    assert text.splitlines()[0] == "dpokit run summary (no metrics logged)"
+    assert "plots" not in summary_items(text) and not (tmp_path / "plots").exists()
+
+
+def test_overview_of_a_run_whose_every_value_is_non_finite(tmp_path):
+    """A run that diverged from its first logged row has no finite value to draw, but still gets its
+    charts, each with the mark of where it stopped being finite: the loss chart and the overview."""
+    rows = [{"step": 1, "loss": None}, {"step": 2, "loss": float("nan")}]
+    assert {p.name for p in write_plots(rows, tmp_path)} == {"loss.png", "overview.png"}
+
+
+def test_overview_title_names_the_last_step(tmp_path, monkeypatch):
+    """The overview's title names the furthest step drawn, as an integer: "step 5", not 5.0, nor step 3
+    where the last eval was."""
+    import dpokit.report as report
+
+    titles = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: titles.__setitem__(
+        path.name, fig._suptitle.get_text() if fig._suptitle else None))
+    write_plots([{"step": s, "loss": 0.5} for s in range(1, 6)] + [{"step": 3, "eval/loss": 0.6}], tmp_path)
+    assert titles["overview.png"] == "dpokit training overview  (step 5)"
+
+
+def test_smoothing_width_for_a_short_run(tmp_path, monkeypatch):
+    """A train curve of 21 to 79 rows is averaged over 2 rows either side (5 rows), the legend says so."""
+    import dpokit.report as report
+
+    labels = []
+    real = report._draw
+    monkeypatch.setattr(report, "_draw", lambda ax, *a, **k: (real(ax, *a, **k), labels.append(ax.get_legend_handles_labels()[1])))
+    monkeypatch.setattr(report, "_save", lambda fig, path: None)
+    write_plots([{"step": s, "loss": 1.0 - 0.01 * s} for s in range(1, 31)], tmp_path)
+    assert labels[0] == ["train (logged)", "train (mean of 5 rows)"]
+
+
+def test_non_finite_notes_stay_inside_the_chart_and_apart(tmp_path, monkeypatch):
+    """Train and eval loss both non-finite from the last step: the two notes are written left of the
+    mark (a mark at the right edge would put the note outside the chart) and one under the other, not
+    on top of each other."""
+    import dpokit.report as report
+
+    placed = {}
+
+    def save(fig, path):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        placed[path.name] = (ax.bbox, [t.get_window_extent(renderer) for t in ax.texts])
+
+    monkeypatch.setattr(report, "_save", save)
+    rows = [{"step": 2, "loss": 0.7}, {"step": 2, "eval/loss": 0.7}, {"step": 4, "loss": None}, {"step": 4, "eval/loss": None}]
+    write_plots(rows, tmp_path)
+    axes, notes = placed["loss.png"]
+    assert len(notes) == 2
+    for note in notes:
+        assert axes.x0 <= note.x0 and note.x1 <= axes.x1 and axes.y0 <= note.y0 and note.y1 <= axes.y1, (axes, note)
+    assert not notes[0].overlaps(notes[1])

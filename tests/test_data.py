@@ -903,3 +903,89 @@ def test_packing_puts_a_sequence_that_exactly_fills_a_row_in_it():
     pairs = [pair, TokenizedPair([8], [9, 10], [11, 12])]  # shared-prompt pairs of 7 and 5 tokens
     assert make_batch(pairs, "prefix_packed", row_tokens=12).input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
     assert make_batch(pairs, "prefix_packed", row_tokens=11).input_ids.shape[0] == 2
+
+
+def _fields(batch) -> dict:
+    names = ("input_ids", "attention_mask", "position_ids", "groups", "branches", "pred_rows", "pred_cols", "targets",
+             "seq_index", "seq_tokens")
+    return {n: None if getattr(batch, n) is None else getattr(batch, n).tolist() for n in names} | {
+        "num_real_tokens": batch.num_real_tokens}
+
+
+def test_each_layout_laid_out_by_hand():
+    """Every field of a small batch in each layout, written out by hand: pad id 99 and padding's
+    mask 0, position 0, group -1, branch 0; a reply token predicted by the column before it, the
+    first rejected token of a shared prompt by the prompt's last column; padding not counted real."""
+    from dpokit.data.batching import make_batch
+
+    one = [TokenizedPair([5, 6, 7], [8, 9], [11])]
+    assert _fields(make_batch(one, "padded", pad_token_id=99)) == dict(
+        input_ids=[[5, 6, 7, 8, 9], [5, 6, 7, 11, 99]], attention_mask=[[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]],
+        position_ids=[[0, 1, 2, 3, 4], [0, 1, 2, 3, 0]], groups=None, branches=None,
+        pred_rows=[0, 0, 1], pred_cols=[2, 3, 2], targets=[8, 9, 11], seq_index=[0, 0, 1], seq_tokens=[2, 1],
+        num_real_tokens=9)
+    assert _fields(make_batch(one, "packed", pad_token_id=99)) == dict(
+        input_ids=[[5, 6, 7, 8, 9, 5, 6, 7, 11]], attention_mask=None, position_ids=[[0, 1, 2, 3, 4, 0, 1, 2, 3]],
+        groups=[[0, 0, 0, 0, 0, 1, 1, 1, 1]], branches=None,
+        pred_rows=[0, 0, 0], pred_cols=[2, 3, 7], targets=[8, 9, 11], seq_index=[0, 0, 1], seq_tokens=[2, 1],
+        num_real_tokens=9)
+    two = [TokenizedPair([5, 6], [7, 8], [9]), TokenizedPair([1], [2], [3, 4])]
+    assert _fields(make_batch(two, "prefix_padded", pad_token_id=99)) == dict(
+        input_ids=[[5, 6, 7, 8, 9], [1, 2, 3, 4, 99]], attention_mask=None,
+        position_ids=[[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]],
+        groups=[[0, 0, 0, 0, 0], [1, 1, 1, 1, -1]], branches=[[0, 0, 1, 1, 2], [0, 1, 2, 2, 0]],
+        pred_rows=[0, 0, 0, 1, 1, 1], pred_cols=[1, 2, 1, 0, 0, 2], targets=[7, 8, 9, 2, 3, 4],
+        seq_index=[0, 0, 1, 2, 3, 3], seq_tokens=[2, 1, 1, 2], num_real_tokens=9)
+    assert _fields(make_batch(two, "prefix_packed", pad_token_id=99)) == dict(
+        input_ids=[[5, 6, 7, 8, 9, 1, 2, 3, 4]], attention_mask=None, position_ids=[[0, 1, 2, 3, 2, 0, 1, 1, 2]],
+        groups=[[0, 0, 0, 0, 0, 1, 1, 1, 1]], branches=[[0, 0, 1, 1, 2, 0, 1, 2, 2]],
+        pred_rows=[0, 0, 0, 0, 0, 0], pred_cols=[1, 2, 1, 5, 5, 7], targets=[7, 8, 9, 2, 3, 4],
+        seq_index=[0, 0, 1, 2, 3, 3], seq_tokens=[2, 1, 1, 2], num_real_tokens=9)
+
+
+def test_an_empty_reply_scores_no_token_and_counts_zero():
+    """make_batch takes a reply of no tokens (dpokit's data makes none; a direct caller may): it adds
+    no scored token, the tokens after it keep their predictors, and its count is 0, also as the
+    batch's last sequence (seq_tokens has one entry per sequence, 2 per pair)."""
+    from dpokit.data.batching import make_batch
+
+    pairs = [TokenizedPair([5], [], [6, 7]), TokenizedPair([1, 2], [3], [])]
+    for layout in ("padded", "prefix_padded"):
+        batch = make_batch(pairs, layout)
+        assert batch.seq_tokens.tolist() == [0, 2, 1, 0], layout
+        assert batch.targets.tolist() == [6, 7, 3] and batch.seq_index.tolist() == [1, 1, 2], layout
+    assert make_batch(pairs, "padded").pred_cols.tolist() == [0, 1, 1]  # rows [5 6 7], [1 2 3]
+    assert make_batch(pairs, "prefix_padded").pred_cols.tolist() == [0, 1, 1]  # rows [5 6 7], [1 2 3]
+
+
+def test_packing_puts_a_sequence_in_the_first_row_with_room():
+    """Not only the last row: with row_tokens 10, sequences of 6, 8, 4 and 10 tokens go to rows 0, 1,
+    0 (6 + 4 = 10 fits) and 2, so three rows, the first holding the first and third sequences."""
+    from dpokit.data.batching import make_batch
+
+    pairs = [TokenizedPair([1], [2] * 5, [3] * 7), TokenizedPair([4], [5] * 3, [6] * 9)]
+    batch = make_batch(pairs, "packed", row_tokens=10)
+    assert batch.input_ids.tolist() == [[1, 2, 2, 2, 2, 2, 4, 5, 5, 5], [1, 3, 3, 3, 3, 3, 3, 3, 0, 0], [4] + [6] * 9]
+    assert batch.groups.tolist()[0] == [0] * 6 + [2] * 4
+
+
+def test_epoch_orders_of_other_seeds_are_not_shifted_copies():
+    """The shuffle is fixed by (seed, epoch) and by both apart: seed 1's second epoch is not seed 2's
+    first (nor seed 0's second epoch seed 1's first), so runs of neighbouring seeds see other orders."""
+    from dpokit.data.batching import epoch_order
+
+    assert epoch_order(50, 1, 1) == epoch_order(50, 1, 1) and sorted(epoch_order(50, 1, 1)) == list(range(50))
+    assert epoch_order(50, 1, 1) != epoch_order(50, 2, 0) and epoch_order(50, 0, 1) != epoch_order(50, 1, 0)
+    assert epoch_order(50, 1, 0) != epoch_order(50, 1, 1)
+
+
+def test_eval_batches_stripe_every_pair_over_processes_in_order():
+    """Evaluation pairs dealt round-robin: rank r of w takes pairs r, r + w, ..., in batches of the
+    given size, the last one short; over all ranks, every pair exactly once."""
+    from dpokit.data.batching import eval_batches
+
+    assert eval_batches(7, 2, 0, 2) == [[0, 2], [4, 6]]
+    assert eval_batches(7, 2, 1, 2) == [[1, 3], [5]]
+    assert eval_batches(5, 3, 0, 1) == [[0, 1, 2], [3, 4]]
+    assert eval_batches(1, 4, 0, 1) == [[0]]
+    assert sorted(i for r in range(3) for b in eval_batches(10, 2, r, 3) for i in b) == list(range(10))

@@ -110,6 +110,46 @@ def test_accuracy_of_a_diverged_pair_is_nan_not_zero():
     assert accuracy.isnan().tolist() == [True, False] and accuracy[1].item() == 1.0
 
 
+def test_accuracy_of_a_pair_with_an_infinite_log_prob_is_nan():
+    """A reward that is -inf (a log-prob of -inf) is not finite either: its accuracy is NaN, not the 0
+    or 1 that comparing it gives (chosen -inf < any rejected; rejected -inf < any chosen)."""
+    inf = float("inf")
+    lp = PairLogps(chosen=torch.tensor([-inf, -10.0]), rejected=torch.tensor([-12.0, -inf]),
+                   chosen_tokens=torch.tensor([4.0, 4.0]), rejected_tokens=torch.tensor([2.0, 2.0]),
+                   ref_chosen=torch.tensor([-11.0, -11.0]), ref_rejected=torch.tensor([-11.5, -11.5]))
+    accuracy = preference_loss(lp, ["sigmoid"], beta=0.1)[1]["rewards/accuracies"]
+    assert accuracy.isnan().tolist() == [True, True]
+
+
+def test_a_tie_in_rewards_is_not_counted_accurate():
+    """As TRL: accuracy is chosen reward > rejected reward, strictly. Here both rewards are
+    0.1 * (-10 - -11) = 0.1 * (-12 - -13) = 0.1, so the pair scores 0, not 1."""
+    lp = PairLogps(chosen=torch.tensor([-10.0]), rejected=torch.tensor([-12.0]), chosen_tokens=torch.tensor([4.0]),
+                   rejected_tokens=torch.tensor([2.0]), ref_chosen=torch.tensor([-11.0]), ref_rejected=torch.tensor([-13.0]))
+    stats = preference_loss(lp, ["sigmoid"], beta=0.1)[1]
+    assert stats["rewards/margins"].item() == 0.0 and stats["rewards/accuracies"].item() == 0.0
+
+
+def test_a_one_token_reply_is_its_own_average():
+    """The per-token average divides by the token count, clamped only to keep an empty reply at 0: a
+    reply of one token averages to its own log-prob (sft: -(-3) / 1 = 3; simpo with β=1, γ=0:
+    logits -3/1 - -8/4 = -1)."""
+    lp = PairLogps(chosen=torch.tensor([-3.0]), rejected=torch.tensor([-8.0]),
+                   chosen_tokens=torch.tensor([1.0]), rejected_tokens=torch.tensor([4.0]))
+    assert preference_loss(lp, ["sft"])[0].item() == pytest.approx(3.0)
+    assert preference_loss(lp, ["simpo"], beta=1.0, simpo_gamma=0.0)[0].item() == pytest.approx(-logsig(-1.0), abs=1e-6)
+
+
+def test_a_reference_with_one_side_missing_is_an_error():
+    """Reference log-probs for the chosen replies only (or the rejected only) are no reference: a
+    pairwise loss refuses them with the same error as none at all."""
+    for ref_chosen, ref_rejected in ((LOGPS.ref_chosen, None), (None, LOGPS.ref_rejected)):
+        half = PairLogps(chosen=LOGPS.chosen, rejected=LOGPS.rejected, chosen_tokens=LOGPS.chosen_tokens,
+                         rejected_tokens=LOGPS.rejected_tokens, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+        with pytest.raises(ValueError, match="needs reference log-probs"):
+            preference_loss(half, ["sigmoid"])
+
+
 def test_pairwise_loss_without_reference_is_an_error():
     free = PairLogps(chosen=LOGPS.chosen, rejected=LOGPS.rejected, chosen_tokens=LOGPS.chosen_tokens, rejected_tokens=LOGPS.rejected_tokens)
     with pytest.raises(ValueError, match="reference"):

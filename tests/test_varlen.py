@@ -291,3 +291,47 @@ def test_windowed_row_masks_are_refused_for_attention_that_reads_no_dense_mask(a
     for dense in ("sdpa", "eager", None):
         mask = row_attention_mask(groups, branches, dense, torch.float32, positions, windows=2)
         assert torch.equal(mask, dense_row_mask(groups, branches, torch.float32, positions, 2))
+
+
+def test_row_masks_by_hand():
+    """The mask rule on one prefix-shared row, written out: prompt (columns 0-1), chosen (2-3),
+    rejected (4, position 2) and a padding token (group -1). 1 = may attend. A reply sees its
+    prompt and itself, the rejected token never the chosen ones, padding only itself; with a
+    window of 2 positions (one per layer type, or none), a token sees positions p - 1 and p only
+    (so rejected, at position 2, still sees the prompt's position 1 although 3 columns back). Packed
+    rows (no branches) get the block-diagonal causal mask. Blocked entries are dtype's min."""
+    from dpokit.masks import row_attention_mask
+
+    groups, branches = torch.tensor([[0, 0, 0, 0, 0, -1]]), torch.tensor([[0, 0, 1, 1, 2, 0]])
+    positions = torch.tensor([[0, 1, 2, 3, 2, 0]])
+    full = [[1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 0, 0, 1, 0],
+            [0, 0, 0, 0, 0, 1]]
+    windowed = [[1, 0, 0, 0, 0, 0],
+                [1, 1, 0, 0, 0, 0],
+                [0, 1, 1, 0, 0, 0],
+                [0, 0, 1, 1, 0, 0],
+                [0, 1, 0, 0, 1, 0],
+                [0, 0, 0, 0, 0, 1]]
+
+    def allowed(mask):
+        assert mask.shape == (1, 1, 6, 6) and mask.dtype == torch.float32
+        assert set(mask.unique().tolist()) <= {0.0, torch.finfo(torch.float32).min}
+        return (mask[0, 0] == 0).int().tolist()
+
+    for attn in ("sdpa", "eager", None):
+        assert allowed(row_attention_mask(groups, branches, attn, torch.float32)) == full
+        assert allowed(row_attention_mask(groups, branches, attn, torch.float32, positions, windows=2)) == windowed
+        masks = row_attention_mask(groups, branches, attn, torch.float32, positions,
+                                   windows={"full_attention": None, "sliding_attention": 2})
+        assert allowed(masks["full_attention"]) == full and allowed(masks["sliding_attention"]) == windowed
+    packed = row_attention_mask(torch.tensor([[0, 0, 1, 1, 1, -1]]), None, "sdpa", torch.float32)
+    assert allowed(packed) == [[1, 0, 0, 0, 0, 0],
+                               [1, 1, 0, 0, 0, 0],
+                               [0, 0, 1, 0, 0, 0],
+                               [0, 0, 1, 1, 0, 0],
+                               [0, 0, 1, 1, 1, 0],
+                               [0, 0, 0, 0, 0, 1]]

@@ -463,7 +463,7 @@ def check_rows_kept_apart(model: nn.Module, layout: str) -> bool:
 
     The packed layout gives only restarting position ids, from which transformers derives the
     block-diagonal mask (flash-attention's varlen kernel; sdpa, eager and flex_attention from torch
-    2.6). A model that ignores them (Falcon builds its own causal mask; remote code may) gets
+    2.6). A model that ignores them (Falcon before transformers 5.24; remote code may) gets
     dpokit's block-diagonal mask instead, when it honours that (True is returned). The prefix-shared
     layouts always give dpokit's 4D mask or BlockMask. A model that honours neither is refused: its
     log-probs would be silently wrong. Under dpokit_varlen attention both kinds of row are always

@@ -196,8 +196,7 @@ def test_export_takes_the_runs_base_dtype_and_never_a_users_folder(workdir, tmp_
     (other / "merged.tmp" / "notes.txt").write_text("mine")
     main(["export", str(out), "--merge", "merged"])
     assert (other / "merged.tmp" / "notes.txt").read_text() == "mine"
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     assert (other / "merged").stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp's 0700 opened as a mkdir's
     assert (other / "merged" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # safetensors' 0600
     assert {t.dtype for t in load_file(other / "merged" / "model.safetensors").values()} == {torch.bfloat16}
@@ -248,6 +247,7 @@ def test_a_tied_layer_trained_whole_is_said_plainly(tmp_path):
 
 
 def _umask() -> int:
+    """The process's umask (read by setting it, then setting it back)."""
     umask = os.umask(0)
     os.umask(umask)
     return umask

@@ -28,9 +28,9 @@ import xxhash
 from accelerate.utils import gather_object
 
 from dpokit.data.batching import Batch, to_device
-from dpokit.data.cache import library_releases
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
+from dpokit.run_record import installed_versions
 from dpokit.sharding import in_lockstep
 from dpokit.tiny import cache_dir as cache_root
 
@@ -225,7 +225,7 @@ def scoring_code() -> str:
     """A hash of dpokit's code and the torch, transformers and peft releases: a table scored by other
     code (a fixed bug, another kernel) is not read back."""
     h = xxhash.xxh3_128()
-    for name, release in library_releases(("torch", "transformers", "peft")).items():
+    for name, release in installed_versions(("torch", "transformers", "peft")).items():
         h.update(f"{name} {release or 'none'};".encode())
     package = Path(__file__).parent
     for source in sorted(package.rglob("*.py")):

@@ -21,19 +21,23 @@ RUN_FILE = "run.json"
 LIBRARIES = ("dpokit", "torch", "transformers", "accelerate", "peft")
 
 
+def installed_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed version of each library in ``names``, as its metadata says (None: not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def library_versions() -> dict[str, str | None]:
     """The installed version of each of :data:`LIBRARIES` (None: not installed); torch's with its build
     (``2.6.0+cu124``), which a wheel's metadata may leave out."""
     import torch
 
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["torch"] = torch.__version__
-    return versions
+    return {**installed_versions(LIBRARIES), "torch": torch.__version__}
 
 
 def describe_device(device) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from dpokit.data.tokenize import TokenizedPair
+from dpokit.run_record import installed_versions
 
 CACHE_VERSION = 1
 _CODE_FILES = ("sources.py", "formats.py", "tokenize.py", "pipeline.py", "cache.py")
@@ -53,19 +54,6 @@ def _code_hash() -> str:
     for name in _CODE_FILES:
         h.update((here / name).read_bytes())
     return h.hexdigest()
-
-
-def library_releases(names: tuple[str, ...]) -> dict[str, str | None]:
-    """The installed release of each library in ``names`` (None where it is not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    releases: dict[str, str | None] = {}
-    for name in names:
-        try:
-            releases[name] = version(name)
-        except PackageNotFoundError:
-            releases[name] = None
-    return releases
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -90,7 +78,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def cache_key(identity: dict[str, Any], tokenizer_id: str, settings: dict[str, Any]) -> str:
     """The cache key of one tokenized dataset (see the module docstring)."""
-    blob = {"version": CACHE_VERSION, "code": _code_hash(), "libraries": library_releases(_LIBRARIES), "source": identity,
+    blob = {"version": CACHE_VERSION, "code": _code_hash(), "libraries": installed_versions(_LIBRARIES), "source": identity,
             "tokenizer": tokenizer_id, "settings": settings}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

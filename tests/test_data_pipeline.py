@@ -334,10 +334,10 @@ def test_the_cache_key_sees_a_change_in_any_file_of_the_data_code(tmp_path, monk
     assert len(set(keys.values())) == 6, keys
 
 
-@pytest.mark.parametrize("library", ["transformers", "tokenizers", "jinja2"])
-def test_the_cache_key_sees_another_release_of_a_library_that_renders_or_tokenizes(monkeypatch, library):
-    """A chat template rendered by another jinja2 or transformers, or text split by another
-    tokenizers, may give other ids: their releases are in the key."""
+@pytest.mark.parametrize("library", ["transformers", "tokenizers", "jinja2", "datasets", "pyarrow"])
+def test_the_cache_key_sees_another_release_of_a_library_that_reads_renders_or_tokenizes(monkeypatch, library):
+    """A chat template rendered by another jinja2 or transformers, text split by another tokenizers,
+    or rows read by another datasets or pyarrow may give other ids: their releases are in the key."""
     import importlib.metadata
 
     key = cache.cache_key({"path": "t.jsonl"}, "tok", {"max_length": 64})

@@ -14,7 +14,8 @@ One file per dataset, ``<cache>/datasets/<key>.npz`` (``<cache>`` is ``$DPOKIT_C
   :func:`dpokit.data.pipeline.prepare_source`);
 - :data:`CACHE_VERSION` and a hash of the code of the data package, so a dpokit change that could
   change the output never reads an old file;
-- the releases of transformers, tokenizers and jinja2, which render chat templates and tokenize.
+- the releases of transformers, tokenizers and jinja2, which render chat templates and tokenize,
+  and of datasets and pyarrow, which read hub datasets, saved dataset folders and parquet files.
 
 Files are written to a temporary name and renamed into place, so a killed run or two processes
 writing at once never leave a half-written file behind.
@@ -37,7 +38,7 @@ from dpokit.run_record import installed_versions
 
 CACHE_VERSION = 1
 _CODE_FILES = ("sources.py", "formats.py", "tokenize.py", "pipeline.py", "cache.py")
-_LIBRARIES = ("transformers", "tokenizers", "jinja2")
+_LIBRARIES = ("transformers", "tokenizers", "jinja2", "datasets", "pyarrow")
 
 
 def cache_root() -> Path:

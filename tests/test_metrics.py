@@ -97,3 +97,37 @@ def test_tracker_keys_keep_eval_names_and_put_the_rest_under_train():
     assert tracker_key("eval/rewards/margins") == "eval/rewards/margins"
     assert tracker_key("loss") == "train/loss"
     assert tracker_key("rewards/margins") == "train/rewards/margins"
+
+
+class Recorder:
+    """An accelerator that records what its trackers get."""
+
+    def __init__(self, is_main_process: bool = True):
+        self.is_main_process, self.logged = is_main_process, []
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+
+def test_rows_carried_from_another_run_reach_the_file_and_the_trackers(tmp_path):
+    """A run resumed into a new folder starts from the other run's rows up to its checkpoint's step (a
+    torn last line dropped); trackers get them with a diverged value back as NaN, as it was logged.
+    Only the main process writes; its own folder's resume keeps its rows and logs none again."""
+    from dpokit.metrics import MetricsLog
+
+    earlier = tmp_path / "first.jsonl"
+    earlier.write_text('{"step": 0, "eval/loss": 0.69}\n{"step": 1, "loss": 0.5}\n{"step": 2, "loss": null}\n'
+                       '{"step": 3, "loss": 0.4}\n{"step": 4, "lo')
+    path, accelerator = tmp_path / "metrics.jsonl", Recorder()
+    log = MetricsLog(path, accelerator, keep_until_step=2, earlier=earlier)
+    assert log.carried == 3
+    assert path.read_text() == '{"step": 0, "eval/loss": 0.69}\n{"step": 1, "loss": 0.5}\n{"step": 2, "loss": null}\n'
+    assert accelerator.logged[:2] == [(0, {"eval/loss": 0.69}), (1, {"train/loss": 0.5})]
+    step, values = accelerator.logged[2]
+    assert step == 2 and values.keys() == {"train/loss"} and values["train/loss"] != values["train/loss"]  # NaN
+    other = Recorder(is_main_process=False)
+    MetricsLog(tmp_path / "other.jsonl", other, keep_until_step=2, earlier=earlier)
+    assert not (tmp_path / "other.jsonl").exists() and other.logged == []
+    own = Recorder()
+    assert MetricsLog(path, own, keep_until_step=1).carried == 0
+    assert path.read_text() == '{"step": 0, "eval/loss": 0.69}\n{"step": 1, "loss": 0.5}\n' and own.logged == []

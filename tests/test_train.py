@@ -106,6 +106,29 @@ def test_resume_continues_exactly(workdir):
             assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
 
 
+def test_a_run_resumed_into_a_new_folder_starts_with_the_rows_before_its_checkpoint(workdir, capsys):
+    """Resumed from another run's checkpoint, a new output_dir's metrics.jsonl (and so its summary and
+    plots) holds the whole run: the first run's rows up to the checkpoint, then its own, as an
+    uninterrupted run's. A checkpoint taken out of its run's folder has no rows to bring: the log says so."""
+    first = train(run_config(workdir, "branch-from", "save_steps=2", "eval_on_start=true", "eval_steps=2"))
+    step2 = first / "checkpoints" / "step-2"
+    capsys.readouterr()
+    branch = train(run_config(workdir, "branch-to", "save_steps=2", "eval_on_start=true", "eval_steps=2",
+                              f"resume_from_checkpoint={step2}"))
+    assert f"metrics.jsonl starts with the 4 rows {first.resolve() / 'metrics.jsonl'} logged up to step 2\n" in capsys.readouterr().out
+    uninterrupted, resumed = read_rows(first), read_rows(branch)
+    assert [(r["step"], "eval/loss" in r) for r in resumed] == [(r["step"], "eval/loss" in r) for r in uninterrupted]
+    for ra, rb in zip(uninterrupted, resumed, strict=True):
+        key = "eval/loss" if "eval/loss" in ra else "loss"
+        assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
+    assert [s["from_step"] for s in json.loads((branch / "run.json").read_text())["sessions"]] == [2]
+    loose = workdir / "loose" / "step-2"
+    shutil.copytree(step2, loose)
+    train(run_config(workdir, "branch-loose", "save_steps=2", f"resume_from_checkpoint={loose}"))
+    assert f"note: metrics.jsonl starts after step 2: {loose} is not in a run's checkpoints/ folder" in capsys.readouterr().out
+    assert [r["step"] for r in train_rows(workdir / "branch-loose")] == [3, 4]
+
+
 def test_resume_continues_dropout_exactly(workdir):
     """Dropout draws from the random state: the checkpoint's is restored, so the resumed steps draw
     the masks the uninterrupted run drew (from the seed alone they draw others)."""
@@ -279,6 +302,40 @@ def test_a_run_stopped_before_its_end_says_in_run_json_how_far_it_got(workdir, m
     sessions = json.loads((workdir / "stopped" / "run.json").read_text())["sessions"]
     assert [(s["from_step"], s["to_step"], s["finished"]) for s in sessions] == [(0, 3, False), (3, 3, True)]
     assert json.loads((workdir / "stopped" / "final" / "dpokit_step.json").read_text()) == {"step": 3}
+
+
+def test_a_path_that_is_no_checkpoint_is_refused_with_the_checkpoints_near_it(tmp_path):
+    """resume_from_checkpoint given a checkpoint pruned since, the run's folder, its final/ or another
+    folder: the error says which, and names the checkpoints there are."""
+    from dpokit.checkpoint import STATE_FILE, find_checkpoint
+
+    run = tmp_path / "run"
+    for name in ("step-4", "step-6"):
+        (run / "checkpoints" / name).mkdir(parents=True)
+        (run / "checkpoints" / name / STATE_FILE).write_text("{}")
+    (run / "final").mkdir()
+    (run / "final" / "config.json").write_text("{}")
+    (run / "plots").mkdir()
+    cases = {
+        run / "checkpoints" / "step-2": f"resume_from_checkpoint: no folder {run}/checkpoints/step-2; give a "
+                                        f"checkpoints/step-N folder ({run}/checkpoints holds step-4, step-6)",
+        run: f"{run} is a run's folder, not a checkpoint: give one of its checkpoints/step-N folders "
+             f"(its newest is {run}/checkpoints/step-6)",
+        run / "final": f"{run}/final holds a model but no training state to resume (no {STATE_FILE}): give a "
+                       f"checkpoints/step-N folder ({run}/checkpoints holds step-4, step-6), or start a new run "
+                       f"from this model with model.name_or_path={run}/final",
+        run / "plots": f"{run}/plots is not a dpokit checkpoint (no {STATE_FILE}); give a checkpoints/step-N folder "
+                       f"({run}/checkpoints holds step-4, step-6)",
+        tmp_path / "elsewhere": f"resume_from_checkpoint: no folder {tmp_path}/elsewhere; give a checkpoints/step-N folder",
+    }
+    for given, said in cases.items():
+        with pytest.raises(FileNotFoundError) as e:
+            find_checkpoint(str(given), tmp_path / "new")
+        assert str(e.value) == said
+    (run / "checkpoints" / "step-4").rename(run / "checkpoints" / "old")
+    (run / "checkpoints" / "step-6").rename(run / "checkpoints" / "older")
+    with pytest.raises(FileNotFoundError, match=r"a run's folder, not a checkpoint: .* \(it holds none\)$"):
+        find_checkpoint(str(run), tmp_path / "new")
 
 
 def test_a_checkpoints_random_state_brings_back_every_generator():

@@ -308,7 +308,8 @@ def _tensorboard_losses(run_dir) -> list[tuple[int, float]]:
 
 def test_tensorboard_events_follow_the_rows_through_resume_and_overwrite(workdir):
     """TensorBoard (in output_dir/dpokit/) holds what metrics.jsonl holds: a run resumed from an earlier
-    checkpoint drops the events after it (they were logged twice), and starting over removes them."""
+    checkpoint drops the events after it (they were logged twice), one resumed into a new folder gets
+    those before it, and starting over removes them."""
     pytest.importorskip("tensorboard")
     settings = ("max_steps=6", "eval=null", "report_to=tensorboard", "save_steps=3", "logging_steps=2")
     out = train(run_config(workdir, "tb", *settings))
@@ -321,6 +322,9 @@ def test_tensorboard_events_follow_the_rows_through_resume_and_overwrite(workdir
     # resumed at its last step, whose row was logged: nothing to redo, and that row's event stays
     train(run_config(workdir, "tb", *settings, f"resume_from_checkpoint={out / 'checkpoints' / 'step-6'}"))
     assert sorted(_tensorboard_losses(out)) == rows
+    # resumed into a new folder: its events start with the rows the first run logged up to the checkpoint
+    other = train(run_config(workdir, "tb-branch", *settings, f"resume_from_checkpoint={out / 'checkpoints' / 'step-3'}"))
+    assert sorted(_tensorboard_losses(other)) == rows
     train(run_config(workdir, "tb", "max_steps=1", "eval=null", "report_to=tensorboard"))  # overwrites
     assert [step for step, _ in _tensorboard_losses(out)] == [1]
 

@@ -173,8 +173,7 @@ def outputs_to_replace(output_dir: Path, resume_from: Path | None, overwrite: bo
     if overwrite:
         return ([output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
                 + sorted(p for pattern in USE_OUTPUTS for p in output_dir.glob(pattern) if p.is_file()))
-    own = resume_from is not None and resume_from.resolve().parent == (output_dir / "checkpoints").resolve()
-    if own:
+    if resume_from is not None and is_own_checkpoint(resume_from, output_dir):
         step = load_train_state(resume_from)[0].step
         return [p for p in list_checkpoints(output_dir / "checkpoints") if _step(p) > step]
     found = holds_a_run(output_dir)
@@ -191,6 +190,20 @@ def outputs_to_replace(output_dir: Path, resume_from: Path | None, overwrite: bo
     return []
 
 
+def is_own_checkpoint(checkpoint: Path, output_dir: Path) -> bool:
+    """Whether ``checkpoint`` is one of ``output_dir``'s own (in its ``checkpoints/``)."""
+    return checkpoint.resolve().parent == (output_dir / "checkpoints").resolve()
+
+
+def earlier_rows(checkpoint: Path, output_dir: Path) -> Path | None:
+    """For a run resumed from another folder's checkpoint: the ``metrics.jsonl`` of the run whose
+    ``checkpoints/`` holds it (the rows its steps logged; the file may be gone). None for the folder's
+    own checkpoint, or one outside a run's ``checkpoints/``."""
+    if is_own_checkpoint(checkpoint, output_dir) or checkpoint.resolve().parent.name != "checkpoints":
+        return None
+    return checkpoint.resolve().parent.parent / "metrics.jsonl"
+
+
 def find_checkpoint(spec: str, output_dir: Path) -> Path:
     """``latest`` -> the newest complete checkpoint of ``output_dir``; otherwise a folder path."""
     if spec == "latest":
@@ -201,9 +214,25 @@ def find_checkpoint(spec: str, output_dir: Path) -> Path:
         return found[-1]
     path = Path(spec)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a dpokit checkpoint (no {STATE_FILE}); give a checkpoints/step-N folder")
+        raise FileNotFoundError(_not_a_checkpoint(path))
     check_complete(path)
     return path
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    """Why ``path`` cannot be resumed from, and the checkpoints that can be, where they are near."""
+    if (path / "checkpoints").is_dir():  # a run's folder
+        found = list_checkpoints(path / "checkpoints")
+        take = f"its newest is {found[-1]}" if found else "it holds none"
+        return f"{path} is a run's folder, not a checkpoint: give one of its checkpoints/step-N folders ({take})"
+    here = list_checkpoints(path.parent) if path.parent.name == "checkpoints" else list_checkpoints(path.parent / "checkpoints")
+    there = f" ({here[0].parent} holds {', '.join(p.name for p in here)})" if here else ""
+    if not path.exists():
+        return f"resume_from_checkpoint: no folder {path}; give a checkpoints/step-N folder{there}"
+    if any((path / name).is_file() for name in ("config.json", "adapter_config.json")):  # e.g. a run's final/
+        return (f"{path} holds a model but no training state to resume (no {STATE_FILE}): give a checkpoints/step-N "
+                f"folder{there}, or start a new run from this model with model.name_or_path={path}")
+    return f"{path} is not a dpokit checkpoint (no {STATE_FILE}); give a checkpoints/step-N folder{there}"
 
 
 def load_train_state(checkpoint: Path) -> tuple[TrainState, dict | None]:

@@ -146,13 +146,25 @@ class MetricsLog:
     every JSON reader takes (``jq`` refuses Python's bare ``NaN``); trackers get the number itself.
     """
 
-    def __init__(self, path: Path, accelerator: Accelerator, keep_until_step: int | None):
+    def __init__(self, path: Path, accelerator: Accelerator, keep_until_step: int | None, earlier: Path | None = None):
+        """A resumed run (``keep_until_step``: its checkpoint's step) keeps its rows up to that step; one
+        resumed from another run's checkpoint into a new folder starts from that run's rows
+        (``earlier``: its ``metrics.jsonl``), which its trackers get too, so the new folder's curves
+        are whole. Otherwise the file starts empty."""
         self.path, self.accelerator = path, accelerator
-        if accelerator.is_main_process and keep_until_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and _row_step(ln) <= keep_until_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        elif accelerator.is_main_process:
-            path.write_text("")
+        self.carried = 0  # rows taken from ``earlier`` (main process)
+        if not accelerator.is_main_process:
+            return
+        source = earlier if earlier is not None else path
+        kept = []
+        if keep_until_step is not None and source.exists():
+            kept = [ln for ln in source.read_text().splitlines() if ln.strip() and _row_step(ln) <= keep_until_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+        if earlier is not None:
+            self.carried = len(kept)
+            for row in map(json.loads, kept):  # trackers get numbers: a diverged value written as null is NaN again
+                accelerator.log({tracker_key(k): math.nan if v is None else v for k, v in row.items() if k != "step"},
+                                step=row["step"])
 
     def write(self, row: dict) -> None:
         if self.accelerator.is_main_process:

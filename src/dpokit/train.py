@@ -588,7 +588,7 @@ def train(config: Config) -> Path:
         follow_optimizer_settings(optimizer, t)  # and its weight decay, betas and epsilon
         say(f"resumed from {resume_from} at step {state.step}")
         ahead = ckpt.final_step(out)
-        if ahead is not None and ahead > state.step and resume_from.resolve().parent == (out / "checkpoints").resolve():
+        if ahead is not None and ahead > state.step and ckpt.is_own_checkpoint(resume_from, out):
             say(f"note: {out / 'final'} holds step {ahead}: steps {state.step + 1}-{ahead} are trained again from "
                 f"this checkpoint, and final/ is replaced when the run ends")
     claim_output_dir(out, config, replaced, accelerator, say, data.stats)  # every check passed: only now is the folder changed
@@ -608,7 +608,12 @@ def train(config: Config) -> Path:
     if trackers:  # a resumed run's TensorBoard events after its checkpoint are dropped, as its rows are
         purge = {"tensorboard": {"purge_step": state.step + 1}} if resume_from is not None and "tensorboard" in trackers else {}
         accelerator.init_trackers(ckpt.TRACKER_DIR, config={k: str(v) for k, v in config.to_dict().items()}, init_kwargs=purge)
-    log = MetricsLog(out / "metrics.jsonl", accelerator, keep_until_step=state.step if resume_from else None)
+    earlier = ckpt.earlier_rows(resume_from, out) if resume_from is not None else None
+    log = MetricsLog(out / "metrics.jsonl", accelerator, keep_until_step=state.step if resume_from else None, earlier=earlier)
+    if resume_from is not None and not ckpt.is_own_checkpoint(resume_from, out):
+        say(f"metrics.jsonl starts with the {log.carried} rows {earlier} logged up to step {state.step}" if log.carried else
+            f"note: metrics.jsonl starts after step {state.step}: "
+            + (f"{earlier} is not there" if earlier is not None else f"{resume_from} is not in a run's checkpoints/ folder"))
     say(f"training: {len(data.train)} pairs, {per_epoch} steps/epoch, {total_steps} steps, "
         f"global batch {global_batch} = {batch_shape}"
         + (f"; each epoch leaves out {left_out} pairs (its shuffled tail, short of a global batch)" if left_out else ""))

@@ -115,7 +115,11 @@ def test_a_run_resumed_into_a_new_folder_starts_with_the_rows_before_its_checkpo
     capsys.readouterr()
     branch = train(run_config(workdir, "branch-to", "save_steps=2", "eval_on_start=true", "eval_steps=2",
                               f"resume_from_checkpoint={step2}"))
-    assert f"metrics.jsonl starts with the 4 rows {first.resolve() / 'metrics.jsonl'} logged up to step 2\n" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"metrics.jsonl starts with the 4 rows {first.resolve() / 'metrics.jsonl'} logged up to step 2\n" in printed
+    assert summary_items(printed)["wall time"].endswith("(from step 2: the steps before ran in another folder)")
+    main(["report", str(first)])
+    assert "another folder" not in summary_items(capsys.readouterr().out)["wall time"]
     uninterrupted, resumed = read_rows(first), read_rows(branch)
     assert [(r["step"], "eval/loss" in r) for r in resumed] == [(r["step"], "eval/loss" in r) for r in uninterrupted]
     for ra, rb in zip(uninterrupted, resumed, strict=True):

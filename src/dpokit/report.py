@@ -383,7 +383,8 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike, plots: bool = True, 
 def _record_items(record: dict) -> list[tuple[str, str]]:
     """The summary's items from a run's ``run.json``: the global batch and how it was made, the pairs
     trained and evaluated, the wall time over every session (one killed midway counts to its last
-    checkpoint) and the reference passes' time. Keys an older record lacks are left out."""
+    checkpoint; a run resumed here from another folder's checkpoint counts from it) and the reference
+    passes' time. Keys an older record lacks are left out."""
     items = []
     if {"global_batch", "per_device_train_batch_size", "processes", "gradient_accumulation_steps"} <= set(record):
         items.append(("global batch", f"{record['global_batch']} pairs = {record['per_device_train_batch_size']} x "
@@ -406,6 +407,8 @@ def _record_items(record: dict) -> list[tuple[str, str]]:
                      f"{_fmt_duration(last.get('wall_seconds') or 0.0)})")
         if not last.get("finished"):
             text += f"  (to step {_fmt(last.get('to_step'))}: not finished)"
+        if sessions[0].get("from_step"):  # resumed into this folder from another run's checkpoint
+            text += f"  (from step {_fmt(sessions[0]['from_step'])}: the steps before ran in another folder)"
         items.append(("wall time", text))
     reference = [s["reference_seconds"] for s in sessions if s.get("reference_seconds") is not None]
     if reference:

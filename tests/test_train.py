@@ -361,6 +361,21 @@ def test_a_checkpoints_random_state_brings_back_every_generator():
     assert draws() == first
 
 
+def test_a_checkpoint_saved_with_more_gpus_restores_the_ones_this_machine_has(monkeypatch):
+    """A checkpoint keeps one CUDA random state per GPU its process saw; resumed where fewer are
+    visible (8 GPUs, then 4; or CUDA_VISIBLE_DEVICES=0), the first ones are restored (torch's
+    set_rng_state_all raised IndexError past the device count)."""
+    from dpokit.checkpoint import rng_state, set_rng_state
+
+    saved = {**rng_state(), "cuda": [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(int(s[0]) for s in states))
+    set_rng_state(saved)
+    assert restored == [0, 1]
+
+
 def test_resume_between_logged_rows_logs_what_an_uninterrupted_run_logs(workdir):
     """Logging every 3 steps, saving every 4: the checkpoint at step 4 keeps step 4's statistics and
     tokens, not logged yet, so the resumed run's row at step 6 (steps 4-6) is the uninterrupted one's."""

@@ -210,6 +210,19 @@ def test_plain_forwards_under_varlen_are_sdpa():
     assert torch.allclose(a[mask.bool()], b[mask.bool()], atol=1e-5)
 
 
+def test_the_kernels_own_refusal_reaches_the_user_unchanged(monkeypatch):
+    """The model check runs the kernel: its refusal (on CUDA, float32 compute outside autocast) names
+    its own fix, and must not come out as "the model does not take dpokit's regrouped rows"."""
+    import dpokit.varlen
+
+    def refusing_kernel(*args):
+        raise ConfigError("attn_implementation=dpokit_varlen runs flash-attention, which takes bfloat16 or float16: set bf16=true")
+
+    monkeypatch.setattr(dpokit.varlen, "_reference_kernel", refusing_kernel)
+    with pytest.raises(ConfigError, match="^attn_implementation=dpokit_varlen runs flash-attention.*set bf16=true$"):
+        check_rows_kept_apart(varlen_lm(), "packed")
+
+
 def test_a_model_that_drops_the_regrouped_rows_is_refused(monkeypatch):
     """A forward that does not pass extra keyword arguments on to its attention would silently run
     one causal mask over the whole row: the check refuses it, naming the attention to use."""

@@ -493,6 +493,8 @@ def _rows_checked(model: nn.Module, shared: bool) -> bool:
             if _rows_kept_apart(model, restart_positions=False, own_mask=True):
                 return True
             problem = "does not pass dpokit's regrouped rows to its attention"
+        except ConfigError:  # the kernel's own refusal (on CUDA: float32 compute), which names its fix
+            raise
         except NO_4D_MASK as e:  # a forward that takes no extra keyword arguments, or attention shaped otherwise
             problem = f"does not take dpokit's regrouped rows ({str(e).splitlines()[0]})"
         raise ConfigError(f"the {getattr(model.config, 'model_type', '?')} model {problem}: use attn_implementation=sdpa or flex_attention")

@@ -111,5 +111,10 @@ def row_attention_inputs(groups: torch.Tensor, branches: torch.Tensor | None, at
     if attn_implementation == VARLEN_ATTENTION:
         from dpokit.varlen import varlen_rows
 
-        return {"dpokit_varlen": (varlen if varlen is not None else varlen_rows(groups, branches)).to(groups.device)}
+        rows, width = groups.shape
+        # a 4D stand-in (a view, no memory) that transformers passes through as given: without one it looks
+        # for packed sequences in the position ids, a host synchronisation, and builds a mask nothing reads
+        unused = torch.ones((), dtype=torch.bool, device=groups.device).expand(rows, 1, width, width)
+        return {"dpokit_varlen": (varlen if varlen is not None else varlen_rows(groups, branches)).to(groups.device),
+                "attention_mask": unused}
     return {"attention_mask": row_attention_mask(groups, branches, attn_implementation, dtype, positions, windows)}

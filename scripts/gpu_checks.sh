@@ -13,14 +13,15 @@
 #      cuDNN as dpokit keeps it), at 4 and 32 pairs per step (parts trl-tuned, trl-tuned-32).
 # Usage: bash scripts/gpu_checks.sh [OUTDIR [PART ...]]   (after pip install -e ".[test,bench]")
 #   OUTDIR defaults to gpu-results; PARTs (default: all, in this order, ~20 minutes on an H100):
-#   tests, 4-pairs, 32-pairs, 64-pairs, ablation, trl-tuned, trl-tuned-32. Each part takes a few minutes, so a session with
+#   tests (kernels, log-probs, the memory plan), tests-training (the tests that train), 4-pairs, 32-pairs,
+#   64-pairs, ablation, trl-tuned, trl-tuned-32. Each part takes a few minutes, so a session with
 #   a time limit per command can run them one or two at a time into the same OUTDIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu-results}"
 shift || true
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests 4-pairs 32-pairs 64-pairs ablation trl-tuned trl-tuned-32)
+[ ${#parts[@]} -eq 0 ] && parts=(tests tests-training 4-pairs 32-pairs 64-pairs ablation trl-tuned trl-tuned-32)
 mkdir -p "$out"
 status=0
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
@@ -30,9 +31,13 @@ columns=(--ablation dpokit-checkpointing dpokit-compile dpokit-autocast --also-a
 # synchronisation) once per 10 steps as in training, and each step is timed as its row's average; 4 pairs
 # keeps per-step rows, whose token counts benchmarks/plan_vs_measured.py needs
 logged=(--steps 40 --warmup 10 --logging-steps 10)
+# the tests that train (tiny runs, a QLoRA one and an FSDP2 launch): their own part, so each part stays
+# within a few minutes
+trainings="training or trains or refuses_float32 or fsdp2"
 for part in "${parts[@]}"; do
   case $part in
-    tests) python -m pytest tests/test_cuda.py -v -rs 2>&1 | tee "$out/test_cuda.txt" || status=1 ;;
+    tests) python -m pytest tests/test_cuda.py -v -rs -k "not ($trainings)" 2>&1 | tee "$out/test_cuda.txt" || status=1 ;;
+    tests-training) python -m pytest tests/test_cuda.py -v -rs -k "$trainings" 2>&1 | tee "$out/test_cuda_training.txt" || status=1 ;;
     4-pairs) "${bench[@]}" --steps 20 --warmup 5 "${columns[@]}" flex_attention --output "$out/bench-0.5b.json" 2>&1 \
         | tee "$out/bench-0.5b.txt" || status=1 ;;
     32-pairs) "${bench[@]}" "${logged[@]}" --pairs-per-step 32 "${columns[@]}" --profile --output "$out/bench-0.5b-32-pairs.json" 2>&1 \
@@ -45,7 +50,7 @@ for part in "${parts[@]}"; do
         --output "$out/bench-0.5b-trl-tuned.json" 2>&1 | tee "$out/bench-0.5b-trl-tuned.txt" || status=1 ;;
     trl-tuned-32) "${bench[@]}" "${logged[@]}" --pairs-per-step 32 --trl-variants trl-precompute trl-no-cudnn \
         --output "$out/bench-0.5b-32-pairs-trl-tuned.json" 2>&1 | tee "$out/bench-0.5b-32-pairs-trl-tuned.txt" || status=1 ;;
-    *) echo "unknown part '$part' (tests, 4-pairs, 32-pairs, 64-pairs, ablation, trl-tuned, trl-tuned-32)" >&2; exit 2 ;;
+    *) echo "unknown part '$part' (tests, tests-training, 4-pairs, 32-pairs, 64-pairs, ablation, trl-tuned, trl-tuned-32)" >&2; exit 2 ;;
   esac
 done
 exit $status

@@ -217,6 +217,9 @@ import os
 import sys
 from pathlib import Path
 
+from datetime import timedelta
+
+import torch
 import torch.distributed as dist
 
 from dpokit import tiny
@@ -225,8 +228,10 @@ from dpokit.modeling import load_tokenizer
 from dpokit.config import ModelConfig
 from dpokit import train
 
-accelerator = train.new_accelerator()  # the process group, as dpokit's commands start it
+accelerator = train.new_accelerator(1234)  # the process group, as dpokit's commands start it (run.ddp_timeout=1234)
 rank, out = accelerator.process_index, Path(sys.argv[1])
+waits = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout
+assert waits == timedelta(seconds=1234), waits  # not gloo's default (1800 s), nor NCCL's (600 s) on GPUs
 tiny.build_tiny_model(out / f"own-{rank}", arch="llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, intermediate_size=64)
 assert tiny._is_complete(out / f"own-{rank}"), sorted(p.name for p in (out / f"own-{rank}").iterdir())
@@ -247,7 +252,8 @@ if train.torch_release() >= train.GLOO_RELEASED_FROM:
 def test_every_process_of_a_run_builds_a_whole_model(tmp_path, monkeypatch):
     """In a process group transformers writes weights only on rank 0: a tiny model built by another
     process (a second machine's first use) lacked its weights, and two processes resolving a
-    ``builtin:`` model at once could leave that half model in the cache for both to load."""
+    ``builtin:`` model at once could leave that half model in the cache for both to load. The
+    group waits ``run.ddp_timeout`` in its collectives, and is freed by ``end_training``."""
     from runs import accelerate_launch
 
     script = tmp_path / "build.py"

@@ -346,6 +346,22 @@ def test_a_diverged_run_writes_strict_json_and_says_so(workdir, capsys):
     assert json.loads((out / "final" / "dpokit_step.json").read_text()) == {"step": 4}
 
 
+def test_ddp_timeout_reaches_the_process_group(workdir, monkeypatch):
+    """``run.ddp_timeout`` is what a launched run's collectives wait (tests/test_tiny.py's launched
+    processes check the group itself); 0 is refused."""
+    from dpokit import train as train_module
+    from dpokit.config import ConfigError
+
+    asked = []
+    real = train_module.new_accelerator
+    monkeypatch.setattr(train_module, "new_accelerator", lambda *a, **k: asked.append(a[0]) or real(*a, **k))
+    train(run_config(workdir, "timeout", "ddp_timeout=7200", "max_steps=1"))
+    assert asked == [7200]
+    assert real().init_handler.timeout.total_seconds() == 1800  # dpokit's default, also for `dpokit eval`
+    with pytest.raises(ConfigError, match="run.ddp_timeout must be at least 1, got 0"):
+        run_config(workdir, "timeout", "ddp_timeout=0")
+
+
 def test_missing_tracker_package_is_an_error_not_a_silent_no_op(monkeypatch):
     import importlib.util
 

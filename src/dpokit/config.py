@@ -243,6 +243,10 @@ class RunConfig:
     progress_bar: bool = True
     plots: bool = True
     """Write ``plots/*.png`` at the end of the run (``dpokit report`` writes them from any run later)."""
+    ddp_timeout: int = 1800
+    """Seconds a process of a launched run waits in a collective before the run is stopped: the others
+    wait while the main process alone downloads, tokenizes, reads weights or saves a checkpoint (NCCL's
+    own default, 600, is short for a large model's checkpoint; gloo's is 1800)."""
 
 
 @dataclass
@@ -620,6 +624,7 @@ def validate(config: Config, base_dir: Path | None = None, for_training: bool = 
         "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
         "training.logps_chunk_size": t.logps_chunk_size,
         "run.logging_steps": r.logging_steps,
+        "run.ddp_timeout": r.ddp_timeout,
     }
     for key, value in positive.items():
         if value < 1:

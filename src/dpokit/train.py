@@ -15,14 +15,25 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 
 from dpokit import checkpoint as ckpt
-from dpokit.config import CPU_ATTENTION, VARLEN_ATTENTION, Config, ConfigError, TrainingConfig, batch_layout, needs_reference, save_config
+from dpokit.config import (
+    CPU_ATTENTION,
+    VARLEN_ATTENTION,
+    Config,
+    ConfigError,
+    RunConfig,
+    TrainingConfig,
+    batch_layout,
+    needs_reference,
+    save_config,
+)
 from dpokit.data.batching import Batch, eval_batches, first_epoch_micro_batches, global_batches, local_micro_batches, make_batch
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
@@ -451,9 +462,10 @@ under load (in gloo, with nothing of dpokit's involved), so releases before 2.13
 are not measured) keep the group until the process exits, as they always did."""
 
 
-def new_accelerator(**kwargs) -> Accelerator:
+def new_accelerator(timeout_s: int = RunConfig.ddp_timeout, **kwargs) -> Accelerator:
     """An ``Accelerator`` on this machine's device (gloo CPU processes without one): it starts the
-    process group of a launched run, which ``end_training`` destroys.
+    process group of a launched run, which ``end_training`` destroys, with collectives that wait up
+    to ``timeout_s`` seconds (``run.ddp_timeout``) for the other processes.
 
     From torch 2.13 (:data:`GLOO_RELEASED_FROM`), ``torch.distributed.nn`` is imported before that:
     its functions take ``group.WORLD`` as a default argument, so imported after the group exists
@@ -464,7 +476,8 @@ def new_accelerator(**kwargs) -> Accelerator:
     if torch.distributed.is_available() and torch_release() >= GLOO_RELEASED_FROM:
         importlib.import_module("torch.distributed.nn")
 
-    return Accelerator(cpu=not has_accelerator_device(), **kwargs)
+    waits = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    return Accelerator(cpu=not has_accelerator_device(), kwargs_handlers=[waits], **kwargs)
 
 
 def torch_release() -> tuple[int, int]:
@@ -514,7 +527,7 @@ def train(config: Config) -> Path:
     trackers = [x for x in r.report_to if x != "none"]
     out = Path(r.output_dir)
     check_trackers(trackers)
-    accelerator = new_accelerator(log_with=trackers or None, project_dir=str(out))
+    accelerator = new_accelerator(r.ddp_timeout, log_with=trackers or None, project_dir=str(out))
     sharded = setup_sharding(accelerator, config, autocast_dtype(t))
     set_seed(t.seed)
     say = accelerator.print

@@ -151,6 +151,12 @@ def test_sharded_16bit_live_reference(workdir, kind):
     last_eval = [r for r in read_rows(two) if "eval/loss" in r][-1]
     for key in ("eval/logps/chosen", "eval/logps/rejected", "eval/rewards/margins"):
         assert metrics[key] == pytest.approx(last_eval[key], rel=1e-3, abs=1e-3), key
+    # `dpokit eval` launched as FSDP2 scores unsharded, under the run's autocast like one process
+    accelerate_launch(str(Path(__file__).parent / "fsdp_on_cpu.py"), "eval", str(two), "--output", str(two / "eval-two.json"),
+                      launch=("--use_fsdp", "--fsdp_version=2"))
+    launched = json.loads((two / "eval-two.json").read_text())["metrics"]
+    for key in ("eval/logps/chosen", "eval/logps/rejected", "eval/rewards/margins"):
+        assert launched[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-4), key
 
 
 @needs_fsdp2

@@ -41,6 +41,13 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def sharded_by_fsdp(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) has sharded ``model`` or one of its modules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
 FSDP2_LAUNCH = "accelerate launch --use_fsdp --fsdp_version 2 ..."
 
 

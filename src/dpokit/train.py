@@ -78,6 +78,7 @@ from dpokit.sharding import (
     optimizer_state,
     setup as setup_sharding,
     shard_frozen,
+    sharded_by_fsdp,
     weights_on_main_only,
 )
 from dpokit.varlen import varlen_rows
@@ -88,11 +89,12 @@ def autocast_dtype(training: TrainingConfig) -> torch.dtype | None:
     return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else None
 
 
-def forward_precision(training: TrainingConfig, accelerator):
-    """The precision of forwards through the prepared model: :func:`mixed_precision`, except under
-    FSDP2, whose mixed-precision policy gathers the weights in 16 bits instead (see
-    :func:`dpokit.sharding.setup`)."""
-    return nullcontext() if is_sharded(accelerator) else mixed_precision(training, accelerator.device)
+def forward_precision(training: TrainingConfig, accelerator, scorer: ReplyLogProbs):
+    """The precision of forwards through ``scorer``'s model: :func:`mixed_precision`, except for a
+    model FSDP2 has sharded, whose mixed-precision policy gathers the weights in 16 bits instead (see
+    :func:`dpokit.sharding.setup`). Decided by the model, not the launch: ``dpokit eval`` launched
+    with FSDP scores unsharded models, under the run's autocast like one process."""
+    return nullcontext() if is_sharded(accelerator) and sharded_by_fsdp(scorer.model) else mixed_precision(training, accelerator.device)
 
 
 def mixed_precision(training: TrainingConfig, device: torch.device):
@@ -187,7 +189,7 @@ def pair_statistics(policy: ReplyLogProbs, reference, pairs: list[TokenizedPair]
     reference = as_reference(reference)
     parts = []
     batches = scoring_batches(len(pairs), config.training, accelerator)
-    with torch.no_grad(), forward_precision(config.training, accelerator), eval_mode(policy):
+    with torch.no_grad(), forward_precision(config.training, accelerator, policy), eval_mode(policy):
         for idx, keep in shown(in_lockstep(batches, accelerator, policy), len(batches), progress):
             batch = build_batch([pairs[i] for i in idx], config, pad_id).to(accelerator.device)
             _, stats = score_batch(policy, reference.logps(batch, idx), batch, config)
@@ -290,7 +292,7 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
     def table(pairs: list[TokenizedPair], what: str, batches: list[list[int]], batching: str,
               digest: str | None = None) -> TableReference:
         def compute() -> torch.Tensor:
-            with forward_precision(config.training, accelerator):  # scored as training will score the policy
+            with forward_precision(config.training, accelerator, scorer):  # scored as training will score the policy
                 with adapters_switched_off(scorer) if start.adapters_off else nullcontext():
                     shows = config.run.progress_bar and accelerator.is_local_main_process
                     return compute_table(scorer, pairs, build, batches, accelerator, f"reference: {what}" if shows else None)
@@ -666,7 +668,7 @@ def train(config: Config) -> Path:
                 batch = build_batch([data.train[i] for i in idx], config, pad_id).to(accelerator.device)
                 step_tokens += batch.num_real_tokens
                 with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(scorer):
-                    with forward_precision(config.training, accelerator):
+                    with forward_precision(config.training, accelerator, scorer):
                         loss, stats = score_batch(scorer, train_ref.logps(batch, idx), batch, config)
                     accelerator.backward(scaler.scale(loss.mean() / len(micro)))
                 step_stats.append(stats)

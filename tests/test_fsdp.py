@@ -283,8 +283,8 @@ def test_use_fsdp_on_cpu_processes_says_they_are_not_sharded(workdir, monkeypatc
 def test_sharded_models_are_checked_on_the_host_and_never_placed_whole(workdir):
     """Under FSDP2 the model's one-time checks run on the host and sharding moves each process's
     share to its GPU: the whole model never sits on one GPU (so it need not fit one). Unsharded, or
-    with an attention that has no CPU path, the model goes to the device first. (The device here
-    is ``meta``, to see what moved.)"""
+    with an attention that has no CPU path, the model goes to the device first; under FSDP2 it then
+    goes back to the host for sharding. (The device here is ``meta``: the model's moves are recorded.)"""
     from accelerate.utils import DistributedType
 
     from dpokit.train import placed_for_checks
@@ -293,11 +293,19 @@ def test_sharded_models_are_checked_on_the_host_and_never_placed_whole(workdir):
         def __init__(self, distributed_type):
             self.distributed_type, self.device = distributed_type, torch.device("meta")
 
-    for kind, attn, moved in ((DistributedType.FSDP, "sdpa", False), (DistributedType.FSDP, "dpokit_varlen", False),
-                              (DistributedType.FSDP, "flex_attention", True), (DistributedType.MULTI_GPU, "sdpa", True),
-                              (DistributedType.NO, "sdpa", True)):
-        placed = placed_for_checks(torch.nn.Linear(2, 2), run_config(workdir, "placed", f"attn_implementation={attn}"), Launched(kind))
-        assert placed.weight.is_meta == moved, (kind, attn)
+    class Recorded(torch.nn.Linear):
+        def to(self, device):
+            self.moves.append(str(device))
+            return self
+
+    for kind, attn, moves in ((DistributedType.FSDP, "sdpa", []), (DistributedType.FSDP, "dpokit_varlen", []),
+                              (DistributedType.FSDP, "flex_attention", ["meta", "cpu"]),
+                              (DistributedType.MULTI_GPU, "sdpa", ["meta"]), (DistributedType.NO, "sdpa", ["meta"])):
+        model = Recorded(2, 2)
+        model.moves = []
+        with placed_for_checks(model, run_config(workdir, "placed", f"attn_implementation={attn}"), Launched(kind)) as placed:
+            assert placed is model and model.moves == moves[:1], (kind, attn)
+        assert model.moves == moves, (kind, attn)
 
 
 def test_reference_tables_of_sharded_16bit_runs_are_cached_apart(workdir):

@@ -13,7 +13,8 @@ import json
 import math
 import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -159,10 +160,12 @@ def checked_scorer(model: torch.nn.Module, config: Config, accelerator) -> Reply
     only the main process holds the weights before sharding (:func:`weights_on_main_only`), the main
     process runs the checks and the others take what they found."""
     if not weights_on_main_only(accelerator):
-        return reply_scorer(placed_for_checks(model, config, accelerator), config.training, config.data.max_length)
+        with placed_for_checks(model, config, accelerator) as placed:
+            return reply_scorer(placed, config.training, config.data.max_length)
     findings = [None]
     if accelerator.is_main_process:
-        scorer = reply_scorer(placed_for_checks(model, config, accelerator), config.training, config.data.max_length)
+        with placed_for_checks(model, config, accelerator) as placed:
+            scorer = reply_scorer(placed, config.training, config.data.max_length)
         findings = [probe_findings(model)]
     broadcast_object_list(findings)
     if accelerator.is_main_process:
@@ -331,13 +334,22 @@ def place_frozen(model: torch.nn.Module, config: Config, accelerator) -> ReplyLo
     return scorer
 
 
-def placed_for_checks(model: torch.nn.Module, config: Config, accelerator) -> torch.nn.Module:
+@contextmanager
+def placed_for_checks(model: torch.nn.Module, config: Config, accelerator) -> Iterator[torch.nn.Module]:
     """``model`` where its one-time checks (short eager forwards, :func:`reply_scorer`) run before
     training: on this process's device; under FSDP2 on the host instead, where sharding then moves
     each process's share to its GPU, so the whole model is never on one GPU. An attention without a
-    CPU path (the flash-attn package's, flex_attention, a hub kernel) is checked on the device."""
-    runs_on_cpu = config.model.attn_implementation in (*CPU_ATTENTION, VARLEN_ATTENTION)
-    return model if is_sharded(accelerator) and runs_on_cpu else model.to(accelerator.device)
+    CPU path (the flash-attn package's, flex_attention, a hub kernel) is checked on the device, then
+    under FSDP2 goes back to the host (the whole model on one GPU only during the checks)."""
+    sharded = is_sharded(accelerator)
+    if sharded and config.model.attn_implementation in (*CPU_ATTENTION, VARLEN_ATTENTION):
+        yield model
+        return
+    yield model.to(accelerator.device)
+    if sharded:
+        model.to("cpu")
+        if accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch.optim.AdamW(fused=True) runs (torch >= 2.4 on the CPU)

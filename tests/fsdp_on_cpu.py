@@ -11,7 +11,6 @@ FSDP2's, with gloo collectives.
     accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 tests/fsdp_on_cpu.py train cfg.yaml ...
 """
 
-import os
 import sys
 
 import accelerate
@@ -58,28 +57,9 @@ def _reporting_weight_reads():
     modeling._from_pretrained = reporting
 
 
-def _exit_now() -> None:
-    """End this process (exit code 0) without Python's teardown, once a command has succeeded.
-
-    ``fully_shard`` of nested modules (one unit per layer, then the root) leaves a child module
-    alive through a reference no Python object holds (torch 2.13, seen with a ``Sequential`` of two
-    ``Linear``; its FSDP state, parameter group and mesh info stay with it), so the gloo process
-    group they use is never freed: after
-    ``destroy_process_group`` gloo's threads (``pt_gloo_runloop``, ``gloo_tcp_loop``) keep running
-    into the interpreter's teardown, where they aborted about 1 successful two-process run in 40
-    under load ("terminate called without an active exception", then SIGSEGV or SIGABRT). The
-    command has finished (files closed, the group destroyed), so nothing is lost by skipping that
-    teardown. Only these CPU test runs meet it (Accelerate shards on accelerators only); on GPUs the
-    group is NCCL's, whose shutdown in ``destroy_process_group`` stops its threads (not seen here)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
     from dpokit.cli import main
 
     accelerate.Accelerator.__init__ = _init_sharded_on_cpu
     _reporting_weight_reads()
-    main(sys.argv[1:])  # a refused or failed command raises (SystemExit, its exception) and ends as usual
-    _exit_now()
+    sys.exit(main(sys.argv[1:]))  # a launched process's main() ends it (dpokit.launch)

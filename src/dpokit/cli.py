@@ -114,9 +114,11 @@ def main(argv: list[str] | None = None) -> None:
 
     for category, message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    from dpokit import launch
     from dpokit.config import ConfigError, load_config, split_config_argument
     from dpokit.data.sources import DataError
 
+    launch.EXITS_WHEN_DONE = launch.launched()  # a launched process ends itself once its command succeeded
     try:
         if args.command == "train":
             from dpokit.train import train
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # output piped into a reader that stopped (`| head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so flushing at exit does not fail again
         sys.exit(1)
+    if launch.EXITS_WHEN_DONE:
+        launch.exit_now()
 
 
 OTHER_PROCESS_ERROR_DELAY = 5.0

@@ -111,6 +111,7 @@ def _eval(args) -> None:
 
     from dpokit.config import ConfigError
     from dpokit.evaluate import evaluate_model
+    from dpokit.launch import end_process_group
     from dpokit.resolve import output_dir, write_text_atomic
 
     if args.output and Path(args.output).is_dir():  # said before any model is loaded
@@ -118,11 +119,10 @@ def _eval(args) -> None:
     report, model = evaluate_model(args.model, args.reference, args.data, args.split, args.max_pairs,
                                    args.batch_size, args.max_length, args.beta, args.dtype)
     # launched on several processes: every one holds the same report, and what is left is the main
-    # process's writing. End the process group now: left to the interpreter's exit, gloo's threads
-    # can abort a process ("terminate called without an active exception").
+    # process's writing. End the process group now (see dpokit.launch).
     state = PartialState()
     state.wait_for_everyone()
-    state.destroy_process_group()
+    end_process_group(state)
     if not state.is_main_process:
         return
     path = Path(args.output) if args.output else output_dir(model) / f"eval{model.file_suffix}.json"

@@ -38,6 +38,7 @@ from dpokit.config import (
 from dpokit.data.batching import Batch, eval_batches, first_epoch_micro_batches, global_batches, local_micro_batches, make_batch
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
+from dpokit.launch import end_process_group
 from dpokit.logps import ReplyLogProbs, adopt_findings, check_rows_kept_apart, check_window, probe_findings
 from dpokit.losses import PairLogps, preference_loss
 from dpokit.metrics import LogWindow, MetricsLog, token_means, token_sums
@@ -478,8 +479,8 @@ are not measured) keep the group until the process exits, as they always did."""
 
 def new_accelerator(timeout_s: int = RunConfig.ddp_timeout, **kwargs) -> Accelerator:
     """An ``Accelerator`` on this machine's device (gloo CPU processes without one): it starts the
-    process group of a launched run, which ``end_training`` destroys, with collectives that wait up
-    to ``timeout_s`` seconds (``run.ddp_timeout``) for the other processes.
+    process group of a launched run, which :func:`dpokit.launch.end_process_group` ends, with
+    collectives that wait up to ``timeout_s`` seconds (``run.ddp_timeout``) for the other processes.
 
     From torch 2.13 (:data:`GLOO_RELEASED_FROM`), ``torch.distributed.nn`` is imported before that:
     its functions take ``group.WORLD`` as a default argument, so imported after the group exists
@@ -745,5 +746,5 @@ def train(config: Config) -> Path:
 
         say(make_report(out, plots=r.plots))
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_process_group(accelerator)
     return out

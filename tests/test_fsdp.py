@@ -6,6 +6,7 @@ tests/fsdp_on_cpu.py, which lifts Accelerate's accelerator-only gate for FSDP (s
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,35 @@ def test_sharded_run_matches_one_process_compiled_and_under_varlen(workdir, opti
     compiled = name == "torch_compile"
     assert_same_rows(read_rows(one), read_rows(two), tuple(k for k in COMPARED if not (compiled and k == "rewards/accuracies")))
     assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
+
+
+def test_every_process_reads_the_weights_it_loads(workdir, monkeypatch):
+    """Launched with Accelerate's FSDP ``cpu_ram_efficient_loading``, transformers 4.x read the
+    weights on each machine's first process only, leaving the others' models uninitialized:
+    ``dpokit eval`` launched so scored garbage on them (its check of the model refused it). Here
+    one gloo process posing as a machine's second (LOCAL_RANK=1) loads the model as dpokit does."""
+    import socket
+
+    import torch.distributed as dist
+
+    from dpokit.config import ModelConfig
+    from dpokit.modeling import load_causal_lm
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ACCELERATE_USE_FSDP": "true",
+                       "FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = load_causal_lm(ModelConfig(name_or_path=str(workdir / "model")))
+    finally:
+        dist.destroy_process_group()
+    saved = load_file(workdir / "model" / "model.safetensors")
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[name], weight) for name, weight in saved.items())
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"  # the launch's setting, restored
 
 
 def test_a_model_built_empty_holds_no_weights_in_memory(workdir, tmp_path):

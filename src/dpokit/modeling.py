@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -83,6 +84,25 @@ def no_model_config(path: str) -> str | None:
     return f"{path} holds no config.json, so it is no Hugging Face model folder"
 
 
+@contextmanager
+def every_weight_read():
+    """Loading inside it reads every weight in every process. Launched with Accelerate's FSDP
+    ``cpu_ram_efficient_loading`` (``FSDP_CPU_RAM_EFFICIENT_LOADING=true``), transformers 4.x reads
+    them on the first process of each machine only and leaves the others' models uninitialized,
+    for sharding to fill from the first; ``dpokit eval`` and ``compare`` never shard, and training
+    builds the models it fills that way itself (:func:`empty_causal_lm`)."""
+    key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+    saved = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = saved
+
+
 def _from_pretrained(loader, path: str, what: str, **kwargs):
     if what in ("model", "model config") and (why := no_model_config(path)):
         raise ConfigError(f"could not load the {what} from '{path}': {why}")
@@ -90,7 +110,8 @@ def _from_pretrained(loader, path: str, what: str, **kwargs):
         raise ConfigError(f"could not load the {what} from '{path}'{not_here(path)}: {why}.\n"
                           f"Give a local folder with config.json and weights or builtin:tiny-qwen2, or {OFFLINE_HINT}.")
     try:
-        return loader.from_pretrained(path, **kwargs)
+        with every_weight_read():
+            return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(

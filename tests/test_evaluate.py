@@ -164,9 +164,10 @@ def test_hub_revisions_and_a_models_own_config_yaml(tmp_path):
     adapter = tmp_path / "sft-adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
-    run.model.use_peft, run.model.adapter_name_or_path = True, str(adapter)
-    reference = default_reference(ResolvedModel("unused", tmp_path, run, "final"))
-    assert reference.path == str(adapter) and reference.load_settings == run.model  # base + the starting adapter
+    for use_peft in (True, False):  # adapter_name_or_path alone trains that adapter too
+        run.model.use_peft, run.model.adapter_name_or_path = use_peft, str(adapter)
+        reference = default_reference(ResolvedModel("unused", tmp_path, run, "final"))
+        assert reference.path == str(adapter) and reference.load_settings == run.model  # base + the starting adapter
     model = tmp_path / "hf-model"
     model.mkdir()
     (model / "config.json").write_text("{}")

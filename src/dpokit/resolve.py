@@ -136,7 +136,7 @@ def default_reference(model: ResolvedModel) -> ResolvedModel | None:
         m = model.run_config.model
         if m.ref_model_name_or_path:
             reference = resolve_model(m.ref_model_name_or_path, m.ref_revision)
-        elif m.use_peft and m.adapter_name_or_path:  # training started from base + this adapter
+        elif m.adapter_name_or_path:  # training started from base + this adapter (with or without use_peft: true)
             reference = resolve_model(m.adapter_name_or_path)
         else:
             reference = resolve_model(m.name_or_path, m.revision)

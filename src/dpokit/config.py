@@ -182,7 +182,8 @@ class TrainingConfig:
     trained weights must be float32: ``dtype: float32``, or LoRA (float32 adapters) on a base of
     any dtype; a QLoRA base then computes in float16 with ``dtype: float16``."""
     padding_free: bool = True
-    """Pack each micro-batch's sequences into one row with restarting positions: no padding."""
+    """Pack each micro-batch's sequences back to back into rows of up to 2 x ``max_length`` tokens
+    (usually one) with restarting positions: padding only where rows differ in length."""
     prefix_sharing: bool = True
     """One sequence per pair (prompt once, then chosen, then rejected) with a mask that keeps
     rejected tokens from seeing chosen ones: the prompt is computed once, not twice."""

@@ -124,13 +124,19 @@ def test_a_loss_setting_no_chosen_loss_reads_is_refused(tmp_path):
         ("loss_type=[simpo,sft]", "length_normalize=false"): "length_normalize applies to the losses with a reference",
         ("loss_type=[sigmoid,simpo]", "length_normalize=false"): "cannot apply to simpo",
         ("loss_type=[sigmoid]", "simpo_gamma=1.0"): "simpo_gamma=1.0 is SimPO's target margin",
+        ("loss_type=[sigmoid]", "discopop_tau=0.1"): "discopop_tau=0.1 is DiscoPOP's temperature",
+        ("loss_type=[exo_pair]",): r"loss exo_pair needs label_smoothing > 0.*e\.g\. 1e-3",
+        ("loss_type=[discopop]", "discopop_tau=0"): r"loss.discopop_tau must be > 0, got 0",
+        ("loss_type=[apo_zero]", "label_smoothing=0.1"): "applies to sigmoid, robust, simpo, exo_pair",
     }
     for overrides, message in refused.items():
         with pytest.raises(ConfigError, match=message):
             load_config(write(tmp_path, BASE), list(overrides))
     for overrides in (["loss_type=[ipo,sigmoid]", "label_smoothing=0.2"], ["loss_type=[simpo]", "label_smoothing=0.1"],
                       ["loss_type=[ipo]", "length_normalize=false"], ["loss_type=[simpo,sigmoid]", "length_normalize=true"],
-                      ["loss_type=[simpo]", "simpo_gamma=1.0"], ["loss_type=[sft]", "simpo_gamma=0.5"]):
+                      ["loss_type=[simpo]", "simpo_gamma=1.0"], ["loss_type=[sft]", "simpo_gamma=0.5"],
+                      ["loss_type=[discopop]", "discopop_tau=0.1"], ["loss_type=[exo_pair]", "label_smoothing=1e-3"],
+                      ["loss_type=[nca_pair]", "length_normalize=true"]):
         load_config(write(tmp_path, BASE), overrides)
 
 

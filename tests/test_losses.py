@@ -55,6 +55,57 @@ def test_length_normalized_sigmoid():
     assert loss_of(loss_type=["sigmoid"], beta=0.1, length_normalize=True) == pytest.approx(-logsig(0.05), abs=1e-6)
 
 
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+# each reply's own log-ratio in LOGPS: c = -10 - -11 = 1.0, r = -12 - -11.5 = -0.5 (h = c - r = 1.5)
+@pytest.mark.parametrize("settings, expected", [
+    ({"loss_type": ["exo_pair"], "beta": 0.1, "label_smoothing": 1e-3},
+     sig(0.15) * (logsig(0.15) - math.log(1 - 1e-3)) + sig(-0.15) * (logsig(-0.15) - math.log(1e-3))),
+    ({"loss_type": ["nca_pair"], "beta": 0.1}, -logsig(0.1) - 0.5 * logsig(-0.1) - 0.5 * logsig(0.05)),
+    ({"loss_type": ["bco_pair"], "beta": 0.1}, -logsig(0.1) - logsig(0.05)),
+    ({"loss_type": ["sppo_hard"], "beta": 0.1}, (1.0 - 5) ** 2 + (-0.5 + 5) ** 2),
+    ({"loss_type": ["sppo_hard"], "beta": 0.1, "length_normalize": True}, (0.25 - 5) ** 2 + (-0.25 + 5) ** 2),  # c, r per token
+    ({"loss_type": ["apo_zero"], "beta": 0.1}, 1 - sig(0.1) + sig(-0.05)),
+    ({"loss_type": ["apo_zero"], "beta": 2.0}, 1 - sig(2.0) + sig(-1.0)),
+    ({"loss_type": ["apo_down"], "beta": 0.1}, sig(0.1) + 1 - sig(0.15)),
+    ({"loss_type": ["discopop"], "beta": 0.1}, -logsig(0.15) * (1 - sig(3.0)) + math.exp(-0.15) * sig(3.0)),
+    ({"loss_type": ["discopop"], "beta": 0.1, "discopop_tau": 0.5}, -logsig(0.15) * (1 - sig(0.3)) + math.exp(-0.15) * sig(0.3)),
+    ({"loss_type": ["apo_zero", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.1}, 1 - sig(0.1) + sig(-0.05) + 0.5 * 10 / 4),
+])
+def test_losses_of_each_replys_log_ratio(settings, expected):
+    """TRL 1.16's exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down and discopop, by hand."""
+    assert loss_of(**settings) == pytest.approx(expected, abs=1e-6)
+
+
+def test_discopop_is_finite_where_its_exponential_alone_overflows():
+    """exp(-βh) overflows float32 at βh = -100 while its weight σ(βh/τ) is 0: the loss is the logistic
+    part alone (about 100), and its gradient the logistic one's, not NaN."""
+    from dpokit.losses import discopop_loss
+
+    h = torch.tensor([-1000.0, 1.5, 40.0], requires_grad=True)
+    loss = discopop_loss(h, beta=0.1, tau=0.05)
+    assert loss[0].item() == pytest.approx(100.0, abs=1e-4)
+    naive = lambda x: -torch.nn.functional.logsigmoid(0.1 * x) * (1 - torch.sigmoid(2 * x)) + torch.exp(-0.1 * x) * torch.sigmoid(2 * x)
+    assert naive(h.detach())[0].isnan()  # what the plain form would give
+    loss.sum().backward()
+    x = h.detach()[1:].clone().requires_grad_(True)
+    naive(x).sum().backward()
+    torch.testing.assert_close(loss[1:], naive(x).detach())
+    torch.testing.assert_close(h.grad[1:], x.grad)
+    assert h.grad[0].item() == pytest.approx(-0.1, abs=1e-6)  # d/dh of -log σ(0.1 h) far below 0
+
+
+def test_every_loss_the_config_takes_is_one_the_loss_knows():
+    import typing
+
+    from dpokit.config import LossName
+    from dpokit.losses import ALL_LOSSES
+
+    assert sorted(typing.get_args(LossName)) == sorted(ALL_LOSSES)
+
+
 def test_simpo_needs_no_reference():
     free = PairLogps(chosen=LOGPS.chosen, rejected=LOGPS.rejected, chosen_tokens=LOGPS.chosen_tokens, rejected_tokens=LOGPS.rejected_tokens)
     loss, stats = preference_loss(free, ["simpo"], beta=2.0, simpo_gamma=0.5)
@@ -198,6 +249,10 @@ def scored(loss_settings: dict, with_reference: bool = True) -> tuple[float, dic
     ({"loss_type": ["hinge"], "beta": 0.4}, 1 - 0.4 * H),
     ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.2], "beta": 0.1}, -logsig(0.15) + 0.2 * 10 / 4),
     ({"loss_type": ["sigmoid", "sft"], "loss_weights": [0.5, 2.0], "beta": 0.1}, -0.5 * logsig(0.15) + 2.0 * 10 / 4),
+    ({"loss_type": ["discopop"], "beta": 0.1, "discopop_tau": 0.5}, -logsig(0.15) * (1 - sig(0.3)) + math.exp(-0.15) * sig(0.3)),
+    ({"loss_type": ["exo_pair"], "beta": 0.1, "label_smoothing": 0.01},
+     sig(0.15) * (logsig(0.15) - math.log(0.99)) + sig(-0.15) * (logsig(-0.15) - math.log(0.01))),
+    ({"loss_type": ["apo_down"], "beta": 0.1, "length_normalize": True}, sig(0.025) + 1 - sig(0.05)),
 ])
 def test_the_training_step_scores_with_the_configured_loss(settings, expected):
     """What the loop computes (score_batch) under each setting, against the value by hand: a setting

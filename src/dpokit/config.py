@@ -203,7 +203,9 @@ class TrainingConfig:
     """Reply tokens per output-layer chunk when computing log-probs (memory vs. speed)."""
 
 
-LossName = Literal["sigmoid", "ipo", "hinge", "robust", "sft", "simpo"]
+LossName = Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+                   "apo_down", "discopop", "sft", "simpo"]
+"""dpokit.losses.ALL_LOSSES, spelled out for the type checks of config values."""
 
 
 @dataclass
@@ -214,13 +216,17 @@ class LossConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0
     """Probability that a pair's label is flipped (cDPO / robust DPO); in [0, 0.5). Read by
-    ``sigmoid``, ``robust`` and ``simpo``; refused when ``loss_type`` has none of them."""
+    ``sigmoid``, ``robust``, ``simpo`` and ``exo_pair`` (which needs it > 0, e.g. 1e-3); refused
+    when ``loss_type`` has none of them."""
     length_normalize: bool | None = None
     """Average log-prob per reply token instead of the sum, for the losses with a reference
-    (sigmoid, robust, ipo, hinge). None: on for ``ipo`` (as TRL), off for the others. ``simpo``
+    (all but simpo and sft). None: on for ``ipo`` (as TRL), off for the others. ``simpo``
     and ``sft`` always average; setting it without a loss it applies to is refused."""
     simpo_gamma: float = 0.5
     """SimPO target reward margin; refused at another value when ``loss_type`` has no simpo."""
+    discopop_tau: float = 0.05
+    """DiscoPOP's temperature (> 0) of the mix of its logistic and exponential parts (TRL's
+    default); refused at another value when ``loss_type`` has no discopop."""
 
 
 @dataclass
@@ -508,6 +514,16 @@ def _check_loss_settings_apply(lo: LossConfig) -> None:
             f"loss.simpo_gamma={lo.simpo_gamma} is SimPO's target margin, but loss_type {lo.loss_type} has no simpo: "
             "add simpo to loss_type, or remove simpo_gamma"
         )
+    if lo.discopop_tau != LossConfig.discopop_tau and "discopop" not in lo.loss_type:
+        raise ConfigError(
+            f"loss.discopop_tau={lo.discopop_tau} is DiscoPOP's temperature, but loss_type {lo.loss_type} has no "
+            "discopop: add discopop to loss_type, or remove discopop_tau"
+        )
+    if "exo_pair" in lo.loss_type and lo.label_smoothing == 0:
+        raise ConfigError(
+            "loss exo_pair needs label_smoothing > 0: it is ε of EXO's target (1-ε, ε), whose log would be -inf "
+            "at 0; set label_smoothing to a small value, e.g. 1e-3"
+        )
 
 
 def _beside_config(path: str, base_dir: Path, where: str, refuse_both: bool = True) -> str:
@@ -654,7 +670,7 @@ def validate(config: Config, base_dir: Path | None = None, for_training: bool = 
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
         raise ConfigError("set training.max_steps > 0 or training.num_train_epochs > 0")
     if not lo.loss_type:
-        raise ConfigError("loss.loss_type is empty: name at least one of sigmoid, ipo, hinge, robust, sft, simpo")
+        raise ConfigError(f"loss.loss_type is empty: name at least one of {', '.join(typing.get_args(LossName))}")
     if len(set(lo.loss_type)) != len(lo.loss_type):
         raise ConfigError(f"loss.loss_type lists a loss twice: {lo.loss_type}")
     if lo.loss_weights is not None and len(lo.loss_weights) != len(lo.loss_type):
@@ -669,6 +685,8 @@ def validate(config: Config, base_dir: Path | None = None, for_training: bool = 
         )
     if lo.beta <= 0:
         raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")
+    if lo.discopop_tau <= 0:
+        raise ConfigError(f"loss.discopop_tau must be > 0, got {lo.discopop_tau}")
     if not 0.0 <= lo.label_smoothing < 0.5:
         raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
     if t.prefix_sharing and config.model.attn_implementation not in (None, *PREFIX_ATTENTION):

@@ -17,20 +17,35 @@ where the log-probs are summed over reply tokens, or averaged when length-normal
              -(1-ε) log σ(β Δ - γ) - ε log σ(-(β Δ - γ)),  Δ = avg log π(y_c|x) - avg log π(y_r|x)
     sft      negative log-likelihood of the chosen reply per token: -log π(y_c|x) / |y_c|
 
+The losses below read each reply's log-ratio on its own, c = log π(y_c|x) - log ref(y_c|x) and
+r = log π(y_r|x) - log ref(y_r|x) (so h = c - r), and follow TRL 1.16's definitions:
+
+    exo_pair  (EXO, Ji et al. 2024; ε > 0): KL(q || p) of q = (σ(βh), σ(-βh)) to p = (1-ε, ε):
+              σ(βh) [log σ(βh) - log(1-ε)] + σ(-βh) [log σ(-βh) - log ε]
+    nca_pair  (NCA, Chen et al. 2024): -log σ(βc) - ½ log σ(-βc) - ½ log σ(-βr)
+    bco_pair  (BCO, Jung et al. 2024, without its running-mean shift, as TRL 1.16): -log σ(βc) - log σ(-βr)
+    sppo_hard (SPPO, Wu et al. 2024, hard labels): (c - 1/(2β))² + (r + 1/(2β))²
+    apo_zero  (APO, D'Oosterlinck et al. 2024): 1 - σ(βc) + σ(βr)
+    apo_down  (APO): σ(βc) + 1 - σ(βh)
+    discopop  (DiscoPOP, Lu et al. 2024): with m = σ(βh/τ),
+              (1 - m)(-log σ(βh)) + m exp(-βh)
+
 Any of them combine with weights, e.g. ``[sigmoid, sft]`` with ``[1.0, 0.2]`` (RPO).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-PAIRWISE_WITH_REFERENCE = ("sigmoid", "robust", "ipo", "hinge")
+PAIRWISE_WITH_REFERENCE = ("sigmoid", "robust", "ipo", "hinge",
+                           "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop")
 REFERENCE_FREE = ("simpo", "sft")
 ALL_LOSSES = PAIRWISE_WITH_REFERENCE + REFERENCE_FREE
-LABEL_SMOOTHED = ("sigmoid", "robust", "simpo")
+LABEL_SMOOTHED = ("sigmoid", "robust", "simpo", "exo_pair")
 """The losses that read ``label_smoothing`` (ε above)."""
 
 
@@ -53,6 +68,75 @@ def ipo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
 def hinge_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
     """SLiC hinge. h: [P] -> [P]."""
     return torch.relu(1 - beta * h)
+
+
+def exo_pair_loss(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    """EXO's pairwise form: the KL divergence of the policy's implied preference (σ(βh), σ(-βh))
+    from the target (1-ε, ε); ε must be > 0 (the target's log). h: [P] -> [P]."""
+    eps = label_smoothing
+    log_q_chosen, log_q_rejected = F.logsigmoid(beta * h), F.logsigmoid(-beta * h)
+    return (log_q_chosen.exp() * (log_q_chosen - math.log1p(-eps))
+            + log_q_rejected.exp() * (log_q_rejected - math.log(eps)))
+
+
+def nca_pair_loss(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: float) -> torch.Tensor:
+    """NCA: raises the chosen reply's own reward, not only the margin. [P], [P] -> [P]."""
+    c, r = beta * chosen_ratio, beta * rejected_ratio
+    return -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
+
+
+def bco_pair_loss(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: float) -> torch.Tensor:
+    """BCO's binary classifier, each reply's reward on its own side of 0. [P], [P] -> [P]."""
+    return -F.logsigmoid(beta * chosen_ratio) - F.logsigmoid(-beta * rejected_ratio)
+
+
+def sppo_hard_loss(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: float) -> torch.Tensor:
+    """SPPO with hard win probabilities: chosen log-ratio towards 1/(2β), rejected towards -1/(2β).
+    [P], [P] -> [P]."""
+    return (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+
+
+def apo_zero_loss(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: float) -> torch.Tensor:
+    """APO-zero: chosen likelihood up and rejected down, for replies better than the model's own.
+    [P], [P] -> [P]."""
+    return 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
+
+
+def apo_down_loss(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: float) -> torch.Tensor:
+    """APO-down: both likelihoods down, the rejected more, for replies worse than the model's own.
+    [P], [P] -> [P]."""
+    return torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(beta * (chosen_ratio - rejected_ratio))
+
+
+def discopop_loss(h: torch.Tensor, beta: float, tau: float) -> torch.Tensor:
+    """DiscoPOP: the logistic loss and the exponential loss exp(-βh), mixed by σ(βh/τ). The
+    exponential part is taken as exp(-βh + log σ(βh/τ)): the same value, finite where exp(-βh)
+    alone overflows and its weight is 0. h: [P] -> [P]."""
+    logits = beta * h
+    mix = torch.sigmoid(logits / tau)
+    return -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits + F.logsigmoid(logits / tau))
+
+
+def with_reference_loss(name: str, chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: float,
+                        label_smoothing: float = 0.0, discopop_tau: float = 0.05) -> torch.Tensor:
+    """The loss ``name`` (one of :data:`PAIRWISE_WITH_REFERENCE`) of each pair's log-ratios
+    c = log π(y_c|x) - log ref(y_c|x) and r (the rejected reply's), each [P] -> [P]."""
+    h = chosen_ratio - rejected_ratio
+    if name == "sigmoid":
+        return sigmoid_loss(h, beta, label_smoothing)
+    if name == "robust":
+        return robust_loss(h, beta, label_smoothing)
+    if name == "ipo":
+        return ipo_loss(h, beta)
+    if name == "hinge":
+        return hinge_loss(h, beta)
+    if name == "exo_pair":
+        return exo_pair_loss(h, beta, label_smoothing)
+    if name == "discopop":
+        return discopop_loss(h, beta, discopop_tau)
+    by_ratio = {"nca_pair": nca_pair_loss, "bco_pair": bco_pair_loss, "sppo_hard": sppo_hard_loss,
+                "apo_zero": apo_zero_loss, "apo_down": apo_down_loss}
+    return by_ratio[name](chosen_ratio, rejected_ratio, beta)
 
 
 def simpo_loss(
@@ -111,6 +195,7 @@ def preference_loss(
     label_smoothing: float = 0.0,
     length_normalize: bool | None = None,
     simpo_gamma: float = 0.5,
+    discopop_tau: float = 0.05,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the named losses, with TRL's per-pair reward statistics.
 
@@ -133,17 +218,10 @@ def preference_loss(
         if name in PAIRWISE_WITH_REFERENCE:
             if not has_ref:
                 raise ValueError(f"loss '{name}' needs reference log-probs")
-            h = (scaled(name, logps.chosen, logps.chosen_tokens) - scaled(name, logps.rejected, logps.rejected_tokens)) - (
-                scaled(name, logps.ref_chosen, logps.chosen_tokens) - scaled(name, logps.ref_rejected, logps.rejected_tokens)
-            )
-            if name == "sigmoid":
-                loss = sigmoid_loss(h, beta, label_smoothing)
-            elif name == "robust":
-                loss = robust_loss(h, beta, label_smoothing)
-            elif name == "ipo":
-                loss = ipo_loss(h, beta)
-            else:
-                loss = hinge_loss(h, beta)
+            chosen_ratio = scaled(name, logps.chosen, logps.chosen_tokens) - scaled(name, logps.ref_chosen, logps.chosen_tokens)
+            rejected_ratio = (scaled(name, logps.rejected, logps.rejected_tokens)
+                              - scaled(name, logps.ref_rejected, logps.rejected_tokens))
+            loss = with_reference_loss(name, chosen_ratio, rejected_ratio, beta, label_smoothing, discopop_tau)
         elif name == "simpo":
             loss = simpo_loss(
                 per_token(logps.chosen, logps.chosen_tokens),

@@ -136,7 +136,7 @@ def test_a_loss_setting_no_chosen_loss_reads_is_refused(tmp_path):
                       ["loss_type=[ipo]", "length_normalize=false"], ["loss_type=[simpo,sigmoid]", "length_normalize=true"],
                       ["loss_type=[simpo]", "simpo_gamma=1.0"], ["loss_type=[sft]", "simpo_gamma=0.5"],
                       ["loss_type=[discopop]", "discopop_tau=0.1"], ["loss_type=[exo_pair]", "label_smoothing=1e-3"],
-                      ["loss_type=[nca_pair]", "length_normalize=true"]):
+                      ["loss_type=[nca_pair]", "length_normalize=true"], ["loss_type=[aot_unpaired]", "label_smoothing=0.1"]):
         load_config(write(tmp_path, BASE), overrides)
 
 

@@ -79,6 +79,29 @@ def test_losses_of_each_replys_log_ratio(settings, expected):
     assert loss_of(**settings) == pytest.approx(expected, abs=1e-6)
 
 
+# three pairs: policy margins log π(y_c) - log π(y_r) = [2, -1, 3], reference margins [-2, -1, 3];
+# chosen log-ratios c = [3, 1, -1], rejected r = [-1, 1, -1]
+THREE = PairLogps(
+    chosen=torch.tensor([-10.0, -8.0, -6.0]), rejected=torch.tensor([-12.0, -7.0, -9.0]),
+    chosen_tokens=torch.tensor([4.0, 2.0, 1.0]), rejected_tokens=torch.tensor([2.0, 2.0, 3.0]),
+    ref_chosen=torch.tensor([-13.0, -9.0, -5.0]), ref_rejected=torch.tensor([-11.0, -8.0, -8.0]),
+)
+
+
+@pytest.mark.parametrize("loss_type, label_smoothing, deltas", [
+    ("aot", 0.0, [1.0, 3.0, 0.0]),  # sorted [-1, 2, 3] - sorted [-2, -1, 3]
+    ("aot_unpaired", 0.0, [0.0, 2.0, 2.0]),  # sorted c [-1, 1, 3] - sorted r [-1, -1, 1]
+    ("aot", 0.2, [1.0, 3.0, 0.0]),
+])
+def test_aot_sorts_the_margins_of_the_micro_batch(loss_type, label_smoothing, deltas):
+    loss, _ = preference_loss(THREE, [loss_type], beta=0.5, label_smoothing=label_smoothing)
+    expected = [-(1 - label_smoothing) * logsig(0.5 * d) - label_smoothing * logsig(-0.5 * d) for d in deltas]
+    assert sorted(loss.tolist()) == pytest.approx(sorted(expected), abs=1e-6)
+    one = PairLogps(*(t[:1] for t in (THREE.chosen, THREE.rejected, THREE.chosen_tokens, THREE.rejected_tokens,
+                                      THREE.ref_chosen, THREE.ref_rejected)))
+    assert preference_loss(one, [loss_type], beta=0.5)[0].item() == pytest.approx(-logsig(0.5 * 4.0), abs=1e-6)  # sigmoid's
+
+
 def test_discopop_is_finite_where_its_exponential_alone_overflows():
     """exp(-βh) overflows float32 at βh = -100 while its weight σ(βh/τ) is 0: the loss is the logistic
     part alone (about 100), and its gradient the logistic one's, not NaN."""

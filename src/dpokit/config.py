@@ -204,7 +204,7 @@ class TrainingConfig:
 
 
 LossName = Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
-                   "apo_down", "discopop", "sft", "simpo"]
+                   "apo_down", "discopop", "aot", "aot_unpaired", "sft", "simpo"]
 """dpokit.losses.ALL_LOSSES, spelled out for the type checks of config values."""
 
 
@@ -216,8 +216,8 @@ class LossConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0
     """Probability that a pair's label is flipped (cDPO / robust DPO); in [0, 0.5). Read by
-    ``sigmoid``, ``robust``, ``simpo`` and ``exo_pair`` (which needs it > 0, e.g. 1e-3); refused
-    when ``loss_type`` has none of them."""
+    ``sigmoid``, ``robust``, ``simpo``, ``aot``, ``aot_unpaired`` and ``exo_pair`` (which needs it
+    > 0, e.g. 1e-3); refused when ``loss_type`` has none of them."""
     length_normalize: bool | None = None
     """Average log-prob per reply token instead of the sum, for the losses with a reference
     (all but simpo and sft). None: on for ``ipo`` (as TRL), off for the others. ``simpo``

@@ -29,6 +29,9 @@ r = log π(y_r|x) - log ref(y_r|x) (so h = c - r), and follow TRL 1.16's definit
     apo_down  (APO): σ(βc) + 1 - σ(βh)
     discopop  (DiscoPOP, Lu et al. 2024): with m = σ(βh/τ),
               (1 - m)(-log σ(βh)) + m exp(-βh)
+    aot       (AOT, Melnyk et al. 2024): sigmoid's loss of sort(log π(y_c|x) - log π(y_r|x)) minus
+              sort(log ref(y_c|x) - log ref(y_r|x)), sorted over the micro-batch's pairs
+    aot_unpaired  the same of sort(c) - sort(r)
 
 Any of them combine with weights, e.g. ``[sigmoid, sft]`` with ``[1.0, 0.2]`` (RPO).
 """
@@ -42,10 +45,11 @@ import torch
 import torch.nn.functional as F
 
 PAIRWISE_WITH_REFERENCE = ("sigmoid", "robust", "ipo", "hinge",
-                           "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop")
+                           "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
+                           "aot", "aot_unpaired")
 REFERENCE_FREE = ("simpo", "sft")
 ALL_LOSSES = PAIRWISE_WITH_REFERENCE + REFERENCE_FREE
-LABEL_SMOOTHED = ("sigmoid", "robust", "simpo", "exo_pair")
+LABEL_SMOOTHED = ("sigmoid", "robust", "simpo", "exo_pair", "aot", "aot_unpaired")
 """The losses that read ``label_smoothing`` (ε above)."""
 
 
@@ -117,10 +121,21 @@ def discopop_loss(h: torch.Tensor, beta: float, tau: float) -> torch.Tensor:
     return -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits + F.logsigmoid(logits / tau))
 
 
-def with_reference_loss(name: str, chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: float,
-                        label_smoothing: float = 0.0, discopop_tau: float = 0.05) -> torch.Tensor:
-    """The loss ``name`` (one of :data:`PAIRWISE_WITH_REFERENCE`) of each pair's log-ratios
-    c = log π(y_c|x) - log ref(y_c|x) and r (the rejected reply's), each [P] -> [P]."""
+def aot_loss(policy_margin: torch.Tensor, ref_margin: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """AOT: the policy's margins log π(y_c|x) - log π(y_r|x) of the batch, sorted, against the
+    reference's, sorted (a distributional dominance of the first over the second), in DPO's loss
+    (cDPO's with ``label_smoothing``). Also AOT's unpaired form, given the chosen replies' log-ratios and
+    the rejected replies' ones. [P], [P] -> [P] (entry i: the i-th smallest of each, not pair i)."""
+    delta = torch.sort(policy_margin).values - torch.sort(ref_margin).values
+    return sigmoid_loss(delta, beta, label_smoothing)
+
+
+def with_reference_loss(name: str, chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                        ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0,
+                        discopop_tau: float = 0.05) -> torch.Tensor:
+    """The loss ``name`` (one of :data:`PAIRWISE_WITH_REFERENCE`) of a micro-batch's policy and reference
+    log-probs of the chosen and rejected replies (summed or averaged per token), each [P] -> [P]."""
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     h = chosen_ratio - rejected_ratio
     if name == "sigmoid":
         return sigmoid_loss(h, beta, label_smoothing)
@@ -134,6 +149,10 @@ def with_reference_loss(name: str, chosen_ratio: torch.Tensor, rejected_ratio: t
         return exo_pair_loss(h, beta, label_smoothing)
     if name == "discopop":
         return discopop_loss(h, beta, discopop_tau)
+    if name == "aot":
+        return aot_loss(chosen - rejected, ref_chosen - ref_rejected, beta, label_smoothing)
+    if name == "aot_unpaired":
+        return aot_loss(chosen_ratio, rejected_ratio, beta, label_smoothing)
     by_ratio = {"nca_pair": nca_pair_loss, "bco_pair": bco_pair_loss, "sppo_hard": sppo_hard_loss,
                 "apo_zero": apo_zero_loss, "apo_down": apo_down_loss}
     return by_ratio[name](chosen_ratio, rejected_ratio, beta)
@@ -218,10 +237,10 @@ def preference_loss(
         if name in PAIRWISE_WITH_REFERENCE:
             if not has_ref:
                 raise ValueError(f"loss '{name}' needs reference log-probs")
-            chosen_ratio = scaled(name, logps.chosen, logps.chosen_tokens) - scaled(name, logps.ref_chosen, logps.chosen_tokens)
-            rejected_ratio = (scaled(name, logps.rejected, logps.rejected_tokens)
-                              - scaled(name, logps.ref_rejected, logps.rejected_tokens))
-            loss = with_reference_loss(name, chosen_ratio, rejected_ratio, beta, label_smoothing, discopop_tau)
+            loss = with_reference_loss(
+                name, scaled(name, logps.chosen, logps.chosen_tokens), scaled(name, logps.rejected, logps.rejected_tokens),
+                scaled(name, logps.ref_chosen, logps.chosen_tokens), scaled(name, logps.ref_rejected, logps.rejected_tokens),
+                beta, label_smoothing, discopop_tau)
         elif name == "simpo":
             loss = simpo_loss(
                 per_token(logps.chosen, logps.chosen_tokens),

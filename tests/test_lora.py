@@ -115,7 +115,7 @@ def test_export_merge_gives_the_adapter_models_logits(workdir, tmp_path, capsys,
 
     out = train(run_config(workdir, "lora-export", *LORA, f"lora_target_modules=[{targets}]", "learning_rate=1e-2",
                            "max_steps=2", "eval=null", *([f"lora_modules_to_save=[{saved}]"] if saved else [])))
-    main(["export", str(out), "--merge", str(tmp_path / "merged")])
+    main(["export", str(out), "-o", str(tmp_path / "merged")])
     assert "wrote" in capsys.readouterr().out
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     adapter = AutoPeftModelForCausalLM.from_pretrained(str(out / "final")).eval()
@@ -194,7 +194,7 @@ def test_export_takes_the_runs_base_dtype_and_never_a_users_folder(workdir, tmp_
     monkeypatch.chdir(other)
     (other / "merged.tmp").mkdir()
     (other / "merged.tmp" / "notes.txt").write_text("mine")
-    main(["export", str(out), "--merge", "merged"])
+    main(["export", str(out), "--output-dir", "merged"])
     assert (other / "merged.tmp" / "notes.txt").read_text() == "mine"
     umask = _umask()
     assert (other / "merged").stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp's 0700 opened as a mkdir's

@@ -60,11 +60,13 @@ def _add_export_parser(sub) -> None:
     export = sub.add_parser(
         "export",
         help="write a run's model as a plain Hugging Face folder (LoRA merged)",
-        description="Write MODEL (a run directory, checkpoints/step-N, adapter or model folder) to OUT in Hugging "
-        "Face format; --merge folds LoRA adapters into the base weights.",
+        description="Write MODEL (a run directory, checkpoints/step-N, adapter or model folder) to the new folder OUT "
+        "in Hugging Face format, with LoRA adapters folded into the base weights: a model that loads without dpokit "
+        "or peft.",
     )
     export.add_argument("model", help="run directory, checkpoints/step-N folder, adapter folder or model folder")
-    export.add_argument("--merge", metavar="OUT", required=True, help="folder to write the merged model to")
+    export.add_argument("-o", "--output-dir", "--merge", dest="out", metavar="OUT", required=True,
+                        help="new (or empty) folder to write the model to (--merge is the older name)")
     export.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
                         help="dtype of the written weights (default: the run's model.dtype, where it is auto or outside a run the "
                              "checkpoint's own)")
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "export":
             from dpokit.export import export_model
 
-            print(f"wrote {export_model(args.model, args.merge, merge=True, dtype=args.dtype)}")
+            print(f"wrote {export_model(args.model, args.out, merge=True, dtype=args.dtype)}")
         elif args.command == "plan":
             from dpokit.plan import run as run_plan
 

@@ -1,7 +1,7 @@
 """``dpokit export``: a trained run (or checkpoint, or adapter folder) as a plain Hugging Face model.
 
-With ``--merge``, LoRA adapters are folded into their base weights, so the result loads with
-``AutoModelForCausalLM.from_pretrained`` and needs no peft.
+LoRA adapters are folded into their base weights (``merge``; the command line always merges), so
+the result loads with ``AutoModelForCausalLM.from_pretrained`` and needs no peft.
 """
 
 from __future__ import annotations

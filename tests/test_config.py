@@ -115,6 +115,12 @@ def test_cross_field_validation(tmp_path):
             load_config(write(tmp_path, BASE), [f"{key}=-1"])
 
 
+def test_trls_sigmoid_norm_is_told_its_dpokit_spelling(tmp_path):
+    with pytest.raises(ConfigError, match=r"'loss.loss_type\[0\]' 'sigmoid_norm': TRL's sigmoid_norm is dpokit's loss_type "
+                                          "sigmoid with length_normalize: true"):
+        load_config(write(tmp_path, BASE), ["loss_type=[sigmoid_norm]"])
+
+
 def test_a_loss_setting_no_chosen_loss_reads_is_refused(tmp_path):
     """label_smoothing, length_normalize and simpo_gamma each refused where no loss in loss_type reads
     them (they would change nothing), accepted where one does."""

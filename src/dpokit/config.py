@@ -286,6 +286,12 @@ assert len(_KEY_SECTION) == sum(len(dataclasses.fields(c)) for c in _SECTION_CLA
 # ----------------------------------------------------------------------------- building
 
 
+SPELLED_OTHERWISE = {
+    "sigmoid_norm": "TRL's sigmoid_norm is dpokit's loss_type sigmoid with length_normalize: true",
+}
+"""Values other tools take that dpokit spells another way, and how."""
+
+
 def _suggest(name: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(name, candidates, n=2, cutoff=0.6)
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -314,6 +320,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in args:
             return value
+        if value in SPELLED_OTHERWISE:
+            raise ConfigError(f"'{key}' {value!r}: {SPELLED_OTHERWISE[value]}")
         raise ConfigError(f"'{key}' must be one of {list(args)}, got {value!r}.{_suggest(str(value), [str(a) for a in args])}")
     if tp is Any:
         return value

@@ -17,8 +17,8 @@ where the log-probs are summed over reply tokens, or averaged when length-normal
              -(1-ε) log σ(β Δ - γ) - ε log σ(-(β Δ - γ)),  Δ = avg log π(y_c|x) - avg log π(y_r|x)
     sft      negative log-likelihood of the chosen reply per token: -log π(y_c|x) / |y_c|
 
-The losses below read each reply's log-ratio on its own, c = log π(y_c|x) - log ref(y_c|x) and
-r = log π(y_r|x) - log ref(y_r|x) (so h = c - r), and follow TRL 1.16's definitions:
+TRL 1.16's other loss types, as it defines them, where some read each reply's log-ratio on its own,
+c = log π(y_c|x) - log ref(y_c|x) and r = log π(y_r|x) - log ref(y_r|x) (so h = c - r):
 
     exo_pair  (EXO, Ji et al. 2024; ε > 0): KL(q || p) of q = (σ(βh), σ(-βh)) to p = (1-ε, ε):
               σ(βh) [log σ(βh) - log(1-ε)] + σ(-βh) [log σ(-βh) - log ε]

@@ -841,3 +841,19 @@ def test_training_steps_run_in_training_mode_and_evaluation_in_eval_mode(workdir
     train(run_config(workdir, "train-mode", "max_steps=2", "eval_steps=1", "eval_on_start=true"))
     assert {training for grad, training in modes if grad} == {True}  # the 2 steps' forwards
     assert {training for grad, training in modes if not grad} == {False}  # the 3 evals' forwards
+
+
+@pytest.mark.parametrize("loss_type, loss_of_rewards", [
+    ("apo_zero", lambda c, r: 1 - 1 / (1 + math.exp(-c)) + 1 / (1 + math.exp(-r))),
+    ("bco_pair", lambda c, r: math.log1p(math.exp(-c)) + math.log1p(math.exp(r))),
+    ("sppo_hard", lambda c, r: (c / 0.5 - 1.0) ** 2 + (r / 0.5 + 1.0) ** 2),  # (c/β - 1/(2β))², β = 0.5
+])
+def test_a_run_trains_with_the_loss_of_its_rewards(workdir, loss_type, loss_of_rewards):
+    """One pair per step: each logged row's loss is the loss of that row's logged rewards β·c and β·r,
+    so the real loop hands the configured loss each reply's own log-ratio (reward chosen, rejected)."""
+    rows = train_rows(train(run_config(workdir, f"loss-{loss_type}", f"loss_type=[{loss_type}]", "beta=0.5",
+                                       "per_device_train_batch_size=1", "max_steps=3", "eval=null")))
+    assert len(rows) == 3
+    for row in rows:
+        assert row["loss"] == pytest.approx(loss_of_rewards(row["rewards/chosen"], row["rewards/rejected"]), rel=1e-4, abs=1e-5)
+    assert rows[-1]["rewards/chosen"] != 0.0  # trained: the policy moved from the reference

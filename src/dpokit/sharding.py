@@ -105,8 +105,9 @@ def setup(accelerator, config, compute_dtype: torch.dtype | None) -> bool:
     - Launched with Accelerate's ``cpu_ram_efficient_loading``, only the main process reads the
       weights, checks the model and fingerprints the reference; the others build the model empty and
       take its findings (:func:`weights_on_main_only`). Otherwise every process loads the whole model.
-      dpokit builds the empty models itself, so transformers is told not to (its own way differs
-      between 4.x and 5.x, and 5.x still reads every weight on every process).
+      dpokit builds the empty models itself, so every load tells transformers not to
+      (:func:`dpokit.modeling.every_weight_read`; its own way differs between 4.x and 5.x, and 5.x
+      still reads every weight on every process).
     - 16-bit compute (``compute_dtype``: ``bf16``/``fp16``) is FSDP2's mixed-precision policy, not
       autocast: each unit's weights are gathered in 16 bits and its gradients reduced in float32
       onto the float32 shards. Autocast would cast every gathered weight to a 16-bit copy that
@@ -124,7 +125,6 @@ def setup(accelerator, config, compute_dtype: torch.dtype | None) -> bool:
         from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
         plugin.auto_wrap_policy = transformer_auto_wrap_policy
-    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"  # transformers loads as usual; dpokit builds empty models itself
     if compute_dtype is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 

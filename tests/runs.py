@@ -69,9 +69,7 @@ def accelerate_launch(*command: str, launch: tuple[str, ...] = ("--multi_gpu",),
     paths = [str(root / "src"), str(root / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]  # keep the caller's
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(paths), "PYTHONFAULTHANDLER": "1"}
     env.pop("FSDP_AUTO_WRAP_POLICY", None)  # dpokit's default (a unit per layer) unless a test sets one
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, f"--num_processes={processes}", "--num_machines=1",
            "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}", *command]
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -90,6 +88,13 @@ def accelerate_launch(*command: str, launch: tuple[str, ...] = ("--multi_gpu",),
     result = subprocess.CompletedProcess(cmd, launch_process.returncode, stdout, stderr)
     assert result.returncode == 0 or not check, result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
 
 
 def _descendants(pid: int) -> list[int]:

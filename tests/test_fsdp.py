@@ -17,7 +17,7 @@ from dpokit.config import ConfigError
 from dpokit.sharding import check_sharding, named_state, positional_state
 from dpokit.train import starting_reference, train
 from fsdp_on_cpu import broadcasts_through_cuda
-from runs import LORA, accelerate_launch, read_rows, run_args, run_config, train_rows
+from runs import LORA, accelerate_launch, free_port, read_rows, run_args, run_config, train_rows
 
 accelerate = pytest.importorskip("accelerate")
 HAS_FSDP2 = hasattr(accelerate.Accelerator, "is_fsdp2")
@@ -183,17 +183,12 @@ def test_every_process_reads_the_weights_it_loads(workdir, monkeypatch):
     weights on each machine's first process only, leaving the others' models uninitialized:
     ``dpokit eval`` launched so scored garbage on them (its check of the model refused it). Here
     one gloo process posing as a machine's second (LOCAL_RANK=1) loads the model as dpokit does."""
-    import socket
-
     import torch.distributed as dist
 
     from dpokit.config import ModelConfig
     from dpokit.modeling import load_causal_lm
 
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ACCELERATE_USE_FSDP": "true",
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "ACCELERATE_USE_FSDP": "true",
                        "FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(key, value)
     dist.init_process_group("gloo", rank=0, world_size=1)

@@ -226,7 +226,7 @@ from dpokit import tiny
 from dpokit.data.cache import tokenizer_fingerprint
 from dpokit.modeling import load_tokenizer
 from dpokit.config import ModelConfig
-from dpokit import train
+from dpokit import launch, train
 
 accelerator = train.new_accelerator(1234)  # the process group, as dpokit's commands start it (run.ddp_timeout=1234)
 rank, out = accelerator.process_index, Path(sys.argv[1])
@@ -239,7 +239,7 @@ found = [None, None]
 dist.all_gather_object(found, tokenizer_fingerprint(load_tokenizer(ModelConfig(name_or_path="builtin:tiny-qwen2"))))
 assert found[0] == found[1], found
 accelerator.wait_for_everyone()  # as dpokit's commands end: a process leaving first can make gloo's threads abort the other
-accelerator.end_training()
+launch.end_process_group(accelerator)  # called from Python, not the command line: the group is destroyed
 # transformers imported torch.distributed.nn after the group existed: had it kept the group alive,
 # gloo's threads would be running still, to stop in the interpreter's teardown, where they aborted
 # 9 runs in 51 under load ("terminate called without an active exception")
@@ -253,7 +253,7 @@ def test_every_process_of_a_run_builds_a_whole_model(tmp_path, monkeypatch):
     """In a process group transformers writes weights only on rank 0: a tiny model built by another
     process (a second machine's first use) lacked its weights, and two processes resolving a
     ``builtin:`` model at once could leave that half model in the cache for both to load. The
-    group waits ``run.ddp_timeout`` in its collectives, and is freed by ``end_training``."""
+    group waits ``run.ddp_timeout`` in its collectives, and is freed by ``dpokit.launch.end_process_group``."""
     from runs import accelerate_launch
 
     script = tmp_path / "build.py"

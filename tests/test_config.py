@@ -134,6 +134,11 @@ def test_a_loss_setting_no_chosen_loss_reads_is_refused(tmp_path):
         ("loss_type=[exo_pair]",): r"loss exo_pair needs label_smoothing > 0.*e\.g\. 1e-3",
         ("loss_type=[discopop]", "discopop_tau=0"): r"loss.discopop_tau must be > 0, got 0",
         ("loss_type=[apo_zero]", "label_smoothing=0.1"): "applies to sigmoid, robust, simpo, exo_pair",
+        ("loss_type=[sigmoid,nca_pair]", "f_divergence_type=forward_kl"): "has nca_pair, whose f-divergence form does not hold",
+        ("loss_type=[aot]", "f_divergence_type=js_divergence"): "has aot, whose",
+        ("loss_type=[simpo,sft]", "f_divergence_type=forward_kl"): r"loss_type \['simpo', 'sft'\] has none of them",
+        ("loss_type=[sigmoid]", "f_alpha_divergence_coef=0.3"): "is α of the α-divergence, but f_divergence_type is reverse_kl",
+        ("f_divergence_type=forward_kl", "f_alpha_divergence_coef=0.3"): "f_divergence_type is forward_kl",
     }
     for overrides, message in refused.items():
         with pytest.raises(ConfigError, match=message):
@@ -142,7 +147,9 @@ def test_a_loss_setting_no_chosen_loss_reads_is_refused(tmp_path):
                       ["loss_type=[ipo]", "length_normalize=false"], ["loss_type=[simpo,sigmoid]", "length_normalize=true"],
                       ["loss_type=[simpo]", "simpo_gamma=1.0"], ["loss_type=[sft]", "simpo_gamma=0.5"],
                       ["loss_type=[discopop]", "discopop_tau=0.1"], ["loss_type=[exo_pair]", "label_smoothing=1e-3"],
-                      ["loss_type=[nca_pair]", "length_normalize=true"], ["loss_type=[aot_unpaired]", "label_smoothing=0.1"]):
+                      ["loss_type=[nca_pair]", "length_normalize=true"], ["loss_type=[aot_unpaired]", "label_smoothing=0.1"],
+                      ["loss_type=[ipo,sft]", "f_divergence_type=js_divergence"],
+                      ["loss_type=[discopop]", "f_divergence_type=alpha_divergence", "f_alpha_divergence_coef=0.3"]):
         load_config(write(tmp_path, BASE), overrides)
 
 

@@ -276,6 +276,15 @@ def scored(loss_settings: dict, with_reference: bool = True) -> tuple[float, dic
     ({"loss_type": ["exo_pair"], "beta": 0.1, "label_smoothing": 0.01},
      sig(0.15) * (logsig(0.15) - math.log(0.99)) + sig(-0.15) * (logsig(-0.15) - math.log(0.01))),
     ({"loss_type": ["apo_down"], "beta": 0.1, "length_normalize": True}, sig(0.025) + 1 - sig(0.05)),
+    # f-DPO: chosen log-ratio c = 1, rejected r = -0.5, each reply's score f'(e^x) in place of x
+    ({"beta": 0.1, "f_divergence_type": "forward_kl"}, -logsig(0.1 * (math.exp(0.5) - math.exp(-1)))),
+    ({"beta": 0.1, "f_divergence_type": "js_divergence"}, -logsig(0.1 * (logsig(1) - logsig(-0.5)))),
+    ({"beta": 0.1, "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+     -logsig(0.1 * (math.exp(-0.7) - math.exp(0.35)) / -0.7)),
+    ({"loss_type": ["ipo"], "beta": 0.1, "f_divergence_type": "forward_kl"},  # scores averaged per token: 4 and 2
+     ((1 - math.exp(-1)) / 4 - (1 - math.exp(0.5)) / 2 - 5) ** 2),
+    ({"loss_type": ["hinge", "sft"], "beta": 0.4, "f_divergence_type": "js_divergence"},
+     1 - 0.4 * (logsig(1) - logsig(-0.5)) + 10 / 4),
 ])
 def test_the_training_step_scores_with_the_configured_loss(settings, expected):
     """What the loop computes (score_batch) under each setting, against the value by hand: a setting
@@ -350,3 +359,81 @@ def test_each_loss_matches_trls_own_code(name, label_smoothing):
     ours, _ = preference_loss(PairLogps(pc, pr, torch.ones(6), torch.ones(6), rc, rr), [name], beta=0.3,
                               label_smoothing=label_smoothing, discopop_tau=0.05)
     assert ours.mean().item() == pytest.approx(scope["loss"].item(), abs=1e-6)  # TRL takes exo_pair's ε in float32
+
+
+def test_divergence_scores_by_hand_and_at_their_limits():
+    """f'(e^x) of each divergence; α-divergence at α=0 is forward KL and near 1 reverse KL; a log-ratio
+    past the exponent cap scores finite, with no gradient, rather than an infinite loss."""
+    from dpokit.losses import divergence_score
+
+    x = torch.tensor([-2.0, 0.0, 0.5, 3.0], dtype=torch.float64)
+    assert divergence_score(x, "reverse_kl").tolist() == x.tolist()
+    assert divergence_score(x, "forward_kl").tolist() == pytest.approx([1 - math.exp(-v) for v in x.tolist()], abs=1e-12)
+    assert divergence_score(x, "js_divergence").tolist() == pytest.approx(
+        [math.log(2 * math.exp(v) / (1 + math.exp(v))) for v in x.tolist()], abs=1e-12)
+    assert divergence_score(x, "alpha_divergence", 0.3).tolist() == pytest.approx(
+        [(math.exp(v) ** -0.7 - 1) / -0.7 for v in x.tolist()], abs=1e-12)
+    assert divergence_score(x, "alpha_divergence", 0.0).tolist() == pytest.approx(divergence_score(x, "forward_kl").tolist())
+    assert divergence_score(x, "alpha_divergence", 1.0).tolist() == x.tolist()
+    assert divergence_score(x, "alpha_divergence", 1 - 1e-6).tolist() == pytest.approx(x.tolist(), abs=1e-5)
+    assert divergence_score(torch.zeros(3), "js_divergence").tolist() == pytest.approx([0.0] * 3)  # f'(1) = 0 for each
+    assert divergence_score(torch.zeros(3), "forward_kl").tolist() == [0.0] * 3
+
+    far = torch.tensor([-200.0, -1.0], requires_grad=True)
+    score = divergence_score(far, "forward_kl")
+    score.sum().backward()
+    assert score[0].item() == pytest.approx(-math.expm1(80.0), rel=1e-6) and math.isfinite(score[0].item())
+    assert far.grad.tolist() == pytest.approx([0.0, math.exp(1.0)])  # d/dx (1 - e^-x) = e^-x, 0 past the cap
+    with pytest.raises(ValueError, match="unknown f-divergence 'kl'"):
+        divergence_score(x, "kl")
+
+
+def test_a_loss_without_an_f_divergence_form_refuses_one():
+    with pytest.raises(ValueError, match="loss 'nca_pair' has no f-divergence form"):
+        preference_loss(LOGPS, ["nca_pair"], f_divergence_type="forward_kl")
+    # sft reads no reference: it combines with any divergence, unchanged
+    alone = preference_loss(LOGPS, ["sft"])[0].item()
+    assert preference_loss(LOGPS, ["sigmoid", "sft"], f_divergence_type="forward_kl")[1]["loss/sft"].item() == alone
+
+
+@pytest.mark.parametrize("name, label_smoothing", [
+    ("sigmoid", 0.0), ("sigmoid_norm", 0.0), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0), ("exo_pair", 1e-3),
+    ("discopop", 0.0),
+])
+@pytest.mark.parametrize("divergence, alpha", [
+    ("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5), ("alpha_divergence", 0.2),
+])
+def test_each_f_divergence_matches_trls_own_code(name, label_smoothing, divergence, alpha):
+    """TRL's f-divergence scores and loss block, from its installed DPOTrainer (skipped without TRL),
+    on the same float32 log-probs (TRL's α-divergence caps exponents by dtype, float64 not among them)
+    of six pairs with replies of 1 to 9 tokens: the same mean loss.
+    TRL's sigmoid_norm is dpokit's sigmoid with length_normalize; TRL's ipo averages per token as
+    dpokit's does by default."""
+    import inspect
+    import textwrap
+    import types
+
+    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
+    source = inspect.getsource(dpo_trainer)
+    start = source.find('        if self.f_divergence_type == "reverse_kl":')
+    end = source.find("            if self.use_weighting:", start)
+    if start < 0 or end < 0:
+        pytest.skip("this TRL's DPOTrainer computes its loss in another shape than TRL 1.16's")
+    block = textwrap.dedent(source[start:end]) + "    loss += per_sequence_loss.mean() * loss_weight\n"
+
+    generator = torch.Generator().manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(6, generator=generator) * 0.8 - 20 for _ in range(4))
+    tokens = torch.randint(1, 10, (12,), generator=generator)  # chosen replies' counts, then the rejected ones'
+    completion_mask = (torch.arange(12)[None, :] < tokens[:, None]).long()
+    trainer = types.SimpleNamespace(loss_types=[name], loss_weights=[1.0], beta=0.3, label_smoothing=label_smoothing,
+                                    args=types.SimpleNamespace(discopop_tau=0.05), use_weighting=False,
+                                    f_divergence_type=divergence, f_alpha_divergence_coef=alpha)
+    scope = dict(self=trainer, torch=torch, F=torch.nn.functional, math=math, device="cpu", chosen_logps=pc,
+                 rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr, chosen_logratios=pc - rc,
+                 rejected_logratios=pr - rr, completion_mask=completion_mask)
+    exec(block, scope)
+    logps = PairLogps(pc, pr, tokens[:6].float(), tokens[6:].float(), rc, rr)
+    ours, _ = preference_loss(logps, ["sigmoid" if name == "sigmoid_norm" else name], beta=0.3,
+                              label_smoothing=label_smoothing, length_normalize=True if name == "sigmoid_norm" else None,
+                              f_divergence_type=divergence, f_alpha_divergence_coef=alpha)
+    assert ours.mean().item() == pytest.approx(scope["loss"].item(), abs=1e-6)

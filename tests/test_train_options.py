@@ -843,15 +843,18 @@ def test_training_steps_run_in_training_mode_and_evaluation_in_eval_mode(workdir
     assert {training for grad, training in modes if not grad} == {False}  # the 3 evals' forwards
 
 
-@pytest.mark.parametrize("loss_type, loss_of_rewards", [
+@pytest.mark.parametrize("loss, loss_of_rewards", [
     ("apo_zero", lambda c, r: 1 - 1 / (1 + math.exp(-c)) + 1 / (1 + math.exp(-r))),
     ("bco_pair", lambda c, r: math.log1p(math.exp(-c)) + math.log1p(math.exp(r))),
     ("sppo_hard", lambda c, r: (c / 0.5 - 1.0) ** 2 + (r / 0.5 + 1.0) ** 2),  # (c/β - 1/(2β))², β = 0.5
+    # f-DPO, forward KL: -log σ(β[(1 - e^(-c/β)) - (1 - e^(-r/β))])
+    ("sigmoid f_divergence_type=forward_kl", lambda c, r: math.log1p(math.exp(-0.5 * (math.exp(-r / 0.5) - math.exp(-c / 0.5))))),
 ])
-def test_a_run_trains_with_the_loss_of_its_rewards(workdir, loss_type, loss_of_rewards):
+def test_a_run_trains_with_the_loss_of_its_rewards(workdir, loss, loss_of_rewards):
     """One pair per step: each logged row's loss is the loss of that row's logged rewards β·c and β·r,
     so the real loop hands the configured loss each reply's own log-ratio (reward chosen, rejected)."""
-    rows = train_rows(train(run_config(workdir, f"loss-{loss_type}", f"loss_type=[{loss_type}]", "beta=0.5",
+    loss_type, *settings = loss.split()
+    rows = train_rows(train(run_config(workdir, f"loss-{loss_type}", f"loss_type=[{loss_type}]", *settings, "beta=0.5",
                                        "per_device_train_batch_size=1", "max_steps=3", "eval=null")))
     assert len(rows) == 3
     for row in rows:

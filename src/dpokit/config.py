@@ -227,6 +227,14 @@ class LossConfig:
     discopop_tau: float = 0.05
     """DiscoPOP's temperature (> 0) of the mix of its logistic and exponential parts (TRL's
     default); refused at another value when ``loss_type`` has no discopop."""
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    """The divergence from the reference that the loss regularizes (f-DPO, Wang et al. 2023): DPO's
+    reverse KL, or forward KL, Jensen-Shannon, or an α-divergence. Another than reverse_kl applies to
+    the losses of the reward margin alone (sigmoid, robust, ipo, hinge, exo_pair, discopop) and is
+    refused with the others (sft and simpo, which have no reference, combine with it)."""
+    f_alpha_divergence_coef: float = 0.5
+    """α of ``f_divergence_type: alpha_divergence`` (0 gives forward KL, 1 reverse KL); refused at
+    another value with the other divergences."""
 
 
 @dataclass
@@ -499,7 +507,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _check_loss_settings_apply(lo: LossConfig) -> None:
     """Refuse a loss setting that none of ``loss_type``'s losses reads: it would change nothing."""
-    from dpokit.losses import LABEL_SMOOTHED, PAIRWISE_WITH_REFERENCE
+    from dpokit.losses import LABEL_SMOOTHED, MARGIN_LOSSES, PAIRWISE_WITH_REFERENCE
 
     if lo.label_smoothing > 0 and not set(lo.loss_type) & set(LABEL_SMOOTHED):
         raise ConfigError(
@@ -526,6 +534,22 @@ def _check_loss_settings_apply(lo: LossConfig) -> None:
         raise ConfigError(
             f"loss.discopop_tau={lo.discopop_tau} is DiscoPOP's temperature, but loss_type {lo.loss_type} has no "
             "discopop: add discopop to loss_type, or remove discopop_tau"
+        )
+    if lo.f_divergence_type != "reverse_kl":
+        no_form = [name for name in lo.loss_type if name in PAIRWISE_WITH_REFERENCE and name not in MARGIN_LOSSES]
+        if no_form or not set(lo.loss_type) & set(MARGIN_LOSSES):
+            raise ConfigError(
+                f"loss.f_divergence_type={lo.f_divergence_type} applies to the losses of the reward margin alone "
+                f"({', '.join(MARGIN_LOSSES)}); loss_type {lo.loss_type} "
+                + (f"has {', '.join(no_form)}, whose f-divergence form does not hold (they read each reply's log-ratio "
+                   "apart, or sort margins)" if no_form else "has none of them")
+                + ": use one of them, or f_divergence_type=reverse_kl"
+            )
+    if lo.f_alpha_divergence_coef != LossConfig.f_alpha_divergence_coef and lo.f_divergence_type != "alpha_divergence":
+        raise ConfigError(
+            f"loss.f_alpha_divergence_coef={lo.f_alpha_divergence_coef} is α of the α-divergence, but "
+            f"f_divergence_type is {lo.f_divergence_type}: set f_divergence_type=alpha_divergence, or remove "
+            "f_alpha_divergence_coef"
         )
     if "exo_pair" in lo.loss_type and lo.label_smoothing == 0:
         raise ConfigError(

@@ -34,6 +34,15 @@ c = log π(y_c|x) - log ref(y_c|x) and r = log π(y_r|x) - log ref(y_r|x) (so h 
     aot_unpaired  the same of sort(c) - sort(r)
 
 Any of them combine with weights, e.g. ``[sigmoid, sft]`` with ``[1.0, 0.2]`` (RPO).
+
+f-DPO (Wang et al. 2023) swaps DPO's reverse-KL regularizer for another f-divergence: each reply's
+log-ratio x = log(π/ref) becomes its score f'(e^x), and h = f'(e^c) - f'(e^r) (then averaged per
+reply token where the loss averages). Only the losses of h alone take it (:data:`MARGIN_LOSSES`):
+
+    reverse_kl        f'(t) = log t            x (DPO; the default)
+    forward_kl        f'(t) = 1 - 1/t          1 - e^(-x)
+    js_divergence     f'(t) = log(2t/(1+t))    log 2 + log σ(x)
+    alpha_divergence  f'(t) = (t^(α-1) - 1)/(α-1)   (e^((α-1)x) - 1)/(α-1); α=0 is forward_kl, α=1 reverse_kl
 """
 
 from __future__ import annotations
@@ -51,6 +60,14 @@ REFERENCE_FREE = ("simpo", "sft")
 ALL_LOSSES = PAIRWISE_WITH_REFERENCE + REFERENCE_FREE
 LABEL_SMOOTHED = ("sigmoid", "robust", "simpo", "exo_pair", "aot", "aot_unpaired")
 """The losses that read ``label_smoothing`` (ε above)."""
+MARGIN_LOSSES = ("sigmoid", "robust", "ipo", "hinge", "exo_pair", "discopop")
+"""The losses with a reference that read only h, the difference of the two replies' scores: the
+ones an f-divergence other than reverse KL applies to (TRL's set). The others read each reply's
+log-ratio on its own, or sort margins, where f-DPO's normalizer β log Z(x) does not cancel."""
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+EXP_LIMIT = 80.0
+"""The largest exponent the f-divergence scores take (e^80 is finite in float32): a reply whose
+log-ratio passes it gets a constant score (no gradient) rather than an infinite loss."""
 
 
 def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -130,13 +147,24 @@ def aot_loss(policy_margin: torch.Tensor, ref_margin: torch.Tensor, beta: float,
     return sigmoid_loss(delta, beta, label_smoothing)
 
 
-def with_reference_loss(name: str, chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                        ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0,
-                        discopop_tau: float = 0.05) -> torch.Tensor:
-    """The loss ``name`` (one of :data:`PAIRWISE_WITH_REFERENCE`) of a micro-batch's policy and reference
-    log-probs of the chosen and rejected replies (summed or averaged per token), each [P] -> [P]."""
-    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
-    h = chosen_ratio - rejected_ratio
+def divergence_score(log_ratio: torch.Tensor, divergence: str, alpha: float = 0.5) -> torch.Tensor:
+    """f'(t) at t = π(y|x)/ref(y|x), from x = log t: a reply's score under the f-divergence
+    regularizer ``divergence`` (one of :data:`F_DIVERGENCES`; ``alpha`` is the α of
+    alpha_divergence). Exponents are capped at :data:`EXP_LIMIT`. [P] -> [P]."""
+    if divergence == "reverse_kl" or (divergence == "alpha_divergence" and alpha == 1.0):  # f'(t) = log t
+        return log_ratio
+    if divergence == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(log_ratio)
+    if divergence == "forward_kl":
+        alpha = 0.0
+    elif divergence != "alpha_divergence":
+        raise ValueError(f"unknown f-divergence '{divergence}'; known: {', '.join(F_DIVERGENCES)}")
+    return torch.expm1(((alpha - 1.0) * log_ratio).clamp(max=EXP_LIMIT)) / (alpha - 1.0)
+
+
+def margin_loss(name: str, h: torch.Tensor, beta: float, label_smoothing: float = 0.0,
+                discopop_tau: float = 0.05) -> torch.Tensor:
+    """The loss ``name`` (one of :data:`MARGIN_LOSSES`) of the pairs' score differences h. [P] -> [P]."""
     if name == "sigmoid":
         return sigmoid_loss(h, beta, label_smoothing)
     if name == "robust":
@@ -149,6 +177,17 @@ def with_reference_loss(name: str, chosen: torch.Tensor, rejected: torch.Tensor,
         return exo_pair_loss(h, beta, label_smoothing)
     if name == "discopop":
         return discopop_loss(h, beta, discopop_tau)
+    raise ValueError(f"'{name}' is not a loss of the margin alone ({', '.join(MARGIN_LOSSES)})")
+
+
+def with_reference_loss(name: str, chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                        ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0,
+                        discopop_tau: float = 0.05) -> torch.Tensor:
+    """The loss ``name`` (one of :data:`PAIRWISE_WITH_REFERENCE`) of a micro-batch's policy and reference
+    log-probs of the chosen and rejected replies (summed or averaged per token), each [P] -> [P]."""
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    if name in MARGIN_LOSSES:
+        return margin_loss(name, chosen_ratio - rejected_ratio, beta, label_smoothing, discopop_tau)
     if name == "aot":
         return aot_loss(chosen - rejected, ref_chosen - ref_rejected, beta, label_smoothing)
     if name == "aot_unpaired":
@@ -215,8 +254,13 @@ def preference_loss(
     length_normalize: bool | None = None,
     simpo_gamma: float = 0.5,
     discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of the named losses, with TRL's per-pair reward statistics.
+    """Weighted sum of the named losses, with TRL's per-pair reward statistics. With an
+    ``f_divergence_type`` other than reverse_kl, the losses of :data:`MARGIN_LOSSES` read each reply's
+    :func:`divergence_score` (of its summed log-ratio, then averaged per token where the loss
+    averages, as TRL); the others refuse it.
 
     Returns:
         per_pair_loss: [P], the weighted sum of every named loss for each pair.
@@ -231,12 +275,21 @@ def preference_loss(
     def scaled(name: str, policy: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return per_token(policy, tokens) if uses_length_normalization(name, length_normalize) else policy
 
+    def score(name: str, policy: torch.Tensor, ref: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return scaled(name, divergence_score(policy - ref, f_divergence_type, f_alpha_divergence_coef), tokens)
+
     total = torch.zeros_like(logps.chosen)
     parts: dict[str, torch.Tensor] = {}
     for name, weight in zip(loss_type, weights):
-        if name in PAIRWISE_WITH_REFERENCE:
-            if not has_ref:
-                raise ValueError(f"loss '{name}' needs reference log-probs")
+        if name in PAIRWISE_WITH_REFERENCE and not has_ref:
+            raise ValueError(f"loss '{name}' needs reference log-probs")
+        if name in MARGIN_LOSSES and f_divergence_type != "reverse_kl":
+            h = (score(name, logps.chosen, logps.ref_chosen, logps.chosen_tokens)
+                 - score(name, logps.rejected, logps.ref_rejected, logps.rejected_tokens))
+            loss = margin_loss(name, h, beta, label_smoothing, discopop_tau)
+        elif name in PAIRWISE_WITH_REFERENCE:
+            if f_divergence_type != "reverse_kl":
+                raise ValueError(f"loss '{name}' has no f-divergence form; those that have: {', '.join(MARGIN_LOSSES)}")
             loss = with_reference_loss(
                 name, scaled(name, logps.chosen, logps.chosen_tokens), scaled(name, logps.rejected, logps.rejected_tokens),
                 scaled(name, logps.ref_chosen, logps.chosen_tokens), scaled(name, logps.ref_rejected, logps.rejected_tokens),

@@ -125,7 +125,7 @@ def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Co
     lo = config.loss
     loss, stats = preference_loss(
         logps, lo.loss_type, lo.loss_weights, lo.beta, lo.label_smoothing, lo.length_normalize, lo.simpo_gamma,
-        lo.discopop_tau,
+        lo.discopop_tau, lo.f_divergence_type, lo.f_alpha_divergence_coef,
     )
     stats["loss"] = loss.detach()
     stats.update(token_sums(seq_stats, batch.seq_tokens))

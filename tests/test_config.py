@@ -139,6 +139,7 @@ def test_a_loss_setting_no_chosen_loss_reads_is_refused(tmp_path):
         ("loss_type=[simpo,sft]", "f_divergence_type=forward_kl"): r"loss_type \['simpo', 'sft'\] has none of them",
         ("loss_type=[sigmoid]", "f_alpha_divergence_coef=0.3"): "is α of the α-divergence, but f_divergence_type is reverse_kl",
         ("f_divergence_type=forward_kl", "f_alpha_divergence_coef=0.3"): "f_divergence_type is forward_kl",
+        ("loss_type=[sigmoid,aot_unpaired]", "use_weighting=true"): "but aot_unpaired sorts the pairs' margins",
     }
     for overrides, message in refused.items():
         with pytest.raises(ConfigError, match=message):
@@ -149,7 +150,8 @@ def test_a_loss_setting_no_chosen_loss_reads_is_refused(tmp_path):
                       ["loss_type=[discopop]", "discopop_tau=0.1"], ["loss_type=[exo_pair]", "label_smoothing=1e-3"],
                       ["loss_type=[nca_pair]", "length_normalize=true"], ["loss_type=[aot_unpaired]", "label_smoothing=0.1"],
                       ["loss_type=[ipo,sft]", "f_divergence_type=js_divergence"],
-                      ["loss_type=[discopop]", "f_divergence_type=alpha_divergence", "f_alpha_divergence_coef=0.3"]):
+                      ["loss_type=[discopop]", "f_divergence_type=alpha_divergence", "f_alpha_divergence_coef=0.3"],
+                      ["loss_type=[simpo,sft]", "use_weighting=true"]):
         load_config(write(tmp_path, BASE), overrides)
 
 

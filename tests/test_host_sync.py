@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpokit.data.batching import make_batch
-from dpokit.logps import ReplyLogProbs, check_rows_kept_apart
+from dpokit.logps import TOKEN_STATS, ReplyLogProbs, check_rows_kept_apart
 from dpokit.losses import PairLogps, preference_loss
 from dpokit.metrics import token_sums
 from dpokit.reference import TableReference
@@ -69,7 +69,7 @@ def test_a_training_forward_reads_nothing_back_from_the_device(attn, layout):
     with watch:
         batch = batch.to("cpu")
         ref = TableReference(torch.randn(6, 2)).logps(batch, list(range(6)))
-        logps, stats = scorer(**batch.model_inputs(), token_stats=True)
+        logps, stats = scorer(**batch.model_inputs(), token_stats=TOKEN_STATS)
         pairs = PairLogps(chosen=logps[0::2], rejected=logps[1::2], chosen_tokens=batch.seq_tokens[0::2].float(),
                           rejected_tokens=batch.seq_tokens[1::2].float(), ref_chosen=ref[0::2], ref_rejected=ref[1::2])
         loss, _ = preference_loss(pairs, ["sigmoid"], None, 0.1, 0.0, False, 0.0)

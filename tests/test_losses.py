@@ -246,7 +246,7 @@ def test_sigmoid_gradient_direction():
 def scored(loss_settings: dict, with_reference: bool = True) -> tuple[float, dict]:
     """score_batch's loss and stats for one pair of the values above (LOGPS): chosen of 4 reply
     tokens, rejected of 2, a stand-in policy answering the policy log-probs (and token statistics:
-    entropy, mean logit and top-1 summed over each reply's tokens)."""
+    entropy, mean logit and top-1 summed over each reply's tokens, and WPO's column: -2 and -3)."""
     from dpokit.config import Config, LossConfig
     from dpokit.data.batching import make_batch
     from dpokit.data.tokenize import TokenizedPair
@@ -256,8 +256,12 @@ def scored(loss_settings: dict, with_reference: bool = True) -> tuple[float, dic
     assert batch.seq_tokens.tolist() == [4, 2]
     config = Config(loss=LossConfig(**loss_settings))
     ref = torch.tensor([-11.0, -11.5]) if with_reference else None
-    token_stats = torch.tensor([[8.0, 0.4, 3.0], [5.0, -0.2, 0.0]])
-    loss, stats = score_batch(lambda **inputs: (torch.tensor([-10.0, -12.0]), token_stats), ref, batch, config)
+    summed_stats = torch.tensor([[8.0, 0.4, 3.0, -2.0], [5.0, -0.2, 0.0, -3.0]])  # the last: WPO's column
+
+    def policy(token_stats: tuple, **inputs):
+        return torch.tensor([-10.0, -12.0]), summed_stats[:, :len(token_stats)]
+
+    loss, stats = score_batch(policy, ref, batch, config)
     return loss.item(), {k: v.item() for k, v in stats.items()}
 
 
@@ -437,3 +441,55 @@ def test_each_f_divergence_matches_trls_own_code(name, label_smoothing, divergen
                               label_smoothing=label_smoothing, length_normalize=True if name == "sigmoid_norm" else None,
                               f_divergence_type=divergence, f_alpha_divergence_coef=alpha)
     assert ours.mean().item() == pytest.approx(scope["loss"].item(), abs=1e-6)
+
+
+def test_wpo_weighs_each_loss_of_a_pair_by_its_replies_own_likelihood():
+    """Through score_batch: the weight is exp(-2/4) · exp(-3/2) (WPO's column summed over the 4 chosen
+    and 2 rejected tokens), it multiplies every loss of the pair, and is logged; no gradient flows
+    through it."""
+    weight = math.exp(-2 / 4 - 3 / 2)
+    loss, stats = scored({"beta": 0.1, "use_weighting": True})
+    assert loss == pytest.approx(weight * -logsig(0.15), rel=1e-6) and stats["wpo/weight"] == pytest.approx(weight)
+    loss, stats = scored({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.2], "beta": 0.1, "use_weighting": True})
+    assert loss == pytest.approx(weight * (-logsig(0.15) + 0.2 * 10 / 4), rel=1e-6)
+    assert stats["loss/sft"] == pytest.approx(weight * 10 / 4, rel=1e-6)
+    loss, stats = scored({"loss_type": ["simpo"], "beta": 2.0, "use_weighting": True}, with_reference=False)
+    assert loss == pytest.approx(weight * -logsig(6.5), rel=1e-6)
+    assert "wpo/weight" not in scored({"beta": 0.1})[1]
+
+    from dpokit.losses import wpo_weights
+    aligned = torch.tensor([-2.0], requires_grad=True)
+    assert not wpo_weights(aligned, torch.tensor([4.0]), aligned, torch.tensor([0.0])).requires_grad
+    assert wpo_weights(aligned, torch.tensor([4.0]), aligned, torch.tensor([0.0])).item() == pytest.approx(math.exp(-0.5 - 2))
+
+
+def test_wpo_weights_match_trls_own_code():
+    """TRL's WPO block, from its installed DPOTrainer (skipped without TRL), on per-token log-probs and
+    log Σ p² of six pairs with replies of 1 to 9 tokens, against dpokit's weights of the same tokens'
+    sums: the same weighted loss."""
+    import inspect
+    import textwrap
+    import types
+
+    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
+    source = inspect.getsource(dpo_trainer)
+    start = source.find("            if self.use_weighting:")
+    end = source.find("            loss += per_sequence_loss.mean() * loss_weight", start)
+    if start < 0 or end < 0:
+        pytest.skip("this TRL's DPOTrainer weighs pairs in another shape than TRL 1.16's")
+    block = textwrap.dedent(source[start:end])
+
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(1, 10, (12,), generator=generator)  # chosen replies' counts, then the rejected ones'
+    mask = (torch.arange(10)[None, :] < tokens[:, None]).long()  # [12, 10]: TRL's shifted completion mask
+    per_token_logps = -torch.rand(12, 10, generator=generator, dtype=torch.float64) * 3
+    log_sum_sq = -torch.rand(12, 10, generator=generator, dtype=torch.float64) * 2
+    per_pair = torch.rand(6, dtype=torch.float64, generator=generator)
+    scope = dict(self=types.SimpleNamespace(use_weighting=True), torch=torch, shift_completion_mask=mask, per_token_logps=per_token_logps,
+                 outputs=types.SimpleNamespace(log_sum_sq_probs=log_sum_sq), seq_len=10, per_sequence_loss=per_pair.clone())
+    exec(block, scope)
+
+    from dpokit.losses import wpo_weights
+    aligned = ((per_token_logps - log_sum_sq) * mask).sum(dim=1)
+    ours = per_pair * wpo_weights(aligned[:6], tokens[:6].double(), aligned[6:], tokens[6:].double())
+    torch.testing.assert_close(ours, scope["per_sequence_loss"], atol=1e-12, rtol=1e-12)

@@ -10,13 +10,13 @@ from transformers import AutoConfig
 
 from test_logps import VOCAB, ragged_pairs, tiny_lm
 from dpokit.data.batching import LAYOUTS, make_batch
-from dpokit.logps import ReplyLogProbs, token_logps, token_logps_and_statistics, token_statistics
+from dpokit.logps import TOKEN_STATS, WPO_TOKEN_STATS, ReplyLogProbs, token_logps, token_logps_and_statistics, token_statistics
 from dpokit.metrics import token_means, token_sums
 
 
 def naive_token_stats(model, pairs) -> torch.Tensor:
-    """[2P, 3] per reply (chosen, rejected interleaved): entropy, mean logit and top-1 hits summed over
-    its tokens, from the full logits of each sequence on its own."""
+    """[2P, 4] per reply (chosen, rejected interleaved): entropy, mean logit, top-1 hits and WPO's
+    log p(y_t) - log Σ_v p_v² summed over its tokens, from the full logits of each sequence on its own."""
     out = []
     for p in pairs:
         for reply in (p.chosen_ids, p.rejected_ids):
@@ -24,7 +24,9 @@ def naive_token_stats(model, pairs) -> torch.Tensor:
             logits = model(input_ids=ids).logits[0, len(p.prompt_ids) - 1 : -1].float()  # [reply, V]
             entropy = torch.distributions.Categorical(logits=logits).entropy()
             top1 = (logits.argmax(-1) == torch.tensor(reply)).float()
-            out.append(torch.stack([entropy.sum(), logits.mean(-1).sum(), top1.sum()]))
+            probs = torch.softmax(logits.double(), -1)
+            wpo = (probs.gather(1, torch.tensor(reply)[:, None])[:, 0].log() - (probs ** 2).sum(-1).log()).float()
+            out.append(torch.stack([entropy.sum(), logits.mean(-1).sum(), top1.sum(), wpo.sum()]))
     return torch.stack(out)
 
 
@@ -35,22 +37,28 @@ def test_token_statistics_of_a_chunk_by_hand():
     p = torch.softmax(logits[1], -1)
     assert stats[0].tolist() == pytest.approx([torch.log(torch.tensor(4.0)).item(), 0.0, 0.0])  # uniform: argmax is 0
     assert stats[1].tolist() == pytest.approx([-(p * p.log()).sum().item(), 1.0, 1.0])
+    with_wpo = token_statistics(logits, targets, len(WPO_TOKEN_STATS))
+    assert with_wpo[:, :3].tolist() == stats.tolist()
+    # uniform: log(1/4) - log(4/16) = 0; else log p_3 - log Σ p²
+    assert with_wpo[:, 3].tolist() == pytest.approx([0.0, (p[3].log() - (p ** 2).sum().log()).item()], abs=1e-6)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("chunked, chunk_size", [(True, 7), (True, 1024), (False, 1024)])
-def test_reply_token_statistics_match_naive(layout, chunked, chunk_size):
+@pytest.mark.parametrize("columns", [TOKEN_STATS, WPO_TOKEN_STATS])
+def test_reply_token_statistics_match_naive(layout, chunked, chunk_size, columns):
     model = tiny_lm("llama", tie=False)
     pairs = ragged_pairs()
     batch = make_batch(pairs, layout)
     scorer = ReplyLogProbs(model, chunk_size, chunked=chunked)
-    logps, stats = scorer(**batch.model_inputs(), token_stats=True)
-    torch.testing.assert_close(stats, naive_token_stats(model, pairs), atol=1e-4, rtol=0)
+    logps, stats = scorer(**batch.model_inputs(), token_stats=columns)
+    torch.testing.assert_close(stats, naive_token_stats(model, pairs)[:, :len(columns)], atol=1e-4, rtol=0)
     torch.testing.assert_close(logps, scorer(**batch.model_inputs()), atol=0, rtol=0)  # the log-probs are unchanged
 
 
+@pytest.mark.parametrize("columns", [TOKEN_STATS, WPO_TOKEN_STATS])
 @pytest.mark.parametrize("softcap, bias", [(None, True), (3.0, False)])
-def test_token_statistics_of_a_transformed_head_are_taken_once_in_training(softcap, bias, monkeypatch):
+def test_token_statistics_of_a_transformed_head_are_taken_once_in_training(softcap, bias, columns, monkeypatch):
     """The generic head path (bias, soft-capping) recomputes each chunk in backward: its statistics
     are those of the transformed logits, taken once, and its gradients are as without them."""
     import dpokit.logps
@@ -60,8 +68,9 @@ def test_token_statistics_of_a_transformed_head_are_taken_once_in_training(softc
     hidden = torch.randn(23, 16, requires_grad=True)
     targets = torch.randint(0, VOCAB, (23,))
     taken = []
-    monkeypatch.setattr(dpokit.logps, "token_statistics", lambda logits, t: taken.append(len(t)) or token_statistics(logits, t))
-    logps, stats = token_logps_and_statistics(hidden, head, targets, chunk_size=5, softcap=softcap, scale=0.5)
+    monkeypatch.setattr(dpokit.logps, "token_statistics", lambda logits, t, columns: taken.append(len(t)) or token_statistics(logits, t, columns))
+    logps, stats = token_logps_and_statistics(hidden, head, targets, chunk_size=5, softcap=softcap, scale=0.5,
+                                              stats=columns)
     (logps * torch.arange(23)).sum().backward()
     assert taken == [5, 5, 5, 5, 3]  # once per chunk of 5 rows, in the forward only
     grad = hidden.grad.clone()
@@ -72,23 +81,26 @@ def test_token_statistics_of_a_transformed_head_are_taken_once_in_training(softc
     logits = head(hidden).detach() * 0.5
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    assert stats.shape == (23, 3)
-    torch.testing.assert_close(stats, token_statistics(logits, targets), atol=1e-5, rtol=0)
+    assert stats.shape == (23, len(columns))
+    torch.testing.assert_close(stats, token_statistics(logits, targets, len(columns)), atol=1e-5, rtol=0)
 
 
-def test_statistics_of_the_plain_head_leave_its_gradients_as_they_were():
+@pytest.mark.parametrize("columns", [TOKEN_STATS, WPO_TOKEN_STATS])
+def test_statistics_of_the_plain_head_leave_its_gradients_as_they_were(columns):
     torch.manual_seed(1)
     head = nn.Linear(16, VOCAB, bias=False)
     hidden = torch.randn(19, 16, requires_grad=True)
     targets = torch.randint(0, VOCAB, (19,))
-    logps, stats = token_logps_and_statistics(hidden, head, targets, chunk_size=4)
-    assert not stats.requires_grad
+    logps, stats = token_logps_and_statistics(hidden, head, targets, chunk_size=4, stats=columns)
+    assert not stats.requires_grad and stats.shape == (19, len(columns))
     grads = torch.autograd.grad(logps.sum(), (hidden, head.weight))
     plain = torch.autograd.grad(token_logps(hidden, head, targets, chunk_size=4).sum(), (hidden, head.weight))
     for ours, theirs in zip(grads, plain):
         torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
     logits = hidden.detach() @ head.weight.detach().T
-    torch.testing.assert_close(stats, token_statistics(logits, targets), atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats, token_statistics(logits, targets, len(columns)), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="token statistics are"):
+        token_logps_and_statistics(hidden, head, targets, stats=("entropy",))
 
 
 def test_token_means_weigh_every_token_as_trl_does():
@@ -145,3 +157,6 @@ def test_the_chunked_logsumexp_takes_rows_with_minus_infinity_as_torch_does():
     assert stats[0, 0].item() == pytest.approx(-(p * p.log()).sum().item())  # -inf entries add no entropy
     assert stats[0, 2].item() == 1.0 and stats[2, 0].item() == pytest.approx(math.log(3))
     assert token_statistics(logits, targets)[0, 0].item() == pytest.approx(stats[0, 0].item())
+    wpo = token_statistics(logits, targets, len(WPO_TOKEN_STATS))[:, 3]  # a -inf entry adds nothing to Σ p²
+    assert wpo[0].item() == pytest.approx((p[1].log() - (p ** 2).sum().log()).item())
+    assert wpo[2].item() == pytest.approx(0.0, abs=1e-6)

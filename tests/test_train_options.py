@@ -860,3 +860,15 @@ def test_a_run_trains_with_the_loss_of_its_rewards(workdir, loss, loss_of_reward
     for row in rows:
         assert row["loss"] == pytest.approx(loss_of_rewards(row["rewards/chosen"], row["rewards/rejected"]), rel=1e-4, abs=1e-5)
     assert rows[-1]["rewards/chosen"] != 0.0  # trained: the policy moved from the reference
+
+
+def test_a_wpo_run_weighs_each_logged_loss_by_its_logged_weight(workdir):
+    """One pair per step, WPO on: each row's loss is its logged weight times DPO's loss of its logged
+    rewards, and the weights differ from 1 (a random-weight model writes neither reply itself)."""
+    rows = train_rows(train(run_config(workdir, "loss-wpo", "use_weighting=true", "beta=0.5",
+                                       "per_device_train_batch_size=1", "max_steps=3", "eval=null")))
+    assert len(rows) == 3
+    for row in rows:
+        dpo = math.log1p(math.exp(-(row["rewards/chosen"] - row["rewards/rejected"])))
+        assert row["loss"] == pytest.approx(row["wpo/weight"] * dpo, rel=1e-4, abs=1e-7)
+        assert 0 < row["wpo/weight"] and row["wpo/weight"] != pytest.approx(1.0, abs=1e-3)

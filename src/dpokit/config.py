@@ -235,6 +235,10 @@ class LossConfig:
     f_alpha_divergence_coef: float = 0.5
     """α of ``f_divergence_type: alpha_divergence`` (0 gives forward KL, 1 reverse KL); refused at
     another value with the other divergences."""
+    use_weighting: bool = False
+    """WPO (Zhou et al. 2024): weigh each pair's loss by how likely the policy is to write its two
+    replies itself (per reply, exp of the mean over its tokens of log p(y_t) - log Σ_v p_v²; no
+    gradient through the weight). Refused with aot and aot_unpaired, which sort pairs."""
 
 
 @dataclass
@@ -550,6 +554,12 @@ def _check_loss_settings_apply(lo: LossConfig) -> None:
             f"loss.f_alpha_divergence_coef={lo.f_alpha_divergence_coef} is α of the α-divergence, but "
             f"f_divergence_type is {lo.f_divergence_type}: set f_divergence_type=alpha_divergence, or remove "
             "f_alpha_divergence_coef"
+        )
+    sorting = [name for name in lo.loss_type if name in ("aot", "aot_unpaired")]
+    if lo.use_weighting and sorting:
+        raise ConfigError(
+            f"loss.use_weighting (WPO) weighs each pair's loss, but {', '.join(sorting)} sorts the pairs' margins, "
+            "so its losses belong to no pair: leave use_weighting false with it"
         )
     if "exo_pair" in lo.loss_type and lo.label_smoothing == 0:
         raise ConfigError(

@@ -37,14 +37,18 @@ from dpokit.modeling import eval_mode, text_config
 
 
 TOKEN_STATS = ("entropy", "mean_logit", "top1")
-"""The columns of :func:`token_statistics`, per reply token."""
+"""The columns of :func:`token_statistics`, per reply token: what TRL logs."""
+WPO_TOKEN_STATS = TOKEN_STATS + ("wpo_logp",)
+""":data:`TOKEN_STATS` and, for WPO's weights (Zhou et al. 2024, Eq. 2), each token's
+log p(y_t) - log Σ_v p_v²: its log-prob against the model's chance of sampling any one token twice."""
 
 
 def _logsumexp_and_statistics(logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor | None) -> torch.Tensor:
-    """The logsumexp of each row of ``logits`` [C, V] float32, and with ``stats`` [C, 3] given,
-    :func:`token_statistics` written into it for little more than the logsumexp alone: the max pass
-    gives the top-1 too, and the exponentials give the entropy. Returns [C]. Not differentiable (the
-    chunked log-probs' backward is written by hand); one temporary the size of ``logits``."""
+    """The logsumexp of each row of ``logits`` [C, V] float32, and with ``stats`` [C, 3] (or [C, 4])
+    given, :func:`token_statistics` written into it for little more than the logsumexp alone: the max
+    pass gives the top-1 too, the exponentials the entropy (and WPO's column). Returns [C]. Not
+    differentiable (the chunked log-probs' backward is written by hand); one temporary the size of
+    ``logits``."""
     top, top_index = logits.max(dim=-1)
     shift = top.masked_fill(top.isinf(), 0)[:, None]  # as torch.logsumexp: a row of -inf stays -inf
     if stats is not None:
@@ -53,20 +57,26 @@ def _logsumexp_and_statistics(logits: torch.Tensor, targets: torch.Tensor, stats
     total_and_expected = (logits - shift).exp_()  # [C, V]
     total = total_and_expected.sum(dim=-1)
     lse = total.log() + shift[:, 0]
+    if stats is not None and stats.shape[1] == len(WPO_TOKEN_STATS):
+        # log p_t - log Σ p² with p = e/total, e = exp(logits - shift): (l_t - shift - log total) - 2 (log ‖e‖ - log total)
+        norm = torch.linalg.vector_norm(total_and_expected, dim=-1)
+        target_logit = logits.gather(1, targets[:, None])[:, 0]
+        stats[:, 3] = target_logit - shift[:, 0] + total.log() - 2 * norm.log()
     if stats is not None:  # entropy = lse - sum(p * logits), p = exp(logits - lse)
         stats[:, 0] = lse - total_and_expected.mul_(logits).nansum(dim=-1) / total  # nansum: exp(-inf) * -inf adds 0
     return lse
 
 
 @torch.no_grad()
-def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_statistics(logits: torch.Tensor, targets: torch.Tensor, columns: int = len(TOKEN_STATS)) -> torch.Tensor:
     """What TRL logs of each reply token's next-token distribution, from one chunk's logits:
     its entropy, the mean of its logits over the vocabulary, and whether the target is its most
-    likely token (1.0 or 0.0), as columns in the order of :data:`TOKEN_STATS`.
+    likely token (1.0 or 0.0), as columns in the order of :data:`TOKEN_STATS`; with ``columns`` 4,
+    also WPO's column (:data:`WPO_TOKEN_STATS`).
 
-    logits: [C, V] float32, targets: [C] -> [C, 3] float32. One temporary the size of ``logits``.
+    logits: [C, V] float32, targets: [C] -> [C, columns] float32. One temporary the size of ``logits``.
     """
-    stats = logits.new_empty(logits.shape[0], len(TOKEN_STATS))
+    stats = logits.new_empty(logits.shape[0], columns)
     _logsumexp_and_statistics(logits, targets, stats)
     return stats
 
@@ -75,24 +85,24 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """log softmax(h @ Wᵀ)[target] per row, chunked over rows, with a hand-written backward.
 
     forward: hidden [N, H], weight [V, H], targets [N] -> token_logps [N] (float32), and with
-    ``with_stats`` each token's :func:`token_statistics` [N, 3] (else [0, 3]; no gradient)
+    ``stat_columns`` (3 or 4) each token's :func:`token_statistics` [N, stat_columns] (else [0, 0]; no gradient)
 
     The matmuls run in ``compute_dtype`` (the weight's dtype, or the autocast dtype under mixed
     precision) in both passes; softmax statistics and the weight gradient accumulate in float32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype, with_stats=False):
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype, stat_columns=0):
         acc = torch.promote_types(compute_dtype, torch.float32)  # float32, or float64 in gradcheck
         w = weight.to(compute_dtype)
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         lse = torch.empty_like(out)
-        stats = torch.empty(hidden.shape[0] if with_stats else 0, len(TOKEN_STATS), dtype=acc, device=hidden.device)
+        stats = torch.empty(hidden.shape[0] if stat_columns else 0, stat_columns, dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
             logits = (hidden[start:end].to(compute_dtype) @ w.T).to(acc)
             out[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1)
-            lse[start:end] = _logsumexp_and_statistics(logits, targets[start:end], stats[start:end] if with_stats else None)
+            lse[start:end] = _logsumexp_and_statistics(logits, targets[start:end], stats[start:end] if stat_columns else None)
             out[start:end] -= lse[start:end]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
@@ -134,11 +144,11 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 def _token_logps_generic(
     hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int, softcap: float | None, scale: float = 1.0,
-    with_stats: bool = False,
+    stat_columns: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Any output layer (bias, scale, soft-capping): chunked, each chunk recomputed in backward.
-    With ``with_stats``, each chunk's :func:`token_statistics` too, taken in its forward (not again
-    when backward recomputes it)."""
+    With ``stat_columns`` (3 or 4), each chunk's :func:`token_statistics` too, taken in its forward
+    (not again when backward recomputes it)."""
 
     def one_chunk(h: torch.Tensor, t: torch.Tensor, stats_of_chunk: list | None) -> torch.Tensor:
         logits = head(h).float()
@@ -148,22 +158,22 @@ def _token_logps_generic(
             logits = softcap * torch.tanh(logits / softcap)
         lse = torch.logsumexp(logits, dim=-1)
         if stats_of_chunk == []:  # the first run of this chunk: the forward
-            stats_of_chunk.append(token_statistics(logits, t))
+            stats_of_chunk.append(token_statistics(logits, t, stat_columns))
         return logits.gather(1, t[:, None]).squeeze(1) - lse
 
     parts, stats = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        stats_of_chunk = [] if with_stats else None
+        stats_of_chunk = [] if stat_columns else None
         if torch.is_grad_enabled():
             parts.append(checkpoint(one_chunk, h, t, stats_of_chunk, use_reentrant=False))
         else:
             parts.append(one_chunk(h, t, stats_of_chunk))
         stats += stats_of_chunk or []
     logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    if not with_stats:
+    if not stat_columns:
         return logps, None
-    return logps, torch.cat(stats) if stats else hidden.new_zeros(0, len(TOKEN_STATS), dtype=torch.float32)
+    return logps, torch.cat(stats) if stats else hidden.new_zeros(0, stat_columns, dtype=torch.float32)
 
 
 def token_logps(
@@ -178,7 +188,7 @@ def token_logps(
 
     hidden: [N, H], targets: [N] -> [N] float32.
     """
-    return token_logps_and_statistics(hidden, head, targets, chunk_size, softcap, scale, with_stats=False)[0]
+    return token_logps_and_statistics(hidden, head, targets, chunk_size, softcap, scale, stats=())[0]
 
 
 def token_logps_and_statistics(
@@ -188,19 +198,22 @@ def token_logps_and_statistics(
     chunk_size: int = 1024,
     softcap: float | None = None,
     scale: float = 1.0,
-    with_stats: bool = True,
+    stats: tuple[str, ...] = TOKEN_STATS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`token_logps`, and with ``with_stats`` each token's :func:`token_statistics` (else None).
+    """:func:`token_logps`, and each token's :func:`token_statistics` of columns ``stats``
+    (:data:`TOKEN_STATS` or :data:`WPO_TOKEN_STATS`; with none, None).
 
-    hidden: [N, H], targets: [N] -> [N] float32, and [N, 3] float32 or None.
+    hidden: [N, H], targets: [N] -> [N] float32, and [N, len(stats)] float32 or None.
     """
+    if stats not in ((), TOKEN_STATS, WPO_TOKEN_STATS):
+        raise ValueError(f"token statistics are {TOKEN_STATS} or {WPO_TOKEN_STATS}, not {stats}")
     plain_linear = isinstance(head, nn.Linear) and head.bias is None and not softcap
     if plain_linear:  # scale * (h @ Wᵀ) == (scale * h) @ Wᵀ
         scaled = hidden * scale if scale != 1.0 else hidden
-        logps, stats = _ChunkedTokenLogps.apply(scaled, head.weight, targets, chunk_size, _compute_dtype(hidden, head.weight),
-                                                with_stats)
-        return logps, stats if with_stats else None
-    return _token_logps_generic(hidden, head, targets, chunk_size, softcap, scale, with_stats)
+        logps, stats_out = _ChunkedTokenLogps.apply(scaled, head.weight, targets, chunk_size,
+                                                    _compute_dtype(hidden, head.weight), len(stats))
+        return logps, stats_out if stats else None
+    return _token_logps_generic(hidden, head, targets, chunk_size, softcap, scale, len(stats))
 
 
 # model_type -> the constant its CausalLM multiplies the output layer's logits by
@@ -576,7 +589,7 @@ class ReplyLogProbs(nn.Module):
         groups: torch.Tensor | None = None,
         branches: torch.Tensor | None = None,
         varlen=None,
-        token_stats: bool = False,
+        token_stats: tuple[str, ...] = (),
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probs of the reply tokens of each sequence.
 
@@ -591,11 +604,12 @@ class ReplyLogProbs(nn.Module):
                 regrouping) is built from them here, on the model's device; packed rows otherwise
                 go by their position ids.
             varlen: under dpokit_varlen, the rows' regrouping if the batch brings it (else built here).
-            token_stats: also return each sequence's sums of :func:`token_statistics` over its reply tokens.
+            token_stats: :data:`TOKEN_STATS` or :data:`WPO_TOKEN_STATS`: also return each sequence's
+                sums of these :func:`token_statistics` over its reply tokens.
 
         Returns:
-            [num_seqs] float32 summed log-probs; with ``token_stats`` also [num_seqs, 3] float32 sums
-            (no gradient), columns as :data:`TOKEN_STATS`.
+            [num_seqs] float32 summed log-probs; with ``token_stats`` also [num_seqs, len(token_stats)]
+            float32 sums (no gradient), columns as ``token_stats``.
         """
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if branches is not None or (groups is not None and self.mask_packed_rows):
@@ -611,9 +625,9 @@ class ReplyLogProbs(nn.Module):
             logits = self.model(**inputs).logits[pred_rows, pred_cols].float()  # [N, V]
             lse = torch.logsumexp(logits, dim=-1)
             logps = logits.gather(1, targets[:, None]).squeeze(1) - lse
-            stats = token_statistics(logits, targets) if token_stats else None
+            stats = token_statistics(logits, targets, len(token_stats)) if token_stats else None
         seq_logps = torch.zeros(num_seqs, dtype=torch.float32, device=logps.device).index_add(0, seq_index, logps)
         if not token_stats:
             return seq_logps
-        return seq_logps, torch.zeros(num_seqs, len(TOKEN_STATS), dtype=torch.float32, device=logps.device).index_add(
+        return seq_logps, torch.zeros(num_seqs, len(token_stats), dtype=torch.float32, device=logps.device).index_add(
             0, seq_index, stats.float())

@@ -33,7 +33,9 @@ c = log π(y_c|x) - log ref(y_c|x) and r = log π(y_r|x) - log ref(y_r|x) (so h 
               sort(log ref(y_c|x) - log ref(y_r|x)), sorted over the micro-batch's pairs
     aot_unpaired  the same of sort(c) - sort(r)
 
-Any of them combine with weights, e.g. ``[sigmoid, sft]`` with ``[1.0, 0.2]`` (RPO).
+Any of them combine with weights, e.g. ``[sigmoid, sft]`` with ``[1.0, 0.2]`` (RPO). WPO (Zhou et
+al. 2024) weighs each pair's loss by how likely the policy itself is to produce its two replies
+(:func:`wpo_weights`).
 
 f-DPO (Wang et al. 2023) swaps DPO's reverse-KL regularizer for another f-divergence: each reply's
 log-ratio x = log(π/ref) becomes its score f'(e^x), and h = f'(e^c) - f'(e^r) (then averaged per
@@ -214,6 +216,16 @@ def sft_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.T
     return -per_token(chosen_logps, chosen_tokens)
 
 
+def wpo_weights(chosen_aligned: torch.Tensor, chosen_tokens: torch.Tensor, rejected_aligned: torch.Tensor,
+                rejected_tokens: torch.Tensor) -> torch.Tensor:
+    """WPO's weight of each pair (Zhou et al. 2024, Eq. 2, as TRL 1.16): the product over its two
+    replies of exp(the mean over the reply's tokens of log p(y_t) - log Σ_v p_v²), p the policy's
+    next-token distribution. Off-policy pairs (replies the policy would not write) weigh less.
+    ``*_aligned``: those summed over each reply's tokens (:data:`dpokit.logps.WPO_TOKEN_STATS`).
+    No gradient: a weight, not a path. [P] x 4 -> [P]."""
+    return torch.exp(per_token(chosen_aligned, chosen_tokens) + per_token(rejected_aligned, rejected_tokens)).detach()
+
+
 def per_token(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Summed log-probs averaged over their reply tokens; a reply of no tokens (which dpokit's data
     never makes, but a caller of these functions might) averages to 0, not NaN. [P], [P] -> [P]."""
@@ -256,17 +268,20 @@ def preference_loss(
     discopop_tau: float = 0.05,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
+    pair_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the named losses, with TRL's per-pair reward statistics. With an
     ``f_divergence_type`` other than reverse_kl, the losses of :data:`MARGIN_LOSSES` read each reply's
     :func:`divergence_score` (of its summed log-ratio, then averaged per token where the loss
-    averages, as TRL); the others refuse it.
+    averages, as TRL); the others refuse it. ``pair_weights`` [P] (WPO's, :func:`wpo_weights`)
+    multiply each loss of each pair.
 
     Returns:
         per_pair_loss: [P], the weighted sum of every named loss for each pair.
         stats: per-pair tensors [P] (detached) for ``rewards/chosen``, ``rewards/rejected``,
             ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, and with
-            more than one loss each one's own value, unweighted (``loss/sigmoid``, ``loss/sft``).
+            more than one loss each one's own value, without its ``loss_weights`` weight (``loss/sigmoid``,
+            ``loss/sft``; with ``pair_weights``, weighted by those), and ``wpo/weight``: ``pair_weights``.
             Rewards are β·(log π - log ref) with a reference, β·(avg log π) without (SimPO's).
     """
     weights = loss_weights or [1.0] * len(loss_type)
@@ -306,6 +321,8 @@ def preference_loss(
             loss = sft_loss(logps.chosen, logps.chosen_tokens)
         else:
             raise ValueError(f"unknown loss '{name}'; known: {', '.join(ALL_LOSSES)}")
+        if pair_weights is not None:
+            loss = loss * pair_weights
         total = total + weight * loss
         parts[f"loss/{name}"] = loss.detach()
 
@@ -325,6 +342,7 @@ def preference_loss(
             "rewards/margins": reward_chosen - reward_rejected,
             "logps/chosen": logps.chosen.detach(),
             "logps/rejected": logps.rejected.detach(),
-            **(parts if len(parts) > 1 else {}),  # a combined loss's parts, each unweighted
+            **(parts if len(parts) > 1 else {}),  # a combined loss's parts, each without its loss weight
+            **({} if pair_weights is None else {"wpo/weight": pair_weights.detach()}),
         }
     return total, stats

@@ -28,8 +28,8 @@ TOKEN_MEANS = {
 def token_sums(seq_stats: torch.Tensor, seq_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-pair sums behind :data:`TOKEN_MEANS`, from each sequence's summed token statistics.
 
-    seq_stats: [2P, 3] sums over each reply's tokens, columns as :data:`dpokit.logps.TOKEN_STATS`
-    (entropy, mean logit, top-1), chosen and rejected interleaved; seq_tokens: [2P] reply token
+    seq_stats: [2P, 3 (or 4)] sums over each reply's tokens, columns as :data:`dpokit.logps.TOKEN_STATS`
+    (entropy, mean logit, top-1; WPO's column after them is not read), chosen and rejected interleaved; seq_tokens: [2P] reply token
     counts. Returns name -> [P]: the entropy over both replies, the mean logit of each, the chosen
     reply's top-1 hits, and the two token counts.
     """

@@ -39,8 +39,10 @@ from dpokit.data.batching import Batch, eval_batches, first_epoch_micro_batches,
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.launch import end_process_group
-from dpokit.logps import ReplyLogProbs, adopt_findings, check_rows_kept_apart, check_window, probe_findings
-from dpokit.losses import PairLogps, preference_loss
+from dpokit.logps import (
+    TOKEN_STATS, WPO_TOKEN_STATS, ReplyLogProbs, adopt_findings, check_rows_kept_apart, check_window, probe_findings,
+)
+from dpokit.losses import PairLogps, preference_loss, wpo_weights
 from dpokit.metrics import LogWindow, MetricsLog, token_means, token_sums
 from dpokit.progress import bar, on_terminal, shown
 from dpokit.reference import (
@@ -112,7 +114,9 @@ def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Co
     ``ref_logps``: [2P] reference log-probs (chosen, rejected interleaved), or None. Besides the
     loss's statistics, the per-pair sums behind TRL's token means (:func:`dpokit.metrics.token_sums`).
     """
-    seq_logps, seq_stats = policy(**batch.model_inputs(), token_stats=True)  # [2P], [2P, 3]: chosen, rejected interleaved
+    lo = config.loss
+    columns = WPO_TOKEN_STATS if lo.use_weighting else TOKEN_STATS
+    seq_logps, seq_stats = policy(**batch.model_inputs(), token_stats=columns)  # [2P], [2P, 3 or 4]: chosen, rejected interleaved
     tokens = batch.seq_tokens.to(seq_logps.dtype)
     logps = PairLogps(
         chosen=seq_logps[0::2],
@@ -122,10 +126,13 @@ def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Co
         ref_chosen=None if ref_logps is None else ref_logps[0::2],
         ref_rejected=None if ref_logps is None else ref_logps[1::2],
     )
-    lo = config.loss
+    weights = None
+    if lo.use_weighting:
+        aligned = seq_stats[:, WPO_TOKEN_STATS.index("wpo_logp")]
+        weights = wpo_weights(aligned[0::2], logps.chosen_tokens, aligned[1::2], logps.rejected_tokens)
     loss, stats = preference_loss(
         logps, lo.loss_type, lo.loss_weights, lo.beta, lo.label_smoothing, lo.length_normalize, lo.simpo_gamma,
-        lo.discopop_tau, lo.f_divergence_type, lo.f_alpha_divergence_coef,
+        lo.discopop_tau, lo.f_divergence_type, lo.f_alpha_divergence_coef, weights,
     )
     stats["loss"] = loss.detach()
     stats.update(token_sums(seq_stats, batch.seq_tokens))

@@ -140,6 +140,9 @@ def test_a_loss_setting_no_chosen_loss_reads_is_refused(tmp_path):
         ("loss_type=[sigmoid]", "f_alpha_divergence_coef=0.3"): "is α of the α-divergence, but f_divergence_type is reverse_kl",
         ("f_divergence_type=forward_kl", "f_alpha_divergence_coef=0.3"): "f_divergence_type is forward_kl",
         ("loss_type=[sigmoid,aot_unpaired]", "use_weighting=true"): "but aot_unpaired sorts the pairs' margins",
+        ("loss_type=[simpo,sft]", "ld_alpha=0.5"): r"ld_alpha=0.5 weighs .* has none of them",
+        ("ld_alpha=1.5",): r"loss.ld_alpha must be in \[0, 1\] \(or null\), got 1.5",
+        ("ld_alpha=-0.1",): r"loss.ld_alpha must be in \[0, 1\]",
     }
     for overrides, message in refused.items():
         with pytest.raises(ConfigError, match=message):
@@ -151,7 +154,8 @@ def test_a_loss_setting_no_chosen_loss_reads_is_refused(tmp_path):
                       ["loss_type=[nca_pair]", "length_normalize=true"], ["loss_type=[aot_unpaired]", "label_smoothing=0.1"],
                       ["loss_type=[ipo,sft]", "f_divergence_type=js_divergence"],
                       ["loss_type=[discopop]", "f_divergence_type=alpha_divergence", "f_alpha_divergence_coef=0.3"],
-                      ["loss_type=[simpo,sft]", "use_weighting=true"]):
+                      ["loss_type=[simpo,sft]", "use_weighting=true"], ["loss_type=[ipo,sft]", "ld_alpha=0.0"],
+                      ["ld_alpha=1.0"]):
         load_config(write(tmp_path, BASE), overrides)
 
 

@@ -235,6 +235,11 @@ class LossConfig:
     f_alpha_divergence_coef: float = 0.5
     """α of ``f_divergence_type: alpha_divergence`` (0 gives forward KL, 1 reverse KL); refused at
     another value with the other divergences."""
+    ld_alpha: float | None = None
+    """LD-DPO (Liu et al. 2024): in the losses with a reference, each reply's log-probs summed as its
+    first min(|y_c|, |y_r|) tokens plus ``ld_alpha`` (in [0, 1]) times the rest, so the longer reply's
+    excess length weighs less (policy and reference alike). None (and 1.0) is plain DPO; sft and
+    simpo read the plain sums. Refused when ``loss_type`` has no loss with a reference."""
     use_weighting: bool = False
     """WPO (Zhou et al. 2024): weigh each pair's loss by how likely the policy is to write its two
     replies itself (per reply, exp of the mean over its tokens of log p(y_t) - log Σ_v p_v²; no
@@ -555,6 +560,11 @@ def _check_loss_settings_apply(lo: LossConfig) -> None:
             f"f_divergence_type is {lo.f_divergence_type}: set f_divergence_type=alpha_divergence, or remove "
             "f_alpha_divergence_coef"
         )
+    if lo.ld_alpha is not None and not set(lo.loss_type) & set(PAIRWISE_WITH_REFERENCE):
+        raise ConfigError(
+            f"loss.ld_alpha={lo.ld_alpha} weighs the reply log-probs of the losses with a reference, but loss_type "
+            f"{lo.loss_type} has none of them (sft and simpo read the plain sums): leave ld_alpha null"
+        )
     sorting = [name for name in lo.loss_type if name in ("aot", "aot_unpaired")]
     if lo.use_weighting and sorting:
         raise ConfigError(
@@ -729,6 +739,8 @@ def validate(config: Config, base_dir: Path | None = None, for_training: bool = 
         raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")
     if lo.discopop_tau <= 0:
         raise ConfigError(f"loss.discopop_tau must be > 0, got {lo.discopop_tau}")
+    if lo.ld_alpha is not None and not 0.0 <= lo.ld_alpha <= 1.0:
+        raise ConfigError(f"loss.ld_alpha must be in [0, 1] (or null), got {lo.ld_alpha}")
     if not 0.0 <= lo.label_smoothing < 0.5:
         raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
     if t.prefix_sharing and config.model.attn_implementation not in (None, *PREFIX_ATTENTION):

@@ -589,6 +589,7 @@ class ReplyLogProbs(nn.Module):
         groups: torch.Tensor | None = None,
         branches: torch.Tensor | None = None,
         varlen=None,
+        reply_tail: torch.Tensor | None = None,
         token_stats: tuple[str, ...] = (),
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probs of the reply tokens of each sequence.
@@ -604,12 +605,15 @@ class ReplyLogProbs(nn.Module):
                 regrouping) is built from them here, on the model's device; packed rows otherwise
                 go by their position ids.
             varlen: under dpokit_varlen, the rows' regrouping if the batch brings it (else built here).
+            reply_tail: [N] bool, the reply tokens past their pair's shared length (LD-DPO): each
+                sequence's sum then comes in two parts, the tokens before and those past it.
             token_stats: :data:`TOKEN_STATS` or :data:`WPO_TOKEN_STATS`: also return each sequence's
                 sums of these :func:`token_statistics` over its reply tokens.
 
         Returns:
-            [num_seqs] float32 summed log-probs; with ``token_stats`` also [num_seqs, len(token_stats)]
-            float32 sums (no gradient), columns as ``token_stats``.
+            [num_seqs] float32 summed log-probs ([num_seqs, 2] with ``reply_tail``); with ``token_stats``
+            also [num_seqs, len(token_stats)] float32 sums over all reply tokens (no gradient), columns
+            as ``token_stats``.
         """
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if branches is not None or (groups is not None and self.mask_packed_rows):
@@ -626,7 +630,12 @@ class ReplyLogProbs(nn.Module):
             lse = torch.logsumexp(logits, dim=-1)
             logps = logits.gather(1, targets[:, None]).squeeze(1) - lse
             stats = token_statistics(logits, targets, len(token_stats)) if token_stats else None
-        seq_logps = torch.zeros(num_seqs, dtype=torch.float32, device=logps.device).index_add(0, seq_index, logps)
+        if reply_tail is None:
+            seq_logps = torch.zeros(num_seqs, dtype=torch.float32, device=logps.device).index_add(0, seq_index, logps)
+        else:
+            parts = 2 * seq_index + reply_tail.long()
+            seq_logps = torch.zeros(2 * num_seqs, dtype=torch.float32, device=logps.device).index_add(0, parts, logps)
+            seq_logps = seq_logps.view(num_seqs, 2)
         if not token_stats:
             return seq_logps
         return seq_logps, torch.zeros(num_seqs, len(token_stats), dtype=torch.float32, device=logps.device).index_add(

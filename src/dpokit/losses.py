@@ -236,7 +236,9 @@ def per_token(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 class PairLogps:
     """Summed reply log-probs and reply token counts of a batch of pairs, each of shape [P].
 
-    ``ref_*`` are None when no reference is used.
+    ``ref_*`` are None when no reference is used. Under LD-DPO (``ld_alpha``), ``chosen``,
+    ``rejected`` and ``ref_*`` are its weighted sums and ``plain_*`` the plain ones, which the
+    losses without a reference (sft, simpo) read; else ``plain_*`` are None.
     """
 
     chosen: torch.Tensor
@@ -245,6 +247,14 @@ class PairLogps:
     rejected_tokens: torch.Tensor
     ref_chosen: torch.Tensor | None = None
     ref_rejected: torch.Tensor | None = None
+    plain_chosen: torch.Tensor | None = None
+    plain_rejected: torch.Tensor | None = None
+
+    def plain(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain summed log-probs of the chosen and rejected replies, [P] each."""
+        if self.plain_chosen is None or self.plain_rejected is None:
+            return self.chosen, self.rejected
+        return self.plain_chosen, self.plain_rejected
 
 
 def uses_length_normalization(loss_type: str, length_normalize: bool | None) -> bool:
@@ -311,14 +321,14 @@ def preference_loss(
                 beta, label_smoothing, discopop_tau)
         elif name == "simpo":
             loss = simpo_loss(
-                per_token(logps.chosen, logps.chosen_tokens),
-                per_token(logps.rejected, logps.rejected_tokens),
+                per_token(logps.plain()[0], logps.chosen_tokens),
+                per_token(logps.plain()[1], logps.rejected_tokens),
                 beta,
                 simpo_gamma,
                 label_smoothing,
             )
         elif name == "sft":
-            loss = sft_loss(logps.chosen, logps.chosen_tokens)
+            loss = sft_loss(logps.plain()[0], logps.chosen_tokens)
         else:
             raise ValueError(f"unknown loss '{name}'; known: {', '.join(ALL_LOSSES)}")
         if pair_weights is not None:
@@ -331,8 +341,8 @@ def preference_loss(
             reward_chosen = beta * (logps.chosen - logps.ref_chosen)
             reward_rejected = beta * (logps.rejected - logps.ref_rejected)
         else:
-            reward_chosen = beta * per_token(logps.chosen, logps.chosen_tokens)
-            reward_rejected = beta * per_token(logps.rejected, logps.rejected_tokens)
+            reward_chosen = beta * per_token(logps.plain()[0], logps.chosen_tokens)
+            reward_rejected = beta * per_token(logps.plain()[1], logps.rejected_tokens)
         stats = {
             "rewards/chosen": reward_chosen,
             "rewards/rejected": reward_rejected,

@@ -57,7 +57,7 @@ class LiveReference(Reference):
 
     def logps(self, batch: Batch, pair_indices: list[int]) -> torch.Tensor:
         with torch.no_grad():
-            return self.scorer(**batch.model_inputs())
+            return batch.ld_weighted(self.scorer(**batch.model_inputs()))
 
 
 @contextmanager
@@ -79,7 +79,7 @@ class AdapterOffReference(LiveReference):
 
     def logps(self, batch: Batch, pair_indices: list[int]) -> torch.Tensor:
         with torch.no_grad(), adapters_switched_off(self.scorer):
-            return self.scorer(**batch.model_inputs())
+            return batch.ld_weighted(self.scorer(**batch.model_inputs()))
 
 
 class TableReference(Reference):
@@ -155,7 +155,8 @@ def compute_table(
     parts = []
     with torch.no_grad():
         for idx, keep in shown(in_lockstep(batches, accelerator, scorer), len(batches), progress):
-            logps = scorer(**build([pairs[i] for i in idx]).to(accelerator.device).model_inputs())
+            batch = build([pairs[i] for i in idx]).to(accelerator.device)
+            logps = batch.ld_weighted(scorer(**batch.model_inputs()))
             if keep:
                 parts.append((idx, logps.float().cpu().view(-1, 2)))
     table = torch.zeros(len(pairs), 2)

@@ -35,7 +35,9 @@ from dpokit.config import (
     needs_reference,
     save_config,
 )
-from dpokit.data.batching import Batch, eval_batches, first_epoch_micro_batches, global_batches, local_micro_batches, make_batch
+from dpokit.data.batching import (
+    Batch, eval_batches, first_epoch_micro_batches, global_batches, local_micro_batches, make_batch, past_shared_length,
+)
 from dpokit.data.pipeline import load_data
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.launch import end_process_group
@@ -116,15 +118,20 @@ def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Co
     """
     lo = config.loss
     columns = WPO_TOKEN_STATS if lo.use_weighting else TOKEN_STATS
-    seq_logps, seq_stats = policy(**batch.model_inputs(), token_stats=columns)  # [2P], [2P, 3 or 4]: chosen, rejected interleaved
+    # [2P] (or [2P, 2]: LD-DPO's two parts of each reply), [2P, 3 or 4]: chosen, rejected interleaved
+    seq_logps, seq_stats = policy(**batch.model_inputs(), token_stats=columns)
+    weighted = batch.ld_weighted(seq_logps)
+    plain = None if batch.reply_tail is None else seq_logps.sum(dim=1)
     tokens = batch.seq_tokens.to(seq_logps.dtype)
     logps = PairLogps(
-        chosen=seq_logps[0::2],
-        rejected=seq_logps[1::2],
+        chosen=weighted[0::2],
+        rejected=weighted[1::2],
         chosen_tokens=tokens[0::2],
         rejected_tokens=tokens[1::2],
         ref_chosen=None if ref_logps is None else ref_logps[0::2],
         ref_rejected=None if ref_logps is None else ref_logps[1::2],
+        plain_chosen=None if plain is None else plain[0::2],
+        plain_rejected=None if plain is None else plain[1::2],
     )
     weights = None
     if lo.use_weighting:
@@ -142,11 +149,14 @@ def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Co
 def build_batch(pairs: list[TokenizedPair], config: Config, pad_id: int) -> Batch:
     """A micro-batch in the configured layout, on the host. Packed rows hold at most 2 x max_length
     tokens (one prefix-shared pair always fits), so attention over a row never grows with the batch.
-    Under dpokit_varlen the rows' regrouping is built here too, before the batch goes to the device."""
+    Under dpokit_varlen the rows' regrouping is built here too, before the batch goes to the device;
+    with ``loss.ld_alpha``, the reply tokens past their pair's shared length."""
     layout = batch_layout(config.training)
     batch = make_batch(pairs, layout, pad_id, row_tokens=2 * config.data.max_length)
     if config.model.attn_implementation == VARLEN_ATTENTION and batch.groups is not None:
         batch.varlen = varlen_rows(batch.groups, batch.branches)
+    if config.loss.ld_alpha is not None:
+        batch.reply_tail, batch.ld_alpha = past_shared_length(batch.seq_index, batch.seq_tokens), config.loss.ld_alpha
     return batch
 
 
@@ -311,6 +321,8 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
 
         # in 16 bits another batching, or compiled layers, give other last bits: then they are part of the cache key
         key = f"{batch_layout(t)}:{config.data.max_length}:{batching}{':compiled' if compiled else ''}" if sixteen_bit else ""
+        if config.loss.ld_alpha is not None:  # LD-DPO's weighted sums
+            key += f":ld_alpha {config.loss.ld_alpha!r}"
         return TableReference(cached_table(start.fingerprint, pairs, compute, accelerator, what, log=say, batching=key,
                                            pairs_digest=digest))
 

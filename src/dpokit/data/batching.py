@@ -66,6 +66,9 @@ class Batch:
     seq_tokens: [2 * num_pairs] reply tokens per sequence (chosen, rejected interleaved)
     varlen: the rows regrouped for attn_implementation=dpokit_varlen (a
         :class:`dpokit.varlen.VarlenRows`, built on the host with the batch), or None
+    reply_tail: [N] bool for LD-DPO (``ld_alpha`` set): whether each reply token lies past its
+        pair's shared length (:func:`past_shared_length`); the scorer then sums each reply's two
+        parts apart, and :meth:`ld_weighted` weighs them. None otherwise.
     """
 
     input_ids: torch.Tensor
@@ -82,6 +85,9 @@ class Batch:
     groups: torch.Tensor | None = None
     branches: torch.Tensor | None = None
     varlen: VarlenRows | None = None
+    reply_tail: torch.Tensor | None = None
+    ld_alpha: float = 1.0
+    """LD-DPO's weight of the reply tokens past the pair's shared length (with ``reply_tail``)."""
 
     def to(self, device: torch.device | str) -> "Batch":
         """The batch with its tensors (and regrouping) on ``device`` (:func:`to_device`); counts stay as they are."""
@@ -109,7 +115,16 @@ class Batch:
             groups=self.groups,
             branches=self.branches,
             varlen=self.varlen,
+            reply_tail=self.reply_tail,
         )
+
+    def ld_weighted(self, seq_logps: torch.Tensor) -> torch.Tensor:
+        """The summed reply log-probs the losses with a reference read: the scorer's [2P] sums as
+        they are; with ``reply_tail``, its [2P, 2] sums of each reply's shared part and tail, as
+        shared + ``ld_alpha`` * tail (Liu et al. 2024, LD-DPO)."""
+        if self.reply_tail is None:
+            return seq_logps
+        return seq_logps[:, 0] + self.ld_alpha * seq_logps[:, 1]
 
 
 @dataclass
@@ -201,6 +216,16 @@ def _assemble(rows: list[_Row], num_pairs: int, pad_token_id: int, layout: str) 
         groups=laid_out(per_span(3), -1) if layout != "padded" else None,
         branches=laid_out(per_span(4), 0) if shared else None,
     )
+
+
+def past_shared_length(seq_index: torch.Tensor, seq_tokens: torch.Tensor) -> torch.Tensor:
+    """Whether each reply token lies past its pair's shared length min(|y_c|, |y_r|): LD-DPO's
+    verbose part of the longer reply. Each reply's tokens come consecutive and in order, as
+    :func:`make_batch` lays them out. seq_index: [N], seq_tokens: [2P] -> [N] bool."""
+    order = torch.arange(seq_index.numel(), device=seq_index.device)
+    starts = torch.full_like(seq_tokens, seq_index.numel()).scatter_reduce(0, seq_index, order, "amin")
+    shared = seq_tokens.view(-1, 2).amin(dim=1)  # [P]
+    return order - starts[seq_index] >= shared[seq_index // 2]
 
 
 def _pick_row(rows: list[_Row], length: int, row_tokens: int | None) -> _Row:

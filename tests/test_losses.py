@@ -120,13 +120,15 @@ def test_discopop_is_finite_where_its_exponential_alone_overflows():
     assert h.grad[0].item() == pytest.approx(-0.1, abs=1e-6)  # d/dh of -log σ(0.1 h) far below 0
 
 
-def test_every_loss_the_config_takes_is_one_the_loss_knows():
+def test_every_loss_and_divergence_the_config_takes_is_one_the_loss_knows():
     import typing
 
-    from dpokit.config import LossName
-    from dpokit.losses import ALL_LOSSES
+    from dpokit.config import LossConfig, LossName
+    from dpokit.losses import ALL_LOSSES, F_DIVERGENCES
 
     assert sorted(typing.get_args(LossName)) == sorted(ALL_LOSSES)
+    divergences = typing.get_type_hints(LossConfig)["f_divergence_type"]
+    assert typing.get_args(divergences) == F_DIVERGENCES
 
 
 def test_simpo_needs_no_reference():

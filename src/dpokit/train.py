@@ -139,7 +139,8 @@ def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Co
         weights = wpo_weights(aligned[0::2], logps.chosen_tokens, aligned[1::2], logps.rejected_tokens)
     loss, stats = preference_loss(
         logps, lo.loss_type, lo.loss_weights, lo.beta, lo.label_smoothing, lo.length_normalize, lo.simpo_gamma,
-        lo.discopop_tau, lo.f_divergence_type, lo.f_alpha_divergence_coef, weights,
+        discopop_tau=lo.discopop_tau, f_divergence_type=lo.f_divergence_type,
+        f_alpha_divergence_coef=lo.f_alpha_divergence_coef, pair_weights=weights,
     )
     stats["loss"] = loss.detach()
     stats.update(token_sums(seq_stats, batch.seq_tokens))

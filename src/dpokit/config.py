@@ -240,6 +240,10 @@ class LossConfig:
     first min(|y_c|, |y_r|) tokens plus ``ld_alpha`` (in [0, 1]) times the rest, so the longer reply's
     excess length weighs less (policy and reference alike). None (and 1.0) is plain DPO; sft and
     simpo read the plain sums. Refused when ``loss_type`` has no loss with a reference."""
+    router_aux_loss_coef: float = 0.0
+    """A mixture-of-experts model's load-balancing loss (its transformers class's, e.g. Mixtral's or
+    Qwen2-MoE's) added to the loss with this weight (> 0), over every token of the micro-batch as a
+    padded batch would count them; 0 adds none. Refused for a model without one."""
     use_weighting: bool = False
     """WPO (Zhou et al. 2024): weigh each pair's loss by how likely the policy is to write its two
     replies itself (per reply, exp of the mean over its tokens of log p(y_t) - log Σ_v p_v²; no
@@ -739,6 +743,8 @@ def validate(config: Config, base_dir: Path | None = None, for_training: bool = 
         raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")
     if lo.discopop_tau <= 0:
         raise ConfigError(f"loss.discopop_tau must be > 0, got {lo.discopop_tau}")
+    if lo.router_aux_loss_coef < 0:
+        raise ConfigError(f"loss.router_aux_loss_coef must be >= 0, got {lo.router_aux_loss_coef}")
     if lo.ld_alpha is not None and not 0.0 <= lo.ld_alpha <= 1.0:
         raise ConfigError(f"loss.ld_alpha must be in [0, 1] (or null), got {lo.ld_alpha}")
     if not 0.0 <= lo.label_smoothing < 0.5:

@@ -25,7 +25,9 @@ model that lets them mix either way.
 
 from __future__ import annotations
 
+import sys
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -544,6 +546,40 @@ def _rows_checked(model: nn.Module, shared: bool) -> bool:
     raise ConfigError(f"{who} {problem}")
 
 
+class LoadBalancing(NamedTuple):
+    """A mixture-of-experts model's load-balancing loss (Switch Transformer's, as its transformers class
+    computes it): ``loss(router_logits, num_experts, top_k, token_weights)``."""
+
+    loss: Callable
+    num_experts: int
+    top_k: int
+
+
+def load_balancing_of(model: nn.Module) -> LoadBalancing | None:
+    """The load-balancing loss ``model``'s transformers class adds with ``output_router_logits``
+    (Mixtral, Qwen2/3-MoE, OLMoE, ...), or None for a model without one (dense, or an unknown kind)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+    loss = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+    experts, top_k = getattr(base, "num_experts", None), getattr(base, "num_experts_per_tok", None)
+    if loss is None or not isinstance(experts, int) or not isinstance(top_k, int):
+        return None
+    return LoadBalancing(loss, experts, top_k)
+
+
+def naive_token_counts(attention_mask: torch.Tensor | None, groups: torch.Tensor | None, branches: torch.Tensor | None,
+                       input_ids: torch.Tensor) -> torch.Tensor:
+    """How many times each token of the rows stands in the naive batch (a padded row per sequence):
+    0 for padding, 2 for a prefix-shared prompt token (both sequences' prompt), else 1. Weighing each
+    token's routing by it makes the load-balancing loss of any layout the naive batch's. [R, T] float32."""
+    if branches is not None:
+        return (groups >= 0).float() * (1 + (branches == 0).float())
+    if groups is not None:
+        return (groups >= 0).float()
+    if attention_mask is not None:
+        return attention_mask.float()
+    return torch.ones(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+
+
 class ReplyLogProbs(nn.Module):
     """Wraps a causal LM so that its forward returns summed reply log-probs per sequence.
 
@@ -565,6 +601,7 @@ class ReplyLogProbs(nn.Module):
         self.mask_packed_rows = mask_packed_rows
         self.windows = windows
         self.scale, self.softcap, self.chunked = head_plan(model) if chunked else (1.0, None, False)
+        self.load_balancing = load_balancing_of(model)
 
     @property
     def _no_split_modules(self) -> list[str] | None:
@@ -591,7 +628,8 @@ class ReplyLogProbs(nn.Module):
         varlen=None,
         reply_tail: torch.Tensor | None = None,
         token_stats: tuple[str, ...] = (),
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        router_aux: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Summed log-probs of the reply tokens of each sequence.
 
         Args:
@@ -609,24 +647,35 @@ class ReplyLogProbs(nn.Module):
                 sequence's sum then comes in two parts, the tokens before and those past it.
             token_stats: :data:`TOKEN_STATS` or :data:`WPO_TOKEN_STATS`: also return each sequence's
                 sums of these :func:`token_statistics` over its reply tokens.
+            router_aux: also return a mixture-of-experts model's load-balancing loss over every token
+                of the batch, counted as in the naive batch (:func:`naive_token_counts`); chunked path only.
 
         Returns:
             [num_seqs] float32 summed log-probs ([num_seqs, 2] with ``reply_tail``); with ``token_stats``
             also [num_seqs, len(token_stats)] float32 sums over all reply tokens (no gradient), columns
-            as ``token_stats``.
+            as ``token_stats``; with ``router_aux`` then the 0-d load-balancing loss.
         """
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if router_aux:
+            if self.load_balancing is None or not self.chunked:
+                raise ValueError(f"{type(self.model).__name__} computes no load-balancing loss of its experts"
+                                 if self.load_balancing is None else "the load-balancing loss needs the chunked log-probs")
+            inputs["output_router_logits"] = True  # the decoder's router logits (the whole model's forward would
+            # take its own load-balancing loss, which cannot read dpokit's row masks)
+            counts = naive_token_counts(attention_mask, groups, branches, input_ids)
         if branches is not None or (groups is not None and self.mask_packed_rows):
             attn = getattr(self.model.config, "_attn_implementation", None)
             inputs.update(row_attention_inputs(groups, branches, attn, self.model.dtype, varlen, position_ids, self.windows))
         if self.chunked:
-            hidden = decoder_of(self.model)(**inputs).last_hidden_state
+            outputs = decoder_of(self.model)(**inputs)
+            hidden = outputs.last_hidden_state
             selected = hidden[pred_rows, pred_cols]  # [N, H]
             head = self.model.get_output_embeddings()
             logps, stats = token_logps_and_statistics(selected, head, targets, self.chunk_size, self.softcap, self.scale,
                                                       token_stats)
         else:  # the naive way: [R, T, V] logits over every position, then the reply rows
-            logits = self.model(**inputs).logits[pred_rows, pred_cols].float()  # [N, V]
+            outputs = self.model(**inputs)
+            logits = outputs.logits[pred_rows, pred_cols].float()  # [N, V]
             lse = torch.logsumexp(logits, dim=-1)
             logps = logits.gather(1, targets[:, None]).squeeze(1) - lse
             stats = token_statistics(logits, targets, len(token_stats)) if token_stats else None
@@ -636,7 +685,11 @@ class ReplyLogProbs(nn.Module):
             parts = 2 * seq_index + reply_tail.long()
             seq_logps = torch.zeros(2 * num_seqs, dtype=torch.float32, device=logps.device).index_add(0, parts, logps)
             seq_logps = seq_logps.view(num_seqs, 2)
-        if not token_stats:
-            return seq_logps
-        return seq_logps, torch.zeros(num_seqs, len(token_stats), dtype=torch.float32, device=logps.device).index_add(
-            0, seq_index, stats.float())
+        returned = [seq_logps]
+        if token_stats:
+            returned.append(torch.zeros(num_seqs, len(token_stats), dtype=torch.float32, device=logps.device).index_add(
+                0, seq_index, stats.float()))
+        if router_aux:
+            balance = self.load_balancing
+            returned.append(balance.loss(outputs.router_logits, balance.num_experts, balance.top_k, counts))
+        return returned[0] if len(returned) == 1 else tuple(returned)

@@ -118,8 +118,10 @@ def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Co
     """
     lo = config.loss
     columns = WPO_TOKEN_STATS if lo.use_weighting else TOKEN_STATS
-    # [2P] (or [2P, 2]: LD-DPO's two parts of each reply), [2P, 3 or 4]: chosen, rejected interleaved
-    seq_logps, seq_stats = policy(**batch.model_inputs(), token_stats=columns)
+    # [2P] (or [2P, 2]: LD-DPO's two parts of each reply), [2P, 3 or 4]: chosen, rejected interleaved;
+    # a mixture of experts' load-balancing loss where it is asked for
+    seq_logps, seq_stats, *router = policy(**batch.model_inputs(), token_stats=columns,
+                                           router_aux=lo.router_aux_loss_coef > 0)
     weighted = batch.ld_weighted(seq_logps)
     plain = None if batch.reply_tail is None else seq_logps.sum(dim=1)
     tokens = batch.seq_tokens.to(seq_logps.dtype)
@@ -142,6 +144,9 @@ def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Co
         discopop_tau=lo.discopop_tau, f_divergence_type=lo.f_divergence_type,
         f_alpha_divergence_coef=lo.f_alpha_divergence_coef, pair_weights=weights,
     )
+    if router:  # one number per micro-batch: on each pair's loss, it adds to the mean once
+        loss = loss + lo.router_aux_loss_coef * router[0]
+        stats["aux_loss"] = router[0].detach().expand_as(loss)
     stats["loss"] = loss.detach()
     stats.update(token_sums(seq_stats, batch.seq_tokens))
     return loss, stats
@@ -173,6 +178,25 @@ def reply_scorer(model: torch.nn.Module, training: TrainingConfig, max_length: i
         mask_packed_rows = check_rows_kept_apart(model, batch_layout(training))
         windows = check_window(model, batch_layout(training), mask_packed_rows, max_length)
         return ReplyLogProbs(model, training.logps_chunk_size, training.chunked_logps, mask_packed_rows, windows)
+
+
+def check_load_balancing(scorer: ReplyLogProbs, config: Config) -> None:
+    """Refuse ``loss.router_aux_loss_coef`` for a model that has no load-balancing loss to add, or
+    scored through its full logits (the decoder's router logits come with the chunked log-probs)."""
+    coef = config.loss.router_aux_loss_coef
+    if coef > 0 and scorer.load_balancing is None:
+        raise ConfigError(
+            f"loss.router_aux_loss_coef={coef} adds a mixture-of-experts model's load-balancing loss, but "
+            f"{type(scorer.model).__name__} ({config.model.name_or_path}) has none (dense, or its transformers class "
+            "computes no load_balancing_loss_func): set router_aux_loss_coef=0"
+        )
+    if coef > 0 and not scorer.chunked:
+        raise ConfigError(
+            f"loss.router_aux_loss_coef={coef} takes the decoder's router logits with the chunked log-probs, but "
+            f"{config.model.name_or_path} is scored through its full logits "
+            + ("(training.chunked_logps=false): set chunked_logps=true" if not config.training.chunked_logps
+               else "(dpokit cannot reproduce its output layer): set router_aux_loss_coef=0")
+        )
 
 
 def checked_scorer(model: torch.nn.Module, config: Config, accelerator) -> ReplyLogProbs:
@@ -614,6 +638,7 @@ def train(config: Config) -> Path:
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
 
     scorer = checked_scorer(policy, config, accelerator)  # checks the model with eager forwards
+    check_load_balancing(scorer, config)
     if t.torch_compile:
         compile_layers(policy)
     optimizer = _optimizer(scorer, config, accelerator.device)

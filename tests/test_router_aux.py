@@ -58,7 +58,8 @@ def test_a_dense_model_has_no_load_balancing_to_add():
 
 def test_a_run_adds_the_weighted_load_balancing_loss_and_logs_it(workdir, tmp_path):
     """One pair per step: each row's loss is DPO's loss of its rewards plus 0.5 times its logged
-    aux_loss; a run without the setting logs none. A dense model with the setting is refused, naming it."""
+    aux_loss, also with gradient checkpointing; a run without the setting logs none. A dense model
+    with the setting is refused, naming it, and so is scoring through the full logits."""
     import math
 
     from dpokit.train import train
@@ -71,6 +72,11 @@ def test_a_run_adds_the_weighted_load_balancing_loss_and_logs_it(workdir, tmp_pa
     for row in rows:
         dpo = math.log1p(math.exp(-(row["rewards/chosen"] - row["rewards/rejected"])))
         assert row["aux_loss"] > 0 and row["loss"] == pytest.approx(dpo + 0.5 * row["aux_loss"], rel=1e-4, abs=1e-6)
+    checkpointed = train_rows(train(run_config(workdir, "moe-aux-gc", *common, "router_aux_loss_coef=0.5",
+                                               "gradient_checkpointing=true")))
+    for row, again in zip(rows, checkpointed, strict=True):  # router logits of recomputed layers: the same step
+        for key in ("aux_loss", "loss", "grad_norm"):
+            assert again[key] == pytest.approx(row[key], rel=1e-5), key
     assert "aux_loss" not in train_rows(train(run_config(workdir, "moe-no-aux", *common)))[0]
     with pytest.raises(ConfigError, match=r"router_aux_loss_coef=0.5 adds .* but Qwen2ForCausalLM .* has none"):
         train(run_config(workdir, "dense-aux", "router_aux_loss_coef=0.5", "max_steps=1"))

@@ -10,6 +10,7 @@ from dpokit.data.batching import LAYOUTS, make_batch, past_shared_length
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import TOKEN_STATS, ReplyLogProbs
 from test_logps import ragged_pairs, tiny_lm
+from trl_code import dpo_trainer_block
 
 
 def naive_token_logps(model, pairs: list[TokenizedPair]) -> list[torch.Tensor]:
@@ -69,17 +70,10 @@ def test_ld_weighted_sums_match_trls_own_code(ld_alpha):
     """TRL's LD-DPO block, from its installed DPOTrainer (skipped without TRL), on per-token log-probs
     of six pairs laid out as TRL lays them ([chosen rows; rejected rows], right-padded), against
     dpokit's split sums of the same tokens, weighted."""
-    import inspect
-    import textwrap
     import types
 
-    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
-    source = inspect.getsource(dpo_trainer)
-    start = source.find("        if self.ld_alpha is None:\n            logps = per_token_logps.sum(dim=1)")
-    end = source.find("        chosen_logps, rejected_logps = logps.chunk(2, dim=0)", start)
-    if start < 0 or end < 0:
-        pytest.skip("this TRL's DPOTrainer weighs LD-DPO's tokens in another shape than TRL 1.16's")
-    block = textwrap.dedent(source[start:end])
+    block = dpo_trainer_block("        if self.ld_alpha is None:\n            logps = per_token_logps.sum(dim=1)",
+                              "        chosen_logps, rejected_logps = logps.chunk(2, dim=0)", "LD-DPO's weighting")
 
     generator = torch.Generator().manual_seed(3)
     lengths = torch.randint(1, 10, (12,), generator=generator)  # chosen replies, then rejected ones

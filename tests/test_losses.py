@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dpokit.losses import PairLogps, preference_loss
+from trl_code import dpo_trainer_block
 
 
 def logsig(x: float) -> float:
@@ -342,17 +343,11 @@ def test_the_training_step_keeps_the_sums_behind_trls_token_means():
 def test_each_loss_matches_trls_own_code(name, label_smoothing):
     """The loss block of the installed TRL's DPOTrainer (its bench extra; not installed in CI), run on
     the same per-pair log-probs (float64, six pairs): the same mean loss as dpokit's."""
-    import inspect
-    import textwrap
     import types
 
-    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
-    source = inspect.getsource(dpo_trainer)
-    start = source.find("        loss = 0.0\n        for loss_type, loss_weight in zip(self.loss_types")
-    end = source.find("            if self.use_weighting:", start)
-    if start < 0 or end < 0:
-        pytest.skip("this TRL's DPOTrainer computes its loss in another shape than TRL 1.16's")
-    block = textwrap.dedent(source[start:end]) + "    loss += per_sequence_loss.mean() * loss_weight\n"
+    block = dpo_trainer_block("        loss = 0.0\n        for loss_type, loss_weight in zip(self.loss_types",
+                              "            if self.use_weighting:", "its loss")
+    block += "    loss += per_sequence_loss.mean() * loss_weight\n"
 
     generator = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = (torch.randn(6, dtype=torch.float64, generator=generator) * 3 - 20 for _ in range(4))
@@ -415,17 +410,11 @@ def test_each_f_divergence_matches_trls_own_code(name, label_smoothing, divergen
     of six pairs with replies of 1 to 9 tokens: the same mean loss.
     TRL's sigmoid_norm is dpokit's sigmoid with length_normalize; TRL's ipo averages per token as
     dpokit's does by default."""
-    import inspect
-    import textwrap
     import types
 
-    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
-    source = inspect.getsource(dpo_trainer)
-    start = source.find('        if self.f_divergence_type == "reverse_kl":')
-    end = source.find("            if self.use_weighting:", start)
-    if start < 0 or end < 0:
-        pytest.skip("this TRL's DPOTrainer computes its loss in another shape than TRL 1.16's")
-    block = textwrap.dedent(source[start:end]) + "    loss += per_sequence_loss.mean() * loss_weight\n"
+    block = dpo_trainer_block('        if self.f_divergence_type == "reverse_kl":', "            if self.use_weighting:",
+                              "its f-divergences and loss")
+    block += "    loss += per_sequence_loss.mean() * loss_weight\n"
 
     generator = torch.Generator().manual_seed(1)
     pc, pr, rc, rr = (torch.randn(6, generator=generator) * 0.8 - 20 for _ in range(4))
@@ -469,17 +458,10 @@ def test_wpo_weights_match_trls_own_code():
     """TRL's WPO block, from its installed DPOTrainer (skipped without TRL), on per-token log-probs and
     log Σ p² of six pairs with replies of 1 to 9 tokens, against dpokit's weights of the same tokens'
     sums: the same weighted loss."""
-    import inspect
-    import textwrap
     import types
 
-    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
-    source = inspect.getsource(dpo_trainer)
-    start = source.find("            if self.use_weighting:")
-    end = source.find("            loss += per_sequence_loss.mean() * loss_weight", start)
-    if start < 0 or end < 0:
-        pytest.skip("this TRL's DPOTrainer weighs pairs in another shape than TRL 1.16's")
-    block = textwrap.dedent(source[start:end])
+    block = dpo_trainer_block("            if self.use_weighting:", "            loss += per_sequence_loss.mean() * loss_weight",
+                              "WPO's weights")
 
     generator = torch.Generator().manual_seed(2)
     tokens = torch.randint(1, 10, (12,), generator=generator)  # chosen replies' counts, then the rejected ones'

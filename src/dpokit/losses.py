@@ -296,6 +296,7 @@ def preference_loss(
     """
     weights = loss_weights or [1.0] * len(loss_type)
     has_ref = logps.ref_chosen is not None and logps.ref_rejected is not None
+    plain_chosen, plain_rejected = logps.plain()  # what the losses without a reference read
 
     def scaled(name: str, policy: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return per_token(policy, tokens) if uses_length_normalization(name, length_normalize) else policy
@@ -321,14 +322,14 @@ def preference_loss(
                 beta, label_smoothing, discopop_tau)
         elif name == "simpo":
             loss = simpo_loss(
-                per_token(logps.plain()[0], logps.chosen_tokens),
-                per_token(logps.plain()[1], logps.rejected_tokens),
+                per_token(plain_chosen, logps.chosen_tokens),
+                per_token(plain_rejected, logps.rejected_tokens),
                 beta,
                 simpo_gamma,
                 label_smoothing,
             )
         elif name == "sft":
-            loss = sft_loss(logps.plain()[0], logps.chosen_tokens)
+            loss = sft_loss(plain_chosen, logps.chosen_tokens)
         else:
             raise ValueError(f"unknown loss '{name}'; known: {', '.join(ALL_LOSSES)}")
         if pair_weights is not None:
@@ -341,8 +342,8 @@ def preference_loss(
             reward_chosen = beta * (logps.chosen - logps.ref_chosen)
             reward_rejected = beta * (logps.rejected - logps.ref_rejected)
         else:
-            reward_chosen = beta * per_token(logps.plain()[0], logps.chosen_tokens)
-            reward_rejected = beta * per_token(logps.plain()[1], logps.rejected_tokens)
+            reward_chosen = beta * per_token(plain_chosen, logps.chosen_tokens)
+            reward_rejected = beta * per_token(plain_rejected, logps.rejected_tokens)
         stats = {
             "rewards/chosen": reward_chosen,
             "rewards/rejected": reward_rejected,

@@ -342,3 +342,32 @@ def test_reference_tables_of_sharded_16bit_runs_are_cached_apart(workdir):
     bf16, fp32 = run_config(workdir, "key", "bf16=true"), run_config(workdir, "key")
     assert starting_reference(bf16, policy, False, sharded=True).fingerprint != starting_reference(bf16, policy, False).fingerprint
     assert starting_reference(fp32, policy, False, sharded=True).fingerprint == starting_reference(fp32, policy, False).fingerprint
+
+
+@needs_fsdp2
+def test_sharded_run_with_trls_other_loss_settings_matches_one_process(workdir):
+    """LD-DPO (its reference table of weighted sums scored sharded), WPO's weights and an f-divergence
+    together train under FSDP2 as in one process."""
+    settings = ("ld_alpha=0.5", "use_weighting=true", "f_divergence_type=js_divergence", "max_steps=3", "eval_steps=3")
+    one = train(run_config(workdir, "fsdp-losses-one", *settings))
+    launch_fsdp(workdir, "fsdp-losses-two", *settings)
+    two = workdir / "fsdp-losses-two"
+    assert_same_rows(read_rows(one), read_rows(two), COMPARED + ("wpo/weight", "eval/loss", "eval/wpo/weight"))
+    assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
+
+
+@needs_fsdp2
+def test_sharded_mixture_of_experts_adds_its_load_balancing_loss_as_one_process(workdir, tmp_path):
+    """A Qwen2-MoE model with router_aux_loss_coef trains under FSDP2 (its layers with their experts
+    as units) as one process trains the same micro-batches (2 pairs, accumulated twice): the same
+    loss, aux_loss and weights. The load-balancing loss is a micro-batch's (a product of two means
+    over its tokens), so one micro-batch of 4 pairs would give another number."""
+    from test_architectures import save_tiny_model
+
+    model = f"model.name_or_path={save_tiny_model('qwen2_moe', workdir, tmp_path)}"
+    settings = (model, "router_aux_loss_coef=0.5", "max_steps=3", "eval=null")
+    one = train(run_config(workdir, "fsdp-moe-one", *settings, "per_device_train_batch_size=2", "gradient_accumulation_steps=2"))
+    launch_fsdp(workdir, "fsdp-moe-two", *settings)
+    two = workdir / "fsdp-moe-two"
+    assert_same_rows(read_rows(one), read_rows(two), COMPARED + ("aux_loss",))
+    assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")

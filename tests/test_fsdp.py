@@ -371,3 +371,17 @@ def test_sharded_mixture_of_experts_adds_its_load_balancing_loss_as_one_process(
     two = workdir / "fsdp-moe-two"
     assert_same_rows(read_rows(one), read_rows(two), COMPARED + ("aux_loss",))
     assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
+
+
+@needs_fsdp2
+def test_sharded_reference_moves_toward_the_policy_as_in_one_process(workdir):
+    """TR-DPO under FSDP2: the reference, sharded like the policy, moves shard by shard; the run
+    matches one process, and its checkpoint's reference is whole."""
+    settings = ("sync_ref_model=true", "precompute_ref_log_probs=false", "ref_model_sync_steps=1", "max_steps=3",
+                "eval_steps=3", "save_steps=3")
+    one = train(run_config(workdir, "fsdp-sync-one", *settings))
+    launch_fsdp(workdir, "fsdp-sync-two", *settings)
+    two = workdir / "fsdp-sync-two"
+    assert_same_rows(read_rows(one), read_rows(two), COMPARED + ("eval/loss", "eval/rewards/margins"))
+    assert_same_weights(one / "checkpoints" / "step-3" / "reference" / "model.safetensors",
+                        two / "checkpoints" / "step-3" / "reference" / "model.safetensors")

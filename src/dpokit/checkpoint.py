@@ -108,11 +108,15 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     model_state: dict | None = None,
     log_window: dict | None = None,
+    reference=None,
+    reference_state: dict | None = None,
 ) -> Path:
     """Write ``step-N`` atomically (all processes call this), then keep the newest ``keep``.
     An enabled ``scaler`` (fp16 loss scaling) is saved too. ``optimizer_state`` and ``model_state``
     are what the main process writes (:mod:`dpokit.sharding`; ``model_state`` None: the model's own);
-    ``log_window`` the steps logged since the last row (:meth:`dpokit.metrics.LogWindow.saved`)."""
+    ``log_window`` the steps logged since the last row (:meth:`dpokit.metrics.LogWindow.saved`).
+    ``reference``: a reference model that training changes (TR-DPO), saved into :data:`REFERENCE_DIR`
+    (``reference_state``: its weights gathered from shards, as ``model_state``)."""
     final = checkpoints_dir / f"step-{state.step}"
     tmp = checkpoints_dir / f"step-{state.step}.tmp"
     if accelerator.is_main_process:
@@ -123,6 +127,9 @@ def save_checkpoint(
     if accelerator.is_main_process:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
+        if reference is not None:  # a model folder of its own, for dpokit eval --reference too
+            reference.save_pretrained(tmp / REFERENCE_DIR, safe_serialization=True, state_dict=reference_state)
+            tokenizer.save_pretrained(tmp / REFERENCE_DIR)
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None and scaler.is_enabled():
@@ -140,6 +147,8 @@ def save_checkpoint(
     return final
 
 
+REFERENCE_DIR = "reference"
+"""In a checkpoint of a run whose reference moves (TR-DPO, ``sync_ref_model``): the reference model then."""
 TRACKER_DIR = "dpokit"
 """The trackers' run name: TensorBoard writes its events into ``output_dir/dpokit/``."""
 DATA_FILE = "data.json"

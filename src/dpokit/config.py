@@ -190,6 +190,15 @@ class TrainingConfig:
     precompute_ref_log_probs: bool = True
     """Score every pair with the reference once before training (cached on disk) and free the
     reference model; false keeps it in memory and scores each micro-batch on the fly."""
+    sync_ref_model: bool = False
+    """TR-DPO (Gorbatovski et al. 2024): every ``ref_model_sync_steps`` optimizer steps the reference
+    moves toward the policy, reference = α·policy + (1-α)·reference with α = ``ref_model_mixup_alpha``.
+    Needs a live reference of its own (precompute_ref_log_probs=false, no LoRA); checkpoints then hold
+    the reference too, so a resumed run goes on with it."""
+    ref_model_mixup_alpha: float = 0.6
+    """α of ``sync_ref_model``, in (0, 1] (TRL's default)."""
+    ref_model_sync_steps: int = 512
+    """Optimizer steps between two reference updates of ``sync_ref_model`` (TRL's default)."""
     optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
     """``adamw_8bit``: bitsandbytes' 8-bit AdamW (needs CUDA)."""
     torch_compile: bool = False
@@ -775,6 +784,7 @@ def validate(config: Config, base_dir: Path | None = None, for_training: bool = 
         raise ConfigError(f"LoRA needs lora_r >= 1, lora_alpha >= 1 and lora_dropout in [0, 1): got {m.lora_r}, {m.lora_alpha}, {m.lora_dropout}")
     if (m.use_peft or m.adapter_name_or_path) and m.ref_model_name_or_path:
         raise ConfigError("with LoRA the reference is the base model with the starting adapters: unset ref_model_name_or_path")
+    _check_sync_ref_model(config)
     if m.adapter_name_or_path and needs_reference(config) and not t.precompute_ref_log_probs:
         raise ConfigError(
             "a live reference for a run that starts from an adapter would need the base loaded twice (a live LoRA "
@@ -783,6 +793,32 @@ def validate(config: Config, base_dir: Path | None = None, for_training: bool = 
         )
     if "none" in r.report_to and len(r.report_to) > 1:
         raise ConfigError(f"run.report_to mixes 'none' with trackers: {r.report_to}")
+
+
+def _check_sync_ref_model(config: Config) -> None:
+    """TR-DPO's settings: refused where there is no live reference of its own to update, and the
+    mixup settings without it (they would change nothing)."""
+    t, m = config.training, config.model
+    if not t.sync_ref_model:
+        for key, default in (("ref_model_mixup_alpha", TrainingConfig.ref_model_mixup_alpha),
+                             ("ref_model_sync_steps", TrainingConfig.ref_model_sync_steps)):
+            if getattr(t, key) != default:
+                raise ConfigError(f"training.{key}={getattr(t, key)} is TR-DPO's, but sync_ref_model is false: "
+                                  f"set sync_ref_model=true, or remove {key}")
+        return
+    why = None
+    if not needs_reference(config):
+        why = f"loss_type {config.loss.loss_type} has no loss with a reference"
+    elif t.precompute_ref_log_probs:
+        why = "the reference is scored once before training: set precompute_ref_log_probs=false"
+    elif m.use_peft or m.adapter_name_or_path:
+        why = "with LoRA the reference is the base with the adapters switched off, no weights of its own: train without LoRA"
+    if why:
+        raise ConfigError(f"training.sync_ref_model moves a live reference model toward the policy, but {why}")
+    if not 0.0 < t.ref_model_mixup_alpha <= 1.0:
+        raise ConfigError(f"training.ref_model_mixup_alpha must be in (0, 1], got {t.ref_model_mixup_alpha}")
+    if t.ref_model_sync_steps < 1:
+        raise ConfigError(f"training.ref_model_sync_steps must be at least 1, got {t.ref_model_sync_steps}")
 
 
 def batch_layout(training: TrainingConfig) -> str:

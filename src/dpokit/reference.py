@@ -31,7 +31,7 @@ from dpokit.data.batching import Batch, to_device
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.logps import ReplyLogProbs
 from dpokit.run_record import installed_versions
-from dpokit.sharding import in_lockstep
+from dpokit.sharding import in_lockstep, unwrapped_name
 from dpokit.tiny import cache_dir as cache_root
 
 
@@ -90,6 +90,17 @@ class TableReference(Reference):
 
     def logps(self, batch: Batch, pair_indices: list[int]) -> torch.Tensor:
         return to_device(self.table[pair_indices].reshape(-1), batch.input_ids.device)  # [2P] interleaved
+
+
+@torch.no_grad()
+def sync_reference(reference: ReplyLogProbs, policy: ReplyLogProbs, alpha: float) -> None:
+    """TR-DPO's soft update (Gorbatovski et al. 2024): each reference weight becomes
+    α·policy + (1 - α)·reference, in place. Weights pair up by name (activation-checkpoint and compile
+    wrappers left out); under FSDP2 both models are sharded alike, so each process updates its own
+    shards."""
+    policy_weights = {unwrapped_name(name): p for name, p in policy.named_parameters()}
+    for name, weight in reference.named_parameters():
+        weight.lerp_(policy_weights[unwrapped_name(name)].to(weight.dtype), alpha)
 
 
 def as_reference(reference) -> Reference:

@@ -216,14 +216,17 @@ _WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")
 """Name parts that activation-checkpoint and compile wrappers insert, which FSDP2's saved names leave out."""
 
 
+def unwrapped_name(name: str) -> str:
+    """A parameter's name without the parts of :data:`_WRAPPERS`: the name the bare model gives it."""
+    for part in _WRAPPERS:
+        name = name.replace(part, "")
+    return name
+
+
 def _names_in_order(scorer: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The scorer's parameter names, as FSDP2 saves them, in the optimizer's order (torch's state
     keys are positions in it)."""
-    name_of = {}
-    for name, p in scorer.named_parameters():
-        for part in _WRAPPERS:
-            name = name.replace(part, "")
-        name_of[p] = name
+    name_of = {p: unwrapped_name(name) for name, p in scorer.named_parameters()}
     return [name_of[p] for group in optimizer.param_groups for p in group["params"]]
 
 

@@ -8,6 +8,7 @@ Accelerate supplies the processes (``accelerate launch -m dpokit train cfg.yaml`
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -59,6 +60,7 @@ from dpokit.reference import (
     compute_table,
     fingerprint_model,
     fingerprint_pairs,
+    sync_reference,
 )
 from dpokit.modeling import (
     check_device_requirements,
@@ -305,6 +307,22 @@ def starting_reference(config: Config, policy, resumed: bool, sharded: bool = Fa
         broadcast_object_list(fingerprint)
     suffix = f":{str(precision).replace('torch.', '')}-{how}" if precision else ""
     return StartingReference(model, fingerprint[0] + suffix, adapters_off)
+
+
+def moved_reference_config(config: Config, resume_from: Path | None) -> Config:
+    """``config``, or for a TR-DPO run (``sync_ref_model``) resumed from a checkpoint, ``config`` with
+    the reference read from that checkpoint (where the run had moved it), which must hold one."""
+    if not (config.training.sync_ref_model and resume_from is not None):
+        return config
+    saved = resume_from / ckpt.REFERENCE_DIR
+    if not (saved / "config.json").is_file():
+        raise ConfigError(
+            f"training.sync_ref_model resumes with the reference as the run had moved it, but {resume_from} holds "
+            f"none ({saved} is missing): it was saved by a run without sync_ref_model. Resume it without sync_ref_model, "
+            "or start the run again"
+        )
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, ref_model_name_or_path=str(saved),
+                                                                 ref_revision=None))
 
 
 def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingReference, data, accelerator, pad_id: int,
@@ -554,7 +572,10 @@ def _describe_reference(config: Config, sharded: bool) -> str:
         return f"{source} (log-probs precomputed once, model not kept)"
     if uses_peft(config.model):
         return f"{source} (the policy with its LoRA adapters switched off)"
-    return f"{source} (frozen model kept in memory{', sharded like the policy' if sharded else ''})"
+    t = config.training
+    moving = (f", moved toward the policy every {t.ref_model_sync_steps} steps by {t.ref_model_mixup_alpha} (TR-DPO)"
+              if t.sync_ref_model else "")
+    return f"{source} ({'a' if moving else 'frozen'} model kept in memory{', sharded like the policy' if sharded else ''}{moving})"
 
 
 def claim_output_dir(out: Path, config: Config, replaced: list[Path], accelerator, say, data_stats: dict) -> None:
@@ -616,7 +637,8 @@ def train(config: Config) -> Path:
     say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%"
         f"{'; an image-text model: its language model only, the vision parts frozen' if is_image_text(policy) else ''}); "
         f"reference: {_describe_reference(config, sharded)}")
-    start = starting_reference(config, policy, resume_from is not None, sharded, accelerator)
+    start = starting_reference(moved_reference_config(config, resume_from), policy, resume_from is not None, sharded,
+                               accelerator)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     policy.train()
@@ -743,6 +765,8 @@ def train(config: Config) -> Path:
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.batch_in_epoch += 1
+            if t.sync_ref_model and state.step % t.ref_model_sync_steps == 0:
+                sync_reference(train_ref.scorer, unwrapped, t.ref_model_mixup_alpha)
 
             window.add(step_stats, None if skipped else grad_norm, lr, step_tokens, accelerator)
             logs = state.step % r.logging_steps == 0 or state.step == total_steps
@@ -769,9 +793,11 @@ def train(config: Config) -> Path:
             if evals:
                 run_eval()
             if saves:
+                moving = train_ref.scorer if t.sync_ref_model else None  # TR-DPO's reference is part of the state
                 ckpt.save_checkpoint(accelerator, out / "checkpoints", state, unwrapped.model, tokenizer,
                                      optimizer_state(accelerator, scorer, optimizer), scheduler, r.save_total_limit, scaler,
-                                     full_model_state(accelerator, scorer), window.saved(accelerator))
+                                     full_model_state(accelerator, scorer), window.saved(accelerator),
+                                     moving.model if moving else None, full_model_state(accelerator, moving) if moving else None)
                 keep_record()
         if state.batch_in_epoch >= len(batches):
             state.epoch += 1

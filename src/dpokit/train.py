@@ -618,6 +618,7 @@ def train(config: Config) -> Path:
 
     resume_from = ckpt.find_checkpoint(r.resume_from_checkpoint, out) if r.resume_from_checkpoint else None
     replaced = ckpt.outputs_to_replace(out, resume_from, r.overwrite_output_dir)  # refuses mixing two runs
+    reference_config = moved_reference_config(config, resume_from)  # TR-DPO resumes with its moved reference
 
     check_device_requirements(config.model, t.optim, torch.cuda.is_available())
     if config.model.attn_implementation == VARLEN_ATTENTION and not torch.cuda.is_available():
@@ -637,8 +638,7 @@ def train(config: Config) -> Path:
     say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%"
         f"{'; an image-text model: its language model only, the vision parts frozen' if is_image_text(policy) else ''}); "
         f"reference: {_describe_reference(config, sharded)}")
-    start = starting_reference(moved_reference_config(config, resume_from), policy, resume_from is not None, sharded,
-                               accelerator)
+    start = starting_reference(reference_config, policy, resume_from is not None, sharded, accelerator)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     policy.train()

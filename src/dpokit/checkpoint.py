@@ -293,10 +293,26 @@ def read_optimizer_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
 
 
+def read_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The full model weights a checkpoint holds (``model*.safetensors``, keys as the model's own state
+    dict; a LoRA checkpoint's adapter files are not among them: empty then)."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for path in sorted(checkpoint.glob("model*.safetensors")):
+        weights.update(load_file(path))
+    return weights
+
+
 def load_scheduler_and_rng(checkpoint: Path, scheduler, process_index: int, scaler: torch.amp.GradScaler | None = None) -> str | None:
     """Restore the schedule, fp16's loss scale and this process's random state; returns a note when
     the checkpoint holds no random state for this process (saved by fewer processes: it draws afresh)."""
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+    saved = torch.load(checkpoint / "scheduler.pt", weights_only=False)
+    groups = len(scheduler.optimizer.param_groups)  # DeepSpeed's optimizer has no empty group; every group has one schedule
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+        if isinstance(saved.get(key), list) and saved[key] and len(saved[key]) != groups:
+            saved[key] = saved[key][:1] * groups
+    scheduler.load_state_dict(saved)
     if scaler is not None and scaler.is_enabled() and (checkpoint / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=False))
     rng_file = checkpoint / f"rng_state_{process_index}.pt"

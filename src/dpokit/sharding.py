@@ -69,12 +69,9 @@ def fsdp_asked_but_not_given(accelerator) -> bool:
 
 
 def check_sharding(accelerator, config) -> None:
-    """dpokit shards through FSDP2 only (Accelerate 1.6+). Before any model is loaded, refuse FSDP1,
-    DeepSpeed, and what has not been made to work sharded (QLoRA's 4-bit weights, 8-bit AdamW)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError(f"dpokit does not run under DeepSpeed yet: shard with FSDP2 instead (`{FSDP2_LAUNCH}`)")
+    """dpokit shards through FSDP2 (Accelerate 1.6+) or DeepSpeed (:mod:`dpokit.zero`, which checks its
+    own). Before any model is loaded, refuse FSDP1 and what has not been made to work sharded (QLoRA's
+    4-bit weights, 8-bit AdamW)."""
     if not is_sharded(accelerator):
         return
     if not getattr(accelerator, "is_fsdp2", False):
@@ -116,9 +113,12 @@ def setup(accelerator, config, compute_dtype: torch.dtype | None) -> bool:
     """
     check_sharding(accelerator, config)
     if not is_sharded(accelerator):
-        if fsdp_asked_but_not_given(accelerator):
-            accelerator.print("note: launched with --use_fsdp, but Accelerate shards only on accelerator devices (GPUs): "
-                              "these CPU processes train data parallel, each holding the whole model")
+        from dpokit.zero import deepspeed_asked_but_not_given
+
+        for flag, not_given in (("--use_fsdp", fsdp_asked_but_not_given), ("--use_deepspeed", deepspeed_asked_but_not_given)):
+            if not_given(accelerator):
+                accelerator.print(f"note: launched with {flag}, but Accelerate shards only on accelerator devices (GPUs): "
+                                  "these CPU processes train data parallel, each holding the whole model")
         return False
     plugin = accelerator.state.fsdp_plugin
     if "FSDP_AUTO_WRAP_POLICY" not in os.environ:
@@ -175,8 +175,11 @@ def in_lockstep(batches: list[list[int]], accelerator, model: torch.nn.Module) -
     """This process's no-grad ``batches`` (pair indices) for ``model`` as ``(indices, keep)``. Under
     sharding every forward gathers weights with all processes, so a process with fewer batches than
     another adds forwards of pair 0 whose results it drops (``keep`` False), and after the last
-    forward ``model``'s gathered weights are given back (:func:`reshard`); unsharded, just its own."""
-    if not is_sharded(accelerator):
+    forward ``model``'s gathered weights are given back (:func:`reshard`); unsharded, just its own.
+    DeepSpeed's ZeRO-3 gathers weights in every forward too (:func:`dpokit.zero.partitions_weights`)."""
+    from dpokit.zero import partitions_weights
+
+    if not (is_sharded(accelerator) or partitions_weights(accelerator)):
         yield from ((idx, True) for idx in batches)
         return
     rounds = int(accelerator.gather(torch.tensor([len(batches)], device=accelerator.device)).max())
@@ -230,7 +233,8 @@ def _names_in_order(scorer: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     return [name_of[p] for group in optimizer.param_groups for p in group["params"]]
 
 
-def _is_named(state: dict) -> bool:
+def keyed_by_name(state: dict) -> bool:
+    """Whether an optimizer state dict is keyed by parameter name (a sharded run's), not by position."""
     return any(isinstance(key, str) for group in state["param_groups"] for key in group["params"])
 
 
@@ -271,12 +275,12 @@ def load_optimizer_state(accelerator, scorer: torch.nn.Module, optimizer: torch.
     names = _names_in_order(accelerator.unwrap_model(scorer), optimizer)
     if not is_sharded(accelerator):
         state = read()
-        optimizer.load_state_dict(positional_state(state, names) if _is_named(state) else state)
+        optimizer.load_state_dict(positional_state(state, names) if keyed_by_name(state) else state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     state = read() if accelerator.is_main_process else {}
-    if accelerator.is_main_process and not _is_named(state):
+    if accelerator.is_main_process and not keyed_by_name(state):
         state = named_state(state, names)
     set_optimizer_state_dict(
         scorer, getattr(optimizer, "optimizer", optimizer), state,

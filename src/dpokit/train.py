@@ -90,6 +90,7 @@ from dpokit.sharding import (
     weights_on_main_only,
 )
 from dpokit.varlen import varlen_rows
+from dpokit import zero
 
 
 def autocast_dtype(training: TrainingConfig) -> torch.dtype | None:
@@ -100,9 +101,12 @@ def autocast_dtype(training: TrainingConfig) -> torch.dtype | None:
 def forward_precision(training: TrainingConfig, accelerator, scorer: ReplyLogProbs):
     """The precision of forwards through ``scorer``'s model: :func:`mixed_precision`, except for a
     model FSDP2 has sharded, whose mixed-precision policy gathers the weights in 16 bits instead (see
-    :func:`dpokit.sharding.setup`). Decided by the model, not the launch: ``dpokit eval`` launched
+    :func:`dpokit.sharding.setup`), or of a model DeepSpeed's engine runs, which casts its weights to
+    bfloat16 itself (:mod:`dpokit.zero`). Decided by the model, not the launch: ``dpokit eval`` launched
     with FSDP scores unsharded models, under the run's autocast like one process."""
-    return nullcontext() if is_sharded(accelerator) and sharded_by_fsdp(scorer.model) else mixed_precision(training, accelerator.device)
+    if getattr(scorer, "in_deepspeed_engine", False) or is_sharded(accelerator) and sharded_by_fsdp(scorer.model):
+        return nullcontext()
+    return mixed_precision(training, accelerator.device)
 
 
 def mixed_precision(training: TrainingConfig, device: torch.device):
@@ -279,12 +283,14 @@ class StartingReference:
     adapters_off: bool = False  # the policy scores it with its (fresh) LoRA adapters switched off
 
 
-def starting_reference(config: Config, policy, resumed: bool, sharded: bool = False, accelerator=None) -> StartingReference:
+def starting_reference(config: Config, policy, resumed: bool, sharded: bool = False, accelerator=None,
+                       deepspeed: bool = False) -> StartingReference:
     """Take the reference before ``policy`` is trained, moved or sharded. Without a separate
     reference and without resuming it is the starting policy itself: no copy is made for log-probs
     computed once, and a frozen copy for a live reference (LoRA's live reference is the policy with
     its adapters off: nothing to take). The fingerprint names how 16-bit compute is done (autocast,
-    or FSDP2's mixed-precision policy when ``sharded``): each scores a little differently. Where only
+    or FSDP2's mixed-precision policy when ``sharded``, or DeepSpeed's bfloat16 weights with
+    ``deepspeed``): each scores a little differently. Where only
     the main process holds the weights (:func:`weights_on_main_only` of ``accelerator``), the others
     build the reference empty and take the main process's fingerprint. Fresh LoRA adapters (no starting
     adapter) leave the base as it was: the reference is the policy with its adapters off, resumed or not,
@@ -301,7 +307,7 @@ def starting_reference(config: Config, policy, resumed: bool, sharded: bool = Fa
     adapters_off = uses_peft(m) and not m.adapter_name_or_path and not m.ref_model_name_or_path
     model = None if own_policy or adapters_off else load_reference(m, empty=empty)
     precision = autocast_dtype(t)
-    how = "fsdp2" if sharded else "autocast"
+    how = "fsdp2" if sharded else "deepspeed" if deepspeed else "autocast"
     fingerprint = [None if empty else fingerprint_model(model or policy, adapters_off=adapters_off)]
     if main_only:
         broadcast_object_list(fingerprint)
@@ -444,25 +450,29 @@ def follow_optimizer_settings(optimizer: torch.optim.Optimizer, training: Traini
     """After loading a checkpoint's optimizer state, which brings its parameter groups' settings as
     they were: this run's ``weight_decay`` (on the decayed group, see :func:`_optimizer`), betas and
     epsilon, as the learning rate follows this run's (:func:`dpokit.schedule.follow_schedule`)."""
-    decay, no_decay = optimizer.param_groups
-    for group, weight_decay in ((decay, training.weight_decay), (no_decay, 0.0)):
-        group["weight_decay"] = weight_decay
+    for group in optimizer.param_groups:
+        group["weight_decay"] = training.weight_decay if group.get("decayed", group is optimizer.param_groups[0]) else 0.0
         group["betas"] = (training.adam_beta1, training.adam_beta2)
         group["eps"] = training.adam_epsilon
 
 
-def _optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, config: Config, device: torch.device, deepspeed: bool = False) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights (as Hugging Face's Trainer), with torch's
     fused kernel where training runs (``device``; the parameters may still be on the host, to be
     sharded there) on CUDA or the CPU (TRL's default on CUDA too): one pass over each group's
     parameters and states, where the default paths chain several kernels through parameter-sized
-    temporaries (on the CPU, one tensor at a time: 7x slower for a 44M-parameter model on 2 cores)."""
+    temporaries (on the CPU, one tensor at a time: 7x slower for a 44M-parameter model on 2 cores).
+    Each group says whether it is the decayed one (``decayed``). For DeepSpeed an empty group (LoRA
+    trains no biases or norms) is left out, as DeepSpeed's optimizer leaves it out of its groups."""
     t = config.training
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": t.weight_decay, "decayed": True},
+              {"params": no_decay, "weight_decay": 0.0, "decayed": False}]
+    if deepspeed:
+        groups = [group for group in groups if group["params"]]
     options = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     if t.optim == "adamw_8bit":
         from bitsandbytes.optim import AdamW8bit
@@ -610,6 +620,7 @@ def train(config: Config) -> Path:
     check_trackers(trackers)
     accelerator = new_accelerator(r.ddp_timeout, log_with=trackers or None, project_dir=str(out))
     sharded = setup_sharding(accelerator, config, autocast_dtype(t))
+    stage = zero.setup(accelerator, config)  # None: not DeepSpeed
     set_seed(t.seed)
     say = accelerator.print
     from transformers.utils import logging as hf_logging
@@ -638,7 +649,7 @@ def train(config: Config) -> Path:
     say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%"
         f"{'; an image-text model: its language model only, the vision parts frozen' if is_image_text(policy) else ''}); "
         f"reference: {_describe_reference(config, sharded)}")
-    start = starting_reference(reference_config, policy, resume_from is not None, sharded, accelerator)
+    start = starting_reference(reference_config, policy, resume_from is not None, sharded, accelerator, deepspeed=stage is not None)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     policy.train()
@@ -663,12 +674,18 @@ def train(config: Config) -> Path:
     check_load_balancing(scorer, config)
     if t.torch_compile:
         compile_layers(policy)
-    optimizer = _optimizer(scorer, config, accelerator.device)
+    optimizer = _optimizer(scorer, config, accelerator.device, deepspeed=stage is not None)
     scheduler = make_scheduler(optimizer, t.lr_scheduler_type, warmup, total_steps)
+    if stage is not None:
+        zero.configure(accelerator, config, policy.config.get_text_config().hidden_size)
+        loaded_dtypes = {name: p.dtype for name, p in scorer.named_parameters()}  # bfloat16 mode trains a bfloat16 copy
     scorer, optimizer = accelerator.prepare(scorer, optimizer)  # under FSDP2, shards the model in place
     unwrapped = accelerator.unwrap_model(scorer)
     if sharded:
         say(f"sharding: {describe(scorer, accelerator)}")
+    if stage is not None:
+        unwrapped.in_deepspeed_engine = True  # see forward_precision
+        say(f"sharding: {zero.describe(accelerator)}")
     reference_start = time.perf_counter()
     train_ref, eval_ref = prepare_references(config, unwrapped, start, data, accelerator, pad_id, say, state.pairs_digest)
     reference_seconds = time.perf_counter() - reference_start if isinstance(train_ref, TableReference) else None
@@ -676,7 +693,11 @@ def train(config: Config) -> Path:
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=t.fp16)
 
     if resume_from is not None:
-        load_optimizer_state(accelerator, scorer, optimizer, lambda: ckpt.read_optimizer_state(resume_from))
+        if stage is not None:
+            zero.load_optimizer_state(accelerator, unwrapped, optimizer, lambda: ckpt.read_optimizer_state(resume_from),
+                                      lambda: ckpt.read_model_state(resume_from))
+        else:
+            load_optimizer_state(accelerator, scorer, optimizer, lambda: ckpt.read_optimizer_state(resume_from))
         note = ckpt.load_scheduler_and_rng(resume_from, scheduler, accelerator.process_index, scaler)
         if note:
             print(note)  # this process's own
@@ -695,6 +716,14 @@ def train(config: Config) -> Path:
              "left_out_per_epoch": left_out, "eval_pairs": len(data.eval or []), "eval_held_out": data.eval_held_out,
              "steps_per_epoch": per_epoch, "total_steps": total_steps}
     record = RunRecord.start(out, shape, resumed_at) if accelerator.is_main_process else None
+
+    def whole_model_state() -> dict | None:  # every process calls it; None: the model saves its own
+        if stage is not None:
+            return zero.full_model_state(accelerator, unwrapped, loaded_dtypes)
+        return full_model_state(accelerator, scorer)
+
+    def whole_optimizer_state() -> dict | None:
+        return zero.optimizer_state(accelerator, unwrapped, optimizer) if stage is not None else optimizer_state(accelerator, scorer, optimizer)
 
     def keep_record(**session) -> None:  # this session's steps and time, in run.json
         if record is not None:
@@ -748,18 +777,25 @@ def train(config: Config) -> Path:
             for k, idx in enumerate(micro):
                 batch = build_batch([data.train[i] for i in idx], config, pad_id).to(accelerator.device)
                 step_tokens += batch.num_real_tokens
-                with nullcontext() if k == len(micro) - 1 else accelerator.no_sync(scorer):
-                    with forward_precision(config.training, accelerator, scorer):
+                last = k == len(micro) - 1
+                with nullcontext() if last or stage is not None else accelerator.no_sync(scorer):
+                    with forward_precision(config.training, accelerator, unwrapped):
                         loss, stats = score_batch(scorer, train_ref.logps(batch, idx), batch, config)
-                    accelerator.backward(scaler.scale(loss.mean() / len(micro)))
+                    if stage is not None:  # DeepSpeed's engine: its own backward, reducing on the last micro-batch
+                        zero.backward(scorer, loss.mean() / len(micro), last)
+                    else:
+                        accelerator.backward(scaler.scale(loss.mean() / len(micro)))
                 step_stats.append(stats)
-            scaler.unscale_(optimizer)
-            grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-            scale = scaler.get_scale()  # 1.0 without fp16; with it, a host read of the scale
-            scaler.step(optimizer)  # skipped (fp16) when the gradients overflowed; the scale then drops
-            scaler.update()
             lr = scheduler.get_last_lr()[0]
-            skipped = scaler.get_scale() < scale
+            if stage is not None:  # clipping, AdamW and zeroing are the engine's step
+                grad_norm, skipped = zero.step(scorer), False
+            else:
+                scaler.unscale_(optimizer)
+                grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+                scale = scaler.get_scale()  # 1.0 without fp16; with it, a host read of the scale
+                scaler.step(optimizer)  # skipped (fp16) when the gradients overflowed; the scale then drops
+                scaler.update()
+                skipped = scaler.get_scale() < scale
             if not skipped:  # as transformers' Trainer: a skipped step leaves the schedule alone
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -795,8 +831,8 @@ def train(config: Config) -> Path:
             if saves:
                 moving = train_ref.scorer if t.sync_ref_model else None  # TR-DPO's reference is part of the state
                 ckpt.save_checkpoint(accelerator, out / "checkpoints", state, unwrapped.model, tokenizer,
-                                     optimizer_state(accelerator, scorer, optimizer), scheduler, r.save_total_limit, scaler,
-                                     full_model_state(accelerator, scorer), window.saved(accelerator),
+                                     whole_optimizer_state(), scheduler, r.save_total_limit, scaler,
+                                     whole_model_state(), window.saved(accelerator),
                                      moving.model if moving else None, full_model_state(accelerator, moving) if moving else None)
                 keep_record()
         if state.batch_in_epoch >= len(batches):
@@ -809,7 +845,7 @@ def train(config: Config) -> Path:
         log.write({"step": state.step, "epoch": round(state.step / per_epoch, 4), **window.row(accelerator, global_batch)})
     if not (resumed_at_end and evaluated_at(out / "metrics.jsonl", state.step, accelerator)):  # saved after its eval
         run_eval()
-    weights = full_model_state(accelerator, scorer)  # gathered from the shards; None unsharded
+    weights = whole_model_state()  # gathered from the shards; None unsharded
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(out / "final", unwrapped.model, tokenizer, state.step, weights)

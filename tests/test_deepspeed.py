@@ -1,0 +1,163 @@
+"""DeepSpeed ZeRO through Accelerate in two gloo CPU processes: the same numbers as one process,
+under ZeRO-2 and ZeRO-3 (weights partitioned), LoRA and bfloat16, and checkpoints that resume
+across ZeRO and one process both ways.
+
+The processes are started by ``accelerate launch --use_deepspeed`` around tests/deepspeed_on_cpu.py,
+which corrects Accelerate's count of processes on a machine without an accelerator (see there).
+"""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpokit.config import ConfigError
+from dpokit.train import train
+from dpokit.zero import check_zero, configure, describe
+from runs import LORA, accelerate_launch, read_rows, run_args, run_config, train_rows
+from test_fsdp import COMPARED, assert_same_rows, assert_same_weights
+
+pytest.importorskip("deepspeed")
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "accelerate" / "zero3.json"
+
+
+def zero3_config(workdir: Path) -> Path:
+    """The example ZeRO-3 config with every weight partitioned: its "auto" persistence threshold
+    (10 x hidden size) would keep the tiny model's small weights whole on every process."""
+    config = json.loads(EXAMPLE.read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = workdir / "zero3.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def launch_zero(workdir: Path, out: str, *overrides: str, launch: tuple[str, ...] = ("--use_deepspeed", "--zero_stage=2")) -> str:
+    """``dpokit train`` under DeepSpeed in 2 CPU processes with half the per-device batch of
+    :func:`run_config`'s runs; returns the output (asserting success)."""
+    return accelerate_launch(str(Path(__file__).parent / "deepspeed_on_cpu.py"), "train",
+                             *run_args(workdir, out, "per_device_train_batch_size=2", *overrides), launch=launch).stdout
+
+
+def test_zero2_matches_one_process_and_its_checkpoint_resumes_unsharded(workdir):
+    """ZeRO-2 (launched with flags only) with gradient accumulation trains as one process does; its
+    checkpoint holds the whole model and AdamW state keyed by name, and resumes in one process
+    exactly as the uninterrupted run goes on."""
+    one = train(run_config(workdir, "zero-one", "save_steps=2"))
+    output = launch_zero(workdir, "zero2", "save_steps=2", "per_device_train_batch_size=1", "gradient_accumulation_steps=2")
+    assert "sharding: DeepSpeed ZeRO-2 over 2 processes: optimizer states and gradients partitioned" in output
+    two = workdir / "zero2"
+    assert_same_rows(read_rows(one), read_rows(two), COMPARED + ("eval/loss", "eval/logps/chosen"))
+    assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")
+    saved = torch.load(two / "checkpoints" / "step-2" / "optimizer.pt", weights_only=False)
+    state = saved["state"]["model.model.layers.0.self_attn.q_proj.weight"]
+    assert state["exp_avg"].shape == (32, 32) and float(state["step"]) == 2
+    assert state["step"] is not saved["state"]["model.model.norm.weight"]["step"]  # each counts its own steps
+    assert [g["decayed"] for g in saved["param_groups"]] == [True, False]
+
+    resumed = train(run_config(workdir, "zero2", f"resume_from_checkpoint={two / 'checkpoints' / 'step-2'}"))
+    assert_same_rows(train_rows(one), train_rows(resumed))
+    assert_same_weights(one / "final" / "model.safetensors", resumed / "final" / "model.safetensors")
+
+
+def test_zero3_partitions_the_weights_and_resumes_an_unsharded_checkpoint(workdir):
+    """ZeRO-3 with every weight partitioned (each forward gathers them, so evaluation with unequal
+    batch counts per process pads itself), resumed from one process's checkpoint: steps 3-4 as the
+    uninterrupted run, and its own checkpoint at step 4 holds the same model."""
+    lines = (workdir / "eval.jsonl").read_text().splitlines()[:9]  # 2 processes x batches of 2: 3 and 2 batches
+    (workdir / "eval9.jsonl").write_text("\n".join(lines) + "\n")
+    common = (f"data.eval={workdir / 'eval9.jsonl'}", "per_device_eval_batch_size=2", "eval_steps=2", "save_steps=2")
+    one = train(run_config(workdir, "zero3-one", *common))
+    output = launch_zero(workdir, "zero3", *common, launch=("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir))))
+    assert "DeepSpeed ZeRO-3 over 2 processes: optimizer states, gradients and weights partitioned" in output
+    assert_same_rows(read_rows(one), read_rows(workdir / "zero3"), COMPARED + ("eval/loss", "eval/logps/chosen"))
+    assert_same_weights(one / "final" / "model.safetensors", workdir / "zero3" / "final" / "model.safetensors")
+
+    from_one = workdir / "zero3-from-one"  # a new run folder going on from the unsharded run's step 2
+    launch_zero(workdir, "zero3-from-one", *common, f"resume_from_checkpoint={one / 'checkpoints' / 'step-2'}",
+                launch=("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir))))
+    assert_same_rows(train_rows(one), train_rows(from_one))
+    assert_same_weights(one / "checkpoints" / "step-4" / "model.safetensors", from_one / "checkpoints" / "step-4" / "model.safetensors")
+    ours, theirs = (torch.load(d / "checkpoints" / "step-4" / "optimizer.pt", weights_only=False) for d in (from_one, one))
+    names = ours["param_groups"][0]["params"] + ours["param_groups"][1]["params"]
+    for position, name in enumerate(names):  # the unsharded run's state is keyed by position in the same order
+        torch.testing.assert_close(ours["state"][name]["exp_avg"], theirs["state"][position]["exp_avg"], atol=1e-6, rtol=0)
+
+
+def test_lora_under_zero3_trains_as_one_process(workdir):
+    """LoRA's live reference (the policy with its adapters off) under ZeRO-3: the same adapter."""
+    lora = (*LORA, "precompute_ref_log_probs=false")
+    one = train(run_config(workdir, "zero-lora-one", *lora))
+    launch_zero(workdir, "zero-lora", *lora, launch=("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir))))
+    assert_same_rows(read_rows(one), read_rows(workdir / "zero-lora"), COMPARED)
+    a, b = load_file(one / "final" / "adapter_model.safetensors"), load_file(workdir / "zero-lora" / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_bf16_is_deepspeeds_bfloat16_mode(workdir):
+    """bf16: true trains DeepSpeed's bfloat16 copy over float32 masters: step 1's rewards are exactly 0
+    (the reference was scored by the same bfloat16 weights), the numbers are close to autocast's in
+    one process, and the final model is saved from the masters, in the dtype it was loaded in."""
+    one = train(run_config(workdir, "zero-bf16-one", "bf16=true"))
+    launch_zero(workdir, "zero-bf16", "bf16=true")
+    rows = train_rows(workdir / "zero-bf16")
+    assert rows[0]["rewards/margins"] == 0.0 and rows[0]["rewards/chosen"] == 0.0
+    assert_same_rows(train_rows(one), rows, ("loss", "rewards/margins"), tol=3e-3)
+    final = load_file(workdir / "zero-bf16" / "final" / "model.safetensors")
+    assert {t.dtype for t in final.values()} == {torch.float32}
+    assert_same_weights(one / "final" / "model.safetensors", workdir / "zero-bf16" / "final" / "model.safetensors", atol=2e-2)
+
+
+class Launched(SimpleNamespace):
+    """What check_zero and configure read of an Accelerator launched under DeepSpeed."""
+
+    def __init__(self, ds_config: dict, processes: int = 2, mixed_precision: str = "no"):
+        from accelerate.utils import DistributedType
+
+        super().__init__(distributed_type=DistributedType.DEEPSPEED, num_processes=processes, mixed_precision=mixed_precision,
+                         state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config)))
+
+
+def test_what_deepspeed_cannot_do_here_is_refused_before_loading(workdir, monkeypatch):
+    config = run_config(workdir, "refused")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds.json")
+    check_zero(Launched({"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": "auto", "bf16": {"enabled": False}}), config)
+    check_zero(Launched({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0}), config)
+    refused = {
+        "ZeRO stage 0 is plain data parallelism": ({"zero_optimization": {"stage": 0}}, ()),
+        "'optimizer' section": ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, ()),
+        "'scheduler' section": ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, ()),
+        "the DeepSpeed config ds.json sets gradient_accumulation_steps to 4, but this run's dpokit config makes it 1": (
+            {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}, ()),
+        "sets bf16.enabled to True": ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, ()),
+        "fp16": ({"zero_optimization": {"stage": 2}}, ("fp16=true",)),
+        "torch_compile under ZeRO-3": ({"zero_optimization": {"stage": 3}}, ("torch_compile=true",)),
+        "sync_ref_model \\(TR-DPO\\) under ZeRO-3": ({"zero_optimization": {"stage": 3}}, ("sync_ref_model=true", "precompute_ref_log_probs=false")),
+        "optim=adamw_8bit": ({"zero_optimization": {"stage": 1}}, ("optim=adamw_8bit",)),
+    }
+    for message, (ds, overrides) in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            check_zero(Launched(ds), run_config(workdir, "refused", *overrides))
+    with pytest.raises(ConfigError, match="--mixed_precision no"):
+        check_zero(Launched({"zero_optimization": {"stage": 2}}, mixed_precision="fp16"), config)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")  # flags only: Accelerate's defaults, replaced by dpokit's
+    check_zero(Launched({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4}), config)
+
+
+def test_configure_writes_dpokits_settings_and_the_auto_sizes():
+    ds = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": 100,
+                                "stage3_param_persistence_threshold": "auto", "offload_optimizer": {"device": "cpu"}},
+          "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"}}
+    launched = Launched(ds, processes=4)
+    config = run_config(Path("/nowhere"), "x", "per_device_train_batch_size=2", "gradient_accumulation_steps=3", "bf16=true",
+                        "max_grad_norm=0.5")
+    configure(launched, config, hidden_size=64)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 3, 24)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    zero = ds["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) == (4096, 100, 640)
+    assert describe(launched) == ("DeepSpeed ZeRO-3 over 4 processes: optimizer states, gradients and weights partitioned; "
+                                  "offloaded: optimizer")

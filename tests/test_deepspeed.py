@@ -161,3 +161,15 @@ def test_configure_writes_dpokits_settings_and_the_auto_sizes():
     assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) == (4096, 100, 640)
     assert describe(launched) == ("DeepSpeed ZeRO-3 over 4 processes: optimizer states, gradients and weights partitioned; "
                                   "offloaded: optimizer")
+
+
+def test_tr_dpo_moves_a_live_reference_under_zero2(workdir):
+    """A separate live reference (a whole copy on each process) that TR-DPO moves toward the policy:
+    the same rows as one process, and the checkpoint's moved reference is the same model."""
+    options = ("precompute_ref_log_probs=false", "sync_ref_model=true", "ref_model_sync_steps=2", "ref_model_mixup_alpha=0.5",
+               "save_steps=4")
+    one = train(run_config(workdir, "zero-trdpo-one", *options))
+    launch_zero(workdir, "zero-trdpo", *options)
+    assert_same_rows(read_rows(one), read_rows(workdir / "zero-trdpo"), COMPARED + ("eval/loss",))
+    moved = Path("checkpoints") / "step-4" / "reference" / "model.safetensors"
+    assert_same_weights(one / moved, workdir / "zero-trdpo" / moved)

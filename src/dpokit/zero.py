@@ -237,11 +237,10 @@ def full_model_state(accelerator, scorer: torch.nn.Module, dtypes: dict[str, tor
 
     partitioned = partitions_weights(accelerator)
     main = accelerator.is_main_process
-    first_name: dict[torch.nn.Parameter, str] = {}
-    for name, param in scorer.named_parameters(remove_duplicate=False):
-        first_name.setdefault(param, name)
     state = {}
-    for name, param in scorer.named_parameters():  # each tensor once: a process gathers in the same order
+    # each tensor once, under its first name (a tied output layer is saved as the embedding, as the model
+    # saves it); every process gathers in the same order
+    for name, param in scorer.named_parameters():
         if param.requires_grad:
             value = safe_get_full_fp32_param(param)
         else:
@@ -254,9 +253,8 @@ def full_model_state(accelerator, scorer: torch.nn.Module, dtypes: dict[str, tor
             state[name] = tensor.detach().to("cpu")
     if not main:
         return None
-    tied = {name for name, param in scorer.named_parameters(remove_duplicate=False) if first_name[param] != name}
     persistent = set(scorer.state_dict().keys())  # without non-persistent buffers
-    return {name.removeprefix("model."): t for name, t in state.items() if name in persistent and name not in tied}
+    return {name.removeprefix("model."): t for name, t in state.items() if name in persistent}
 
 
 OPTIMIZER_STATES = ("exp_avg", "exp_avg_sq")
@@ -352,7 +350,6 @@ def load_optimizer_state(accelerator, scorer: torch.nn.Module, optimizer, read: 
         weight = saved.get(unwrapped_name(name).removeprefix("model."))
         if weight is not None:
             safe_set_full_fp32_param(param, weight.to(accelerator.device, torch.float32))
-    if step is not None:
+    if step is not None:  # every partition has its states now (_with_states), the step a tensor as torch keeps it
         for s in base.state.values():
-            if "step" in s:
-                s["step"].copy_(step) if torch.is_tensor(s["step"]) else s.update(step=float(step))
+            s["step"].copy_(step)

@@ -63,10 +63,12 @@ def test_zero2_matches_one_process_and_its_checkpoint_resumes_unsharded(workdir)
     assert_same_weights(one / "final" / "model.safetensors", resumed / "final" / "model.safetensors")
 
 
-def test_zero3_partitions_the_weights_and_resumes_an_unsharded_checkpoint(workdir):
+def test_zero3_partitions_the_weights_and_resumes_an_unsharded_checkpoint(workdir, monkeypatch):
     """ZeRO-3 with every weight partitioned (each forward gathers them, so evaluation with unequal
     batch counts per process pads itself), resumed from one process's checkpoint: steps 3-4 as the
-    uninterrupted run, and its own checkpoint at step 4 holds the same model."""
+    uninterrupted run, and its own checkpoint at step 4 holds the same model. The resumed run's
+    reference is the starting model loaded again, in an engine of its own, partitioned too; its
+    log-probs are computed again there (an empty cache), and are the same."""
     lines = (workdir / "eval.jsonl").read_text().splitlines()[:9]  # 2 processes x batches of 2: 3 and 2 batches
     (workdir / "eval9.jsonl").write_text("\n".join(lines) + "\n")
     common = (f"data.eval={workdir / 'eval9.jsonl'}", "per_device_eval_batch_size=2", "eval_steps=2", "save_steps=2")
@@ -77,8 +79,10 @@ def test_zero3_partitions_the_weights_and_resumes_an_unsharded_checkpoint(workdi
     assert_same_weights(one / "final" / "model.safetensors", workdir / "zero3" / "final" / "model.safetensors")
 
     from_one = workdir / "zero3-from-one"  # a new run folder going on from the unsharded run's step 2
-    launch_zero(workdir, "zero3-from-one", *common, f"resume_from_checkpoint={one / 'checkpoints' / 'step-2'}",
-                launch=("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir))))
+    monkeypatch.setenv("DPOKIT_CACHE", str(workdir / "empty-cache"))
+    output = launch_zero(workdir, "zero3-from-one", *common, f"resume_from_checkpoint={one / 'checkpoints' / 'step-2'}",
+                         launch=("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir))))
+    assert "weights partitioned over 2 processes (ZeRO-3)" in output and "log-probs of 48 pairs computed" in output
     assert_same_rows(train_rows(one), train_rows(from_one))
     assert_same_weights(one / "checkpoints" / "step-4" / "model.safetensors", from_one / "checkpoints" / "step-4" / "model.safetensors")
     ours, theirs = (torch.load(d / "checkpoints" / "step-4" / "optimizer.pt", weights_only=False) for d in (from_one, one))
@@ -99,16 +103,22 @@ def test_lora_under_zero3_trains_as_one_process(workdir):
 
 def test_bf16_is_deepspeeds_bfloat16_mode(workdir):
     """bf16: true trains DeepSpeed's bfloat16 copy over float32 masters: step 1's rewards are exactly 0
-    (the reference was scored by the same bfloat16 weights), the numbers are close to autocast's in
-    one process, and the final model is saved from the masters, in the dtype it was loaded in."""
+    (the reference was scored by the same bfloat16 weights: the policy's engine for the log-probs
+    computed once, and a separate live reference's own engine, which casts it as the policy's does),
+    the numbers are close to autocast's in one process, and the final model is saved from the masters,
+    in the dtype it was loaded in."""
     one = train(run_config(workdir, "zero-bf16-one", "bf16=true"))
-    launch_zero(workdir, "zero-bf16", "bf16=true")
-    rows = train_rows(workdir / "zero-bf16")
-    assert rows[0]["rewards/margins"] == 0.0 and rows[0]["rewards/chosen"] == 0.0
-    assert_same_rows(train_rows(one), rows, ("loss", "rewards/margins"), tol=3e-3)
-    final = load_file(workdir / "zero-bf16" / "final" / "model.safetensors")
-    assert {t.dtype for t in final.values()} == {torch.float32}
-    assert_same_weights(one / "final" / "model.safetensors", workdir / "zero-bf16" / "final" / "model.safetensors", atol=2e-2)
+    separate = (f"model.ref_model_name_or_path={workdir / 'model'}", "precompute_ref_log_probs=false")
+    for out, overrides in (("zero-bf16", ()), ("zero-bf16-live", separate)):
+        output = launch_zero(workdir, out, "bf16=true", *overrides)
+        rows = train_rows(workdir / out)
+        assert rows[0]["rewards/margins"] == 0.0 and rows[0]["rewards/chosen"] == 0.0
+        assert_same_rows(train_rows(one), rows, ("loss", "rewards/margins"), tol=3e-3)
+        final = load_file(workdir / out / "final" / "model.safetensors")
+        assert {t.dtype for t in final.values()} == {torch.float32}
+        assert_same_weights(one / "final" / "model.safetensors", workdir / out / "final" / "model.safetensors", atol=2e-2)
+    assert ("reference sharding: a DeepSpeed engine without an optimizer, whole on each process (ZeRO-1/2 partition "
+            "no weights), in bfloat16") in output
 
 
 class Launched(SimpleNamespace):
@@ -135,7 +145,6 @@ def test_what_deepspeed_cannot_do_here_is_refused_before_loading(workdir, monkey
         "sets bf16.enabled to True": ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, ()),
         "fp16": ({"zero_optimization": {"stage": 2}}, ("fp16=true",)),
         "torch_compile under ZeRO-3": ({"zero_optimization": {"stage": 3}}, ("torch_compile=true",)),
-        "sync_ref_model \\(TR-DPO\\) under ZeRO-3": ({"zero_optimization": {"stage": 3}}, ("sync_ref_model=true", "precompute_ref_log_probs=false")),
         "optim=adamw_8bit": ({"zero_optimization": {"stage": 1}}, ("optim=adamw_8bit",)),
     }
     for message, (ds, overrides) in refused.items():
@@ -173,3 +182,19 @@ def test_tr_dpo_moves_a_live_reference_under_zero2(workdir):
     assert_same_rows(read_rows(one), read_rows(workdir / "zero-trdpo"), COMPARED + ("eval/loss",))
     moved = Path("checkpoints") / "step-4" / "reference" / "model.safetensors"
     assert_same_weights(one / moved, workdir / "zero-trdpo" / moved)
+
+
+def test_tr_dpo_moves_a_partitioned_reference_under_zero3(workdir):
+    """Under ZeRO-3 a separate live reference is partitioned like the policy (an engine of its own),
+    and TR-DPO moves each process's slices, and the small weights the example config keeps whole on
+    every process, without communication. Resumed from one process's checkpoint (its moved reference
+    read into the engine), steps 3-4 are that run's, and so is the reference saved at step 4."""
+    options = ("precompute_ref_log_probs=false", "sync_ref_model=true", "ref_model_sync_steps=1", "ref_model_mixup_alpha=0.5",
+               "save_steps=2")
+    one = train(run_config(workdir, "zero3-trdpo-one", *options))
+    output = launch_zero(workdir, "zero3-trdpo", *options, f"resume_from_checkpoint={one / 'checkpoints' / 'step-2'}",
+                         launch=("--use_deepspeed", "--deepspeed_config_file", str(EXAMPLE)))
+    assert "reference sharding: a DeepSpeed engine without an optimizer, weights partitioned over 2 processes (ZeRO-3)" in output
+    assert_same_rows(train_rows(one), train_rows(workdir / "zero3-trdpo"))
+    moved = Path("checkpoints") / "step-4" / "reference" / "model.safetensors"
+    assert_same_weights(one / moved, workdir / "zero3-trdpo" / moved)

@@ -50,10 +50,13 @@ class NoReference(Reference):
 
 
 class LiveReference(Reference):
-    """A frozen model scored on each micro-batch, in the batch's own layout."""
+    """A frozen model scored on each micro-batch, in the batch's own layout. ``engine``: under
+    DeepSpeed, the engine that holds ``scorer`` (:func:`dpokit.zero.prepare_frozen`), kept as long as
+    the reference is."""
 
-    def __init__(self, scorer: ReplyLogProbs):
+    def __init__(self, scorer: ReplyLogProbs, engine=None):
         self.scorer = scorer
+        self.engine = engine
 
     def logps(self, batch: Batch, pair_indices: list[int]) -> torch.Tensor:
         with torch.no_grad():
@@ -96,11 +99,17 @@ class TableReference(Reference):
 def sync_reference(reference: ReplyLogProbs, policy: ReplyLogProbs, alpha: float) -> None:
     """TR-DPO's soft update (Gorbatovski et al. 2024): each reference weight becomes
     α·policy + (1 - α)·reference, in place. Weights pair up by name (activation-checkpoint and compile
-    wrappers left out); under FSDP2 both models are sharded alike, so each process updates its own
-    shards."""
+    wrappers left out). Under FSDP2 and DeepSpeed's ZeRO-3 both models are sharded alike, so each
+    process updates its own shards (:func:`dpokit.zero.lerp_slice`), with no communication."""
+    from dpokit.zero import lerp_slice
+
     policy_weights = {unwrapped_name(name): p for name, p in policy.named_parameters()}
     for name, weight in reference.named_parameters():
-        weight.lerp_(policy_weights[unwrapped_name(name)].to(weight.dtype), alpha)
+        source = policy_weights[unwrapped_name(name)]
+        if hasattr(weight, "ds_tensor"):
+            lerp_slice(weight, source, alpha)
+        else:
+            weight.lerp_(source.to(weight.dtype), alpha)
 
 
 def as_reference(reference) -> Reference:

@@ -336,7 +336,8 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
     """(train reference, eval reference) once ``policy`` is prepared (its weights still the starting
     ones): log-prob tables computed once (cached on disk), a live frozen model, the policy with its
     adapters off, or none. A separate reference model is placed as the policy is (sharded under
-    FSDP2) and, for tables, dropped once they are computed. ``train_digest``: the train pairs'
+    FSDP2, in a DeepSpeed engine of its own under DeepSpeed) and, for tables, dropped once they are
+    computed. ``train_digest``: the train pairs'
     :func:`dpokit.reference.fingerprint_pairs`, where the caller has it."""
     t = config.training
     if not needs_reference(config):
@@ -348,10 +349,15 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
         compile_layers(start.model)  # its table is scored as the compiled policy would score it (exact on resume)
     scorer = policy if start.model is None else place_frozen(start.model, config, accelerator)
     start.model = None  # the scorer holds it from here; with tables, nothing does once they are computed
+    engine = None  # DeepSpeed's engine over a separate reference, kept while it is used
     if scorer is not policy and is_sharded(accelerator):
         say(f"reference sharding: {describe(scorer, accelerator)}")
+    if scorer is not policy and zero.is_deepspeed(accelerator):
+        engine = zero.prepare_frozen(scorer, accelerator)
+        say(f"reference sharding: {zero.describe_frozen(accelerator)}")
     if not t.precompute_ref_log_probs:
-        return LiveReference(scorer), LiveReference(scorer)
+        live = LiveReference(scorer, engine)
+        return live, live
 
     def build(pairs: list[TokenizedPair]) -> Batch:
         return build_batch(pairs, config, pad_id)
@@ -648,7 +654,7 @@ def train(config: Config) -> Path:
     warn_low_precision_weights(policy, config, say)
     say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%"
         f"{'; an image-text model: its language model only, the vision parts frozen' if is_image_text(policy) else ''}); "
-        f"reference: {_describe_reference(config, sharded)}")
+        f"reference: {_describe_reference(config, sharded or zero.partitions_weights(accelerator))}")
     start = starting_reference(reference_config, policy, resume_from is not None, sharded, accelerator, deepspeed=stage is not None)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
@@ -717,10 +723,12 @@ def train(config: Config) -> Path:
              "steps_per_epoch": per_epoch, "total_steps": total_steps}
     record = RunRecord.start(out, shape, resumed_at) if accelerator.is_main_process else None
 
-    def whole_model_state() -> dict | None:  # every process calls it; None: the model saves its own
+    def whole_model_state(model: ReplyLogProbs | None = None) -> dict | None:
+        """The policy's (or ``model``'s: TR-DPO's reference, of the same architecture) whole state;
+        every process calls it. None: the model saves its own."""
         if stage is not None:
-            return zero.full_model_state(accelerator, unwrapped, loaded_dtypes)
-        return full_model_state(accelerator, scorer)
+            return zero.full_model_state(accelerator, model or unwrapped, loaded_dtypes)
+        return full_model_state(accelerator, model or scorer)
 
     def whole_optimizer_state() -> dict | None:
         return zero.optimizer_state(accelerator, unwrapped, optimizer) if stage is not None else optimizer_state(accelerator, scorer, optimizer)
@@ -833,7 +841,7 @@ def train(config: Config) -> Path:
                 ckpt.save_checkpoint(accelerator, out / "checkpoints", state, unwrapped.model, tokenizer,
                                      whole_optimizer_state(), scheduler, r.save_total_limit, scaler,
                                      whole_model_state(), window.saved(accelerator),
-                                     moving.model if moving else None, full_model_state(accelerator, moving) if moving else None)
+                                     moving.model if moving else None, whole_model_state(moving) if moving else None)
                 keep_record()
         if state.batch_in_epoch >= len(batches):
             state.epoch += 1

@@ -20,7 +20,8 @@ follows dpokit's schedule, which sets it on the AdamW that DeepSpeed's optimizer
 
 Every process reads the whole model into host memory once (transformers is not asked to build it
 partitioned, whatever ``zero3_init_flag`` says: dpokit checks the model with whole weights first);
-ZeRO-3 partitions it when training starts. Checkpoints are dpokit's own, whole and keyed by name
+ZeRO-3 partitions it when training starts. A separate reference model gets an engine of its own
+(:func:`prepare_frozen`), partitioned under ZeRO-3 too. Checkpoints are dpokit's own, whole and keyed by name
 (:func:`full_model_state`: the float32 master weights; :func:`optimizer_state`), so a run saved under
 ZeRO resumes under any stage, any number of processes, FSDP2 or one process, and the other way round.
 """
@@ -125,7 +126,6 @@ def check_zero(accelerator, config: Config) -> None:
         ("model.load_in_4bit (QLoRA)", m.load_in_4bit),
         ("optim=adamw_8bit", t.optim == "adamw_8bit"),
         ("torch_compile under ZeRO-3", t.torch_compile and stage == 3),
-        ("sync_ref_model (TR-DPO) under ZeRO-3", t.sync_ref_model and stage == 3),
     ) if on]
     if unsupported:
         raise ConfigError(f"{' and '.join(unsupported)} not supported under DeepSpeed yet: turn it off, or launch "
@@ -171,6 +171,26 @@ def configure(accelerator, config: Config, hidden_size: int) -> None:
     ds["zero_allow_untested_optimizer"] = True  # torch's AdamW as DeepSpeed's client optimizer
 
 
+def prepare_frozen(scorer: torch.nn.Module, accelerator):
+    """A frozen scorer (a separate reference model) in a DeepSpeed engine of its own, without an
+    optimizer, as the policy's engine holds the policy: under ZeRO-3 partitioned across the processes
+    (its forwards gather the weights, as the policy's do); under ZeRO-1/2, which partition no weights,
+    whole on each process (stage 0). Either way in the dtype the policy's engine computes in (bfloat16
+    with ``bf16: true``), so that both score alike. Returns the engine: keep it while ``scorer`` is
+    used (its ZeRO-3 hooks go with it). ``scorer`` is then scored directly, as the prepared policy is."""
+    import copy
+
+    import deepspeed
+
+    ds = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)  # filled by configure()
+    if zero_stage(accelerator) != 3:
+        ds["zero_optimization"] = {"stage": 0}
+    engine, *_ = deepspeed.initialize(model=scorer, config=ds)
+    engine.eval()
+    scorer.in_deepspeed_engine = True  # see dpokit.train.forward_precision
+    return engine
+
+
 def describe(accelerator) -> str:
     """One line, e.g. ``DeepSpeed ZeRO-3 over 2 processes: optimizer states, gradients and weights partitioned``."""
     stage = zero_stage(accelerator)
@@ -180,6 +200,30 @@ def describe(accelerator) -> str:
     offloaded = [name for name in ("optimizer", "param") if (zero.get(f"offload_{name}") or {}).get("device") in ("cpu", "nvme")]
     line = f"DeepSpeed ZeRO-{stage} over {accelerator.num_processes} processes: {what} partitioned"
     return line + (f"; offloaded: {', '.join(offloaded)}" if offloaded else "")
+
+
+def lerp_slice(weight: torch.nn.Parameter, source: torch.nn.Parameter, alpha: float) -> None:
+    """``weight``'s slice on this process moved toward ``source``'s by ``alpha``, in place, for two
+    ZeRO-3 parameters of the same shape, which both engines partition alike. Where ``weight`` is held
+    whole on this process (gathered, or one of the small weights ZeRO-3 keeps whole between steps),
+    that copy is let go: the next forward gathers it again from the moved slices."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    weight.ds_tensor.lerp_(source.ds_tensor.to(weight.ds_tensor.dtype), alpha)
+    if weight.ds_status == ZeroParamStatus.AVAILABLE:
+        weight.partition(has_been_updated=False)
+
+
+def describe_frozen(accelerator) -> str:
+    """One line on a separate reference's engine (:func:`prepare_frozen`), e.g. ``a DeepSpeed engine
+    without an optimizer, weights partitioned over 2 processes (ZeRO-3)``."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    if zero_stage(accelerator) == 3:
+        offloaded = (ds["zero_optimization"].get("offload_param") or {}).get("device") in ("cpu", "nvme")
+        where = f"weights partitioned over {accelerator.num_processes} processes (ZeRO-3){', offloaded' if offloaded else ''}"
+    else:
+        where = "whole on each process (ZeRO-1/2 partition no weights)"
+    return f"a DeepSpeed engine without an optimizer, {where}{', in bfloat16' if _get(ds, 'bf16.enabled') else ''}"
 
 
 def backward(engine, loss: torch.Tensor, last: bool) -> None:

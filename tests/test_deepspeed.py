@@ -92,13 +92,20 @@ def test_zero3_partitions_the_weights_and_resumes_an_unsharded_checkpoint(workdi
 
 
 def test_lora_under_zero3_trains_as_one_process(workdir):
-    """LoRA's live reference (the policy with its adapters off) under ZeRO-3: the same adapter."""
-    lora = (*LORA, "precompute_ref_log_probs=false")
+    """LoRA's live reference (the policy with its adapters off) under ZeRO-3: the same adapter. Its
+    checkpoint resumes in one process, whose optimizer has a group more (DeepSpeed leaves out the
+    empty one of biases and norms, which LoRA does not train), exactly as the uninterrupted run."""
+    lora = (*LORA, "precompute_ref_log_probs=false", "save_steps=2")
     one = train(run_config(workdir, "zero-lora-one", *lora))
     launch_zero(workdir, "zero-lora", *lora, launch=("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir))))
     assert_same_rows(read_rows(one), read_rows(workdir / "zero-lora"), COMPARED)
     a, b = load_file(one / "final" / "adapter_model.safetensors"), load_file(workdir / "zero-lora" / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    resumed = train(run_config(workdir, "zero-lora", *lora, f"resume_from_checkpoint={workdir / 'zero-lora' / 'checkpoints' / 'step-2'}"))
+    assert_same_rows(train_rows(one), train_rows(resumed))
+    c = load_file(resumed / "final" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
 
 
 def test_bf16_is_deepspeeds_bfloat16_mode(workdir):
@@ -198,3 +205,16 @@ def test_tr_dpo_moves_a_partitioned_reference_under_zero3(workdir):
     assert_same_rows(train_rows(one), train_rows(workdir / "zero3-trdpo"))
     moved = Path("checkpoints") / "step-4" / "reference" / "model.safetensors"
     assert_same_weights(one / moved, workdir / "zero3-trdpo" / moved)
+
+
+def test_lora_in_bf16_resumes_exactly(workdir):
+    """A LoRA run in DeepSpeed's bfloat16 mode, resumed from its step-2 checkpoint, goes on exactly as
+    the uninterrupted run: the float32 master adapters are the checkpoint's (saved from the masters),
+    not the engine's bfloat16 copy of them."""
+    lora = (*LORA, "bf16=true", "save_steps=2")
+    launch_zero(workdir, "zero-lora-bf16", *lora)
+    first = workdir / "zero-lora-bf16"
+    launch_zero(workdir, "zero-lora-bf16-resumed", *lora, f"resume_from_checkpoint={first / 'checkpoints' / 'step-2'}")
+    assert_same_rows(train_rows(first), train_rows(workdir / "zero-lora-bf16-resumed"), tol=0)
+    a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (first, workdir / "zero-lora-bf16-resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

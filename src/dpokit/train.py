@@ -685,6 +685,8 @@ def train(config: Config) -> Path:
     if stage is not None:
         zero.configure(accelerator, config, policy.config.get_text_config().hidden_size)
         loaded_dtypes = {name: p.dtype for name, p in scorer.named_parameters()}  # bfloat16 mode trains a bfloat16 copy
+        # a resumed LoRA run's adapters as its checkpoint holds them (a full model's: read from its files)
+        resumed_adapters = zero.trained_weights(scorer) if resume_from is not None and uses_peft(config.model) else None
     scorer, optimizer = accelerator.prepare(scorer, optimizer)  # under FSDP2, shards the model in place
     unwrapped = accelerator.unwrap_model(scorer)
     if sharded:
@@ -701,7 +703,7 @@ def train(config: Config) -> Path:
     if resume_from is not None:
         if stage is not None:
             zero.load_optimizer_state(accelerator, unwrapped, optimizer, lambda: ckpt.read_optimizer_state(resume_from),
-                                      lambda: ckpt.read_model_state(resume_from))
+                                      lambda: ckpt.read_model_state(resume_from) if resumed_adapters is None else resumed_adapters)
         else:
             load_optimizer_state(accelerator, scorer, optimizer, lambda: ckpt.read_optimizer_state(resume_from))
         note = ckpt.load_scheduler_and_rng(resume_from, scheduler, accelerator.process_index, scaler)

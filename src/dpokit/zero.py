@@ -301,6 +301,16 @@ def full_model_state(accelerator, scorer: torch.nn.Module, dtypes: dict[str, tor
     return {name.removeprefix("model."): t for name, t in state.items() if name in persistent}
 
 
+def trained_weights(scorer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of ``scorer``'s trained weights on the host, keyed as a checkpoint's model state: before
+    ``accelerator.prepare``, a resumed LoRA run's adapters as read from its checkpoint, which bfloat16
+    mode's engine is about to round (its float32 masters would start from that). Small for adapters;
+    a full model's weights are read from the checkpoint's files instead."""
+    from dpokit.sharding import unwrapped_name
+
+    return {unwrapped_name(name).removeprefix("model."): p.detach().to("cpu", copy=True) for name, p in _trained(scorer)}
+
+
 OPTIMIZER_STATES = ("exp_avg", "exp_avg_sq")
 
 

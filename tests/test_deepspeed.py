@@ -65,7 +65,8 @@ def test_zero2_matches_one_process_and_its_checkpoint_resumes_unsharded(workdir)
 
 def test_zero3_partitions_the_weights_and_resumes_an_unsharded_checkpoint(workdir, monkeypatch):
     """ZeRO-3 with every weight partitioned (each forward gathers them, so evaluation with unequal
-    batch counts per process pads itself), resumed from one process's checkpoint: steps 3-4 as the
+    batch counts per process pads itself, and gradient checkpointing's recomputing forwards gather
+    them again) trains as one process does. Resumed from one process's checkpoint: steps 3-4 as the
     uninterrupted run, and its own checkpoint at step 4 holds the same model. The resumed run's
     reference is the starting model loaded again, in an engine of its own, partitioned too; its
     log-probs are computed again there (an empty cache), and are the same."""
@@ -73,7 +74,8 @@ def test_zero3_partitions_the_weights_and_resumes_an_unsharded_checkpoint(workdi
     (workdir / "eval9.jsonl").write_text("\n".join(lines) + "\n")
     common = (f"data.eval={workdir / 'eval9.jsonl'}", "per_device_eval_batch_size=2", "eval_steps=2", "save_steps=2")
     one = train(run_config(workdir, "zero3-one", *common))
-    output = launch_zero(workdir, "zero3", *common, launch=("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir))))
+    output = launch_zero(workdir, "zero3", *common, "gradient_checkpointing=true",
+                         launch=("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir))))
     assert "DeepSpeed ZeRO-3 over 2 processes: optimizer states, gradients and weights partitioned" in output
     assert_same_rows(read_rows(one), read_rows(workdir / "zero3"), COMPARED + ("eval/loss", "eval/logps/chosen"))
     assert_same_weights(one / "final" / "model.safetensors", workdir / "zero3" / "final" / "model.safetensors")
@@ -179,13 +181,14 @@ def test_configure_writes_dpokits_settings_and_the_auto_sizes():
                                   "offloaded: optimizer")
 
 
-def test_tr_dpo_moves_a_live_reference_under_zero2(workdir):
-    """A separate live reference (a whole copy on each process) that TR-DPO moves toward the policy:
-    the same rows as one process, and the checkpoint's moved reference is the same model."""
+def test_tr_dpo_moves_a_live_reference_under_zero1(workdir):
+    """A separate live reference (a whole copy on each process under ZeRO-1/2) that TR-DPO moves toward
+    the policy: the same rows as one process, and the checkpoint's moved reference is the same model."""
     options = ("precompute_ref_log_probs=false", "sync_ref_model=true", "ref_model_sync_steps=2", "ref_model_mixup_alpha=0.5",
                "save_steps=4")
     one = train(run_config(workdir, "zero-trdpo-one", *options))
-    launch_zero(workdir, "zero-trdpo", *options)
+    output = launch_zero(workdir, "zero-trdpo", *options, launch=("--use_deepspeed", "--zero_stage=1"))
+    assert "sharding: DeepSpeed ZeRO-1 over 2 processes: optimizer states partitioned" in output
     assert_same_rows(read_rows(one), read_rows(workdir / "zero-trdpo"), COMPARED + ("eval/loss",))
     moved = Path("checkpoints") / "step-4" / "reference" / "model.safetensors"
     assert_same_weights(one / moved, workdir / "zero-trdpo" / moved)

@@ -274,9 +274,11 @@ def test_what_is_not_supported_sharded_is_refused_before_loading(workdir):
             check_sharding(Launched(DistributedType.FSDP), run_config(workdir, "refused", *options))
 
 
-def test_use_fsdp_on_cpu_processes_says_they_are_not_sharded(workdir, monkeypatch):
-    """Accelerate shards only on accelerator devices: `accelerate launch --use_fsdp` on a CPU machine
-    runs the processes data parallel, which dpokit says rather than leave the user believing in shards."""
+@pytest.mark.parametrize("flag, variable", [("--use_fsdp", "ACCELERATE_USE_FSDP"), ("--use_deepspeed", "ACCELERATE_USE_DEEPSPEED")])
+def test_sharding_flags_on_cpu_processes_say_they_are_not_sharded(workdir, monkeypatch, flag, variable):
+    """Accelerate shards only on accelerator devices: `accelerate launch --use_fsdp` (or
+    `--use_deepspeed`) on a CPU machine runs the processes data parallel, which dpokit says rather
+    than leave the user believing in shards."""
     from accelerate.utils import DistributedType
 
     from dpokit.sharding import setup
@@ -290,11 +292,12 @@ def test_use_fsdp_on_cpu_processes_says_they_are_not_sharded(workdir, monkeypatc
             printed.append(line)
 
     config = run_config(workdir, "cpu-fsdp")
-    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
     assert setup(Launched(), config, None) is False and printed == []
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv(variable, "true")
     assert setup(Launched(), config, None) is False
-    assert printed == ["note: launched with --use_fsdp, but Accelerate shards only on accelerator devices (GPUs): "
+    assert printed == [f"note: launched with {flag}, but Accelerate shards only on accelerator devices (GPUs): "
                        "these CPU processes train data parallel, each holding the whole model"]
 
     class Alone(Launched):

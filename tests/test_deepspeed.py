@@ -113,13 +113,18 @@ def test_lora_under_zero3_trains_as_one_process(workdir):
 def test_bf16_is_deepspeeds_bfloat16_mode(workdir):
     """bf16: true trains DeepSpeed's bfloat16 copy over float32 masters: step 1's rewards are exactly 0
     (the reference was scored by the same bfloat16 weights: the policy's engine for the log-probs
-    computed once, and a separate live reference's own engine, which casts it as the policy's does),
+    computed once, and a separate live reference's own engine, which casts it as the policy's does,
+    whole under ZeRO-2 and partitioned under ZeRO-3, where dpokit casts both before partitioning),
     the numbers are close to autocast's in one process, and the final model is saved from the masters,
     in the dtype it was loaded in."""
     one = train(run_config(workdir, "zero-bf16-one", "bf16=true"))
     separate = (f"model.ref_model_name_or_path={workdir / 'model'}", "precompute_ref_log_probs=false")
-    for out, overrides in (("zero-bf16", ()), ("zero-bf16-live", separate)):
-        output = launch_zero(workdir, out, "bf16=true", *overrides)
+    zero3 = ("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir)))
+    outputs = {}
+    for out, overrides, launch in (("zero-bf16", (), ("--use_deepspeed", "--zero_stage=2")),
+                                   ("zero-bf16-live", separate, ("--use_deepspeed", "--zero_stage=2")),
+                                   ("zero3-bf16-live", separate, zero3)):
+        outputs[out] = launch_zero(workdir, out, "bf16=true", *overrides, launch=launch)
         rows = train_rows(workdir / out)
         assert rows[0]["rewards/margins"] == 0.0 and rows[0]["rewards/chosen"] == 0.0
         assert_same_rows(train_rows(one), rows, ("loss", "rewards/margins"), tol=3e-3)
@@ -127,7 +132,9 @@ def test_bf16_is_deepspeeds_bfloat16_mode(workdir):
         assert {t.dtype for t in final.values()} == {torch.float32}
         assert_same_weights(one / "final" / "model.safetensors", workdir / out / "final" / "model.safetensors", atol=2e-2)
     assert ("reference sharding: a DeepSpeed engine without an optimizer, whole on each process (ZeRO-1/2 partition "
-            "no weights), in bfloat16") in output
+            "no weights), in bfloat16") in outputs["zero-bf16-live"]
+    assert ("reference sharding: a DeepSpeed engine without an optimizer, weights partitioned over 2 processes (ZeRO-3), "
+            "in bfloat16") in outputs["zero3-bf16-live"]
 
 
 class Launched(SimpleNamespace):

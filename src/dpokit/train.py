@@ -403,7 +403,8 @@ def computes_in_16_bits(model: torch.nn.Module, training: TrainingConfig) -> boo
 
 def place_frozen(model: torch.nn.Module, config: Config, accelerator) -> ReplyLogProbs:
     """A frozen reference model as a scorer on this process's device, checked before (see
-    :func:`placed_for_checks`), and sharded like the policy under FSDP2."""
+    :func:`placed_for_checks`), and sharded like the policy under FSDP2 (under DeepSpeed:
+    :func:`dpokit.zero.prepare_frozen`)."""
     scorer = checked_scorer(model, config, accelerator)
     if is_sharded(accelerator):
         shard_frozen(scorer, accelerator)  # each process's share onto its device
@@ -413,11 +414,12 @@ def place_frozen(model: torch.nn.Module, config: Config, accelerator) -> ReplyLo
 @contextmanager
 def placed_for_checks(model: torch.nn.Module, config: Config, accelerator) -> Iterator[torch.nn.Module]:
     """``model`` where its one-time checks (short eager forwards, :func:`reply_scorer`) run before
-    training: on this process's device; under FSDP2 on the host instead, where sharding then moves
-    each process's share to its GPU, so the whole model is never on one GPU. An attention without a
-    CPU path (the flash-attn package's, flex_attention, a hub kernel) is checked on the device, then
-    under FSDP2 goes back to the host (the whole model on one GPU only during the checks)."""
-    sharded = is_sharded(accelerator)
+    training: on this process's device; under FSDP2 and ZeRO-3 on the host instead, where sharding
+    then moves each process's share to its GPU (:func:`dpokit.zero.partition`), so the whole model is
+    never on one GPU. An attention without a CPU path (the flash-attn package's, flex_attention, a
+    hub kernel) is checked on the device, then goes back to the host (the whole model on one GPU only
+    during the checks)."""
+    sharded = is_sharded(accelerator) or zero.partitions_weights(accelerator)
     if sharded and config.model.attn_implementation in (*CPU_ATTENTION, VARLEN_ATTENTION):
         yield model
         return
@@ -687,6 +689,8 @@ def train(config: Config) -> Path:
         loaded_dtypes = {name: p.dtype for name, p in scorer.named_parameters()}  # bfloat16 mode trains a bfloat16 copy
         # a resumed LoRA run's adapters as its checkpoint holds them (a full model's: read from its files)
         resumed_adapters = zero.trained_weights(scorer) if resume_from is not None and uses_peft(config.model) else None
+        if stage == 3:
+            zero.partition(scorer, accelerator)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)  # under FSDP2, shards the model in place
     unwrapped = accelerator.unwrap_model(scorer)
     if sharded:

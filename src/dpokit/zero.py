@@ -171,6 +171,28 @@ def configure(accelerator, config: Config, hidden_size: int) -> None:
     ds["zero_allow_untested_optimizer"] = True  # torch's AdamW as DeepSpeed's client optimizer
 
 
+def partition(scorer: torch.nn.Module, accelerator) -> None:
+    """Under ZeRO-3, before DeepSpeed's engine takes ``scorer`` (whose weights are on the host, where
+    dpokit checked them): each weight in turn onto this process's device and partitioned there
+    (DeepSpeed's ``zero.Init`` over a built module; its partition kept where ``offload_param`` says),
+    so the whole model is never on one device. Left to the engine, it would move the whole model onto
+    each device first. Weights are cast first to the dtype the engine computes in (bfloat16 with
+    ``bf16: true``), as the engine casts a model it partitions itself; buffers (which ZeRO does not
+    partition) go to the device whole and keep their dtype, as the engine leaves them."""
+    import deepspeed
+
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config  # filled by configure()
+    if _get(ds, "bf16.enabled"):
+        for param in scorer.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(torch.bfloat16)
+    for module in scorer.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(accelerator.device)
+    deepspeed.zero.Init(module=scorer, config_dict_or_path=ds)
+
+
 def prepare_frozen(scorer: torch.nn.Module, accelerator):
     """A frozen scorer (a separate reference model) in a DeepSpeed engine of its own, without an
     optimizer, as the policy's engine holds the policy: under ZeRO-3 partitioned across the processes
@@ -183,7 +205,9 @@ def prepare_frozen(scorer: torch.nn.Module, accelerator):
     import deepspeed
 
     ds = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)  # filled by configure()
-    if zero_stage(accelerator) != 3:
+    if zero_stage(accelerator) == 3:
+        partition(scorer, accelerator)
+    else:
         ds["zero_optimization"] = {"stage": 0}
     engine, *_ = deepspeed.initialize(model=scorer, config=ds)
     engine.eval()

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from transformers import AutoModelForCausalLM, Gemma2Config, MixtralConfig, Qwen2Config
 
-from dpokit.plan import RunShape, backward_workspace_bytes, count_model, estimate, parse_size
+from dpokit.plan import RunShape, backward_workspace_bytes, count_model, estimate, gathered_bytes, parse_size
 from dpokit.train import torch_release
 from runs import TRANSFORMERS_4
 
@@ -482,6 +482,54 @@ def test_fsdp_divides_the_training_state_and_adds_what_is_gathered():
     assert eight["full"]["weights"] == pytest.approx(m.params * 4 / 8 + (root + 2 * m.layer_params) * 2)
     assert one["full"]["weights"] == m.params * 4 + m.linear_params * 2  # unsharded: autocast's copies
     assert eight["qlora"] == one["qlora"]
+
+
+def test_zero_stages_divide_what_deepspeed_partitions():
+    """--zero STAGE --processes N: stage 1 divides AdamW's states (with bf16's float32 masters), stage 2
+    the gradients too, stage 3 the weights and a live reference too (plus what is gathered at once).
+    bf16 is DeepSpeed's bfloat16 mode: every weight, LoRA's adapters too, held and computed in 2 bytes."""
+    m = count_model(_config())
+    run = dict(batch_size=2, max_length=256, autocast_16bit=True, live_reference=True)
+    one = estimate(m, RunShape(**run))
+    z1, z2, z3 = (estimate(m, RunShape(**run, shards=8, zero_stage=stage)) for stage in (1, 2, 3))
+    p = m.params
+    assert (z1["full"]["weights"], z1["full"]["gradients"], z1["full"]["reference"]) == (p * 2, p * 2, p * 2)
+    assert z1["full"]["optimizer"] == pytest.approx(p * 12 / 8)
+    assert z2["full"]["gradients"] == pytest.approx(p * 2 / 8) and z2["full"]["weights"] == p * 2
+    assert z3["full"]["weights"] == pytest.approx(p * 2 / 8 + gathered_bytes(m, 2))
+    assert z3["full"]["reference"] == pytest.approx(p * 2 / 8)
+    assert z1["lora"]["weights"] == p * 2 + m.lora_params * 2 + m.saved_params * 2
+    assert z1["lora"]["optimizer"] == pytest.approx((m.lora_params + m.saved_params) * 12 / 8)
+    assert z3["qlora"] == one["qlora"]  # refused under DeepSpeed: one process per GPU
+    assert z1["full"]["activations"] < one["full"]["activations"]  # bfloat16 activations, not autocast's float32-sized ones
+    fp32 = estimate(m, RunShape(batch_size=2, max_length=256, shards=8, zero_stage=2))
+    assert fp32["full"]["weights"] == p * 4 and fp32["full"]["optimizer"] == pytest.approx(p * 8 / 8)
+    assert fp32["lora"]["weights"] == p * 4 + m.lora_params * 4 + m.saved_params * 4
+    for col in ("full", "lora"):
+        assert z3[col]["total"] < z2[col]["total"] < z1[col]["total"] < one[col]["total"]
+
+
+def test_zero_flags(tmp_path, capsys):
+    from dpokit.cli import main
+
+    _config().save_pretrained(tmp_path / "m")
+    args = ["plan", f"model.name_or_path={tmp_path / 'm'}", "max_length=256", "per_device_train_batch_size=2", "bf16=true"]
+    main([*args, "--zero", "3", "--processes", "4"])
+    text = capsys.readouterr().out
+    assert "full ZeRO-3 x4" in text and "LoRA r=16 ZeRO-3 x4" in text
+    assert "note: DeepSpeed ZeRO-3 over 4 processes: optimizer states, gradients, weights divided over them" in text
+    main([*args, "--zero", "2", "--processes", "4", "--json"])
+    planned = json.loads(capsys.readouterr().out)
+    assert (planned["zero_stage"], planned["shards"]) == (2, 4)
+    for flags, message in ((["--zero", "3"], "--zero 3: give --processes N"),
+                           (["--processes", "4"], "--processes goes with --zero STAGE"),
+                           (["--zero", "2", "--processes", "4", "--fsdp", "4"], "--zero and --fsdp")):
+        with pytest.raises(SystemExit):
+            main([*args, *flags])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--zero", "4", "--processes", "4"])
+    assert "--zero: invalid choice" in capsys.readouterr().err
 
 
 def test_fsdp_flag(tmp_path, capsys):

@@ -27,6 +27,12 @@ adapter parameters as peft adds them, ``M`` = parameters of the ``lora_modules_t
     sharded      (--fsdp N, FSDP2; full and LoRA) weights, reference, gradients and optimizer / N, and
                  weights + (root + 2 layers) * compute bytes gathered at once (root: every parameter
                  outside the decoder layers); no autocast copies (FSDP2 gathers in 16 bits instead)
+    ZeRO         (--zero STAGE --processes N, DeepSpeed; full and LoRA) the engine holds the weights,
+                 LoRA's adapters too, in its compute dtype c (bf16=true: 2, no autocast; else the
+                 weights' own) and steps float32 masters: optimizer = trained * (8 + 4 masters) / N
+                 in bf16 mode, trained * 2c / N otherwise; gradients trained * c, / N from stage 2;
+                 weights and a separate reference (also in c) / N at stage 3, plus what is gathered
+                 at once as under FSDP2; activations c bytes an element
 
 ``Pq`` is the parameters of the Linear layers bitsandbytes quantizes (all but the output layer).
 The token count is a worst case from ``max_length``: every sequence is ``max_length`` long, so a
@@ -314,7 +320,9 @@ class RunShape:
     regrouped_rows: bool = False
     """attn_implementation=dpokit_varlen: rows regrouped for a varlen kernel, no mask at all."""
     shards: int = 1
-    """FSDP2 over this many processes (1: unsharded)."""
+    """FSDP2 (or with :attr:`zero_stage`, DeepSpeed) over this many processes (1: unsharded)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO's stage (1-3) over :attr:`shards` processes; 0: not DeepSpeed."""
     tokens: int | None = None
     """Tokens per micro-batch, when known (e.g. the data's largest batch); None: the worst case."""
     adam_8bit: bool = False
@@ -436,22 +444,69 @@ def gathered_bytes(m: ModelShape, compute_bytes: float) -> float:
     return (root + 2 * m.layer_params) * compute_bytes
 
 
+def activation_rows(m: ModelShape, run: RunShape, s: float, full: bool, logits_bytes: float) -> dict[str, float]:
+    """The ``activations`` and ``logps_buffer`` rows for activations of ``s`` bytes an element
+    (``full``: full training, else adapters; ``logits_bytes``: of the full logits with
+    ``chunked_logps=false``)."""
+    tok = micro_batch_tokens(run)
+    eager = (run.attention or m.attention) == "eager"
+    masked = dense_mask(m, run) or eager  # a mask makes transformers repeat the kv heads; eager always does
+    layer = layer_activation_bytes(m, s, masked, full, m.lora_modules, run.lora_r, run.lora_dropout)
+    final_norm = tok * m.hidden * (4 + 2 * s)
+    workspace = backward_workspace_bytes(m, tok, s)
+    scores = eager_scores_bytes(m, run, 2 if run.autocast_16bit or s == 2 else 4) if eager else 0.0
+    if run.gradient_checkpointing:
+        layers = m.layers * tok * m.hidden * s + tok * layer + scores
+    else:
+        layers = m.layers * (tok * layer + scores)
+    activations = layers + final_norm + workspace + _mask_bytes(m, run, s)
+    if run.chunked_logps:
+        logps = chunked_logps_bytes(m, run)
+    else:
+        logps = tok * m.vocab * logits_bytes + 2 * tok * m.vocab * 4
+    return {"activations": activations, "logps_buffer": logps}
+
+
+def zero_estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
+    """:func:`estimate` under DeepSpeed ZeRO (``run.zero_stage`` over ``run.shards`` processes, see
+    the module docstring). bf16 mode (``run.autocast_16bit``: dpokit's bf16 is DeepSpeed's bfloat16
+    mode there) holds every weight in bfloat16, LoRA's adapters too, and steps float32 masters.
+    QLoRA is refused under DeepSpeed: its column is one process per GPU, as :func:`estimate` gives it."""
+    stage, n = run.zero_stage, run.shards
+    out = {"qlora": estimate(m, replace(run, zero_stage=0, shards=1))["qlora"]}
+    for col in ("full", "lora"):
+        full = col == "full"
+        c = 2 if run.autocast_16bit else run.dtype_bytes  # what the engine holds and computes in
+        trained = (m.trained_params or m.params) if full else m.lora_params + m.saved_params
+        weights = m.params * c if full else m.params * c + m.lora_params * (c if run.autocast_16bit else ADAPTER_BYTES) + m.saved_params * c
+        states = 8 + 4 if run.autocast_16bit else 2 * c  # AdamW's m and v in float32 (and the masters), or in c
+        row = {
+            "weights": weights / n + gathered_bytes(m, c) if stage == 3 else weights,
+            "reference": (m.params * c if full and run.live_reference else 0.0) / (n if stage == 3 else 1),
+            "gradients": trained * c / (n if stage >= 2 else 1),
+            "optimizer": trained * states / n,
+            **activation_rows(m, run, c, full, logits_bytes=c),
+        }
+        row["total"] = sum(row.values())
+        out[col] = row
+    return {col: out[col] for col in COLUMNS}
+
+
 def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
     """Bytes per device for each of ``full``, ``lora``, ``qlora`` (rows: see :data:`ROWS`).
 
     Sharded (``run.shards`` > 1; QLoRA is never sharded): weights, reference, gradients and
     optimizer states are divided over the processes, and the weights row adds what FSDP2 holds
     gathered (:func:`gathered_bytes`); 16-bit compute is then FSDP2's mixed-precision policy, so
-    no autocast copies are counted."""
-    tok = micro_batch_tokens(run)
+    no autocast copies are counted. Under DeepSpeed (``run.zero_stage``): :func:`zero_estimate`."""
+    if run.zero_stage:
+        return zero_estimate(m, run)
     out: dict[str, dict[str, float]] = {}
     for col in COLUMNS:
         # bytes per weight and per activation element: under bf16 autocast activations stay about as
         # wide as the weights (autocast keeps float32 norms, residuals and rotary outputs beside its copies)
         s = QLORA_COMPUTE_BYTES if col == "qlora" else run.dtype_bytes
         full = col == "full"
-        eager = (run.attention or m.attention) == "eager"
-        masked = dense_mask(m, run) or eager  # a mask makes transformers repeat the kv heads; eager always does
         shards = run.shards if col != "qlora" else 1
         if col == "full":
             weights = m.params * s
@@ -465,27 +520,12 @@ def estimate(m: ModelShape, run: RunShape) -> dict[str, dict[str, float]]:
         # (parameters, bytes each) of what trains: the model, or the adapters and lora_modules_to_save's copies
         trained = [(m.trained_params or m.params, s)] if full else [(m.lora_params, ADAPTER_BYTES), (m.saved_params, s)]
         reference = m.params * s if (full and run.live_reference) else 0.0
-        layer = layer_activation_bytes(m, s, masked, full, m.lora_modules, run.lora_r, run.lora_dropout)
-        final_norm = tok * m.hidden * (4 + 2 * s)
-        workspace = backward_workspace_bytes(m, tok, s)
-        scores = eager_scores_bytes(m, run, 2 if run.autocast_16bit or s == 2 else 4) if eager else 0.0
-        if run.gradient_checkpointing:
-            layers = m.layers * tok * m.hidden * s + tok * layer + scores
-        else:
-            layers = m.layers * (tok * layer + scores)
-        activations = layers + final_norm + workspace + _mask_bytes(m, run, s)
-        if run.chunked_logps:
-            logps = chunked_logps_bytes(m, run)
-        else:
-            logits_bytes = 2 if run.autocast_16bit else s
-            logps = tok * m.vocab * logits_bytes + 2 * tok * m.vocab * 4
         row = {
             "weights": weights / shards,
             "reference": reference / shards,
             "gradients": sum(n * b for n, b in trained) / shards,
             "optimizer": sum(n * (ADAM_8BIT_BYTES if run.adam_8bit else 2 * b) for n, b in trained) / shards,
-            "activations": activations,
-            "logps_buffer": logps,
+            **activation_rows(m, run, s, full, logits_bytes=2 if run.autocast_16bit else s),
         }
         if shards > 1:
             row["weights"] += gathered_bytes(m, 2 if run.autocast_16bit else s)
@@ -531,6 +571,7 @@ class Plan:
             "run": asdict(self.run),
             "micro_batch_tokens": micro_batch_tokens(self.run),
             "shards": self.run.shards,
+            "zero_stage": self.run.zero_stage,
             "bytes": self.estimate,
             "gpu_memory": self.gpu_memory,
             "fits": self.fits(),
@@ -540,7 +581,7 @@ class Plan:
 
     def table(self) -> str:
         s, r = self.shape, self.run
-        sharded = f" FSDP2 x{r.shards}" if r.shards > 1 else ""
+        sharded = f" ZeRO-{r.zero_stage} x{r.shards}" if r.zero_stage else f" FSDP2 x{r.shards}" if r.shards > 1 else ""
         header = ["", f"full{sharded}", f"LoRA r={r.lora_r}{sharded}", "QLoRA (nf4)"]
         rows = [[ROW_LABELS.get(k, k)] + [format_size(self.estimate[c][k]) for c in COLUMNS] for k in ROWS]
         widths = [max(len(x[i]) for x in [header, *rows]) for i in range(4)]
@@ -590,8 +631,9 @@ def _lora_settings(config, r: int | None, alpha: float | None, dropout: float | 
 
 def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | None = None, lora_alpha: float | None = None,
                      lora_dropout: float | None = None, lora_targets: str | None = None, prompt_length: int = 0,
-                     fsdp: int = 1, tokens: int | None = None) -> Plan:
-    """The estimate for a loaded :class:`dpokit.config.Config` (reads only the model's config.json)."""
+                     fsdp: int = 1, tokens: int | None = None, zero: tuple[int, int] | None = None) -> Plan:
+    """The estimate for a loaded :class:`dpokit.config.Config` (reads only the model's config.json).
+    ``fsdp``: FSDP2 over that many processes; ``zero``: (stage, processes) of DeepSpeed ZeRO."""
     from transformers import AutoConfig
 
     from dpokit.config import VARLEN_ATTENTION, ConfigError, batch_layout, needs_reference
@@ -627,7 +669,8 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
         lora_r=r,
         lora_dropout=dropout,
         regrouped_rows=config.model.attn_implementation == VARLEN_ATTENTION,
-        shards=fsdp,
+        shards=zero[1] if zero else fsdp,
+        zero_stage=zero[0] if zero else 0,
         adam_8bit=t.optim == "adamw_8bit",
         attention=mc.attn_implementation,
     )
@@ -654,7 +697,7 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
     if prompt_length > config.data.max_length // 2 and run.layout.startswith("prefix") and tokens is None:
         notes.append(f"--prompt-length {prompt_length} is counted as {config.data.max_length // 2}: a pair too long for "
                      f"max_length {config.data.max_length} keeps at least that many prompt tokens (max_length // 2)")
-    if t.bf16 or t.fp16:
+    if (t.bf16 or t.fp16) and not zero:
         name, width = ("bf16", "bfloat16") if t.bf16 else ("fp16", "float16")
         notes.append(f"{name}=true saves time more than activation memory (autocast keeps float32 norms, residuals "
                      f"and rotary outputs beside its {width} copies; activations are counted at float32 size, "
@@ -676,6 +719,14 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
                      f"over them; weights add what is gathered at once (embedding, final norm and output layer, plus "
                      f"two layers) in the compute dtype; QLoRA is not sharded (dpokit refuses it under FSDP2): its "
                      f"column is one process per GPU")
+    if zero:
+        stage, processes = zero
+        parts = ["optimizer states", "gradients", "weights"][:stage]
+        held = "bfloat16 (bf16=true: DeepSpeed's bfloat16 mode, no autocast), stepped through float32 masters" if t.bf16 else dtype
+        notes.append(f"DeepSpeed ZeRO-{stage} over {processes} processes: {', '.join(parts)} divided over them; "
+                     f"the engine holds the weights (LoRA's adapters too) and computes in {held}"
+                     + ("; weights add what is gathered at once, as under FSDP2" if stage == 3 else "")
+                     + "; QLoRA is refused under DeepSpeed: its column is one process per GPU; offloading is not counted")
     notes.append("not counted: CUDA context and kernels (~0.5-1 GB), allocator fragmentation, distributed buffers")
     checkpointed = None if run.gradient_checkpointing else estimate(shape, replace(run, gradient_checkpointing=True))
     return Plan(model=mc.name_or_path, shape=shape, run=run, lora_targets=targets, estimate=estimate(shape, run),
@@ -690,6 +741,7 @@ PLAN_EPILOG = """\
 examples:
   dpokit plan my.yaml --gpu-memory 80GB
   dpokit plan my.yaml --fsdp 8 --gpu-memory 24GB
+  dpokit plan my.yaml bf16=true --zero 3 --processes 8 --gpu-memory 80GB
   dpokit plan runs/quickstart --gpu-memory 24GB         (a run's folder: the config it trained with)
   dpokit plan my.yaml per_device_train_batch_size=4 gradient_checkpointing=true --gpu-memory 24GiB
   dpokit plan model.name_or_path=Qwen/Qwen2.5-7B-Instruct max_length=2048 --lora-target q_proj,v_proj --json
@@ -722,6 +774,10 @@ def add_parser(sub) -> None:
                         "(metrics.jsonl's tokens, with logging_steps=1 and one process, is each step's count)")
     p.add_argument("--fsdp", type=int, default=1, metavar="N",
                    help="estimate per GPU for FSDP2 over N processes (accelerate launch --use_fsdp --fsdp_version 2)")
+    p.add_argument("--zero", type=int, default=0, choices=(1, 2, 3), metavar="STAGE",
+                   help="estimate per GPU for DeepSpeed ZeRO-1, 2 or 3 over --processes N "
+                        "(accelerate launch --use_deepspeed --zero_stage STAGE)")
+    p.add_argument("--processes", type=int, default=None, metavar="N", help="with --zero: how many processes")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
 
@@ -744,6 +800,12 @@ def run(args) -> None:
         config = load_config(config_path, [*overrides, "data.train=unused-by-plan"], for_training=False)  # plan needs no data
     if args.fsdp < 1:
         raise ConfigError(f"--fsdp: {args.fsdp} processes; give 1 or more")
+    if args.zero and (args.processes is None or args.processes < 1):
+        raise ConfigError(f"--zero {args.zero}: give --processes N, the processes DeepSpeed partitions over (1 or more)")
+    if args.processes is not None and not args.zero:
+        raise ConfigError("--processes goes with --zero STAGE (DeepSpeed); for FSDP2 give --fsdp N")
+    if args.zero and args.fsdp > 1:
+        raise ConfigError("--zero and --fsdp: a run is sharded by one of them; give one")
     if args.tokens is not None and args.tokens < 1:
         raise ConfigError(f"--tokens: {args.tokens}; give the tokens of one micro-batch (1 or more)")
     if gpu is not None and gpu <= 0:
@@ -756,5 +818,5 @@ def run(args) -> None:
         raise ConfigError(f"--prompt-length: {args.prompt_length}; give the typical prompt tokens (0 or more)")
     plan = plan_from_config(config, gpu_memory=gpu, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                             lora_dropout=args.lora_dropout, lora_targets=args.lora_target, prompt_length=args.prompt_length,
-                            fsdp=args.fsdp, tokens=args.tokens)
+                            fsdp=args.fsdp, tokens=args.tokens, zero=(args.zero, args.processes) if args.zero else None)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())

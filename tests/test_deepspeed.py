@@ -116,7 +116,7 @@ def test_bf16_is_deepspeeds_bfloat16_mode(workdir):
     computed once, and a separate live reference's own engine, which casts it as the policy's does,
     whole under ZeRO-2 and partitioned under ZeRO-3, where dpokit casts both before partitioning),
     the numbers are close to autocast's in one process, and the final model is saved from the masters,
-    in the dtype it was loaded in."""
+    in the dtype it was loaded in. ``dpokit eval`` launched as the run was gives its eval numbers."""
     one = train(run_config(workdir, "zero-bf16-one", "bf16=true"))
     separate = (f"model.ref_model_name_or_path={workdir / 'model'}", "precompute_ref_log_probs=false")
     zero3 = ("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir)))
@@ -135,6 +135,16 @@ def test_bf16_is_deepspeeds_bfloat16_mode(workdir):
             "no weights), in bfloat16") in outputs["zero-bf16-live"]
     assert ("reference sharding: a DeepSpeed engine without an optimizer, weights partitioned over 2 processes (ZeRO-3), "
             "in bfloat16") in outputs["zero3-bf16-live"]
+
+    # `dpokit eval` launched as the run was scores both models in engines of their own, as training
+    # scored them: its numbers are the run's last eval row, exactly (in one process, autocast's differ)
+    for out, launch in (("zero-bf16", ("--use_deepspeed", "--zero_stage=2")), ("zero3-bf16-live", zero3)):
+        accelerate_launch(str(Path(__file__).parent / "deepspeed_on_cpu.py"), "eval", str(workdir / out),
+                          "--output", str(workdir / out / "eval-again.json"), launch=launch)
+        again = json.loads((workdir / out / "eval-again.json").read_text())["metrics"]
+        last = read_rows(workdir / out)[-1]
+        assert {k: again[k] for k in ("eval/loss", "eval/logps/chosen", "eval/rewards/margins")} == {
+            k: last[k] for k in ("eval/loss", "eval/logps/chosen", "eval/rewards/margins")}
 
 
 class Launched(SimpleNamespace):

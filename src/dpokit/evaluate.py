@@ -2,7 +2,8 @@
 
 The numbers come from the training loop's own code, :func:`dpokit.train.pair_statistics` (same
 batching, same reply log-probs, same loss statistics), so on a run's eval data they equal the
-``eval/...`` rows of its ``metrics.jsonl``. The reference scores every pair first (a table, as
+``eval/...`` rows of its ``metrics.jsonl`` (launched under DeepSpeed as the run was, exactly, in
+bfloat16 too: each model then gets an engine of its own, :func:`dpokit.zero.prepare_frozen`). The reference scores every pair first (a table, as
 training precomputes it) and is freed before the policy is loaded: one model in memory at a time.
 
 Metrics (means over pairs; ``π`` the policy, ``ref`` the reference, log-probs summed over reply
@@ -154,13 +155,23 @@ def _check_same_vocab(tokenizer, ref_tokenizer, ref_path: str, policy_path: str)
         )
 
 
-def _scorer(model: ResolvedModel, dtype: str, config: Config, device) -> ReplyLogProbs:
-    """``model`` loaded with its own settings in ``dtype``, as a reply-log-prob scorer."""
-    from dpokit.train import reply_scorer
+def _scorer(model: ResolvedModel, dtype: str, config: Config, accelerator) -> tuple[ReplyLogProbs, object]:
+    """``model`` loaded with its own settings in ``dtype``, as a reply-log-prob scorer on this
+    process's device, and, launched under DeepSpeed, the engine that holds it (None otherwise): as
+    training holds a separate reference (:func:`dpokit.zero.prepare_frozen`), partitioned under ZeRO-3
+    and scored in the engine's dtype, so the numbers are the run's own eval rows. Keep the engine
+    while the scorer is used."""
+    from dpokit import zero
+    from dpokit.modeling import text_config
+    from dpokit.train import checked_scorer, reply_scorer
 
     # an adapter unmerged: scored as training scored it (merged into 16-bit weights it is rounded)
     lm = load_model(model, model_config(model, dtype), merge=False)
-    return reply_scorer(lm.to(device), config.training, config.data.max_length)
+    if not zero.is_deepspeed(accelerator):
+        return reply_scorer(lm.to(accelerator.device), config.training, config.data.max_length), None
+    scorer = checked_scorer(lm, config, accelerator)  # under ZeRO-3 checked on the host, then partitioned
+    zero.configure(accelerator, config, text_config(lm.config).hidden_size)
+    return scorer, zero.prepare_frozen(scorer, accelerator)
 
 
 @sdpa_without_cudnn()
@@ -181,7 +192,8 @@ def evaluate_model(
 
     Returns the report (see the module docstring for the metrics) and the resolved policy.
     """
-    from dpokit.train import build_batch, eval_metrics, mixed_precision, new_accelerator, pair_statistics, scoring_batches
+    from dpokit import zero
+    from dpokit.train import build_batch, eval_metrics, forward_precision, new_accelerator, pair_statistics, scoring_batches
 
     policy_model = resolve_model(model)
     ref_model = resolve_model(reference) if reference else default_reference(policy_model)
@@ -197,18 +209,20 @@ def evaluate_model(
     accelerator = new_accelerator()
     if not accelerator.is_main_process:  # launched on several processes: one says what is loaded
         log = lambda line: None  # noqa: E731
+    if zero.is_deepspeed(accelerator):  # refuse what dpokit does not run under DeepSpeed (the optimizer is not eval's)
+        zero.setup(accelerator, dataclasses.replace(config, training=dataclasses.replace(config.training, optim="adamw_torch")))
     pairs, origin = eval_pairs(config, tokenizer, from_run=data is None, log=log)
     pairs = pairs[:max_pairs] if max_pairs else pairs
 
     pad_id = tokenizer.pad_token_id
     build = lambda batch_pairs: build_batch(batch_pairs, config, pad_id)  # noqa: E731
-    ref_scorer = _scorer(ref_model, load_cfg.dtype, config, accelerator.device)
-    with mixed_precision(config.training, accelerator.device):  # as training scored its reference
+    ref_scorer, engine = _scorer(ref_model, load_cfg.dtype, config, accelerator)
+    with forward_precision(config.training, accelerator, ref_scorer):  # as training scored its reference
         shows = "reference" if accelerator.is_local_main_process else None
         table = compute_table(ref_scorer, pairs, build, scoring_batches(len(pairs), config.training, accelerator), accelerator,
                               shows)  # [N, 2]
-    del ref_scorer
-    policy = _scorer(policy_model, load_cfg.dtype, config, accelerator.device)
+    del ref_scorer, engine
+    policy, engine = _scorer(policy_model, load_cfg.dtype, config, accelerator)  # the engine kept while the policy scores
     # A reference-free loss (SimPO, SFT) trained without one: its metrics ignore the reference.
     stats = pair_statistics(policy, TableReference(table) if needs_reference(config) else None, pairs, config, accelerator,
                             pad_id, "policy" if accelerator.is_local_main_process else None)

@@ -76,7 +76,10 @@ def test_zero3_partitions_the_weights_and_resumes_an_unsharded_checkpoint(workdi
     one = train(run_config(workdir, "zero3-one", *common))
     output = launch_zero(workdir, "zero3", *common, "gradient_checkpointing=true",
                          launch=("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir))))
-    assert "DeepSpeed ZeRO-3 over 2 processes: optimizer states, gradients and weights partitioned" in output
+    # zero3_init_flag (Accelerate's default under ZeRO-3): the other process built the model empty, so
+    # equal numbers show the main process's weights were broadcast into its partitions
+    assert ("DeepSpeed ZeRO-3 over 2 processes: optimizer states, gradients and weights partitioned; weights read by "
+            "the main process only, broadcast into the partitions") in output
     assert_same_rows(read_rows(one), read_rows(workdir / "zero3"), COMPARED + ("eval/loss", "eval/logps/chosen"))
     assert_same_weights(one / "final" / "model.safetensors", workdir / "zero3" / "final" / "model.safetensors")
 
@@ -215,26 +218,29 @@ def test_tr_dpo_moves_a_partitioned_reference_under_zero3(workdir):
     """Under ZeRO-3 a separate live reference is partitioned like the policy (an engine of its own),
     and TR-DPO moves each process's slices, and the small weights the example config keeps whole on
     every process, without communication. Resumed from one process's checkpoint (its moved reference
-    read into the engine), steps 3-4 are that run's, and so is the reference saved at step 4."""
+    read into the engine, by every process: zero3_init_flag false), steps 3-4 are that run's, and so is
+    the reference saved at step 4."""
     options = ("precompute_ref_log_probs=false", "sync_ref_model=true", "ref_model_sync_steps=1", "ref_model_mixup_alpha=0.5",
                "save_steps=2")
     one = train(run_config(workdir, "zero3-trdpo-one", *options))
     output = launch_zero(workdir, "zero3-trdpo", *options, f"resume_from_checkpoint={one / 'checkpoints' / 'step-2'}",
-                         launch=("--use_deepspeed", "--deepspeed_config_file", str(EXAMPLE)))
+                         launch=("--use_deepspeed", "--deepspeed_config_file", str(EXAMPLE), "--zero3_init_flag=false"))
     assert "reference sharding: a DeepSpeed engine without an optimizer, weights partitioned over 2 processes (ZeRO-3)" in output
+    assert "weights read by the main process only" not in output  # each process read them (zero3_init_flag false)
     assert_same_rows(train_rows(one), train_rows(workdir / "zero3-trdpo"))
     moved = Path("checkpoints") / "step-4" / "reference" / "model.safetensors"
     assert_same_weights(one / moved, workdir / "zero3-trdpo" / moved)
 
 
 def test_lora_in_bf16_resumes_exactly(workdir):
-    """A LoRA run in DeepSpeed's bfloat16 mode, resumed from its step-2 checkpoint, goes on exactly as
-    the uninterrupted run: the float32 master adapters are the checkpoint's (saved from the masters),
-    not the engine's bfloat16 copy of them."""
+    """A LoRA run in DeepSpeed's bfloat16 mode under ZeRO-3, resumed from its step-2 checkpoint, goes
+    on exactly as the uninterrupted run: the float32 master adapters are the checkpoint's (saved from
+    the masters), not the engine's bfloat16 copy of them."""
     lora = (*LORA, "bf16=true", "save_steps=2")
-    launch_zero(workdir, "zero-lora-bf16", *lora)
+    zero3 = ("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir)))
+    launch_zero(workdir, "zero-lora-bf16", *lora, launch=zero3)
     first = workdir / "zero-lora-bf16"
-    launch_zero(workdir, "zero-lora-bf16-resumed", *lora, f"resume_from_checkpoint={first / 'checkpoints' / 'step-2'}")
+    launch_zero(workdir, "zero-lora-bf16-resumed", *lora, f"resume_from_checkpoint={first / 'checkpoints' / 'step-2'}", launch=zero3)
     assert_same_rows(train_rows(first), train_rows(workdir / "zero-lora-bf16-resumed"), tol=0)
     a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (first, workdir / "zero-lora-bf16-resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

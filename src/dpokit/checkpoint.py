@@ -288,20 +288,33 @@ def check_same_position(state: TrainState, current: TrainState, checkpoint: Path
         )
 
 
-def read_optimizer_state(checkpoint: Path) -> dict:
-    """``optimizer.pt``: load it with :func:`dpokit.sharding.load_optimizer_state`."""
-    return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
+def read_optimizer_state(checkpoint: Path, mmap: bool = False) -> dict:
+    """``optimizer.pt``: load it with :func:`dpokit.sharding.load_optimizer_state` (or
+    :func:`dpokit.zero.load_optimizer_state`). ``mmap``: its tensors mapped from the file, read as they
+    are used, for a loader that copies each into place: no process then holds the whole state."""
+    return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False, mmap=mmap)
 
 
-def read_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+class SavedWeights:
     """The full model weights a checkpoint holds (``model*.safetensors``, keys as the model's own state
-    dict; a LoRA checkpoint's adapter files are not among them: empty then)."""
-    from safetensors.torch import load_file
+    dict; a LoRA checkpoint's adapter files are not among them: none then), each read from its file
+    when asked (:meth:`get`): a process never holds more than one of them at once."""
 
-    weights: dict[str, torch.Tensor] = {}
-    for path in sorted(checkpoint.glob("model*.safetensors")):
-        weights.update(load_file(path))
-    return weights
+    def __init__(self, checkpoint: Path):
+        from safetensors import safe_open
+
+        self.files: dict[str, Path] = {}
+        for path in sorted(checkpoint.glob("model*.safetensors")):
+            with safe_open(path, "pt") as f:
+                self.files.update(dict.fromkeys(f.keys(), path))
+
+    def get(self, name: str) -> torch.Tensor | None:
+        from safetensors import safe_open
+
+        if name not in self.files:
+            return None
+        with safe_open(self.files[name], "pt") as f:
+            return f.get_tensor(name)
 
 
 def load_scheduler_and_rng(checkpoint: Path, scheduler, process_index: int, scaler: torch.amp.GradScaler | None = None) -> str | None:

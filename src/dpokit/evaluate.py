@@ -3,8 +3,9 @@
 The numbers come from the training loop's own code, :func:`dpokit.train.pair_statistics` (same
 batching, same reply log-probs, same loss statistics), so on a run's eval data they equal the
 ``eval/...`` rows of its ``metrics.jsonl`` (launched under DeepSpeed as the run was, exactly, in
-bfloat16 too: each model then gets an engine of its own, :func:`dpokit.zero.prepare_frozen`). The reference scores every pair first (a table, as
-training precomputes it) and is freed before the policy is loaded: one model in memory at a time.
+bfloat16 too: each model then gets an engine of its own, :func:`dpokit.zero.prepare_frozen`). The
+reference scores every pair first (a table, as training precomputes it) and is freed before the
+policy is loaded: one model in memory at a time.
 
 Metrics (means over pairs; ``π`` the policy, ``ref`` the reference, log-probs summed over reply
 tokens):

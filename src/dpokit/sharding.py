@@ -54,8 +54,14 @@ FSDP2_LAUNCH = "accelerate launch --use_fsdp --fsdp_version 2 ..."
 def weights_on_main_only(accelerator) -> bool:
     """Whether only the main process reads the weights: sharded and launched with Accelerate's
     ``cpu_ram_efficient_loading``, under which preparing the model broadcasts the main process's
-    weights into every process's shards. The other processes then build the model empty
-    (:func:`dpokit.modeling.empty_causal_lm`): no whole copy of it in each process's host memory."""
+    weights into every process's shards; or under DeepSpeed's ZeRO-3 with ``zero3_init_flag`` (on by
+    default there), whose partitioning broadcasts them (:func:`dpokit.zero.partition`). The other
+    processes then build the model empty (:func:`dpokit.modeling.empty_causal_lm`): no whole copy of
+    it in each process's host memory."""
+    from dpokit.zero import partitions_weights
+
+    if partitions_weights(accelerator):
+        return bool(getattr(accelerator.state.deepspeed_plugin, "zero3_init_flag", False))
     return is_sharded(accelerator) and bool(getattr(accelerator.state.fsdp_plugin, "cpu_ram_efficient_loading", False))
 
 

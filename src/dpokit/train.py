@@ -706,8 +706,8 @@ def train(config: Config) -> Path:
 
     if resume_from is not None:
         if stage is not None:
-            zero.load_optimizer_state(accelerator, unwrapped, optimizer, lambda: ckpt.read_optimizer_state(resume_from),
-                                      lambda: ckpt.read_model_state(resume_from) if resumed_adapters is None else resumed_adapters)
+            zero.load_optimizer_state(accelerator, unwrapped, optimizer, lambda: ckpt.read_optimizer_state(resume_from, mmap=True),
+                                      ckpt.SavedWeights(resume_from) if resumed_adapters is None else resumed_adapters)
         else:
             load_optimizer_state(accelerator, scorer, optimizer, lambda: ckpt.read_optimizer_state(resume_from))
         note = ckpt.load_scheduler_and_rng(resume_from, scheduler, accelerator.process_index, scaler)

@@ -18,10 +18,12 @@ master weights and AdamW states in its optimizer (not autocast over float32 weig
 The engine runs the backward and the optimizer step (:func:`backward`, :func:`step`); the learning rate
 follows dpokit's schedule, which sets it on the AdamW that DeepSpeed's optimizer wraps.
 
-Every process reads the whole model into host memory once (transformers is not asked to build it
-partitioned, whatever ``zero3_init_flag`` says: dpokit checks the model with whole weights first);
-ZeRO-3 partitions it when training starts. A separate reference model gets an engine of its own
-(:func:`prepare_frozen`), partitioned under ZeRO-3 too. Checkpoints are dpokit's own, whole and keyed by name
+transformers is not asked to build the model partitioned: dpokit checks it with whole weights on the
+host first. Under ZeRO-3 with ``zero3_init_flag`` (Accelerate's default there) only the main process
+reads the weights, the others build the model empty, and :func:`partition` broadcasts each weight
+onto every device and partitions it there, before the engine; otherwise every process reads the
+whole model. A separate reference model gets an engine of its own (:func:`prepare_frozen`),
+partitioned under ZeRO-3 too. Checkpoints are dpokit's own, whole and keyed by name
 (:func:`full_model_state`: the float32 master weights; :func:`optimizer_state`), so a run saved under
 ZeRO resumes under any stage, any number of processes, FSDP2 or one process, and the other way round.
 """
@@ -178,7 +180,11 @@ def partition(scorer: torch.nn.Module, accelerator) -> None:
     so the whole model is never on one device. Left to the engine, it would move the whole model onto
     each device first. Weights are cast first to the dtype the engine computes in (bfloat16 with
     ``bf16: true``), as the engine casts a model it partitions itself; buffers (which ZeRO does not
-    partition) go to the device whole and keep their dtype, as the engine leaves them."""
+    partition) go to the device whole and keep their dtype, as the engine leaves them.
+
+    Every weight is the main process's (``zero.Init`` broadcasts each before partitioning it), and so
+    is every buffer: processes that built the model empty
+    (:func:`dpokit.sharding.weights_on_main_only`) get the main process's model."""
     import deepspeed
 
     ds = accelerator.state.deepspeed_plugin.deepspeed_config  # filled by configure()
@@ -190,6 +196,7 @@ def partition(scorer: torch.nn.Module, accelerator) -> None:
         for name, buffer in module._buffers.items():
             if buffer is not None:
                 module._buffers[name] = buffer.to(accelerator.device)
+                torch.distributed.broadcast(module._buffers[name], 0)
     deepspeed.zero.Init(module=scorer, config_dict_or_path=ds)
 
 
@@ -223,7 +230,10 @@ def describe(accelerator) -> str:
     zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
     offloaded = [name for name in ("optimizer", "param") if (zero.get(f"offload_{name}") or {}).get("device") in ("cpu", "nvme")]
     line = f"DeepSpeed ZeRO-{stage} over {accelerator.num_processes} processes: {what} partitioned"
-    return line + (f"; offloaded: {', '.join(offloaded)}" if offloaded else "")
+    line += f"; offloaded: {', '.join(offloaded)}" if offloaded else ""
+    if stage == 3 and getattr(accelerator.state.deepspeed_plugin, "zero3_init_flag", False):
+        line += "; weights read by the main process only, broadcast into the partitions"
+    return line
 
 
 def lerp_slice(weight: torch.nn.Parameter, source: torch.nn.Parameter, alpha: float) -> None:
@@ -328,8 +338,9 @@ def full_model_state(accelerator, scorer: torch.nn.Module, dtypes: dict[str, tor
 def trained_weights(scorer: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of ``scorer``'s trained weights on the host, keyed as a checkpoint's model state: before
     ``accelerator.prepare``, a resumed LoRA run's adapters as read from its checkpoint, which bfloat16
-    mode's engine is about to round (its float32 masters would start from that). Small for adapters;
-    a full model's weights are read from the checkpoint's files instead."""
+    mode's engine is about to round (its float32 masters would start from that). Small for adapters,
+    which every process reads (an empty base included: :func:`dpokit.modeling.load_policy`); a full
+    model's weights are read from the checkpoint's files instead."""
     from dpokit.sharding import unwrapped_name
 
     return {unwrapped_name(name).removeprefix("model."): p.detach().to("cpu", copy=True) for name, p in _trained(scorer)}
@@ -397,12 +408,12 @@ def optimizer_state(accelerator, scorer: torch.nn.Module, optimizer) -> dict | N
     return {"state": state, "param_groups": groups} if main else None
 
 
-def load_optimizer_state(accelerator, scorer: torch.nn.Module, optimizer, read: Callable[[], dict],
-                         weights: Callable[[], dict[str, torch.Tensor]]) -> None:
+def load_optimizer_state(accelerator, scorer: torch.nn.Module, optimizer, read: Callable[[], dict], weights) -> None:
     """Load a checkpoint's optimizer state (any run's: ``read()`` returns it, keyed by name or by
-    position) into DeepSpeed's partitions, and its trained weights (``weights()``: the checkpoint's
-    model state, keys as the model's own) into the float32 masters, which bfloat16 mode would otherwise
-    take from the engine's rounded copy. Every process reads both. The groups' settings are not read:
+    position) into DeepSpeed's partitions, and its trained weights (``weights.get(name)``: the
+    checkpoint's model state, keys as the model's own; a dict, or
+    :class:`dpokit.checkpoint.SavedWeights`, which reads one at a time) into the float32 masters,
+    which bfloat16 mode would otherwise take from the engine's rounded copy. Every process reads both. The groups' settings are not read:
     the caller sets this run's (``follow_optimizer_settings``, ``follow_schedule``)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -413,7 +424,6 @@ def load_optimizer_state(accelerator, scorer: torch.nn.Module, optimizer, read: 
     if not keyed_by_name(state):  # an unsharded run's torch state: positions in its two groups, decayed first
         decayed, plain = _names_by_group(scorer)
         state = named_state(state, decayed + plain)
-    saved = weights()
     _with_states(optimizer)
     base = _base_optimizer(optimizer)
     step = None
@@ -425,7 +435,7 @@ def load_optimizer_state(accelerator, scorer: torch.nn.Module, optimizer, read: 
         step = entry.get("step", step)
         for key in OPTIMIZER_STATES:
             safe_set_full_optimizer_state(param, entry[key].to(accelerator.device), key)
-        weight = saved.get(unwrapped_name(name).removeprefix("model."))
+        weight = weights.get(unwrapped_name(name).removeprefix("model."))
         if weight is not None:
             safe_set_full_fp32_param(param, weight.to(accelerator.device, torch.float32))
     if step is not None:  # every partition has its states now (_with_states), the step a tensor as torch keeps it

@@ -37,18 +37,22 @@ def zero3_config(workdir: Path) -> Path:
 
 def launch_zero(workdir: Path, out: str, *overrides: str, launch: tuple[str, ...] = ("--use_deepspeed", "--zero_stage=2")) -> str:
     """``dpokit train`` under DeepSpeed in 2 CPU processes with half the per-device batch of
-    :func:`run_config`'s runs; returns the output (asserting success)."""
-    return accelerate_launch(str(Path(__file__).parent / "deepspeed_on_cpu.py"), "train",
-                             *run_args(workdir, out, "per_device_train_batch_size=2", *overrides), launch=launch).stdout
+    :func:`run_config`'s runs; returns the output, stdout then stderr (asserting success)."""
+    result = accelerate_launch(str(Path(__file__).parent / "deepspeed_on_cpu.py"), "train",
+                               *run_args(workdir, out, "per_device_train_batch_size=2", *overrides), launch=launch)
+    return result.stdout + result.stderr
 
 
 def test_zero2_matches_one_process_and_its_checkpoint_resumes_unsharded(workdir):
-    """ZeRO-2 (launched with flags only) with gradient accumulation trains as one process does; its
-    checkpoint holds the whole model and AdamW state keyed by name, and resumes in one process
-    exactly as the uninterrupted run goes on."""
+    """ZeRO-2 (launched with flags only) with gradient accumulation and the optimizer offloaded to the
+    host (where Accelerate puts DeepSpeedCPUAdam in place of dpokit's AdamW, over the same groups:
+    the schedule follows it) trains as one process does; its checkpoint holds the whole model and
+    AdamW state keyed by name, and resumes in one process exactly as the uninterrupted run goes on."""
     one = train(run_config(workdir, "zero-one", "save_steps=2"))
-    output = launch_zero(workdir, "zero2", "save_steps=2", "per_device_train_batch_size=1", "gradient_accumulation_steps=2")
-    assert "sharding: DeepSpeed ZeRO-2 over 2 processes: optimizer states and gradients partitioned" in output
+    output = launch_zero(workdir, "zero2", "save_steps=2", "per_device_train_batch_size=1", "gradient_accumulation_steps=2",
+                         launch=("--use_deepspeed", "--zero_stage=2", "--offload_optimizer_device=cpu"))
+    assert "sharding: DeepSpeed ZeRO-2 over 2 processes: optimizer states and gradients partitioned; offloaded: optimizer" in output
+    assert "lr_scheduler.step()` before `optimizer.step()" not in output  # the schedule is on the optimizer that steps
     two = workdir / "zero2"
     assert_same_rows(read_rows(one), read_rows(two), COMPARED + ("eval/loss", "eval/logps/chosen"))
     assert_same_weights(one / "final" / "model.safetensors", two / "final" / "model.safetensors")

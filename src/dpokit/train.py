@@ -683,7 +683,6 @@ def train(config: Config) -> Path:
     if t.torch_compile:
         compile_layers(policy)
     optimizer = _optimizer(scorer, config, accelerator.device, deepspeed=stage is not None)
-    scheduler = make_scheduler(optimizer, t.lr_scheduler_type, warmup, total_steps)
     if stage is not None:
         zero.configure(accelerator, config, policy.config.get_text_config().hidden_size)
         loaded_dtypes = {name: p.dtype for name, p in scorer.named_parameters()}  # bfloat16 mode trains a bfloat16 copy
@@ -692,6 +691,8 @@ def train(config: Config) -> Path:
         if stage == 3:
             zero.partition(scorer, accelerator)
     scorer, optimizer = accelerator.prepare(scorer, optimizer)  # under FSDP2, shards the model in place
+    # on the optimizer that steps (under DeepSpeed's offload_optimizer, not dpokit's AdamW: see base_optimizer)
+    scheduler = make_scheduler(zero.base_optimizer(optimizer), t.lr_scheduler_type, warmup, total_steps)
     unwrapped = accelerator.unwrap_model(scorer)
     if sharded:
         say(f"sharding: {describe(scorer, accelerator)}")

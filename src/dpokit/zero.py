@@ -349,10 +349,12 @@ def trained_weights(scorer: torch.nn.Module) -> dict[str, torch.Tensor]:
 OPTIMIZER_STATES = ("exp_avg", "exp_avg_sq")
 
 
-def _base_optimizer(optimizer) -> torch.optim.Optimizer:
-    """torch's AdamW inside Accelerate's wrapper and DeepSpeed's ZeRO optimizer."""
+def base_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The optimizer that steps the weights, inside Accelerate's wrapper and (under DeepSpeed) ZeRO's
+    optimizer: dpokit's AdamW, or with ``offload_optimizer`` the DeepSpeedCPUAdam that Accelerate
+    builds in its place over the same parameter groups."""
     inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper -> DeepSpeed's ZeRO optimizer
-    return getattr(inner, "optimizer", inner)  # -> torch's AdamW
+    return getattr(inner, "optimizer", inner)  # -> AdamW (torch's has no .optimizer)
 
 
 def _link_states(optimizer) -> None:
@@ -372,7 +374,7 @@ def _with_states(optimizer) -> None:
     its first step; torch's AdamW creates them in its first step), zero as AdamW would create them,
     so that a checkpoint's states can be written into them; then :func:`_link_states`."""
     zero_optimizer = getattr(optimizer, "optimizer", optimizer)
-    base = _base_optimizer(optimizer)
+    base = base_optimizer(optimizer)
     flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or zero_optimizer.single_partition_of_fp32_groups
     on_device = any(g.get("fused") or g.get("capturable") for g in base.param_groups)  # where torch keeps the step
     for flat in flats:
@@ -391,7 +393,7 @@ def optimizer_state(accelerator, scorer: torch.nn.Module, optimizer) -> dict | N
     from dpokit.sharding import unwrapped_name
 
     _link_states(optimizer)
-    base = _base_optimizer(optimizer)
+    base = base_optimizer(optimizer)
     steps = [s["step"] for s in base.state.values() if "step" in s]  # one count for all: the step number
     step = torch.as_tensor(steps[0]).detach().to("cpu", torch.float32) if steps else None
     main = accelerator.is_main_process
@@ -425,7 +427,7 @@ def load_optimizer_state(accelerator, scorer: torch.nn.Module, optimizer, read: 
         decayed, plain = _names_by_group(scorer)
         state = named_state(state, decayed + plain)
     _with_states(optimizer)
-    base = _base_optimizer(optimizer)
+    base = base_optimizer(optimizer)
     step = None
     for name, param in trained:
         entry = state["state"].get(unwrapped_name(name))

@@ -184,14 +184,16 @@ def partition(scorer: torch.nn.Module, accelerator) -> None:
 
     Every weight is the main process's (``zero.Init`` broadcasts each before partitioning it), and so
     is every buffer: processes that built the model empty
-    (:func:`dpokit.sharding.weights_on_main_only`) get the main process's model."""
+    (:func:`dpokit.sharding.weights_on_main_only`) get the main process's model. So the others' weights
+    are never read here (their bfloat16 copies are left unwritten, as an empty model's weights are)."""
     import deepspeed
 
     ds = accelerator.state.deepspeed_plugin.deepspeed_config  # filled by configure()
     if _get(ds, "bf16.enabled"):
+        main = accelerator.is_main_process
         for param in scorer.parameters():
             if param.is_floating_point():
-                param.data = param.data.to(torch.bfloat16)
+                param.data = param.data.to(torch.bfloat16) if main else torch.empty_like(param.data, dtype=torch.bfloat16)
     for module in scorer.modules():
         for name, buffer in module._buffers.items():
             if buffer is not None:

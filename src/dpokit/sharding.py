@@ -41,6 +41,14 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def splits_weights(accelerator) -> bool:
+    """Whether each process holds a slice of the weights, gathered for every forward: FSDP2
+    (:func:`is_sharded`) or DeepSpeed's ZeRO-3 (:func:`dpokit.zero.partitions_weights`)."""
+    from dpokit.zero import partitions_weights
+
+    return is_sharded(accelerator) or partitions_weights(accelerator)
+
+
 def sharded_by_fsdp(model: torch.nn.Module) -> bool:
     """Whether FSDP2 (``fully_shard``) has sharded ``model`` or one of its modules."""
     from torch.distributed.fsdp import FSDPModule
@@ -182,10 +190,8 @@ def in_lockstep(batches: list[list[int]], accelerator, model: torch.nn.Module) -
     sharding every forward gathers weights with all processes, so a process with fewer batches than
     another adds forwards of pair 0 whose results it drops (``keep`` False), and after the last
     forward ``model``'s gathered weights are given back (:func:`reshard`); unsharded, just its own.
-    DeepSpeed's ZeRO-3 gathers weights in every forward too (:func:`dpokit.zero.partitions_weights`)."""
-    from dpokit.zero import partitions_weights
-
-    if not (is_sharded(accelerator) or partitions_weights(accelerator)):
+    DeepSpeed's ZeRO-3 gathers weights in every forward too (:func:`splits_weights`)."""
+    if not splits_weights(accelerator):
         yield from ((idx, True) for idx in batches)
         return
     rounds = int(accelerator.gather(torch.tensor([len(batches)], device=accelerator.device)).max())

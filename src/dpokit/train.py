@@ -87,6 +87,7 @@ from dpokit.sharding import (
     setup as setup_sharding,
     shard_frozen,
     sharded_by_fsdp,
+    splits_weights,
     weights_on_main_only,
 )
 from dpokit.varlen import varlen_rows
@@ -419,7 +420,7 @@ def placed_for_checks(model: torch.nn.Module, config: Config, accelerator) -> It
     never on one GPU. An attention without a CPU path (the flash-attn package's, flex_attention, a
     hub kernel) is checked on the device, then goes back to the host (the whole model on one GPU only
     during the checks)."""
-    sharded = is_sharded(accelerator) or zero.partitions_weights(accelerator)
+    sharded = splits_weights(accelerator)
     if sharded and config.model.attn_implementation in (*CPU_ATTENTION, VARLEN_ATTENTION):
         yield model
         return
@@ -656,7 +657,7 @@ def train(config: Config) -> Path:
     warn_low_precision_weights(policy, config, say)
     say(f"policy: {total_params:,} parameters ({trainable:,} trainable, {100 * trainable / total_params:.2f}%"
         f"{'; an image-text model: its language model only, the vision parts frozen' if is_image_text(policy) else ''}); "
-        f"reference: {_describe_reference(config, sharded or zero.partitions_weights(accelerator))}")
+        f"reference: {_describe_reference(config, splits_weights(accelerator))}")
     start = starting_reference(reference_config, policy, resume_from is not None, sharded, accelerator, deepspeed=stage is not None)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)

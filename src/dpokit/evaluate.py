@@ -2,8 +2,9 @@
 
 The numbers come from the training loop's own code, :func:`dpokit.train.pair_statistics` (same
 batching, same reply log-probs, same loss statistics), so on a run's eval data they equal the
-``eval/...`` rows of its ``metrics.jsonl`` (launched under DeepSpeed as the run was, exactly, in
-bfloat16 too: each model then gets an engine of its own, :func:`dpokit.zero.prepare_frozen`). The
+``eval/...`` rows of its ``metrics.jsonl`` (launched with FSDP2 or DeepSpeed as the run was, exactly,
+in 16 bits too: each model is then sharded, or given an engine of its own, as training holds a
+separate reference; see :func:`_scorer`). The
 reference scores every pair first (a table, as training precomputes it) and is freed before the
 policy is loaded: one model in memory at a time.
 
@@ -157,19 +158,24 @@ def _check_same_vocab(tokenizer, ref_tokenizer, ref_path: str, policy_path: str)
 
 
 def _scorer(model: ResolvedModel, dtype: str, config: Config, accelerator) -> tuple[ReplyLogProbs, object]:
-    """``model`` loaded with its own settings in ``dtype``, as a reply-log-prob scorer on this
-    process's device, and, launched under DeepSpeed, the engine that holds it (None otherwise): as
-    training holds a separate reference (:func:`dpokit.zero.prepare_frozen`), partitioned under ZeRO-3
-    and scored in the engine's dtype, so the numbers are the run's own eval rows. Keep the engine
-    while the scorer is used."""
+    """``model`` loaded with its own settings in ``dtype``, as a reply-log-prob scorer placed as
+    training places a separate reference (:func:`dpokit.train.place_frozen`): on this process's
+    device; launched under FSDP2, sharded like the run's models (the same units and mixed-precision
+    policy); under DeepSpeed, in an engine of its own (:func:`dpokit.zero.prepare_frozen`, partitioned
+    under ZeRO-3, scoring in the engine's dtype). So the numbers are the run's own eval rows, and a
+    model larger than one GPU is scored sharded. Where sharding fills each process's share from the
+    main process's weights (:func:`dpokit.sharding.weights_on_main_only`), the others read none.
+    Returns the scorer and DeepSpeed's engine (None otherwise): keep the engine while the scorer is used."""
     from dpokit import zero
     from dpokit.modeling import text_config
-    from dpokit.train import checked_scorer, reply_scorer
+    from dpokit.sharding import weights_on_main_only
+    from dpokit.train import checked_scorer, place_frozen
 
+    empty = weights_on_main_only(accelerator) and not accelerator.is_main_process
     # an adapter unmerged: scored as training scored it (merged into 16-bit weights it is rounded)
-    lm = load_model(model, model_config(model, dtype), merge=False)
+    lm = load_model(model, model_config(model, dtype), merge=False, empty=empty)
     if not zero.is_deepspeed(accelerator):
-        return reply_scorer(lm.to(accelerator.device), config.training, config.data.max_length), None
+        return place_frozen(lm, config, accelerator), None
     scorer = checked_scorer(lm, config, accelerator)  # under ZeRO-3 checked on the host, then partitioned
     zero.configure(accelerator, config, text_config(lm.config).hidden_size)
     return scorer, zero.prepare_frozen(scorer, accelerator)
@@ -194,7 +200,9 @@ def evaluate_model(
     Returns the report (see the module docstring for the metrics) and the resolved policy.
     """
     from dpokit import zero
-    from dpokit.train import build_batch, eval_metrics, forward_precision, new_accelerator, pair_statistics, scoring_batches
+    from dpokit.sharding import setup as setup_sharding
+    from dpokit.train import (autocast_dtype, build_batch, eval_metrics, forward_precision, new_accelerator, pair_statistics,
+                              scoring_batches)
 
     policy_model = resolve_model(model)
     ref_model = resolve_model(reference) if reference else default_reference(policy_model)
@@ -210,8 +218,10 @@ def evaluate_model(
     accelerator = new_accelerator()
     if not accelerator.is_main_process:  # launched on several processes: one says what is loaded
         log = lambda line: None  # noqa: E731
-    if zero.is_deepspeed(accelerator):  # refuse what dpokit does not run under DeepSpeed (the optimizer is not eval's)
-        zero.setup(accelerator, dataclasses.replace(config, training=dataclasses.replace(config.training, optim="adamw_torch")))
+    # refuse what dpokit does not shard, settle how (the run's optimizer is not eval's: not checked)
+    scoring = dataclasses.replace(config, training=dataclasses.replace(config.training, optim="adamw_torch"))
+    setup_sharding(accelerator, scoring, autocast_dtype(config.training))
+    zero.setup(accelerator, scoring)
     pairs, origin = eval_pairs(config, tokenizer, from_run=data is None, log=log)
     pairs = pairs[:max_pairs] if max_pairs else pairs
 

@@ -180,7 +180,8 @@ def _adapter_config(folder: Path) -> dict:
         raise ConfigError(f"{folder / ADAPTER_FILE} cannot be read as JSON: {e}") from None
 
 
-def _load_adapter(folder: Path, config: ModelConfig, base: ModelConfig | None = None, merge: bool = True) -> nn.Module:
+def _load_adapter(folder: Path, config: ModelConfig, base: ModelConfig | None = None, merge: bool = True,
+                  empty: bool = False) -> nn.Module:
     """The adapter's base model with the LoRA weights merged in (inference only), or with the adapter
     as it trained beside the base (``merge=False``: peft's float32 adapters on a 16-bit base compute
     what training computed, which merging into 16-bit weights rounds). ``base``: the model
@@ -199,7 +200,7 @@ def _load_adapter(folder: Path, config: ModelConfig, base: ModelConfig | None = 
             raise ConfigError(f"{folder / ADAPTER_FILE} names no base model (base_model_name_or_path)")
         base = dataclasses.replace(config, name_or_path=adapter["base_model_name_or_path"], revision=adapter.get("revision"))
     lm = load_causal_lm(dataclasses.replace(config, use_peft=False, adapter_name_or_path=None),
-                        base.name_or_path, base.revision)
+                        base.name_or_path, base.revision, empty=empty)
     try:
         model = PeftModel.from_pretrained(lm, str(folder))
     except (OSError, ValueError) as e:
@@ -232,16 +233,19 @@ def untie_adapted_embeddings(model: nn.Module) -> bool:
     return True
 
 
-def load_model(model: ResolvedModel, config: ModelConfig, merge: bool = True) -> nn.Module:
+def load_model(model: ResolvedModel, config: ModelConfig, merge: bool = True, empty: bool = False) -> nn.Module:
     """The causal LM ``model`` names, in eval mode with gradients off; LoRA adapters merged, or
-    (``merge=False``, to score as training did) kept beside the base."""
+    (``merge=False``, to score as training did) kept beside the base. ``empty``: the base's
+    architecture only (:func:`dpokit.modeling.empty_causal_lm`; an adapter's weights are still read),
+    for a process whose weights sharding fills from the main process's."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no weight-loading bars between dpokit's own output
     if model.is_adapter:  # a run's adapter goes on the base the run trained
-        lm = _load_adapter(Path(model.path), config, model.run_config.model if model.run_config is not None else None, merge)
+        lm = _load_adapter(Path(model.path), config, model.run_config.model if model.run_config is not None else None, merge,
+                           empty)
     else:
-        lm = load_causal_lm(config, model.path, model.revision)
+        lm = load_causal_lm(config, model.path, model.revision, empty=empty)
     lm.eval()
     lm.requires_grad_(False)
     return lm

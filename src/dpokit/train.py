@@ -103,8 +103,7 @@ def forward_precision(training: TrainingConfig, accelerator, scorer: ReplyLogPro
     """The precision of forwards through ``scorer``'s model: :func:`mixed_precision`, except for a
     model FSDP2 has sharded, whose mixed-precision policy gathers the weights in 16 bits instead (see
     :func:`dpokit.sharding.setup`), or of a model DeepSpeed's engine runs, which casts its weights to
-    bfloat16 itself (:mod:`dpokit.zero`). Decided by the model, not the launch: ``dpokit eval`` launched
-    with FSDP scores unsharded models, under the run's autocast like one process."""
+    bfloat16 itself (:mod:`dpokit.zero`). Decided by the model, not the launch."""
     if getattr(scorer, "in_deepspeed_engine", False) or is_sharded(accelerator) and sharded_by_fsdp(scorer.model):
         return nullcontext()
     return mixed_precision(training, accelerator.device)

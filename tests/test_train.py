@@ -94,8 +94,11 @@ def test_every_loss_trains(workdir, loss_type):
 def test_resume_continues_exactly(workdir):
     run_dir = train(run_config(workdir, "resume", "save_steps=2", "eval_on_start=true"))
     uninterrupted = train_rows(run_dir)
+    optimizer_file = run_dir / "checkpoints" / "step-2" / "optimizer.pt"
+    saved = optimizer_file.read_bytes()
     # resume from the step-2 checkpoint, as a run killed after step 2 would; steps 3-4 are redone
     train(run_config(workdir, "resume", "save_steps=2", "eval_on_start=true", f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-2'}"))
+    assert optimizer_file.read_bytes() == saved  # the state was mapped from it, and stepped in a copy
     resumed = train_rows(run_dir)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["step"] for r in read_rows(run_dir) if "eval/loss" in r] == [0, 4]  # the start's eval once: a resume is no start

@@ -288,11 +288,14 @@ def check_same_position(state: TrainState, current: TrainState, checkpoint: Path
         )
 
 
-def read_optimizer_state(checkpoint: Path, mmap: bool = False) -> dict:
-    """``optimizer.pt``: load it with :func:`dpokit.sharding.load_optimizer_state` (or
-    :func:`dpokit.zero.load_optimizer_state`). ``mmap``: its tensors mapped from the file, read as they
-    are used, for a loader that copies each into place: no process then holds the whole state."""
-    return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False, mmap=mmap)
+def read_optimizer_state(checkpoint: Path) -> dict:
+    """``optimizer.pt``, its tensors mapped from the file (read as they are used, into memory the
+    processes of one machine share) rather than loaded: each loader copies them into place
+    (:func:`dpokit.sharding.load_optimizer_state`, :func:`dpokit.zero.load_optimizer_state`), so no
+    process needs a whole private copy of it beside the state it loads into: processes of a
+    data-parallel run on one machine would otherwise each hold one. (The mapping is private: a CPU
+    optimizer that adopts a mapped tensor as its state writes to its own copy, never to the file.)"""
+    return torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False, mmap=True)
 
 
 class SavedWeights:

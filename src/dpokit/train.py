@@ -707,7 +707,7 @@ def train(config: Config) -> Path:
 
     if resume_from is not None:
         if stage is not None:
-            zero.load_optimizer_state(accelerator, unwrapped, optimizer, lambda: ckpt.read_optimizer_state(resume_from, mmap=True),
+            zero.load_optimizer_state(accelerator, unwrapped, optimizer, lambda: ckpt.read_optimizer_state(resume_from),
                                       ckpt.SavedWeights(resume_from) if resumed_adapters is None else resumed_adapters)
         else:
             load_optimizer_state(accelerator, scorer, optimizer, lambda: ckpt.read_optimizer_state(resume_from))

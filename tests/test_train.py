@@ -427,7 +427,7 @@ def test_an_output_dir_holds_one_run(workdir, capsys):
     step4 = f"resume_from_checkpoint={run_dir / 'checkpoints' / 'step-4'}"
     train(run_config(workdir, "one-run", "max_steps=6", "save_steps=1", "save_total_limit=2", step4))
     out = capsys.readouterr().out
-    assert "removed from" in out and f"note: {run_dir / 'final'} holds step 6: steps 5-6 are trained again" in out
+    assert "removed from" in out and f"note: {run_dir / 'final'} holds the model trained to step 6: steps 5-6 are trained again" in out
     # step-6 of the steps redone is gone; the resumed run's saves are the newest, and kept
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-5", "step-6"]
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4, 5, 6]

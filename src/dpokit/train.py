@@ -719,7 +719,7 @@ def train(config: Config) -> Path:
         say(f"resumed from {resume_from} at step {state.step}")
         ahead = ckpt.final_step(out)
         if ahead is not None and ahead > state.step and ckpt.is_own_checkpoint(resume_from, out):
-            say(f"note: {out / 'final'} holds step {ahead}: steps {state.step + 1}-{ahead} are trained again from "
+            say(f"note: {out / 'final'} holds the model trained to step {ahead}: steps {state.step + 1}-{ahead} are trained again from "
                 f"this checkpoint, and final/ is replaced when the run ends")
     claim_output_dir(out, config, replaced, accelerator, say, data.stats)  # every check passed: only now is the folder changed
     left_out = len(data.train) - per_epoch * global_batch  # each epoch's tail, a different one per epoch

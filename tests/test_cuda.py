@@ -209,13 +209,23 @@ def test_16bit_training_on_cuda(workdir, attn, precision):
     """Pure bfloat16 weights, float32 weights under bfloat16 autocast (every attention), and float16
     autocast with CUDA loss scaling. The reference table was scored in the first epoch's micro-batches,
     so before the first update the 16-bit kernels give the policy exactly its reference's numbers."""
-    out = run_config(workdir, f"cuda-{precision.replace('=', '-')}-{attn}", precision, f"attn_implementation={attn}", "max_steps=6")
+    config = run_config(workdir, f"cuda-{precision.replace('=', '-')}-{attn}", precision, f"attn_implementation={attn}",
+                        "max_steps=6")
     from dpokit.train import train
 
-    rows = train_rows(train(out))
+    torch.cuda.reset_peak_memory_stats()  # the peaks logged are then this run's
+    out = train(config)
+    rows = train_rows(out)
     assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows)
     assert rows[0]["rewards/chosen"] == rows[0]["rewards/rejected"] == 0
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+    # the GPU's peak so far, never falling: at least the weights, gradients and AdamW states (16 bytes
+    # per float32 parameter; 8 in bfloat16), at most this process's peak
+    from safetensors.torch import load_file
+
+    weights = sum(t.numel() for t in load_file(out / "final" / "model.safetensors").values())
+    peaks = [r["memory/device_peak_gib"] * 2**30 for r in rows]
+    assert peaks == sorted(peaks) and 8 * weights <= peaks[0] <= peaks[-1] <= torch.cuda.max_memory_allocated() + 2**17
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")

@@ -1,10 +1,13 @@
 """The logged rows: statistics averaged over micro-batches, processes and the steps of a window,
 copied to the host once per row."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from dpokit.metrics import LogWindow, step_means
+from dpokit.metrics import GIB, LogWindow, memory_row, peak_memory_bytes, step_means
 
 
 class TwoProcesses:
@@ -46,9 +49,36 @@ def test_a_window_copies_to_the_host_once_per_row(monkeypatch):
     assert reads == []  # nothing waited for the device yet
     window.seconds = 2.0
     row = window.row(TwoProcesses(), pairs_per_step=4)
-    assert reads.count("tolist") == 1 and "item" not in reads and "__float__" not in reads
+    # one copy of the steps' values, one of the processes' token counts and memory peaks
+    assert reads.count("tolist") == 2 and "item" not in reads and "__float__" not in reads
+    assert row.pop("memory/host_peak_gib") > 0
     assert row == {"loss": 3.0, "grad_norm": 3.0, "learning_rate": 3e-3, "tokens": 120, "tokens_per_second": 60.0,
                    "pairs": 12, "pairs_per_second": 6.0, "seconds": 2.0}
+
+
+def test_memory_peaks_are_the_highest_process_s_in_gib_and_left_out_where_unknown():
+    assert memory_row(3 * GIB // 2, -1) == {"memory/device_peak_gib": 1.5}
+    assert memory_row(-1, 5 * GIB) == {"memory/host_peak_gib": 5.0}
+
+    class Uneven(TwoProcesses):  # the other process used more device memory and less host memory
+        @staticmethod
+        def gather(t):
+            return torch.cat([t, torch.tensor([[7, 4 * GIB, 1]])])
+
+    window = LogWindow()
+    window.add([{"loss": torch.tensor([1.0])}], None, 1e-3, 5, TwoProcesses())
+    window.seconds = 1.0
+    row = window.row(Uneven(), pairs_per_step=1)
+    assert row["tokens"] == 12 and row["memory/device_peak_gib"] == 4.0  # a CPU process knows no device peak: -1
+    assert row["memory/host_peak_gib"] == round(peak_memory_bytes(torch.device("cpu"))[1] / GIB, 4)
+
+
+def test_the_host_peak_counts_memory_the_process_has_written():
+    """ru_maxrss in bytes whatever the platform's unit: a fresh process that writes 256 MiB peaks above it."""
+    code = ("import torch; from dpokit.metrics import peak_memory_bytes; t = torch.ones(64 * 2**20); "
+            "print(peak_memory_bytes(torch.device('cpu'))[1])")
+    peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 256 * 2**20 < peak < 4 * 2**30
 
 
 def test_settling_keeps_the_values_for_the_row():
@@ -65,7 +95,7 @@ def test_settling_keeps_the_values_for_the_row():
 
 class OneProcess:
     """An accelerator of one process in a run of several: main or not, and its own token count
-    summed with nothing (``reduce`` leaves it as it is)."""
+    summed with nothing (``reduce`` and ``gather`` leave it as it is)."""
 
     device = torch.device("cpu")
 
@@ -75,6 +105,10 @@ class OneProcess:
     @staticmethod
     def reduce(t, op):
         assert op == "sum"
+        return t
+
+    @staticmethod
+    def gather(t):
         return t
 
 

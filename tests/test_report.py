@@ -152,6 +152,16 @@ def test_summary_times_steps_evals_and_the_whole_run(tmp_path):
     assert "wall time" not in summary_items(summarize(rows, tmp_path, record={}))  # an older run's folder: none
 
 
+def test_summary_gives_the_highest_memory_peaks_logged():
+    rows = [{"step": 1, "loss": 0.7, "memory/device_peak_gib": 9.5, "memory/host_peak_gib": 6.25},
+            {"step": 2, "loss": 0.6, "memory/device_peak_gib": 10.125, "memory/host_peak_gib": 6.0}]
+    items = summary_items(summarize(rows, "run"))
+    assert items["peak memory"] == "10.12 GiB allocated on the GPU, 6.25 GiB host RSS (the process that used the most)"
+    cpu = [{k: v for k, v in row.items() if "device" not in k} for row in rows]
+    assert summary_items(summarize(cpu, "run"))["peak memory"] == "6.25 GiB host RSS (the process that used the most)"
+    assert "peak memory" not in summary_items(summarize([{"step": 1, "loss": 0.7}], "run"))  # an older run's rows
+
+
 def test_a_diverged_run_is_said_in_the_summary_and_marked_in_the_plots(tmp_path, monkeypatch):
     """NaN losses (null in metrics.jsonl) are not hidden behind the last finite value."""
     import dpokit.report as report

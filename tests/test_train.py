@@ -23,6 +23,9 @@ def test_run_directory_is_complete(workdir, capsys):
     assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"} <= set(eval_rows[0])
     assert [r["epoch"] for r in eval_rows] == [round(2 / 12, 4), round(4 / 12, 4)]  # 48 pairs / 4 a step: 12 steps an epoch
     assert all(r["tokens"] > 0 and r["tokens_per_second"] > 0 for r in trained)
+    # the host's peak resident memory so far (the process's, this test session's included); no device peak on a CPU
+    peaks = [r["memory/host_peak_gib"] for r in trained]
+    assert peaks == sorted(peaks) and peaks[0] > 0.1 and not any("memory/device_peak_gib" in r for r in rows)
     # checkpoints: newest only (limit 1; the last step is saved too), complete, loadable
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step-4"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -74,6 +75,31 @@ def _whole(norm) -> torch.Tensor:
     return torch.as_tensor(norm, dtype=torch.float32)
 
 
+GIB = 2**30
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, int]:
+    """This process's peak memory since it started, in bytes (-1: not known here): on a CUDA device,
+    the most torch has held allocated there (``torch.cuda.max_memory_allocated``, as the planner and
+    the benchmark count; the caching allocator reserves a little more), and the host's peak resident
+    set (``getrusage``'s ``ru_maxrss``: the whole process, Python, libraries and every host tensor).
+    Neither waits for the device."""
+    device_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else -1
+    try:
+        import resource
+    except ImportError:  # Windows
+        return device_peak, -1
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return device_peak, rss if sys.platform == "darwin" else rss * 1024
+
+
+def memory_row(device_peak: int, host_peak: int) -> dict[str, float]:
+    """A row's memory values, in GiB to 4 decimals (0.1 MiB): ``memory/device_peak_gib`` and
+    ``memory/host_peak_gib``, each left out where it is not known (-1)."""
+    named = (("memory/device_peak_gib", device_peak), ("memory/host_peak_gib", host_peak))
+    return {name: round(value / GIB, 4) for name, value in named if value >= 0}
+
+
 class LogWindow:
     """The optimizer steps since the last logged row: their statistics (device tensors until
     :meth:`settle`), learning rates, real tokens (this process's) and training seconds."""
@@ -122,20 +148,23 @@ class LogWindow:
     def row(self, accelerator, pairs_per_step: int) -> dict:
         """The window's logged values: each statistic's mean over the steps that have it, the last
         learning rate, the real tokens of all processes, tokens per training second, the pairs
-        (``pairs_per_step``, the global batch, per step) and pairs per training second, and the
-        seconds. Tokens per second depend on the batch layout (prefix sharing counts a prompt once);
-        pairs per second compare across layouts. Every process calls it at the same step (the token
-        count is summed across them)."""
+        (``pairs_per_step``, the global batch, per step) and pairs per training second, the seconds,
+        and the peak memory so far of the process that used the most (:func:`memory_row`). Tokens per
+        second depend on the batch layout (prefix sharing counts a prompt once); pairs per second
+        compare across layouts. Every process calls it at the same step (tokens are summed across
+        them, peaks taken at their highest, in one gather)."""
         self.settle()
         sums: dict[str, list[float]] = {}
         for names, values, _ in self.steps:
             for name, value in zip(names, values):
                 sums.setdefault(name, []).append(value)
-        tokens = int(accelerator.reduce(torch.tensor(self.tokens, device=accelerator.device), "sum"))
+        mine = torch.tensor([[self.tokens, *peak_memory_bytes(accelerator.device)]], device=accelerator.device)
+        every = accelerator.gather(mine)  # [processes, 3]: tokens, device peak, host peak
+        tokens, (device_peak, host_peak) = int(every[:, 0].sum()), every[:, 1:].amax(dim=0).tolist()
         pairs = pairs_per_step * len(self.steps)
         return {**{k: sum(v) / len(v) for k, v in sums.items()}, "learning_rate": self.steps[-1][2],
                 "tokens": tokens, "tokens_per_second": tokens / self.seconds, "pairs": pairs,
-                "pairs_per_second": pairs / self.seconds, "seconds": self.seconds}
+                "pairs_per_second": pairs / self.seconds, "seconds": self.seconds, **memory_row(device_peak, host_peak)}
 
 
 class MetricsLog:

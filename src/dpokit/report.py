@@ -316,7 +316,7 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike, plots: bool = True, 
     Shows steps, the last train loss / accuracy / margin ("non-finite since step N" once they
     are NaN or inf), the last eval loss / accuracy / margin if any eval ran, mean tokens/s, the
     pairs trained with pairs/s and tokens, the time of the training steps (the rows' ``seconds``)
-    and of the evals (``eval/seconds``); from the run's ``record`` (``run.json``, when given: see
+    and of the evals (``eval/seconds``), the peak memory; from the run's ``record`` (``run.json``, when given: see
     :mod:`dpokit.run_record`) its global batch, pairs, wall time and reference pass; and the run's
     paths: its model (:func:`dpokit.checkpoint.newest_model`), ``plots/`` when ``plots`` (the
     charts were written). Missing metrics are left out.
@@ -363,6 +363,9 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike, plots: bool = True, 
     _, eval_secs = _series(eval_rows, "eval/seconds")
     if eval_secs:
         items.append(("eval time", _fmt_duration(sum(eval_secs))))
+    memory = _peak_memory(train_rows)
+    if memory:
+        items.append(("peak memory", memory))
     if record:
         items += _record_items(record)
 
@@ -378,6 +381,15 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike, plots: bool = True, 
     lines = ["dpokit run summary"] if rows else ["dpokit run summary (no metrics logged)"]
     lines += [f"  {k.ljust(width)}  {v}" for k, v in items]
     return "\n".join(lines)
+
+
+def _peak_memory(rows: list[dict]) -> str | None:
+    """The highest logged memory peaks (:func:`dpokit.metrics.memory_row`), e.g. ``10.25 GiB allocated on
+    the GPU, 6.10 GiB host RSS (the process that used the most)``; None when no row has one."""
+    device, host = (max(_series(rows, key)[1], default=None) for key in ("memory/device_peak_gib", "memory/host_peak_gib"))
+    parts = [f"{device:.2f} GiB allocated on the GPU"] if device is not None else []
+    parts += [f"{host:.2f} GiB host RSS"] if host is not None else []
+    return f"{', '.join(parts)} (the process that used the most)" if parts else None
 
 
 def _record_items(record: dict) -> list[tuple[str, str]]:

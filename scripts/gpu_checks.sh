@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What only a CUDA GPU can check, in one go, with every output kept in OUTDIR:
 #   1. tests/test_cuda.py (flex_attention and dpokit_varlen kernels and training, 16-bit training,
-#      QLoRA and 8-bit AdamW when bitsandbytes is installed, FSDP2 over NCCL, the memory plan against
-#      the allocator);
+#      QLoRA and 8-bit AdamW when bitsandbytes is installed, FSDP2 over NCCL, DeepSpeed ZeRO-3 over NCCL
+#      and its memory plan when DeepSpeed is installed, the memory plan against the allocator);
 #   2. the benchmark on the Qwen2.5-0.5B architecture in bfloat16, at 4, 32 and 64 pairs per step:
 #      dpokit (defaults, gradient checkpointing on, torch_compile on, float32 weights under bf16
 #      autocast, and its defaults under dpokit_varlen, and at 4 pairs flex_attention) next to TRL's DPOTrainer, and torch.profiler
@@ -31,9 +31,9 @@ columns=(--ablation dpokit-checkpointing dpokit-compile dpokit-autocast --also-a
 # synchronisation) once per 10 steps as in training, and each step is timed as its row's average; 4 pairs
 # keeps per-step rows, whose token counts benchmarks/plan_vs_measured.py needs
 logged=(--steps 40 --warmup 10 --logging-steps 10)
-# the tests that train (tiny runs, a QLoRA one and an FSDP2 launch): their own part, so each part stays
+# the tests that train (tiny runs, a QLoRA one, FSDP2 and DeepSpeed launches): their own part, so each part stays
 # within a few minutes
-trainings="training or trains or refuses_float32 or fsdp2"
+trainings="training or trains or refuses_float32 or fsdp2 or deepspeed"
 for part in "${parts[@]}"; do
   case $part in
     tests) python -m pytest tests/test_cuda.py -v -rs -k "not ($trainings)" 2>&1 | tee "$out/test_cuda.txt" || status=1 ;;

@@ -1,6 +1,7 @@
 """What only a CUDA GPU can check: flex_attention gradients, flash-attention varlen packing and training
 (the flash-attn package's, and torch's own through dpokit_varlen), bfloat16 and float16 training, QLoRA,
-8-bit AdamW, FSDP2 over NCCL, and the memory planner against the allocator's peak.
+8-bit AdamW, FSDP2 and DeepSpeed ZeRO-3 over NCCL, and the memory planner against the allocator's peak
+(one process's, and ZeRO-3's).
 
 Skipped on machines without CUDA (CI has none); run them on a GPU with
 ``python -m pytest tests/test_cuda.py -v`` (``bash scripts/gpu_checks.sh`` runs them and the GPU benchmark).
@@ -8,13 +9,16 @@ Skipped on machines without CUDA (CI has none); run them on a GPU with
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import json
 import math
 
 import pytest
 import torch
 
-from runs import LORA, run_config, train_rows
+from runs import LORA, read_rows, run_config, train_rows
 from test_logps import naive_logps, ragged_pairs, tiny_lm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -317,3 +321,68 @@ def test_fsdp2_on_cuda_in_bfloat16(workdir):
     for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=5e-3), ra["step"]
     assert (sharded / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_deepspeed_zero3_trains_on_cuda_in_bfloat16(workdir):
+    """DeepSpeed ZeRO-3 on the GPU through Accelerate itself (NCCL; one process per GPU, so on a one-GPU
+    machine a world of one), in its bfloat16 mode with a live separate reference in an engine of its
+    own: both partitioned, the reference scoring as the policy does (rewards 0 before the first
+    update, to the no-grad pass's kernels), the run following one process's autocast run within
+    bfloat16 rounding, the whole model saved in float32, the GPU's peak logged, and ``dpokit eval``
+    launched the same way giving the run's last eval row."""
+    from dpokit.train import train
+    from runs import accelerate_launch, run_args
+    from test_deepspeed import zero3_config
+
+    processes = next(n for n in (4, 2, 1) if n <= torch.cuda.device_count())  # the same global batch of 4 pairs
+    options = ("bf16=true", "max_steps=4", "eval_steps=4", f"per_device_train_batch_size={4 // processes}",
+               f"model.ref_model_name_or_path={workdir / 'model'}", "precompute_ref_log_probs=false")
+    launch = ("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir)))
+    one = train(run_config(workdir, "cuda-zero3-one", "bf16=true", "max_steps=4"))
+    result = accelerate_launch("-m", "dpokit", "train", *run_args(workdir, "cuda-zero3", *options), launch=launch,
+                               processes=processes, timeout=900)
+    output = result.stdout + result.stderr
+    assert f"sharding: DeepSpeed ZeRO-3 over {processes} processes" in output
+    assert f"weights partitioned over {processes} processes (ZeRO-3), in bfloat16" in output
+    run = workdir / "cuda-zero3"
+    a, b = train_rows(one), train_rows(run)
+    assert abs(b[0]["rewards/chosen"]) < 1e-3 and abs(b[0]["rewards/rejected"]) < 1e-3
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=5e-3), ra["step"]
+        assert rb["memory/device_peak_gib"] > 0
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(run / "final" / "model.safetensors").values()} == {torch.float32}
+    accelerate_launch("-m", "dpokit", "eval", str(run), "--output", str(run / "eval-again.json"), launch=launch,
+                      processes=processes, timeout=900)
+    again = json.loads((run / "eval-again.json").read_text())["metrics"]
+    last = [r for r in read_rows(run) if "eval/loss" in r][-1]
+    for key in ("eval/loss", "eval/logps/chosen", "eval/rewards/margins"):
+        assert again[key] == pytest.approx(last[key], rel=1e-6, abs=1e-6), key
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_deepspeed_zero3_peak_is_what_dpokit_plan_estimates(tmp_path, workdir):
+    """`dpokit plan --zero 3 --processes N` against a ZeRO-3 bfloat16 run's logged GPU peak, on a model
+    whose weights, gradients and AdamW states (16 bytes per parameter here) dominate: 23M parameters
+    (hidden 512, 8 layers). Tolerance 0.5x-2x, as for the plan's other checks against the allocator."""
+    from dpokit.cli import main
+    from dpokit.tiny import build_tiny_model
+    from runs import accelerate_launch, run_args
+    from test_deepspeed import zero3_config
+
+    build_tiny_model(tmp_path / "mid", hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                     intermediate_size=1408, seed=0)
+    processes = next(n for n in (4, 2, 1) if n <= torch.cuda.device_count())
+    overrides = (f"model.name_or_path={tmp_path / 'mid'}", "bf16=true", "max_steps=3", "eval=null",
+                 f"per_device_train_batch_size={4 // processes}")
+    accelerate_launch("-m", "dpokit", "train", *run_args(workdir, "cuda-zero3-mid", *overrides), processes=processes,
+                      launch=("--use_deepspeed", "--deepspeed_config_file", str(zero3_config(workdir))), timeout=900)
+    measured = max(r["memory/device_peak_gib"] for r in train_rows(workdir / "cuda-zero3-mid")) * 2**30
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["plan", *run_args(workdir, "cuda-zero3-mid", *overrides), "--zero", "3", "--processes", str(processes), "--json"])
+    estimated = json.loads(printed.getvalue())["bytes"]["full"]["total"]
+    print(f"ZeRO-3 x{processes}: estimated {estimated / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
+    assert 0.5 <= estimated / measured <= 2.0

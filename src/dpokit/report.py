@@ -363,7 +363,7 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike, plots: bool = True, 
     _, eval_secs = _series(eval_rows, "eval/seconds")
     if eval_secs:
         items.append(("eval time", _fmt_duration(sum(eval_secs))))
-    memory = _peak_memory(train_rows)
+    memory = _peak_memory(train_rows, (record or {}).get("processes", 1))
     if memory:
         items.append(("peak memory", memory))
     if record:
@@ -383,13 +383,16 @@ def summarize(rows: list[dict], run_dir: str | os.PathLike, plots: bool = True, 
     return "\n".join(lines)
 
 
-def _peak_memory(rows: list[dict]) -> str | None:
+def _peak_memory(rows: list[dict], processes: int) -> str | None:
     """The highest logged memory peaks (:func:`dpokit.metrics.memory_row`), e.g. ``10.25 GiB allocated on
-    the GPU, 6.10 GiB host RSS (the process that used the most)``; None when no row has one."""
+    the GPU, 6.10 GiB host RSS`` (over several ``processes``: ``..., the most of any of 8 processes``);
+    None when no row has one."""
     device, host = (max(_series(rows, key)[1], default=None) for key in ("memory/device_peak_gib", "memory/host_peak_gib"))
     parts = [f"{device:.2f} GiB allocated on the GPU"] if device is not None else []
     parts += [f"{host:.2f} GiB host RSS"] if host is not None else []
-    return f"{', '.join(parts)} (the process that used the most)" if parts else None
+    if parts and processes > 1:
+        parts.append(f"the most of any of {processes} processes")
+    return ", ".join(parts) or None
 
 
 def _record_items(record: dict) -> list[tuple[str, str]]:

@@ -161,24 +161,22 @@ def _scorer(model: ResolvedModel, dtype: str, config: Config, accelerator) -> tu
     """``model`` loaded with its own settings in ``dtype``, as a reply-log-prob scorer placed as
     training places a separate reference (:func:`dpokit.train.place_frozen`): on this process's
     device; launched under FSDP2, sharded like the run's models (the same units and mixed-precision
-    policy); under DeepSpeed, in an engine of its own (:func:`dpokit.zero.prepare_frozen`, partitioned
-    under ZeRO-3, scoring in the engine's dtype). So the numbers are the run's own eval rows, and a
-    model larger than one GPU is scored sharded. Where sharding fills each process's share from the
-    main process's weights (:func:`dpokit.sharding.weights_on_main_only`), the others read none.
-    Returns the scorer and DeepSpeed's engine (None otherwise): keep the engine while the scorer is used."""
+    policy); under DeepSpeed, in an engine of its own (partitioned under ZeRO-3, scoring in the
+    engine's dtype). So the numbers are the run's own eval rows, and a model larger than one GPU is
+    scored sharded. Where sharding fills each process's share from the main process's weights
+    (:func:`dpokit.sharding.weights_on_main_only`), the others read none. Returns the scorer and
+    DeepSpeed's engine (None otherwise): keep the engine while the scorer is used."""
     from dpokit import zero
     from dpokit.modeling import text_config
     from dpokit.sharding import weights_on_main_only
-    from dpokit.train import checked_scorer, place_frozen
+    from dpokit.train import place_frozen
 
     empty = weights_on_main_only(accelerator) and not accelerator.is_main_process
     # an adapter unmerged: scored as training scored it (merged into 16-bit weights it is rounded)
     lm = load_model(model, model_config(model, dtype), merge=False, empty=empty)
-    if not zero.is_deepspeed(accelerator):
-        return place_frozen(lm, config, accelerator), None
-    scorer = checked_scorer(lm, config, accelerator)  # under ZeRO-3 checked on the host, then partitioned
-    zero.configure(accelerator, config, text_config(lm.config).hidden_size)
-    return scorer, zero.prepare_frozen(scorer, accelerator)
+    if zero.is_deepspeed(accelerator):  # the engine's config, as training fills it before its prepare
+        zero.configure(accelerator, config, text_config(lm.config).hidden_size)
+    return place_frozen(lm, config, accelerator)
 
 
 @sdpa_without_cudnn()

@@ -347,13 +347,12 @@ def prepare_references(config: Config, policy: ReplyLogProbs, start: StartingRef
         return live, live
     if start.model is not None and t.torch_compile and t.precompute_ref_log_probs:
         compile_layers(start.model)  # its table is scored as the compiled policy would score it (exact on resume)
-    scorer = policy if start.model is None else place_frozen(start.model, config, accelerator)
+    # DeepSpeed's engine over a separate reference is kept while the reference is used
+    scorer, engine = (policy, None) if start.model is None else place_frozen(start.model, config, accelerator)
     start.model = None  # the scorer holds it from here; with tables, nothing does once they are computed
-    engine = None  # DeepSpeed's engine over a separate reference, kept while it is used
     if scorer is not policy and is_sharded(accelerator):
         say(f"reference sharding: {describe(scorer, accelerator)}")
     if scorer is not policy and zero.is_deepspeed(accelerator):
-        engine = zero.prepare_frozen(scorer, accelerator)
         say(f"reference sharding: {zero.describe_frozen(accelerator)}")
     if not t.precompute_ref_log_probs:
         live = LiveReference(scorer, engine)
@@ -401,14 +400,16 @@ def computes_in_16_bits(model: torch.nn.Module, training: TrainingConfig) -> boo
     return any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
 
 
-def place_frozen(model: torch.nn.Module, config: Config, accelerator) -> ReplyLogProbs:
-    """A frozen reference model as a scorer on this process's device, checked before (see
-    :func:`placed_for_checks`), and sharded like the policy under FSDP2 (under DeepSpeed:
-    :func:`dpokit.zero.prepare_frozen`)."""
+def place_frozen(model: torch.nn.Module, config: Config, accelerator) -> tuple[ReplyLogProbs, object]:
+    """A frozen model (a separate reference; in ``dpokit eval``, every model) as a scorer on this
+    process's device, checked before (see :func:`placed_for_checks`): sharded like the policy under
+    FSDP2; under DeepSpeed in an engine of its own (:func:`dpokit.zero.prepare_frozen`, after
+    :func:`dpokit.zero.configure`), partitioned under ZeRO-3. Returns the scorer and DeepSpeed's
+    engine (None otherwise): keep the engine while the scorer is used."""
     scorer = checked_scorer(model, config, accelerator)
     if is_sharded(accelerator):
         shard_frozen(scorer, accelerator)  # each process's share onto its device
-    return scorer
+    return scorer, zero.prepare_frozen(scorer, accelerator) if zero.is_deepspeed(accelerator) else None
 
 
 @contextmanager

@@ -42,7 +42,6 @@ import math
 import os
 import random
 import re
-import resource
 import shlex
 import shutil
 import statistics
@@ -273,12 +272,14 @@ def matmul_flops(device: str, dtype: str, seconds: float = 1.0) -> dict:
 
 
 def peak_memory(device: str) -> int:
-    """Peak bytes of this process: GPU memory allocated by torch, or the CPU resident set (ru_maxrss)."""
+    """Peak bytes of this process: GPU memory allocated by torch, or the CPU resident set (ru_maxrss),
+    as dpokit's logged rows count them (:func:`dpokit.metrics.peak_memory_bytes`)."""
     import torch
 
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from dpokit.metrics import peak_memory_bytes
+
+    device_peak, host_peak = peak_memory_bytes(torch.device(device))
+    return device_peak if device.startswith("cuda") else host_peak
 
 
 def run_dpokit(spec: dict, name: str, workdir: Path) -> dict:

@@ -91,11 +91,14 @@ def test_a_micro_batch_never_waits_for_the_gpu(attn):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
-def test_flash_attention_2_packed_rows_are_varlen_and_match_padded():
-    """Packed rows pass position_ids only; transformers turns them into flash-attention's varlen
-    cu_seqlens. In bfloat16 the packed flash-attention log-probs match padded sdpa's."""
+@pytest.mark.parametrize("row_tokens", [None, 60], ids=["one-row", "several-rows"])
+def test_flash_attention_2_packed_rows_are_varlen_and_match_padded(row_tokens):
+    """Packed rows bring their sequences' bounds (dpokit.masks.SequenceBounds) to flash-attention's
+    varlen kernel, in one row or several. In bfloat16 the packed flash-attention log-probs match
+    padded sdpa's."""
     from dpokit.data.batching import make_batch
-    from dpokit.logps import ReplyLogProbs
+    from dpokit.logps import ReplyLogProbs, check_rows_kept_apart
+    from dpokit.masks import sequence_bounds
 
     pairs = ragged_pairs(seed=4, n=6)
     model = tiny_lm("qwen2", seed=2).to("cuda", torch.bfloat16)
@@ -103,7 +106,10 @@ def test_flash_attention_2_packed_rows_are_varlen_and_match_padded():
     with torch.no_grad():
         padded = ReplyLogProbs(model)(**make_batch(pairs, "padded").to("cuda").model_inputs())
         model.config._attn_implementation = "flash_attention_2"
-        packed = ReplyLogProbs(model)(**make_batch(pairs, "packed").to("cuda").model_inputs())
+        assert check_rows_kept_apart(model, "packed") is True
+        batch = make_batch(pairs, "packed", row_tokens=row_tokens)
+        batch.varlen = sequence_bounds(batch.groups)
+        packed = ReplyLogProbs(model, mask_packed_rows=True)(**batch.to("cuda").model_inputs())
     assert packed.dtype == torch.float32
     torch.testing.assert_close(packed, padded, atol=0.1, rtol=0.02)
 

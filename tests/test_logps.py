@@ -296,20 +296,6 @@ def test_row_check_refuses_a_model_that_lets_packed_sequences_mix_either_way(mon
     assert check_rows_kept_apart(model, "padded") is False
 
 
-def test_row_check_names_a_maskable_attention_when_flash_attention_ignores_restarts(monkeypatch):
-    """flash-attention cannot take dpokit's mask; for a model that ignores the restarts there, the
-    refusal names the attention implementations that can."""
-    import dpokit.logps
-
-    model = tiny_lm()
-    model.config._attn_implementation = "flash_attention_2"
-    calls = []
-    monkeypatch.setattr(dpokit.logps, "_rows_kept_apart", lambda m, **kinds: calls.append(kinds) or False)
-    with pytest.raises(ConfigError, match="padding_free=false, or attn_implementation to one of sdpa, eager, flex_attention"):
-        check_rows_kept_apart(model, "packed")
-    assert calls == [dict(restart_positions=True, own_mask=False)]  # dpokit's mask was not tried
-
-
 def test_flex_prefix_rows_are_not_kept_apart_by_restarting_positions_alone(monkeypatch):
     """A prefix-shared row's positions restart only after the prompt, never where a sequence starts: a
     flex_attention model that keeps sequences apart by restarting positions alone, ignoring dpokit's

@@ -30,6 +30,15 @@ PREFIX_ATTENTION = DENSE_MASK_ATTENTION + ("flex_attention", VARLEN_ATTENTION)
 """Attention implementations that can run the prefix-shared layouts: a dense additive mask for the
 first two, a BlockMask for flex, regrouped rows for dpokit_varlen (see :mod:`dpokit.masks`). Kept
 here so that reading a config never imports torch."""
+
+
+def is_flash_attention(attn_implementation: str | None) -> bool:
+    """Whether ``attn_implementation`` is a flash-attention kernel of transformers' (``flash_attention_2``,
+    ``flash_attention_3``, a hub kernel such as ``kernels-community/flash-attn2``; transformers' own rule:
+    "flash" in the name). Those read where packed sequences start, never a mask (see :mod:`dpokit.masks`)."""
+    return attn_implementation is not None and "flash" in attn_implementation
+
+
 CPU_ATTENTION = (None, "sdpa", "eager")
 """Attention implementations that run on a machine without CUDA (the others are GPU kernels;
 torch's CPU flex_attention cannot recompile for a second shape)."""

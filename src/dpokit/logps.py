@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dpokit.config import DENSE_MASK_ATTENTION, PREFIX_ATTENTION, VARLEN_ATTENTION, ConfigError
+from dpokit.config import DENSE_MASK_ATTENTION, PREFIX_ATTENTION, VARLEN_ATTENTION, ConfigError, is_flash_attention
 from dpokit.masks import Windows, row_attention_inputs
 from dpokit.modeling import eval_mode, text_config
 
@@ -290,18 +290,20 @@ def head_plan(model: nn.Module) -> tuple[float, float | None, bool]:
     return cached
 
 
-def _rows_kept_apart(model: nn.Module, restart_positions: bool, own_mask: bool) -> bool:
+def _rows_kept_apart(model: nn.Module, restart_positions: bool, own_mask: bool, rows: int = 1) -> bool:
     """Whether ``model`` keeps two 6-token sequences in one row apart, given restarting position ids
     (0..5 0..5, as the packed layout has) or running ones (0..11), with or without dpokit's own
-    (block-diagonal) mask. The second sequence's hidden states must be nearer to its hidden states
-    alone than to those of the row under one causal mask over both (what a model that ignores the
-    restarts, or the mask, computes). Eval mode, no grad, the caller's device and autocast."""
+    (block-diagonal) mask, or what stands for it under the attention (:func:`row_attention_inputs`).
+    The second sequence's hidden states must be nearer to its hidden states alone than to those of
+    the row under one causal mask over both (what a model that ignores the restarts, or the mask,
+    computes). ``rows``: that row repeated, as a batch of several rows. Eval mode, no grad, the
+    caller's device and autocast."""
     device = model.get_output_embeddings().weight.device
-    ids = torch.arange(1, 13, device=device)[None] % text_config(model.config).vocab_size  # [1, 12]: two sequences
+    ids = (torch.arange(1, 13, device=device) % text_config(model.config).vocab_size).repeat(rows, 1)  # [rows, 12]: two sequences each
     positions = torch.arange(6, device=device).repeat(2) if restart_positions else torch.arange(12, device=device)
-    positions, row_inputs = positions[None], {"attention_mask": None}  # [1, 12]
+    positions, row_inputs = positions.repeat(rows, 1), {"attention_mask": None}  # [rows, 12]
     if own_mask:
-        groups = (torch.arange(12, device=device) >= 6).long()[None]
+        groups = (torch.arange(12, device=device) >= 6).long().repeat(rows, 1)
         row_inputs = row_attention_inputs(groups, None, getattr(model.config, "_attn_implementation", None), model.dtype)
     decoder = decoder_of(model)
 
@@ -413,14 +415,14 @@ def check_window(model: nn.Module, layout: str, mask_packed_rows: bool, max_leng
     model reads them as its own; other layouts whose mask would ignore a window (packed rows of a
     model that needs dpokit's mask, flex_attention, chunked or local attention, a model that does
     not follow the windowed masks) are refused, naming what to set. Packed rows without dpokit's mask
-    follow the window through their position ids; dpokit_varlen passes it to its kernel.
+    follow the window through their position ids; dpokit_varlen and flash-attention pass it to their kernels.
     """
     shared = layout.startswith("prefix")
     window = attention_window(text_config(model.config))
     if window is None or window >= max_length or not (shared or mask_packed_rows):
         return None
     attn = getattr(model.config, "_attn_implementation", None)
-    if attn == VARLEN_ATTENTION:
+    if attn == VARLEN_ATTENTION or is_flash_attention(attn):  # their kernels keep each sequence's window
         return None
     windows = mask_windows(text_config(model.config))
     if shared and windows is not None and attn in (*DENSE_MASK_ATTENTION, None) and _windows_followed(model, windows):
@@ -477,9 +479,10 @@ def check_rows_kept_apart(model: nn.Module, layout: str) -> bool:
     dpokit must give the packed rows its own mask for that.
 
     The packed layout gives only restarting position ids, from which transformers derives the
-    block-diagonal mask (flash-attention's varlen kernel; sdpa, eager and flex_attention from torch
-    2.6). A model that ignores them (Falcon before transformers 5.24; remote code may) gets
-    dpokit's block-diagonal mask instead, when it honours that (True is returned). The prefix-shared
+    block-diagonal mask (sdpa, eager and flex_attention from torch 2.6). A model that ignores them
+    (Falcon before transformers 5.24; remote code may) gets dpokit's block-diagonal mask instead,
+    when it honours that (True is returned). Under a flash-attention kernel packed rows always bring
+    their sequences' bounds (True; see :mod:`dpokit.masks`), checked over two rows. The prefix-shared
     layouts always give dpokit's 4D mask or BlockMask. A model that honours neither is refused: its
     log-probs would be silently wrong. Under dpokit_varlen attention both kinds of row are always
     regrouped for the varlen kernel (True), and the check is that the model's forward passes the
@@ -528,6 +531,16 @@ def _rows_checked(model: nn.Module, shared: bool) -> bool:
         problem = ("does not give a prefix-shared row's replies what each gets after the prompt alone (it ignores dpokit's "
                    "attention mask, or its attention depends on columns, as ALiBi does, or its layers carry state along the "
                    "row): set training.prefix_sharing=false")
+    elif is_flash_attention(attn):
+        # packed rows always bring their bounds (several rows hide the sequences from transformers' search of the
+        # position ids, which covers one row only): two rows show that the model passes the bounds to its attention
+        try:
+            if _rows_kept_apart(model, restart_positions=True, own_mask=True, rows=2):
+                return True
+            problem = "does not pass the bounds of a packed row's sequences (cu_seq_lens) on to its attention"
+        except NO_4D_MASK as e:  # a forward that takes no extra keyword arguments
+            problem = f"does not take the bounds of a packed row's sequences ({str(e).splitlines()[0]})"
+        problem += f": set training.padding_free=false, or attn_implementation to one of {', '.join(PREFIX_ATTENTION)}"
     else:
         if _rows_kept_apart(model, restart_positions=True, own_mask=False):
             return False
@@ -592,8 +605,8 @@ class ReplyLogProbs(nn.Module):
         """``chunked=False`` (``training.chunked_logps``) always takes the model's full logits;
         otherwise they are taken only for a model whose head dpokit cannot reproduce.
         ``mask_packed_rows``: give packed rows dpokit's block-diagonal mask (for a model that
-        ignores restarting position ids), or under dpokit_varlen their regrouping (see
-        :func:`check_rows_kept_apart`). ``windows``: the sliding windows dpokit's masks keep
+        ignores restarting position ids), under dpokit_varlen their regrouping, under a
+        flash-attention kernel their sequences' bounds (see :func:`check_rows_kept_apart`). ``windows``: the sliding windows dpokit's masks keep
         (:func:`check_window`)."""
         super().__init__()
         self.model = model
@@ -640,9 +653,10 @@ class ReplyLogProbs(nn.Module):
             groups, branches: [R, T] each token's sequence or pair, and its part of the pair (see
                 :mod:`dpokit.masks`). With ``branches`` (prefix-shared rows), or with ``groups`` alone
                 (packed rows) and ``mask_packed_rows``, the attention mask (or dpokit_varlen's
-                regrouping) is built from them here, on the model's device; packed rows otherwise
-                go by their position ids.
-            varlen: under dpokit_varlen, the rows' regrouping if the batch brings it (else built here).
+                regrouping, or flash-attention's sequence bounds) is built from them here, on the
+                model's device; packed rows otherwise go by their position ids.
+            varlen: under dpokit_varlen, the rows' regrouping, under flash-attention their
+                :class:`dpokit.masks.SequenceBounds`, if the batch brings them (else built here).
             reply_tail: [N] bool, the reply tokens past their pair's shared length (LD-DPO): each
                 sequence's sum then comes in two parts, the tokens before and those past it.
             token_stats: :data:`TOKEN_STATS` or :data:`WPO_TOKEN_STATS`: also return each sequence's

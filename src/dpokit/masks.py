@@ -24,15 +24,24 @@ The rule is written once (:func:`visible`) and given to attention in the form it
 (:func:`row_attention_inputs`): a dense additive ``[R, 1, T, T]`` mask for sdpa and eager, a
 ``BlockMask`` for flex_attention (which skips fully blocked 128 x 128 tiles, so memory and compute
 follow the kept tokens), the rows regrouped into plain causal sequences for dpokit_varlen (see
-:mod:`dpokit.varlen`). The flash-attention package's varlen kernel reads only position ids, which
-cannot say "not the chosen reply", so prefix sharing is refused with it.
+:mod:`dpokit.varlen`).
+
+The flash-attention package's kernels (``flash_attention_2``, ...) read only where each sequence
+starts, which cannot say "not the chosen reply", so prefix sharing is refused with them. Packed rows
+give them their sequences' bounds (:class:`SequenceBounds`, transformers' ``cu_seq_lens_q/k`` and
+``max_length_q/k``), built on the host with the batch. Left to find the bounds in the position ids,
+transformers does so only for a batch of one row (several rows would each run as one causal
+sequence, letting a row's sequences see each other), and reads the device in every layer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from dpokit.config import DENSE_MASK_ATTENTION, PREFIX_ATTENTION, VARLEN_ATTENTION
+from dpokit.config import DENSE_MASK_ATTENTION, PREFIX_ATTENTION, VARLEN_ATTENTION, is_flash_attention
+from dpokit.data.batching import to_device
 
 
 Windows = int | dict[str, int | None] | None
@@ -80,6 +89,34 @@ def flex_row_mask(groups: torch.Tensor, branches: torch.Tensor | None):
     return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=groups.device, _compile=compile_builder)
 
 
+@dataclass
+class SequenceBounds:
+    """Where the sequences of packed ``[R, T]`` rows start with the rows laid end to end, as a
+    flash-attention varlen kernel reads them.
+
+    cu_seqlens: [S + 1] int32, the flat index (``row * T + col``) where each of the S sequences starts,
+        then R * T; a row's padding is a sequence of its own
+    max_seqlen: the longest sequence, a Python int (the kernel's argument, so never read from the device)
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    def to(self, device: torch.device | str) -> "SequenceBounds":
+        return SequenceBounds(to_device(self.cu_seqlens, device), self.max_seqlen)
+
+
+def sequence_bounds(groups: torch.Tensor) -> SequenceBounds:
+    """The bounds of packed rows' sequences from ``groups`` [R, T] (each token's sequence, -1
+    padding), on the host: rows on a GPU are copied back first, a synchronisation."""
+    groups = groups.cpu()
+    rows, width = groups.shape
+    starts = torch.ones(rows, width, dtype=torch.bool)
+    starts[:, 1:] = groups[:, 1:] != groups[:, :-1]
+    cu = torch.cat([starts.reshape(-1).nonzero().squeeze(1), torch.tensor([rows * width])]).to(torch.int32)
+    return SequenceBounds(cu, int(cu.diff().max()))
+
+
 def row_attention_mask(groups: torch.Tensor, branches: torch.Tensor | None, attn_implementation: str | None, dtype: torch.dtype,
                        positions: torch.Tensor | None = None, windows: Windows = None):
     """The mask of the rows (prefix-shared, or packed when ``branches`` is None) in the form
@@ -105,9 +142,17 @@ def row_attention_inputs(groups: torch.Tensor, branches: torch.Tensor | None, at
                          varlen=None, positions: torch.Tensor | None = None, windows: Windows = None) -> dict:
     """The model-forward keyword arguments that keep the rows' sequences apart under
     ``attn_implementation``: ``attention_mask`` (:func:`row_attention_mask`, windowed by
-    ``windows`` over ``positions``), or for dpokit_varlen the regrouped rows: ``varlen`` when the
-    batch brings them (built on the host with it), else built here (on the host: rows on a GPU are
-    copied back, a synchronisation) and moved to the rows' device."""
+    ``windows`` over ``positions``), for dpokit_varlen the regrouped rows, for a flash-attention
+    kernel the packed rows' :class:`SequenceBounds` (the kernel keeps the model's windows itself):
+    ``varlen`` when the batch brings them (built on the host with it), else built here (on the host:
+    rows on a GPU are copied back, a synchronisation) and moved to the rows' device."""
+    if is_flash_attention(attn_implementation):
+        if branches is not None:
+            raise ValueError(f"{attn_implementation} reads only where sequences start, which cannot keep a prefix-shared "
+                             "pair's replies apart: set training.prefix_sharing=false")
+        bounds = (varlen if varlen is not None else sequence_bounds(groups)).to(groups.device)
+        return {"cu_seq_lens_q": bounds.cu_seqlens, "cu_seq_lens_k": bounds.cu_seqlens,
+                "max_length_q": bounds.max_seqlen, "max_length_k": bounds.max_seqlen}
     if attn_implementation == VARLEN_ATTENTION:
         from dpokit.varlen import varlen_rows
 

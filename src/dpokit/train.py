@@ -33,6 +33,7 @@ from dpokit.config import (
     RunConfig,
     TrainingConfig,
     batch_layout,
+    is_flash_attention,
     needs_reference,
     save_config,
 )
@@ -90,6 +91,7 @@ from dpokit.sharding import (
     splits_weights,
     weights_on_main_only,
 )
+from dpokit.masks import sequence_bounds
 from dpokit.varlen import varlen_rows
 from dpokit import zero
 
@@ -161,12 +163,16 @@ def score_batch(policy, ref_logps: torch.Tensor | None, batch: Batch, config: Co
 def build_batch(pairs: list[TokenizedPair], config: Config, pad_id: int) -> Batch:
     """A micro-batch in the configured layout, on the host. Packed rows hold at most 2 x max_length
     tokens (one prefix-shared pair always fits), so attention over a row never grows with the batch.
-    Under dpokit_varlen the rows' regrouping is built here too, before the batch goes to the device;
-    with ``loss.ld_alpha``, the reply tokens past their pair's shared length."""
+    Under dpokit_varlen the rows' regrouping is built here too, before the batch goes to the device,
+    and under flash-attention the packed rows' sequence bounds; with ``loss.ld_alpha``, the reply
+    tokens past their pair's shared length."""
     layout = batch_layout(config.training)
     batch = make_batch(pairs, layout, pad_id, row_tokens=2 * config.data.max_length)
-    if config.model.attn_implementation == VARLEN_ATTENTION and batch.groups is not None:
+    attn = config.model.attn_implementation
+    if attn == VARLEN_ATTENTION and batch.groups is not None:
         batch.varlen = varlen_rows(batch.groups, batch.branches)
+    elif is_flash_attention(attn) and layout == "packed":
+        batch.varlen = sequence_bounds(batch.groups)
     if config.loss.ld_alpha is not None:
         batch.reply_tail, batch.ld_alpha = past_shared_length(batch.seq_index, batch.seq_tokens), config.loss.ld_alpha
     return batch

@@ -38,6 +38,7 @@ import torch
 from dpokit.data.tokenize import TokenizedPair
 
 if TYPE_CHECKING:
+    from dpokit.masks import SequenceBounds
     from dpokit.varlen import VarlenRows
 
 LAYOUTS = ("padded", "packed", "prefix_padded", "prefix_packed")
@@ -64,8 +65,9 @@ class Batch:
     branches: [R, T] for the prefix-shared layouts (0 prompt, 1 chosen, 2 rejected), else None
     pred_rows, pred_cols, targets, seq_index: [N], one entry per reply token
     seq_tokens: [2 * num_pairs] reply tokens per sequence (chosen, rejected interleaved)
-    varlen: the rows regrouped for attn_implementation=dpokit_varlen (a
-        :class:`dpokit.varlen.VarlenRows`, built on the host with the batch), or None
+    varlen: what a varlen kernel reads of the rows, built on the host with the batch: their
+        regrouping for attn_implementation=dpokit_varlen (a :class:`dpokit.varlen.VarlenRows`),
+        the packed rows' :class:`dpokit.masks.SequenceBounds` for a flash-attention kernel; or None
     reply_tail: [N] bool for LD-DPO (``ld_alpha`` set): whether each reply token lies past its
         pair's shared length (:func:`past_shared_length`); the scorer then sums each reply's two
         parts apart, and :meth:`ld_weighted` weighs them. None otherwise.
@@ -84,7 +86,7 @@ class Batch:
     """Non-padding tokens in the batch (what the model really processed)."""
     groups: torch.Tensor | None = None
     branches: torch.Tensor | None = None
-    varlen: VarlenRows | None = None
+    varlen: VarlenRows | SequenceBounds | None = None
     reply_tail: torch.Tensor | None = None
     ld_alpha: float = 1.0
     """LD-DPO's weight of the reply tokens past the pair's shared length (with ``reply_tail``)."""
@@ -97,7 +99,7 @@ class Batch:
             if isinstance(value, torch.Tensor):
                 value = to_device(value, device)
             elif value is not None and f.name == "varlen":
-                value = value.to(device)  # VarlenRows: its tensors through to_device too
+                value = value.to(device)  # VarlenRows, SequenceBounds: their tensors through to_device too
             moved[f.name] = value
         return Batch(**moved)
 

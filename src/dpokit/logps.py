@@ -606,8 +606,8 @@ class ReplyLogProbs(nn.Module):
         otherwise they are taken only for a model whose head dpokit cannot reproduce.
         ``mask_packed_rows``: give packed rows dpokit's block-diagonal mask (for a model that
         ignores restarting position ids), under dpokit_varlen their regrouping, under a
-        flash-attention kernel their sequences' bounds (see :func:`check_rows_kept_apart`). ``windows``: the sliding windows dpokit's masks keep
-        (:func:`check_window`)."""
+        flash-attention kernel their sequences' bounds (see :func:`check_rows_kept_apart`).
+        ``windows``: the sliding windows dpokit's masks keep (:func:`check_window`)."""
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size

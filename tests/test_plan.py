@@ -517,7 +517,7 @@ def test_zero_flags(tmp_path, capsys):
     main([*args, "--zero", "3", "--processes", "4"])
     text = capsys.readouterr().out
     assert "full ZeRO-3 x4" in text and "LoRA r=16 ZeRO-3 x4" in text
-    assert "note: DeepSpeed ZeRO-3 over 4 processes: optimizer states, gradients, weights divided over them" in text
+    assert "note: DeepSpeed ZeRO-3 over 4 processes: optimizer states, gradients and weights divided over them" in text
     main([*args, "--zero", "2", "--processes", "4", "--json"])
     planned = json.loads(capsys.readouterr().out)
     assert (planned["zero_stage"], planned["shards"]) == (2, 4)

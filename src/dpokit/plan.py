@@ -638,6 +638,7 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
 
     from dpokit.config import VARLEN_ATTENTION, ConfigError, batch_layout, needs_reference
     from dpokit.modeling import no_model_config, resolve_model_path
+    from dpokit.zero import partitioned
 
     mc, t = config.model, config.training
     path = resolve_model_path(mc.name_or_path)
@@ -721,9 +722,8 @@ def plan_from_config(config, *, gpu_memory: int | None = None, lora_r: int | Non
                      f"column is one process per GPU")
     if zero:
         stage, processes = zero
-        parts = ["optimizer states", "gradients", "weights"][:stage]
         held = "bfloat16 (bf16=true: DeepSpeed's bfloat16 mode, no autocast), stepped through float32 masters" if t.bf16 else dtype
-        notes.append(f"DeepSpeed ZeRO-{stage} over {processes} processes: {', '.join(parts)} divided over them; "
+        notes.append(f"DeepSpeed ZeRO-{stage} over {processes} processes: {partitioned(stage)} divided over them; "
                      f"the engine holds the weights (LoRA's adapters too) and computes in {held}"
                      + ("; weights add what is gathered at once, as under FSDP2" if stage == 3 else "")
                      + "; QLoRA is refused under DeepSpeed: its column is one process per GPU; offloading is not counted")

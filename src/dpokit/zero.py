@@ -224,11 +224,17 @@ def prepare_frozen(scorer: torch.nn.Module, accelerator):
     return engine
 
 
+def partitioned(stage: int) -> str:
+    """What ZeRO stage ``stage`` (1-3) divides over the processes, in words: ``optimizer states``,
+    ``optimizer states and gradients``, ``optimizer states, gradients and weights``."""
+    parts = ["optimizer states", "gradients", "weights"][:stage]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def describe(accelerator) -> str:
     """One line, e.g. ``DeepSpeed ZeRO-3 over 2 processes: optimizer states, gradients and weights partitioned``."""
     stage = zero_stage(accelerator)
-    parts = ["optimizer states", "gradients", "weights"][:stage]
-    what = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    what = partitioned(stage)
     zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
     offloaded = [name for name in ("optimizer", "param") if (zero.get(f"offload_{name}") or {}).get("device") in ("cpu", "nvme")]
     line = f"DeepSpeed ZeRO-{stage} over {accelerator.num_processes} processes: {what} partitioned"
